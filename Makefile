@@ -1,0 +1,36 @@
+# `make run` and `make test` work on a fresh machine: they install the system
+# packages the tests use (as root, via apt), create .venv and install sshspec.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: run test lint fuzz bench system-packages clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+system-packages:
+	@sh .ci/system-packages
+
+run: $(STAMP)
+	$(BIN)/sshspec serve
+
+lint: $(STAMP)
+	$(BIN)/ruff check fsm adapters codes tests bench
+
+test: system-packages $(STAMP) lint
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+	$(BIN)/sshspec coverage --summary .test-logs/*.jsonl
+
+fuzz: $(STAMP)
+	SSHSPEC_FUZZ_PROFILE=long $(BIN)/python -m pytest -q tests -k fuzz
+
+bench: $(STAMP)
+	$(BIN)/python bench/run.py
+
+clean:
+	rm -rf $(VENV) .test-logs .hypothesis

@@ -1,0 +1,1 @@
+"""Everything that touches the world: asyncssh adapter, backends, CLI, logging."""

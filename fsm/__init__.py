@@ -1,0 +1,1 @@
+"""Load, validate, compile and draw sshspec state-machine specs. No I/O beyond the specs."""

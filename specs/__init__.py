@@ -1,0 +1,1 @@
+"""The bundled lifecycle specs (YAML), shipped as package data."""
