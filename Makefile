@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: run test lint fuzz bench system-packages clean
+.PHONY: run test lint fuzz bench system-packages generated clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,12 @@ fuzz: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/run.py
+
+# Regenerate what is derived from the catalog and the specs (tests fail when stale).
+generated: $(STAMP)
+	$(BIN)/sshspec codes > CODES.md
+	$(BIN)/sshspec diagram --readme README.md
+	$(BIN)/sshspec schema > spec.schema.json
 
 clean:
 	rm -rf $(VENV) .test-logs .hypothesis

@@ -1,0 +1,121 @@
+"""The `sshspec` command: serve, diagram, check, coverage, codes, schema, hash-password."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from sshspec.codes import as_json, markdown_table
+from sshspec.fsm.diagram import render
+from sshspec.fsm.spec import BUNDLED, SpecError, load_spec, spec_schema
+
+EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+
+GRAPHVIZ_HINT = (
+    "rendering {fmt} needs Graphviz's `dot` program, which is not installed.\n"
+    "Install it (Debian/Ubuntu: apt-get install graphviz; macOS: brew install graphviz;\n"
+    "Fedora: dnf install graphviz), or use --format mermaid or --format dot, which need nothing."
+)
+
+
+def _cmd_codes(args: argparse.Namespace) -> int:
+    if args.format == "json":
+        sys.stdout.buffer.write(as_json())
+    else:
+        sys.stdout.write(markdown_table())
+    return EXIT_OK
+
+
+def _cmd_schema(args: argparse.Namespace) -> int:
+    if args.what == "spec":
+        sys.stdout.buffer.write(spec_schema())
+    else:
+        from sshspec.adapters.config import config_schema
+        sys.stdout.buffer.write(config_schema())
+    return EXIT_OK
+
+
+def update_readme(path: Path) -> bool:
+    """Rewrite the Mermaid block after each `<!-- diagram:NAME -->` marker; True if changed."""
+    text = path.read_text()
+    new = text
+    for name in BUNDLED:
+        marker = f"<!-- diagram:{name} -->\n"
+        start = new.find(marker)
+        if start < 0:
+            continue
+        begin = start + len(marker)
+        end = new.find("```\n", new.find("```mermaid", begin) + 3) + 4 if new.startswith(
+            "```mermaid", begin) else begin
+        block = f"```mermaid\n{render(load_spec(name), 'mermaid')}```\n"
+        new = new[:begin] + block + new[end:]
+    if new != text:
+        path.write_text(new)
+    return new != text
+
+
+def _cmd_diagram(args: argparse.Namespace) -> int:
+    if args.readme:
+        update_readme(Path(args.readme))
+        return EXIT_OK
+    try:
+        loaded = load_spec(args.spec)
+    except SpecError as exc:
+        print(f"sshspec diagram: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    fmt = args.format
+    text = render(loaded, "mermaid" if fmt == "mermaid" else "dot")
+    if fmt in ("mermaid", "dot"):
+        data = text.encode()
+    else:
+        dot = shutil.which("dot")
+        if dot is None:
+            print("sshspec diagram: " + GRAPHVIZ_HINT.format(fmt=fmt), file=sys.stderr)
+            return EXIT_FAIL
+        done = subprocess.run([dot, f"-T{fmt}"], input=text.encode(), capture_output=True)
+        if done.returncode != 0:
+            print(f"sshspec diagram: dot failed: {done.stderr.decode(errors='replace')}",
+                  file=sys.stderr)
+            return EXIT_FAIL
+        data = done.stdout
+    if args.output:
+        Path(args.output).write_bytes(data)
+    else:
+        sys.stdout.buffer.write(data)
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sshspec", description="A declarative state-machine protocol engine for SSH servers.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("codes", help="print the message-code catalog")
+    p.add_argument("--format", choices=["markdown", "json"], default="markdown")
+    p.set_defaults(func=_cmd_codes)
+
+    p = sub.add_parser("schema", help="print a JSON Schema (spec files by default, or the config)")
+    p.add_argument("what", nargs="?", choices=["spec", "config"], default="spec")
+    p.set_defaults(func=_cmd_schema)
+
+    p = sub.add_parser("diagram", help="draw a spec's state diagram")
+    p.add_argument("spec", nargs="?", default="connection",
+                   help="a bundled spec (server, connection, session) or a spec file path")
+    p.add_argument("--format", choices=["mermaid", "dot", "svg", "png"], default="mermaid")
+    p.add_argument("-o", "--output", help="write here instead of stdout")
+    p.add_argument("--readme", metavar="FILE", help=argparse.SUPPRESS)  # make readme-diagrams
+    p.set_defaults(func=_cmd_diagram)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
