@@ -1,0 +1,433 @@
+"""The server configuration: a YAML file decoded by msgspec into frozen structs.
+
+The keys are camelCase in YAML (users rely on them) and snake_case in Python. Every
+section refuses unknown keys, so a typo is an error naming the key instead of a
+silently ignored setting. Every error is a `ConfigError` whose one-line message names
+the file and the key path, e.g. ``config.yaml: limits.maxAuthTries: Expected `int` >= 1``.
+
+Durations (`limits.loginTimeout`, ...) are written `500ms`, `120s`, `2m`, `1h`, `1m30s`,
+`0`, or as a plain number of seconds; they decode to float seconds (`Duration`).
+`ssh.listen` is `host:port` (`[::1]:2222` for IPv6) and decodes to `Listen`, a
+(host, port) tuple.
+
+Paths in the file (hostkeys, authorizedKeysFile, log.file, stateDir) are kept as
+written; relative ones are relative to the server's working directory.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import math
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import msgspec
+import msgspec.inspect as mi
+import yaml
+
+from .logs import Format, Level
+from .passwords import parse_hash
+
+
+class ConfigError(Exception):
+    """A config file that cannot be used; `str()` is one line naming file and key."""
+
+    def __init__(self, file: str, key: str | None, problem: str) -> None:
+        self.file = file
+        self.key = key
+        self.problem = problem
+        super().__init__(f"{file}: {key}: {problem}" if key else f"{file}: {problem}")
+
+
+class Duration(float):
+    """Seconds, parsed from `500ms`, `120s`, `2m`, `1h`, `1m30s`, `0` or a number."""
+
+
+class Listen(tuple[str, int]):
+    """`ssh.listen` as (host, port); an IPv6 host is stored without brackets."""
+
+    __slots__ = ()
+
+    def __new__(cls, host: str, port: int) -> Listen:
+        return super().__new__(cls, (host, port))
+
+    def __getnewargs__(self) -> tuple[str, int]:  # so copy/pickle call __new__(host, port)
+        return (self[0], self[1])
+
+    @property
+    def host(self) -> str:
+        return self[0]
+
+    @property
+    def port(self) -> int:
+        return self[1]
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    def __repr__(self) -> str:
+        return f"Listen({self.host!r}, {self.port})"
+
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
+_DURATION = re.compile(r"(?:\d+(?:\.\d+)?(?:ms|s|m|h))+|\d+(?:\.\d+)?")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(value: object) -> Duration:
+    # bool is an int subclass, and YAML 1.1 reads `yes`/`on` as true.
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        try:
+            seconds = float(value)
+        except OverflowError:  # an int too big for a float
+            seconds = math.inf
+    elif not isinstance(value, str):
+        raise ValueError(f"Expected a duration like `120s`, `2m`, `500ms`, got `{type(value).__name__}`")
+    elif _DURATION.fullmatch(value) is None:
+        raise ValueError(
+            f"Invalid duration `{value}`: expected a number with a unit ms, s, m or h,"
+            " e.g. `120s`, `2m`, `500ms`, `1m30s`"
+        )
+    elif parts := _DURATION_PART.findall(value):
+        seconds = sum(float(number) * _UNIT_SECONDS[unit] for number, unit in parts)
+    else:  # a bare number: seconds
+        seconds = float(value)
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValueError(f"Invalid duration `{value}`: must be a finite number of seconds >= 0")
+    return Duration(seconds)
+
+
+_HOSTNAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)*")
+
+
+def parse_listen(value: object) -> Listen:
+    if not isinstance(value, str):
+        # YAML 1.1 reads an unquoted `22:22` as the sexagesimal number 1342.
+        raise ValueError(f"Expected `host:port` as a string, got `{type(value).__name__}`")
+    if value.startswith("["):
+        host, sep, port = value[1:].partition("]:")
+        if not sep:
+            raise ValueError(f"Invalid listen address `{value}`: expected `[IPv6]:port`")
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"Invalid listen address `{value}`: `{host}` is not IPv6") from None
+    else:
+        host, sep, port = value.rpartition(":")
+        if not sep or not host:
+            raise ValueError(f"Invalid listen address `{value}`: expected `host:port`, e.g. `127.0.0.1:2222`")
+        if ":" in host:
+            raise ValueError(f"Invalid listen address `{value}`: write IPv6 in brackets, e.g. `[::1]:2222`")
+        if _HOSTNAME.fullmatch(host) is None:
+            raise ValueError(f"Invalid listen address `{value}`: `{host}` is not a host name")
+    if not (port.isascii() and port.isdigit()) or int(port) > 65535:
+        raise ValueError(f"Invalid listen address `{value}`: port must be 0..65535")
+    return Listen(host, int(port))
+
+
+def _dec_hook(type_: type, obj: Any) -> Any:
+    # msgspec wraps a ValueError raised here into a ValidationError carrying the key path.
+    if type_ is Duration:
+        return parse_duration(obj)
+    if type_ is Listen:
+        return parse_listen(obj)
+    raise NotImplementedError(type_)
+
+
+def _seconds(seconds: float) -> Any:
+    # A factory rather than a default: msgspec's schema generator can only encode
+    # defaults of builtin types, and Duration is a float subclass.
+    return msgspec.field(default_factory=lambda: Duration(seconds))
+
+
+NonEmpty = Annotated[str, msgspec.Meta(min_length=1)]
+# RFC 4251 section 6: algorithm names are printable US-ASCII without commas, <= 64 chars.
+Algorithm = Annotated[
+    str,
+    msgspec.Meta(
+        pattern=r"^[\x21-\x2b\x2d-\x7e]{1,64}$",
+        description="an algorithm name: 1 to 64 printable ASCII characters, no spaces or commas",
+    ),
+]
+# RFC 4253 section 4.2: `SSH-2.0-softwareversion[ SP comments]`, 255 bytes with CR LF.
+ServerVersion = Annotated[
+    str,
+    msgspec.Meta(
+        pattern=r"^SSH-2\.0-[\x21-\x2c\x2e-\x7e]+( [\x20-\x7e]*)?$",
+        max_length=253,
+        description="`SSH-2.0-<software version without spaces or '-'>[ <comment>]`,"
+        " printable ASCII, at most 253 characters",
+    ),
+]
+
+
+class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, rename="camel"):
+    pass
+
+
+class SSHConfig(_Section):
+    # Loopback by default: exposing a login service must be a deliberate choice. A factory
+    # so that the schema has no default: msgspec would render the tuple as an array.
+    listen: Listen = msgspec.field(default_factory=lambda: Listen("127.0.0.1", 2222))
+    hostkeys: tuple[NonEmpty, ...] = ()  # empty: an ed25519 key generated in the state dir
+    server_version: ServerVersion = "SSH-2.0-sshspec"
+    banner: str = ""
+    # Empty: the secure defaults of the profile.
+    ciphers: tuple[Algorithm, ...] = ()
+    kex: tuple[Algorithm, ...] = ()
+    macs: tuple[Algorithm, ...] = ()
+    host_key_algorithms: tuple[Algorithm, ...] = ()
+    profile: Literal["default", "strict"] = "default"
+    client_alive_interval: Duration = _seconds(0)  # 0: no keepalives
+    client_alive_count_max: Annotated[int, msgspec.Meta(ge=1)] = 3
+
+
+class User(_Section):
+    username: NonEmpty
+    password_hash: str | None = None  # checked by passwords.parse_hash after decoding
+    authorized_keys: tuple[str, ...] = ()  # authorized_keys lines, checked after decoding
+
+
+class AuthConfig(_Section):
+    users: tuple[User, ...] = ()
+    authorized_keys_file: str = ""
+
+
+class LimitsConfig(_Section):
+    login_timeout: Duration = _seconds(120)  # must be > 0, checked after decoding
+    max_auth_tries: Annotated[int, msgspec.Meta(ge=1)] = 6
+    max_sessions: Annotated[int, msgspec.Meta(ge=1)] = 10
+    max_startups: Annotated[int, msgspec.Meta(ge=1)] = 100
+    max_env: Annotated[int, msgspec.Meta(ge=0)] = 64
+    max_queued_requests: Annotated[int, msgspec.Meta(ge=1)] = 16
+    shutdown_timeout: Duration = _seconds(10)
+
+
+class BackendConfig(_Section):
+    type: Literal["local"] = "local"
+    env_deny: tuple[NonEmpty, ...] = ("LD_*", "DYLD_*")  # fnmatch patterns
+
+
+class LogConfig(_Section):
+    level: Level = "debug"
+    format: Format = "json"
+    file: str = ""  # empty: stdout
+
+
+class Config(_Section):
+    ssh: SSHConfig = msgspec.field(default_factory=SSHConfig)
+    auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
+    limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
+    backend: BackendConfig = msgspec.field(default_factory=BackendConfig)
+    log: LogConfig = msgspec.field(default_factory=LogConfig)
+    state_dir: str = ""  # empty: see resolve_state_dir
+
+
+def default_config() -> Config:
+    return Config()
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys (PyYAML silently keeps the last one)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first_line: dict[str, int] = {}
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode):
+                if key_node.value in first_line:
+                    raise yaml.constructor.ConstructorError(
+                        None,
+                        None,
+                        f"duplicate key `{key_node.value}` (first on line {first_line[key_node.value] + 1})",
+                        key_node.start_mark,
+                    )
+                first_line[key_node.value] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
+        mark = exc.problem_mark
+        problem = f"line {mark.line + 1}, column {mark.column + 1}: {exc.problem}"
+        if exc.context:
+            problem += f" ({exc.context})"
+        return problem
+    return " ".join(str(exc).split())
+
+
+def load_config(path: str | os.PathLike[str] | None) -> Config:
+    """The config in the YAML file at `path`; None or an empty file: the defaults."""
+    if path is None:
+        return default_config()
+    file = os.fspath(path)
+    try:
+        with open(file, "rb") as f:
+            text = f.read()
+    except OSError as exc:
+        raise ConfigError(file, None, f"cannot read: {exc.strerror}") from None
+    try:
+        raw = yaml.load(text, Loader=_Loader)  # _Loader is a SafeLoader
+    except yaml.YAMLError as exc:
+        raise ConfigError(file, None, _yaml_problem(exc)) from None
+    if raw is None:
+        return default_config()
+    try:
+        config = msgspec.convert(raw, Config, dec_hook=_dec_hook)
+    except msgspec.ValidationError as exc:
+        raise _validation_error(file, str(exc)) from None
+    _check(file, config)
+    return config
+
+
+_ERROR_AT = re.compile(r"(?s)(.*?)(?: - at `key` in `\$(.*)`| - at `\$(.*)`)?")
+_UNKNOWN = re.compile(r"Object contains unknown field `(.*)`")
+_MISSING = re.compile(r"Object missing required field `(.*)`")
+
+
+def _validation_error(file: str, text: str) -> ConfigError:
+    """Turn msgspec's `message - at `$.a.b[0]`` into ConfigError(file, 'a.b[0]', message)."""
+    match = _ERROR_AT.fullmatch(text)
+    assert match is not None  # the regex matches any text
+    problem, key_of, at = match.groups()
+    if key_of is not None:
+        return ConfigError(file, key_of.lstrip(".") or None, f"keys must be strings ({problem})")
+    path = (at or "").lstrip(".")
+    if unknown := _UNKNOWN.fullmatch(problem):
+        name = unknown.group(1)
+        known = _keys_at(path)
+        hint = difflib.get_close_matches(name, known, n=1)
+        if hint:
+            problem = f"unknown key (did you mean `{hint[0]}`?)"
+        else:
+            problem = f"unknown key (known keys: {', '.join(known)})"
+        return ConfigError(file, f"{path}.{name}" if path else name, problem)
+    if missing := _MISSING.fullmatch(problem):
+        name = missing.group(1)
+        return ConfigError(file, f"{path}.{name}" if path else name, "required key is missing")
+    node = _node_at(path)
+    schema = node.extra_json_schema if isinstance(node, mi.Metadata) else None
+    if schema and "description" in schema and ", got `" not in problem:
+        # A failed constraint: the description says more than "matching regex '...'".
+        problem = f"Expected {schema['description']}"
+    target = _unwrap(node)
+    if isinstance(target, mi.LiteralType):
+        problem += f"; expected one of: {', '.join(map(str, target.values))}"
+    if not path:
+        return ConfigError(file, None, f"{problem} at the top level")
+    return ConfigError(file, path, problem)
+
+
+def _unwrap(node: mi.Type | None) -> mi.Type | None:
+    while isinstance(node, mi.Metadata):
+        node = node.type
+    return node
+
+
+def _node_at(path: str) -> mi.Type | None:
+    """The msgspec type of the key at `path` (like `auth.users[0].username`), if any."""
+    node: mi.Type | None = mi.type_info(Config)
+    for name, index in re.findall(r"([^.\[\]]+)|\[(\d+)\]", path):
+        node = _unwrap(node)
+        if name and isinstance(node, mi.StructType):
+            node = next((f.type for f in node.fields if f.encode_name == name), None)
+        elif index and isinstance(node, mi.VarTupleType):
+            node = node.item_type
+        else:
+            return None
+    return node
+
+
+def _keys_at(path: str) -> list[str]:
+    node = _unwrap(_node_at(path))
+    return [f.encode_name for f in node.fields] if isinstance(node, mi.StructType) else []
+
+
+def _check(file: str, config: Config) -> None:
+    """What msgspec constraints cannot say: cross-field rules and formats of other modules."""
+    if config.limits.login_timeout <= 0:
+        # Without a deadline an unauthenticated client could hold a maxStartups slot forever.
+        raise ConfigError(file, "limits.loginTimeout", "must be greater than 0")
+    seen: dict[str, int] = {}
+    for i, user in enumerate(config.auth.users):
+        key = f"auth.users[{i}]"
+        if user.username in seen:
+            raise ConfigError(
+                file,
+                f"{key}.username",
+                f"duplicate of auth.users[{seen[user.username]}].username `{user.username}`",
+            )
+        seen[user.username] = i
+        if user.password_hash is None and not user.authorized_keys:
+            raise ConfigError(file, key, "user has neither passwordHash nor authorizedKeys")
+        if user.password_hash is not None:
+            try:
+                parse_hash(user.password_hash)
+            except ValueError as exc:
+                raise ConfigError(file, f"{key}.passwordHash", str(exc)) from None
+        for j, line in enumerate(user.authorized_keys):
+            if not _is_authorized_key(line):
+                raise ConfigError(
+                    file,
+                    f"{key}.authorizedKeys[{j}]",
+                    "not an authorized_keys line (`[options] ssh-ed25519 AAAA... [comment]`)",
+                )
+
+
+def _is_authorized_key(line: str) -> bool:
+    # Imported here: asyncssh takes ~0.2 s to import and most commands never get here.
+    import asyncssh
+
+    # One key per entry: asyncssh would accept several lines, and takes "" as no keys.
+    if not line.strip() or "\n" in line:
+        return False
+    try:
+        asyncssh.import_authorized_keys(line)
+    except (ValueError, asyncssh.KeyImportError):
+        return False
+    return True
+
+
+def resolve_state_dir(config: Config) -> Path:
+    """`stateDir`, or $XDG_STATE_HOME/sshspec, or ~/.local/state/sshspec."""
+    if config.state_dir:
+        return Path(config.state_dir).expanduser()
+    xdg = os.environ.get("XDG_STATE_HOME", "")
+    # The XDG spec says to ignore a relative value.
+    base = Path(xdg) if os.path.isabs(xdg) else Path.home() / ".local" / "state"
+    return base / "sshspec"
+
+
+def _enc_hook(obj: Any) -> Any:
+    if isinstance(obj, Duration):
+        return int(obj) if obj.is_integer() else float(obj)  # a plain number is seconds
+    raise NotImplementedError(type(obj))
+
+
+def dump_config(config: Config) -> bytes:
+    """The config as YAML that `load_config` reads back to an equal Config."""
+    data = msgspec.to_builtins(config, enc_hook=_enc_hook)
+    # Listen is a tuple subclass, which msgspec encodes as an array without asking a hook.
+    data["ssh"]["listen"] = str(config.ssh.listen)
+    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True).encode("utf-8")
+
+
+def _schema_hook(type_: type) -> dict[str, Any]:
+    if type_ is Duration:
+        return {
+            "description": "seconds: `500ms`, `120s`, `2m`, `1h`, `1m30s`, or a number",
+            "anyOf": [
+                {"type": "string", "pattern": f"^(?:{_DURATION.pattern})$"},
+                {"type": "number", "minimum": 0},
+            ],
+        }
+    if type_ is Listen:
+        return {"type": "string", "description": "host:port, IPv6 as [::1]:2222"}
+    raise NotImplementedError(type_)
+
+
+def config_schema() -> dict[str, Any]:
+    """JSON Schema of the config file (for editors and `sshspec config --schema`)."""
+    return msgspec.json.schema(Config, schema_hook=_schema_hook)

@@ -1,0 +1,388 @@
+"""Config loading: defaults, a full example, and errors that name the file and the key."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import msgspec
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from sshspec.adapters.config import (
+    Config,
+    ConfigError,
+    Duration,
+    Listen,
+    config_schema,
+    default_config,
+    dump_config,
+    load_config,
+    parse_duration,
+    resolve_state_dir,
+)
+from sshspec.adapters.passwords import DUMMY_HASH
+
+ED25519 = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIByIgQ4NmxJpWy3jnovTaasbKWF0kTv4K3UMay4yJ8zt"
+
+FULL = f"""\
+ssh:
+  listen: "[::1]:2200"
+  hostkeys: [/etc/sshspec/ssh_host_ed25519_key, /etc/sshspec/ssh_host_rsa_key]
+  serverVersion: SSH-2.0-sshspec_1.0 test build
+  banner: "Authorised use only\\n"
+  ciphers: [chacha20-poly1305@openssh.com, aes256-gcm@openssh.com]
+  kex: [curve25519-sha256]
+  macs: [hmac-sha2-256-etm@openssh.com]
+  hostKeyAlgorithms: [ssh-ed25519]
+  profile: strict
+  clientAliveInterval: 1m30s
+  clientAliveCountMax: 5
+auth:
+  users:
+    - username: alice
+      passwordHash: "{DUMMY_HASH}"
+      authorizedKeys: ["{ED25519} alice@laptop", 'restrict,command="true" {ED25519}']
+    - username: bob
+      authorizedKeys: ["{ED25519}"]
+  authorizedKeysFile: ~/.ssh/authorized_keys
+limits:
+  loginTimeout: 30s
+  maxAuthTries: 3
+  maxSessions: 4
+  maxStartups: 20
+  maxEnv: 0
+  maxQueuedRequests: 8
+  shutdownTimeout: 500ms
+backend:
+  type: local
+  envDeny: [LD_*, DYLD_*, PYTHON*]
+log:
+  level: warning
+  format: text
+  file: /var/log/sshspec.jsonl
+stateDir: /var/lib/sshspec
+"""
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def _error(tmp_path: Path, text: str) -> str:
+    path = _write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(f"{path}: ")  # always names the file
+    return message.removeprefix(f"{path}: ")
+
+
+def test_defaults() -> None:
+    config = load_config(None)
+    assert config == default_config() == Config()
+    assert config.ssh.listen == ("127.0.0.1", 2222)  # loopback unless configured otherwise
+    assert config.ssh.hostkeys == () and config.ssh.profile == "default"
+    assert config.ssh.server_version == "SSH-2.0-sshspec"
+    assert config.ssh.client_alive_interval == 0 and config.ssh.client_alive_count_max == 3
+    assert config.auth.users == () and config.auth.authorized_keys_file == ""
+    limits = config.limits
+    assert (limits.login_timeout, limits.shutdown_timeout) == (120.0, 10.0)
+    assert (limits.max_auth_tries, limits.max_sessions, limits.max_startups) == (6, 10, 100)
+    assert (limits.max_env, limits.max_queued_requests) == (64, 16)
+    assert config.backend.env_deny == ("LD_*", "DYLD_*")
+    assert (config.log.level, config.log.format, config.log.file) == ("debug", "json", "")
+    assert config.state_dir == ""
+
+
+@pytest.mark.parametrize("text", ["", "\n", "# only a comment\n", "---\n"])
+def test_empty_file_is_the_defaults(tmp_path: Path, text: str) -> None:
+    assert load_config(_write(tmp_path, text)) == default_config()
+
+
+def test_full_example(tmp_path: Path) -> None:
+    config = load_config(_write(tmp_path, FULL))
+    assert config.ssh.listen == Listen("::1", 2200)
+    assert (config.ssh.listen.host, config.ssh.listen.port) == ("::1", 2200)
+    assert config.ssh.hostkeys[1] == "/etc/sshspec/ssh_host_rsa_key"
+    assert config.ssh.server_version == "SSH-2.0-sshspec_1.0 test build"
+    assert config.ssh.banner == "Authorised use only\n"
+    assert config.ssh.ciphers == ("chacha20-poly1305@openssh.com", "aes256-gcm@openssh.com")
+    assert config.ssh.host_key_algorithms == ("ssh-ed25519",)
+    assert config.ssh.profile == "strict"
+    assert config.ssh.client_alive_interval == 90.0
+    assert isinstance(config.ssh.client_alive_interval, Duration)
+    alice, bob = config.auth.users
+    assert alice.username == "alice" and alice.password_hash == DUMMY_HASH
+    assert len(alice.authorized_keys) == 2
+    assert bob.password_hash is None
+    assert config.auth.authorized_keys_file == "~/.ssh/authorized_keys"
+    assert config.limits == msgspec.structs.replace(
+        config.limits,
+        login_timeout=30.0,
+        max_auth_tries=3,
+        max_sessions=4,
+        max_startups=20,
+        max_env=0,
+        max_queued_requests=8,
+        shutdown_timeout=0.5,
+    )
+    assert config.limits.shutdown_timeout == 0.5
+    assert config.backend.env_deny == ("LD_*", "DYLD_*", "PYTHON*")
+    assert (config.log.level, config.log.format) == ("warning", "text")
+    assert config.state_dir == "/var/lib/sshspec"
+    # The example sets every key away from its default, so it tests every field.
+    for section in ("ssh", "limits", "log"):
+        changed = getattr(config, section)
+        default = getattr(default_config(), section)
+        for field in changed.__struct_fields__:
+            assert getattr(changed, field) != getattr(default, field), f"{section}.{field}"
+
+
+def test_full_example_round_trips(tmp_path: Path) -> None:
+    config = load_config(_write(tmp_path, FULL))
+    dumped = tmp_path / "dumped.yaml"
+    dumped.write_bytes(dump_config(config))
+    assert load_config(dumped) == config
+
+
+def test_config_is_frozen() -> None:
+    with pytest.raises(AttributeError):
+        default_config().limits.max_sessions = 1  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("ssh: {lisen: 127.0.0.1:22}", "ssh.lisen: unknown key (did you mean `listen`?)"),
+        ("sshd: {}", "sshd: unknown key (did you mean `ssh`?)"),
+        ("zzz: 1", "zzz: unknown key (known keys: ssh, auth, limits, backend, log, stateDir)"),
+        ("state_dir: /x", "state_dir: unknown key (did you mean `stateDir`?)"),
+        (
+            "auth: {users: [{username: a, authorizedKeys: [], password: x}]}",
+            "auth.users[0].password: unknown key (did you mean `passwordHash`?)",
+        ),
+    ],
+)
+def test_unknown_key_names_file_and_key(tmp_path: Path, text: str, expected: str) -> None:
+    assert _error(tmp_path, text) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("limits: {maxAuthTries: 0}", "limits.maxAuthTries: Expected `int` >= 1"),
+        ("limits: {maxSessions: 0}", "limits.maxSessions: Expected `int` >= 1"),
+        ("limits: {maxStartups: -1}", "limits.maxStartups: Expected `int` >= 1"),
+        ("limits: {maxEnv: -1}", "limits.maxEnv: Expected `int` >= 0"),
+        ("limits: {maxQueuedRequests: 0}", "limits.maxQueuedRequests: Expected `int` >= 1"),
+        ("ssh: {clientAliveCountMax: 0}", "ssh.clientAliveCountMax: Expected `int` >= 1"),
+        ("limits: {maxAuthTries: '6'}", "limits.maxAuthTries: Expected `int`, got `str`"),
+        ("limits: {maxAuthTries: true}", "limits.maxAuthTries: Expected `int`, got `bool`"),
+        ("limits: 6", "limits: Expected `object`, got `int`"),
+        ("ssh: {hostkeys: key.pem}", "ssh.hostkeys: Expected `array`, got `str`"),
+        ("ssh: {ciphers: [aes128-ctr, 3]}", "ssh.ciphers[1]: Expected `str`, got `int`"),
+        ("log: {level: trace}", "log.level: Invalid enum value 'trace'; expected one of: "),
+        ("ssh: {profile: lax}", "ssh.profile: Invalid enum value 'lax'; expected one of: "),
+        ("backend: {type: docker}", "backend.type: Invalid enum value 'docker'"),
+        ("log: {format: xml}", "log.format: Invalid enum value 'xml'"),
+        ("ssh: {serverVersion: OpenSSH_9.6}", "ssh.serverVersion: Expected `SSH-2.0-"),
+        ("ssh: {ciphers: ['aes128-ctr,aes256-ctr']}", "ssh.ciphers[0]: Expected an algorithm"),
+        ("ssh: {1: x}", "ssh: keys must be strings"),
+        ("[1, 2]", "Expected `object`, got `array` at the top level"),
+        ("auth: {users: [{username: ''}]}", "auth.users[0].username: Expected `str` of length"),
+        ("auth: {users: [{authorizedKeys: []}]}", "auth.users[0].username: required key is missing"),
+    ],
+)
+def test_wrong_value_names_file_and_key(tmp_path: Path, text: str, expected: str) -> None:
+    assert _error(tmp_path, text).startswith(expected)
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        ("0", 0.0),
+        ("'0'", 0.0),
+        ("120", 120.0),
+        ("1.5", 1.5),
+        ("120s", 120.0),
+        ("2m", 120.0),
+        ("500ms", 0.5),
+        ("1h", 3600.0),
+        ("1h30m", 5400.0),
+        ("1m30s", 90.0),
+        ("0.25s", 0.25),
+    ],
+)
+def test_durations(tmp_path: Path, text: str, seconds: float) -> None:
+    config = load_config(_write(tmp_path, f"limits: {{shutdownTimeout: {text}}}"))
+    assert config.limits.shutdown_timeout == seconds
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("2x", "Invalid duration `2x`"),
+        ("-1s", "Invalid duration `-1s`"),
+        ("-5", "must be a finite number of seconds >= 0"),
+        (".inf", "must be a finite number of seconds >= 0"),
+        ("1" + "0" * 400, "must be a finite number of seconds >= 0"),
+        ("1" + "0" * 400 + "s", "must be a finite number of seconds >= 0"),
+        ("1 m", "Invalid duration `1 m`"),
+        ("s", "Invalid duration `s`"),
+        ("''", "Invalid duration ``"),
+        ("yes", "got `bool`"),
+        ("null", "got `NoneType`"),
+        ("[1]", "got `list`"),
+    ],
+)
+def test_bad_duration(tmp_path: Path, text: str, problem: str) -> None:
+    message = _error(tmp_path, f"limits: {{shutdownTimeout: {text}}}")
+    assert message.startswith("limits.shutdownTimeout: ")
+    assert problem in message
+
+
+def test_login_timeout_must_be_positive(tmp_path: Path) -> None:
+    message = _error(tmp_path, "limits: {loginTimeout: 0s}")
+    assert message == "limits.loginTimeout: must be greater than 0"
+
+
+@given(st.integers(min_value=0, max_value=10**9))
+def test_duration_units(n: int) -> None:
+    assert parse_duration(f"{n}s") == n
+    assert parse_duration(f"{n}m") == n * 60
+    assert parse_duration(f"{n}h") == n * 3600
+    assert parse_duration(f"{n}ms") == pytest.approx(n / 1000)
+    assert parse_duration(n) == n
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("127.0.0.1:2222", ("127.0.0.1", 2222)),
+        ("0.0.0.0:22", ("0.0.0.0", 22)),
+        ("localhost:0", ("localhost", 0)),
+        ("ssh.example.org:65535", ("ssh.example.org", 65535)),
+        ("'[::1]:2222'", ("::1", 2222)),
+        ("'[::]:22'", ("::", 22)),
+        ("'[fe80::1%eth0]:22'", ("fe80::1%eth0", 22)),
+    ],
+)
+def test_listen(tmp_path: Path, text: str, expected: tuple[str, int]) -> None:
+    listen = load_config(_write(tmp_path, f"ssh: {{listen: {text}}}")).ssh.listen
+    assert listen == expected
+    host, port = listen
+    assert (listen.host, listen.port) == (host, port)
+    assert load_config(_write(tmp_path, f"ssh: {{listen: '{listen}'}}")).ssh.listen == listen
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("127.0.0.1", "expected `host:port`"),
+        ("':2222'", "expected `host:port`"),
+        ("127.0.0.1:65536", "port must be 0..65535"),
+        ("127.0.0.1:-1", "port must be 0..65535"),
+        ("127.0.0.1:ssh", "port must be 0..65535"),
+        ("'127.0.0.1:'", "port must be 0..65535"),
+        ("'::1:2222'", "write IPv6 in brackets"),
+        ("'[::1]'", "expected `[IPv6]:port`"),
+        ("'[127.0.0.1]:22'", "is not IPv6"),
+        ("'bad host:22'", "is not a host name"),
+        ("22:22", "Expected `host:port` as a string, got `int`"),  # YAML 1.1 sexagesimal
+        ("[127.0.0.1, 22]", "got `list`"),
+    ],
+)
+def test_bad_listen(tmp_path: Path, text: str, problem: str) -> None:
+    message = _error(tmp_path, f"ssh: {{listen: {text}}}")
+    assert message.startswith("ssh.listen: ")
+    assert problem in message
+
+
+def test_yaml_syntax_error_names_the_line(tmp_path: Path) -> None:
+    message = _error(tmp_path, "ssh:\n  listen: 127.0.0.1:22\n  banner: [unclosed\nlog: {}\n")
+    assert message.startswith("line 4, column ")
+
+
+def test_yaml_bad_indentation_names_the_line(tmp_path: Path) -> None:
+    message = _error(tmp_path, "ssh:\n  listen: 127.0.0.1:22\n profile: strict\n")
+    assert message.startswith("line 3, column ")
+
+
+def test_duplicate_key_is_refused(tmp_path: Path) -> None:
+    message = _error(tmp_path, "limits:\n  maxSessions: 1\nssh: {}\nlimits:\n  maxEnv: 1\n")
+    assert message == "line 4, column 1: duplicate key `limits` (first on line 1)"
+
+
+def test_unreadable_file(tmp_path: Path) -> None:
+    path = tmp_path / "missing.yaml"
+    with pytest.raises(ConfigError, match=f"^{path}: cannot read: No such file"):
+        load_config(path)
+
+
+@pytest.mark.parametrize(
+    ("passwordHash", "problem"),
+    [
+        ("secret", "not an scrypt hash"),
+        (DUMMY_HASH[:-4], "not canonical"),
+        (DUMMY_HASH.replace("ln=14", "ln=99"), "parameters"),
+    ],
+)
+def test_invalid_password_hash_names_the_user(tmp_path: Path, passwordHash: str, problem: str) -> None:
+    text = f'auth: {{users: [{{username: a, passwordHash: "{DUMMY_HASH}"}},'
+    text += f' {{username: b, passwordHash: "{passwordHash}"}}]}}'
+    message = _error(tmp_path, text)
+    assert message.startswith("auth.users[1].passwordHash: ")
+    assert problem in message
+    assert passwordHash not in message  # the hash itself is not echoed
+
+
+@pytest.mark.parametrize(
+    "key",
+    ["ssh-ed25519 AAAA", "ssh-ed25519", "AAAAC3NzaC1lZDI1NTE5", "", "# c", f"{ED25519}\n{ED25519}"],
+)
+def test_invalid_authorized_key_names_the_entry(tmp_path: Path, key: str) -> None:
+    text = f"auth: {{users: [{{username: a, authorizedKeys: [{ED25519!r}, {key!r}]}}]}}"
+    message = _error(tmp_path, text)
+    assert message.startswith("auth.users[0].authorizedKeys[1]: not an authorized_keys line")
+
+
+def test_duplicate_username(tmp_path: Path) -> None:
+    key = f"authorizedKeys: ['{ED25519}']"
+    message = _error(tmp_path, f"auth: {{users: [{{username: a, {key}}}, {{username: a, {key}}}]}}")
+    assert message == "auth.users[1].username: duplicate of auth.users[0].username `a`"
+
+
+def test_user_without_credentials(tmp_path: Path) -> None:
+    message = _error(tmp_path, "auth: {users: [{username: a}]}")
+    assert message == "auth.users[0]: user has neither passwordHash nor authorizedKeys"
+
+
+def test_schema_describes_the_same_keys_as_the_loader() -> None:
+    schema = config_schema()
+    defs = schema["$defs"]
+    assert all(d["additionalProperties"] is False for d in defs.values())
+    dumped = msgspec.yaml.decode(dump_config(default_config()))
+    assert list(defs["Config"]["properties"]) == list(dumped)
+    for section in ("ssh", "auth", "limits", "backend", "log"):
+        name = defs["Config"]["properties"][section]["$ref"].rsplit("/", 1)[1]
+        assert list(defs[name]["properties"]) == list(dumped[section]), section
+    assert defs["LimitsConfig"]["properties"]["maxAuthTries"]["minimum"] == 1
+    assert defs["LimitsConfig"]["properties"]["loginTimeout"]["anyOf"]
+    assert b"envDeny" in msgspec.json.encode(schema)
+
+
+def test_state_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("XDG_STATE_HOME", "/xdg/state")
+    assert resolve_state_dir(default_config()) == Path("/xdg/state/sshspec")
+    monkeypatch.setenv("XDG_STATE_HOME", "relative/ignored")
+    assert resolve_state_dir(default_config()) == tmp_path / ".local/state/sshspec"
+    monkeypatch.delenv("XDG_STATE_HOME")
+    assert resolve_state_dir(default_config()) == tmp_path / ".local/state/sshspec"
+    explicit = Config(state_dir="~/sshspec-state")
+    assert resolve_state_dir(explicit) == tmp_path / "sshspec-state"

@@ -1,0 +1,205 @@
+"""Structured logs: JSON lines that decode back, the text format, level filtering."""
+
+from __future__ import annotations
+
+import calendar
+import io
+import json
+import re
+import time
+from pathlib import Path
+
+import msgspec
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from sshspec.adapters.logs import Labels, Logger, LogRecord, decode_record, format_text
+
+TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z")
+
+
+def _lines(stream: io.BytesIO) -> list[bytes]:
+    return stream.getvalue().splitlines(keepends=True)
+
+
+def test_json_line_decodes_back_to_the_same_record() -> None:
+    out = io.BytesIO()
+    labels = Labels(connection_id="c1", remote_addr="127.0.0.1:5555", channel_id=0, exit_code=0)
+    before = time.time()
+    Logger(stream=out).log("info", "SSH_CONNECTED", "Client connected", labels)
+    (line,) = _lines(out)
+    assert line.endswith(b"\n") and line.count(b"\n") == 1
+    record = decode_record(line)
+    assert (record.level, record.code, record.message) == ("info", "SSH_CONNECTED", "Client connected")
+    assert record.labels == labels
+    assert TIMESTAMP.fullmatch(record.timestamp)
+    stamp = calendar.timegm(time.strptime(record.timestamp[:19], "%Y-%m-%dT%H:%M:%S"))
+    assert abs(stamp - before) < 5  # UTC, not local time
+
+
+def test_json_layout_omits_absent_labels_and_keeps_zero() -> None:
+    out = io.BytesIO()
+    Logger(stream=out).log("error", "SSH_X", "m", Labels(username="alice", exit_code=0))
+    data = json.loads(out.getvalue())
+    assert list(data) == ["timestamp", "level", "code", "message", "labels"]
+    assert data["labels"] == {"username": "alice", "exitCode": 0}
+
+
+def test_json_line_with_no_labels() -> None:
+    out = io.BytesIO()
+    Logger(stream=out).log("debug", "SSH_X", "m", Labels())
+    assert json.loads(out.getvalue())["labels"] == {}
+
+
+def test_lone_surrogate_is_escaped_not_raised() -> None:
+    out = io.BytesIO()
+    Logger(stream=out).log("info", "SSH_X", "bad \udc80 name", Labels(username="\udcff"))
+    record = decode_record(out.getvalue())
+    assert record.message == "bad \\udc80 name"
+    assert record.labels.username == "\\udcff"
+
+
+def test_level_filtering() -> None:
+    out = io.BytesIO()
+    logger = Logger(level="warning", stream=out)
+    assert not logger.enabled("debug") and not logger.enabled("info")
+    assert logger.enabled("warning") and logger.enabled("error")
+    for level in ("debug", "info", "warning", "error"):
+        logger.log(level, "SSH_X", level, Labels())
+    assert [decode_record(line).level for line in _lines(out)] == ["warning", "error"]
+
+
+def test_bad_level_or_format_is_refused() -> None:
+    with pytest.raises(ValueError, match="level"):
+        Logger(level="trace", stream=io.BytesIO())
+    with pytest.raises(ValueError, match="format"):
+        Logger(format="xml", stream=io.BytesIO())
+
+
+def test_text_format() -> None:
+    record = LogRecord(
+        "2026-11-28T10:37:26.123456Z",
+        "info",
+        "SSH_CONNECTED",
+        "Client connected",
+        Labels(connection_id="c1", remote_addr="127.0.0.1:5555", channel_id=0),
+    )
+    assert format_text(record) == (
+        "2026-11-28T10:37:26Z info  SSH_CONNECTED  Client connected"
+        "  connectionId=c1 remoteAddr=127.0.0.1:5555 channelId=0"
+    )
+    bare = msgspec.structs.replace(record, labels=Labels(), level="error")
+    assert format_text(bare) == "2026-11-28T10:37:26Z error SSH_CONNECTED  Client connected"
+
+
+def test_text_format_quotes_and_escapes_network_input() -> None:
+    record = LogRecord(
+        "2026-11-28T10:37:26.123456Z",
+        "warning",
+        "SSH_X",
+        "two\nlines",
+        Labels(username='a b"\x1b[31m\u202e', reason=""),
+    )
+    assert format_text(record) == (
+        '2026-11-28T10:37:26Z warning SSH_X  two\\nlines  username="a b\\"\\u001b[31m\\u202e" reason=""'
+    )
+
+
+def test_text_logger_writes_one_line() -> None:
+    out = io.BytesIO()
+    Logger(format="text", stream=out).log("info", "SSH_X", "hello", Labels(method="password"))
+    assert re.fullmatch(
+        rb"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ info  SSH_X  hello  method=password\n", out.getvalue()
+    )
+
+
+def test_file_is_appended_and_closed(tmp_path: Path) -> None:
+    path = tmp_path / "sshspec.jsonl"
+    path.write_bytes(b'{"earlier":"content"}\n')
+    first = Logger(path=str(path))
+    second = Logger(path=str(path))
+    first.log("info", "SSH_A", "a", Labels())
+    second.log("info", "SSH_B", "b", Labels())
+    first.log("info", "SSH_C", "c", Labels())
+    # Written at once, not at close: a crash loses nothing already logged.
+    lines = path.read_bytes().splitlines()
+    assert lines[0] == b'{"earlier":"content"}'
+    assert [decode_record(line).code for line in lines[1:]] == ["SSH_A", "SSH_B", "SSH_C"]
+    first.close()
+    first.close()  # idempotent
+    with pytest.raises(ValueError, match="closed"):
+        first.log("info", "SSH_D", "d", Labels())
+    second.close()
+
+
+def test_stream_is_flushed_not_closed() -> None:
+    out = io.BytesIO()
+    logger = Logger(stream=out)
+    logger.close()
+    assert not out.closed
+
+
+@pytest.mark.parametrize(
+    ("line", "where"),
+    [
+        (b'{"timestamp":"2026-11-28T10:37:26.123456Z","level":"info"', "truncated"),
+        (b"", "truncated"),
+        (b"not json\n", "malformed"),
+        (
+            b'{"timestamp":"2026-11-28T10:37:26.123456Z","level":"loud","code":"SSH_X",'
+            b'"message":"","labels":{}}',
+            "$.level",
+        ),
+        (
+            b'{"timestamp":"2026-11-28 10:37:26","level":"info","code":"SSH_X","message":"","labels":{}}',
+            "$.timestamp",
+        ),
+        (
+            b'{"timestamp":"2026-11-28T10:37:26.123456Z","level":"info","code":"SSH_X",'
+            b'"message":"","labels":{"user":"a"}}',
+            "unknown field `user`",
+        ),
+        (
+            b'{"timestamp":"2026-11-28T10:37:26.123456Z","level":"info","code":"SSH_X",'
+            b'"message":"","labels":{"channelId":"0"}}',
+            "$.labels.channelId",
+        ),
+    ],
+)
+def test_corrupt_line_is_a_clear_error(line: bytes, where: str) -> None:
+    with pytest.raises(ValueError, match="corrupt log record") as info:
+        decode_record(line)
+    assert where in str(info.value)
+
+
+_text = st.none() | st.text()
+_int = st.none() | st.integers(min_value=-(2**63), max_value=2**64 - 1)
+labels_strategy = st.builds(
+    Labels,
+    connection_id=_text,
+    remote_addr=_text,
+    username=_text,
+    channel_id=_int,
+    request_type=_text,
+    method=_text,
+    reason=_text,
+    exit_code=_int,
+    signal=_text,
+)
+
+
+@given(labels=labels_strategy, message=st.text())
+def test_any_labels_round_trip(labels: Labels, message: str) -> None:
+    out = io.BytesIO()
+    Logger(stream=out).log("info", "SSH_X", message, labels)
+    (line,) = _lines(out)  # one record is exactly one line, whatever the strings hold
+    record = decode_record(line)
+    assert record.labels == labels
+    assert record.message == message
+
+
+@given(labels=labels_strategy, message=st.text())
+def test_any_text_record_is_one_printable_line(labels: Labels, message: str) -> None:
+    record = LogRecord("2026-11-28T10:37:26.123456Z", "info", "SSH_X", message, labels)
+    assert format_text(record).isprintable()  # no newline, no control or bidi character
