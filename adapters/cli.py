@@ -34,8 +34,54 @@ def _cmd_schema(args: argparse.Namespace) -> int:
     if args.what == "spec":
         sys.stdout.buffer.write(spec_schema())
     else:
+        import msgspec
+
         from sshspec.adapters.config import config_schema
-        sys.stdout.buffer.write(config_schema())
+        sys.stdout.buffer.write(msgspec.json.format(msgspec.json.encode(config_schema())) + b"\n")
+    return EXIT_OK
+
+
+def _load_handler(spec: str) -> object:
+    import importlib
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ValueError(f"--handler {spec!r}: expected module:attribute")
+    target = getattr(importlib.import_module(module_name), attr)
+    return target() if isinstance(target, type) else target
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from sshspec.adapters.config import ConfigError, load_config
+    from sshspec.adapters.handlers import Handler
+    from sshspec.adapters.server import serve_async
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"sshspec serve: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    handler = None
+    if args.handler:
+        try:
+            handler = _load_handler(args.handler)
+        except (ImportError, AttributeError, ValueError) as exc:
+            print(f"sshspec serve: --handler {args.handler}: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        if not isinstance(handler, Handler):
+            print(f"sshspec serve: --handler {args.handler}: not a sshspec Handler", file=sys.stderr)
+            return EXIT_USAGE
+    return asyncio.run(serve_async(config, handler))  # type: ignore[arg-type]
+
+
+def _cmd_hash_password(args: argparse.Namespace) -> int:
+    from sshspec.adapters.passwords import hash_password, read_password_for_hashing
+    try:
+        password = read_password_for_hashing(sys.stdin)
+    except (ValueError, EOFError) as exc:
+        print(f"sshspec hash-password: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    print(hash_password(password))
     return EXIT_OK
 
 
@@ -93,6 +139,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sshspec", description="A declarative state-machine protocol engine for SSH servers.")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="run the SSH server (embedded defaults, or --config)")
+    p.add_argument("--config", metavar="FILE", help="YAML config (see README)")
+    p.add_argument("--handler", metavar="MODULE:ATTR", help="serve your own Handler (class or instance)")
+    p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser("hash-password", help="print a passwordHash for the config (reads stdin)")
+    p.set_defaults(func=_cmd_hash_password)
 
     p = sub.add_parser("codes", help="print the message-code catalog")
     p.add_argument("--format", choices=["markdown", "json"], default="markdown")

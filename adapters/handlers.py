@@ -1,0 +1,308 @@
+"""The public handler API: serve your own application behind the specs.
+
+Handlers come in the layers of the ContainerSSH SSH server:
+
+* `Handler` (server): one per server; makes a `ConnectionHandler` per connection.
+* `ConnectionHandler` (network connection, then authenticated connection):
+  checks credentials, gives the backend's verdict on an authenticated user,
+  and makes a `SessionHandler` per session channel.
+* `SessionHandler` (session channel): env, pty, window-change, signal, the
+  program (shell, exec or subsystem), its input and output, its exit.
+
+Handlers never decide protocol order: the specs do. A handler is asked only
+what the spec leaves to the backend ("may this env be set?", "start this
+program"), and whatever it answers or raises becomes the spec event that says
+so (``request_ok``/``request_failed``, ``auth_ok``/``auth_bad``...).
+
+The smallest useful app is a `SessionHandler` with a `run` coroutine::
+
+    class Hello(SessionHandler):
+        async def run(self, io: SessionIO) -> int:
+            io.write(b"hello " + (io.command or "").encode() + b"\\n")
+            return 0
+
+    class App(Handler):
+        def session(self, conn: ConnectionInfo) -> SessionHandler:
+            return Hello()
+
+    sshspec.adapters.serve(App(), config)   # or: sshspec serve --handler mymod:App
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fnmatch
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+from sshspec.adapters.backend_local import BackendError, ExitStatus, LocalBackend, LocalProcess, PtyRequest
+from sshspec.adapters.passwords import DUMMY_HASH, verify_password
+
+__all__ = [
+    "AuthVerdict", "BackendError", "ConnectionInfo", "ExitStatus", "Handler", "LocalSession",
+    "PtyRequest", "SessionHandler", "SessionIO", "ConfiguredHandler",
+]
+
+AuthVerdict = Literal["ok", "bad", "unavailable"]
+ProgramKind = Literal["shell", "exec", "subsystem"]
+
+
+@dataclass(slots=True)
+class ConnectionInfo:
+    connection_id: str
+    remote_addr: str
+    username: str | None = None
+
+
+@dataclass(slots=True)
+class SessionIO:
+    """What a program sees of its channel. Writes go out through the channel
+    (asyncssh applies the client's window); `wait_writable` is back-pressure."""
+
+    kind: ProgramKind
+    command: str | None
+    subsystem: str | None
+    env: dict[str, str]
+    pty: PtyRequest | None
+    write: Callable[[bytes], None]
+    write_stderr: Callable[[bytes], None]
+    stdin: asyncio.StreamReader = field(default_factory=asyncio.StreamReader)
+
+
+class SessionHandler:
+    """One session channel's backend. The defaults accept env and pty and
+    refuse signals; override `run` (an in-process program) or `start`/`wait`
+    (an external one, as `LocalSession` does)."""
+
+    def __init__(self) -> None:
+        self.env: dict[str, str] = {}
+        self.pty_request: PtyRequest | None = None
+        self._task: asyncio.Task[int | ExitStatus] | None = None
+        self._io: SessionIO | None = None
+
+    def set_env(self, name: str, value: str) -> bool:
+        self.env[name] = value
+        return True
+
+    def set_pty(self, pty: PtyRequest) -> bool:
+        self.pty_request = pty
+        return True
+
+    def window_change(self, cols: int, rows: int, width_px: int, height_px: int) -> bool:
+        if self.pty_request is None:
+            return False
+        self.pty_request = PtyRequest(self.pty_request.term, cols, rows, width_px, height_px,
+                                      self.pty_request.modes)
+        return True
+
+    def signal(self, name: str) -> bool:
+        return False
+
+    async def start(self, io: SessionIO) -> None:
+        """Start the program; raise `BackendError` if it cannot start."""
+        self._io = io
+        self._task = asyncio.get_running_loop().create_task(self.run(io))
+
+    async def run(self, io: SessionIO) -> int | ExitStatus:
+        raise BackendError(f"this server runs no {io.kind}")
+
+    async def wait(self) -> ExitStatus:
+        """The program's end, after all its output was written."""
+        assert self._task is not None
+        result = await self._task
+        return result if isinstance(result, ExitStatus) else ExitStatus(int(result), None)
+
+    def stdin_data(self, data: bytes) -> None:
+        if self._io is not None:
+            self._io.stdin.feed_data(data)
+
+    def stdin_eof(self) -> None:
+        if self._io is not None:
+            self._io.stdin.feed_eof()
+
+    def pause_output(self) -> None:
+        """The client stopped reading: stop producing (in-process programs should
+        honour this through their own flow control)."""
+
+    def resume_output(self) -> None:
+        pass
+
+    def close(self) -> None:
+        """The channel is gone: end the program if it still runs."""
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+
+
+class LocalSession(SessionHandler):
+    """The default backend: shell and exec as subprocesses of the server's user,
+    sftp through OpenSSH's sftp-server, with a PTY when requested."""
+
+    SFTP_SERVERS = ("/usr/lib/openssh/sftp-server", "/usr/libexec/openssh/sftp-server",
+                    "/usr/lib/ssh/sftp-server", "/usr/libexec/sftp-server")
+
+    def __init__(self, backend: LocalBackend, env_deny: tuple[str, ...] = ()) -> None:
+        super().__init__()
+        self.backend = backend
+        self.env_deny = env_deny  # backend.envDeny patterns, on top of the backend's own list
+        self.process: LocalProcess | None = None
+        self._pending_eof = False
+
+    def set_env(self, name: str, value: str) -> bool:
+        if any(fnmatch.fnmatchcase(name, p) for p in self.env_deny):
+            return False
+        if not self.backend.env_allowed(name, value):
+            return False
+        self.env[name] = value
+        return True
+
+    def window_change(self, cols: int, rows: int, width_px: int, height_px: int) -> bool:
+        ok = super().window_change(cols, rows, width_px, height_px)
+        if ok and self.process is not None:
+            self.process.resize(cols, rows, width_px, height_px)
+        return ok
+
+    def signal(self, name: str) -> bool:
+        if self.process is None:
+            return False
+        try:
+            self.process.send_signal(name)
+        except (ValueError, ProcessLookupError):
+            return False
+        return True
+
+    async def start(self, io: SessionIO) -> None:
+        command = io.command
+        if io.kind == "subsystem":
+            if io.subsystem != "sftp":
+                raise BackendError(f"unknown subsystem {io.subsystem!r}")
+            import os
+            server = next((p for p in self.SFTP_SERVERS if os.access(p, os.X_OK)), None)
+            if server is None:
+                raise BackendError("sftp-server is not installed (Debian: openssh-sftp-server)")
+            command = server
+        self.process = await self.backend.start(
+            command=command, env=self.env, pty=self.pty_request if io.kind != "subsystem" else None,
+            on_stdout=io.write, on_stderr=io.write_stderr)
+        if self._pending_eof:
+            self.process.close_stdin()
+
+    async def wait(self) -> ExitStatus:
+        assert self.process is not None
+        return await self.process.wait()
+
+    def stdin_data(self, data: bytes) -> None:
+        if self.process is not None:
+            self.process.write_stdin(data)
+
+    def stdin_eof(self) -> None:
+        # EOF before the program exists is kept for it (the spec allows it in any open state).
+        if self.process is None:
+            self._pending_eof = True
+        else:
+            self.process.close_stdin()
+
+    def pause_output(self) -> None:
+        if self.process is not None:
+            self.process.pause_output()
+
+    def resume_output(self) -> None:
+        if self.process is not None:
+            self.process.resume_output()
+
+    def close(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+
+
+class ConnectionHandler:
+    """One connection's backend: credentials, the backend verdict, sessions."""
+
+    def __init__(self, handler: Handler, info: ConnectionInfo) -> None:
+        self.handler = handler
+        self.info = info
+
+    async def check_password(self, username: str, password: bytes) -> AuthVerdict:
+        return await self.handler.check_password(username, password)
+
+    def check_publickey(self, username: str, key: object) -> AuthVerdict:
+        return self.handler.check_publickey(username, key)
+
+    def kbdint_supported(self, username: str) -> bool:
+        return self.handler.kbdint_supported(username)
+
+    def accept_user(self, username: str) -> bool:
+        return self.handler.accept_user(username)
+
+    def session(self) -> SessionHandler:
+        return self.handler.session(self.info)
+
+
+class Handler:
+    """The server-level handler. The default refuses every credential: subclass
+    it, or use `ConfiguredHandler` (what `sshspec serve` runs)."""
+
+    def connection(self, info: ConnectionInfo) -> ConnectionHandler:
+        return ConnectionHandler(self, info)
+
+    async def check_password(self, username: str, password: bytes) -> AuthVerdict:
+        return "unavailable"
+
+    def check_publickey(self, username: str, key: object) -> AuthVerdict:
+        return "unavailable"
+
+    def kbdint_supported(self, username: str) -> bool:
+        """Keyboard-interactive asks one "Password:" prompt checked by check_password."""
+        return False
+
+    def accept_user(self, username: str) -> bool:
+        return True
+
+    def session(self, conn: ConnectionInfo) -> SessionHandler:
+        return SessionHandler()
+
+
+@dataclass(frozen=True, slots=True)
+class UserEntry:
+    password_hash: str | None
+    authorized_keys: tuple[object, ...]  # asyncssh SSHKey objects, loaded once at start
+
+
+class ConfiguredHandler(Handler):
+    """Users, passwords and keys from the config; sessions from the local backend.
+
+    Unknown and known users take the same path: a password for an unknown user
+    is checked against a dummy hash, so timing does not tell them apart.
+    """
+
+    def __init__(self, users: Mapping[str, UserEntry], *, env_deny: tuple[str, ...] = (),
+                 max_env: int = 64) -> None:
+        self.users = dict(users)
+        self.backend = LocalBackend(max_env=max_env)
+        self.env_deny = env_deny
+
+    async def check_password(self, username: str, password: bytes) -> AuthVerdict:
+        user = self.users.get(username)
+        encoded = user.password_hash if user is not None and user.password_hash else DUMMY_HASH
+        # scrypt takes tens of milliseconds: keep it off the event loop.
+        ok = await asyncio.get_running_loop().run_in_executor(None, verify_password, password, encoded)
+        if user is None or not user.password_hash:
+            return "bad" if user is not None or self._any_password_users() else "unavailable"
+        return "ok" if ok else "bad"
+
+    def kbdint_supported(self, username: str) -> bool:
+        return self._any_password_users()
+
+    def _any_password_users(self) -> bool:
+        return any(u.password_hash for u in self.users.values())
+
+    def check_publickey(self, username: str, key: object) -> AuthVerdict:
+        user = self.users.get(username)
+        if user is None:
+            return "bad"
+        public = getattr(key, "public_data", None)
+        return "ok" if any(getattr(k, "public_data", None) == public for k in user.authorized_keys) \
+            else "bad"
+
+    def session(self, conn: ConnectionInfo) -> SessionHandler:
+        return LocalSession(self.backend, self.env_deny)

@@ -1,0 +1,726 @@
+"""The asyncssh adapter: real SSH events in, spec events through the machines,
+spec verdicts out as SSH replies, every emitted code logged.
+
+The adapter holds no protocol rule of its own. For each SSH event it fires
+the spec event that names it, then carries out the `reply` of the step the
+machine took. Where asyncssh decides something by itself, the reach-ins in
+`asyncssh_internals` hand the decision back (see HACKS.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import getpass
+import itertools
+import os
+import secrets
+import signal
+import socket
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import asyncssh
+
+from sshspec.adapters import asyncssh_internals as internals
+from sshspec.adapters.algorithms import server_options
+from sshspec.adapters.backend_local import BackendError, ExitStatus, PtyRequest
+from sshspec.adapters.config import Config, resolve_state_dir
+from sshspec.adapters.handlers import (
+    ConfiguredHandler,
+    ConnectionHandler,
+    ConnectionInfo,
+    Handler,
+    SessionHandler,
+    SessionIO,
+    UserEntry,
+)
+from sshspec.adapters.logs import Labels, Logger
+from sshspec.codes import CATALOG
+from sshspec.fsm.machine import Machine, Step
+
+# --- logging: one record per emitted code ------------------------------------------------
+
+
+def _short(explanation: str) -> str:
+    return explanation.split(". ")[0].rstrip(".")
+
+
+_MESSAGES = {name: (code.level, _short(code.explanation)) for name, code in CATALOG.items()}
+
+
+class Emitter:
+    """Writes one log record per code of a step. Records nobody reads are not built."""
+
+    def __init__(self, logger: Logger) -> None:
+        self.logger = logger
+        self.enabled = {name: logger.enabled(level) for name, (level, _) in _MESSAGES.items()}
+
+    def emit(self, step: Step, labels: Labels) -> None:
+        for code in step.codes:
+            if self.enabled[code]:
+                level, message = _MESSAGES[code]
+                self.logger.log(level, code, message, labels)
+
+
+# --- the machines, compiled once per server with the configured limits ------------------
+
+
+@dataclass(frozen=True)
+class Machines:
+    server: Machine
+    connection: Machine
+    session: Machine
+
+    @classmethod
+    def from_config(cls, config: Config) -> Machines:
+        limits = {
+            "maxStartups": config.limits.max_startups,
+            "maxAuthTries": config.limits.max_auth_tries,
+            "maxSessions": config.limits.max_sessions,
+            "clientAliveCountMax": config.ssh.client_alive_count_max,
+            "maxEnv": config.limits.max_env,
+        }
+        return cls(Machine.load("server", limits), Machine.load("connection", limits),
+                   Machine.load("session", limits))
+
+
+# --- one session channel ------------------------------------------------------------------
+
+# Known request types this server does not implement (SSH_NOT_IMPLEMENTED), as
+# opposed to types nobody knows (unknown_request).
+NOT_IMPLEMENTED = frozenset({"x11-req", "auth-agent-req@openssh.com", "break", "xon-xoff",
+                             "keepalive@openssh.com", "eow@openssh.com"})
+EVENT_OF_REQUEST = {"env": "env", "pty-req": "pty_req", "window-change": "window_change",
+                    "signal": "signal", "shell": "shell", "exec": "exec", "subsystem": "subsystem"}
+
+
+class SpecSession(asyncssh.SSHServerSession[bytes]):
+    """Drives one session-channel machine from its channel's events."""
+
+    def __init__(self, conn: SpecConnection, channel_id: int, handler: SessionHandler) -> None:
+        self.conn = conn
+        self.channel_id = channel_id
+        self.handler = handler
+        self.machine = conn.server.machines.session
+        self.state = self.machine.new()
+        self.chan: internals.HookedServerChannel | None = None
+        self._drained = asyncio.Event()
+        self._drained.set()
+        self._waiter: asyncio.Task[None] | None = None
+
+    def fire(self, event: str, request_type: str | None = None, **labels: Any) -> Step:
+        step = self.machine.fire(self.state, event)
+        if step.codes:
+            self.conn.server.emitter.emit(step, Labels(
+                connection_id=self.conn.info.connection_id, remote_addr=self.conn.info.remote_addr,
+                username=self.conn.info.username, channel_id=self.channel_id,
+                request_type=request_type, **labels))
+        return step
+
+    # -- requests: every one goes through the spec, then (if it says so) the backend.
+
+    def on_request(self, chan: internals.HookedServerChannel,
+                   req: internals.ChannelRequest) -> bool | asyncio.Future[bool] | Any:
+        name = req.type if req.type is not None else repr(req.raw_type)
+        if req.malformed is not None:
+            return self._refused(self.fire("malformed_request", name, reason=req.malformed))
+        try:
+            decoded = internals.decode_request(req)
+        except internals.RequestDecodeError as exc:
+            return self._refused(self.fire("malformed_request", name, reason=exc.reason))
+        event = EVENT_OF_REQUEST.get(name)
+        if event is None:
+            kind = "not_implemented" if name in NOT_IMPLEMENTED else "unknown_request"
+            return self._refused(self.fire(kind, name))
+        step = self.fire(event, name)
+        if step.kind != "transition" or step.reply is not None:
+            return step.reply == "success"  # refused in this state: the spec's failure
+        if event in ("shell", "exec", "subsystem"):
+            return self._start(name, decoded)
+        try:
+            ok = self._ask_backend(decoded)
+        except Exception as exc:  # a handler bug is a failed request, not a dead channel
+            return self._outcome(False, name, reason=f"handler error: {exc!r}")
+        return self._outcome(ok, name)
+
+    def _refused(self, step: Step) -> bool:
+        return step.reply == "success"
+
+    def _outcome(self, ok: bool, name: str, **labels: Any) -> bool:
+        step = self.fire("request_ok" if ok else "request_failed", name, **labels)
+        return step.reply == "success"
+
+    def _ask_backend(self, decoded: Any) -> bool:
+        h = self.handler
+        if isinstance(decoded, internals.EnvRequest):
+            return h.set_env(decoded.name, decoded.value)
+        if isinstance(decoded, internals.PtyRequest):
+            return h.set_pty(PtyRequest(decoded.term, decoded.cols, decoded.rows, decoded.width_px,
+                                        decoded.height_px, dict(decoded.modes)))
+        if isinstance(decoded, internals.WindowChange):
+            return h.window_change(decoded.cols, decoded.rows, decoded.width_px, decoded.height_px)
+        if isinstance(decoded, internals.SignalRequest):
+            return h.signal(decoded.name)
+        return False
+
+    async def _start(self, name: str, decoded: Any) -> bool:
+        assert self.chan is not None
+        chan = self.chan
+        io = SessionIO(
+            kind=name, command=getattr(decoded, "command", None),  # type: ignore[arg-type]
+            subsystem=getattr(decoded, "name", None) if name == "subsystem" else None,
+            env=self.handler.env, pty=self.handler.pty_request,
+            write=chan.write, write_stderr=chan.write_stderr)
+        try:
+            await self.handler.start(io)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # BackendError or a handler bug: the request fails
+            reason = str(exc) if isinstance(exc, BackendError) else f"handler error: {exc!r}"
+            return self._outcome(False, name, reason=reason)
+        ok = self._outcome(True, name)
+        if self.state.state == "running":
+            self._waiter = asyncio.get_running_loop().create_task(self._wait_for_exit())
+        return ok
+
+    async def _wait_for_exit(self) -> None:
+        try:
+            status = await self.handler.wait()
+        except asyncio.CancelledError:
+            return
+        except Exception as exc:
+            status = ExitStatus(None, "ABRT")  # could not obtain the status: report abnormal end
+            self.conn.server.log_handler_error("wait", exc)
+        if status.signal is not None:
+            step = self.fire("program_killed", signal=status.signal)
+        else:
+            step = self.fire("program_exited", exit_code=status.code)
+        if step.reply in ("send_exit_status", "send_exit_signal"):
+            await self._send_exit(step.reply, status)
+
+    async def _send_exit(self, reply: str, status: ExitStatus) -> None:
+        chan = self.chan
+        assert chan is not None
+        # Output first, then EOF, then the status: wait until asyncssh's send
+        # buffer (held back by the client's window) is empty.
+        await self._drained.wait()
+        try:
+            chan.write_eof()
+            if reply == "send_exit_status":
+                chan.exit(status.code if status.code is not None else 255)
+            else:
+                chan.exit_with_signal(status.signal or "KILL", status.core_dumped)
+        except Exception as exc:  # the client went away under us
+            self.fire("exit_send_failed", reason=str(exc) or type(exc).__name__)
+            chan.abort()
+
+    def on_reply_failed(self, chan: internals.HookedServerChannel,
+                        failure: internals.ReplyFailure) -> None:
+        request = failure.request
+        name = getattr(request, "type", None) if request is not None else None
+        self.fire("reply_send_failed", name, reason=failure.reason)
+
+    def on_overflow(self, chan: internals.HookedServerChannel, req: internals.ChannelRequest) -> None:
+        self.fire("request_overflow", req.type, reason="too many pending requests")
+
+    # -- data and flow control (asyncssh's session API)
+
+    def connection_made(self, chan: asyncssh.SSHChannel[bytes]) -> None:
+        # high-water 0: asyncssh tells us the moment anything waits for the
+        # client's window, so the program pauses instead of the server buffering.
+        chan.set_write_buffer_limits(high=0, low=0)
+
+    def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
+        self.handler.stdin_data(data)
+
+    def eof_received(self) -> bool:
+        if self.fire("client_eof").reply == "close_stdin":
+            self.handler.stdin_eof()
+        return True  # half-close: output may still flow
+
+    def pause_writing(self) -> None:
+        self._drained.clear()
+        self.handler.pause_output()
+
+    def resume_writing(self) -> None:
+        self._drained.set()
+        self.handler.resume_output()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        step = self.fire("close", reason=str(exc) if exc else None)
+        if step.reply == "close":
+            self.handler.close()
+        if self._waiter is not None and not self._waiter.done() and step.moved:
+            # The program may still finish; its status can no longer be sent.
+            pass
+        self._drained.set()
+        self.conn.channel_closed(self)
+
+    def shutdown(self) -> None:
+        """The server is shutting down: end the program (its status still goes
+        out), or close a channel that has none."""
+        if self.state.state in ("running", "running_pending"):
+            self.handler.signal("TERM") or self.handler.close()
+        elif self.chan is not None and self.state.state != "exited":
+            self.chan.close()
+
+
+# --- one connection -----------------------------------------------------------------------
+
+_connection_ids = itertools.count(1)
+
+DISCONNECT_REASON = {
+    "disconnect_auth": (asyncssh.DISC_NO_MORE_AUTH_METHODS_AVAILABLE, "Too many authentication failures"),
+    "disconnect_protocol": (asyncssh.DISC_PROTOCOL_ERROR, "Protocol error"),
+    "disconnect": (asyncssh.DISC_BY_APPLICATION, "Disconnected by server"),
+}
+AUTH_EVENT = {"password": "password", "keyboard-interactive": "kbdint_begin", "none": "none_auth"}
+
+
+class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
+    """Drives one connection machine; asyncssh makes one per TCP connection."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.machine = server.machines.connection
+        self.state = self.machine.new()
+        self.info = ConnectionInfo(f"{os.getpid():x}-{next(_connection_ids):x}", "")
+        self.conn: asyncssh.SSHServerConnection | None = None
+        self.backend: ConnectionHandler | None = None
+        self.sessions: dict[int, SpecSession] = {}
+        self.admitted = False
+        self.lost = False  # the transport is gone: nothing can be sent any more
+        self.counted_as_startup = False
+        self._channel_ids = itertools.count(0)
+        self._keepalive: asyncio.Task[None] | None = None
+
+    def fire(self, event: str, **labels: Any) -> Step:
+        step = self.machine.fire(self.state, event)
+        if step.codes:
+            self.server.emitter.emit(step, Labels(
+                connection_id=self.info.connection_id, remote_addr=self.info.remote_addr,
+                username=self.info.username, **labels))
+        if step.reply in DISCONNECT_REASON and self.conn is not None and not self.lost:
+            code, text = DISCONNECT_REASON[step.reply]
+            self.conn.disconnect(code, labels.get("reason") or text)
+        if step.moved and step.target == "closed":
+            self._closed()
+        return step
+
+    def _closed(self) -> None:
+        if self._keepalive is not None:
+            self._keepalive.cancel()
+        self._startup_done()
+        self.server.connection_closed(self)
+
+    def _startup_done(self) -> None:
+        if self.counted_as_startup:
+            self.counted_as_startup = False
+            self.server.fire("startup_done")
+
+    # -- asyncssh's SSHServer callbacks
+
+    def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
+        self.conn = conn
+        peer = conn.get_extra_info("peername") or ("?", 0)
+        self.info.remote_addr = f"{peer[0]}:{peer[1]}"
+        step = self.server.fire("accept", remote_addr=self.info.remote_addr)
+        if step.reply != "admit":
+            conn.abort()
+            return
+        self.admitted = self.counted_as_startup = True
+        self.server.connections.add(self)
+        internals.install_hooks(conn, self, max_pending_global=self.server.config.limits.max_queued_requests)
+        self.backend = self.server.handler.connection(self.info)
+        self.fire("connected")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.admitted:
+            return
+        self.lost = True
+        for session in list(self.sessions.values()):
+            session.connection_lost(exc)
+        if internals.is_login_timeout(exc):
+            self.fire("login_timeout", reason="login timeout expired")
+        elif isinstance(exc, asyncssh.ProtocolError):
+            self.fire("protocol_error", reason=str(exc))
+        else:
+            self.fire("lost", reason=str(exc) if exc else "closed")
+
+    def begin_auth(self, username: str) -> bool:
+        self.info.username = username
+        banner = self.server.config.ssh.banner
+        if banner and self.conn is not None:
+            self.conn.send_auth_banner(banner)
+        return True  # authentication is always required; "none" never succeeds
+
+    def password_auth_supported(self) -> bool:
+        return True
+
+    def public_key_auth_supported(self) -> bool:
+        return True
+
+    def kbdint_auth_supported(self) -> bool:
+        return True
+
+    def auth_completed(self) -> None:
+        self._startup_done()
+        interval = self.server.config.ssh.client_alive_interval
+        if interval > 0:
+            self._keepalive = asyncio.get_running_loop().create_task(self._keepalives(interval))
+
+    # -- hooks: every USERAUTH_REQUEST, answer, global request and channel open
+
+    def on_kex_done(self, conn: asyncssh.SSHServerConnection, count: int) -> None:
+        if count == 1:
+            self.fire("auth_begin")
+
+    def on_auth_request(self, conn: asyncssh.SSHServerConnection, req: internals.AuthRequest) -> None:
+        method = req.method or repr(req.raw_method)
+        if req.username is not None:
+            self.info.username = req.username
+        if req.malformed is not None:
+            return  # asyncssh disconnects on it (HACKS.md); connection_lost reports it
+        if method == "publickey" and req.publickey is not None:
+            event = "publickey_query" if req.publickey.is_query else "publickey"
+        else:
+            event = AUTH_EVENT.get(method, "other_method")
+        self.fire(event, method=method)
+
+    def on_auth_result(self, conn: asyncssh.SSHServerConnection, res: internals.AuthResult) -> None:
+        # asyncssh answers some attempts without asking a validator (a bad
+        # signature, an undecodable key): the attempt is then invalid.
+        if res.kind == "failure" and self.state.state in ("checking", "querying"):
+            self.fire("auth_bad", method=res.request.method if res.request else None,
+                      reason="rejected by the SSH layer")
+
+    async def validate_password(self, username: str, password: str) -> bool:
+        assert self.backend is not None
+        verdict = await self.backend.check_password(username, password.encode("utf-8", "surrogateescape"))
+        return self._verdict(verdict, "password")
+
+    def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
+        assert self.backend is not None
+        querying = self.state.state == "querying"
+        verdict = self.backend.check_publickey(username, key)
+        if querying:
+            return self.fire(f"auth_{verdict}", method="publickey").reply == "pk_ok"
+        return self._verdict(verdict, "publickey")
+
+    def get_kbdint_challenge(self, username: str, lang: str, submethods: str) -> Any:
+        assert self.backend is not None
+        if self.state.state != "checking":
+            return False
+        if not self.backend.kbdint_supported(username):
+            self.fire("auth_unavailable", method="keyboard-interactive")
+            return False
+        self.fire("challenge", method="keyboard-interactive")
+        return ("", "", "", [("Password: ", False)])
+
+    async def validate_kbdint_response(self, username: str, responses: Any) -> Any:
+        assert self.backend is not None
+        step = self.fire("kbdint_response", method="keyboard-interactive")
+        if step.target != "checking":
+            return False
+        password = (responses[0] if responses else "").encode("utf-8", "surrogateescape")
+        verdict = await self.backend.check_password(username, password)
+        return self._verdict(verdict, "keyboard-interactive")
+
+    def _verdict(self, verdict: str, method: str) -> bool:
+        if self.state.state != "checking":
+            return False  # the connection ended while the check ran
+        step = self.fire(f"auth_{verdict}", method=method)
+        if step.target != "authenticated":
+            return False
+        assert self.backend is not None and self.info.username is not None
+        try:
+            accepted = self.backend.accept_user(self.info.username)
+        except Exception as exc:
+            self.server.log_handler_error("accept_user", exc)
+            accepted = False
+        step = self.fire("backend_accepted" if accepted else "backend_rejected", method=method)
+        return step.reply == "accept_user"
+
+    def on_global_request(self, conn: asyncssh.SSHServerConnection,
+                          req: internals.GlobalRequest) -> bool:
+        if req.malformed is not None:
+            step = self.fire("global_request_malformed", request_type=repr(req.raw_name),
+                             reason=req.malformed)
+        else:
+            step = self.fire("global_request", request_type=req.name)
+        return step.reply == "success"
+
+    def on_global_overflow(self, conn: asyncssh.SSHServerConnection, req: internals.GlobalRequest) -> None:
+        self.fire("global_request", request_type=req.name, reason="too many pending global requests")
+
+    def on_reply_failed(self, conn: asyncssh.SSHServerConnection, failure: internals.ReplyFailure) -> None:
+        self.fire("reply_send_failed", reason=failure.reason)
+
+    def on_channel_open(self, conn: asyncssh.SSHServerConnection,
+                        req: internals.ChannelOpenRequest) -> Any:
+        if req.type != "session":
+            step = self.fire("channel_open_unsupported", request_type=req.type or repr(req.raw_type))
+            return asyncssh.ChannelOpenError(asyncssh.OPEN_UNKNOWN_CHANNEL_TYPE,
+                                             f"Unsupported channel type {req.type!r}")
+        channel_id = next(self._channel_ids)
+        step = self.fire("session_open", channel_id=channel_id, request_type="session")
+        if step.reply != "open_session":
+            return asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED,
+                                             "Session refused")
+        assert self.backend is not None
+        try:
+            handler = self.backend.session()
+        except Exception as exc:
+            self.fire("session_open_failed", channel_id=channel_id, reason=f"handler error: {exc!r}")
+            return asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, "Session refused by backend")
+        session = SpecSession(self, channel_id, handler)
+        chan = internals.HookedServerChannel(
+            conn, session.on_request, on_reply_failed=session.on_reply_failed,
+            on_overflow=session.on_overflow,
+            max_pending=self.server.config.limits.max_queued_requests)
+        session.chan = chan
+        self.sessions[channel_id] = session
+        return chan, session
+
+    def channel_closed(self, session: SpecSession) -> None:
+        if self.sessions.pop(session.channel_id, None) is None:
+            return
+        self.fire("channel_closed", channel_id=session.channel_id)
+        if not self.sessions and self.state.state == "draining":
+            self.fire("drained", reason="server shutdown")
+
+    # -- keepalives (ssh.clientAliveInterval) and shutdown
+
+    async def _keepalives(self, interval: float) -> None:
+        assert self.conn is not None
+        while self.state.state in ("established", "draining"):
+            await asyncio.sleep(interval)
+            step = self.fire("keepalive_due")
+            if step.reply != "send_keepalive":
+                return
+            result = await internals.send_keepalive(self.conn, timeout=interval)
+            if result.answered:
+                self.fire("keepalive_answered")
+
+    def shutdown(self) -> None:
+        step = self.fire("shutdown", reason="server shutdown")
+        if step.target == "draining":
+            if not self.sessions:
+                self.fire("drained", reason="server shutdown")
+            for session in list(self.sessions.values()):
+                session.shutdown()
+
+    def abort(self) -> None:
+        if self.conn is not None:
+            self.conn.abort()
+
+
+# --- the server -----------------------------------------------------------------------------
+
+
+class StartError(Exception):
+    """The server could not start (SSH_START_FAILED was logged)."""
+
+
+class Server:
+    """The listening service: drives the server machine, owns the connections."""
+
+    def __init__(self, config: Config, handler: Handler | None = None, *,
+                 logger: Logger | None = None) -> None:
+        self.config = config
+        self.logger = logger or Logger(level=config.log.level, format=config.log.format,
+                                       path=config.log.file or None)
+        self.emitter = Emitter(self.logger)
+        self.machines = Machines.from_config(config)
+        self.state = self.machines.server.new()
+        self.handler = handler if handler is not None else configured_handler(config)
+        self.connections: set[SpecConnection] = set()
+        self.acceptor: asyncssh.SSHAcceptor | None = None
+        self.sock: socket.socket | None = None
+        self.address: tuple[str, int] | None = None
+        self._all_closed = asyncio.Event()
+        self._all_closed.set()
+
+    def fire(self, event: str, **labels: Any) -> Step:
+        step = self.machines.server.fire(self.state, event)
+        if step.codes:
+            self.emitter.emit(step, Labels(**labels))
+        return step
+
+    def log_handler_error(self, where: str, exc: BaseException) -> None:
+        self.logger.log("error", "SSH_BACKEND_ERROR", f"handler {where} raised {exc!r}", Labels())
+
+    async def start(self) -> None:
+        if self.fire("start").kind == "refuse":
+            raise RuntimeError("sshspec server is already running (SSH_ALREADY_RUNNING)")
+        host, port = self.config.ssh.listen
+        try:
+            keys = load_host_keys(self.config)
+            options = server_options(
+                self.config.ssh.profile, kex=self.config.ssh.kex or None,
+                ciphers=self.config.ssh.ciphers or None, macs=self.config.ssh.macs or None,
+                host_key_algs=self.config.ssh.host_key_algorithms or None, host_keys=keys)
+            self.sock = self._listen_socket(host, port)
+        except (OSError, ValueError, asyncssh.KeyImportError) as exc:
+            self.fire("bind_failed", reason=f"{host}:{port}: {exc}")
+            raise StartError(f"cannot start on {host}:{port}: {exc}") from exc
+        version = self.config.ssh.server_version.removeprefix("SSH-2.0-")
+        self.acceptor = await asyncssh.create_server(
+            lambda: SpecConnection(self), sock=self.sock, server_version=version,
+            login_timeout=self.config.limits.login_timeout,
+            keepalive_interval=0, allow_scp=False, agent_forwarding=False,
+            x11_forwarding=False, gss_host=None, **options)
+        self.address = self.sock.getsockname()[:2]
+        self.fire("listening", reason=f"{self.address[0]}:{self.address[1]}")
+
+    def _listen_socket(self, host: str, port: int) -> socket.socket:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        except OSError as exc:
+            self.fire("reuse_failed", reason=str(exc))
+        try:
+            sock.bind((host, port))
+            sock.listen(128)
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            raise
+        return sock
+
+    def connection_closed(self, conn: SpecConnection) -> None:
+        self.connections.discard(conn)
+        if not self.connections:
+            self._all_closed.set()
+
+    async def shutdown(self, timeout: float | None = None) -> None:
+        """Stop accepting, tell every connection to end, wait up to the deadline
+        for their output and exit statuses, then close what is left."""
+        step = self.fire("shutdown")
+        if step.reply != "stop_listening":
+            return
+        if self.acceptor is not None:
+            self.acceptor.close()
+        if self.sock is not None:
+            try:
+                self.sock.close()
+            except OSError as exc:
+                self.fire("close_failed", reason=str(exc))
+        if self.connections:
+            self._all_closed.clear()
+        for conn in list(self.connections):
+            conn.shutdown()
+        deadline = self.config.limits.shutdown_timeout if timeout is None else timeout
+        try:
+            await asyncio.wait_for(self._all_closed.wait(), deadline)
+            self.fire("drained")
+        except TimeoutError:
+            self.fire("deadline", reason=f"{len(self.connections)} connections still open")
+            for conn in list(self.connections):
+                conn.abort()
+        if self.acceptor is not None:
+            with contextlib.suppress(Exception):
+                await self.acceptor.wait_closed()
+        self.logger.close()
+
+
+# --- defaults: host keys and the out-of-the-box login ---------------------------------------
+
+
+def load_host_keys(config: Config) -> list[asyncssh.SSHKey]:
+    """The configured host keys, or the state dir's ed25519 key (made on first run)."""
+    if config.ssh.hostkeys:
+        return [asyncssh.read_private_key(os.path.expanduser(p)) for p in config.ssh.hostkeys]
+    state = resolve_state_dir(config)
+    path = state / "ssh_host_ed25519_key"
+    if not path.exists():
+        state.mkdir(parents=True, exist_ok=True, mode=0o700)
+        key = asyncssh.generate_private_key("ssh-ed25519", comment="sshspec host key")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(key.export_private_key())
+        path.with_suffix(".pub").write_bytes(key.export_public_key())
+        print(f"sshspec: created host key {path}", file=sys.stderr)
+    return [asyncssh.read_private_key(str(path))]
+
+
+def configured_handler(config: Config, *, announce: Callable[[str], None] | None = None) -> Handler:
+    """Users from the config; with none configured, the current user may log in
+    with a one-time password (printed) or a key from ~/.ssh/authorized_keys."""
+    users: dict[str, UserEntry] = {}
+    for user in config.auth.users:
+        keys = tuple(asyncssh.import_public_key(line) for line in user.authorized_keys)
+        users[user.username] = UserEntry(user.password_hash, keys)
+    extra_keys = _read_authorized_keys(config.auth.authorized_keys_file)
+    if not users:
+        from sshspec.adapters.passwords import hash_password
+        name = getpass.getuser()
+        password = secrets.token_urlsafe(12)
+        default_file = Path.home() / ".ssh" / "authorized_keys"
+        keys = extra_keys or _read_authorized_keys(str(default_file) if default_file.exists() else "")
+        users[name] = UserEntry(hash_password(password), keys)
+        (announce or _announce)(
+            f"sshspec: log in as {name!r} with the one-time password {password}"
+            + (f" or a key from {config.auth.authorized_keys_file or default_file}" if keys else ""))
+    elif extra_keys:
+        for name, entry in users.items():
+            users[name] = UserEntry(entry.password_hash, entry.authorized_keys + extra_keys)
+    return ConfiguredHandler(users, env_deny=config.backend.env_deny, max_env=config.limits.max_env)
+
+
+def _read_authorized_keys(path: str) -> tuple[asyncssh.SSHKey, ...]:
+    if not path:
+        return ()
+    keys = []
+    for line in Path(os.path.expanduser(path)).read_text().splitlines():
+        words = line.split()
+        # options come first when present: the key starts at its algorithm name
+        start = next((i for i, w in enumerate(words) if w.startswith(_KEY_TYPES)), None)
+        if start is None or line.lstrip().startswith("#"):
+            continue
+        with contextlib.suppress(asyncssh.KeyImportError, ValueError):
+            keys.append(asyncssh.import_public_key(" ".join(words[start:start + 2])))
+    return tuple(keys)
+
+
+_KEY_TYPES = ("ssh-", "ecdsa-", "sk-", "rsa-")
+
+
+def _announce(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+# --- running it -------------------------------------------------------------------------------
+
+
+async def serve_async(config: Config, handler: Handler | None = None, *,
+                      ready: Callable[[Server], None] | None = None) -> int:
+    """Run until SIGTERM or SIGINT; then shut down gracefully. Returns the exit status."""
+    server = Server(config, handler)
+    try:
+        await server.start()
+    except StartError as exc:
+        print(f"sshspec serve: {exc}", file=sys.stderr)
+        return 1
+    assert server.address is not None
+    print(f"sshspec: listening on {server.address[0]}:{server.address[1]}", file=sys.stderr, flush=True)
+    if ready is not None:
+        ready(server)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await server.shutdown()
+    return 0
+
+
+def serve(handler: Handler | None = None, config: Config | None = None) -> int:
+    """The public entry point: ``sshspec.adapters.serve(MyHandler(), config)``."""
+    from sshspec.adapters.config import default_config
+    return asyncio.run(serve_async(config or default_config(), handler))
