@@ -67,6 +67,8 @@ class SessionIO:
     pty: PtyRequest | None
     write: Callable[[bytes], None]
     write_stderr: Callable[[bytes], None]
+    pause_input: Callable[[bool], None] = lambda paused: None  # True: stop reading the client
+    server_env: dict[str, str] = field(default_factory=dict)  # SSH_CONNECTION, SSH_TTY...: not the client's
     stdin: asyncio.StreamReader = field(default_factory=asyncio.StreamReader)
 
 
@@ -183,7 +185,8 @@ class LocalSession(SessionHandler):
             command = server
         self.process = await self.backend.start(
             command=command, env=self.env, pty=self.pty_request if io.kind != "subsystem" else None,
-            on_stdout=io.write, on_stderr=io.write_stderr)
+            on_stdout=io.write, on_stderr=io.write_stderr, server_env=io.server_env,
+            on_stdin_flow=io.pause_input)
         if self._pending_eof:
             self.process.close_stdin()
 

@@ -174,7 +174,9 @@ class SpecSession(asyncssh.SSHServerSession[bytes]):
             kind=name, command=getattr(decoded, "command", None),  # type: ignore[arg-type]
             subsystem=getattr(decoded, "name", None) if name == "subsystem" else None,
             env=self.handler.env, pty=self.handler.pty_request,
-            write=chan.write, write_stderr=chan.write_stderr)
+            write=chan.write, write_stderr=chan.write_stderr,
+            pause_input=lambda paused: chan.pause_reading() if paused else chan.resume_reading(),
+            server_env=self._server_env(chan))
         try:
             await self.handler.start(io)
         except asyncio.CancelledError:
@@ -186,6 +188,13 @@ class SpecSession(asyncssh.SSHServerSession[bytes]):
         if self.state.state == "running":
             self._waiter = asyncio.get_running_loop().create_task(self._wait_for_exit())
         return ok
+
+    def _server_env(self, chan: asyncssh.SSHServerChannel[bytes]) -> dict[str, str]:
+        peer = chan.get_extra_info("peername") or ("", 0)
+        sock = chan.get_extra_info("sockname") or ("", 0)
+        env = {"SSH_CONNECTION": f"{peer[0]} {peer[1]} {sock[0]} {sock[1]}",
+               "SSH_CLIENT": f"{peer[0]} {peer[1]} {sock[1]}"}
+        return env
 
     async def _wait_for_exit(self) -> None:
         try:
