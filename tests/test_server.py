@@ -1,0 +1,148 @@
+"""sshspec serve with real clients: the ContainerSSH conformance cases, sftp,
+auth by every method, and the log each of them leaves."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+from pathlib import Path
+
+import asyncssh
+import pytest
+
+from conftest import LiveServer
+
+
+def ssh(server: LiveServer, command: str, *options: str, input: bytes | None = None,
+        timeout: float = 30) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run([*server.ssh_args(*options), command], input=input, capture_output=True,
+                          timeout=timeout)
+
+
+def connect(server: LiveServer, **kwargs: object) -> asyncssh.misc._ACMWrapper:  # type: ignore[name-defined]
+    options = {"username": server.username, "password": server.password, "known_hosts": None,
+               "client_keys": None, **kwargs}
+    return asyncssh.connect(server.host, server.port, **options)
+
+
+def connection_codes(server: LiveServer) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for record in server.records():
+        cid = record["labels"].get("connectionId")
+        if cid:
+            out.setdefault(cid, []).append(record["code"])
+    return out
+
+
+def test_exec_hello_world_with_openssh(server: LiveServer) -> None:
+    done = ssh(server, 'echo "Hello world!"')
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == b"Hello world!\n"
+    server.wait_for_code("SSH_DISCONNECTED")
+    (codes,) = connection_codes(server).values()
+    assert codes == ["SSH_CONNECTED", "SSH_AUTH_SUCCESSFUL", "SSH_HANDSHAKE_SUCCESSFUL",
+                     "SSH_NEW_CHANNEL", "SSH_CHANNEL_REQUEST", "SSH_CHANNEL_REQUEST_SUCCESSFUL",
+                     "SSH_EXIT", "SSH_CHANNEL_CLOSED", "SSH_DISCONNECTED"]
+
+
+def test_exit_code_42(server: LiveServer) -> None:
+    done = ssh(server, "exit 42")
+    assert done.returncode == 42
+    records = server.wait_for_code("SSH_EXIT")
+    assert [r["labels"].get("exitCode") for r in records if r["code"] == "SSH_EXIT"] == [42]
+
+
+def test_env_is_passed_to_the_program(server: LiveServer) -> None:
+    done = ssh(server, 'echo "$FOO"', "-o", "SetEnv=FOO=bar")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == b"bar\n"
+
+
+def test_dynamic_loader_env_is_refused(server: LiveServer) -> None:
+    done = ssh(server, 'echo "[$LD_PRELOAD]"', "-o", "SetEnv=LD_PRELOAD=/tmp/evil.so")
+    assert done.stdout == b"[]\n"
+    records = server.wait_for_code("SSH_CHANNEL_REQUEST_FAILED")
+    failed = [r for r in records if r["code"] == "SSH_CHANNEL_REQUEST_FAILED"]
+    assert failed[0]["labels"]["requestType"] == "env"
+
+
+def test_pty_size_and_window_change(server: LiveServer) -> None:
+    async def main() -> tuple[bytes, int | None]:
+        async with connect(server) as conn:
+            proc = await conn.create_process(term_type="xterm", term_size=(80, 25), encoding=None)
+            proc.stdin.write(b"echo START; tput cols; tput lines\n")
+            out = await proc.stdout.readuntil(b"25\r\n")
+            assert b"80\r\n25\r\n" in out
+            proc.change_terminal_size(120, 25)
+            proc.stdin.write(b"tput cols; tput lines\n")
+            out2 = await proc.stdout.readuntil(b"25\r\n")
+            proc.stdin.write(b"exit\n")
+            await proc.wait_closed()
+            return out2, proc.exit_status
+    out, status = asyncio.run(main())
+    assert b"120\r\n25\r\n" in out
+    assert status == 0
+
+
+def test_signal_usr1_reaches_the_program(server: LiveServer) -> None:
+    async def main() -> tuple[bytes, int | None]:
+        async with connect(server) as conn:
+            proc = await conn.create_process(
+                "trap 'echo got; exit 7' USR1; echo ready; while :; do sleep 0.05; done", encoding=None)
+            await proc.stdout.readuntil(b"ready\n")
+            proc.send_signal("USR1")
+            rest = await proc.stdout.read()
+            await proc.wait_closed()
+            return rest, proc.exit_status
+    out, status = asyncio.run(main())
+    assert out == b"got\n" and status == 7
+
+
+def test_killed_program_sends_exit_signal(server: LiveServer) -> None:
+    async def main() -> asyncssh.SSHCompletedProcess:
+        async with connect(server) as conn:
+            return await conn.run("kill -TERM $$")
+    result = asyncio.run(main())
+    assert result.exit_signal is not None and result.exit_signal[0] == "TERM"
+    records = server.wait_for_code("SSH_EXIT_SIGNAL")
+    assert [r["labels"].get("signal") for r in records if r["code"] == "SSH_EXIT_SIGNAL"] == ["TERM"]
+
+
+def test_sftp_with_openssh(server: LiveServer, tmp_path: Path) -> None:
+    source = tmp_path / "upload.bin"
+    source.write_bytes(bytes(range(256)) * 400)
+    target = tmp_path / "remote.bin"
+    back = tmp_path / "back.bin"
+    batch = tmp_path / "batch"
+    batch.write_text(f"put {source} {target}\nget {target} {back}\nls {tmp_path}\n")
+    args = server.ssh_args()
+    done = subprocess.run(["sftp", "-b", str(batch), "-P", str(server.port), *args[3:-1], args[-1]],
+                          capture_output=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert back.read_bytes() == source.read_bytes()
+
+
+def test_password_and_wrong_password(server: LiveServer) -> None:
+    async def good() -> str:
+        async with connect(server) as conn:
+            return (await conn.run("whoami", check=True)).stdout  # type: ignore[return-value]
+    assert asyncio.run(good()).strip()
+
+    async def bad() -> None:
+        async with connect(server, password="wrong", preferred_auth="password"):
+            pass
+    with pytest.raises(asyncssh.PermissionDenied):
+        asyncio.run(bad())
+    records = server.wait_for_code("SSH_AUTH_FAILED")
+    failed = [r for r in records if r["code"] == "SSH_AUTH_FAILED"]
+    assert failed[0]["labels"]["method"] == "password"
+
+
+def test_keyboard_interactive(server: LiveServer) -> None:
+    async def main() -> int | None:
+        async with connect(server, preferred_auth="keyboard-interactive") as conn:
+            return (await conn.run("true")).exit_status
+    assert asyncio.run(main()) == 0
+    records = server.wait_for_code("SSH_AUTH_SUCCESSFUL")
+    ok = [r for r in records if r["code"] == "SSH_AUTH_SUCCESSFUL"]
+    assert ok[0]["labels"]["method"] == "keyboard-interactive"
