@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import subprocess
 import sys
@@ -50,6 +51,12 @@ def _load_handler(spec: str) -> object:
     return target() if isinstance(target, type) else target
 
 
+def _workers(text: str) -> str:
+    if text != "auto" and not (text.isdigit() and int(text) >= 1):
+        raise argparse.ArgumentTypeError("expected a number >= 1 or 'auto'")
+    return text
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
 
@@ -71,6 +78,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         if not isinstance(handler, Handler):
             print(f"sshspec serve: --handler {args.handler}: not a sshspec Handler", file=sys.stderr)
             return EXIT_USAGE
+    workers = (os.cpu_count() or 1) if args.workers == "auto" else int(args.workers)
+    if workers > 1:
+        from sshspec.adapters.server import run_workers
+        return run_workers(config, handler, workers)  # type: ignore[arg-type]
     return asyncio.run(serve_async(config, handler))  # type: ignore[arg-type]
 
 
@@ -143,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="run the SSH server (embedded defaults, or --config)")
     p.add_argument("--config", metavar="FILE", help="YAML config (see README)")
     p.add_argument("--handler", metavar="MODULE:ATTR", help="serve your own Handler (class or instance)")
+    p.add_argument("--workers", default="1", type=_workers,
+                   help="N processes sharing the port (SO_REUSEPORT); 'auto' = one per core")
     p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("hash-password", help="print a passwordHash for the config (reads stdin)")

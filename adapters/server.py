@@ -539,8 +539,9 @@ class Server:
     """The listening service: drives the server machine, owns the connections."""
 
     def __init__(self, config: Config, handler: Handler | None = None, *,
-                 logger: Logger | None = None) -> None:
+                 logger: Logger | None = None, reuse_port: bool = False) -> None:
         self.config = config
+        self.reuse_port = reuse_port  # --workers: every worker binds the same port
         self.logger = logger or Logger(level=config.log.level, format=config.log.format,
                                        path=config.log.file or None)
         self.emitter = Emitter(self.logger)
@@ -591,6 +592,8 @@ class Server:
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if self.reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         except OSError as exc:
             self.fire("reuse_failed", reason=str(exc))
         try:
@@ -708,9 +711,9 @@ def _announce(text: str) -> None:
 
 
 async def serve_async(config: Config, handler: Handler | None = None, *,
-                      ready: Callable[[Server], None] | None = None) -> int:
+                      ready: Callable[[Server], None] | None = None, reuse_port: bool = False) -> int:
     """Run until SIGTERM or SIGINT; then shut down gracefully. Returns the exit status."""
-    server = Server(config, handler)
+    server = Server(config, handler, reuse_port=reuse_port)
     try:
         await server.start()
     except StartError as exc:
@@ -727,6 +730,54 @@ async def serve_async(config: Config, handler: Handler | None = None, *,
     await stop.wait()
     await server.shutdown()
     return 0
+
+
+def run_workers(config: Config, handler: Handler | None, workers: int) -> int:
+    """`--workers N`: N forked processes, each with its own SO_REUSEPORT socket on
+    the same port, so the kernel spreads connections over every core. SIGTERM or
+    SIGINT to the parent is passed to every worker; each shuts down gracefully."""
+    import msgspec
+
+    from sshspec.adapters.config import Listen
+    handler = handler if handler is not None else configured_handler(config)
+    host, port = config.ssh.listen
+    # Reserve the port (port 0 picks one) with a bound, never listening socket
+    # in the same SO_REUSEPORT group, so every worker lands on the same port.
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    reserve = socket.socket(family, socket.SOCK_STREAM)
+    reserve.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        reserve.bind((host, port))
+    except OSError as exc:
+        print(f"sshspec serve: cannot start on {host}:{port}: {exc}", file=sys.stderr)
+        return 1
+    port = reserve.getsockname()[1]
+    ssh = msgspec.structs.replace(config.ssh, listen=Listen(host, port))
+    config = msgspec.structs.replace(config, ssh=ssh)
+    children: list[int] = []
+    for _ in range(workers):
+        pid = os.fork()
+        if pid == 0:
+            reserve.close()
+            status = 1
+            try:
+                status = asyncio.run(serve_async(config, handler, reuse_port=True))
+            finally:
+                os._exit(status)
+        children.append(pid)
+    reserve.close()
+
+    def forward(signum: int, _frame: object) -> None:
+        for child in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGTERM)
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    worst = 0
+    for child in children:
+        _, status = os.waitpid(child, 0)
+        worst = max(worst, os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 1)
+    return worst
 
 
 def serve(handler: Handler | None = None, config: Config | None = None) -> int:
