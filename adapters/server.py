@@ -630,11 +630,15 @@ class Server:
         deadline = self.config.limits.shutdown_timeout if timeout is None else timeout
         try:
             await asyncio.wait_for(self._all_closed.wait(), deadline)
-            self.fire("drained")
         except TimeoutError:
-            self.fire("deadline", reason=f"{len(self.connections)} connections still open")
-            for conn in list(self.connections):
-                conn.abort()
+            if self.fire("deadline", reason=f"{len(self.connections)} connections still open").reply \
+                    == "close_all":
+                for conn in list(self.connections):
+                    conn.abort()
+            # abort() reports connection_lost on the next loop turns: wait for them.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._all_closed.wait(), 5)
+        self.fire("drained")
         if self.acceptor is not None:
             with contextlib.suppress(Exception):
                 await self.acceptor.wait_closed()

@@ -118,7 +118,7 @@ def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> None:
 
 
 def start_server(tmp: Path, name: str, *, config: dict[str, Any] | None = None,
-                 handler: str | None = None,
+                 handler: str | None = None, extra_args: list[str] | None = None,
                  env: dict[str, str] | None = None) -> LiveServer:
     """Start `sshspec serve` with a fresh key pair; wait until it listens."""
     key = tmp / "id_ed25519"
@@ -132,6 +132,7 @@ def start_server(tmp: Path, name: str, *, config: dict[str, Any] | None = None,
     cmd = [*SSHSPEC, "serve", "--config", str(path)]
     if handler:
         cmd += ["--handler", handler]
+    cmd += extra_args or []
     process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=tmp,
                                env={**os.environ, "PYTHONPATH": str(ROOT / "tests"), **(env or {})})
     assert process.stderr is not None
