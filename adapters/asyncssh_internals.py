@@ -1,0 +1,1371 @@
+"""Every reach-in into asyncssh's private internals lives in this module.
+
+The rule: no other sshspec file touches an underscore attribute of an asyncssh
+object, monkeypatches asyncssh, or relies on undocumented asyncssh behaviour.  If
+the adapter needs something asyncssh hides, it is added here, listed in
+`REACH_INS` (verified by `check_asyncssh_compat`) and explained in HACKS.md.
+Vetted against asyncssh >=2.24.1,<2.25 by tests/test_asyncssh_internals.py.
+
+What the module gives the adapter:
+
+* `HookedServerChannel` - a session channel that hands EVERY incoming
+  SSH_MSG_CHANNEL_REQUEST (known, unknown, malformed) to one callback, which
+  returns a verdict (bool, or an awaitable of one).  Requests are handled one at
+  a time in arrival order, so replies go out in order (RFC 4254 5.4), and a
+  malformed request never costs the channel or the connection.  The queue is
+  bounded (`max_pending`).  Replies that cannot be sent are reported.
+  `decode_request` and the `decode_*` helpers turn payloads into typed records
+  and raise `RequestDecodeError` on anything malformed.
+* `ConnectionHooks` + `install_hooks(conn, hooks)` (call it from
+  `SSHServer.connection_made`) - per-connection callbacks for every global
+  request, every channel open, every SERVICE_REQUEST, every USERAUTH_REQUEST and
+  every answer asyncssh gives to one (failure / success / PK_OK / INFO_REQUEST
+  ...), and every completed key exchange.  `hook_state(conn).phase` says how far the
+  connection got (useful in `connection_lost`).
+* `send_keepalive(conn)` - server-initiated keepalive@openssh.com with the
+  outcome (answered / closed / timeout).
+* `is_login_timeout(exc)` - recognises asyncssh's login timeout in
+  `connection_lost`.
+* `_break_send_for_tests(conn, ...)` - TEST ONLY: make one outgoing packet fail.
+* `check_asyncssh_compat()` / `assert_asyncssh_compat()` - verify that the
+  installed asyncssh still has every private thing used here.
+
+Lines that touch a private are marked `# REACH-IN`; HACKS.md explains each one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import errno
+import functools
+import inspect
+from collections import deque
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal, TypeAlias
+
+import asyncssh
+from asyncssh.channel import SSHChannel
+from asyncssh.connection import SSHConnection
+from asyncssh.misc import map_handler_name
+from asyncssh.packet import PacketDecodeError, SSHPacket, SSHPacketHandler
+
+__all__ = [
+    "ASYNCSSH_DEFAULT",
+    "AsyncsshCompatError",
+    "AuthRequest",
+    "AuthResult",
+    "BreakRequest",
+    "ChannelOpenRequest",
+    "ChannelRequest",
+    "ConnectionHooks",
+    "Default",
+    "EnvRequest",
+    "ExecRequest",
+    "GlobalRequest",
+    "HookState",
+    "HookedServerChannel",
+    "KeepaliveResult",
+    "NoArgsRequest",
+    "PtyRequest",
+    "PublicKeyInfo",
+    "REACH_INS",
+    "ReachIn",
+    "ReplyFailure",
+    "RequestDecodeError",
+    "SignalRequest",
+    "SubsystemRequest",
+    "WindowChange",
+    "X11Request",
+    "assert_asyncssh_compat",
+    "check_asyncssh_compat",
+    "REQUEST_DECODERS",
+    "decode_break",
+    "decode_env",
+    "decode_exec",
+    "decode_pty_req",
+    "decode_request",
+    "decode_signal",
+    "decode_subsystem",
+    "decode_window_change",
+    "decode_x11_req",
+    "hook_state",
+    "install_hooks",
+    "is_login_timeout",
+    "send_keepalive",
+]
+
+SUPPORTED_ASYNCSSH = ((2, 24, 1), (2, 25, 0))  # [low, high)
+
+# RFC 4250 message numbers (fixed by the protocol, not by asyncssh).
+MSG_SERVICE_REQUEST = 5
+MSG_NEWKEYS = 21
+MSG_USERAUTH_REQUEST = 50
+MSG_USERAUTH_FAILURE = 51
+MSG_USERAUTH_SUCCESS = 52
+MSG_GLOBAL_REQUEST = 80
+MSG_REQUEST_SUCCESS = 81
+MSG_REQUEST_FAILURE = 82
+MSG_CHANNEL_OPEN = 90
+MSG_CHANNEL_REQUEST = 98
+MSG_CHANNEL_SUCCESS = 99
+MSG_CHANNEL_FAILURE = 100
+
+DEFAULT_WINDOW = 2 * 1024 * 1024  # asyncssh's default receive window
+DEFAULT_MAX_PKTSIZE = 32768  # asyncssh's default (and our maximum) packet size
+
+_RECV_OPEN = frozenset({"open", "eof_pending", "eof"})  # SSHChannel._recv_state values
+_SEND_CLOSING = frozenset({"close_pending", "closed"})  # SSHChannel._send_state values
+_START_TYPES = frozenset({"shell", "exec", "subsystem"})
+_LOGIN_TIMEOUT_REASON = "Login timeout expired"  # SSHConnection._login_timer_callback
+
+
+class Default(enum.Enum):
+    """Verdict meaning "do what stock asyncssh would do"."""
+
+    ASYNCSSH = "asyncssh"
+
+
+ASYNCSSH_DEFAULT = Default.ASYNCSSH
+
+
+# --------------------------------------------------------------------------- records
+
+
+class RequestDecodeError(ValueError):
+    """A request payload (or header) is malformed: truncated, trailing bytes, bad text."""
+
+    def __init__(self, request_type: str, reason: str) -> None:
+        super().__init__(f"{request_type}: {reason}")
+        self.request_type = request_type
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelRequest:
+    """One SSH_MSG_CHANNEL_REQUEST as received.
+
+    `type` is None when the name is not ASCII; `malformed` then says why (also set
+    when the header is truncated; want_reply is then False: we cannot know it, and
+    an unsolicited reply would desynchronise the client).  `payload` is the raw
+    type-specific data after want_reply.
+    """
+
+    seq: int
+    type: str | None
+    raw_type: bytes
+    want_reply: bool
+    payload: bytes
+    malformed: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class GlobalRequest:
+    """One SSH_MSG_GLOBAL_REQUEST as received (same conventions as ChannelRequest)."""
+
+    seq: int
+    name: str | None
+    raw_name: bytes
+    want_reply: bool
+    payload: bytes
+    malformed: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelOpenRequest:
+    """One SSH_MSG_CHANNEL_OPEN as received.
+
+    `sender_channel` is None when the packet is too short to contain it (then no
+    reply is possible and asyncssh's rule applies: disconnect, protocol error).
+    """
+
+    seq: int
+    type: str | None
+    raw_type: bytes
+    sender_channel: int | None
+    initial_window: int
+    max_packet: int
+    payload: bytes
+    malformed: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PublicKeyInfo:
+    """The publickey part of a USERAUTH_REQUEST."""
+
+    algorithm: str | None
+    key_blob: bytes
+    signed: bool  # False: the query step ("would you accept this key?")
+
+    @property
+    def is_query(self) -> bool:
+        return not self.signed
+
+
+@dataclass(frozen=True, slots=True)
+class AuthRequest:
+    """One SSH_MSG_USERAUTH_REQUEST as received, before asyncssh acts on it.
+
+    `payload` is the method-specific data, except for "password" where it is
+    always b"" (never carry a password around).  `malformed` is set when the packet
+    could not be fully parsed; asyncssh will then disconnect (see HACKS.md).
+    """
+
+    seq: int
+    username: str | None
+    raw_username: bytes
+    service: str | None
+    method: str | None
+    raw_method: bytes
+    payload: bytes
+    publickey: PublicKeyInfo | None = None
+    password_change: bool | None = None
+    malformed: str | None = None
+
+
+AuthResultKind = Literal[
+    "failure",  # USERAUTH_FAILURE (also for unknown / unsupported methods)
+    "success",  # USERAUTH_SUCCESS
+    "pk_ok",  # USERAUTH_PK_OK: answer to a publickey query
+    "info_request",  # keyboard-interactive challenge (USERAUTH_INFO_REQUEST)
+    "password_change_required",  # USERAUTH_PASSWD_CHANGEREQ
+    "method_message",  # any other method-specific message (gssapi)
+    "superseded",  # asyncssh cancelled this request when a newer one came: no answer
+]
+
+
+@dataclass(frozen=True, slots=True)
+class AuthResult:
+    """An answer asyncssh is about to send for `request` (None only if none was seen)."""
+
+    request: AuthRequest | None
+    kind: AuthResultKind
+    partial_success: bool = False
+    msg_type: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ReplyFailure:
+    """A reply the server owed could not be sent.
+
+    `request` is None for replies to overflowed requests (not kept, by design).
+    `reason` is "channel closed", "connection closed" or "send failed" (then
+    `error` is the exception).
+    """
+
+    request: ChannelRequest | GlobalRequest | None
+    reason: str
+    error: BaseException | None = None
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+class _Reader:
+    """Strict SSH wire-format reader over bytes (RFC 4251 section 5)."""
+
+    def __init__(self, data: bytes, what: str) -> None:
+        self._data = data
+        self._pos = 0
+        self._what = what
+
+    def _take(self, n: int, field_name: str) -> bytes:
+        if self._pos + n > len(self._data):
+            raise RequestDecodeError(self._what, f"truncated {field_name}")
+        chunk = self._data[self._pos : self._pos + n]
+        self._pos += n
+        return chunk
+
+    def boolean(self, field_name: str) -> bool:
+        return self._take(1, field_name)[0] != 0
+
+    def uint32(self, field_name: str) -> int:
+        return int.from_bytes(self._take(4, field_name), "big")
+
+    def string(self, field_name: str) -> bytes:
+        return self._take(self.uint32(field_name + " length"), field_name)
+
+    def text(self, field_name: str, encoding: str = "utf-8") -> str:
+        raw = self.string(field_name)
+        try:
+            return raw.decode(encoding)
+        except UnicodeDecodeError:
+            raise RequestDecodeError(self._what, f"{field_name} is not {encoding}") from None
+
+    def rest(self) -> bytes:
+        chunk = self._data[self._pos :]
+        self._pos = len(self._data)
+        return chunk
+
+    def end(self) -> None:
+        if self._pos != len(self._data):
+            extra = len(self._data) - self._pos
+            raise RequestDecodeError(self._what, f"{extra} trailing byte(s)")
+
+
+def _ascii(raw: bytes) -> str | None:
+    try:
+        return raw.decode("ascii")
+    except UnicodeDecodeError:
+        return None
+
+
+def _parse_request_header(payload: bytes) -> tuple[bytes, str | None, bool, bytes, str | None]:
+    """(raw name, name, want_reply, rest, malformed) for channel and global requests."""
+    reader = _Reader(payload, "request")
+    try:
+        raw = reader.string("name")
+    except RequestDecodeError:
+        return b"", None, False, payload, "truncated request name"
+    name = _ascii(raw)
+    try:
+        want_reply = reader.boolean("want_reply")
+    except RequestDecodeError:
+        return raw, name, False, b"", "missing want_reply"
+    return raw, name, want_reply, reader.rest(), None if name is not None else "name is not ASCII"
+
+
+@dataclass(frozen=True, slots=True)
+class EnvRequest:
+    name: str
+    value: str
+
+
+@dataclass(frozen=True, slots=True)
+class PtyRequest:
+    term: str
+    cols: int
+    rows: int
+    width_px: int
+    height_px: int
+    modes: Mapping[int, int]  # opcode -> value (RFC 4254 section 8)
+
+
+@dataclass(frozen=True, slots=True)
+class ExecRequest:
+    command: str
+
+
+@dataclass(frozen=True, slots=True)
+class SubsystemRequest:
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class WindowChange:
+    cols: int
+    rows: int
+    width_px: int
+    height_px: int
+
+
+@dataclass(frozen=True, slots=True)
+class SignalRequest:
+    name: str  # without "SIG", e.g. "INT"
+
+
+@dataclass(frozen=True, slots=True)
+class BreakRequest:
+    length_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class X11Request:
+    single_connection: bool
+    auth_protocol: str
+    auth_cookie: str
+    screen: int
+
+
+@dataclass(frozen=True, slots=True)
+class NoArgsRequest:
+    """shell, auth-agent-req@openssh.com, keepalive@openssh.com: no payload."""
+
+    type: str
+
+
+DecodedRequest: TypeAlias = (
+    EnvRequest
+    | PtyRequest
+    | ExecRequest
+    | SubsystemRequest
+    | WindowChange
+    | SignalRequest
+    | BreakRequest
+    | X11Request
+    | NoArgsRequest
+)
+
+
+def decode_env(payload: bytes) -> EnvRequest:
+    r = _Reader(payload, "env")
+    result = EnvRequest(r.text("name"), r.text("value"))
+    r.end()
+    return result
+
+
+def _decode_modes(blob: bytes) -> dict[int, int]:
+    modes: dict[int, int] = {}
+    i = 0
+    while i < len(blob):
+        opcode = blob[i]
+        i += 1
+        if opcode == 0 or opcode >= 160:  # TTY_OP_END, or undefined: parsing stops
+            break
+        if i + 4 > len(blob):
+            raise RequestDecodeError("pty-req", f"truncated value of terminal mode {opcode}")
+        modes[opcode] = int.from_bytes(blob[i : i + 4], "big")
+        i += 4
+    return modes
+
+
+def decode_pty_req(payload: bytes) -> PtyRequest:
+    r = _Reader(payload, "pty-req")
+    term = r.text("TERM", "ascii")
+    cols, rows = r.uint32("columns"), r.uint32("rows")
+    wpx, hpx = r.uint32("width px"), r.uint32("height px")
+    blob = r.string("modes")
+    r.end()
+    return PtyRequest(term, cols, rows, wpx, hpx, _decode_modes(blob))
+
+
+def decode_exec(payload: bytes) -> ExecRequest:
+    r = _Reader(payload, "exec")
+    result = ExecRequest(r.text("command"))
+    r.end()
+    return result
+
+
+def decode_subsystem(payload: bytes) -> SubsystemRequest:
+    r = _Reader(payload, "subsystem")
+    result = SubsystemRequest(r.text("name"))
+    r.end()
+    return result
+
+
+def decode_window_change(payload: bytes) -> WindowChange:
+    r = _Reader(payload, "window-change")
+    result = WindowChange(r.uint32("columns"), r.uint32("rows"), r.uint32("width px"),
+                          r.uint32("height px"))
+    r.end()
+    return result
+
+
+def decode_signal(payload: bytes) -> SignalRequest:
+    r = _Reader(payload, "signal")
+    result = SignalRequest(r.text("signal name", "ascii"))
+    r.end()
+    return result
+
+
+def decode_break(payload: bytes) -> BreakRequest:
+    r = _Reader(payload, "break")
+    result = BreakRequest(r.uint32("break length"))
+    r.end()
+    return result
+
+
+def decode_x11_req(payload: bytes) -> X11Request:
+    r = _Reader(payload, "x11-req")
+    result = X11Request(r.boolean("single connection"), r.text("auth protocol", "ascii"),
+                        r.text("auth cookie", "ascii"), r.uint32("screen"))
+    r.end()
+    return result
+
+
+def _no_args(request_type: str) -> Callable[[bytes], NoArgsRequest]:
+    def decode(payload: bytes) -> NoArgsRequest:
+        _Reader(payload, request_type).end()
+        return NoArgsRequest(request_type)
+
+    return decode
+
+
+REQUEST_DECODERS: Mapping[str, Callable[[bytes], DecodedRequest]] = {
+    "env": decode_env,
+    "pty-req": decode_pty_req,
+    "shell": _no_args("shell"),
+    "exec": decode_exec,
+    "subsystem": decode_subsystem,
+    "window-change": decode_window_change,
+    "signal": decode_signal,
+    "break": decode_break,
+    "x11-req": decode_x11_req,
+    "auth-agent-req@openssh.com": _no_args("auth-agent-req@openssh.com"),
+    "keepalive@openssh.com": _no_args("keepalive@openssh.com"),
+}
+
+
+def decode_request(req: ChannelRequest) -> DecodedRequest | None:
+    """Typed payload of a standard request; None for types we have no decoder for.
+
+    Raises RequestDecodeError if the header or the payload is malformed.
+    """
+    if req.malformed is not None or req.type is None:
+        raise RequestDecodeError(req.type or repr(req.raw_type), req.malformed or "bad name")
+    decoder = REQUEST_DECODERS.get(req.type)
+    return decoder(req.payload) if decoder is not None else None
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _transport_gone(conn: asyncssh.SSHServerConnection) -> bool:
+    transport = conn._transport  # REACH-IN: SSHConnection._transport (None once closing)
+    return transport is None or transport.is_closing()
+
+
+def _report_hook_error(where: str, exc: BaseException) -> None:
+    """Adapter callbacks must not raise; if one does, make it loud but keep the protocol sane."""
+    asyncio.get_running_loop().call_exception_handler(
+        {"message": f"sshspec hook {where} raised; treated as a refusal", "exception": exc}
+    )
+
+
+@dataclass(slots=True)
+class _OverflowRun:
+    """Placeholder for consecutive overflowed want_reply requests: answered failure in order."""
+
+    replies: int
+
+
+# --------------------------------------------------------------------------- channel
+
+RequestVerdict: TypeAlias = bool | Awaitable[bool]
+RequestCallback: TypeAlias = Callable[["HookedServerChannel", ChannelRequest], RequestVerdict]
+ReplyFailedCallback: TypeAlias = Callable[["HookedServerChannel", ReplyFailure], None]
+OverflowCallback: TypeAlias = Callable[["HookedServerChannel", ChannelRequest], None]
+
+
+class HookedServerChannel(asyncssh.SSHServerChannel[bytes]):
+    """A session channel whose every incoming channel request goes to `on_request`.
+
+    Create it in `ConnectionHooks.on_channel_open` (or `SSHServer.session_requested`)
+    and return `(channel, session)`.  asyncssh's own request handlers (env, pty,
+    exec, ... and the SSHServerSession *_requested callbacks) are NOT used.
+
+    * `on_request(chan, req)` is called for the request at the head of the queue
+      only: request N+1 is delivered after request N's verdict is known.  The
+      verdict is a bool or an awaitable of one; an exception / cancellation counts
+      as False (and goes to the loop's exception handler).  If want_reply, the
+      reply is CHANNEL_SUCCESS / CHANNEL_FAILURE, in arrival order.
+    * The first True verdict for shell / exec / subsystem calls
+      `session.session_started()` right after the SUCCESS reply and starts data
+      delivery (asyncssh holds channel data and EOF until then, as it does for its
+      own sessions).  Do post-accept work (output, exit) there: an awaitable
+      verdict is answered from its done-callback, so anything scheduled before it
+      resolves runs first, and closing the channel before the reply loses the reply
+      (reported through on_reply_failed).
+    * At most `max_pending` requests (including the one being decided) are held.
+      Beyond that a request is not kept: `on_overflow(chan, req)` is called at
+      once, and if it wanted a reply, a failure is sent when its turn comes (a
+      counter stands in for it, so memory stays bounded and order is kept).
+    * `on_reply_failed(chan, ReplyFailure)` is called when a reply is owed but the
+      channel is closed / closing, the connection is gone, or sending raised.
+    * Data, EOF, close: the ordinary asyncssh API (`write`, `write_eof`, `exit`,
+      `exit_with_signal`, `close`; the session's `data_received`, `eof_received`,
+      `connection_lost`, `pause_writing`, `resume_writing`).
+    """
+
+    def __init__(
+        self,
+        conn: asyncssh.SSHServerConnection,
+        on_request: RequestCallback,
+        *,
+        on_reply_failed: ReplyFailedCallback | None = None,
+        on_overflow: OverflowCallback | None = None,
+        max_pending: int = 32,
+        window: int = DEFAULT_WINDOW,
+        max_pktsize: int = DEFAULT_MAX_PKTSIZE,
+    ) -> None:
+        if max_pending < 1:
+            raise ValueError("max_pending must be >= 1")
+        if not 0 < max_pktsize <= DEFAULT_MAX_PKTSIZE:
+            # Larger packets would need SSHConnection._update_recv_pktlen (another reach-in).
+            raise ValueError(f"max_pktsize must be in 1..{DEFAULT_MAX_PKTSIZE}")
+        # REACH-IN: SSHServerChannel.__init__ positional signature (undocumented).
+        # allow_pty is irrelevant (asyncssh's pty handler is bypassed); no line editor.
+        super().__init__(conn, asyncio.get_running_loop(), True, False, False, 0, 1024,
+                         None, "strict", window, max_pktsize)
+        self._hk_on_request = on_request
+        self._hk_on_reply_failed = on_reply_failed
+        self._hk_on_overflow = on_overflow
+        self._hk_max_pending = max_pending
+        self._hk_queue: deque[ChannelRequest | _OverflowRun] = deque()
+        self._hk_held = 0  # ChannelRequest entries in the queue
+        self._hk_busy = False  # head is being decided
+        self._hk_next_seq = 0
+        self._hk_started = False
+        self._hk_verdicts: set[asyncio.Future[bool]] = set()
+
+    @property
+    def pending_requests(self) -> int:
+        """Requests held (received, not yet answered), overflow placeholders excluded."""
+        return self._hk_held
+
+    # REACH-IN: SSHPacketHandler dispatches through the class attribute
+    # `_packet_handlers`; we replace the MSG_CHANNEL_REQUEST entry.
+    def _hk_process_request(self, _pkttype: int, _pktid: int, packet: SSHPacket) -> None:
+        if self._recv_state not in _RECV_OPEN:  # REACH-IN: SSHChannel._recv_state
+            # Same rule as asyncssh: a request after CHANNEL_CLOSE is a protocol error.
+            raise asyncssh.ProtocolError("Channel not open")
+        raw, name, want_reply, rest, malformed = _parse_request_header(
+            packet.get_remaining_payload())
+        req = ChannelRequest(self._hk_next_seq, name, raw, want_reply, rest, malformed)
+        self._hk_next_seq += 1
+        if self._hk_held >= self._hk_max_pending:
+            if self._hk_on_overflow is not None:
+                try:
+                    self._hk_on_overflow(self, req)
+                except Exception as exc:
+                    _report_hook_error("on_overflow", exc)
+            if want_reply:
+                tail = self._hk_queue[-1]
+                if isinstance(tail, _OverflowRun):
+                    tail.replies += 1
+                else:
+                    self._hk_queue.append(_OverflowRun(1))
+            return
+        self._hk_queue.append(req)
+        self._hk_held += 1
+        self._hk_pump()
+
+    _packet_handlers = {
+        **asyncssh.SSHServerChannel._packet_handlers,
+        MSG_CHANNEL_REQUEST: _hk_process_request,
+    }
+
+    def _hk_pump(self) -> None:
+        while self._hk_queue and not self._hk_busy:
+            head = self._hk_queue[0]
+            if isinstance(head, _OverflowRun):
+                self._hk_queue.popleft()
+                for _ in range(head.replies):
+                    self._hk_reply(None, False)
+                continue
+            self._hk_busy = True
+            try:
+                verdict = self._hk_on_request(self, head)
+            except Exception as exc:
+                _report_hook_error("on_request", exc)
+                verdict = False
+            if inspect.isawaitable(verdict):
+                fut = asyncio.ensure_future(verdict)
+                self._hk_verdicts.add(fut)
+                fut.add_done_callback(functools.partial(self._hk_verdict_done, head))
+                return
+            self._hk_finish(head, bool(verdict))
+
+    def _hk_verdict_done(self, head: ChannelRequest, fut: asyncio.Future[bool]) -> None:
+        self._hk_verdicts.discard(fut)
+        if fut.cancelled():
+            ok = False
+        elif (exc := fut.exception()) is not None:
+            _report_hook_error("on_request (async verdict)", exc)
+            ok = False
+        else:
+            ok = bool(fut.result())
+        self._hk_finish(head, ok)
+        self._hk_pump()
+
+    def _hk_finish(self, head: ChannelRequest, ok: bool) -> None:
+        popped = self._hk_queue.popleft()
+        assert popped is head
+        self._hk_held -= 1
+        self._hk_busy = False
+        if head.want_reply:
+            self._hk_reply(head, ok)
+        if ok and head.type in _START_TYPES and not self._hk_started and self._conn is not None:
+            self._hk_started = True
+            session = self._session  # REACH-IN: SSHChannel._session
+            if session is not None:
+                session.session_started()
+            self.resume_reading()  # public; ends asyncssh's "starting" hold on data/EOF
+
+    def _hk_reply(self, req: ChannelRequest | None, ok: bool) -> None:
+        problem: str | None = None
+        # REACH-IN: SSHChannel._send_state / _conn
+        if self._send_state in _SEND_CLOSING or self._conn is None:
+            problem = "channel closed"
+        elif _transport_gone(self._conn):
+            problem = "connection closed"
+        error: BaseException | None = None
+        if problem is None:
+            try:
+                # REACH-IN: SSHChannel.send_packet (undocumented)
+                self.send_packet(MSG_CHANNEL_SUCCESS if ok else MSG_CHANNEL_FAILURE)
+                return
+            except Exception as exc:
+                problem, error = "send failed", exc
+        if self._hk_on_reply_failed is not None:
+            try:
+                self._hk_on_reply_failed(self, ReplyFailure(req, problem, error))
+            except Exception as exc:
+                _report_hook_error("on_reply_failed", exc)
+
+
+# --------------------------------------------------------------------------- connection
+
+GlobalVerdict: TypeAlias = bool | bytes | Awaitable[bool | bytes] | Default
+OpenVerdict: TypeAlias = (
+    tuple[SSHChannel[Any], Any]  # (channel, session or awaitable session)
+    | asyncssh.ChannelOpenError
+    | Default
+)
+Phase = Literal["version", "kex", "auth", "connected"]
+
+
+class ConnectionHooks:
+    """Per-connection callbacks; the base class behaves exactly like stock asyncssh.
+
+    An adapter typically mixes this into its `asyncssh.SSHServer` subclass and
+    calls `install_hooks(conn, self)` in `connection_made`.  Callbacks must not
+    raise; if one does, the exception goes to the loop's exception handler and the
+    event is refused.
+    """
+
+    def on_global_request(
+        self, conn: asyncssh.SSHServerConnection, req: GlobalRequest
+    ) -> GlobalVerdict:
+        """Every global request, in order, one at a time.  True / bytes (success
+        with response data) / False, possibly awaitable, or ASYNCSSH_DEFAULT
+        (asyncssh's handler: keepalive -> success, tcpip-forward -> server_requested...)."""
+        return ASYNCSSH_DEFAULT
+
+    def on_global_overflow(self, conn: asyncssh.SSHServerConnection, req: GlobalRequest) -> None:
+        """A global request arrived with `max_pending_global` already held; it gets
+        a failure (in order) without reaching on_global_request."""
+
+    def on_channel_open(
+        self, conn: asyncssh.SSHServerConnection, req: ChannelOpenRequest
+    ) -> OpenVerdict:
+        """Every channel open.  Return (channel, session) to accept (the session may
+        be an awaitable raising ChannelOpenError to refuse later), a ChannelOpenError
+        (or raise one) to refuse, or ASYNCSSH_DEFAULT (asyncssh's handler, e.g.
+        session_requested / connection_requested; for a malformed open: refuse with
+        OPEN_CONNECT_FAILED, where asyncssh would disconnect)."""
+        return ASYNCSSH_DEFAULT
+
+    def on_auth_request(self, conn: asyncssh.SSHServerConnection, req: AuthRequest) -> None:
+        """Every USERAUTH_REQUEST, before asyncssh acts on it.  Calling
+        conn.disconnect() here stops asyncssh from processing it."""
+
+    def on_auth_result(self, conn: asyncssh.SSHServerConnection, res: AuthResult) -> None:
+        """Every answer asyncssh is about to send to an auth request.  Calling
+        conn.disconnect() here sends DISCONNECT *instead of* that answer."""
+
+    def on_kex_done(self, conn: asyncssh.SSHServerConnection, count: int) -> None:
+        """A key exchange completed (count 1 = initial, then re-keys)."""
+
+    def on_service_request(self, conn: asyncssh.SSHServerConnection,
+                           service: str | None) -> bool | Default:
+        """Every SERVICE_REQUEST.  asyncssh accepts "ssh-userauth" once and disconnects
+        (code 7) on a repeat, but paramiko sends one before EVERY auth attempt (OpenSSH
+        re-accepts).  True re-accepts a repeated "ssh-userauth" before authentication;
+        False disconnects (ServiceNotAvailable); ASYNCSSH_DEFAULT keeps asyncssh's rule."""
+        return ASYNCSSH_DEFAULT
+
+    def on_reply_failed(self, conn: asyncssh.SSHServerConnection, failure: ReplyFailure) -> None:
+        """A global-request reply was owed but could not be sent."""
+
+
+@dataclass(eq=False)
+class HookState:
+    """Per-connection bookkeeping (reach it with hook_state(conn))."""
+
+    conn: asyncssh.SSHServerConnection
+    hooks: ConnectionHooks
+    max_pending_global: int
+    kex_count: int = 0
+    authenticated: bool = False
+    auth_failures: int = 0
+    last_auth: AuthRequest | None = None
+    auth_answered: bool = True
+    seqs: dict[str, int] = field(default_factory=lambda: {"global": 0, "open": 0, "auth": 0})
+    verdicts: set[asyncio.Future[bool | bytes]] = field(default_factory=set)
+
+    def next_seq(self, kind: str) -> int:
+        seq = self.seqs[kind]
+        self.seqs[kind] = seq + 1
+        return seq
+
+    @property
+    def phase(self) -> Phase:
+        """How far the connection got (still meaningful after connection_lost)."""
+        if self.authenticated:
+            return "connected"
+        if self.kex_count:
+            return "auth"
+        if self.conn.get_extra_info("client_version") is not None:
+            return "kex"
+        return "version"
+
+
+_STATE_KEY = "sshspec_hook_state"
+
+
+def hook_state(conn: asyncssh.SSHServerConnection) -> HookState:
+    state = conn.get_extra_info(_STATE_KEY)
+    if not isinstance(state, HookState):
+        raise LookupError("install_hooks() was not called for this connection")
+    return state
+
+
+# Original handlers, looked up once (verified by check_asyncssh_compat).
+_CONN_HANDLERS: Mapping[int, Callable[..., Any]] = asyncssh.SSHServerConnection._packet_handlers
+
+
+def _call_hook(where: str, fn: Callable[..., Any], *args: Any) -> Any:
+    try:
+        return fn(*args)
+    except Exception as exc:
+        _report_hook_error(where, exc)
+        return None
+
+
+# -- global requests ------------------------------------------------------------
+
+
+class _GlobalDispatch:
+    """Queue entry (asyncssh's `_global_request_queue`) for one request we own."""
+
+    def __init__(self, state: HookState, req: GlobalRequest) -> None:
+        self.state = state
+        self.req = req
+
+    def __call__(self, _packet: SSHPacket) -> None:  # called by _service_next_global_request
+        state, req, conn = self.state, self.req, self.state.conn
+        try:
+            verdict = state.hooks.on_global_request(conn, req)
+        except Exception as exc:
+            _report_hook_error("on_global_request", exc)
+            verdict = False
+        if verdict is ASYNCSSH_DEFAULT:
+            self._asyncssh_default()
+        elif inspect.isawaitable(verdict):
+            fut = asyncio.ensure_future(verdict)
+            state.verdicts.add(fut)
+            fut.add_done_callback(self._verdict_done)
+        else:
+            _global_reply(state, req, verdict if isinstance(verdict, bytes) else bool(verdict))
+
+    def _verdict_done(self, fut: asyncio.Future[bool | bytes]) -> None:
+        self.state.verdicts.discard(fut)
+        result: bool | bytes = False
+        if not fut.cancelled():
+            if (exc := fut.exception()) is not None:
+                _report_hook_error("on_global_request (async verdict)", exc)
+            else:
+                value = fut.result()
+                result = value if isinstance(value, bytes) else bool(value)
+        _global_reply(self.state, self.req, result)
+
+    def _asyncssh_default(self) -> None:
+        conn, req = self.state.conn, self.req
+        handler = None
+        if req.name is not None and req.malformed is None:
+            # REACH-IN: asyncssh names its handlers _process_<mapped name>_global_request
+            handler = getattr(conn, f"_process_{map_handler_name(req.name)}_global_request", None)
+        if not callable(handler):
+            _global_reply(self.state, req, False)
+            return
+        try:
+            handler(SSHPacket(req.payload))  # it calls _report_global_response itself
+        except (PacketDecodeError, asyncssh.ProtocolError):
+            # asyncssh would disconnect; its handlers raise before answering.
+            _global_reply(self.state, req, False)
+
+
+class _GlobalOverflowRun:
+    """Queue entry standing for `replies` overflowed want_reply global requests."""
+
+    def __init__(self, state: HookState) -> None:
+        self.state = state
+        self.replies = 1
+
+    def __call__(self, _packet: SSHPacket) -> None:
+        conn = self.state.conn
+        for _ in range(self.replies - 1):
+            if _transport_gone(conn):
+                break
+            conn.send_packet(MSG_REQUEST_FAILURE)  # REACH-IN: SSHConnection.send_packet
+        _global_reply(self.state, None, False)
+
+
+def _global_reply(state: HookState, req: GlobalRequest | None, result: bool | bytes) -> None:
+    """Answer the head of asyncssh's global queue and service the next entry."""
+    conn = state.conn
+    queue = conn._global_request_queue  # REACH-IN: SSHConnection._global_request_queue
+    want_reply = queue[0][2] if queue else False
+    if want_reply and _transport_gone(conn):
+        _call_hook("on_reply_failed", state.hooks.on_reply_failed, conn,
+                   ReplyFailure(req, "connection closed"))
+    try:
+        conn._report_global_response(result)  # REACH-IN: pops, replies, services next
+    except Exception as exc:
+        _call_hook("on_reply_failed", state.hooks.on_reply_failed, conn,
+                   ReplyFailure(req, "send failed", exc))
+        if queue:  # the entry was popped before the send failed; keep the queue moving
+            conn._service_next_global_request()  # REACH-IN
+
+
+def _on_global_request(state: HookState, conn: asyncssh.SSHServerConnection, _pkttype: int,
+                       _pktid: int, packet: SSHPacket) -> None:
+    raw, name, want_reply, rest, malformed = _parse_request_header(packet.get_remaining_payload())
+    req = GlobalRequest(state.next_seq("global"), name, raw, want_reply, rest, malformed)
+    queue = conn._global_request_queue  # REACH-IN: list of (handler, packet, want_reply)
+    held = sum(1 for handler, _, _ in queue if not isinstance(handler, _GlobalOverflowRun))
+    if held >= state.max_pending_global:
+        _call_hook("on_global_overflow", state.hooks.on_global_overflow, conn, req)
+        if want_reply:
+            tail = queue[-1][0]
+            if isinstance(tail, _GlobalOverflowRun):
+                tail.replies += 1
+            else:
+                queue.append((_GlobalOverflowRun(state), packet, True))
+        return
+    queue.append((_GlobalDispatch(state, req), packet, want_reply))
+    if len(queue) == 1:
+        conn._service_next_global_request()  # REACH-IN
+
+
+# -- channel opens ----------------------------------------------------------------
+
+
+def _parse_open(seq: int, payload: bytes) -> ChannelOpenRequest:
+    r = _Reader(payload, "channel open")
+    raw = b""
+    try:
+        raw = r.string("channel type")
+        name = _ascii(raw)
+        sender = r.uint32("sender channel")
+    except RequestDecodeError as exc:
+        return ChannelOpenRequest(seq, _ascii(raw), raw, None, 0, 0, b"", exc.reason)
+    try:
+        window, max_packet = r.uint32("initial window"), r.uint32("maximum packet size")
+    except RequestDecodeError as exc:
+        return ChannelOpenRequest(seq, name, raw, sender, 0, 0, b"", exc.reason)
+    malformed = None
+    if name is None:
+        malformed = "channel type is not ASCII"
+    elif max_packet == 0:
+        malformed = "maximum packet size is 0"
+    return ChannelOpenRequest(seq, name, raw, sender, window, max_packet, r.rest(), malformed)
+
+
+def _on_channel_open(state: HookState, conn: asyncssh.SSHServerConnection, pkttype: int,
+                     pktid: int, packet: SSHPacket) -> None:
+    req = _parse_open(state.next_seq("open"), packet.get_remaining_payload())
+    verdict: Any
+    try:
+        verdict = state.hooks.on_channel_open(conn, req)
+    except asyncssh.ChannelOpenError as exc:
+        verdict = exc
+    except Exception as exc:
+        _report_hook_error("on_channel_open", exc)
+        verdict = asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, "internal error")
+    if req.sender_channel is None:
+        raise asyncssh.ProtocolError("Invalid channel open request")  # nobody to answer
+    if verdict is ASYNCSSH_DEFAULT:
+        if req.malformed is None:
+            # packet is unconsumed: asyncssh parses it from the start.
+            _CONN_HANDLERS[MSG_CHANNEL_OPEN](conn, pkttype, pktid, packet)
+            return
+        verdict = asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, req.malformed)
+    if isinstance(verdict, asyncssh.ChannelOpenError):
+        # REACH-IN: SSHConnection.send_channel_open_failure (undocumented)
+        conn.send_channel_open_failure(req.sender_channel, verdict.code, verdict.reason,
+                                       verdict.lang)
+        return
+    chan, session = verdict
+    # REACH-IN: SSHChannel.process_open (undocumented); confirms, or refuses if the
+    # (awaitable) session raises ChannelOpenError.
+    chan.process_open(req.sender_channel, req.initial_window, req.max_packet, session)
+
+
+# -- authentication ---------------------------------------------------------------
+
+
+def _parse_auth(seq: int, payload: bytes) -> AuthRequest:
+    r = _Reader(payload, "userauth")
+    try:
+        raw_user, raw_service, raw_method = r.string("user"), r.string("service"), \
+            r.string("method")
+    except RequestDecodeError as exc:
+        return AuthRequest(seq, None, b"", None, None, b"", b"", malformed=exc.reason)
+    try:
+        username: str | None = raw_user.decode("utf-8")
+    except UnicodeDecodeError:
+        username = None
+    method, rest = _ascii(raw_method), r.rest()
+    base = AuthRequest(seq, username, raw_user, _ascii(raw_service), method, raw_method, rest)
+    m = _Reader(rest, "userauth " + (method or "?"))
+    try:
+        if method == "publickey":
+            signed = m.boolean("signature flag")
+            alg, blob = m.string("algorithm"), m.string("key")
+            if signed:
+                m.string("signature")
+            m.end()
+            return replace(base, publickey=PublicKeyInfo(_ascii(alg), blob, signed))
+        if method == "password":
+            change = m.boolean("change flag")
+            m.string("password")
+            if change:
+                m.string("new password")
+            m.end()
+            return replace(base, payload=b"", password_change=change)
+    except RequestDecodeError as exc:
+        payload = b"" if method == "password" else rest
+        return replace(base, payload=payload, malformed=exc.reason)
+    return base
+
+
+def _on_userauth_request(state: HookState, conn: asyncssh.SSHServerConnection, pkttype: int,
+                         pktid: int, packet: SSHPacket) -> Any:
+    req = _parse_auth(state.next_seq("auth"), packet.get_remaining_payload())
+    prev = state.last_auth
+    if prev is not None and not state.auth_answered and not state.authenticated:
+        # asyncssh cancels the auth in progress and never answers it.
+        _call_hook("on_auth_result", state.hooks.on_auth_result, conn,
+                   AuthResult(prev, "superseded"))
+    state.last_auth, state.auth_answered = req, False
+    _call_hook("on_auth_request", state.hooks.on_auth_request, conn, req)
+    if _transport_gone(conn):
+        return None  # the adapter disconnected
+    return _CONN_HANDLERS[MSG_USERAUTH_REQUEST](conn, pkttype, pktid, packet)
+
+
+_METHOD_MESSAGES: Mapping[tuple[str | None, int], AuthResultKind] = {
+    ("publickey", 60): "pk_ok",
+    ("keyboard-interactive", 60): "info_request",
+    ("password", 60): "password_change_required",
+}
+
+
+def _hook_auth_answers(state: HookState) -> None:
+    """Wrap the three methods every server auth answer goes through (instance attributes)."""
+    conn = state.conn
+    # REACH-IN: SSHConnection.send_userauth_failure / send_userauth_success /
+    # send_userauth_packet, looked up on the instance by asyncssh.auth.
+    orig_failure = conn.send_userauth_failure
+    orig_success = conn.send_userauth_success
+    orig_packet = conn.send_userauth_packet
+
+    def send_userauth_failure(partial_success: bool) -> None:
+        state.auth_answered = True
+        state.auth_failures += 1
+        _call_hook("on_auth_result", state.hooks.on_auth_result, conn,
+                   AuthResult(state.last_auth, "failure", partial_success=partial_success))
+        if not _transport_gone(conn):
+            orig_failure(partial_success)
+
+    async def send_userauth_success() -> None:
+        state.auth_answered = True
+        _call_hook("on_auth_result", state.hooks.on_auth_result, conn,
+                   AuthResult(state.last_auth, "success"))
+        if not _transport_gone(conn):
+            state.authenticated = True
+            await orig_success()
+
+    def send_userauth_packet(pkttype: int, *args: bytes, handler: Any = None,
+                             trivial: bool = True) -> None:
+        if pkttype >= 60:
+            method = state.last_auth.method if state.last_auth else None
+            kind = _METHOD_MESSAGES.get((method, pkttype), "method_message")
+            state.auth_answered = True
+            _call_hook("on_auth_result", state.hooks.on_auth_result, conn,
+                       AuthResult(state.last_auth, kind, msg_type=pkttype))
+            if _transport_gone(conn):
+                return
+        orig_packet(pkttype, *args, handler=handler, trivial=trivial)
+
+    conn.send_userauth_failure = send_userauth_failure  # type: ignore[method-assign]
+    conn.send_userauth_success = send_userauth_success  # type: ignore[method-assign]
+    conn.send_userauth_packet = send_userauth_packet  # type: ignore[method-assign]
+
+
+# -- service requests ---------------------------------------------------------------
+
+
+def _on_service_request(state: HookState, conn: asyncssh.SSHServerConnection, pkttype: int,
+                        pktid: int, packet: SSHPacket) -> None:
+    try:
+        service = _ascii(_Reader(packet.get_remaining_payload(), "service").string("name"))
+    except RequestDecodeError:
+        service = None
+    verdict: Any = ASYNCSSH_DEFAULT
+    try:
+        verdict = state.hooks.on_service_request(conn, service)
+    except Exception as exc:
+        _report_hook_error("on_service_request", exc)
+    if verdict is False:
+        raise asyncssh.ServiceNotAvailable("Service not available")
+    if verdict is True and service == "ssh-userauth" and state.kex_count \
+            and not state.authenticated:
+        conn._next_service = b"ssh-userauth"  # REACH-IN: re-arm asyncssh's one-shot check
+    _CONN_HANDLERS[MSG_SERVICE_REQUEST](conn, pkttype, pktid, packet)
+
+
+# -- key exchange -------------------------------------------------------------------
+
+
+def _on_newkeys(state: HookState, conn: asyncssh.SSHServerConnection, pkttype: int,
+                pktid: int, packet: SSHPacket) -> None:
+    _CONN_HANDLERS[MSG_NEWKEYS](conn, pkttype, pktid, packet)
+    state.kex_count += 1
+    _call_hook("on_kex_done", state.hooks.on_kex_done, conn, state.kex_count)
+
+
+def install_hooks(conn: asyncssh.SSHServerConnection, hooks: ConnectionHooks, *,
+                  max_pending_global: int = 32) -> HookState:
+    """Route this connection's global requests, channel opens, service requests, auth
+    requests/answers and NEWKEYS through `hooks`.  Call from SSHServer.connection_made (before the
+    version exchange, so nothing is missed)."""
+    if max_pending_global < 1:
+        raise ValueError("max_pending_global must be >= 1")
+    if conn.get_extra_info(_STATE_KEY) is not None:
+        raise RuntimeError("install_hooks() already called for this connection")
+    state = HookState(conn, hooks, max_pending_global)
+    handlers = dict(_CONN_HANDLERS)
+    handlers[MSG_GLOBAL_REQUEST] = functools.partial(_on_global_request, state)
+    handlers[MSG_CHANNEL_OPEN] = functools.partial(_on_channel_open, state)
+    handlers[MSG_USERAUTH_REQUEST] = functools.partial(_on_userauth_request, state)
+    handlers[MSG_NEWKEYS] = functools.partial(_on_newkeys, state)
+    handlers[MSG_SERVICE_REQUEST] = functools.partial(_on_service_request, state)
+    # REACH-IN: an instance attribute shadows the class-level dispatch table.
+    conn._packet_handlers = handlers  # type: ignore[misc]
+    _hook_auth_answers(state)
+    conn.set_extra_info(**{_STATE_KEY: state})
+    return state
+
+
+# --------------------------------------------------------------------------- keepalive
+
+
+class KeepaliveResult(enum.Enum):
+    SUCCESS = "success"  # REQUEST_SUCCESS (asyncssh clients)
+    FAILURE = "failure"  # REQUEST_FAILURE (OpenSSH, paramiko): still an answer
+    CLOSED = "closed"  # connection closed before any answer
+    TIMEOUT = "timeout"
+
+    @property
+    def answered(self) -> bool:
+        return self in (KeepaliveResult.SUCCESS, KeepaliveResult.FAILURE)
+
+
+async def send_keepalive(conn: asyncssh.SSHServerConnection, *, timeout: float | None = None,
+                         name: str = "keepalive@openssh.com") -> KeepaliveResult:
+    """Send a want_reply global request and wait for the client's answer.
+
+    asyncssh holds server global requests until authentication completes.  A late
+    answer after TIMEOUT is consumed harmlessly (the waiter is just cancelled).
+    """
+    if _transport_gone(conn):
+        return KeepaliveResult.CLOSED
+    try:
+        async with asyncio.timeout(timeout):
+            # REACH-IN: SSHConnection._make_global_request -> (pkttype, packet)
+            pkttype, _ = await conn._make_global_request(name.encode("ascii"))
+    except TimeoutError:
+        return KeepaliveResult.TIMEOUT
+    # On close asyncssh resolves pending waiters with a fake REQUEST_FAILURE.
+    if conn.is_closed() or _transport_gone(conn):
+        return KeepaliveResult.CLOSED
+    return KeepaliveResult.SUCCESS if pkttype == MSG_REQUEST_SUCCESS else KeepaliveResult.FAILURE
+
+
+def is_login_timeout(exc: BaseException | None) -> bool:
+    """True if `exc` (from connection_lost) is asyncssh's login_timeout firing.
+
+    asyncssh sends no DISCONNECT in that case; it just closes the socket.
+    """
+    return isinstance(exc, asyncssh.ConnectionLost) and exc.reason == _LOGIN_TIMEOUT_REASON
+
+
+# --------------------------------------------------------------------------- tests only
+
+BreakMode = Literal["raise", "lose_connection"]
+
+
+def _break_send_for_tests(
+    conn: asyncssh.SSHServerConnection,
+    *,
+    pkttype: int,
+    channel_request: str | None = None,
+    mode: BreakMode = "raise",
+    error: OSError | None = None,
+    times: int = 1,
+) -> Callable[[], None]:
+    """TEST ONLY.  Make the next `times` outgoing packets of `pkttype` (and, for
+    MSG_CHANNEL_REQUEST, of request name `channel_request`) fail.  Returns `undo`.
+
+    mode "raise": SSHConnection.send_packet raises `error` (nothing is sent and
+    asyncssh's state is untouched), as if the transport write raised.
+    mode "lose_connection": the packet is dropped and the connection is lost with
+    `error`, which is what asyncio does when a socket send fails (the error then
+    reaches SSHServer/SSHServerSession.connection_lost).
+    """
+    err = error if error is not None else BrokenPipeError(errno.EPIPE, "send broken by test")
+    prefix = None
+    if channel_request is not None:
+        name = channel_request.encode("ascii")
+        prefix = len(name).to_bytes(4, "big") + name
+    had_override = "send_packet" in vars(conn)
+    orig = conn.send_packet  # REACH-IN: SSHConnection.send_packet (every packet goes here)
+    remaining = times
+
+    def send_packet(ptype: int, *args: bytes, handler: Any = None) -> None:
+        nonlocal remaining
+        if remaining > 0 and ptype == pkttype and (
+            prefix is None or b"".join(args)[4:].startswith(prefix)  # skip recipient channel
+        ):
+            remaining -= 1
+            if mode == "raise":
+                raise err
+            conn.connection_lost(err)
+            return
+        orig(ptype, *args, handler=handler)
+
+    conn.send_packet = send_packet  # type: ignore[method-assign]
+
+    def undo() -> None:
+        if had_override:
+            conn.send_packet = orig  # type: ignore[method-assign]
+        else:
+            vars(conn).pop("send_packet", None)
+
+    return undo
+
+
+# --------------------------------------------------------------------------- compat check
+
+
+class AsyncsshCompatError(RuntimeError):
+    """The installed asyncssh differs from what this module was written against."""
+
+
+@dataclass(frozen=True, slots=True)
+class ReachIn:
+    """One private thing we touch.  `params`: expected parameter names of a
+    callable (self excluded); `attr_in`: for instance attributes, the function
+    whose source must assign `self.<name>`; `source_has`: text that must appear in
+    the object's source (a behaviour we rely on)."""
+
+    owner: Any
+    name: str
+    params: tuple[str, ...] | None = None
+    attr_in: Any = None
+    source_has: str | None = None
+
+
+_Conn = asyncssh.SSHServerConnection
+_Chan = asyncssh.SSHServerChannel
+
+REACH_INS: tuple[ReachIn, ...] = (
+    ReachIn(SSHPacketHandler, "process_packet", ("pkttype", "pktid", "packet"),
+            source_has="self._packet_handlers[pkttype](self, pkttype"),
+    ReachIn(SSHPacket, "get_remaining_payload", ()),
+    ReachIn(_Chan, "__init__", ("conn", "loop", "allow_pty", "line_editor", "line_echo",
+                                "line_history", "max_line_length", "encoding", "errors",
+                                "window", "max_pktsize")),
+    ReachIn(_Chan, "_packet_handlers"),
+    ReachIn(_Chan, "_process_request", ("_pkttype", "_pktid", "packet")),
+    ReachIn(_Chan, "_recv_state", attr_in=SSHChannel.__init__),
+    ReachIn(_Chan, "_send_state", attr_in=SSHChannel.__init__),
+    ReachIn(_Chan, "_session", attr_in=SSHChannel.__init__),
+    ReachIn(_Chan, "_conn", attr_in=SSHChannel.__init__),
+    ReachIn(_Chan, "_flush_recv_buf", ("exc",), source_has="self._recv_paused != 'starting'"),
+    ReachIn(_Chan, "send_packet", ("pkttype", "args")),
+    ReachIn(_Chan, "process_open", ("send_chan", "send_window", "send_pktsize", "session")),
+    ReachIn(_Conn, "_packet_handlers"),
+    ReachIn(_Conn, "_process_global_request", ("_pkttype", "_pktid", "packet")),
+    ReachIn(_Conn, "_process_channel_open", ("_pkttype", "_pktid", "packet")),
+    ReachIn(_Conn, "_process_userauth_request", ("_pkttype", "_pktid", "packet")),
+    ReachIn(_Conn, "_process_newkeys", ("_pkttype", "_pktid", "packet")),
+    ReachIn(_Conn, "_process_service_request", ("_pkttype", "_pktid", "packet"),
+            source_has="if service != self._next_service:"),
+    ReachIn(_Conn, "_next_service", attr_in=SSHConnection.__init__),
+    ReachIn(_Conn, "_global_request_queue", attr_in=SSHConnection.__init__),
+    ReachIn(_Conn, "_service_next_global_request", (), source_has="handler(packet)"),
+    ReachIn(_Conn, "_report_global_response", ("result",),
+            source_has="self._global_request_queue.pop(0)"),
+    ReachIn(_Conn, "_process_keepalive_at_openssh_dot_com_global_request", ("packet",)),
+    ReachIn(_Conn, "_transport", attr_in=SSHConnection.__init__),
+    ReachIn(_Conn, "_make_global_request", ("request", "args")),
+    ReachIn(_Conn, "send_channel_open_failure", ("send_chan", "code", "reason", "lang")),
+    ReachIn(_Conn, "send_userauth_failure", ("partial_success",)),
+    ReachIn(_Conn, "send_userauth_success", ()),
+    ReachIn(_Conn, "send_userauth_packet", ("pkttype", "args", "handler", "trivial")),
+    ReachIn(_Conn, "send_packet", ("pkttype", "args", "handler")),
+    ReachIn(_Conn, "_login_timer_callback", (), source_has=repr(_LOGIN_TIMEOUT_REASON)),
+    ReachIn(asyncssh.misc, "map_handler_name", ("name",)),
+)
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    parts = []
+    for piece in version.split(".")[:3]:
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits or 0))
+    return tuple(parts)
+
+
+def check_reach_in(item: ReachIn) -> str | None:
+    """None if `item` still matches the installed asyncssh, else what changed."""
+    where = f"{getattr(item.owner, '__name__', item.owner)}.{item.name}"
+    if item.attr_in is not None:
+        source = inspect.getsource(item.attr_in)
+        if f"self.{item.name}" not in source:
+            return f"{where}: attribute no longer set in {item.attr_in.__qualname__}"
+        return None
+    obj = inspect.getattr_static(item.owner, item.name, None)
+    if obj is None:
+        return f"{where}: missing"
+    if item.params is not None:
+        if not callable(obj):
+            return f"{where}: no longer callable"
+        names = tuple(p for p in inspect.signature(obj).parameters if p != "self")
+        if names != item.params:
+            return f"{where}: signature changed: expected {item.params}, found {names}"
+    if item.source_has is not None and item.source_has not in inspect.getsource(obj):
+        return f"{where}: behaviour changed (source no longer contains {item.source_has!r})"
+    return None
+
+
+def check_asyncssh_compat() -> list[str]:
+    """Every difference between the installed asyncssh and what this module expects."""
+    problems = []
+    low, high = SUPPORTED_ASYNCSSH
+    version = _version_tuple(asyncssh.__version__)
+    if not low <= version < high:
+        problems.append(f"asyncssh {asyncssh.__version__} is outside the vetted range "
+                        f">={'.'.join(map(str, low))},<{'.'.join(map(str, high[:2]))}")
+    for item in REACH_INS:
+        problem = check_reach_in(item)
+        if problem:
+            problems.append(problem)
+    expected = {
+        MSG_GLOBAL_REQUEST: "_process_global_request",
+        MSG_CHANNEL_OPEN: "_process_channel_open",
+        MSG_USERAUTH_REQUEST: "_process_userauth_request",
+        MSG_NEWKEYS: "_process_newkeys",
+        MSG_SERVICE_REQUEST: "_process_service_request",
+    }
+    for msg, fname in expected.items():
+        if _CONN_HANDLERS.get(msg) is not getattr(_Conn, fname, None):
+            problems.append(f"SSHServerConnection._packet_handlers[{msg}] is not {fname}")
+    if _Chan._packet_handlers.get(MSG_CHANNEL_REQUEST) is not getattr(_Chan, "_process_request",
+                                                                       None):
+        problems.append("SSHServerChannel._packet_handlers[98] is not _process_request")
+    return problems
+
+
+def assert_asyncssh_compat() -> None:
+    """Raise AsyncsshCompatError listing every problem (call at adapter start-up)."""
+    problems = check_asyncssh_compat()
+    if problems:
+        raise AsyncsshCompatError(
+            "asyncssh internals changed; see HACKS.md before upgrading:\n  "
+            + "\n  ".join(problems))

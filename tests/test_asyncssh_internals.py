@@ -1,0 +1,1455 @@
+"""adapters/asyncssh_internals.py: (a) the asyncssh privates it touches still exist with
+the expected shape, (b) every hook works end to end with real clients (asyncssh and
+paramiko) over real sockets on 127.0.0.1.
+
+Raw / malformed packets come from client internals: paramiko's
+`Transport._send_user_message(Message)` and asyncssh's `SSHClientChannel._make_request`,
+`SSHChannel.send_packet` and `SSHClientConnection._make_global_request`.  Nothing is
+mocked; synchronisation is by asyncio futures (paramiko's blocking calls run in
+threads via asyncio.to_thread).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import socket
+import struct
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import asyncssh
+import paramiko
+import pytest
+from asyncssh.packet import Boolean, Byte, String, UInt32
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from paramiko.common import (
+    cMSG_CHANNEL_OPEN,
+    cMSG_CHANNEL_REQUEST,
+    cMSG_GLOBAL_REQUEST,
+    cMSG_USERAUTH_REQUEST,
+)
+from paramiko.message import Message
+
+from sshspec.adapters import asyncssh_internals as ai
+from sshspec.adapters.asyncssh_internals import (
+    ASYNCSSH_DEFAULT,
+    AuthRequest,
+    AuthResult,
+    ChannelOpenRequest,
+    ChannelRequest,
+    ConnectionHooks,
+    EnvRequest,
+    ExecRequest,
+    GlobalRequest,
+    HookedServerChannel,
+    KeepaliveResult,
+    PtyRequest,
+    ReplyFailure,
+    RequestDecodeError,
+    SignalRequest,
+    WindowChange,
+    decode_request,
+    hook_state,
+    install_hooks,
+    is_login_timeout,
+    send_keepalive,
+)
+
+HOST_KEY = asyncssh.generate_private_key("ssh-ed25519")
+GOOD_KEY = asyncssh.generate_private_key("ssh-ed25519")
+OTHER_KEY = asyncssh.generate_private_key("ssh-ed25519")
+TIMEOUT = 10.0  # safety net per test; nothing waits on it in a passing run
+
+
+def run(main: Callable[[], Awaitable[None]]) -> None:
+    async def guarded() -> None:
+        async with asyncio.timeout(TIMEOUT):
+            await main()
+
+    asyncio.run(guarded())
+
+
+def settle(fut: asyncio.Future[Any], value: Any) -> None:
+    if not fut.done():
+        fut.set_result(value)
+
+
+# --------------------------------------------------------------------------- (a) compat
+
+
+def test_asyncssh_version_is_in_vetted_range() -> None:
+    low, high = ai.SUPPORTED_ASYNCSSH
+    version = ai._version_tuple(asyncssh.__version__)
+    assert low <= version < high, (
+        f"asyncssh {asyncssh.__version__} is outside >=2.24.1,<2.25: the reach-ins in "
+        "adapters/asyncssh_internals.py (see HACKS.md) must be re-vetted before upgrading")
+
+
+@pytest.mark.parametrize("item", ai.REACH_INS,
+                         ids=lambda i: f"{getattr(i.owner, '__name__', i.owner)}.{i.name}")
+def test_reach_in_still_matches_installed_asyncssh(item: ai.ReachIn) -> None:
+    problem = ai.check_reach_in(item)
+    assert problem is None, f"asyncssh internals changed: {problem} (see HACKS.md)"
+
+
+def test_compat_checker_reports_missing_and_changed_things() -> None:
+    conn_cls = asyncssh.SSHServerConnection
+    assert "missing" in (ai.check_reach_in(ai.ReachIn(conn_cls, "_no_such_thing", ())) or "")
+    changed = ai.check_reach_in(ai.ReachIn(conn_cls, "send_userauth_failure", ("x",)))
+    assert changed is not None and "signature changed" in changed
+    gone = ai.check_reach_in(ai.ReachIn(conn_cls, "_gone", attr_in=conn_cls.__init__))
+    assert gone is not None and "no longer set" in gone
+    moved = ai.check_reach_in(ai.ReachIn(conn_cls, "_login_timer_callback", (),
+                                         source_has="something else"))
+    assert moved is not None and "behaviour changed" in moved
+
+
+def test_full_compat_check_passes() -> None:
+    ai.assert_asyncssh_compat()  # dispatch tables + version + every reach-in
+
+
+# --------------------------------------------------------------------------- harness
+
+
+class Ctx:
+    """Per-test recorder.  Created inside the running loop."""
+
+    def __init__(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.loop = loop
+        self.conns: list[asyncssh.SSHServerConnection] = []
+        self.conn_made: asyncio.Future[asyncssh.SSHServerConnection] = loop.create_future()
+        self.lost: asyncio.Future[tuple[BaseException | None, str]] = loop.create_future()
+        self.auth_completed: asyncio.Future[None] = loop.create_future()
+        self.sessions: list[AdapterSession] = []
+        self.session_made: asyncio.Future[AdapterSession] = loop.create_future()
+
+    def future(self) -> asyncio.Future[Any]:
+        return self.loop.create_future()
+
+
+class AdapterSession(asyncssh.SSHServerSession[bytes]):
+    """What an adapter's session looks like: raw bytes, keeps control of its EOF."""
+
+    def __init__(self, ctx: Ctx) -> None:
+        self.ctx = ctx
+        self.chan: HookedServerChannel | None = None
+        self.data = b""
+        self.started = ctx.future()
+        self.eof = ctx.future()
+        self.lost: asyncio.Future[BaseException | None] = ctx.future()
+        self.paused = ctx.future()
+        self.resumed = ctx.future()
+        self.on_data: Callable[[bytes], None] | None = None
+
+    def connection_made(self, chan: Any) -> None:
+        self.chan = chan
+        self.ctx.sessions.append(self)
+        settle(self.ctx.session_made, self)
+
+    def session_started(self) -> None:
+        settle(self.started, True)
+
+    def data_received(self, data: bytes, datatype: Any) -> None:
+        self.data += data
+        if self.on_data is not None:
+            self.on_data(data)
+
+    def eof_received(self) -> bool:
+        settle(self.eof, True)
+        return True  # asyncssh would otherwise send our EOF for us
+
+    def pause_writing(self) -> None:
+        settle(self.paused, True)
+
+    def resume_writing(self) -> None:
+        settle(self.resumed, True)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        settle(self.lost, exc)
+
+
+class HookServer(asyncssh.SSHServer, ConnectionHooks):
+    """asyncssh.SSHServer + ConnectionHooks, the way the adapter is meant to combine them.
+
+    Default: no authentication (begin_auth -> False), every session accepted with a
+    HookedServerChannel whose verdicts come from `self.on_request`.
+    """
+
+    max_pending_global = 32
+
+    def __init__(self, ctx: Ctx) -> None:
+        self.ctx = ctx
+        self.conn: asyncssh.SSHServerConnection | None = None
+
+    def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
+        self.conn = conn
+        install_hooks(conn, self, max_pending_global=self.max_pending_global)
+        self.ctx.conns.append(conn)
+        settle(self.ctx.conn_made, conn)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        assert self.conn is not None
+        settle(self.ctx.lost, (exc, hook_state(self.conn).phase))
+
+    def begin_auth(self, username: str) -> bool:
+        return False
+
+    def auth_completed(self) -> None:
+        settle(self.ctx.auth_completed, None)
+
+    # -- channel requests (per channel) --
+    def on_request(self, chan: HookedServerChannel, req: ChannelRequest) -> Any:
+        return req.type in ("shell", "exec", "pty-req", "env")
+
+    def make_channel(self, conn: asyncssh.SSHServerConnection) -> HookedServerChannel:
+        return HookedServerChannel(conn, self.on_request)
+
+    def on_channel_open(self, conn: asyncssh.SSHServerConnection,
+                        req: ChannelOpenRequest) -> Any:
+        if req.type == "session":
+            return self.make_channel(conn), AdapterSession(self.ctx)
+        return asyncssh.ChannelOpenError(asyncssh.OPEN_UNKNOWN_CHANNEL_TYPE, "unsupported")
+
+
+@contextlib.asynccontextmanager
+async def serve(ctx: Ctx, factory: Callable[[], asyncssh.SSHServer],
+                **options: Any) -> AsyncIterator[int]:
+    options.setdefault("login_timeout", 0)  # per-test safety net is asyncio.timeout
+    acceptor = await asyncssh.listen("127.0.0.1", 0, server_factory=factory,
+                                     server_host_keys=[HOST_KEY], config=None, **options)
+    try:
+        yield acceptor.get_port()
+    finally:
+        acceptor.close()
+        for conn in ctx.conns:
+            conn.abort()
+        await acceptor.wait_closed()
+        for conn in ctx.conns:
+            await conn.wait_closed()
+
+
+async def aconnect(port: int, **options: Any) -> asyncssh.SSHClientConnection:
+    options.setdefault("client_keys", None)
+    return await asyncssh.connect("127.0.0.1", port, known_hosts=None, config=None,
+                                  username="alice", **options)
+
+
+class ClientSession(asyncssh.SSHClientSession[bytes]):
+    def __init__(self) -> None:
+        self.data = b""
+
+    def data_received(self, data: bytes, datatype: Any) -> None:
+        self.data += data
+
+
+async def exec_session(conn: asyncssh.SSHClientConnection, command: str = "cmd",
+                       **kwargs: Any) -> tuple[asyncssh.SSHClientChannel, ClientSession]:
+    chan, session = await conn.create_session(ClientSession, command, encoding=None, **kwargs)
+    return chan, session
+
+
+class PTransport:
+    """A paramiko client Transport driven from asyncio (blocking calls in threads)."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port))
+        self.t = paramiko.Transport(self.sock)
+
+    async def start(self) -> PTransport:
+        await asyncio.to_thread(self.t.start_client, timeout=TIMEOUT)
+        return self
+
+    async def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        return await asyncio.to_thread(fn, *args, **kwargs)
+
+    def send_raw(self, *parts: tuple[str, Any]) -> None:
+        """Send one message built field by field: ("byte", b"\\x62"), ("int", 5), ..."""
+        m = Message()
+        for kind, value in parts:
+            getattr(m, "add_" + kind)(value)
+        self.t._send_user_message(m)
+
+    def close(self) -> None:
+        self.t.close()
+        self.sock.close()
+
+
+@contextlib.asynccontextmanager
+async def paramiko_client(port: int, *, auth_none: bool = True) -> AsyncIterator[PTransport]:
+    client = PTransport(port)
+    try:
+        await client.start()
+        if auth_none:
+            await client.call(client.t.auth_none, "alice")
+        yield client
+    finally:
+        await asyncio.to_thread(client.close)
+
+
+# --------------------------------------------------------------------------- 1. channel requests
+
+
+def test_session_requests_get_async_verdicts_and_data_flows_asyncssh_client() -> None:
+    """env / pty-req / exec / window-change / unknown / signal reach one callback, each
+    decoded; verdicts are futures or coroutines; exec starts data; exit-status arrives."""
+
+    async def main() -> None:
+        ctx = Ctx()
+        seen: list[tuple[str | None, bool, Any]] = []
+
+        class Server(HookServer):
+            def on_request(self, chan: HookedServerChannel, req: ChannelRequest) -> Any:
+                decoded = decode_request(req)
+                seen.append((req.type, req.want_reply, decoded))
+                if isinstance(decoded, SignalRequest):
+                    async def stop() -> bool:  # coroutine verdict
+                        chan.write(b"bye\n")
+                        chan.exit(3)
+                        return True
+                    return stop()
+                fut: asyncio.Future[bool] = ctx.future()  # future verdict, decided later
+                ctx.loop.call_soon(settle, fut, req.type != "x-refused@example.com")
+                return fut
+
+        async with serve(ctx, lambda: Server(ctx)) as port, await aconnect(port) as conn:
+            chan, client = await exec_session(
+                conn, "run me", env={"LANG": "C.UTF-8"}, request_pty=True,
+                term_type="xterm-256color", term_size=(80, 24, 640, 480),
+                term_modes={53: 1, 128: 38400})
+            server_session = await ctx.session_made
+            await server_session.started  # exec accepted -> session_started()
+            chan.write(b"hello")
+            chan.write_eof()
+            await server_session.eof
+            assert server_session.data == b"hello"
+            chan.change_terminal_size(100, 40)
+            assert await chan._make_request(b"x-refused@example.com", String("x")) is False
+            chan.send_signal("INT")
+            await chan.wait_closed()
+            assert chan.get_exit_status() == 3
+            assert client.data == b"bye\n"
+
+        assert seen == [
+            ("env", False, EnvRequest("LANG", "C.UTF-8")),
+            ("pty-req", True, PtyRequest("xterm-256color", 80, 24, 640, 480,
+                                         {53: 1, 128: 38400})),
+            ("exec", True, ExecRequest("run me")),
+            ("window-change", False, WindowChange(100, 40, 0, 0)),
+            ("x-refused@example.com", True, None),
+            ("signal", False, SignalRequest("INT")),
+        ]
+
+    run(main)
+
+
+def test_session_requests_paramiko_client_and_malformed_request_keeps_connection() -> None:
+    async def main() -> None:
+        ctx = Ctx()
+        log: list[Any] = []
+        decode_failed = ctx.future()
+
+        class Server(HookServer):
+            def on_request(self, chan: HookedServerChannel, req: ChannelRequest) -> bool:
+                try:
+                    decoded = decode_request(req)
+                except RequestDecodeError as exc:
+                    log.append(("decode failed", exc.request_type, exc.reason))
+                    settle(decode_failed, req)
+                    return False
+                log.append(decoded)
+                if decoded == ExecRequest("second"):
+                    ctx.loop.call_soon(chan.exit, 0)
+                return True
+
+        async with serve(ctx, lambda: Server(ctx)) as port, paramiko_client(port) as pc:
+            chan = await pc.call(pc.t.open_session)
+            await pc.call(chan.get_pty, "vt100", 100, 30)
+            await pc.call(chan.set_environment_variable, "FOO", "bar")
+            await pc.call(chan.exec_command, "echo hi")
+            await pc.call(chan.resize_pty, 120, 40)
+            # window-change with one int instead of four, want_reply=True
+            pc.send_raw(("byte", cMSG_CHANNEL_REQUEST), ("int", chan.remote_chanid),
+                        ("string", "window-change"), ("boolean", True), ("int", 1))
+            req = await decode_failed
+            assert req.want_reply and req.type == "window-change"
+            first = ctx.sessions[0]
+            await first.lost  # paramiko closes a channel whose request failed (its policy)
+            # ... but the connection is alive: a second session works end to end
+            chan2 = await pc.call(pc.t.open_session)
+            await pc.call(chan2.exec_command, "second")
+            assert await pc.call(chan2.recv_exit_status) == 0
+            assert pc.t.is_active()
+
+        assert log[0] == PtyRequest("vt100", 100, 30, 0, 0, {})
+        assert log[1:4] == [EnvRequest("FOO", "bar"), ExecRequest("echo hi"),
+                            WindowChange(120, 40, 0, 0)]
+        assert log[4] == ("decode failed", "window-change", "truncated rows")
+        assert log[5] == ExecRequest("second")
+
+    run(main)
+
+
+def test_malformed_channel_requests_are_refused_without_disconnect() -> None:
+    """Truncated, trailing garbage, wrong text, non-ASCII name, missing want_reply: each
+    reaches the callback (which decodes and refuses) and the channel keeps working."""
+
+    async def main() -> None:
+        ctx = Ctx()
+        outcomes: list[tuple[str | None, str | None, str]] = []
+
+        class Server(HookServer):
+            def on_request(self, chan: HookedServerChannel, req: ChannelRequest) -> bool:
+                if req.seq == 0:  # the session's exec
+                    return True
+                try:
+                    decode_request(req)
+                except RequestDecodeError as exc:
+                    outcomes.append((req.type, req.malformed, exc.reason))
+                    return False
+                outcomes.append((req.type, None, "ok"))
+                return True
+
+        async with serve(ctx, lambda: Server(ctx)) as port, await aconnect(port) as conn:
+            chan, _ = await exec_session(conn)
+            mk = chan._make_request
+            assert await mk(b"env", String("A")) is False  # truncated
+            assert await mk(b"env", String("A"), String("B"), b"junk") is False  # trailing
+            assert await mk(b"env", String(b"\xff"), String("v")) is False  # not UTF-8
+            assert await mk(b"pty-req", String("vt100"), UInt32(1), UInt32(2), UInt32(3),
+                            UInt32(4), String(Byte(53) + b"\0\0")) is False  # short mode
+            assert await mk(b"exec", UInt32(7)) is False  # wrong type (truncated string)
+            assert await mk(b"\xff\xfe") is False  # undecodable request name
+            # no want_reply byte at all: reported, and NOT answered (the client would
+            # otherwise mis-attribute the reply to its next request)
+            chan.send_packet(98, String("signal"))
+            assert await mk(b"env", String("A"), String("B")) is True
+            # connection alive: a new session works
+            chan2, _ = await exec_session(conn, "again")
+            chan2.close()
+
+        assert outcomes == [
+            ("env", None, "truncated value length"),
+            ("env", None, "4 trailing byte(s)"),
+            ("env", None, "name is not utf-8"),
+            ("pty-req", None, "truncated value of terminal mode 53"),
+            ("exec", None, "truncated command"),
+            (None, "name is not ASCII", "name is not ASCII"),
+            ("signal", "missing want_reply", "missing want_reply"),
+            ("env", None, "ok"),
+        ]
+
+    run(main)
+
+
+def test_other_standard_requests_reach_the_callback_decoded() -> None:
+    """shell, subsystem, break, x11-req, auth-agent-req, keepalive: asyncssh would act
+    on some of these itself (x11/agent forwarding, keepalive refusal); here the adapter
+    sees and decides them all."""
+
+    async def main() -> None:
+        ctx = Ctx()
+        decoded: list[Any] = []
+
+        class Server(HookServer):
+            def on_request(self, chan: HookedServerChannel, req: ChannelRequest) -> bool:
+                decoded.append(decode_request(req))
+                return req.type in ("shell", "break")
+
+        async with serve(ctx, lambda: Server(ctx)) as port, await aconnect(port) as conn:
+            chan = await conn.create_session(ClientSession, encoding=None)  # shell
+            mk = chan[0]._make_request
+            assert await mk(b"subsystem", String("sftp")) is False  # shell already on
+            assert await mk(b"break", UInt32(500)) is True
+            assert await mk(b"x11-req", Boolean(True), String("MIT-MAGIC-COOKIE-1"),
+                            String("0123abcd"), UInt32(0)) is False
+            assert await mk(b"auth-agent-req@openssh.com") is False
+            assert await mk(b"keepalive@openssh.com") is False
+
+        assert decoded == [
+            ai.NoArgsRequest("shell"), ai.SubsystemRequest("sftp"), ai.BreakRequest(500),
+            ai.X11Request(True, "MIT-MAGIC-COOKIE-1", "0123abcd", 0),
+            ai.NoArgsRequest("auth-agent-req@openssh.com"),
+            ai.NoArgsRequest("keepalive@openssh.com"),
+        ]
+
+    run(main)
+
+
+@settings(max_examples=300, deadline=None)
+@given(request_type=st.sampled_from(sorted(ai.REQUEST_DECODERS)), payload=st.binary(max_size=64))
+def test_decoders_never_raise_anything_but_request_decode_error(request_type: str,
+                                                               payload: bytes) -> None:
+    req = ChannelRequest(0, request_type, request_type.encode(), True, payload)
+    try:
+        decode_request(req)
+    except RequestDecodeError as exc:
+        assert exc.request_type == request_type
+
+
+def test_decoders_reject_trailing_bytes_and_accept_exact_payloads() -> None:
+    good = {
+        "env": String("A") + String("b"),
+        "pty-req": String("vt100") + UInt32(80) + UInt32(24) + UInt32(0) + UInt32(0)
+        + String(Byte(53) + UInt32(1) + Byte(0) + b"ignored after TTY_OP_END"),
+        "shell": b"",
+        "exec": String("ls"),
+        "subsystem": String("sftp"),
+        "window-change": UInt32(1) + UInt32(2) + UInt32(3) + UInt32(4),
+        "signal": String("TERM"),
+        "break": UInt32(0),
+        "x11-req": Boolean(False) + String("p") + String("c") + UInt32(1),
+        "auth-agent-req@openssh.com": b"",
+        "keepalive@openssh.com": b"",
+    }
+    assert set(good) == set(ai.REQUEST_DECODERS)
+    for name, payload in good.items():
+        req = ChannelRequest(0, name, name.encode(), True, payload)
+        assert decode_request(req) is not None
+        with pytest.raises(RequestDecodeError, match="trailing"):
+            decode_request(ChannelRequest(0, name, name.encode(), True, payload + b"!"))
+    pty = decode_request(ChannelRequest(0, "pty-req", b"pty-req", True, good["pty-req"]))
+    assert isinstance(pty, PtyRequest) and pty.modes == {53: 1}
+    assert decode_request(ChannelRequest(0, "foo@x", b"foo@x", True, b"any")) is None
+
+
+def test_replies_are_in_order_and_pending_queue_is_bounded() -> None:
+    """Pipelined requests: one decided at a time, replies in arrival order; beyond
+    max_pending requests are not kept but still answered (failure) in order."""
+
+    async def main() -> None:
+        ctx = Ctx()
+        verdicts: asyncio.Queue[asyncio.Future[bool]] = asyncio.Queue()
+        overflowed: list[int] = []
+        last_overflowed = ctx.future()
+        channels: list[HookedServerChannel] = []
+
+        def on_overflow(chan: HookedServerChannel, req: ChannelRequest) -> None:
+            overflowed.append(req.seq)
+            if req.type == "marker@x":
+                settle(last_overflowed, None)
+
+        class Server(HookServer):
+            def make_channel(self, conn: asyncssh.SSHServerConnection) -> HookedServerChannel:
+                chan = HookedServerChannel(conn, self.on_request, max_pending=3,
+                                           on_overflow=on_overflow)
+                channels.append(chan)
+                return chan
+
+            def on_request(self, chan: HookedServerChannel, req: ChannelRequest) -> Any:
+                if req.type == "exec":
+                    return True
+                fut: asyncio.Future[bool] = ctx.future()
+                verdicts.put_nowait(fut)
+                return fut
+
+        async with serve(ctx, lambda: Server(ctx)) as port, await aconnect(port) as conn:
+            chan, _ = await exec_session(conn)
+            # tasks start (and send) in creation order
+            replies = [asyncio.ensure_future(chan._make_request(f"r{i}@x".encode()))
+                       for i in range(7)]
+
+            async def no_reply() -> None:  # overflows too, but needs no answer
+                chan._send_request(b"noreply@x")
+
+            sent = asyncio.ensure_future(no_reply())
+            marker = asyncio.ensure_future(chan._make_request(b"marker@x"))
+            await sent
+            await last_overflowed  # everything has arrived; only r0 has been delivered
+            assert verdicts.qsize() == 1 and channels[0].pending_requests == 3
+            for value in (True, False, True):  # r0, r1, r2, delivered one at a time
+                (await verdicts.get()).set_result(value)
+            assert await asyncio.gather(*replies) == [True, False, True,
+                                                      False, False, False, False]
+            assert await marker is False
+            assert channels[0].pending_requests == 0 and verdicts.empty()
+
+        assert overflowed == [4, 5, 6, 7, 8, 9]  # seq 0 is exec, r0..r2 are 1..3
+
+    run(main)
+
+
+# --------------------------------------------------------------------------- 1b. failures
+
+
+def test_reply_owed_on_closed_channel_is_reported() -> None:
+    async def main() -> None:
+        ctx = Ctx()
+        held: asyncio.Future[asyncio.Future[bool]] = ctx.future()
+        failures: list[ReplyFailure] = []
+        reported = ctx.future()
+
+        def on_reply_failed(chan: HookedServerChannel, failure: ReplyFailure) -> None:
+            failures.append(failure)
+            settle(reported, None)
+
+        class Server(HookServer):
+            def make_channel(self, conn: asyncssh.SSHServerConnection) -> HookedServerChannel:
+                return HookedServerChannel(conn, self.on_request, on_reply_failed=on_reply_failed)
+
+            def on_request(self, chan: HookedServerChannel, req: ChannelRequest) -> Any:
+                if req.type == "exec":
+                    return True
+                fut: asyncio.Future[bool] = ctx.future()
+                settle(held, fut)
+                return fut
+
+        async with serve(ctx, lambda: Server(ctx)) as port, await aconnect(port) as conn:
+            chan, _ = await exec_session(conn)
+            reply = asyncio.ensure_future(chan._make_request(b"slow@example.com"))
+            verdict = await held
+            server_session = ctx.sessions[0]
+            assert server_session.chan is not None
+            server_session.chan.close()  # the adapter closes while a verdict is pending
+            await server_session.lost
+            verdict.set_result(True)
+            await reported
+            assert await reply is False  # asyncssh client: channel closed, no reply
+
+        assert len(failures) == 1
+        assert failures[0].reason == "channel closed" and failures[0].error is None
+        assert isinstance(failures[0].request, ChannelRequest)
+        assert failures[0].request.type == "slow@example.com"
+
+    run(main)
+
+
+def test_broken_send_of_request_reply_raise_mode_is_reported_and_connection_survives() -> None:
+    async def main() -> None:
+        ctx = Ctx()
+        reported: asyncio.Future[ReplyFailure] = ctx.future()
+
+        class Server(HookServer):
+            def make_channel(self, conn: asyncssh.SSHServerConnection) -> HookedServerChannel:
+                return HookedServerChannel(conn, self.on_request,
+                                           on_reply_failed=lambda ch, f: settle(reported, f))
+
+            def on_request(self, chan: HookedServerChannel, req: ChannelRequest) -> bool:
+                return True
+
+        async with serve(ctx, lambda: Server(ctx)) as port, await aconnect(port) as conn:
+            chan, _ = await exec_session(conn)
+            server_conn = await ctx.conn_made
+            undo = ai._break_send_for_tests(server_conn, pkttype=ai.MSG_CHANNEL_SUCCESS)
+            lost_reply = asyncio.ensure_future(chan._make_request(b"x@example.com"))
+            failure = await reported
+            undo()
+            assert failure.reason == "send failed"
+            assert isinstance(failure.error, BrokenPipeError)
+            # the connection is alive (the client still waits for the lost reply)
+            chan2, _ = await exec_session(conn, "again")
+            assert not lost_reply.done()
+            chan2.close()
+
+    run(main)
+
+
+def test_broken_send_lose_connection_mode_reaches_connection_lost() -> None:
+    async def main() -> None:
+        ctx = Ctx()
+        reply_failures: list[ReplyFailure] = []
+        boom = ConnectionResetError(104, "reset by test")
+
+        class Server(HookServer):
+            def make_channel(self, conn: asyncssh.SSHServerConnection) -> HookedServerChannel:
+                return HookedServerChannel(conn, self.on_request,
+                                           on_reply_failed=lambda ch, f: reply_failures.append(f))
+
+            def on_request(self, chan: HookedServerChannel, req: ChannelRequest) -> bool:
+                return req.type == "exec"
+
+        async with serve(ctx, lambda: Server(ctx)) as port, await aconnect(port) as conn:
+            chan, _ = await exec_session(conn)
+            ai._break_send_for_tests(await ctx.conn_made, pkttype=ai.MSG_CHANNEL_FAILURE,
+                                     mode="lose_connection", error=boom)
+            [outcome] = await asyncio.gather(chan._make_request(b"x@example.com"),
+                                             return_exceptions=True)
+            assert isinstance(outcome, asyncssh.ConnectionLost)  # client: socket closed
+            assert await ctx.sessions[0].lost is boom
+            exc, phase = await ctx.lost
+            assert exc is boom and phase == "connected"
+        assert reply_failures == []  # the reply "looked sent", as with a real socket error
+
+    run(main)
+
+
+@pytest.mark.parametrize("mode", ["raise", "lose_connection"])
+def test_broken_send_of_exit_status(mode: ai.BreakMode) -> None:
+    async def main() -> None:
+        ctx = Ctx()
+        exit_error: asyncio.Future[BaseException | None] = ctx.future()
+        boom = BrokenPipeError(32, "exit-status broken by test")
+
+        class Server(HookServer):
+            def on_request(self, chan: HookedServerChannel, req: ChannelRequest) -> bool:
+                if req.type != "exec":
+                    return False
+
+                def finish() -> None:
+                    assert self.conn is not None
+                    ai._break_send_for_tests(self.conn, pkttype=ai.MSG_CHANNEL_REQUEST,
+                                             channel_request="exit-status", mode=mode,
+                                             error=boom)
+                    try:
+                        chan.exit(7)
+                    except OSError as exc:
+                        settle(exit_error, exc)
+                        assert not chan.is_closing()  # exit() raised before close()
+                        chan.close()  # the adapter's fallback
+                    else:
+                        settle(exit_error, None)
+
+                ctx.loop.call_soon(finish)
+                return True
+
+        async with serve(ctx, lambda: Server(ctx)) as port, await aconnect(port) as conn:
+            chan, _ = await exec_session(conn)
+            await chan.wait_closed()
+            assert chan.get_exit_status() is None  # exit-status never reached the client
+            if mode == "raise":
+                assert await exit_error is boom
+                assert await ctx.sessions[0].lost is None  # clean close after the fallback
+                assert not conn.is_closed()
+            else:
+                assert await exit_error is None  # the failure is not synchronous...
+                assert await ctx.sessions[0].lost is boom  # ...it is a lost connection
+                assert (await ctx.lost)[0] is boom
+
+    run(main)
+
+
+def test_flow_control_pause_and_resume_writing() -> None:
+    """The client stops reading -> its window closes -> our buffer passes the high-water
+    mark -> session.pause_writing(); it reads again -> resume_writing()."""
+
+    async def main() -> None:
+        ctx = Ctx()
+        payload = bytes(range(256)) * 1024  # 256 KiB
+
+        class PausedClient(ClientSession):
+            def connection_made(self, chan: Any) -> None:
+                self.chan = chan
+                chan.pause_reading()
+
+        async with serve(ctx, lambda: HookServer(ctx)) as port, await aconnect(port) as conn:
+            chan, client = await conn.create_session(PausedClient, "cat", encoding=None,
+                                                     window=16384)
+            server_session = await ctx.session_made
+            await server_session.started
+            assert server_session.chan is not None
+            server_session.chan.write(payload)
+            await server_session.paused  # 16 KiB window, 64 KiB high-water mark
+            assert not server_session.resumed.done()
+            chan.resume_reading()
+            await server_session.resumed
+            server_session.chan.exit(0)
+            await chan.wait_closed()
+            assert client.data == payload
+
+    run(main)
+
+
+# --------------------------------------------------------------------------- 2. global requests
+
+
+def test_global_requests_all_reach_the_callback_paramiko_client() -> None:
+    async def main() -> None:
+        ctx = Ctx()
+        seen: list[GlobalRequest] = []
+        truncated_seen = ctx.future()
+
+        class Server(HookServer):
+            def on_global_request(self, conn: asyncssh.SSHServerConnection,
+                                  req: GlobalRequest) -> Any:
+                seen.append(req)
+                if req.malformed == "missing want_reply":
+                    settle(truncated_seen, req)
+                if req.name in ("keepalive@openssh.com", "tcpip-forward"):
+                    return ASYNCSSH_DEFAULT  # asyncssh: keepalive ok, forward refused
+
+                if req.name == "foo@example.com":
+                    async def later() -> bytes:
+                        return UInt32(4242)  # success with response data
+                    return later()
+                return False
+
+        async with serve(ctx, lambda: Server(ctx)) as port, paramiko_client(port) as pc:
+            greq = pc.t.global_request
+            ok = await pc.call(greq, "foo@example.com", None, True)
+            assert ok is not None and ok.get_int() == 4242
+            assert await pc.call(greq, "keepalive@openssh.com", None, True) is not None
+            assert await pc.call(greq, "tcpip-forward", ("127.0.0.1", 0), True) is None
+            # malformed: truncated tcpip-forward (asyncssh's handler would disconnect)
+            assert await pc.call(greq, "tcpip-forward", ("127.0.0.1",), True) is None
+            assert await pc.call(greq, b"\xff\xfe", None, True) is None  # non-ASCII name
+            pc.send_raw(("byte", cMSG_GLOBAL_REQUEST), ("string", "no-want-reply@x"))
+            await truncated_seen
+            # still alive, and answers still line up with requests
+            ok = await pc.call(greq, "foo@example.com", None, True)
+            assert ok is not None and ok.get_int() == 4242
+            assert pc.t.is_active()
+
+        assert [(r.name, r.want_reply, r.malformed) for r in seen] == [
+            ("foo@example.com", True, None),
+            ("keepalive@openssh.com", True, None),
+            ("tcpip-forward", True, None),
+            ("tcpip-forward", True, None),
+            (None, True, "name is not ASCII"),
+            ("no-want-reply@x", False, "missing want_reply"),
+            ("foo@example.com", True, None),
+        ]
+        assert seen[2].payload == String("127.0.0.1") + UInt32(0)
+        assert seen[4].raw_name == b"\xff\xfe"
+
+    run(main)
+
+
+def test_global_requests_in_order_with_async_verdicts_and_bounded_queue() -> None:
+    async def main() -> None:
+        ctx = Ctx()
+        verdicts: asyncio.Queue[asyncio.Future[bool]] = asyncio.Queue()
+        overflowed: list[str | None] = []
+        last = ctx.future()
+
+        class Server(HookServer):
+            max_pending_global = 2
+
+            def on_global_request(self, conn: asyncssh.SSHServerConnection,
+                                  req: GlobalRequest) -> Any:
+                fut: asyncio.Future[bool] = ctx.future()
+                verdicts.put_nowait(fut)
+                return fut
+
+            def on_global_overflow(self, conn: asyncssh.SSHServerConnection,
+                                   req: GlobalRequest) -> None:
+                overflowed.append(req.name)
+                if req.name == "g5@x":
+                    settle(last, None)
+
+        async with serve(ctx, lambda: Server(ctx)) as port, await aconnect(port) as conn:
+            answers = [asyncio.ensure_future(conn._make_global_request(f"g{i}@x".encode()))
+                       for i in range(6)]
+            await last
+            assert verdicts.qsize() == 1
+            (await verdicts.get()).set_result(False)
+            (await verdicts.get()).set_result(True)
+            results = [pkttype for pkttype, _ in await asyncio.gather(*answers)]
+            assert results == [ai.MSG_REQUEST_FAILURE, ai.MSG_REQUEST_SUCCESS] + \
+                [ai.MSG_REQUEST_FAILURE] * 4
+        assert overflowed == ["g2@x", "g3@x", "g4@x", "g5@x"]
+
+    run(main)
+
+
+def test_server_keepalive_answered_by_asyncssh_and_paramiko_clients() -> None:
+    async def main() -> None:
+        ctx = Ctx()
+        async with serve(ctx, lambda: HookServer(ctx)) as port:
+            async with await aconnect(port) as conn:
+                await ctx.auth_completed
+                server_conn = ctx.conns[0]
+                assert await send_keepalive(server_conn) is KeepaliveResult.SUCCESS
+                # a client that never answers (drop the server's global requests)
+                conn._packet_handlers = {k: v for k, v in conn._packet_handlers.items()
+                                         if k != ai.MSG_GLOBAL_REQUEST}
+                conn._packet_handlers[ai.MSG_GLOBAL_REQUEST] = lambda *args: None
+                assert await send_keepalive(server_conn, timeout=0.2) is \
+                    KeepaliveResult.TIMEOUT
+                pending = asyncio.ensure_future(send_keepalive(server_conn))
+                conn.close()
+                assert await pending is KeepaliveResult.CLOSED
+                assert await send_keepalive(server_conn) is KeepaliveResult.CLOSED
+            async with paramiko_client(port):
+                server_conn = ctx.conns[1]
+                result = await send_keepalive(server_conn)
+                assert result is KeepaliveResult.FAILURE and result.answered  # paramiko refuses
+
+    run(main)
+
+
+# --------------------------------------------------------------------------- 3. channel opens
+
+
+def test_every_channel_open_reaches_the_callback_paramiko_client() -> None:
+    async def main() -> None:
+        ctx = Ctx()
+        opens: list[ChannelOpenRequest] = []
+        seen: dict[int, asyncio.Future[ChannelOpenRequest]] = {}
+
+        def saw(seq: int) -> asyncio.Future[ChannelOpenRequest]:
+            return seen.setdefault(seq, ctx.future())
+
+        class Server(HookServer):
+            def on_channel_open(self, conn: asyncssh.SSHServerConnection,
+                                req: ChannelOpenRequest) -> Any:
+                opens.append(req)
+                settle(saw(req.seq), req)
+                if req.malformed is not None:
+                    return ASYNCSSH_DEFAULT  # our default for malformed: refuse, stay up
+                if req.type == "session":
+                    if req.seq == 4:  # refuse later, asynchronously
+                        async def refuse() -> asyncssh.SSHServerSession[bytes]:
+                            raise asyncssh.ChannelOpenError(asyncssh.OPEN_RESOURCE_SHORTAGE,
+                                                            "busy")
+                        return self.make_channel(conn), refuse()
+                    return self.make_channel(conn), AdapterSession(self.ctx)
+                if req.type == "direct-tcpip":
+                    return asyncssh.ChannelOpenError(
+                        asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED, "no forwarding")
+                raise asyncssh.ChannelOpenError(asyncssh.OPEN_UNKNOWN_CHANNEL_TYPE,
+                                                f"unsupported: {req.type}")
+
+        async def refused(pc: PTransport, *args: Any, **kwargs: Any) -> int:
+            with pytest.raises(paramiko.ChannelException) as info:
+                await pc.call(pc.t.open_channel, *args, **kwargs)
+            return info.value.code
+
+        async with serve(ctx, lambda: Server(ctx)) as port, paramiko_client(port) as pc:
+            assert await refused(pc, "foo") == asyncssh.OPEN_UNKNOWN_CHANNEL_TYPE
+            assert await refused(pc, "direct-tcpip", dest_addr=("10.0.0.1", 22),
+                                 src_addr=("127.0.0.1", 5555)) == \
+                asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED
+            assert await refused(pc, "x11", src_addr=("127.0.0.1", 6010)) == \
+                asyncssh.OPEN_UNKNOWN_CHANNEL_TYPE
+            assert await refused(pc, "forwarded-tcpip", dest_addr=("0.0.0.0", 8080),
+                                 src_addr=("127.0.0.1", 5555)) == \
+                asyncssh.OPEN_UNKNOWN_CHANNEL_TYPE
+            assert await refused(pc, "session") == asyncssh.OPEN_RESOURCE_SHORTAGE
+            chan = await pc.call(pc.t.open_session)  # seq 5: accepted
+            # malformed opens (asyncssh alone would disconnect for both)
+            pc.send_raw(("byte", cMSG_CHANNEL_OPEN), ("string", b"\xffbad"), ("int", 4242),
+                        ("int", 1000), ("int", 1000))
+            pc.send_raw(("byte", cMSG_CHANNEL_OPEN), ("string", "session"), ("int", 4243),
+                        ("int", 1000), ("int", 0))
+            await saw(7)
+            chan2 = await pc.call(pc.t.open_session)  # still alive
+            chan.close()
+            chan2.close()
+            # too short to even name a sender channel: nobody to refuse -> disconnect
+            pc.send_raw(("byte", cMSG_CHANNEL_OPEN), ("string", "session"))
+            exc, _ = await ctx.lost
+            assert isinstance(exc, asyncssh.ProtocolError)
+
+        assert [(o.type, o.malformed) for o in opens] == [
+            ("foo", None), ("direct-tcpip", None), ("x11", None), ("forwarded-tcpip", None),
+            ("session", None), ("session", None),
+            (None, "channel type is not ASCII"), ("session", "maximum packet size is 0"),
+            ("session", None), ("session", "truncated sender channel"),
+        ]
+        assert opens[1].payload == String("10.0.0.1") + UInt32(22) + String("127.0.0.1") + \
+            UInt32(5555)
+        assert opens[6].raw_type == b"\xffbad" and opens[6].sender_channel == 4242
+
+    run(main)
+
+
+# --------------------------------------------------------------------------- 4. authentication
+
+
+def _same_key(key: asyncssh.SSHKey, ref: asyncssh.SSHKey) -> bool:
+    return key.public_data == ref.public_data
+
+
+class AuthServer(HookServer):
+    """Adapter-style auth: every request and answer recorded; decisions by the adapter."""
+
+    def on_service_request(self, conn: asyncssh.SSHServerConnection,
+                           service: str | None) -> bool:
+        return service == "ssh-userauth"  # paramiko asks again before each attempt
+
+    def __init__(self, ctx: Ctx) -> None:
+        super().__init__(ctx)
+        self.events: list[tuple[Any, ...]] = []
+        self.key_checks: list[bool] = []
+
+    def begin_auth(self, username: str) -> bool:
+        return True
+
+    def on_auth_request(self, conn: asyncssh.SSHServerConnection, req: AuthRequest) -> None:
+        pk = req.publickey
+        self.events.append(("request", req.method, None if pk is None else pk.is_query))
+
+    def on_auth_result(self, conn: asyncssh.SSHServerConnection, res: AuthResult) -> None:
+        method = res.request.method if res.request else None
+        self.events.append(("result", method, res.kind))
+
+    def public_key_auth_supported(self) -> bool:
+        return True
+
+    def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
+        ok = _same_key(key, GOOD_KEY)
+        self.key_checks.append(ok)
+        return ok
+
+    def password_auth_supported(self) -> bool:
+        return False
+
+    def kbdint_auth_supported(self) -> bool:
+        return True
+
+    def get_kbdint_challenge(self, username: str, lang: str, submethods: str) -> Any:
+        return "", "", "", [("Code: ", True)]
+
+    def validate_kbdint_response(self, username: str, responses: Any) -> bool:
+        return list(responses) == ["42"]
+
+
+def test_auth_publickey_query_vs_signed_and_kbdint_asyncssh_client() -> None:
+    async def main() -> None:
+        ctx = Ctx()
+        servers: list[AuthServer] = []
+
+        def factory() -> AuthServer:
+            servers.append(AuthServer(ctx))
+            return servers[-1]
+
+        class Client(asyncssh.SSHClient):
+            def kbdint_auth_requested(self) -> str:
+                return ""  # take part in keyboard-interactive
+
+            def kbdint_challenge_received(self, name: str, instructions: str, lang: str,
+                                          prompts: Any) -> list[str]:
+                return ["42"]
+
+        async with serve(ctx, factory) as port:
+            async with await aconnect(port, client_keys=[OTHER_KEY, GOOD_KEY]):
+                await ctx.auth_completed
+            assert servers[0].events == [
+                ("request", "none", None), ("result", "none", "failure"),
+                ("request", "publickey", True), ("result", "publickey", "failure"),
+                ("request", "publickey", True), ("result", "publickey", "pk_ok"),
+                ("request", "publickey", False), ("result", "publickey", "success"),
+            ]
+            # validate_public_key runs for the query AND again for the signed request
+            assert servers[0].key_checks == [False, True, True]
+
+            async with await aconnect(port, client_keys=[OTHER_KEY],
+                                      client_factory=Client):
+                pass
+            assert servers[1].events == [
+                ("request", "none", None), ("result", "none", "failure"),
+                ("request", "publickey", True), ("result", "publickey", "failure"),
+                ("request", "keyboard-interactive", None),
+                ("result", "keyboard-interactive", "info_request"),
+                ("result", "keyboard-interactive", "success"),
+            ]
+
+    run(main)
+
+
+def test_adapter_disconnects_on_too_many_failures_asyncssh_client() -> None:
+    """The adapter counts failures and, at the limit, sends DISCONNECT (14) INSTEAD of
+    the USERAUTH_FAILURE asyncssh was about to send."""
+
+    async def main() -> None:
+        ctx = Ctx()
+        servers: list[AuthServer] = []
+
+        class Limited(AuthServer):
+            failures = 0
+
+            def password_auth_supported(self) -> bool:
+                return True
+
+            def validate_password(self, username: str, password: str) -> bool:
+                return False
+
+            def on_auth_result(self, conn: asyncssh.SSHServerConnection,
+                               res: AuthResult) -> None:
+                super().on_auth_result(conn, res)
+                if res.kind == "failure" and res.request and res.request.method != "none":
+                    self.failures += 1
+                    if self.failures == 2:
+                        conn.disconnect(asyncssh.DISC_NO_MORE_AUTH_METHODS_AVAILABLE,
+                                        "too many authentication failures")
+
+        def factory() -> AuthServer:
+            servers.append(Limited(ctx))
+            return servers[-1]
+
+        class Client(asyncssh.SSHClient):
+            def kbdint_auth_requested(self) -> str:
+                return ""  # take part in keyboard-interactive
+
+            def kbdint_challenge_received(self, name: str, instructions: str, lang: str,
+                                          prompts: Any) -> list[str]:
+                return ["wrong"]
+
+        async with serve(ctx, factory) as port:
+            with pytest.raises(asyncssh.PermissionDenied) as info:
+                await aconnect(port, password="wrong", client_factory=Client)
+            assert info.value.code == asyncssh.DISC_NO_MORE_AUTH_METHODS_AVAILABLE
+            assert info.value.reason == "too many authentication failures"
+            exc, phase = await ctx.lost
+            assert exc is None and phase == "auth"  # our own disconnect: reason None
+        # the 2nd counted failure was replaced by DISCONNECT; the client never got it
+        assert servers[0].events == [
+            ("request", "none", None), ("result", "none", "failure"),
+            ("request", "keyboard-interactive", None),
+            ("result", "keyboard-interactive", "info_request"),
+            ("result", "keyboard-interactive", "failure"),
+            ("request", "keyboard-interactive", None),
+            ("result", "keyboard-interactive", "info_request"),
+            ("result", "keyboard-interactive", "failure"),
+        ]
+
+    run(main)
+
+
+class BadSignatureKey(paramiko.Ed25519Key):
+    """A key whose signatures never verify (paramiko signs without querying first)."""
+
+    def sign_ssh_data(self, data: bytes, algorithm: str | None = None) -> Message:
+        m = Message()
+        m.add_string("ssh-ed25519")
+        m.add_string(bytes(64))
+        return m
+
+
+def _paramiko_key(cls: type[paramiko.Ed25519Key] = paramiko.Ed25519Key) -> paramiko.PKey:
+    return cls(file_obj=io.StringIO(GOOD_KEY.export_private_key("openssh").decode()))
+
+
+def test_auth_every_method_seen_paramiko_client() -> None:
+    """none, an unknown method, hostbased (raw), password, a signed publickey with a bad
+    signature (no query first), then a good one."""
+
+    async def main() -> None:
+        ctx = Ctx()
+        servers: list[AuthServer] = []
+        results: asyncio.Queue[AuthResult] = asyncio.Queue()
+
+        class Server(AuthServer):
+            def on_auth_result(self, conn: asyncssh.SSHServerConnection,
+                               res: AuthResult) -> None:
+                super().on_auth_result(conn, res)
+                results.put_nowait(res)
+
+            def password_auth_supported(self) -> bool:
+                return True
+
+            def validate_password(self, username: str, password: str) -> bool:
+                return False
+
+        def factory() -> AuthServer:
+            servers.append(Server(ctx))
+            return servers[-1]
+
+        async def raw_auth(pc: PTransport, method: str, *fields: tuple[str, Any]) -> None:
+            # paramiko's auth handler sets auth_event when the failure has been processed
+            answered = threading.Event()
+            pc.t.auth_handler.auth_event = answered
+            pc.send_raw(("byte", cMSG_USERAUTH_REQUEST), ("string", "alice"),
+                        ("string", "ssh-connection"), ("string", method), *fields)
+            await asyncio.to_thread(answered.wait, TIMEOUT)
+
+        async with serve(ctx, factory) as port, paramiko_client(port, auth_none=False) as pc:
+            with pytest.raises(paramiko.BadAuthenticationType):
+                await pc.call(pc.t.auth_none, "alice")
+            assert (await results.get()).kind == "failure"
+            await raw_auth(pc, "foo@example.com", ("string", "whatever"))
+            assert (await results.get()).request.method == "foo@example.com"
+            await raw_auth(pc, "hostbased", ("string", "ssh-ed25519"), ("string", b"blob"),
+                     ("string", "client.example"), ("string", "alice"), ("string", b"sig"))
+            assert (await results.get()).request.method == "hostbased"
+            with pytest.raises(paramiko.AuthenticationException):
+                # fallback=False: no automatic keyboard-interactive retry by paramiko
+                await pc.call(pc.t.auth_password, "alice", "bad", fallback=False)
+            with pytest.raises(paramiko.AuthenticationException):
+                await pc.call(pc.t.auth_publickey, "alice", _paramiko_key(BadSignatureKey))
+            await pc.call(pc.t.auth_publickey, "alice", _paramiko_key())
+            assert pc.t.is_authenticated()
+
+        server = servers[0]
+        assert server.events == [
+            ("request", "none", None), ("result", "none", "failure"),
+            ("request", "foo@example.com", None), ("result", "foo@example.com", "failure"),
+            ("request", "hostbased", None), ("result", "hostbased", "failure"),
+            ("request", "password", None), ("result", "password", "failure"),
+            # signed without a query; the key is fine (validate_public_key said True),
+            # so this failure can only be the signature: asyncssh reports nothing more
+            ("request", "publickey", False), ("result", "publickey", "failure"),
+            ("request", "publickey", False), ("result", "publickey", "success"),
+        ]
+        assert server.key_checks == [True, True]
+
+    run(main)
+
+
+def test_adapter_disconnect_code_2_seen_by_paramiko(caplog: pytest.LogCaptureFixture) -> None:
+    async def main() -> None:
+        ctx = Ctx()
+
+        class Server(AuthServer):
+            def password_auth_supported(self) -> bool:
+                return True
+
+            def validate_password(self, username: str, password: str) -> bool:
+                return False
+
+            def on_auth_result(self, conn: asyncssh.SSHServerConnection,
+                               res: AuthResult) -> None:
+                assert self.conn is not None
+                if res.kind == "failure" and hook_state(self.conn).auth_failures >= 3:
+                    conn.disconnect(asyncssh.DISC_PROTOCOL_ERROR,
+                                    "too many authentication failures")
+
+        async with serve(ctx, lambda: Server(ctx)) as port, \
+                paramiko_client(port, auth_none=False) as pc:
+            with pytest.raises(paramiko.BadAuthenticationType):
+                await pc.call(pc.t.auth_none, "alice")  # failure 1
+            with pytest.raises(paramiko.AuthenticationException) as second:
+                await pc.call(pc.t.auth_password, "alice", "bad", fallback=False)
+            assert "Authentication failed." in str(second.value)
+            with pytest.raises(paramiko.AuthenticationException) as third:
+                await pc.call(pc.t.auth_password, "alice", "bad", fallback=False)
+            # paramiko only says "transport shut down"; the reason is in its log
+            assert "transport shut down" in str(third.value)
+            exc, phase = await ctx.lost
+            assert exc is None and phase == "auth"
+
+    with caplog.at_level("INFO", logger="paramiko.transport"):
+        run(main)
+    assert any("too many authentication failures" in r.getMessage() for r in caplog.records)
+
+
+def test_superseded_auth_request_is_reported() -> None:
+    """A USERAUTH_REQUEST arriving while the previous one is still being decided makes
+    asyncssh cancel the previous one, which is then never answered."""
+
+    async def main() -> None:
+        ctx = Ctx()
+        servers: list[AuthServer] = []
+        second_answered = ctx.future()
+        first_checked = ctx.future()
+        never: asyncio.Future[bool] = ctx.future()
+
+        class Server(AuthServer):
+            def password_auth_supported(self) -> bool:
+                return True
+
+            async def validate_password(self, username: str, password: str) -> bool:
+                if password == "first":
+                    settle(first_checked, None)
+                    return await never  # still deciding when the next request comes
+                return False
+
+            def on_auth_result(self, conn: asyncssh.SSHServerConnection,
+                               res: AuthResult) -> None:
+                super().on_auth_result(conn, res)
+                if res.request and res.request.seq == 2:
+                    settle(second_answered, None)
+
+        def factory() -> AuthServer:
+            servers.append(Server(ctx))
+            return servers[-1]
+
+        def password(pc: PTransport, pw: str) -> None:
+            pc.send_raw(("byte", cMSG_USERAUTH_REQUEST), ("string", "alice"),
+                        ("string", "ssh-connection"), ("string", "password"),
+                        ("boolean", False), ("string", pw))
+
+        async with serve(ctx, factory) as port, paramiko_client(port, auth_none=False) as pc:
+            with pytest.raises(paramiko.BadAuthenticationType):
+                await pc.call(pc.t.auth_none, "alice")
+            password(pc, "first")
+            await first_checked
+            password(pc, "second")
+            await second_answered
+
+        assert servers[0].events[2:] == [
+            ("request", "password", None),
+            ("result", "password", "superseded"),
+            ("request", "password", None),
+            ("result", "password", "failure"),
+        ]
+        assert never.cancelled()  # asyncssh cancelled the first validate_password
+
+    run(main)
+
+
+def test_truncated_auth_request_is_an_abort_without_disconnect_message() -> None:
+    """Documented (HACKS.md): malformed method data in USERAUTH_REQUEST kills the
+    connection from an asyncssh task: no DISCONNECT, connection_lost(PacketDecodeError)."""
+
+    async def main() -> None:
+        ctx = Ctx()
+        seen: asyncio.Future[AuthRequest] = ctx.future()
+
+        class Server(AuthServer):
+            def password_auth_supported(self) -> bool:
+                return True
+
+            def on_auth_request(self, conn: asyncssh.SSHServerConnection,
+                                req: AuthRequest) -> None:
+                if req.method == "password":
+                    settle(seen, req)
+
+        async with serve(ctx, lambda: Server(ctx)) as port, \
+                paramiko_client(port, auth_none=False) as pc:
+            with pytest.raises(paramiko.BadAuthenticationType):
+                await pc.call(pc.t.auth_none, "alice")
+            pc.send_raw(("byte", cMSG_USERAUTH_REQUEST), ("string", "alice"),
+                        ("string", "ssh-connection"), ("string", "password"),
+                        ("boolean", False))
+            req = await seen
+            assert req.malformed == "truncated password length" and req.payload == b""
+            exc, phase = await ctx.lost
+            assert type(exc).__name__ == "PacketDecodeError" and phase == "auth"
+
+    run(main)
+
+
+# --------------------------------------------------------------------------- 6/7. lifetime
+
+
+def _packet(payload: bytes) -> bytes:
+    padlen = 8 - (5 + len(payload)) % 8
+    padlen += 8 if padlen < 4 else 0
+    return struct.pack(">IB", 1 + len(payload) + padlen, padlen) + payload + bytes(padlen)
+
+
+def _kexinit(kex: bytes) -> bytes:
+    lists = [kex, b"ssh-ed25519", b"aes128-ctr", b"aes128-ctr", b"hmac-sha2-256",
+             b"hmac-sha2-256", b"none", b"none", b"", b""]
+    return Byte(20) + bytes(16) + b"".join(String(x) for x in lists) + Boolean(False) + UInt32(0)
+
+
+def _messages(stream: bytes) -> tuple[bytes, list[bytes]]:
+    """Split what an unencrypted server sent: (version line, message payloads)."""
+    line, _, rest = stream.partition(b"\r\n")
+    payloads = []
+    while rest:
+        length, padlen = struct.unpack(">IB", rest[:5])
+        payloads.append(rest[5:4 + length - padlen])
+        rest = rest[4 + length:]
+    return line, payloads
+
+
+@pytest.mark.parametrize("stall", ["version", "kex", "auth"])
+def test_login_timeout_covers_version_kex_and_auth_stalls(stall: str) -> None:
+    async def main() -> None:
+        ctx = Ctx()
+        kex_done: list[int] = []
+
+        class Server(AuthServer):
+            def on_kex_done(self, conn: asyncssh.SSHServerConnection, count: int) -> None:
+                kex_done.append(count)
+
+        async with serve(ctx, lambda: Server(ctx), login_timeout=0.25) as port:
+            if stall == "auth":
+                client = await PTransport(port).start()  # kex done, then silence
+                try:
+                    exc, phase = await ctx.lost
+                finally:
+                    await asyncio.to_thread(client.close)
+            else:
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                conn = await ctx.conn_made  # TCP accepted: connection_made, pre-version
+                assert hook_state(conn).phase == "version"
+                if stall == "kex":
+                    writer.write(b"SSH-2.0-stalling\r\n")
+                received = await reader.read()  # until the server closes
+                writer.close()
+                exc, phase = await ctx.lost
+                line, payloads = _messages(received)
+                assert line.startswith(b"SSH-2.0-AsyncSSH_")
+                # no DISCONNECT (1): the socket is just closed
+                assert [p[0] for p in payloads] == ([] if stall == "version" else [20])
+        assert is_login_timeout(exc) and phase == stall
+        assert kex_done == ([1] if stall == "auth" else [])
+
+    run(main)
+
+
+def test_key_exchange_failure_and_normal_lifecycle_phases() -> None:
+    async def main() -> None:
+        ctx = Ctx()
+        trace: list[tuple[str, str]] = []
+
+        class Server(AuthServer):
+            def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
+                super().connection_made(conn)
+                trace.append(("connection_made", hook_state(conn).phase))
+
+            def on_kex_done(self, conn: asyncssh.SSHServerConnection, count: int) -> None:
+                trace.append((f"kex_done {count}", hook_state(conn).phase))
+
+            def auth_completed(self) -> None:
+                assert self.conn is not None
+                trace.append(("auth_completed", hook_state(self.conn).phase))
+                super().auth_completed()
+
+        async with serve(ctx, lambda: Server(ctx)) as port:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"SSH-2.0-raw\r\n" + _packet(_kexinit(b"bogus-kex@example.com")))
+            received = await reader.read()
+            writer.close()
+            exc, phase = await ctx.lost
+            assert isinstance(exc, asyncssh.KeyExchangeFailed) and phase == "kex"
+            kexinit, disconnect = _messages(received)[1]
+            assert kexinit[0] == 20 and disconnect[0] == 1
+            code, reason_len = struct.unpack(">II", disconnect[1:9])
+            assert code == asyncssh.DISC_KEY_EXCHANGE_FAILED
+            assert disconnect[9:9 + reason_len] == exc.reason.encode()
+
+            trace.clear()
+            ctx.lost = ctx.future()
+            async with await aconnect(port, client_keys=[GOOD_KEY]):
+                await ctx.auth_completed
+            exc, phase = await ctx.lost
+            assert exc is None and phase == "connected"
+        assert trace == [("connection_made", "version"), ("kex_done 1", "auth"),
+                         ("auth_completed", "connected")]
+
+    run(main)
+
+
+# --------------------------------------------------------------------------- 5. documented
+
+
+def test_stock_asyncssh_disconnects_paramiko_second_auth_attempt() -> None:
+    """Without on_service_request -> True, paramiko's SERVICE_REQUEST before its second
+    auth attempt makes asyncssh disconnect (ServiceNotAvailable, code 7)."""
+
+    async def main() -> None:
+        ctx = Ctx()
+
+        class Stock(AuthServer):
+            def on_service_request(self, conn: asyncssh.SSHServerConnection,
+                                   service: str | None) -> Any:
+                return ASYNCSSH_DEFAULT
+
+            def password_auth_supported(self) -> bool:
+                return True
+
+        async with serve(ctx, lambda: Stock(ctx)) as port, \
+                paramiko_client(port, auth_none=False) as pc:
+            with pytest.raises(paramiko.BadAuthenticationType):
+                await pc.call(pc.t.auth_none, "alice")
+            with pytest.raises(paramiko.AuthenticationException):
+                await pc.call(pc.t.auth_password, "alice", "pw", fallback=False)
+            exc, phase = await ctx.lost
+            assert isinstance(exc, asyncssh.ServiceNotAvailable) and phase == "auth"
+
+    run(main)
+
+
+def test_malformed_channel_data_is_a_protocol_error_disconnect() -> None:
+    """Documented (HACKS.md): only channel *requests* are kept alive; a malformed
+    CHANNEL_DATA is still asyncssh's protocol-error disconnect."""
+
+    async def main() -> None:
+        ctx = Ctx()
+        async with serve(ctx, lambda: HookServer(ctx)) as port, await aconnect(port) as conn:
+            chan, _ = await exec_session(conn)
+            chan.send_packet(94, UInt32(100))  # CHANNEL_DATA whose string is truncated
+            await conn.wait_closed()
+            exc, phase = await ctx.lost
+            assert isinstance(exc, asyncssh.ProtocolError) and phase == "connected"
+
+    run(main)
