@@ -176,6 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", help="write here instead of stdout")
     p.add_argument("--readme", metavar="FILE", help=argparse.SUPPRESS)  # make readme-diagrams
     p.set_defaults(func=_cmd_diagram)
+
+    from sshspec.adapters.check import add_commands
+    add_commands(sub)  # check, coverage
     return parser
 
 
