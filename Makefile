@@ -23,7 +23,11 @@ lint: $(STAMP)
 	$(BIN)/ruff check fsm adapters codes tests bench
 
 test: system-packages $(STAMP) lint
+	rm -rf .test-logs
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+	@# Every live server's log must replay against the specs, complete.
+	$(BIN)/sshspec check --complete .test-logs/*.jsonl > .test-logs/check.txt || (cat .test-logs/check.txt; exit 1)
+	@echo "sshspec check --complete: $$(ls .test-logs/*.jsonl | wc -l) live-test logs replay against the specs"
 	$(BIN)/sshspec coverage --summary .test-logs/*.jsonl
 
 fuzz: $(STAMP)

@@ -102,9 +102,14 @@ class SessionHandler:
         return False
 
     async def start(self, io: SessionIO) -> None:
-        """Start the program; raise `BackendError` if it cannot start."""
+        """Start the program; raise `BackendError` if it cannot start. The
+        in-process `run` begins in `started`, once the client has its reply."""
         self._io = io
-        self._task = asyncio.get_running_loop().create_task(self.run(io))
+
+    def started(self) -> None:
+        """The client was told the program started (the SUCCESS reply went out)."""
+        if self._io is not None and self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self.run(self._io))
 
     async def run(self, io: SessionIO) -> int | ExitStatus:
         raise BackendError(f"this server runs no {io.kind}")

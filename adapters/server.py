@@ -184,10 +184,15 @@ class SpecSession(asyncssh.SSHServerSession[bytes]):
         except Exception as exc:  # BackendError or a handler bug: the request fails
             reason = str(exc) if isinstance(exc, BackendError) else f"handler error: {exc!r}"
             return self._outcome(False, name, reason=reason)
-        ok = self._outcome(True, name)
-        if self.state.state == "running":
+        return self._outcome(True, name)
+
+    def session_started(self) -> None:
+        # Called by the channel right after the SUCCESS reply went out: only now
+        # may the program's end (exit status, close) follow, or the reply would
+        # come after the close and be lost.
+        if self.state.state in ("running", "running_pending"):
+            self.handler.started()
             self._waiter = asyncio.get_running_loop().create_task(self._wait_for_exit())
-        return ok
 
     def _server_env(self, chan: asyncssh.SSHServerChannel[bytes]) -> dict[str, str]:
         peer = chan.get_extra_info("peername") or ("", 0)
@@ -201,11 +206,13 @@ class SpecSession(asyncssh.SSHServerSession[bytes]):
             status = await self.handler.wait()
         except asyncio.CancelledError:
             return
-        except Exception as exc:
-            status = ExitStatus(None, "ABRT")  # could not obtain the status: report abnormal end
-            self.conn.server.log_handler_error("wait", exc)
+        except Exception as exc:  # could not obtain the status: report an abnormal end
+            status = ExitStatus(None, "ABRT")
+            reason: str | None = f"handler error: {exc!r}"
+        else:
+            reason = None
         if status.signal is not None:
-            step = self.fire("program_killed", signal=status.signal)
+            step = self.fire("program_killed", signal=status.signal, reason=reason)
         else:
             step = self.fire("program_exited", exit_code=status.code)
         if step.reply in ("send_exit_status", "send_exit_signal"):
@@ -305,6 +312,7 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
         self.lost = False  # the transport is gone: nothing can be sent any more
         self.counted_as_startup = False
         self._channel_ids = itertools.count(0)
+        self._signed_key_verdict: str | None = None
         self._keepalive: asyncio.Task[None] | None = None
 
     def fire(self, event: str, **labels: Any) -> Step:
@@ -384,6 +392,10 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
 
     # -- hooks: every USERAUTH_REQUEST, answer, global request and channel open
 
+    def on_service_request(self, conn: asyncssh.SSHServerConnection, service: str | None) -> bool:
+        # paramiko asks for ssh-userauth before every attempt; OpenSSH allows it.
+        return service == "ssh-userauth"
+
     def on_kex_done(self, conn: asyncssh.SSHServerConnection, count: int) -> None:
         if count == 1:
             self.fire("auth_begin")
@@ -401,11 +413,21 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
         self.fire(event, method=method)
 
     def on_auth_result(self, conn: asyncssh.SSHServerConnection, res: internals.AuthResult) -> None:
-        # asyncssh answers some attempts without asking a validator (a bad
-        # signature, an undecodable key): the attempt is then invalid.
-        if res.kind == "failure" and self.state.state in ("checking", "querying"):
-            self.fire("auth_bad", method=res.request.method if res.request else None,
-                      reason="rejected by the SSH layer")
+        if self.state.state not in ("checking", "querying"):
+            return
+        method = res.request.method if res.request else None
+        if self._signed_key_verdict is not None:
+            # asyncssh verifies a publickey signature after asking validate_public_key,
+            # so the attempt's verdict is known only now, just before the answer goes out.
+            verdict, self._signed_key_verdict = self._signed_key_verdict, None
+            if res.kind == "success":
+                self._verdict(verdict, "publickey")  # may disconnect instead of the success
+            else:
+                self.fire(f"auth_{verdict if verdict != 'ok' else 'bad'}", method=method,
+                          reason=None if verdict != "ok" else "bad signature")
+        elif res.kind == "failure":
+            # asyncssh answered without asking a validator (an undecodable key).
+            self.fire("auth_bad", method=method, reason="rejected by the SSH layer")
 
     async def validate_password(self, username: str, password: str) -> bool:
         assert self.backend is not None
@@ -414,11 +436,11 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
 
     def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
         assert self.backend is not None
-        querying = self.state.state == "querying"
         verdict = self.backend.check_publickey(username, key)
-        if querying:
+        if self.state.state == "querying":
             return self.fire(f"auth_{verdict}", method="publickey").reply == "pk_ok"
-        return self._verdict(verdict, "publickey")
+        self._signed_key_verdict = verdict  # fired in on_auth_result, after the signature check
+        return verdict == "ok"
 
     def get_kbdint_challenge(self, username: str, lang: str, submethods: str) -> Any:
         assert self.backend is not None
@@ -446,12 +468,13 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
         if step.target != "authenticated":
             return False
         assert self.backend is not None and self.info.username is not None
+        reason = None
         try:
             accepted = self.backend.accept_user(self.info.username)
         except Exception as exc:
-            self.server.log_handler_error("accept_user", exc)
-            accepted = False
-        step = self.fire("backend_accepted" if accepted else "backend_rejected", method=method)
+            accepted, reason = False, f"handler error: {exc!r}"
+        step = self.fire("backend_accepted" if accepted else "backend_rejected", method=method,
+                         reason=reason)
         return step.reply == "accept_user"
 
     def on_global_request(self, conn: asyncssh.SSHServerConnection,
@@ -560,9 +583,6 @@ class Server:
         if step.codes:
             self.emitter.emit(step, Labels(**labels))
         return step
-
-    def log_handler_error(self, where: str, exc: BaseException) -> None:
-        self.logger.log("error", "SSH_BACKEND_ERROR", f"handler {where} raised {exc!r}", Labels())
 
     async def start(self) -> None:
         if self.fire("start").kind == "refuse":

@@ -119,14 +119,15 @@ def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> None:
 
 def start_server(tmp: Path, name: str, *, config: dict[str, Any] | None = None,
                  handler: str | None = None, extra_args: list[str] | None = None,
+                 log_dir: Path = TEST_LOGS,
                  env: dict[str, str] | None = None) -> LiveServer:
     """Start `sshspec serve` with a fresh key pair; wait until it listens."""
     key = tmp / "id_ed25519"
     if not key.exists():
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
-    TEST_LOGS.mkdir(exist_ok=True)
+    log_dir.mkdir(exist_ok=True)
     safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)[:120]
-    log = TEST_LOGS / f"{safe}-{os.getpid()}-{time.monotonic_ns()}.jsonl"
+    log = log_dir / f"{safe}-{os.getpid()}-{time.monotonic_ns()}.jsonl"
     path = write_config(tmp / "config.yaml", state=tmp / "state", log=log,
                         pubkey=(tmp / "id_ed25519.pub").read_text().strip(), overrides=config)
     cmd = [*SSHSPEC, "serve", "--config", str(path)]

@@ -119,7 +119,9 @@ def test_shutdown_deadline_closes_what_is_left(server_factory) -> None:  # type:
 
 
 def test_workers_share_the_port_and_stop_together(tmp_path: Path) -> None:
-    live = start_server(tmp_path, "workers", extra_args=["--workers", "2"])
+    # Its log holds two server lifetimes: kept out of .test-logs (checked as
+    # one-server logs by `make test`) and checked here with --workers 2.
+    live = start_server(tmp_path, "workers", extra_args=["--workers", "2"], log_dir=tmp_path)
     try:
         workers = subprocess.run(["pgrep", "-P", str(live.process.pid)], capture_output=True, text=True)
         assert len(workers.stdout.split()) == 2
@@ -130,6 +132,8 @@ def test_workers_share_the_port_and_stop_together(tmp_path: Path) -> None:
         assert live.stop() == 0
     codes = live.codes()
     assert codes.count("SSH_AVAILABLE") == 2 and codes.count("SSH_STOPPED") == 2
+    done = run_sshspec("check", "--complete", "--workers", "2", str(live.log))
+    assert done.returncode == 0, done.stdout + done.stderr
 
 
 def test_embedded_defaults_offer_a_one_time_password(tmp_path: Path) -> None:

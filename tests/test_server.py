@@ -146,3 +146,39 @@ def test_keyboard_interactive(server: LiveServer) -> None:
     records = server.wait_for_code("SSH_AUTH_SUCCESSFUL")
     ok = [r for r in records if r["code"] == "SSH_AUTH_SUCCESSFUL"]
     assert ok[0]["labels"]["method"] == "keyboard-interactive"
+
+
+def _demo_run(server: LiveServer, command: str = "world") -> asyncssh.SSHCompletedProcess:
+    async def main() -> asyncssh.SSHCompletedProcess:
+        async with connect(server, username="demo", password="demo", preferred_auth="password") as conn:
+            return await conn.run(command)
+    return asyncio.run(main())
+
+
+def test_handler_api_serves_an_in_process_app(server_factory) -> None:  # type: ignore[no-untyped-def]
+    live = server_factory(handler="apps:App")
+    result = _demo_run(live, "world")
+    assert result.stdout == "hello world\n" and result.exit_status == 0
+
+
+def test_backend_rejection(server_factory) -> None:  # type: ignore[no-untyped-def]
+    live = server_factory(handler="apps:Rejecting")
+    with pytest.raises((asyncssh.PermissionDenied, asyncssh.DisconnectError)):
+        _demo_run(live)
+    codes = live.wait_for_code("SSH_DISCONNECTED")
+    assert [r["code"] for r in codes][-3:] == ["SSH_AUTH_SUCCESSFUL", "SSH_BACKEND_REJECTED_HANDSHAKE",
+                                               "SSH_DISCONNECTED"]
+
+
+def test_backend_failing_to_open_a_session_rejects_the_channel(server_factory) -> None:  # type: ignore[no-untyped-def]
+    live = server_factory(handler="apps:Broken")
+
+    async def main() -> None:
+        async with connect(live, username="demo", password="demo", preferred_auth="password") as conn:
+            with pytest.raises(asyncssh.ChannelOpenError):
+                await conn.run("true")
+            with pytest.raises(asyncssh.ChannelOpenError):  # the connection still serves
+                await conn.run("true")
+    asyncio.run(main())
+    codes = live.codes()
+    assert codes.count("SSH_NEW_CHANNEL_REJECTED") == 2 and "SSH_BACKEND_ERROR" not in codes
