@@ -17,7 +17,6 @@ import os
 import secrets
 import signal
 import socket
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -589,13 +588,14 @@ class Server:
             raise RuntimeError("sshspec server is already running (SSH_ALREADY_RUNNING)")
         host, port = self.config.ssh.listen
         try:
+            internals.assert_asyncssh_compat()  # a moved asyncssh private fails here, loudly
             keys = load_host_keys(self.config)
             options = server_options(
                 self.config.ssh.profile, kex=self.config.ssh.kex or None,
                 ciphers=self.config.ssh.ciphers or None, macs=self.config.ssh.macs or None,
                 host_key_algs=self.config.ssh.host_key_algorithms or None, host_keys=keys)
             self.sock = self._listen_socket(host, port)
-        except (OSError, ValueError, asyncssh.KeyImportError) as exc:
+        except (OSError, ValueError, asyncssh.KeyImportError, internals.AsyncsshCompatError) as exc:
             self.fire("bind_failed", reason=f"{host}:{port}: {exc}")
             raise StartError(f"cannot start on {host}:{port}: {exc}") from exc
         version = self.config.ssh.server_version.removeprefix("SSH-2.0-")
@@ -681,7 +681,7 @@ def load_host_keys(config: Config) -> list[asyncssh.SSHKey]:
         with os.fdopen(fd, "wb") as f:
             f.write(key.export_private_key())
         path.with_suffix(".pub").write_bytes(key.export_public_key())
-        print(f"sshspec: created host key {path}", file=sys.stderr)
+        _announce(f"sshspec: created host key {path}")
     return [asyncssh.read_private_key(str(path))]
 
 
@@ -728,7 +728,9 @@ _KEY_TYPES = ("ssh-", "ecdsa-", "sk-", "rsa-")
 
 
 def _announce(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
+    # One write(2) per line: with --workers several processes share stderr, and
+    # print() may split a line into two writes that interleave.
+    os.write(2, (text + "\n").encode())
 
 
 # --- running it -------------------------------------------------------------------------------
@@ -741,10 +743,10 @@ async def serve_async(config: Config, handler: Handler | None = None, *,
     try:
         await server.start()
     except StartError as exc:
-        print(f"sshspec serve: {exc}", file=sys.stderr)
+        _announce(f"sshspec serve: {exc}")
         return 1
     assert server.address is not None
-    print(f"sshspec: listening on {server.address[0]}:{server.address[1]}", file=sys.stderr, flush=True)
+    _announce(f"sshspec: listening on {server.address[0]}:{server.address[1]}")
     if ready is not None:
         ready(server)
     stop = asyncio.Event()
@@ -764,6 +766,11 @@ def run_workers(config: Config, handler: Handler | None, workers: int) -> int:
 
     from sshspec.adapters.config import Listen
     handler = handler if handler is not None else configured_handler(config)
+    try:
+        load_host_keys(config)  # create the key once here, not racing in every worker
+    except (OSError, ValueError, asyncssh.KeyImportError) as exc:
+        _announce(f"sshspec serve: host key: {exc}")
+        return 1
     host, port = config.ssh.listen
     # Reserve the port (port 0 picks one) with a bound, never listening socket
     # in the same SO_REUSEPORT group, so every worker lands on the same port.
@@ -773,7 +780,7 @@ def run_workers(config: Config, handler: Handler | None, workers: int) -> int:
     try:
         reserve.bind((host, port))
     except OSError as exc:
-        print(f"sshspec serve: cannot start on {host}:{port}: {exc}", file=sys.stderr)
+        _announce(f"sshspec serve: cannot start on {host}:{port}: {exc}")
         return 1
     port = reserve.getsockname()[1]
     ssh = msgspec.structs.replace(config.ssh, listen=Listen(host, port))

@@ -283,3 +283,8 @@ def test_diagram_cli_refuses_broken_spec_file(tmp_path: Path) -> None:
     assert done.returncode == 2
     assert f"{path}: transitions[0].emit[0]: unknown code 'SSH_NOPE'" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_spec_schema_file_is_current() -> None:
+    from sshspec.fsm.spec import spec_schema
+    assert (ROOT / "spec.schema.json").read_bytes() == spec_schema(), "run `make generated`"
