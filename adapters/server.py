@@ -126,15 +126,15 @@ class SpecSession(asyncssh.SSHServerSession[bytes]):
                    req: internals.ChannelRequest) -> bool | asyncio.Future[bool] | Any:
         name = req.type if req.type is not None else repr(req.raw_type)
         if req.malformed is not None:
-            return self._refused(self.fire("malformed_request", name, reason=req.malformed))
+            return self._replied(self.fire("malformed_request", name, reason=req.malformed))
         try:
             decoded = internals.decode_request(req)
         except internals.RequestDecodeError as exc:
-            return self._refused(self.fire("malformed_request", name, reason=exc.reason))
+            return self._replied(self.fire("malformed_request", name, reason=exc.reason))
         event = EVENT_OF_REQUEST.get(name)
         if event is None:
             kind = "not_implemented" if name in NOT_IMPLEMENTED else "unknown_request"
-            return self._refused(self.fire(kind, name))
+            return self._replied(self.fire(kind, name))
         step = self.fire(event, name)
         if step.kind != "transition" or step.reply is not None:
             return step.reply == "success"  # refused in this state: the spec's failure
@@ -146,7 +146,8 @@ class SpecSession(asyncssh.SSHServerSession[bytes]):
             return self._outcome(False, name, reason=f"handler error: {exc!r}")
         return self._outcome(ok, name)
 
-    def _refused(self, step: Step) -> bool:
+    @staticmethod
+    def _replied(step: Step) -> bool:
         return step.reply == "success"
 
     def _outcome(self, ok: bool, name: str, **labels: Any) -> bool:
@@ -183,6 +184,10 @@ class SpecSession(asyncssh.SSHServerSession[bytes]):
         except Exception as exc:  # BackendError or a handler bug: the request fails
             reason = str(exc) if isinstance(exc, BackendError) else f"handler error: {exc!r}"
             return self._outcome(False, name, reason=reason)
+        if self.state.state == "closed":
+            # The channel closed while the program was starting: the close step's
+            # reply ("end the program") could not reach a program that did not exist yet.
+            self.handler.close()
         return self._outcome(True, name)
 
     def session_started(self) -> None:
