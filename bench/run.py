@@ -1,0 +1,368 @@
+"""`make bench`: sshspec (B) against a bare asyncssh server (A) on this machine.
+
+    .venv/bin/python bench/run.py [--quick] [-n N] [-c C] [--rounds R] [--sessions S] [--auth MODE]
+
+Servers run as subprocesses pinned to CPU 0, the load client (bench/load.py) on CPU 1.
+Throughput rounds alternate A, B (log debug), B (log error) on long-lived servers;
+memory uses fresh servers. Prints a table and writes bench/results/latest.json (plus
+a copy named after the date and commit). Targets are reported, never asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import resource
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+PY = sys.executable
+SSHSPEC = [str(Path(PY).with_name("sshspec"))] if Path(PY).with_name("sshspec").exists() \
+    else [PY, "-m", "sshspec.adapters.cli"]
+TWO_CPUS = (os.cpu_count() or 1) >= 2
+SERVER_CPU, CLIENT_CPU = 0, 1
+TICK = os.sysconf("SC_CLK_TCK")
+LISTENING = re.compile(r"listening on [0-9.]+:(\d+)")
+ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+
+def pinned(cpu: int) -> Any:
+    return (lambda: os.sched_setaffinity(0, {cpu})) if TWO_CPUS else None
+
+
+@dataclass
+class Server:
+    name: str
+    proc: subprocess.Popen[bytes]
+    port: int
+
+    def pids(self) -> list[int]:
+        """The server and its forked workers (--workers)."""
+        out, todo = [], [self.proc.pid]
+        while todo:
+            pid = todo.pop()
+            out.append(pid)
+            for task in Path(f"/proc/{pid}/task").glob("*/children"):
+                todo += [int(p) for p in task.read_text().split()]
+        return out
+
+    def cpu_s(self) -> float:
+        total = 0
+        for pid in self.pids():
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime + stime, all threads
+        return total / TICK
+
+    def rss_kib(self) -> int:
+        total = 0
+        for pid in self.pids():
+            status = Path(f"/proc/{pid}/status").read_text()
+            total += int(status.split("VmRSS:", 1)[1].split()[0])
+        return total
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+def start(name: str, argv: list[str], work: Path, *, pin: bool = True) -> Server:
+    errfile = work / f"{name}.stderr"
+    with open(errfile, "wb") as err:
+        proc = subprocess.Popen(argv, cwd=ROOT, env=ENV, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=err,
+                                preexec_fn=pinned(SERVER_CPU) if pin else None)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if match := LISTENING.search(errfile.read_text(errors="replace")):
+            return Server(name, proc, int(match.group(1)))
+        if proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    proc.kill()
+    raise SystemExit(f"bench: {name} did not start:\n{errfile.read_text(errors='replace')[-2000:]}")
+
+
+def server_a(work: Path, key: Path) -> Server:
+    return start("A", [PY, "-m", "bench.bare_server", str(key), "0"], work)
+
+
+def server_b(work: Path, key: Path, level: str, name: str, *extra: str, pin: bool = True) -> Server:
+    config = work / f"{name}.yaml"
+    config.write_text(json.dumps({  # JSON is YAML
+        "ssh": {"listen": "127.0.0.1:0", "hostkeys": [str(key)]},
+        "limits": {"maxStartups": 100000, "maxSessions": 10},
+        "log": {"level": level, "format": "json", "file": str(work / f"{name}.log")},
+        "stateDir": str(work / "state")}))
+    return start(name, [*SSHSPEC, "serve", "--config", str(config),
+                        "--handler", "bench.handler:BenchHandler", *extra], work, pin=pin)
+
+
+def load(mode: str, port: int, n: int, c: int) -> list[str]:
+    return [PY, "-m", "bench.load", mode, "--port", str(port), "-n", str(n), "-c", str(c)]
+
+
+def run_load(server: Server, n: int, c: int) -> dict[str, Any]:
+    if server.proc.poll() is not None:
+        raise SystemExit(f"bench: server {server.name} exited with status {server.proc.returncode}")
+    cpu = server.cpu_s()
+    done = subprocess.run(load("run", server.port, n, c), cwd=ROOT, env=ENV, capture_output=True,
+                          timeout=240, preexec_fn=pinned(CLIENT_CPU))
+    if done.returncode != 0:
+        raise SystemExit(f"bench: load against {server.name} failed:\n{done.stderr.decode()[-2000:]}")
+    result: dict[str, Any] = json.loads(done.stdout)
+    result["server_cpu_ms"] = round((server.cpu_s() - cpu) * 1000 / max(1, result["ok"]), 3)
+    return result
+
+
+def hold(server: Server, n: int, c: int) -> dict[str, Any]:
+    """RSS per idle session: fresh server, a short warm-up, then n sessions held."""
+    run_load(server, 32, 8)
+    time.sleep(0.5)
+    before = server.rss_kib()
+    proc = subprocess.Popen(load("hold", server.port, n, c), cwd=ROOT, env=ENV, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, preexec_fn=pinned(CLIENT_CPU))
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        opened = json.loads(proc.stdout.readline() or "{}")  # load.py bounds its phases in time
+        time.sleep(1.0)
+        during = server.rss_kib() if server.proc.poll() is None else before
+        proc.stdin.write(b"release\n")
+        proc.stdin.flush()
+        released = json.loads(proc.stdout.readline() or "{}")
+        proc.wait(120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    held = opened.get("held", 0)
+    return {"sessions": n, "held": held, "errors": opened.get("errors", n),
+            "error_kinds": opened.get("error_kinds", {}), "open_s": opened.get("open_s"),
+            "exit_ok": released.get("exit_ok", 0), "rss_before_kib": before, "rss_held_kib": during,
+            "kib_per_session": round((during - before) / max(1, held), 2),
+            "server_alive": server.proc.poll() is None}
+
+
+def med(values: list[float]) -> float:
+    return round(statistics.median(values), 3)
+
+
+def throughput(work: Path, key: Path, n: int, c: int, rounds: int) -> dict[str, Any]:
+    servers = [server_a(work, key), server_b(work, key, "debug", "B"),
+               server_b(work, key, "error", "B_error")]
+    runs: dict[str, list[dict[str, Any]]] = {s.name: [] for s in servers}
+    try:
+        for s in servers:
+            run_load(s, min(n, 100), c)  # warm-up
+        for r in range(rounds):
+            for s in servers if r % 2 == 0 else servers[::-1]:
+                runs[s.name].append(run_load(s, n, c))
+                last = runs[s.name][-1]
+                print(f"  round {r + 1}/{rounds} {s.name:<8} {last['conns_per_s']:>7.1f} conn/s  "
+                      f"p99 {last['p99_ms']:>6.1f} ms  server {last['server_cpu_ms']:.2f} ms/conn  "
+                      f"errors {last['errors']}", flush=True)
+    finally:
+        for s in servers:
+            s.stop()
+    out: dict[str, Any] = {"n": n, "c": c, "rounds": rounds, "runs": runs}
+    for name, rs in runs.items():
+        out[name] = {k: med([x[k] for x in rs]) for k in
+                     ("conns_per_s", "p50_ms", "p99_ms", "server_cpu_ms", "client_cpu")}
+        out[name]["errors"] = sum(x["errors"] for x in rs)
+
+    def pair(key: str, top: str, bottom: str) -> float:
+        return med([t[key] / b[key] for t, b in zip(runs[top], runs[bottom], strict=True)])
+
+    out["ratio_B_A"] = pair("conns_per_s", "B", "A")
+    out["p99_B_A"] = pair("p99_ms", "B", "A")
+    out["cpu_B_A"] = pair("server_cpu_ms", "B", "A")  # server CPU per connection
+    out["debug_vs_error"] = pair("conns_per_s", "B", "B_error")
+    out["cpu_debug_vs_error"] = pair("server_cpu_ms", "B", "B_error")
+    return out
+
+
+def memory(work: Path, key: Path, sessions: int, big: int) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, make in (("A", lambda: server_a(work, key)),
+                       ("B", lambda: server_b(work, key, "debug", "B_mem"))):
+        server = make()
+        try:
+            out[name] = hold(server, sessions, 32)
+        finally:
+            server.stop()
+        print(f"  {name}: {out[name]['kib_per_session']} KiB/session ({out[name]['held']} held, "
+              f"{out[name]['errors']} errors)", flush=True)
+    if big > sessions:
+        server = server_b(work, key, "debug", "B_big")
+        try:
+            out["B_big"] = hold(server, big, 64)
+        finally:
+            server.stop()
+        print(f"  B x{big}: {out['B_big']['held']} held, {out['B_big']['errors']} errors, "
+              f"{out['B_big']['kib_per_session']} KiB/session", flush=True)
+    return out
+
+
+def workers(work: Path, key: Path, n: int, c: int) -> dict[str, Any]:
+    helptext = subprocess.run([*SSHSPEC, "serve", "--help"], cwd=ROOT, env=ENV, capture_output=True,
+                              text=True, timeout=30).stdout
+    if "--workers" not in helptext:
+        return {"skipped": "sshspec serve --workers is not implemented"}
+    # Unpinned, so the workers can use both cores (the client still holds CPU 1).
+    servers = [server_b(work, key, "debug", "B_1worker", pin=False),
+               server_b(work, key, "debug", "B_2workers", "--workers", "2", pin=False)]
+    runs: dict[str, list[dict[str, Any]]] = {s.name: [] for s in servers}
+    try:
+        for s in servers:
+            run_load(s, min(n, 100), c)
+        for r in range(2):
+            for s in servers if r % 2 == 0 else servers[::-1]:
+                runs[s.name].append(run_load(s, n, c))
+    finally:
+        for s in servers:
+            s.stop()
+    out = {name: {k: med([x[k] for x in rs]) for k in ("conns_per_s", "p99_ms", "server_cpu_ms")}
+           for name, rs in runs.items()}
+    out["ratio_2_1"] = med([t["conns_per_s"] / b["conns_per_s"]
+                            for t, b in zip(runs["B_2workers"], runs["B_1worker"], strict=True)])
+    return out
+
+
+def engine(work: Path) -> dict[str, Any]:
+    path = work / "engine.json"
+    subprocess.run([PY, str(ROOT / "bench" / "engine.py"), "--json", str(path)], cwd=ROOT, env=ENV,
+                   check=True, timeout=120, stdout=subprocess.DEVNULL)
+    result: dict[str, Any] = json.loads(path.read_text())
+    return result
+
+
+def git_commit() -> str:
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                              text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return head + ("-dirty" if dirty else "") if head else "unknown"
+
+
+def report(res: dict[str, Any]) -> None:
+    t, m = res["throughput"], res["memory"]
+    print(f"\nsshspec bench  commit {res['commit']}  auth={res['auth']}  N={t['n']} C={t['c']} "
+          f"rounds={t['rounds']}  (medians)")
+    print(f"{'server':<10}{'conn/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'srv ms/conn':>13}{'client cpu':>12}"
+          f"{'errors':>8}{'KiB/session':>13}")
+    for name in ("A", "B", "B_error"):
+        r = t[name]
+        mem = f"{m[name]['kib_per_session']:>13}" if name in m else ""
+        print(f"{name:<10}{r['conns_per_s']:>9.1f}{r['p50_ms']:>9.1f}{r['p99_ms']:>9.1f}"
+              f"{r['server_cpu_ms']:>13.2f}{r['client_cpu']:>12.2f}{r['errors']:>8}{mem}")
+    targets = res["targets"]
+    print()
+    for key, (value, target, ok) in targets.items():
+        print(f"  {key:<34}{value:>12}  target {target:<16}{'ok' if ok else 'MISS'}")
+    if "B_big" in m:
+        big = m["B_big"]
+        print(f"  B with {big['sessions']} idle sessions: {big['held']} held, {big['errors']} errors "
+              f"{big['error_kinds'] or ''}, open {big['open_s']} s, {big['kib_per_session']} KiB/session, "
+              f"{big['exit_ok']} exited 0 on release")
+    w = res["workers"]
+    if "skipped" in w:
+        print(f"  workers: skipped: {w['skipped']}")
+    else:
+        print(f"  workers (unpinned, client on CPU 1): 1 worker {w['B_1worker']['conns_per_s']} conn/s, "
+              f"2 workers {w['B_2workers']['conns_per_s']} conn/s (x{w['ratio_2_1']}); server "
+              f"{w['B_1worker']['server_cpu_ms']} vs {w['B_2workers']['server_cpu_ms']} ms/conn")
+    for name, e in res["engine"].items():
+        print(f"  engine {name:<11}{e['compiled_events_per_s']:>11,} ev/s compiled, "
+              f"{e['ratio']}x transitions, {e['bytes_per_instance']} B/instance")
+
+
+def targets(res: dict[str, Any]) -> dict[str, tuple[Any, str, bool]]:
+    t, m = res["throughput"], res["memory"]
+    out: dict[str, tuple[Any, str, bool]] = {
+        "throughput B/A": (t["ratio_B_A"], ">= 0.95", t["ratio_B_A"] >= 0.95),
+        "server CPU/conn B/A (capacity)": (t["cpu_B_A"], "(<= 1.05)", t["cpu_B_A"] <= 1.05),
+        "p99 B/A": (t["p99_B_A"], "<= 1.10", t["p99_B_A"] <= 1.10),
+        "log debug vs error throughput": (t["debug_vs_error"], ">= 0.98", t["debug_vs_error"] >= 0.98),
+        "log debug vs error server CPU": (t["cpu_debug_vs_error"], "(<= 1.02)",
+                                          t["cpu_debug_vs_error"] <= 1.02),
+    }
+    if "A" in m and "B" in m:
+        extra = round(m["B"]["kib_per_session"] - m["A"]["kib_per_session"], 2)
+        out["idle session B - A (KiB)"] = (extra, "<= 4", extra <= 4)
+    if "B_big" in m:
+        big = m["B_big"]
+        out[f"{big['sessions']} idle sessions errors"] = (big["errors"], "0",
+                                                          big["errors"] == 0 and big["server_alive"])
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="N=200, 2 rounds, no 5000-session run")
+    parser.add_argument("-n", type=int, help="connections per throughput run (default 1000)")
+    parser.add_argument("-c", type=int, default=16, help="connections in flight (default 16)")
+    parser.add_argument("--rounds", type=int, help="A/B rounds (default 6)")
+    parser.add_argument("--sessions", type=int,
+                        help="also hold this many idle sessions on one B (default 5000; 0: skip)")
+    parser.add_argument("--auth", choices=["trivial", "scrypt"], default="trivial",
+                        help="password check on both servers (default: hmac compare, no scrypt)")
+    args = parser.parse_args()
+    n = args.n or (200 if args.quick else 1000)
+    rounds = args.rounds or (2 if args.quick else 6)
+    big = args.sessions if args.sessions is not None else (0 if args.quick else 5000)
+    idle = 1000  # fewer idle sessions measure RSS granularity more than sessions
+    ENV["BENCH_AUTH"] = args.auth
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # inherited by servers and clients
+    if hard < big + 1024:
+        print(f"bench: RLIMIT_NOFILE hard limit {hard} may be too low for {big} sessions")
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="sshspec-bench-") as tmp:
+        work = Path(tmp)
+        import asyncssh  # only to make the shared host key
+        key = work / "host_ed25519"
+        key.write_bytes(asyncssh.generate_private_key("ssh-ed25519").export_private_key())
+        key.chmod(0o600)
+        res: dict[str, Any] = {"commit": git_commit(),
+                               "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "auth": args.auth,
+                               "python": sys.version.split()[0],
+                               "asyncssh": asyncssh.__version__, "cpus": os.cpu_count(), "pinned": TWO_CPUS}
+        print(f"throughput: N={n} C={args.c}, {rounds} rounds", flush=True)
+        res["throughput"] = throughput(work, key, n, args.c, rounds)
+        print(f"memory: {idle} idle sessions" + (f", then {big} on B" if big else ""),
+              flush=True)
+        res["memory"] = memory(work, key, idle, big)
+        res["workers"] = workers(work, key, n, args.c)
+        res["engine"] = engine(work)
+    res["targets"] = targets(res)
+    res["elapsed_s"] = round(time.monotonic() - started, 1)
+    res["quick"] = args.quick
+    report(res)
+    out = ROOT / "bench" / "results"
+    out.mkdir(exist_ok=True)
+    text = json.dumps(res, indent=2)
+    (out / "latest.json").write_text(text)
+    stamp = res["date"].replace(":", "").replace("-", "")
+    (out / f"{stamp}-{res['commit']}{'-quick' if args.quick else ''}.json").write_text(text)
+    print(f"\nwrote bench/results/latest.json ({res['elapsed_s']} s)")
+
+
+if __name__ == "__main__":
+    main()
