@@ -209,6 +209,7 @@ class LimitsConfig(_Section):
 class BackendConfig(_Section):
     type: Literal["local"] = "local"
     env_deny: tuple[NonEmpty, ...] = ("LD_*", "DYLD_*")  # fnmatch patterns
+    shell: str = ""  # empty: the user's login shell from the passwd entry, as sshd does
 
 
 class LogConfig(_Section):
@@ -350,6 +351,8 @@ def _check(file: str, config: Config) -> None:
     if config.limits.login_timeout <= 0:
         # Without a deadline an unauthenticated client could hold a maxStartups slot forever.
         raise ConfigError(file, "limits.loginTimeout", "must be greater than 0")
+    if config.backend.shell and not os.path.isabs(config.backend.shell):
+        raise ConfigError(file, "backend.shell", f"must be an absolute path, got `{config.backend.shell}`")
     seen: dict[str, int] = {}
     for i, user in enumerate(config.auth.users):
         key = f"auth.users[{i}]"

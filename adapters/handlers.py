@@ -284,9 +284,9 @@ class ConfiguredHandler(Handler):
     """
 
     def __init__(self, users: Mapping[str, UserEntry], *, env_deny: tuple[str, ...] = (),
-                 max_env: int = 64) -> None:
+                 max_env: int = 64, shell: str | None = None) -> None:
         self.users = dict(users)
-        self.backend = LocalBackend(max_env=max_env)
+        self.backend = LocalBackend(max_env=max_env, shell=shell)
         self.env_deny = env_deny
 
     async def check_password(self, username: str, password: bytes) -> AuthVerdict:

@@ -103,6 +103,9 @@ def write_config(path: Path, *, state: Path, log: Path, pubkey: str,
         "auth": {"users": [{"username": USERNAME, "passwordHash": _PASSWORD_HASH,
                             "authorizedKeys": [pubkey]}]},
         "log": {"level": "debug", "format": "json", "file": str(log)},
+        # /bin/sh (dash) reads no rc file: root's ~/.bashrc here runs `pyenv init`,
+        # whose lock file, left behind by a killed session, stalls bash for 60 s.
+        "backend": {"shell": "/bin/sh"},
     }
     _deep_merge(config, overrides or {})
     path.write_text(yaml.safe_dump(config, sort_keys=False))

@@ -37,6 +37,7 @@ def test_unknown_config_key_stops_startup_with_status_2(tmp_path: Path) -> None:
     ("limits:\n  loginTimeout: soon\n", "limits.loginTimeout"),
     ("log:\n  level: loud\n", "log.level"),
     ("ssh:\n  listen: 127.0.0.1:99999\n", "ssh.listen"),
+    ("backend:\n  shell: sh\n", "backend.shell"),
 ])
 def test_wrong_values_name_the_key(tmp_path: Path, yaml: str, key: str) -> None:
     config = tmp_path / "bad.yaml"
