@@ -107,6 +107,9 @@ _STDIN_LOW_WATER = 16 * 1024
 # After exit, a pty is drained of at most this much: the tty layer buffers far less
 # (n_tty 4 KiB + flip buffers 64 KiB), and it bounds a background writer.
 _PTY_DRAIN_LIMIT = 1024 * 1024
+# After a killed session's leader exits: how long the rest of its process group
+# has to act on the SIGHUP before the SIGKILL.
+_HUP_GRACE = 0.3
 
 
 @dataclass(frozen=True, slots=True)
@@ -654,12 +657,12 @@ class LocalProcess:
         for fd in list(self._fds):
             self._close_fd(fd)
         self._killpg(signal.SIGHUP)
-        if self._status is not None:
-            self._killpg(signal.SIGKILL)
-        else:
-            self._kill_timer = self._loop.call_later(
-                self._kill_grace, self._killpg, signal.SIGKILL
-            )
+        grace = _HUP_GRACE if self._status is not None else self._kill_grace
+        self._kill_timer = self._loop.call_later(grace, self._final_kill)
+
+    def _final_kill(self) -> None:
+        self._kill_timer = None
+        self._killpg(signal.SIGKILL)
         self._maybe_finish()
 
     # -- internals --
@@ -724,7 +727,13 @@ class LocalProcess:
     def _on_exit(self, result: os.waitid_result | None) -> None:
         self._status = _status_from_waitid(result)
         if self._killed:
-            self._killpg(signal.SIGKILL)
+            # The leader is gone; the rest of its group gets a moment to act on the
+            # SIGHUP (cleanup traps, lock files: a `pyenv rehash` killed mid-way
+            # leaves a lock that stalls every later bash for 60 s) before the
+            # SIGKILL that takes along whoever ignores it.
+            if self._kill_timer is not None:
+                self._kill_timer.cancel()
+            self._kill_timer = self._loop.call_later(_HUP_GRACE, self._final_kill)
         else:
             for reader in self._readers:
                 reader.drain()
@@ -735,8 +744,8 @@ class LocalProcess:
             return
         if not self._killed and not all(reader.done for reader in self._readers):
             return
-        if self._kill_timer is not None:
-            self._kill_timer.cancel()
+        if self._killed and self._kill_timer is not None:
+            return  # the group's SIGKILL is still due: the leader's pid must not be reaped yet
         self._writer.stop()
         for fd in list(self._fds):
             self._close_fd(fd)
