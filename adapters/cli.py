@@ -88,11 +88,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 def _cmd_hash_password(args: argparse.Namespace) -> int:
     from sshspec.adapters.passwords import hash_password, read_password_for_hashing
     try:
-        password = read_password_for_hashing(sys.stdin)
+        print(hash_password(read_password_for_hashing(sys.stdin)))
     except (ValueError, EOFError) as exc:
         print(f"sshspec hash-password: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    print(hash_password(password))
     return EXIT_OK
 
 

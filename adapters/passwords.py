@@ -27,6 +27,8 @@ import os
 import re
 from typing import BinaryIO, NamedTuple, TextIO
 
+from asyncssh.saslprep import SASLPrepError, saslprep
+
 LN, R, P = 14, 8, 1
 SALT_BYTES = 16
 KEY_BYTES = 32
@@ -101,17 +103,34 @@ def _scrypt(password: bytes, ln: int, r: int, p: int, salt: bytes, dklen: int) -
     return hashlib.scrypt(password, salt=salt, n=2**ln, r=r, p=p, dklen=dklen, maxmem=MAX_MEMORY + 2**20)
 
 
+def prepare(password: bytes | str) -> bytes:
+    """The password as SSH carries it: UTF-8 after SASLprep (RFC 4013), which
+    asyncssh applies to every "password" request (NFKC, soft hyphens dropped,
+    non-ASCII spaces mapped). Hashing and checking the prepared form lets a
+    password typed as given match whichever way the client sent it.
+    ValueError when SSH cannot carry it (not UTF-8, control characters...)."""
+    try:
+        text = password.decode("utf-8") if isinstance(password, bytes) else password
+        return saslprep(text).encode("utf-8")
+    except (UnicodeError, SASLPrepError) as exc:
+        raise ValueError(f"an SSH client cannot send this password: {exc}") from None
+
+
 def hash_password(password: bytes | str) -> str:
     salt = os.urandom(SALT_BYTES)
-    key = _scrypt(_to_bytes(password), LN, R, P, salt, KEY_BYTES)
+    key = _scrypt(prepare(password), LN, R, P, salt, KEY_BYTES)
     return f"$scrypt$ln={LN},r={R},p={P}${_b64encode(salt)}${_b64encode(key)}"
 
 
 def verify_password(password: bytes | str, encoded: str) -> bool:
     """True when `password` matches; ValueError when `encoded` is malformed."""
     h = parse_hash(encoded)
-    key = _scrypt(_to_bytes(password), h.ln, h.r, h.p, h.salt, len(h.key))
-    return hmac.compare_digest(key, h.key)
+    try:
+        prepared, ok = prepare(password), True
+    except ValueError:
+        prepared, ok = _to_bytes(password), False  # same work, so the same time; never a match
+    key = _scrypt(prepared, h.ln, h.r, h.p, h.salt, len(h.key))
+    return hmac.compare_digest(key, h.key) and ok
 
 
 def read_password_for_hashing(stdin: TextIO | BinaryIO) -> bytes:

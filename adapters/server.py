@@ -546,6 +546,10 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
 
     def on_channel_open(self, conn: asyncssh.SSHServerConnection,
                         req: internals.ChannelOpenRequest) -> Any:
+        if req.malformed is not None:
+            self.fire("channel_open_malformed", request_type=req.type or repr(req.raw_type),
+                      reason=req.malformed)
+            return asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, "Malformed channel open")
         if req.type != "session":
             step = self.fire("channel_open_unsupported", request_type=req.type or repr(req.raw_type))
             return asyncssh.ChannelOpenError(asyncssh.OPEN_UNKNOWN_CHANNEL_TYPE,

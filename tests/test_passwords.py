@@ -112,3 +112,17 @@ def test_read_password_from_a_tty_refuses_a_mismatch(monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(passwords.getpass, "getpass", lambda prompt="": next(answers))
     with pytest.raises(ValueError, match="do not match"):
         read_password_for_hashing(_FakeTTY())
+
+
+def test_hash_password_cli_refuses_what_ssh_cannot_carry() -> None:
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, "-m", "sshspec.adapters.cli", "hash-password"],
+                          input=b"tab\there\n", capture_output=True)
+    assert done.returncode == 2 and b"an SSH client cannot send this password" in done.stderr
+    done = subprocess.run([sys.executable, "-m", "sshspec.adapters.cli", "hash-password"],
+                          input=b"\xef\xac\x81sh\n", capture_output=True)  # U+FB01 LATIN SMALL LIGATURE FI
+    assert done.returncode == 0
+    from sshspec.adapters.passwords import verify_password
+    encoded = done.stdout.decode().strip()
+    assert verify_password("\ufb01sh", encoded) and verify_password("fish", encoded)
