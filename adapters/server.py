@@ -802,6 +802,12 @@ async def serve_async(config: Config, handler: Handler | None = None, *,
                       ready: Callable[[Server], None] | None = None, reuse_port: bool = False) -> int:
     """Run until SIGTERM or SIGINT; then shut down gracefully. Returns the exit status."""
     server = Server(config, handler, reuse_port=reuse_port)
+    # Signals first: a SIGTERM that lands while the server starts (a worker that
+    # just logged SSH_AVAILABLE) must still mean a graceful stop, not death.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
     try:
         await server.start()
     except StartError as exc:
@@ -816,10 +822,6 @@ async def serve_async(config: Config, handler: Handler | None = None, *,
     _announce(f"sshspec: listening on {server.address[0]}:{server.address[1]}")
     if ready is not None:
         ready(server)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     await server.shutdown()
     return 0
