@@ -4,6 +4,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
+LIVE_LOGS = $(wildcard .test-logs/*.jsonl .test-logs/limits/*/*.jsonl)
 
 .PHONY: run test lint fuzz bench system-packages generated clean
 
@@ -26,9 +27,10 @@ test: system-packages $(STAMP) lint
 	rm -rf .test-logs
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
 	@# Every live server's log must replay against the specs, complete.
-	$(BIN)/sshspec check --complete .test-logs/*.jsonl > .test-logs/check.txt || (cat .test-logs/check.txt; exit 1)
-	@echo "sshspec check --complete: $$(ls .test-logs/*.jsonl | wc -l) live-test logs replay against the specs"
-	$(BIN)/sshspec coverage --summary .test-logs/*.jsonl
+	@# (logs under .test-logs/limits/NAME=VALUE,.../ replay with those limits)
+	$(BIN)/sshspec check --complete $(LIVE_LOGS) > .test-logs/check.txt || (cat .test-logs/check.txt; exit 1)
+	@echo "sshspec check --complete: $$(ls $(LIVE_LOGS) | wc -l) live-test logs replay against the specs"
+	$(BIN)/sshspec coverage --summary $(LIVE_LOGS)
 
 fuzz: $(STAMP)
 	SSHSPEC_FUZZ_PROFILE=long $(BIN)/python -m pytest -q tests -k fuzz

@@ -517,3 +517,12 @@ def test_coverage_warns_about_refused_records(tmp_path: Path, capsys: pytest.Cap
     assert status == 0 and out.startswith("server: ")
     assert f":{at + 2}: session (c1/0): in state(s) closed" in err
     assert "(coverage counts this file up to here)" in err
+
+
+def test_a_log_in_a_limits_folder_replays_with_those_limits(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from sshspec.adapters.check import limits_for
+    folder = tmp_path / "maxAuthTries=3,maxSessions=2"
+    folder.mkdir()
+    assert limits_for(str(folder / "a.jsonl"), {"maxEnv": 5}) == {
+        "maxEnv": 5, "maxAuthTries": 3, "maxSessions": 2}
+    assert limits_for(str(tmp_path / "b.jsonl"), None) == {}
