@@ -319,6 +319,15 @@ DISCONNECT_REASON = {
     "disconnect": (asyncssh.DISC_BY_APPLICATION, "Disconnected by server"),
 }
 AUTH_EVENT = {"password": "password", "keyboard-interactive": "kbdint_begin", "none": "none_auth"}
+# The connection spec's channel-open refusals, as RFC 4254 reason codes.
+OPEN_FAILURE = {"reject_channel": asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED,
+                "reject_channel_type": asyncssh.OPEN_UNKNOWN_CHANNEL_TYPE}
+
+
+def _open_failure(step: Step, text: str) -> asyncssh.ChannelOpenError:
+    # A refusal the spec did not name (a disconnect before authentication) still
+    # must not open anything.
+    return asyncssh.ChannelOpenError(OPEN_FAILURE.get(step.reply or "", asyncssh.OPEN_CONNECT_FAILED), text)
 
 
 class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
@@ -546,25 +555,23 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
 
     def on_channel_open(self, conn: asyncssh.SSHServerConnection,
                         req: internals.ChannelOpenRequest) -> Any:
+        kind = req.type or repr(req.raw_type)
         if req.malformed is not None:
-            self.fire("channel_open_malformed", request_type=req.type or repr(req.raw_type),
-                      reason=req.malformed)
-            return asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, "Malformed channel open")
+            return _open_failure(self.fire("channel_open_malformed", request_type=kind,
+                                           reason=req.malformed), "Malformed channel open")
         if req.type != "session":
-            step = self.fire("channel_open_unsupported", request_type=req.type or repr(req.raw_type))
-            return asyncssh.ChannelOpenError(asyncssh.OPEN_UNKNOWN_CHANNEL_TYPE,
-                                             f"Unsupported channel type {req.type!r}")
+            return _open_failure(self.fire("channel_open_unsupported", request_type=kind),
+                                 f"Unsupported channel type {kind!r}")
         channel_id = next(self._channel_ids)
         step = self.fire("session_open", channel_id=channel_id, request_type="session")
         if step.reply != "open_session":
-            return asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED,
-                                             "Session refused")
+            return _open_failure(step, "Session refused")
         assert self.backend is not None
         try:
             handler = self.backend.session()
         except Exception as exc:
-            self.fire("session_open_failed", channel_id=channel_id, reason=f"handler error: {exc!r}")
-            return asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, "Session refused by backend")
+            return _open_failure(self.fire("session_open_failed", channel_id=channel_id,
+                                           reason=f"handler error: {exc!r}"), "Session refused by backend")
         session = SpecSession(self, channel_id, handler)
         chan = internals.HookedServerChannel(
             conn, session.on_request, on_reply_failed=session.on_reply_failed,
