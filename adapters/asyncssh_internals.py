@@ -109,6 +109,7 @@ MSG_GLOBAL_REQUEST = 80
 MSG_REQUEST_SUCCESS = 81
 MSG_REQUEST_FAILURE = 82
 MSG_CHANNEL_OPEN = 90
+MSG_CHANNEL_CLOSE = 97
 MSG_CHANNEL_REQUEST = 98
 MSG_CHANNEL_SUCCESS = 99
 MSG_CHANNEL_FAILURE = 100
@@ -539,6 +540,9 @@ ReplyFailedCallback: TypeAlias = Callable[["HookedServerChannel", ReplyFailure],
 OverflowCallback: TypeAlias = Callable[["HookedServerChannel", ChannelRequest], None]
 
 
+_CHAN_CLOSE: Callable[..., None] = asyncssh.SSHServerChannel._packet_handlers[MSG_CHANNEL_CLOSE]
+
+
 class HookedServerChannel(asyncssh.SSHServerChannel[bytes]):
     """A session channel whose every incoming channel request goes to `on_request`.
 
@@ -632,9 +636,19 @@ class HookedServerChannel(asyncssh.SSHServerChannel[bytes]):
         self._hk_held += 1
         self._hk_pump()
 
+    def _hk_process_close(self, pkttype: int, pktid: int, packet: SSHPacket) -> None:
+        # asyncssh holds a channel's data until its program starts, and finishes a
+        # CLOSE only once that buffer is empty: a client that sends data, then
+        # closes before any program started, would leave the channel (and its
+        # maxSessions slot) open for ever. No program will read that data now.
+        if not self._hk_started:
+            self._recv_buf.clear()  # REACH-IN: SSHChannel._recv_buf
+        _CHAN_CLOSE(self, pkttype, pktid, packet)
+
     _packet_handlers = {
         **asyncssh.SSHServerChannel._packet_handlers,
         MSG_CHANNEL_REQUEST: _hk_process_request,
+        MSG_CHANNEL_CLOSE: _hk_process_close,
     }
 
     def _hk_pump(self) -> None:
@@ -1313,6 +1327,9 @@ REACH_INS: tuple[ReachIn, ...] = (
     ReachIn(_Chan, "_send_state", attr_in=SSHChannel.__init__),
     ReachIn(_Chan, "_session", attr_in=SSHChannel.__init__),
     ReachIn(_Chan, "_conn", attr_in=SSHChannel.__init__),
+    ReachIn(_Chan, "_recv_buf", attr_in=SSHChannel.__init__),
+    ReachIn(_Chan, "_process_close", ("_pkttype", "_pktid", "packet"),
+            source_has="self._flush_recv_buf()"),
     ReachIn(_Chan, "_flush_recv_buf", ("exc",), source_has="self._recv_paused != 'starting'"),
     ReachIn(_Chan, "send_packet", ("pkttype", "args")),
     ReachIn(_Chan, "process_open", ("send_chan", "send_window", "send_pktsize", "session")),
