@@ -21,7 +21,6 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Callable
 from typing import Annotated, BinaryIO, Literal
 
 import msgspec
@@ -154,8 +153,6 @@ class Logger:
         self._fd: int | None = None
         self._stream: BinaryIO | None = None
         self._closed = False
-        self._schedule: Callable[[Callable[[], None]], object] | None = None
-        self._pending: list[bytes] = []
         if path is not None:
             # O_APPEND: each os.write lands whole at the end even with several writers
             # (logrotate copytruncate, a second server on the same file).
@@ -184,29 +181,7 @@ class Logger:
         except UnicodeEncodeError:
             return _encoder.encode(_scrub_record(record)) + b"\n"
 
-    def batch_with(self, schedule: Callable[[Callable[[], None]], object]) -> None:
-        """Write records in batches: the first record of a batch calls
-        `schedule(self.flush)`, and the batch goes out in one write(2). The server
-        passes its event loop's call_soon, so a batch is one loop turn: a crash
-        loses at most that, and a connection's nine records cost one system call
-        instead of nine (bench/: the write was most of a record's cost)."""
-        self._schedule = schedule
-
-    def flush(self) -> None:
-        if self._pending:
-            data = b"".join(self._pending)
-            self._pending.clear()
-            self._write_now(data)
-
     def _write(self, line: bytes) -> None:
-        if self._schedule is not None:
-            self._pending.append(line)
-            if len(self._pending) == 1:
-                self._schedule(self.flush)
-            return
-        self._write_now(line)
-
-    def _write_now(self, line: bytes) -> None:
         if self._fd is not None:
             view = memoryview(line)
             while view:
@@ -220,7 +195,6 @@ class Logger:
         """Close the file the logger opened; a stream passed in is only flushed."""
         if self._closed:
             return
-        self.flush()
         self._closed = True
         if self._fd is not None:
             os.close(self._fd)

@@ -648,7 +648,6 @@ class Server:
         return step
 
     async def start(self) -> None:
-        self.logger.batch_with(asyncio.get_running_loop().call_soon)
         if self.fire("start").kind == "refuse":
             raise RuntimeError("sshspec server is already running (SSH_ALREADY_RUNNING)")
         host, port = self.config.ssh.listen
@@ -662,7 +661,6 @@ class Server:
             self.sock = self._listen_socket(host, port)
         except (OSError, ValueError, asyncssh.KeyImportError, internals.AsyncsshCompatError) as exc:
             self.fire("bind_failed", reason=f"{host}:{port}: {exc}")
-            self.logger.flush()  # the process is about to exit
             raise StartError(f"cannot start on {host}:{port}: {exc}") from exc
         version = self.config.ssh.server_version.removeprefix("SSH-2.0-")
         self.acceptor = await asyncssh.create_server(

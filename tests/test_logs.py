@@ -203,20 +203,3 @@ def test_any_labels_round_trip(labels: Labels, message: str) -> None:
 def test_any_text_record_is_one_printable_line(labels: Labels, message: str) -> None:
     record = LogRecord("2026-11-28T10:37:26.123456Z", "info", "SSH_X", message, labels)
     assert format_text(record).isprintable()  # no newline, no control or bidi character
-
-
-def test_batched_records_go_out_in_one_write_per_batch(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from sshspec.adapters.logs import Labels, Logger, decode_record
-    path = tmp_path / "log.jsonl"
-    scheduled: list[object] = []
-    logger = Logger(path=str(path))
-    logger.batch_with(scheduled.append)
-    for i in range(3):
-        logger.log("info", "SSH_CONNECTED", "m", Labels(channel_id=i))
-    assert len(scheduled) == 1 and path.read_bytes() == b""  # one flush scheduled, nothing written yet
-    scheduled[0]()  # type: ignore[operator]
-    lines = path.read_bytes().splitlines()
-    assert [decode_record(line).labels.channel_id for line in lines] == [0, 1, 2]
-    logger.log("info", "SSH_DISCONNECTED", "m", Labels())
-    logger.close()  # close flushes what is pending
-    assert len(path.read_bytes().splitlines()) == 4
