@@ -54,7 +54,11 @@ class LiveServer:
     def records(self) -> list[dict[str, Any]]:
         if not self.log.exists():
             return []
-        return [json.loads(line) for line in self.log.read_bytes().splitlines() if line.strip()]
+        # A write(2) to a file is not atomic against a concurrent read: a reader
+        # can see the first bytes of a record being written. Only lines that
+        # end in a newline are whole records.
+        complete, _, _partial = self.log.read_bytes().rpartition(b"\n")
+        return [json.loads(line) for line in complete.splitlines() if line.strip()]
 
     def codes(self, connection_id: str | None = None) -> list[str]:
         return [r["code"] for r in self.records()
@@ -62,7 +66,7 @@ class LiveServer:
 
     def wait_for(self, predicate: Any, timeout: float = 10.0) -> list[dict[str, Any]]:
         """Poll the log until `predicate(records)` is true: the server writes each
-        record with one write(2), so the file is the synchronisation point."""
+        record before it acts on the decision, so the file is the synchronisation point."""
         deadline = time.monotonic() + timeout
         while True:
             records = self.records()
