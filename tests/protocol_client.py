@@ -13,14 +13,18 @@ closed (as every client does) and window adjusts. Every message the server sends
 is recorded in arrival order; the waits are bounded (a condition variable fed by
 the transport thread), never sleeps.
 
-`Oracle` composes the compiled spec machines the way the adapter does (one
-connection machine, one session machine per channel, the adapter's request
-queue) and says, for every client action and every server-side event, which
-codes each machine logs and which reply goes on the wire. `CompiledDriver` runs
-it on the compiled tables, `ReferenceDriver` on the `transitions` build.
+`Oracle` composes the spec machines the way the adapter does (one connection
+machine, one session machine per channel, the adapter's request queue, the local
+backend's documented verdicts) and says, for every client action and every
+server-side event, which codes each machine logs and which reply goes on the
+wire. `CompiledDriver` runs it on the compiled tables, `ReferenceDriver` on the
+`transitions` build. `burst_alternatives` lists the ways the server may
+interleave a burst with what it does asynchronously (a start's verdict, the
+deferred effect of a close or of a lost connection, a program's end, sends
+failing once the client dropped).
 
-The fuzzers print a failing sequence as a script over this module; it runs as
-``python script.py PORT`` against a server started with the fuzzer's config.
+The live fuzzer prints a failing sequence as a script over this module; it runs
+as ``python script.py PORT KEY OTHER_KEY`` against a server with `SERVER_CONFIG`.
 """
 
 from __future__ import annotations
@@ -797,6 +801,9 @@ class Oracle:
         self.lost = False  # connection_lost was processed: nothing more happens
         self.client_dropped = False  # the client closed its socket: it answers nothing more
         self.answer_close = True  # the client answers a server's CLOSE at once (the engine: later)
+        # After the client dropped: how many more sends succeed before one fails (the
+        # peer's reset arrives at some point; None: they all do).
+        self.send_budget: int | None = None
 
     def clone(self) -> Oracle:
         new = copy.copy(self)
@@ -815,7 +822,7 @@ class Oracle:
 
     def key(self) -> tuple[Any, ...]:
         return (self.signature(), self.conn.state, tuple(self.conn.counters().items()), self.transport_gone,
-                self.lost, tuple(sorted((k, s.key()) for k, s in self.sessions.items())))
+                self.lost, self.send_budget, tuple(sorted((k, s.key()) for k, s in self.sessions.items())))
 
     @property
     def state(self) -> str:
@@ -1140,8 +1147,19 @@ class Oracle:
             if s.eof_arrived:
                 self._deliver_eof(s)
 
+    def _can_send(self) -> bool:
+        """Whether the next send succeeds (the socket may fail it, see send_budget)."""
+        if self.transport_gone:
+            return False
+        if self.send_budget is not None:
+            if self.send_budget == 0:
+                self.transport_gone = True
+                return False
+            self.send_budget -= 1
+        return True
+
     def _reply(self, s: SessionModel, ok: bool) -> None:
-        if s.server_closed or self.transport_gone:
+        if s.server_closed or not self._can_send():
             self._fire(s, "reply_send_failed")
         else:
             self._expect(("chan", s.client_id), WIRE["success" if ok else "failure"])
@@ -1156,7 +1174,7 @@ class Oracle:
         reply = self._fire(s, "program_exited" if kind == "exit" else "program_killed")
         if reply not in ("send_exit_status", "send_exit_signal") or s.server_closed:
             return  # nothing goes out on a channel the server already closed
-        if self.transport_gone:
+        if not self._can_send():
             self._fire(s, "exit_send_failed")
         else:
             s.server_closed = True  # EOF, exit-status/exit-signal, CLOSE go out
@@ -1224,12 +1242,20 @@ def burst_alternatives(oracle: Oracle, chan: int, reqs: list[Req], tail: str | N
     first = oracle.clone()
     if first.transport_gone or first._channel(chan) is None:
         return [first]
+    starts = [first]
     if tail in ("disconnect", "drop"):
+        # The client's socket is closed at once: from some send on (the peer's reset
+        # came back), every send of the server fails.
         first.client_dropped = True
+        starts = []
+        for budget in (None, *range(len(reqs) + 2)):
+            start = first.clone()
+            start.send_budget = budget
+            starts.append(start)
     results: dict[Any, Oracle] = {}
     seen: set[Any] = set()
     # (oracle, requests arrived, tail arrived, tail's deferred effect done)
-    stack: list[tuple[Oracle, int, bool, bool]] = [(first, 0, tail is None, tail is None)]
+    stack: list[tuple[Oracle, int, bool, bool]] = [(o, 0, tail is None, tail is None) for o in starts]
     while stack:
         o, arrived, tail_in, tail_done = stack.pop()
         key = (o.key(), arrived, tail_in, tail_done)
@@ -1240,9 +1266,7 @@ def burst_alternatives(oracle: Oracle, chan: int, reqs: list[Req], tail: str | N
         moves: list[tuple[str, int, bool, bool]] = []
         if arrived < len(reqs):
             moves.append(("arrive", arrived + 1, tail_in, tail_done))
-        if not tail_in and (arrived == len(reqs) or tail in ("disconnect", "drop")):
-            # A close is read after the requests; a dropped client's socket may fail
-            # the server's sends (its replies lost) at any point.
+        if not tail_in and arrived == len(reqs):  # read after the requests
             moves.append(("tail", arrived, True, tail_done))
         if s.pending_start is not None:
             moves.append(("verdict" if s.verdict is None else "answer", arrived, tail_in, tail_done))
