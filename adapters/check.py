@@ -76,7 +76,8 @@ def replay_lines(name: str, lines: Iterable[bytes], machines: Mapping[str, CodeA
             record = decode_record(line)
             if record.code not in CATALOG:
                 raise RecordError(f"unknown code {record.code!r} (not in the catalog)")
-            problem = replay.feed(record.code, record.labels.connection_id, record.labels.channel_id)
+            problem = replay.feed(record.code, record.labels.connection_id, record.labels.channel_id,
+                                  record.labels.event)
         except ValueError as exc:  # RecordError is one
             reason = str(exc).removeprefix("corrupt log record: ")
             result.problems.append(f"{name}:{number}: corrupt record: {reason}")

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import fnmatch
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -233,7 +233,7 @@ class ConnectionHandler:
     async def check_password(self, username: str, password: bytes) -> AuthVerdict:
         return await self.handler.check_password(username, password)
 
-    def check_publickey(self, username: str, key: object) -> AuthVerdict:
+    def check_publickey(self, username: str, key: object) -> AuthVerdict | Awaitable[AuthVerdict]:
         return self.handler.check_publickey(username, key)
 
     def kbdint_supported(self, username: str) -> bool:
@@ -256,7 +256,8 @@ class Handler:
     async def check_password(self, username: str, password: bytes) -> AuthVerdict:
         return "unavailable"
 
-    def check_publickey(self, username: str, key: object) -> AuthVerdict:
+    def check_publickey(self, username: str, key: object) -> AuthVerdict | Awaitable[AuthVerdict]:
+        """The verdict on ``key`` (an asyncssh ``SSHKey``), or an awaitable of it."""
         return "unavailable"
 
     def kbdint_supported(self, username: str) -> bool:

@@ -50,6 +50,7 @@ class Labels(
     reason: str | None = None
     exit_code: int | None = None
     signal: str | None = None
+    event: str | None = None  # the spec event whose step logged this record (`sshspec check` reads it)
 
 
 class LogRecord(msgspec.Struct, frozen=True, gc=False, forbid_unknown_fields=True):

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import gc
 import getpass
+import inspect
 import itertools
 import os
 import secrets
@@ -127,7 +128,7 @@ class SpecSession(asyncssh.SSHServerSession[bytes]):
             self.conn.server.emitter.emit(step, Labels(
                 connection_id=self.conn.info.connection_id, remote_addr=self.conn.info.remote_addr,
                 username=self.conn.info.username, channel_id=self.channel_id,
-                request_type=request_type, **labels))
+                request_type=request_type, event=event, **labels))
         return step
 
     # -- requests: every one goes through the spec, then (if it says so) the backend.
@@ -358,7 +359,7 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
         if step.codes and self.server.emitter.wants(step.codes):
             self.server.emitter.emit(step, Labels(
                 connection_id=self.info.connection_id, remote_addr=self.info.remote_addr,
-                username=self.info.username, **labels))
+                username=self.info.username, event=event, **labels))
         if step.reply in DISCONNECT_REASON and self.conn is not None and not self.lost:
             code, text = DISCONNECT_REASON[step.reply]
             self.conn.disconnect(code, labels.get("reason") or text)
@@ -483,14 +484,18 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
             return self._verdict("unavailable", "password", reason=f"handler error: {exc!r}")
         return self._verdict(verdict, "password")
 
-    def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
+    async def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
         assert self.backend is not None
-        reason = None
+        asked_in, reason = self.state.state, None
         try:
             verdict = self.backend.check_publickey(username, key)
+            if inspect.isawaitable(verdict):  # a backend that asks elsewhere
+                verdict = await verdict
         except Exception as exc:  # a handler bug is a failure reply, not a dead connection
             verdict, reason = "unavailable", f"handler error: {exc!r}"
-        if self.state.state == "querying":
+        if self.state.state != asked_in:
+            return False  # the connection ended while the check ran
+        if asked_in == "querying":
             return self.fire(f"auth_{verdict}", method="publickey", reason=reason).reply == "pk_ok"
         self._signed_key_verdict = verdict  # fired in on_auth_result, after the signature check
         return verdict == "ok"
@@ -644,7 +649,7 @@ class Server:
     def fire(self, event: str, **labels: Any) -> Step:
         step = self.machines.server.fire(self.state, event)
         if step.codes:
-            self.emitter.emit(step, Labels(**labels))
+            self.emitter.emit(step, Labels(event=event, **labels))
         return step
 
     async def start(self) -> None:
@@ -668,6 +673,10 @@ class Server:
             login_timeout=self.config.limits.login_timeout,
             keepalive_interval=0, allow_scp=False, agent_forwarding=False,
             x11_forwarding=False, gss_host=None, **options)
+        if self.state.state != "starting":  # shut down while asyncio set the listener up
+            self.acceptor.close()
+            await self.acceptor.wait_closed()
+            return
         self.address = self.sock.getsockname()[:2]
         self.fire("listening", reason=f"{self.address[0]}:{self.address[1]}")
 

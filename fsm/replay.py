@@ -1,14 +1,17 @@
 """Replay logged codes against the specs: the engine of `sshspec check` and `sshspec coverage`.
 
-A log records the *codes* a machine emitted, not the *events* it was fired
-with. Some steps emit no code (silent moves: ``auth_begin``, an admitted
+A log records the *codes* a machine emitted and, in each record, the *event*
+that fired the step (`sshspec serve` writes it; a record without one matches
+any event). Some steps emit no code (silent moves: ``auth_begin``, an admitted
 ``accept``, ``channel_closed``), some emit several in a row (``SSH_HANDSHAKE_FAILED,
 SSH_DISCONNECTED``). So every machine instance is replayed as a nondeterministic
 automaton over codes: it holds the set of configurations the records so far
 allow, a configuration being (state, counter values, codes still due from a
-multi-code step). A record with code C is allowed when some configuration,
-after any number of silent moves, takes a step whose first code is C, or is
-in the middle of a step whose next code is C.
+multi-code step). A record with code C (and event E) is allowed when some configuration,
+after any number of silent moves, takes a step on E whose first code is C, or
+is in the middle of a step (on E) whose next code is C. The event tells apart
+steps that log the same codes: the ways a connection can end before
+authentication, or the attempts that leave a keyboard-interactive round.
 
 Counters are exact (the limits are bound, so guards are evaluated). A counter
 is held at the largest limit it is compared with: no guard tells larger values
@@ -39,8 +42,9 @@ from sshspec.codes import CATALOG
 from sshspec.fsm.machine import Machine, edge_label
 from sshspec.fsm.spec import BUNDLED, Entry
 
-# A configuration: (state, counter values, codes still due from the step being logged).
-Config = tuple[str, tuple[int, ...], tuple[str, ...]]
+# A configuration: (state, counter values, codes still due from the step being
+# logged, that step's event ("" when nothing is due)).
+Config = tuple[str, tuple[int, ...], tuple[str, ...], str]
 Credits = frozenset[int]  # indexes into CodeAutomaton.transitions
 _NONE: Credits = frozenset()
 
@@ -59,6 +63,7 @@ class _Row:
     effects: tuple[tuple[int, str, int], ...]  # (counter position, op, value)
     target: str
     codes: tuple[str, ...]  # the codes that reach the log (silent ones left out)
+    event: str
 
 
 class RecordError(ValueError):
@@ -100,16 +105,18 @@ class CodeAutomaton:
                 guard = (None if e.guard is None else
                          (position[e.guard.counter], e.guard.op, machine.limits[e.guard.limit]))
                 effects = tuple((position[f.counter], f.op, f.value) for f in e.effects)
-                self._rows[state].append(_Row(index.get(id(e), -1), guard, effects, e.target, codes))
-        self.initial: Config = (machine.initial, (0,) * len(position), ())
+                self._rows[state].append(_Row(index.get(id(e), -1), guard, effects, e.target, codes,
+                                              e.event))
+        self.initial: Config = (machine.initial, (0,) * len(position), (), "")
         # advance() and closure() see the same few configuration sets over and over
         # (every connection of a log goes through much the same states): memoize.
-        self._advance: dict[tuple[frozenset[Config], str], dict[Config, dict[Config, Credits]]] = {}
+        self._advance: dict[tuple[frozenset[Config], str, str | None],
+                            dict[Config, dict[Config, Credits]]] = {}
         self._closure: dict[frozenset[Config], dict[Config, tuple[int, dict[Config, Credits]]]] = {}
 
     def _moves(self, config: Config) -> Iterator[tuple[_Row, Config]]:
         """The steps a configuration with nothing pending can take, with where they lead."""
-        state, values, _ = config
+        state, values, _, _ = config
         for row in self._rows[state]:
             if row.guard is not None:
                 i, op, bound = row.guard
@@ -122,7 +129,8 @@ class CodeAutomaton:
                     v[i] = max(0, v[i] - n) if op == "-=" else min(v[i] + n if op == "+=" else n,
                                                                     self._caps[i])
                 new = tuple(v)
-            yield row, (row.target, new, row.codes[1:])
+            rest = row.codes[1:]
+            yield row, (row.target, new, rest, row.event if rest else "")
 
     def closure(self, sources: frozenset[Config]) -> dict[Config, tuple[int, dict[Config, Credits]]]:
         """Every configuration silent moves reach from ``sources``: its distance (fewest
@@ -152,10 +160,12 @@ class CodeAutomaton:
         self._remember(self._closure, sources, seen)
         return seen
 
-    def advance(self, sources: frozenset[Config], code: str) -> dict[Config, dict[Config, Credits]]:
-        """The configurations after a record with ``code``; for each, the sources it
-        comes from and the transitions taken on the way. Empty: the code is not allowed."""
-        key = (sources, code)
+    def advance(self, sources: frozenset[Config], code: str,
+                event: str | None = None) -> dict[Config, dict[Config, Credits]]:
+        """The configurations after a record with ``code`` (logged by a step on
+        ``event``; None: any); for each, the sources it comes from and the
+        transitions taken on the way. Empty: the record is not allowed."""
+        key = (sources, code, event)
         cached = self._advance.get(key)
         if cached is not None:
             return cached
@@ -172,13 +182,14 @@ class CodeAutomaton:
                 have[1][source] = have[1].get(source, _NONE) | credits | step
 
         for config, (distance, origins) in self.closure(sources).items():
-            state, values, pending = config
+            state, values, pending, due_event = config
             if pending:
-                if pending[0] == code:
-                    reach((state, values, pending[1:]), distance, origins, _NONE)
+                if pending[0] == code and event in (None, due_event):
+                    rest = pending[1:]
+                    reach((state, values, rest, due_event if rest else ""), distance, origins, _NONE)
                 continue
             for row, nxt in self._moves(config):
-                if row.codes and row.codes[0] == code:
+                if row.codes and row.codes[0] == code and event in (None, row.event):
                     reach(nxt, distance, origins, frozenset((row.index,)) if row.index >= 0 else _NONE)
         result = {target: origins for target, (_, origins) in best.items()}
         self._remember(self._advance, key, result)
@@ -196,13 +207,13 @@ class CodeAutomaton:
 
     def can_finish(self, sources: frozenset[Config]) -> bool:
         """Whether silent moves can bring some configuration to a final state with nothing due."""
-        return any(s in self.final and not pending for s, _, pending in self.closure(sources))
+        return any(s in self.final and not pending for s, _, pending, _ in self.closure(sources))
 
     def describe(self, configs: Collection[Config]) -> str:
         """The states of ``configs``, in spec order, e.g. ``closed (SSH_DISCONNECTED still due)``."""
         order = {s: i for i, s in enumerate(self.states)}
         shown: dict[str, None] = {}
-        for state, _, pending in sorted(configs, key=lambda c: (order[c[0]], c[2])):
+        for state, _, pending, _ in sorted(configs, key=lambda c: (order[c[0]], c[2])):
             shown[f"{state} ({', '.join(pending)} still due)" if pending else state] = None
         return ", ".join(shown)
 
@@ -213,11 +224,11 @@ class CodeAutomaton:
         cache[key] = value
 
 
-def _step(automaton: CodeAutomaton, configs: dict[Config, Credits], code: str,
+def _step(automaton: CodeAutomaton, configs: dict[Config, Credits], code: str, event: str | None,
           track: bool) -> dict[Config, Credits] | None:
-    """The configurations after a record with ``code`` (each with its credited
-    transitions when ``track``), or None if the spec does not allow it."""
-    moves = automaton.advance(frozenset(configs), code)
+    """The configurations after a record with ``code`` and ``event`` (each with its
+    credited transitions when ``track``), or None if the spec does not allow it."""
+    moves = automaton.advance(frozenset(configs), code, event)
     if not moves:
         return None
     if not track:
@@ -226,10 +237,12 @@ def _step(automaton: CodeAutomaton, configs: dict[Config, Credits], code: str,
             for target, origins in moves.items()}
 
 
-def _refusal(label: str, automaton: CodeAutomaton, configs: Collection[Config], code: str) -> str:
+def _refusal(label: str, automaton: CodeAutomaton, configs: Collection[Config], code: str,
+             event: str | None) -> str:
     allowed = automaton.allowed(frozenset(configs))
+    saw = code if event is None else f"{code} (event {event})"
     return (f"{label}: in state(s) {automaton.describe(configs)}, the spec allows "
-            f"{', '.join(allowed) if allowed else 'no more codes'}, saw {code}")
+            f"{', '.join(allowed) if allowed else 'no more codes'}, saw {saw}")
 
 
 def _unfinished(label: str, automaton: CodeAutomaton, configs: Collection[Config]) -> str:
@@ -249,11 +262,11 @@ class Instance:
         self.configs: dict[Config, Credits] = {automaton.initial: _NONE}
         self.records = 0
 
-    def feed(self, code: str, track: bool) -> str | None:
+    def feed(self, code: str, event: str | None, track: bool) -> str | None:
         """Take one record; None if the spec allows it, else what is wrong."""
-        configs = _step(self.automaton, self.configs, code, track)
+        configs = _step(self.automaton, self.configs, code, event, track)
         if configs is None:
-            return _refusal(self.label, self.automaton, self.configs, code)
+            return _refusal(self.label, self.automaton, self.configs, code, event)
         self.configs = configs
         self.records += 1
         return None
@@ -289,11 +302,11 @@ class ServerPool:
         self.joint: dict[Joint, tuple[dict[Config, Credits], ...]] = {
             (frozenset(start),) * size: tuple(dict(start) for _ in range(size))}
 
-    def feed(self, code: str, track: bool) -> str | None:
+    def feed(self, code: str, event: str | None, track: bool) -> str | None:
         new: dict[Joint, tuple[dict[Config, Credits], ...]] = {}
         for key, workers in self.joint.items():
             for i in {k: i for i, k in enumerate(key)}.values():  # one of each kind of worker
-                moved = _step(self.automaton, workers[i], code, track)
+                moved = _step(self.automaton, workers[i], code, event, track)
                 if moved is None:
                     continue
                 after = sorted((*workers[:i], moved, *workers[i + 1:]), key=lambda w: sorted(w))
@@ -306,7 +319,7 @@ class ServerPool:
                         for config, credits in other.items():
                             mine[config] = mine[config] | credits
         if not new:
-            return _refusal(self.label, self.automaton, self._configs(), code)
+            return _refusal(self.label, self.automaton, self._configs(), code, event)
         self.joint = new
         return None
 
@@ -358,7 +371,8 @@ class Replay:
         self.sessions: dict[tuple[str, int], Instance] = {}
         self.codes_seen: dict[str, set[str]] = {name: set() for name in automata}
 
-    def feed(self, code: str, connection_id: str | None, channel_id: int | None) -> str | None:
+    def feed(self, code: str, connection_id: str | None, channel_id: int | None,
+             event: str | None = None) -> str | None:
         """Take one record; None if allowed, else the problem. RecordError: not routable."""
         specs = self.emitters.get(code)
         if specs is None:
@@ -386,7 +400,7 @@ class Replay:
             instance = self.connections[connection_id]
         else:
             raise RecordError(f"{code} is a session code, but the record has no channelId")
-        problem = instance.feed(code, self.track)
+        problem = instance.feed(code, event, self.track)
         if problem is not None:
             return problem
         self.codes_seen[instance.automaton.name].add(code)

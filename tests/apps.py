@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
-from sshspec.adapters.handlers import AuthVerdict, ConnectionInfo, Handler, SessionHandler, SessionIO
+import asyncio
+from collections.abc import Awaitable
+
+from sshspec.adapters.handlers import (
+    AuthVerdict,
+    BackendError,
+    ConnectionInfo,
+    Handler,
+    SessionHandler,
+    SessionIO,
+)
 
 
 class Hello(SessionHandler):
@@ -33,3 +43,49 @@ class Broken(App):
 
     def session(self, conn: ConnectionInfo) -> SessionHandler:
         raise RuntimeError("backend is down")
+
+
+class Holding(App):
+    """Credential checks that never finish for user "held" (the connection stays in
+    `checking` or `querying` until something else ends it); "unavail" gets
+    "unavailable"; any key may sign for "demo"; keyboard-interactive is on."""
+
+    async def check_password(self, username: str, password: bytes) -> AuthVerdict:
+        if username == "held":
+            await asyncio.get_running_loop().create_future()  # cancelled with the connection
+        if username == "unavail":
+            return "unavailable"
+        return await super().check_password(username, password)
+
+    def check_publickey(self, username: str, key: object) -> AuthVerdict | Awaitable[AuthVerdict]:
+        if username == "held":
+            return asyncio.get_running_loop().create_future()  # never resolved
+        return {"demo": "ok", "unavail": "unavailable"}.get(username, "bad")  # type: ignore[return-value]
+
+    def kbdint_supported(self, username: str) -> bool:
+        return True
+
+
+class StartsUntilClosed(SessionHandler):
+    """A program whose start never finishes: it fails once the channel is closed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._closed: asyncio.Future[None] | None = None
+
+    async def start(self, io: SessionIO) -> None:
+        self._closed = asyncio.get_running_loop().create_future()
+        await self._closed
+        raise BackendError("the channel closed before the program started")
+
+    def close(self) -> None:
+        if self._closed is not None and not self._closed.done():
+            self._closed.set_result(None)
+        super().close()
+
+
+class SlowStart(App):
+    """Sessions whose program is still starting when the client closes the channel."""
+
+    def session(self, conn: ConnectionInfo) -> SessionHandler:
+        return StartsUntilClosed()

@@ -163,8 +163,10 @@ class ClientChannel:
 class ProtocolClient:
     """A raw SSH client over paramiko's transport (see the module docstring)."""
 
-    def __init__(self, host: str, port: int, *, timeout: float = 10.0, wait: float = 5.0) -> None:
+    def __init__(self, host: str, port: int, *, timeout: float = 10.0, wait: float = 5.0,
+                 answer_close: bool = True) -> None:
         self.wait_timeout = wait  # bound for every wait on a reply
+        self.answer_close = answer_close  # False: a server's CLOSE waits for our own `close`
         self.sock = socket.create_connection((host, port), timeout=timeout)
         self.local_port: int = self.sock.getsockname()[1]
         self.transport = paramiko.Transport(self.sock)
@@ -353,7 +355,7 @@ class ProtocolClient:
             chan.close_received = True
             chan.server_closed_first = not chan.close_sent
             note((ptype, f"CLOSE ch{chan.id}"))
-            if not chan.close_sent and chan.remote is not None:
+            if not chan.close_sent and chan.remote is not None and self.answer_close:
                 # Every client answers a close; it goes out before anyone is told.
                 chan.close_sent = True
                 self._send_now(MSG_CHANNEL_CLOSE, uint32(chan.remote))
@@ -914,7 +916,9 @@ class Oracle:
             return
         event = "global_request_malformed" if malformed else "global_request"
         if self.state not in ALIVE:
-            self._fire_conn(event)
+            # asyncssh refuses a connection-layer message before authentication by
+            # itself: the adapter sees a protocol error.
+            self._fire_conn("protocol_error")
             self._after_disconnect()
             return
         self.auth_final = True
@@ -930,7 +934,9 @@ class Oracle:
         event = ("channel_open_malformed" if malformed else
                  "session_open" if session else "channel_open_unsupported")
         if self.state not in ALIVE:
-            self._fire_conn(event)
+            # asyncssh refuses a connection-layer message before authentication by
+            # itself: the adapter sees a protocol error.
+            self._fire_conn("protocol_error")
             self._after_disconnect()
             return
         self.auth_final = True

@@ -35,6 +35,7 @@ from paramiko.common import (
     cMSG_USERAUTH_REQUEST,
 )
 from paramiko.message import Message
+from protocol_client import ProtocolClient, string
 
 from conftest import SSHSPEC, LiveServer, start_server
 
@@ -157,12 +158,13 @@ def test_auth_unavailable_for_methods_we_do_not_offer(server: LiveServer) -> Non
         t.auth_password(server.username, server.password)
         assert t.is_authenticated()
     records = of_connection(wait_disconnected(server), "SSH_AUTH_UNAVAILABLE")
-    assert codes(records) == ["SSH_CONNECTED", "SSH_AUTH_UNAVAILABLE", "SSH_AUTH_UNAVAILABLE",
-                              "SSH_AUTH_SUCCESSFUL", "SSH_HANDSHAKE_SUCCESSFUL", "SSH_DISCONNECTED"]
+    assert codes(records) == ["SSH_CONNECTED", "SSH_KEX_DONE", "SSH_AUTH_NONE", "SSH_AUTH_UNAVAILABLE",
+                              "SSH_AUTH_UNAVAILABLE", "SSH_AUTH_ATTEMPT", "SSH_AUTH_SUCCESSFUL",
+                              "SSH_HANDSHAKE_SUCCESSFUL", "SSH_DISCONNECTED"]
     unavailable = [r for r in records if r["code"] == "SSH_AUTH_UNAVAILABLE"]
     assert [r["labels"] for r in unavailable] == [
         {"connectionId": records[0]["labels"]["connectionId"], "remoteAddr": local,
-         "username": server.username, "method": method}
+         "username": server.username, "method": method, "event": "other_method"}
         for method in ("hostbased", "gssapi-with-mic")]
     assert all(r["level"] == "info" for r in unavailable)
 
@@ -177,10 +179,12 @@ def test_auth_unavailable_keyboard_interactive_when_no_user_has_a_password(serve
     with pytest.raises(asyncssh.PermissionDenied):
         asyncio.run(main())
     records = of_connection(wait_disconnected(live), "SSH_AUTH_UNAVAILABLE")
-    assert codes(records) == ["SSH_CONNECTED", "SSH_AUTH_UNAVAILABLE", "SSH_HANDSHAKE_FAILED",
-                              "SSH_DISCONNECTED"]
+    assert codes(records) == ["SSH_CONNECTED", "SSH_KEX_DONE", "SSH_AUTH_NONE", "SSH_AUTH_ATTEMPT",
+                              "SSH_AUTH_UNAVAILABLE",
+                              "SSH_HANDSHAKE_FAILED", "SSH_DISCONNECTED"]
     labels = one(records, "SSH_AUTH_UNAVAILABLE")["labels"]
     assert labels["method"] == "keyboard-interactive" and labels["username"] == "alice"
+    assert labels["event"] == "auth_unavailable"
 
 
 def test_auth_unavailable_publickey_with_openssh(server_factory: Any) -> None:
@@ -190,8 +194,10 @@ def test_auth_unavailable_publickey_with_openssh(server_factory: Any) -> None:
     assert done.returncode == 255
     assert b"Permission denied (publickey,keyboard-interactive,password)" in done.stderr
     records = of_connection(wait_disconnected(live), "SSH_AUTH_UNAVAILABLE")
-    assert codes(records) == ["SSH_CONNECTED", "SSH_AUTH_UNAVAILABLE", "SSH_HANDSHAKE_FAILED",
-                              "SSH_DISCONNECTED"]
+    # OpenSSH asks whether the key may sign first (the query), then gives up on it.
+    assert codes(records) == ["SSH_CONNECTED", "SSH_KEX_DONE", "SSH_AUTH_NONE", "SSH_AUTH_QUERY",
+                              "SSH_AUTH_UNAVAILABLE",
+                              "SSH_HANDSHAKE_FAILED", "SSH_DISCONNECTED"]
     labels = one(records, "SSH_AUTH_UNAVAILABLE")["labels"]
     assert labels["method"] == "publickey" and labels["username"] == live.username
 
@@ -394,7 +400,8 @@ def test_socket_reuse_failed_and_the_server_still_serves(server_factory: Any, fa
     assert codes(records)[:2] == ["SSH_SOCKET_REUSE_FAILED", "SSH_AVAILABLE"]
     failed = records[0]
     assert failed["level"] == "warning"
-    assert failed["labels"] == {"reason": "SO_REUSEADDR: [Errno 13] Permission denied"}
+    assert failed["labels"] == {"reason": "SO_REUSEADDR: [Errno 13] Permission denied",
+                                "event": "reuse_failed"}
 
 
 def test_socket_reuse_failed_workers_still_share_the_port(tmp_path: Path, failsys: Path) -> None:
@@ -437,7 +444,8 @@ def test_listen_close_failed_at_shutdown(server_factory: Any, failsys: Path) -> 
     tail = [c for c in codes(records) if c in ("SSH_SHUTTING_DOWN", "SSH_LISTEN_CLOSE_FAILED", "SSH_STOPPED")]
     assert tail == ["SSH_SHUTTING_DOWN", "SSH_LISTEN_CLOSE_FAILED", "SSH_STOPPED"]
     failed = one(records, "SSH_LISTEN_CLOSE_FAILED")
-    assert failed["level"] == "error" and failed["labels"] == {"reason": "[Errno 5] Input/output error"}
+    assert failed["level"] == "error" and failed["labels"] == {"reason": "[Errno 5] Input/output error",
+                                                                       "event": "close_failed"}
 
 
 @pytest.fixture
@@ -486,6 +494,72 @@ def test_reply_send_failed_for_a_global_request(server_factory: Any, failsys: Pa
         "SSH_DISCONNECTED"]
     failed = one(records, "SSH_REPLY_SEND_FAILED")
     assert "channelId" not in failed["labels"] and failed["labels"]["reason"] == "send failed"
+
+
+def test_reply_send_failed_after_the_exit_status(server: LiveServer) -> None:
+    """The program exited: the server sent EOF, exit-status and CLOSE. A request the
+    client sends before it answers that CLOSE is refused (session: exited), and its
+    failure reply cannot go out on a closing channel: SSH_REPLY_SEND_FAILED, and
+    nothing on the wire, where a reply after CLOSE would break the protocol."""
+    c = ProtocolClient.connect(server.port, answer_close=False)
+    try:
+        c.service_request()
+        c.auth_password(server.username, server.password)
+        replies = [c.next_auth_reply(TIMEOUT), c.next_auth_reply(TIMEOUT)]
+        assert replies == ["SERVICE_ACCEPT", "USERAUTH_SUCCESS"]
+        ch = c.open_channel("session")
+        assert c.open_reply(ch, TIMEOUT) == "OPEN_CONFIRMATION"
+        c.request(ch, "exec", string("exit 3"))
+        assert c.next_channel_reply(ch, TIMEOUT) == "CHANNEL_SUCCESS"
+        assert c.wait_until(lambda: c.channels[ch].close_received, TIMEOUT)
+        c.request(ch, "env", string("LANG") + string("C"))
+        server.wait_for_code("SSH_REPLY_SEND_FAILED")
+        c.close(ch)
+        # The server answers in order: once this global request has its reply, a
+        # reply to the env would have come before it.
+        c.global_request("keepalive@openssh.com", True)
+        assert c.next_global_reply(TIMEOUT) == "REQUEST_FAILURE"
+        assert not c.channels[ch].replies, c.transcript()  # the refused env got no reply
+    finally:
+        c.close_all()
+    records = [r for r in wait_disconnected(server) if r["labels"].get("channelId") == 0
+               and r["code"] != "SSH_NEW_CHANNEL"]
+    assert [(r["code"], r["labels"]["event"]) for r in records][-5:] == [
+        ("SSH_EXIT", "program_exited"), ("SSH_CHANNEL_REQUEST", "env"), ("SSH_CHANNEL_REQUEST_FAILED", "env"),
+        ("SSH_REPLY_SEND_FAILED", "reply_send_failed"), ("SSH_CHANNEL_CLOSED", "close")]
+
+
+def test_close_while_the_program_starts(server_factory: Any) -> None:
+    """The client closes the channel while its program is starting (a backend whose
+    start is slow: `apps:SlowStart`): session starting --close. The start gets its
+    failure outcome, no reply follows the close (the one owed is logged as not sent),
+    the channel closes."""
+    live = server_factory(handler="apps:SlowStart")
+    c = ProtocolClient.connect(live.port)
+    try:
+        c.service_request()
+        c.auth_password("demo", "demo")
+        replies = [c.next_auth_reply(TIMEOUT), c.next_auth_reply(TIMEOUT)]
+        assert replies == ["SERVICE_ACCEPT", "USERAUTH_SUCCESS"]
+        ch = c.open_channel("session")
+        assert c.open_reply(ch, TIMEOUT) == "OPEN_CONFIRMATION"
+        c.request(ch, "exec", string("anything"))
+        live.wait_for_code("SSH_CHANNEL_REQUEST")  # the program is starting
+        c.close(ch)
+        assert c.wait_closed(ch, TIMEOUT)
+        live.wait_for_code("SSH_CHANNEL_CLOSED")
+        c.global_request("keepalive@openssh.com", True)  # answered in order: after any exec reply
+        assert c.next_global_reply(TIMEOUT) == "REQUEST_FAILURE"
+        assert not c.channels[ch].replies, c.transcript()
+    finally:
+        c.close_all()
+    records = [r for r in wait_disconnected(live) if r["labels"].get("channelId") == 0
+               and r["code"] != "SSH_NEW_CHANNEL"]
+    assert [(r["code"], r["labels"]["event"]) for r in records] == [
+        ("SSH_CHANNEL_REQUEST", "exec"), ("SSH_CHANNEL_REQUEST_FAILED", "close"),
+        ("SSH_CHANNEL_CLOSED", "close"),
+        # the exec wanted a reply: owed, and it cannot go out on a closed channel
+        ("SSH_REPLY_SEND_FAILED", "reply_send_failed")]
 
 
 def test_exit_code_failed(server_factory: Any, failsys: Path, send_flag: Path) -> None:

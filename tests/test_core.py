@@ -193,12 +193,21 @@ def test_exactly_one_disconnected_per_connected() -> None:
 
 
 def test_no_channel_or_global_request_before_authentication() -> None:
+    """asyncssh stops connection-layer messages before authentication and the adapter
+    fires protocol_error: the channel events change nothing before `established`,
+    and a protocol error there ends the connection with DISCONNECT(2)."""
     machine = MACHINES["connection"]
-    for state in machine.loaded.spec.groups["preauth"]:
-        for event in ("session_open", "channel_open_unsupported", "global_request"):
+    alive = set(machine.loaded.spec.groups["alive"])
+    for state in machine.loaded.spec.states:
+        if state in alive:
+            continue
+        for event in ("session_open", "channel_open_unsupported", "channel_open_malformed",
+                      "global_request", "global_request_malformed"):
             for step in machine.steps(state, event):
-                assert step.target == "closed" and step.reply == "disconnect_protocol"
-                assert "SSH_NEW_CHANNEL" not in step.codes
+                assert step.kind == "ignore" and not step.codes and step.reply is None, (state, event)
+    for state in machine.loaded.spec.groups["preauth"]:
+        for step in machine.steps(state, "protocol_error"):
+            assert step.target == "closed" and step.reply == "disconnect_protocol"
 
 
 def test_every_request_gets_exactly_one_outcome() -> None:

@@ -192,7 +192,8 @@ def replay_problems(records: list[dict[str, Any]]) -> list[str]:
     replay = Replay(automata(FUZZ_LIMITS))
     for record in records:
         labels = record["labels"]
-        problem = replay.feed(record["code"], labels.get("connectionId"), labels.get("channelId"))
+        problem = replay.feed(record["code"], labels.get("connectionId"), labels.get("channelId"),
+                              labels.get("event"))
         if problem is not None:
             return [problem]
     return [p for i in [*replay.connections.values(), *replay.sessions.values()]

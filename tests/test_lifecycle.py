@@ -8,12 +8,13 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import asyncssh
 import pytest
 
-from conftest import SSHSPEC, LiveServer, start_server
+from conftest import SSHSPEC, TEST_LOGS, LiveServer, start_server
 from sshspec.adapters.config import load_config
 from sshspec.adapters.logs import Logger
 from sshspec.adapters.server import Server
@@ -51,7 +52,8 @@ def test_port_in_use_is_start_failed_with_status_1(tmp_path: Path) -> None:
     busy.bind(("127.0.0.1", 0))
     busy.listen()
     port = busy.getsockname()[1]
-    log = tmp_path / "log.jsonl"
+    TEST_LOGS.mkdir(exist_ok=True)  # `make test` checks this log against the specs
+    log = TEST_LOGS / f"port-in-use-{os.getpid()}-{time.monotonic_ns()}.jsonl"
     config = tmp_path / "c.yaml"
     config.write_text(f"stateDir: {tmp_path}/state\nssh:\n  listen: 127.0.0.1:{port}\n"
                       f"log:\n  file: {log}\nauth:\n  users: []\n")
@@ -60,6 +62,37 @@ def test_port_in_use_is_start_failed_with_status_1(tmp_path: Path) -> None:
     assert done.returncode == 1, done.stderr
     assert "Address already in use" in done.stderr
     assert '"code":"SSH_START_FAILED"' in log.read_text()
+
+
+def test_shutdown_while_starting_stops_without_listening(tmp_path: Path) -> None:
+    """SIGTERM can arrive while asyncio sets the listener up (start() is awaiting):
+    the server goes straight to stopped (SSH_STOPPED), and the listener it was
+    making is closed rather than left accepting."""
+    import msgspec
+
+    from sshspec.adapters.config import Listen
+    config = load_config(None)
+    config = msgspec.structs.replace(config, state_dir=str(tmp_path), ssh=msgspec.structs.replace(
+        config.ssh, listen=Listen("127.0.0.1", 0)))
+    TEST_LOGS.mkdir(exist_ok=True)
+    log = TEST_LOGS / f"shutdown-while-starting-{os.getpid()}-{time.monotonic_ns()}.jsonl"
+
+    async def main() -> tuple[str, int]:
+        server = Server(config, logger=Logger(path=str(log)))
+        starting = asyncio.create_task(server.start())
+        while server.sock is None:  # start() runs up to its first await: the socket is bound
+            await asyncio.sleep(0)
+        port = server.sock.getsockname()[1]
+        await server.shutdown()
+        await starting
+        return server.state.state, port
+
+    state, port = asyncio.run(main())
+    assert state == "stopped"
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    codes = [line.split('"code":"')[1].split('"')[0] for line in log.read_text().splitlines()]
+    assert codes == ["SSH_STOPPED"]
 
 
 def test_already_running_is_refused_by_the_api(tmp_path: Path) -> None:
