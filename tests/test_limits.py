@@ -543,7 +543,9 @@ def test_keepalives_detect_a_dead_peer_and_clean_up(server_factory) -> None:  # 
                 codes = [r["code"] for r in tail.records]
                 after = codes[before:]
                 assert codes[-3:] == ["SSH_CHANNEL_CLOSED", "SSH_KEEPALIVE_NORESP", "SSH_DISCONNECTED"], codes
-                assert after.count("SSH_KEEPALIVE_SEND") >= 2
+                # clientAliveCountMax unanswered keepalives, the first of them possibly
+                # sent just before the peer vanished
+                assert after.count("SSH_KEEPALIVE_SEND") >= 1
                 assert 0.3 < detected < 5, detected
                 await asyncio.to_thread(wait_until, lambda: not alive(pid), 10, "the program to end")
                 print(f"keepalive: dead peer detected {detected:.2f}s after it vanished")
