@@ -14,6 +14,8 @@ event that logged them, and the DISCONNECT the client got.
 
 from __future__ import annotations
 
+import socket
+import struct
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -144,6 +146,44 @@ def test_login_timeout_and_shutdown_in_every_state(server_factory: Any) -> None:
         finally:
             for c, _ in held:
                 c.close_all()
+
+
+def plain_packet(payload: bytes) -> bytes:
+    """An SSH binary packet before any key exchange: no cipher, no MAC."""
+    padding = 8 - (len(payload) + 5) % 8
+    padding += 8 if padding < 4 else 0
+    return struct.pack(">IB", len(payload) + padding + 1, padding) + payload + bytes(padding)
+
+
+def handshaking(live: conftest.LiveServer) -> tuple[socket.socket, str]:
+    """A connection in `handshaking`: its version is sent, its key exchange not begun."""
+    before = {r["labels"].get("connectionId") for r in live.records()}
+    sock = socket.create_connection((live.host, live.port))
+    sock.sendall(b"SSH-2.0-Stalling\r\n")
+    records = live.wait_for(lambda rs: any(
+        r["code"] == "SSH_CONNECTED" and r["labels"]["connectionId"] not in before for r in rs))
+    return sock, next(r["labels"]["connectionId"] for r in records
+                      if r["code"] == "SSH_CONNECTED" and r["labels"]["connectionId"] not in before)
+
+
+def test_a_protocol_error_during_the_key_exchange(holding: conftest.LiveServer) -> None:
+    """A SERVICE_REQUEST before the key exchange finished: protocol_error in handshaking."""
+    sock, cid = handshaking(holding)
+    with sock:
+        sock.sendall(plain_packet(bytes([5]) + struct.pack(">I", 12) + b"ssh-userauth"))
+        records = ended(holding, cid)
+    assert records == [("SSH_CONNECTED", "connected"), ("SSH_HANDSHAKE_FAILED", "protocol_error"),
+                       ("SSH_DISCONNECTED", "protocol_error")], records
+
+
+def test_a_shutdown_during_the_key_exchange(server_factory: Any) -> None:
+    live = server_factory()
+    sock, cid = handshaking(live)
+    with sock:
+        assert live.stop() == 0
+        records = ended(live, cid)
+    assert records == [("SSH_CONNECTED", "connected"), ("SSH_HANDSHAKE_FAILED", "shutdown"),
+                       ("SSH_DISCONNECTED", "shutdown")], records
 
 
 # What the client may do while a keyboard-interactive challenge is out (RFC 4256:
