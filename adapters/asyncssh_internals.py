@@ -1127,6 +1127,10 @@ def _on_service_request(state: HookState, conn: asyncssh.SSHServerConnection, pk
         verdict = state.hooks.on_service_request(conn, service)
     except Exception as exc:
         _report_hook_error("on_service_request", exc)
+    if state.authenticated:
+        # asyncssh answers DISCONNECT(7 SERVICE_NOT_AVAILABLE); after authentication
+        # there is no service left to ask for: it is a protocol violation.
+        raise asyncssh.ProtocolError("Service request after authentication")
     if verdict is False:
         raise asyncssh.ServiceNotAvailable("Service not available")
     if verdict is True and service == "ssh-userauth" and state.kex_count \

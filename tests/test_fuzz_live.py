@@ -97,8 +97,6 @@ LIVE_SETTINGS = settings.get_profile(f"sshspec-live-{PROFILE}")
 # Server bugs found by this fuzzer, kept out of the generated sequences until fixed
 # (each has a strict xfail test below that turns green with the fix).
 KNOWN_BUGS = {
-    "service-after-auth": "SERVICE_REQUEST after authentication: DISCONNECT(7), logged as `lost`, where "
-                          "the spec's protocol_error prescribes DISCONNECT(2)",
     "info-response-after-pk-ok": "USERAUTH_INFO_RESPONSE with no challenge out, right after a publickey "
                                  "query's PK_OK: UNIMPLEMENTED and nothing logged, where the spec's "
                                  "protocol_error prescribes DISCONNECT(2) (as the server does otherwise)",
@@ -520,8 +518,7 @@ class LiveFuzz(RuleBasedStateMachine):
         self.count("auth after success")
         self.do_auth(a)
 
-    @precondition(lambda self: self.alive() and not self.this_conn["service request"] and (
-        "service-after-auth" not in self.known_bugs or self.o.state not in ("established", "draining")))
+    @precondition(lambda self: self.alive() and not self.this_conn["service request"])
     @rule()
     def service_request(self) -> None:
         assert self.c is not None
@@ -887,16 +884,11 @@ def _client(server: conftest.LiveServer, *, auth: bool = True) -> ProtocolClient
     return c
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=KNOWN_BUGS["service-after-auth"])
 def test_service_request_after_authentication(live: Any) -> None:
-    """Found by the fuzzer. After USERAUTH_SUCCESS a SERVICE_REQUEST is a protocol
-    violation; asyncssh answers DISCONNECT(7 SERVICE_NOT_AVAILABLE) by itself
-    (ServiceNotAvailable is not a ProtocolError), and adapters/server.py
-    SpecConnection.connection_lost fires `lost` for it ("the TCP connection ended"),
-    whose spec reply is none. The spec's event for a client breaking the protocol is
-    protocol_error, reply disconnect_protocol: DISCONNECT(2). Either the adapter (a
-    ProtocolError from on_service_request once authenticated) or the spec (a reply
-    for it) should change."""
+    """Found by the fuzzer (fixed: asyncssh_internals._on_service_request). After
+    USERAUTH_SUCCESS a SERVICE_REQUEST is a protocol violation; asyncssh answered
+    DISCONNECT(7 SERVICE_NOT_AVAILABLE) by itself and the adapter logged `lost`. It
+    is now a ProtocolError: DISCONNECT(2), protocol_error, as the spec says."""
     replay_steps(live, lambda m: (m.start("password", 0), m.service_request()))
 
 
