@@ -105,6 +105,7 @@ MSG_NEWKEYS = 21
 MSG_USERAUTH_REQUEST = 50
 MSG_USERAUTH_FAILURE = 51
 MSG_USERAUTH_SUCCESS = 52
+MSG_USERAUTH_PK_OK = 60  # (60 is also INFO_REQUEST and PASSWD_CHANGEREQ: by method)
 MSG_GLOBAL_REQUEST = 80
 MSG_REQUEST_SUCCESS = 81
 MSG_REQUEST_FAILURE = 82
@@ -1107,6 +1108,14 @@ def _hook_auth_answers(state: HookState) -> None:
             if _transport_gone(conn):
                 return
         orig_packet(pkttype, *args, handler=handler, trivial=trivial)
+        if pkttype == MSG_USERAUTH_PK_OK and state.last_auth is not None \
+                and state.last_auth.method == "publickey" and conn._auth is handler:  # REACH-IN
+            # The query is answered and its handler has nothing left to do, but asyncssh
+            # keeps it as the auth in progress: it would take a stray 60-79 message
+            # (an INFO_RESPONSE) and answer UNIMPLEMENTED. With none in progress such a
+            # message is "Authentication not in progress", a ProtocolError, as it is
+            # everywhere else.
+            conn._auth = None
 
     conn.send_userauth_failure = send_userauth_failure  # type: ignore[method-assign]
     conn.send_userauth_success = send_userauth_success  # type: ignore[method-assign]
@@ -1345,6 +1354,8 @@ REACH_INS: tuple[ReachIn, ...] = (
     ReachIn(_Conn, "_process_service_request", ("_pkttype", "_pktid", "packet"),
             source_has="if service != self._next_service:"),
     ReachIn(_Conn, "_next_service", attr_in=SSHConnection.__init__),
+    ReachIn(_Conn, "_auth", attr_in=SSHConnection.__init__),
+    ReachIn(_Conn, "_recv_packet", (), source_has="handler = self._auth"),
     ReachIn(_Conn, "_global_request_queue", attr_in=SSHConnection.__init__),
     ReachIn(_Conn, "_service_next_global_request", (), source_has="handler(packet)"),
     ReachIn(_Conn, "_report_global_response", ("result",),

@@ -97,9 +97,6 @@ LIVE_SETTINGS = settings.get_profile(f"sshspec-live-{PROFILE}")
 # Server bugs found by this fuzzer, kept out of the generated sequences until fixed
 # (each has a strict xfail test below that turns green with the fix).
 KNOWN_BUGS = {
-    "info-response-after-pk-ok": "USERAUTH_INFO_RESPONSE with no challenge out, right after a publickey "
-                                 "query's PK_OK: UNIMPLEMENTED and nothing logged, where the spec's "
-                                 "protocol_error prescribes DISCONNECT(2) (as the server does otherwise)",
 }
 
 ENV = [r for r in REQUESTS if r.name == b"env"]
@@ -266,7 +263,6 @@ class LiveFuzz(RuleBasedStateMachine):
         self.failed = False
         self.dropped = False  # the client closed its socket: replies may go unread
         self.steps = 0
-        self.after_pk_ok = False
         self.this_conn: Counter[str] = Counter()  # rules run in this connection
         # Programs of earlier examples (a leak is blamed on the example that made it).
         self.children_before = set(server_children(self.server.process.pid))
@@ -303,7 +299,6 @@ class LiveFuzz(RuleBasedStateMachine):
                 *self.script, "print('\\n'.join(c.transcript()))"]
 
     def connect(self, how: str) -> None:
-        self.after_pk_ok = False
         self.steps = 0  # in this connection
         self.this_conn = Counter()
         self.ends_seen = set()
@@ -329,8 +324,6 @@ class LiveFuzz(RuleBasedStateMachine):
         for o in self.alts:
             o.auth(a)
         self.settle()
-        # asyncssh keeps a publickey attempt open after its PK_OK, until the next request
-        self.after_pk_ok = a.method == "query" and self.o.wire["auth"][-1:] == ["USERAUTH_PK_OK"]
 
     def chan_name(self, chan: int) -> str:
         return f"ch{chan}"
@@ -490,9 +483,6 @@ class LiveFuzz(RuleBasedStateMachine):
     @precondition(lambda self: self.alive() and self.o.state not in ("established", "draining"))
     @rule(a=ANY_AUTH)
     def auth(self, a: Auth) -> None:
-        if a.method == "kbdint_response" and self.after_pk_ok \
-                and "info-response-after-pk-ok" in self.known_bugs:
-            return  # KNOWN_BUGS["info-response-after-pk-ok"]
         self.count(f"auth {a.method}")
         self.do_auth(a)
 
@@ -892,16 +882,13 @@ def test_service_request_after_authentication(live: Any) -> None:
     replay_steps(live, lambda m: (m.start("password", 0), m.service_request()))
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=KNOWN_BUGS["info-response-after-pk-ok"])
 def test_info_response_without_a_challenge_after_pk_ok(live: Any) -> None:
-    """Found by the fuzzer. A USERAUTH_INFO_RESPONSE with no keyboard-interactive
-    challenge out is a protocol error: the server disconnects (DISCONNECT(2),
-    protocol_error in the log) because asyncssh has no auth in progress. Right after a
-    publickey query's PK_OK, though, asyncssh keeps that publickey attempt open (for
-    the signed request), hands it the 61, which it does not know: asyncssh answers
-    UNIMPLEMENTED and goes on, no spec event fires, nothing is logged. The adapter
-    (asyncssh_internals hooks USERAUTH_REQUEST only) should make it protocol_error in
-    both cases, or the spec say what a stray INFO_RESPONSE is."""
+    """Found by the fuzzer (fixed: asyncssh_internals._hook_auth_answers). A
+    USERAUTH_INFO_RESPONSE with no keyboard-interactive challenge out is a protocol
+    error: DISCONNECT(2), protocol_error in the log. Right after a publickey query's
+    PK_OK asyncssh kept the answered query as the auth in progress, handed it the 61
+    and answered UNIMPLEMENTED: no spec event, nothing logged. The query's handler is
+    now dropped once its PK_OK is out."""
     def steps(m: LiveFuzz) -> None:
         m.start("none", 0)
         m.auth(AUTH['c.auth_publickey("alice", key, signed=False)'])
