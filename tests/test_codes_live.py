@@ -18,6 +18,7 @@ import contextlib
 import errno
 import queue
 import shutil
+import signal
 import socket
 import subprocess
 import threading
@@ -526,6 +527,35 @@ def test_reply_send_failed_after_the_exit_status(server: LiveServer) -> None:
                and r["code"] != "SSH_NEW_CHANNEL"]
     assert [(r["code"], r["labels"]["event"]) for r in records][-5:] == [
         ("SSH_EXIT", "program_exited"), ("SSH_CHANNEL_REQUEST", "env"), ("SSH_CHANNEL_REQUEST_FAILED", "env"),
+        ("SSH_REPLY_SEND_FAILED", "reply_send_failed"), ("SSH_CHANNEL_CLOSED", "close")]
+
+
+def test_reply_send_failed_before_any_program(server_factory: Any) -> None:
+    """A shutdown closes a session that has no program (the server sends CLOSE); an
+    env the client sends before it answers that CLOSE is still decided in `setup`,
+    and its reply cannot go out on the closing channel: SSH_REPLY_SEND_FAILED."""
+    live = server_factory()
+    c = ProtocolClient.connect(live.port, answer_close=False)
+    try:
+        c.service_request()
+        c.auth_password(live.username, live.password)
+        replies = [c.next_auth_reply(TIMEOUT), c.next_auth_reply(TIMEOUT)]
+        assert replies == ["SERVICE_ACCEPT", "USERAUTH_SUCCESS"]
+        ch = c.open_channel("session")
+        assert c.open_reply(ch, TIMEOUT) == "OPEN_CONFIRMATION"
+        live.process.send_signal(signal.SIGTERM)
+        assert c.wait_until(lambda: c.channels[ch].close_received, TIMEOUT)
+        c.request(ch, "env", string("LANG") + string("C"))
+        live.wait_for_code("SSH_REPLY_SEND_FAILED")
+        c.close(ch)
+        assert live.process.wait(TIMEOUT) == 0
+        assert not c.channels[ch].replies, c.transcript()
+    finally:
+        c.close_all()
+    records = [r for r in live.records() if r["labels"].get("channelId") == 0
+               and r["code"] != "SSH_NEW_CHANNEL"]
+    assert [(r["code"], r["labels"]["event"]) for r in records] == [
+        ("SSH_CHANNEL_REQUEST", "env"), ("SSH_CHANNEL_REQUEST_SUCCESSFUL", "request_ok"),
         ("SSH_REPLY_SEND_FAILED", "reply_send_failed"), ("SSH_CHANNEL_CLOSED", "close")]
 
 
