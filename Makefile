@@ -25,13 +25,14 @@ lint: $(STAMP)
 test: system-packages $(STAMP) lint
 	rm -rf .test-logs
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
-	@# Every live server's log must replay against the specs, complete.
+	@# Every live server's log must replay against the specs, complete, and
+	@# together they must exercise every transition of the three specs.
 	@# (logs under .test-logs/limits/NAME=VALUE,.../ replay with those limits; the
 	@# glob runs in the shell, after the tests wrote the logs)
 	@logs="$$(ls .test-logs/*.jsonl .test-logs/limits/*/*.jsonl 2>/dev/null)"; \
 	  $(BIN)/sshspec check --complete $$logs > .test-logs/check.txt || { cat .test-logs/check.txt; exit 1; }; \
 	  echo "sshspec check --complete: $$(echo "$$logs" | wc -l) live-test logs replay against the specs"; \
-	  $(BIN)/sshspec coverage --summary $$logs
+	  $(BIN)/sshspec coverage --summary --fail-under 100 $$logs
 
 fuzz: $(STAMP)
 	SSHSPEC_FUZZ_PROFILE=long $(BIN)/python -m pytest -q tests -k fuzz
