@@ -10,10 +10,11 @@ for people watching a terminal::
 
     2026-11-28T10:37:26Z info  SSH_CONNECTED  message  connectionId=... remoteAddr=...
 
-Every record is written as soon as it is logged (one os.write per record for a file
-opened with O_APPEND, write+flush for a stream), so a crash loses at most the record
-being written. The logger is meant for the server's event loop; it keeps no mutable
-state between records, so calls from worker threads are safe too.
+Every record is written as soon as it is logged (one os.write per record, or per
+step for the codes one step emits, to a file opened with O_APPEND; write+flush for
+a stream), so a crash loses at most the records being written. The logger is
+meant for the server's event loop; its only state between records is a cache of
+encoded fixed parts (filled idempotently), so calls from worker threads are safe too.
 """
 
 from __future__ import annotations
@@ -154,6 +155,7 @@ class Logger:
         self._fd: int | None = None
         self._stream: BinaryIO | None = None
         self._closed = False
+        self._heads: dict[tuple[str, str, str], bytes] = {}
         if path is not None:
             # O_APPEND: each os.write lands whole at the end even with several writers
             # (logrotate copytruncate, a second server on the same file).
@@ -168,11 +170,33 @@ class Logger:
     def log(self, level: str, code: str, message: str, labels: Labels) -> None:
         if _SEVERITY[level] < self._min_severity:
             return
+        self.write_lines([self.line(level, code, message, labels)])
+
+    def line(self, level: str, code: str, message: str, labels: Labels) -> bytes:
+        """One record, encoded, with its newline (whatever the level: callers filter)."""
+        prefix, micros = _timestamp()
+        if not self._text:
+            # The hot path: the same bytes msgspec writes for a LogRecord, with the
+            # fixed part (level, code, message) encoded once per code.
+            key = (level, code, message)
+            try:
+                head = self._heads.get(key)
+                if head is None:
+                    head = self._heads[key] = b'","level":%s,"code":%s,"message":%s,"labels":' % (
+                        _encoder.encode(level), _encoder.encode(code), _encoder.encode(message))
+                return b'{"timestamp":"%s.%06dZ%s%s}\n' % (
+                    prefix.encode(), micros, head, _encoder.encode(labels))
+            except UnicodeEncodeError:
+                pass  # a lone surrogate somewhere: the slow path below escapes it
+        record = LogRecord(f"{prefix}.{micros:06d}Z", level, code, message, labels)  # type: ignore[arg-type]
+        return self._encode(record)
+
+    def write_lines(self, lines: list[bytes]) -> None:
+        """Write records at once (one write(2) for all of them, e.g. the codes of one step)."""
         if self._closed:
             raise ValueError("log is closed")
-        prefix, micros = _timestamp()
-        record = LogRecord(f"{prefix}.{micros:06d}Z", level, code, message, labels)  # type: ignore[arg-type]
-        self._write(self._encode(record))
+        if lines:
+            self._write(lines[0] if len(lines) == 1 else b"".join(lines))
 
     def _encode(self, record: LogRecord) -> bytes:
         if self._text:

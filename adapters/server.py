@@ -50,7 +50,8 @@ def _short(explanation: str) -> str:
     return explanation.split(". ")[0].rstrip(".")
 
 
-_MESSAGES = {name: (code.level, _short(code.explanation)) for name, code in CATALOG.items()}
+# code -> (level, code, message): the arguments of Logger.line.
+_MESSAGES = {name: (code.level, name, _short(code.explanation)) for name, code in CATALOG.items()}
 
 
 class Emitter:
@@ -58,7 +59,7 @@ class Emitter:
 
     def __init__(self, logger: Logger) -> None:
         self.logger = logger
-        self.enabled = {name: logger.enabled(level) for name, (level, _) in _MESSAGES.items()}
+        self.enabled = {name: logger.enabled(level) for name, (level, _, _) in _MESSAGES.items()}
         self._wanted: dict[tuple[str, ...], bool] = {}
 
     def wants(self, codes: tuple[str, ...]) -> bool:
@@ -70,10 +71,9 @@ class Emitter:
         return wanted
 
     def emit(self, step: Step, labels: Labels) -> None:
-        for code in step.codes:
-            if self.enabled[code]:
-                level, message = _MESSAGES[code]
-                self.logger.log(level, code, message, labels)
+        # All the codes of one step in one write, before the step's reply goes out.
+        lines = [self.logger.line(*_MESSAGES[code], labels) for code in step.codes if self.enabled[code]]
+        self.logger.write_lines(lines)
 
 
 # --- the machines, compiled once per server with the configured limits ------------------

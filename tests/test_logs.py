@@ -203,3 +203,21 @@ def test_any_labels_round_trip(labels: Labels, message: str) -> None:
 def test_any_text_record_is_one_printable_line(labels: Labels, message: str) -> None:
     record = LogRecord("2026-11-28T10:37:26.123456Z", "info", "SSH_X", message, labels)
     assert format_text(record).isprintable()  # no newline, no control or bidi character
+
+
+@pytest.mark.parametrize("labels", [
+    Labels(),
+    Labels(connection_id="1f-2", remote_addr="127.0.0.1:5555", username="älice \"quoted\"\n", channel_id=0,
+           request_type="exec", event="request_ok", exit_code=42),
+    Labels(username="bad \udcff surrogate", reason="x\ty"),
+])
+def test_the_fast_json_line_is_what_msgspec_writes_for_the_record(labels: Labels) -> None:
+    """Logger.line encodes the fixed part of a record once per code; the bytes must be
+    the ones msgspec writes for the whole LogRecord (the checker decodes them)."""
+    line = Logger(stream=io.BytesIO()).line("debug", "SSH_CHANNEL_REQUEST", "A \"request\" ü", labels)
+    assert line.endswith(b"\n") and line.count(b"\n") == 1
+    record = decode_record(line)
+    assert (record.level, record.code, record.message) == ("debug", "SSH_CHANNEL_REQUEST", "A \"request\" ü")
+    assert msgspec.json.encode(record) + b"\n" == line
+    if "\udcff" not in (labels.username or ""):
+        assert record.labels == labels
