@@ -318,14 +318,14 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="N=200, 2 rounds, no 5000-session run")
     parser.add_argument("-n", type=int, help="connections per throughput run (default 1000)")
     parser.add_argument("-c", type=int, default=16, help="connections in flight (default 16)")
-    parser.add_argument("--rounds", type=int, help="A/B rounds (default 6)")
+    parser.add_argument("--rounds", type=int, help="A/B rounds (default 12: the medians need them here)")
     parser.add_argument("--sessions", type=int,
                         help="also hold this many idle sessions on one B (default 5000; 0: skip)")
     parser.add_argument("--auth", choices=["trivial", "scrypt"], default="trivial",
                         help="password check on both servers (default: hmac compare, no scrypt)")
     args = parser.parse_args()
     n = args.n or (200 if args.quick else 1000)
-    rounds = args.rounds or (2 if args.quick else 6)
+    rounds = args.rounds or (2 if args.quick else 12)
     big = args.sessions if args.sessions is not None else (0 if args.quick else 5000)
     idle = 1000  # fewer idle sessions measure RSS granularity more than sessions
     ENV["BENCH_AUTH"] = args.auth
