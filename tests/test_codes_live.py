@@ -497,6 +497,17 @@ def test_reply_send_failed_for_a_global_request(server_factory: Any, failsys: Pa
     assert "channelId" not in failed["labels"] and failed["labels"]["reason"] == "send failed"
 
 
+def log_in_and_open(c: ProtocolClient, username: str, password: str) -> int:
+    """Password login and one session channel; returns the channel."""
+    c.service_request()
+    c.auth_password(username, password)
+    replies = [c.next_auth_reply(TIMEOUT), c.next_auth_reply(TIMEOUT)]
+    assert replies == ["SERVICE_ACCEPT", "USERAUTH_SUCCESS"]
+    ch = c.open_channel("session")
+    assert c.open_reply(ch, TIMEOUT) == "OPEN_CONFIRMATION"
+    return ch
+
+
 def test_reply_send_failed_after_the_exit_status(server: LiveServer) -> None:
     """The program exited: the server sent EOF, exit-status and CLOSE. A request the
     client sends before it answers that CLOSE is refused (session: exited), and its
@@ -504,12 +515,7 @@ def test_reply_send_failed_after_the_exit_status(server: LiveServer) -> None:
     nothing on the wire, where a reply after CLOSE would break the protocol."""
     c = ProtocolClient.connect(server.port, answer_close=False)
     try:
-        c.service_request()
-        c.auth_password(server.username, server.password)
-        replies = [c.next_auth_reply(TIMEOUT), c.next_auth_reply(TIMEOUT)]
-        assert replies == ["SERVICE_ACCEPT", "USERAUTH_SUCCESS"]
-        ch = c.open_channel("session")
-        assert c.open_reply(ch, TIMEOUT) == "OPEN_CONFIRMATION"
+        ch = log_in_and_open(c, server.username, server.password)
         c.request(ch, "exec", string("exit 3"))
         assert c.next_channel_reply(ch, TIMEOUT) == "CHANNEL_SUCCESS"
         assert c.wait_until(lambda: c.channels[ch].close_received, TIMEOUT)
@@ -537,12 +543,7 @@ def test_reply_send_failed_before_any_program(server_factory: Any) -> None:
     live = server_factory()
     c = ProtocolClient.connect(live.port, answer_close=False)
     try:
-        c.service_request()
-        c.auth_password(live.username, live.password)
-        replies = [c.next_auth_reply(TIMEOUT), c.next_auth_reply(TIMEOUT)]
-        assert replies == ["SERVICE_ACCEPT", "USERAUTH_SUCCESS"]
-        ch = c.open_channel("session")
-        assert c.open_reply(ch, TIMEOUT) == "OPEN_CONFIRMATION"
+        ch = log_in_and_open(c, live.username, live.password)
         live.process.send_signal(signal.SIGTERM)
         assert c.wait_until(lambda: c.channels[ch].close_received, TIMEOUT)
         c.request(ch, "env", string("LANG") + string("C"))
@@ -567,12 +568,7 @@ def test_close_while_the_program_starts(server_factory: Any) -> None:
     live = server_factory(handler="apps:SlowStart")
     c = ProtocolClient.connect(live.port)
     try:
-        c.service_request()
-        c.auth_password("demo", "demo")
-        replies = [c.next_auth_reply(TIMEOUT), c.next_auth_reply(TIMEOUT)]
-        assert replies == ["SERVICE_ACCEPT", "USERAUTH_SUCCESS"]
-        ch = c.open_channel("session")
-        assert c.open_reply(ch, TIMEOUT) == "OPEN_CONFIRMATION"
+        ch = log_in_and_open(c, "demo", "demo")
         c.request(ch, "exec", string("anything"))
         live.wait_for_code("SSH_CHANNEL_REQUEST")  # the program is starting
         c.close(ch)
