@@ -153,7 +153,6 @@ class LocalSession(SessionHandler):
         self.backend = backend
         self.env_deny = env_deny  # backend.envDeny patterns, on top of the backend's own list
         self.process: LocalProcess | None = None
-        self._pending_eof = False
 
     def set_env(self, name: str, value: str) -> bool:
         if any(fnmatch.fnmatchcase(name, p) for p in self.env_deny):
@@ -192,8 +191,6 @@ class LocalSession(SessionHandler):
             command=command, env=self.env, pty=self.pty_request if io.kind != "subsystem" else None,
             on_stdout=io.write, on_stderr=io.write_stderr, server_env=io.server_env,
             on_stdin_flow=io.pause_input)
-        if self._pending_eof:
-            self.process.close_stdin()
 
     async def wait(self) -> ExitStatus:
         assert self.process is not None
@@ -204,10 +201,8 @@ class LocalSession(SessionHandler):
             self.process.write_stdin(data)
 
     def stdin_eof(self) -> None:
-        # EOF before the program exists is kept for it (the spec allows it in any open state).
-        if self.process is None:
-            self._pending_eof = True
-        else:
+        # Only while the program runs: asyncssh holds an earlier EOF until it started.
+        if self.process is not None:
             self.process.close_stdin()
 
     def pause_output(self) -> None:

@@ -2,8 +2,9 @@
 
 A log records the *codes* a machine emitted and, in each record, the *event*
 that fired the step (`sshspec serve` writes it; a record without one matches
-any event). Some steps emit no code (silent moves: ``auth_begin``, an admitted
-``accept``, ``channel_closed``), some emit several in a row (``SSH_HANDSHAKE_FAILED,
+any event). Some steps emit no code (silent moves: an admitted ``accept``,
+``channel_closed``, ``keepalive_answered``; or codes below the server's log
+level), some emit several in a row (``SSH_HANDSHAKE_FAILED,
 SSH_DISCONNECTED``). So every machine instance is replayed as a nondeterministic
 automaton over codes: it holds the set of configurations the records so far
 allow, a configuration being (state, counter values, codes still due from a
@@ -20,17 +21,17 @@ can then only make the replay more lenient; no bundled spec counts past a
 limit.) Identical configurations merge, so the set stays as small as the log's
 real ambiguity, and the step from a set of configurations is memoized.
 
-Coverage credit is an approximation, since silent moves leave no trace. Each
-configuration carries the transitions of the paths that reach it; between two
-records only the *shortest* silent paths are credited, so a silent detour (a
-keyboard-interactive round, a publickey query) is not credited unless a later
-code needs it. Where several configurations survive, the transitions of all of
-them are credited: both methods that may have authenticated, and a silent
-counter move (an admitted ``accept``, a ``channel_closed``) whenever a surviving
+Coverage credit is exact for steps that log a code with its event; only silent
+moves leave no trace. Each configuration carries the transitions of the paths
+that reach it; between two records only the *shortest* silent paths are
+credited, so a silent detour is not credited unless a later record needs it.
+Where several configurations survive (records without events, codes below the
+log level), the transitions of all of them are credited, and a silent counter
+move (an admitted ``accept``, a ``channel_closed``) whenever a surviving
 configuration took it. With one consistent path that is exactly its transitions.
 
-Nothing here does I/O: `Replay.feed` takes the code and the two routing labels
-of an already-decoded record.
+Nothing here does I/O: `Replay.feed` takes the code, the two routing labels and
+the event of an already-decoded record.
 """
 
 from __future__ import annotations
