@@ -216,6 +216,9 @@ class LogConfig(_Section):
     level: Level = "debug"
     format: Format = "json"
     file: str = ""  # empty: stdout
+    # Records are written in batches at most this late (0: each step's records
+    # before its reply); see adapters/logs.py for what it costs and buys.
+    flush_interval: Duration = _seconds(0.01)
 
 
 class Config(_Section):

@@ -39,7 +39,7 @@ from sshspec.adapters.handlers import (
     SessionIO,
     UserEntry,
 )
-from sshspec.adapters.logs import Labels, Logger
+from sshspec.adapters.logs import Fixed, Labels, Logger
 from sshspec.codes import CATALOG
 from sshspec.fsm.machine import Machine, Step
 
@@ -50,30 +50,26 @@ def _short(explanation: str) -> str:
     return explanation.split(". ")[0].rstrip(".")
 
 
-# code -> (level, code, message): the arguments of Logger.line.
-_MESSAGES = {name: (code.level, name, _short(code.explanation)) for name, code in CATALOG.items()}
+# code -> (level, code, message): the part of a record its code fixes.
+_MESSAGES: dict[str, Fixed] = {name: (code.level, name, _short(code.explanation))
+                               for name, code in CATALOG.items()}
 
 
 class Emitter:
-    """Writes one log record per code of a step. Records nobody reads are not built."""
+    """The log records of a step's codes. Records nobody reads are not built."""
 
     def __init__(self, logger: Logger) -> None:
         self.logger = logger
         self.enabled = {name: logger.enabled(level) for name, (level, _, _) in _MESSAGES.items()}
-        self._wanted: dict[tuple[str, ...], bool] = {}
+        self._records: dict[tuple[str, ...], tuple[Fixed, ...]] = {}
 
-    def wants(self, codes: tuple[str, ...]) -> bool:
-        """Whether any of these codes is logged at all: if not, the caller skips
+    def records(self, codes: tuple[str, ...]) -> tuple[Fixed, ...]:
+        """The records of these codes that are logged; with none, the caller skips
         building the labels (a step's codes tuple is shared, so this caches well)."""
-        wanted = self._wanted.get(codes)
-        if wanted is None:
-            wanted = self._wanted[codes] = any(self.enabled[c] for c in codes)
-        return wanted
-
-    def emit(self, step: Step, labels: Labels) -> None:
-        # All the codes of one step in one write, before the step's reply goes out.
-        lines = [self.logger.line(*_MESSAGES[code], labels) for code in step.codes if self.enabled[code]]
-        self.logger.write_lines(lines)
+        records = self._records.get(codes)
+        if records is None:
+            records = self._records[codes] = tuple(_MESSAGES[c] for c in codes if self.enabled[c])
+        return records
 
 
 # --- the machines, compiled once per server with the configured limits ------------------
@@ -122,13 +118,12 @@ class SpecSession(asyncssh.SSHServerSession[bytes]):
         self._resumed: asyncio.Future[None] | None = None  # made only when someone waits
         self._waiter: asyncio.Task[None] | None = None
 
-    def fire(self, event: str, request_type: str | None = None, **labels: Any) -> Step:
+    def fire(self, event: str, request_type: str | None = None, *, reason: str | None = None,
+             exit_code: int | None = None, signal: str | None = None) -> Step:
         step = self.machine.fire(self.state, event)
-        if step.codes and self.conn.server.emitter.wants(step.codes):
-            self.conn.server.emitter.emit(step, Labels(
-                connection_id=self.conn.info.connection_id, remote_addr=self.conn.info.remote_addr,
-                username=self.conn.info.username, channel_id=self.channel_id,
-                request_type=request_type, event=event, **labels))
+        if records := self.conn.server.emitter.records(step.codes):
+            self.conn.server.logger.add(records, (*self.conn.identity, self.channel_id, request_type,
+                                                  None, reason, exit_code, signal, event))
         return step
 
     # -- requests: every one goes through the spec, then (if it says so) the backend.
@@ -161,8 +156,8 @@ class SpecSession(asyncssh.SSHServerSession[bytes]):
     def _replied(step: Step) -> bool:
         return step.reply == "success"
 
-    def _outcome(self, ok: bool, name: str, **labels: Any) -> bool:
-        step = self.fire("request_ok" if ok else "request_failed", name, **labels)
+    def _outcome(self, ok: bool, name: str, reason: str | None = None) -> bool:
+        step = self.fire("request_ok" if ok else "request_failed", name, reason=reason)
         return step.reply == "success"
 
     def _ask_backend(self, decoded: Any) -> bool:
@@ -339,6 +334,8 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
         self.machine = server.machines.connection
         self.state = self.machine.new()
         self.info = ConnectionInfo(f"{os.getpid():x}-{next(_connection_ids):x}", "")
+        # The connection's labels as of now (Labels' first three fields), for its records.
+        self.identity: tuple[str, str, str | None] = (self.info.connection_id, "", None)
         self.conn: asyncssh.SSHServerConnection | None = None
         self.backend: ConnectionHandler | None = None
         self.sessions: dict[int, SpecSession] = {}
@@ -349,20 +346,20 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
         self._signed_key_verdict: str | None = None
         self._keepalive: asyncio.Task[None] | None = None
 
-    def fire(self, event: str, **labels: Any) -> Step:
+    def fire(self, event: str, *, reason: str | None = None, method: str | None = None,
+             channel_id: int | None = None, request_type: str | None = None) -> Step:
         step = self.machine.fire(self.state, event)
         if step.moved and step.target == "closed" and self.sessions:
             # The server ends the connection (keepalive NORESP...): its channels end
             # first, so SSH_DISCONNECTED stays the connection's last record.
             for session in list(self.sessions.values()):
                 session.connection_lost(None)
-        if step.codes and self.server.emitter.wants(step.codes):
-            self.server.emitter.emit(step, Labels(
-                connection_id=self.info.connection_id, remote_addr=self.info.remote_addr,
-                username=self.info.username, event=event, **labels))
+        if records := self.server.emitter.records(step.codes):
+            self.server.logger.add(records, (*self.identity, channel_id, request_type, method, reason,
+                                             None, None, event))
         if step.reply in DISCONNECT_REASON and self.conn is not None and not self.lost:
             code, text = DISCONNECT_REASON[step.reply]
-            self.conn.disconnect(code, labels.get("reason") or text)
+            self.conn.disconnect(code, reason or text)
         if step.moved and step.target == "closed":
             self._closed()
         return step
@@ -384,6 +381,7 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
         self.conn = conn
         peer = conn.get_extra_info("peername") or ("?", 0)
         self.info.remote_addr = f"{peer[0]}:{peer[1]}"
+        self.identity = (self.info.connection_id, self.info.remote_addr, None)
         step = self.server.fire("accept", remote_addr=self.info.remote_addr)
         if step.reply != "admit":
             conn.abort()
@@ -417,6 +415,7 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
 
     def begin_auth(self, username: str) -> bool:
         self.info.username = username
+        self.identity = (self.info.connection_id, self.info.remote_addr, username)
         banner = self.server.config.ssh.banner
         if banner and self.conn is not None:
             self.conn.send_auth_banner(banner)
@@ -451,6 +450,7 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
         method = req.method or repr(req.raw_method)
         if req.username is not None:
             self.info.username = req.username
+            self.identity = (self.info.connection_id, self.info.remote_addr, req.username)
         if req.malformed is not None:
             return  # asyncssh disconnects on it (HACKS.md); connection_lost reports it
         if method == "publickey" and req.publickey is not None:
@@ -634,7 +634,8 @@ class Server:
         self.config = config
         self.reuse_port = reuse_port  # --workers: every worker binds the same port
         self.logger = logger or Logger(level=config.log.level, format=config.log.format,
-                                       path=config.log.file or None)
+                                       path=config.log.file or None,
+                                       flush_interval=config.log.flush_interval)
         self.emitter = Emitter(self.logger)
         self.machines = Machines.from_config(config)
         self.state = self.machines.server.new()
@@ -648,8 +649,8 @@ class Server:
 
     def fire(self, event: str, **labels: Any) -> Step:
         step = self.machines.server.fire(self.state, event)
-        if step.codes:
-            self.emitter.emit(step, Labels(event=event, **labels))
+        if records := self.emitter.records(step.codes):
+            self.logger.add(records, Labels(event=event, **labels))
         return step
 
     async def start(self) -> None:
@@ -825,22 +826,25 @@ async def serve_async(config: Config, handler: Handler | None = None, *,
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     try:
-        await server.start()
-    except StartError as exc:
-        _announce(f"sshspec serve: {exc}")
-        return 1
-    assert server.address is not None
-    # Everything allocated so far (modules, specs, options) lives as long as the
-    # process: keep it out of the collector's generations (bench/: full
-    # collections went from ~30 ms pauses to ~9 ms).
-    gc.collect()
-    gc.freeze()
-    _announce(f"sshspec: listening on {server.address[0]}:{server.address[1]}")
-    if ready is not None:
-        ready(server)
-    await stop.wait()
-    await server.shutdown()
-    return 0
+        try:
+            await server.start()
+        except StartError as exc:
+            _announce(f"sshspec serve: {exc}")
+            return 1
+        assert server.address is not None
+        # Everything allocated so far (modules, specs, options) lives as long as the
+        # process: keep it out of the collector's generations (bench/: full
+        # collections went from ~30 ms pauses to ~9 ms).
+        gc.collect()
+        gc.freeze()
+        _announce(f"sshspec: listening on {server.address[0]}:{server.address[1]}")
+        if ready is not None:
+            ready(server)
+        await stop.wait()
+        await server.shutdown()
+        return 0
+    finally:
+        server.logger.close()  # writes what is still queued, however we leave
 
 
 def run_workers(config: Config, handler: Handler | None, workers: int) -> int:

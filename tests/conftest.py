@@ -106,7 +106,11 @@ def write_config(path: Path, *, state: Path, log: Path, pubkey: str,
         "ssh": {"listen": "127.0.0.1:0"},
         "auth": {"users": [{"username": USERNAME, "passwordHash": _PASSWORD_HASH,
                             "authorizedKeys": [pubkey]}]},
-        "log": {"level": "debug", "format": "json", "file": str(log)},
+        # flushInterval 0: each step's records are in the file before the reply the
+        # step sends, so a test (the fuzzer above all) can read the log in lockstep with
+        # what its client saw. The default (batched) mode has its own live tests
+        # (tests/test_server.py).
+        "log": {"level": "debug", "format": "json", "file": str(log), "flushInterval": 0},
         # /bin/sh (dash) reads no rc file: root's ~/.bashrc here runs `pyenv init`,
         # whose lock file, left behind by a killed session, stalls bash for 60 s.
         "backend": {"shell": "/bin/sh"},

@@ -62,6 +62,7 @@ log:
   level: warning
   format: text
   file: /var/log/sshspec.jsonl
+  flushInterval: 250ms
 stateDir: /var/lib/sshspec
 """
 
@@ -96,6 +97,7 @@ def test_defaults() -> None:
     assert (limits.max_env, limits.max_queued_requests) == (64, 16)
     assert config.backend.env_deny == ("LD_*", "DYLD_*")
     assert (config.log.level, config.log.format, config.log.file) == ("debug", "json", "")
+    assert config.log.flush_interval == 0.01
     assert config.state_dir == ""
 
 
@@ -133,7 +135,7 @@ def test_full_example(tmp_path: Path) -> None:
     )
     assert config.limits.shutdown_timeout == 0.5
     assert config.backend.env_deny == ("LD_*", "DYLD_*", "PYTHON*")
-    assert (config.log.level, config.log.format) == ("warning", "text")
+    assert (config.log.level, config.log.format, config.log.flush_interval) == ("warning", "text", 0.25)
     assert config.state_dir == "/var/lib/sshspec"
     # The example sets every key away from its default, so it tests every field.
     for section in ("ssh", "limits", "log"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import calendar
 import io
 import json
@@ -221,3 +222,143 @@ def test_the_fast_json_line_is_what_msgspec_writes_for_the_record(labels: Labels
     assert msgspec.json.encode(record) + b"\n" == line
     if "\udcff" not in (labels.username or ""):
         assert record.labels == labels
+
+
+# --- batches: what the server does by default (log.flushInterval) --------------------------
+
+
+def _fields(labels: Labels) -> tuple[object, ...]:
+    return msgspec.structs.astuple(labels)
+
+
+@given(batch=st.lists(st.tuples(
+    # around a second boundary, and the fraction's edges (0 and 999999 us)
+    st.builds(lambda s, us: (s * 10**6 + us) * 1000 + 7, st.sampled_from([1_764_326_245, 1_764_326_246]),
+              st.sampled_from([0, 1, 999, 1000, 123456, 999999])),
+    st.lists(st.sampled_from(["SSH_A", "SSH_CHANNEL_REQUEST", "SSH_Ü"]), min_size=1, max_size=3),
+    labels_strategy, st.booleans()), min_size=1, max_size=20))
+def test_a_batch_is_the_bytes_msgspec_writes_for_each_record(
+        batch: list[tuple[int, list[str], Labels, bool]]) -> None:
+    """The batch encoder builds records from parts; every line must be exactly what
+    msgspec writes for that LogRecord (the checker decodes them), whichever form the
+    labels came in and whatever the time."""
+    out = io.BytesIO()
+    logger = Logger(stream=out)
+    # What add() queues, with the times chosen here.
+    logger._queued = [(ns, tuple(("debug", code, f"m {code}") for code in codes),
+                       _fields(labels) if as_args else labels) for ns, codes, labels, as_args in batch]
+    logger.flush()
+    lines = out.getvalue().splitlines(keepends=True)
+    expected = []
+    for ns, codes, labels, _ in batch:
+        seconds, micros = divmod(ns // 1000, 10**6)
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{micros:06d}Z"
+        expected += [(stamp, code, labels) for code in codes]
+    assert len(lines) == len(expected)
+    for line, (stamp, code, labels) in zip(lines, expected, strict=True):
+        record = decode_record(line)
+        assert (record.timestamp, record.code, record.message) == (stamp, code, f"m {code}")
+        assert msgspec.json.encode(record) + b"\n" == line
+        if not any("\udcff" in v for v in _fields(labels) if isinstance(v, str)):
+            assert record.labels == labels
+
+
+def test_batched_records_wait_for_the_interval_and_keep_their_order(tmp_path: Path) -> None:
+    path = tmp_path / "batched.jsonl"
+
+    async def main() -> list[str]:
+        logger = Logger(path=str(path), flush_interval=0.05)
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        for n in range(5):
+            logger.log("info", f"SSH_{n}", "m", Labels(connection_id="c", exit_code=n))
+        assert path.read_bytes() == b""  # queued, not written
+        while not path.read_bytes():  # the timer writes them, all at once
+            assert loop.time() - start < 5, "the batch was never written"
+            await asyncio.sleep(0.005)
+        assert loop.time() - start >= 0.05
+        logger.log("info", "SSH_LAST", "m", Labels())
+        logger.close()  # writes what is queued
+        return [decode_record(line).code for line in path.read_bytes().splitlines()]
+
+    assert asyncio.run(main()) == [f"SSH_{n}" for n in range(5)] + ["SSH_LAST"]
+
+
+def test_a_full_queue_is_written_at_once() -> None:
+    from sshspec.adapters.logs import MAX_QUEUED
+
+    async def main() -> int:
+        out = io.BytesIO()
+        logger = Logger(stream=out, flush_interval=3600)
+        for n in range(MAX_QUEUED - 1):
+            logger.log("info", "SSH_X", "m", Labels(exit_code=n))
+        assert out.getvalue() == b""
+        logger.log("info", "SSH_X", "m", Labels(exit_code=MAX_QUEUED - 1))
+        written = len(out.getvalue().splitlines())
+        logger.close()
+        return written
+
+    assert asyncio.run(main()) == MAX_QUEUED
+
+
+def test_without_an_event_loop_a_batched_logger_writes_at_once() -> None:
+    out = io.BytesIO()
+    logger = Logger(stream=out, flush_interval=10)
+    logger.log("info", "SSH_X", "m", Labels())
+    assert [decode_record(line).code for line in out.getvalue().splitlines()] == ["SSH_X"]
+    logger.close()
+    with pytest.raises(ValueError, match="closed"):
+        logger.log("info", "SSH_Y", "m", Labels())
+    with pytest.raises(ValueError, match="flush interval"):
+        Logger(stream=out, flush_interval=-1)
+
+
+def test_a_batch_that_cannot_be_written_is_reported_not_raised_into_the_loop(
+        tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    full = Path("/dev/full")  # every write(2): ENOSPC
+    if not full.exists():
+        pytest.skip("no /dev/full")
+
+    async def main() -> None:
+        logger = Logger(path=str(full), flush_interval=0.001)
+        logger.log("info", "SSH_X", "m", Labels())
+        logger.log("info", "SSH_Y", "m", Labels())
+        while logger._queued:  # the timer's flush takes them (and fails)
+            await asyncio.sleep(0.001)
+        logger.log("info", "SSH_Z", "m", Labels())  # the logger still takes records
+        with pytest.raises(OSError):
+            logger.close()  # a direct flush raises to its caller, and the file is closed all the same
+        assert logger._closed
+
+    asyncio.run(main())
+    err = capfd.readouterr().err
+    assert "sshspec: log write failed, 2 records lost: [Errno 28] No space left on device" in err
+
+
+def test_a_batch_to_a_stream_goes_out_in_whole_records_of_at_most_pipe_buf() -> None:
+    """--workers share stdout: a pipe keeps a write whole only up to PIPE_BUF."""
+    import select
+
+    class Writes(io.BytesIO):
+        def __init__(self) -> None:
+            super().__init__()
+            self.writes: list[bytes] = []
+
+        def write(self, data: bytes) -> int:  # type: ignore[override]
+            self.writes.append(bytes(data))
+            return super().write(data)
+
+    async def main() -> Writes:
+        out = Writes()
+        logger = Logger(stream=out, flush_interval=3600)
+        for n in range(100):
+            logger.log("info", "SSH_X", "m", Labels(reason="r" * (n * 7)))
+        logger.log("info", "SSH_BIG", "m", Labels(reason="x" * 2 * select.PIPE_BUF))
+        logger.close()
+        return out
+
+    out = asyncio.run(main())
+    assert len(out.writes) > 1
+    for data in out.writes:
+        assert data.endswith(b"\n") and (len(data) <= select.PIPE_BUF or data.count(b"\n") == 1)
+    assert [decode_record(line).code for line in out.getvalue().splitlines()] == ["SSH_X"] * 100 + ["SSH_BIG"]

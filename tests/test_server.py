@@ -10,7 +10,7 @@ from pathlib import Path
 import asyncssh
 import pytest
 
-from conftest import LiveServer
+from conftest import SSHSPEC, LiveServer
 
 
 def ssh(server: LiveServer, command: str, *options: str, input: bytes | None = None,
@@ -187,3 +187,46 @@ def test_backend_failing_to_open_a_session_rejects_the_channel(server_factory) -
     asyncio.run(main())
     codes = live.codes()
     assert codes.count("SSH_NEW_CHANNEL_REJECTED") == 2 and "SSH_BACKEND_ERROR" not in codes
+
+
+# --- the default log mode: records batched (log.flushInterval, 10ms) -----------------------
+
+
+def test_batched_log_has_every_record_of_concurrent_connections(server_factory) -> None:  # type: ignore[no-untyped-def]
+    """The default log.flushInterval (which conftest sets to 0 for lockstep tests):
+    records of 16 concurrent connections arrive without a stop, whole, and in an
+    order `sshspec check --complete` accepts."""
+    live = server_factory({"log": {"flushInterval": "10ms"}})
+
+    async def main() -> list[int | None]:
+        async def one(n: int) -> int | None:
+            async with connect(live) as conn:
+                return (await conn.run(f"exit {n}")).exit_status
+        return list(await asyncio.gather(*(one(n) for n in range(16))))
+
+    assert asyncio.run(main()) == list(range(16))
+    records = live.wait_for(lambda rs: sum(r["code"] == "SSH_DISCONNECTED" for r in rs) == 16)
+    assert sorted(r["labels"]["exitCode"] for r in records if r["code"] == "SSH_EXIT") == list(range(16))
+    assert live.stop() == 0
+    done = subprocess.run([*SSHSPEC, "check", "--complete", str(live.log)], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_batched_log_is_written_when_the_server_stops(server_factory) -> None:  # type: ignore[no-untyped-def]
+    """Records wait for their batch (here an hour), and a SIGTERM writes them all."""
+    live = server_factory({"log": {"flushInterval": "1h"}})
+
+    async def main() -> int | None:
+        async with connect(live) as conn:
+            return (await conn.run("exit 3")).exit_status
+
+    assert asyncio.run(main()) == 3
+    assert live.records() == []  # not even SSH_AVAILABLE: the first batch is still due
+    assert live.stop() == 0
+    codes = [r["code"] for r in live.records()]
+    assert codes[0] == "SSH_AVAILABLE" and codes[-1] == "SSH_STOPPED"
+    assert {"SSH_CONNECTED", "SSH_EXIT", "SSH_DISCONNECTED"} <= set(codes)
+    done = subprocess.run([*SSHSPEC, "check", "--complete", str(live.log)], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
