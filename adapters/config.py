@@ -218,7 +218,7 @@ class LogConfig(_Section):
     file: str = ""  # empty: stdout
     # Records are written in batches at most this late (0: each step's records
     # before its reply); see adapters/logs.py for what it costs and buys.
-    flush_interval: Duration = _seconds(0.01)
+    flush_interval: Duration = _seconds(0.1)
 
 
 class Config(_Section):

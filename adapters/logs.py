@@ -12,13 +12,15 @@ for people watching a terminal::
 
 Writing: with ``flush_interval=0`` every step's records are written (one os.write
 to a file opened with O_APPEND; write+flush for a stream) before the step's reply
-goes out. With an interval (the server's default, `log.flushInterval: 10ms`) a
+goes out. With an interval (the server's default, `log.flushInterval: 100ms`) a
 step's records are only queued: the first of a batch arms a timer on the running
 event loop, and the whole batch is encoded and written in one os.write when it
 fires, when MAX_QUEUED steps wait, or at close. Why: timed inside the server over
 1,000 bench connections, a record written at once cost ~14 us of the event loop
 (4 us encoding, 5 us write(2), cold, once per record), ~9% of a connection's CPU
-with 12 records each; queued, a step costs ~1 us and a record ~2 us in its batch.
+with 12 records each. Batched, debug logging cost (server CPU per connection over
+error level, servers side by side, bench/) +6% with a 10 ms interval, +2.3% with
+100 ms, +1.5% with 500 ms: fewer, longer batches are cheaper per record.
 Records keep their order and their own timestamps; a client may see a reply up to
 the interval before its record is in the file; a SIGKILL loses at most the last
 interval's records (a stop, or an exception out of `serve`, writes them).
@@ -43,10 +45,37 @@ Format = Literal["json", "text"]
 _SEVERITY: dict[str, int] = {"debug": 10, "info": 20, "warning": 30, "error": 40}
 _MILLIS = [b"%03d" % n for n in range(1000)]  # a timestamp's fraction, in two table lookups
 _MICROS_Z = [b"%03dZ" % n for n in range(1000)]
-MAX_QUEUED = 512  # steps: a burst is written at once rather than held in memory
+MAX_QUEUED = 1024  # steps (~200 KiB): a burst is written at once rather than held in memory
 
-# (level, code, message): what a record's code fixes, the rest being time and labels.
-Fixed = tuple[str, str, str]
+
+
+class Kind:
+    """What a record's code fixes (level, code, message), with its JSON encoded once;
+    the rest of a record is its time and labels."""
+
+    __slots__ = ("level", "code", "message", "head")
+
+    def __init__(self, level: str, code: str, message: str) -> None:
+        self.level, self.code, self.message = level, code, message
+        self.head: bytes | None  # None: a lone surrogate, left to the per-record path
+        try:
+            self.head = b'","level":%s,"code":%s,"message":%s,"labels":' % (
+                _encoder.encode(level), _encoder.encode(code), _encoder.encode(message))
+        except UnicodeEncodeError:
+            self.head = None
+
+
+_KINDS: dict[tuple[str, str, str], Kind] = {}
+# A queued step: (time.time_ns(), its records, its labels or the arguments of Labels(*...)).
+Queued = tuple[int, tuple[Kind, ...], "Labels | tuple[Any, ...]"]
+
+
+def kind(level: str, code: str, message: str) -> Kind:
+    """The one Kind of these (made on first use; the server makes its own up front)."""
+    found = _KINDS.get((level, code, message))
+    if found is None:
+        found = _KINDS[level, code, message] = Kind(level, code, message)
+    return found
 
 
 class Labels(
@@ -173,11 +202,10 @@ class Logger:
         self._fd: int | None = None
         self._stream: BinaryIO | None = None
         self._closed = False
-        self._heads: dict[Fixed, bytes] = {}
         if flush_interval < 0:
             raise ValueError(f"flush interval must be >= 0, not {flush_interval}")
         self._interval = flush_interval
-        self._queued: list[tuple[int, tuple[Fixed, ...], Labels | tuple[Any, ...]]] = []
+        self._queued: list[Queued] = []
         self._timer: asyncio.TimerHandle | None = None
         if path is not None:
             # O_APPEND: each os.write lands whole at the end even with several writers
@@ -193,9 +221,9 @@ class Logger:
     def log(self, level: str, code: str, message: str, labels: Labels) -> None:
         """One record (dropped below the logger's level)."""
         if _SEVERITY[level] >= self._min_severity:
-            self.add(((level, code, message),), labels)
+            self.add((kind(level, code, message),), labels)
 
-    def add(self, records: tuple[Fixed, ...], labels: Labels | tuple[Any, ...]) -> None:
+    def add(self, records: tuple[Kind, ...], labels: Labels | tuple[Any, ...]) -> None:
         """The records of one step (whatever their level: callers filter), stamped now
         and sharing labels: a Labels, or the arguments of `Labels(*labels)`, which the
         server passes so that building the struct waits for the batch too."""
@@ -218,10 +246,11 @@ class Logger:
     def _flush_due(self) -> None:
         # The timer's callback: nobody to raise to, so a failed write (disk full...)
         # is said on stderr, in one line, and the server goes on.
-        count = sum(len(records) for _, records, _ in self._queued)
+        queued = self._queued  # flush() swaps in a new list: this one stays whole
         try:
             self.flush()
         except OSError as exc:
+            count = sum(len(records) for _, records, _ in queued)
             os.write(2, f"sshspec: log write failed, {count} records lost: {exc}\n".encode())
 
     def flush(self) -> None:
@@ -232,49 +261,48 @@ class Logger:
         queued, self._queued = self._queued, []
         if not queued:
             return
-        if not self._text:
-            try:
-                self._write(self._json_batch(queued))
-                return
-            except UnicodeEncodeError:
-                pass  # a lone surrogate somewhere: the per-record path escapes it
-        self._write(b"".join([
-            self.line(*fixed, labels if type(labels) is Labels else Labels(*labels), ns)
-            for ns, records, labels in queued for fixed in records]))
+        batch = None if self._text else self._json_batch(queued)
+        if batch is None:  # text, or a lone surrogate somewhere: the per-record path
+            batch = b"".join([
+                self.line(k.level, k.code, k.message, _labels(labels), ns)
+                for ns, records, labels in queued for k in records])
+        self._write(batch)
 
-    def _json_batch(self, queued: list[tuple[int, tuple[Fixed, ...], Labels | tuple[Any, ...]]]) -> bytes:
+    def _json_batch(self, queued: list[Queued]) -> bytes | None:
         # The bytes msgspec writes for each LogRecord (tests/test_logs.py), built from
-        # parts, with as little Python per record as we could (bench/: this loop is
-        # most of what debug logging costs): each code's fixed part encoded once per
-        # logger, the timestamp's seconds once per second, its digits from tables.
-        heads, encode = self._heads, _encoder.encode
+        # parts with as little Python per record as we could: this loop is most of
+        # what debug logging costs (bench/). Each Kind's part is encoded once; the
+        # time is split against the start of its second (small ints are fast, a
+        # time_ns is not), whose text is made once, and the fraction's digits come
+        # from tables. None: a lone surrogate (msgspec's UnicodeEncodeError).
+        encode = _encoder.encode
         out: list[bytes] = []
-        second, prefix = -1, b""
-        for ns, records, labels in queued:
-            micros = ns // 1000
-            if micros // 1_000_000 != second:
-                second = micros // 1_000_000
-                prefix = b'{"timestamp":"%s.' % time.strftime(
-                    "%Y-%m-%dT%H:%M:%S", time.gmtime(second)).encode()
-            fraction = micros % 1_000_000
-            encoded = encode(labels if type(labels) is Labels else Labels(*labels))
-            for fixed in records:
-                out += (prefix, _MILLIS[fraction // 1000], _MICROS_Z[fraction % 1000],
-                        heads.get(fixed) or self._head(fixed), encoded, b"}\n")
+        second_ns, prefix = 0, b""
+        try:
+            for ns, records, labels in queued:
+                into = ns - second_ns
+                if not 0 <= into < 1_000_000_000:
+                    second = ns // 1_000_000_000
+                    second_ns, into = second * 1_000_000_000, ns % 1_000_000_000
+                    prefix = b'{"timestamp":"%s.' % time.strftime(
+                        "%Y-%m-%dT%H:%M:%S", time.gmtime(second)).encode()
+                micros = into // 1000
+                encoded = encode(labels if type(labels) is Labels else Labels(*labels))
+                for k in records:
+                    if k.head is None:
+                        return None
+                    out += (prefix, _MILLIS[micros // 1000], _MICROS_Z[micros % 1000], k.head, encoded,
+                            b"}\n")
+        except UnicodeEncodeError:
+            return None
         return b"".join(out)
-
-    def _head(self, fixed: Fixed) -> bytes:
-        level, code, message = fixed
-        head = self._heads[fixed] = b'","level":%s,"code":%s,"message":%s,"labels":' % (
-            _encoder.encode(level), _encoder.encode(code), _encoder.encode(message))
-        return head
 
     def line(self, level: str, code: str, message: str, labels: Labels, time_ns: int | None = None) -> bytes:
         """One record, encoded, with its newline (whatever the level: callers filter)."""
         prefix, micros = _timestamp(time.time_ns() if time_ns is None else time_ns)
-        if not self._text:
+        head = kind(level, code, message).head
+        if not self._text and head is not None:
             try:
-                head = self._heads.get((level, code, message)) or self._head((level, code, message))
                 return b'{"timestamp":"%s.%06dZ%s%s}\n' % (
                     prefix.encode(), micros, head, _encoder.encode(labels))
             except UnicodeEncodeError:
@@ -322,6 +350,10 @@ class Logger:
                 os.close(self._fd)
             elif self._stream is not None:
                 self._stream.flush()
+
+
+def _labels(labels: Labels | tuple[Any, ...]) -> Labels:
+    return labels if type(labels) is Labels else Labels(*labels)
 
 
 def decode_record(line: bytes) -> LogRecord:

@@ -39,7 +39,7 @@ from sshspec.adapters.handlers import (
     SessionIO,
     UserEntry,
 )
-from sshspec.adapters.logs import Fixed, Labels, Logger
+from sshspec.adapters.logs import Kind, Labels, Logger, kind
 from sshspec.codes import CATALOG
 from sshspec.fsm.machine import Machine, Step
 
@@ -51,8 +51,8 @@ def _short(explanation: str) -> str:
 
 
 # code -> (level, code, message): the part of a record its code fixes.
-_MESSAGES: dict[str, Fixed] = {name: (code.level, name, _short(code.explanation))
-                               for name, code in CATALOG.items()}
+_KINDS: dict[str, Kind] = {name: kind(code.level, name, _short(code.explanation))
+                           for name, code in CATALOG.items()}
 
 
 class Emitter:
@@ -60,15 +60,15 @@ class Emitter:
 
     def __init__(self, logger: Logger) -> None:
         self.logger = logger
-        self.enabled = {name: logger.enabled(level) for name, (level, _, _) in _MESSAGES.items()}
-        self._records: dict[tuple[str, ...], tuple[Fixed, ...]] = {}
+        self.enabled = {name: logger.enabled(k.level) for name, k in _KINDS.items()}
+        self._records: dict[tuple[str, ...], tuple[Kind, ...]] = {}
 
-    def records(self, codes: tuple[str, ...]) -> tuple[Fixed, ...]:
+    def records(self, codes: tuple[str, ...]) -> tuple[Kind, ...]:
         """The records of these codes that are logged; with none, the caller skips
         building the labels (a step's codes tuple is shared, so this caches well)."""
         records = self._records.get(codes)
         if records is None:
-            records = self._records[codes] = tuple(_MESSAGES[c] for c in codes if self.enabled[c])
+            records = self._records[codes] = tuple(_KINDS[c] for c in codes if self.enabled[c])
         return records
 
 

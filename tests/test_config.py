@@ -97,7 +97,7 @@ def test_defaults() -> None:
     assert (limits.max_env, limits.max_queued_requests) == (64, 16)
     assert config.backend.env_deny == ("LD_*", "DYLD_*")
     assert (config.log.level, config.log.format, config.log.file) == ("debug", "json", "")
-    assert config.log.flush_interval == 0.01
+    assert config.log.flush_interval == 0.1
     assert config.state_dir == ""
 
 

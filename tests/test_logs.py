@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sshspec.adapters.logs import Labels, Logger, LogRecord, decode_record, format_text
+from sshspec.adapters.logs import Labels, Logger, LogRecord, decode_record, format_text, kind
 
 TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z")
 
@@ -235,7 +235,7 @@ def _fields(labels: Labels) -> tuple[object, ...]:
     # around a second boundary, and the fraction's edges (0 and 999999 us)
     st.builds(lambda s, us: (s * 10**6 + us) * 1000 + 7, st.sampled_from([1_764_326_245, 1_764_326_246]),
               st.sampled_from([0, 1, 999, 1000, 123456, 999999])),
-    st.lists(st.sampled_from(["SSH_A", "SSH_CHANNEL_REQUEST", "SSH_Ü"]), min_size=1, max_size=3),
+    st.lists(st.sampled_from(["SSH_A", "SSH_CHANNEL_REQUEST", "SSH_Ü", "SSH_\udcff"]), min_size=1, max_size=3),
     labels_strategy, st.booleans()), min_size=1, max_size=20))
 def test_a_batch_is_the_bytes_msgspec_writes_for_each_record(
         batch: list[tuple[int, list[str], Labels, bool]]) -> None:
@@ -245,7 +245,7 @@ def test_a_batch_is_the_bytes_msgspec_writes_for_each_record(
     out = io.BytesIO()
     logger = Logger(stream=out)
     # What add() queues, with the times chosen here.
-    logger._queued = [(ns, tuple(("debug", code, f"m {code}") for code in codes),
+    logger._queued = [(ns, tuple(kind("debug", code, f"m {code}") for code in codes),
                        _fields(labels) if as_args else labels) for ns, codes, labels, as_args in batch]
     logger.flush()
     lines = out.getvalue().splitlines(keepends=True)
@@ -257,7 +257,8 @@ def test_a_batch_is_the_bytes_msgspec_writes_for_each_record(
     assert len(lines) == len(expected)
     for line, (stamp, code, labels) in zip(lines, expected, strict=True):
         record = decode_record(line)
-        assert (record.timestamp, record.code, record.message) == (stamp, code, f"m {code}")
+        scrubbed = code.encode("utf-8", "backslashreplace").decode()  # a lone surrogate, escaped
+        assert (record.timestamp, record.code, record.message) == (stamp, scrubbed, f"m {scrubbed}")
         assert msgspec.json.encode(record) + b"\n" == line
         if not any("\udcff" in v for v in _fields(labels) if isinstance(v, str)):
             assert record.labels == labels
