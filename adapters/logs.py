@@ -49,20 +49,24 @@ MAX_QUEUED = 1024  # steps (~200 KiB): a burst is written at once rather than he
 
 
 
-class Kind:
-    """What a record's code fixes (level, code, message), with its JSON encoded once;
-    the rest of a record is its time and labels."""
+class Kind(msgspec.Struct, frozen=True, gc=False):
+    """What a record's code fixes (level, code, message), with its JSON encoded once
+    (None: a lone surrogate, left to the per-record path); the rest of a record is its
+    time and labels. gc=False: a queued step then holds nothing the collector
+    has to keep visiting."""
 
-    __slots__ = ("level", "code", "message", "head")
+    level: str
+    code: str
+    message: str
+    head: bytes | None
 
-    def __init__(self, level: str, code: str, message: str) -> None:
-        self.level, self.code, self.message = level, code, message
-        self.head: bytes | None  # None: a lone surrogate, left to the per-record path
-        try:
-            self.head = b'","level":%s,"code":%s,"message":%s,"labels":' % (
-                _encoder.encode(level), _encoder.encode(code), _encoder.encode(message))
-        except UnicodeEncodeError:
-            self.head = None
+
+def _head(level: str, code: str, message: str) -> bytes | None:
+    try:
+        return b'","level":%s,"code":%s,"message":%s,"labels":' % (
+            _encoder.encode(level), _encoder.encode(code), _encoder.encode(message))
+    except UnicodeEncodeError:
+        return None
 
 
 _KINDS: dict[tuple[str, str, str], Kind] = {}
@@ -74,7 +78,7 @@ def kind(level: str, code: str, message: str) -> Kind:
     """The one Kind of these (made on first use; the server makes its own up front)."""
     found = _KINDS.get((level, code, message))
     if found is None:
-        found = _KINDS[level, code, message] = Kind(level, code, message)
+        found = _KINDS[level, code, message] = Kind(level, code, message, _head(level, code, message))
     return found
 
 
