@@ -235,7 +235,8 @@ def _fields(labels: Labels) -> tuple[object, ...]:
     # around a second boundary, and the fraction's edges (0 and 999999 us)
     st.builds(lambda s, us: (s * 10**6 + us) * 1000 + 7, st.sampled_from([1_764_326_245, 1_764_326_246]),
               st.sampled_from([0, 1, 999, 1000, 123456, 999999])),
-    st.lists(st.sampled_from(["SSH_A", "SSH_CHANNEL_REQUEST", "SSH_Ü", "SSH_\udcff"]), min_size=1, max_size=3),
+    st.lists(st.sampled_from(["SSH_A", "SSH_CHANNEL_REQUEST", "SSH_Ü", "SSH_\udcff"]),
+             min_size=1, max_size=3),
     labels_strategy, st.booleans()), min_size=1, max_size=20))
 def test_a_batch_is_the_bytes_msgspec_writes_for_each_record(
         batch: list[tuple[int, list[str], Labels, bool]]) -> None:
