@@ -59,7 +59,6 @@ class Emitter:
     """The log records of a step's codes. Records nobody reads are not built."""
 
     def __init__(self, logger: Logger) -> None:
-        self.logger = logger
         self.enabled = {name: logger.enabled(k.level) for name, k in _KINDS.items()}
         self._records: dict[tuple[str, ...], tuple[Kind, ...]] = {}
 
@@ -122,8 +121,10 @@ class SpecSession(asyncssh.SSHServerSession[bytes]):
              exit_code: int | None = None, signal: str | None = None) -> Step:
         step = self.machine.fire(self.state, event)
         if records := self.conn.server.emitter.records(step.codes):
-            self.conn.server.logger.add(records, (*self.conn.identity, self.channel_id, request_type,
-                                                  None, reason, exit_code, signal, event))
+            info = self.conn.info  # Labels' fields in order, taken now: the batch builds the struct
+            self.conn.server.logger.add(records, (info.connection_id, info.remote_addr, info.username,
+                                                  self.channel_id, request_type, None, reason, exit_code,
+                                                  signal, event))
         return step
 
     # -- requests: every one goes through the spec, then (if it says so) the backend.
@@ -334,8 +335,6 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
         self.machine = server.machines.connection
         self.state = self.machine.new()
         self.info = ConnectionInfo(f"{os.getpid():x}-{next(_connection_ids):x}", "")
-        # The connection's labels as of now (Labels' first three fields), for its records.
-        self.identity: tuple[str, str, str | None] = (self.info.connection_id, "", None)
         self.conn: asyncssh.SSHServerConnection | None = None
         self.backend: ConnectionHandler | None = None
         self.sessions: dict[int, SpecSession] = {}
@@ -355,8 +354,9 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
             for session in list(self.sessions.values()):
                 session.connection_lost(None)
         if records := self.server.emitter.records(step.codes):
-            self.server.logger.add(records, (*self.identity, channel_id, request_type, method, reason,
-                                             None, None, event))
+            info = self.info  # Labels' fields in order, taken now: the batch builds the struct
+            self.server.logger.add(records, (info.connection_id, info.remote_addr, info.username, channel_id,
+                                             request_type, method, reason, None, None, event))
         if step.reply in DISCONNECT_REASON and self.conn is not None and not self.lost:
             code, text = DISCONNECT_REASON[step.reply]
             self.conn.disconnect(code, reason or text)
@@ -381,7 +381,6 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
         self.conn = conn
         peer = conn.get_extra_info("peername") or ("?", 0)
         self.info.remote_addr = f"{peer[0]}:{peer[1]}"
-        self.identity = (self.info.connection_id, self.info.remote_addr, None)
         step = self.server.fire("accept", remote_addr=self.info.remote_addr)
         if step.reply != "admit":
             conn.abort()
@@ -415,7 +414,6 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
 
     def begin_auth(self, username: str) -> bool:
         self.info.username = username
-        self.identity = (self.info.connection_id, self.info.remote_addr, username)
         banner = self.server.config.ssh.banner
         if banner and self.conn is not None:
             self.conn.send_auth_banner(banner)
@@ -450,7 +448,6 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
         method = req.method or repr(req.raw_method)
         if req.username is not None:
             self.info.username = req.username
-            self.identity = (self.info.connection_id, self.info.remote_addr, req.username)
         if req.malformed is not None:
             return  # asyncssh disconnects on it (HACKS.md); connection_lost reports it
         if method == "publickey" and req.publickey is not None:
