@@ -25,20 +25,22 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.run import ENV, PY, SSHSPEC, Server, load, start  # noqa: E402
+from bench.run import ENV, PY, SSHSPEC, load, start  # noqa: E402
 
 
 def counted(work: Path, name: str, argv: list[str], n: int) -> int:
     out = work / f"{name}.callgrind"
     server = start(name, ["valgrind", "--tool=callgrind", "--instr-atstart=no",
                           f"--callgrind-out-file={out}", *argv], work, pin=False)
+    def control(*args: str) -> None:
+        subprocess.run(["callgrind_control", *args, str(server.proc.pid)], check=True, capture_output=True)
+
     try:
-        control = ["callgrind_control"]
         warm = subprocess.run(load("run", server.port, 20, 4), cwd=ROOT, env=ENV, capture_output=True)
-        subprocess.run([*control, "-i", "on", str(server.proc.pid)], check=True, capture_output=True)
+        control("-i", "on")
         done = subprocess.run(load("run", server.port, n, 4), cwd=ROOT, env=ENV, capture_output=True)
-        subprocess.run([*control, "-i", "off", str(server.proc.pid)], check=True, capture_output=True)
-        subprocess.run([*control, "-d", str(server.proc.pid)], check=True, capture_output=True)
+        control("-i", "off")
+        control("-d")
         result = json.loads(done.stdout)
         if warm.returncode or done.returncode or result["errors"]:
             raise SystemExit(f"instructions: load against {name} failed: {done.stderr.decode()[-2000:]}")
@@ -49,7 +51,7 @@ def counted(work: Path, name: str, argv: list[str], n: int) -> int:
                 raise SystemExit(f"instructions: callgrind wrote no dump for {name}")
             time.sleep(0.1)
     finally:
-        Server.stop(server)
+        server.stop()
     totals = next(line for line in dump.read_text().splitlines() if line.startswith("totals:"))
     return int(totals.split()[1]) // result["ok"]
 

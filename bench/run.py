@@ -224,9 +224,9 @@ def side_by_side(work: Path, key: Path, n: int, c: int, rounds: int) -> dict[str
         for r in range(rounds):
             before = [s.cpu_ns() for s in servers]
             procs: dict[int, subprocess.Popen[bytes]] = {}
-            for i in (r + k for k in range(len(servers))):
-                s = servers[i % len(servers)]
-                procs[i % len(servers)] = subprocess.Popen(
+            for i in [(r + k) % len(servers) for k in range(len(servers))]:  # rotated start order
+                s = servers[i]
+                procs[i] = subprocess.Popen(
                     load("run", s.port, n, c), cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
                     stderr=subprocess.PIPE, preexec_fn=pinned(CLIENT_CPU))
             done = {i: p.communicate(timeout=240) for i, p in procs.items()}
