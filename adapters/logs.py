@@ -281,7 +281,7 @@ class Logger:
         # from tables. None: a lone surrogate (msgspec's UnicodeEncodeError).
         encode = _encoder.encode
         out: list[bytes] = []
-        second_ns, prefix = 0, b""
+        second_ns, prefix = -1_000_000_000, b""  # no second yet (0 is one: the first of 1970)
         try:
             for ns, records, labels in queued:
                 into = ns - second_ns
