@@ -7,14 +7,14 @@ STAMP  := $(VENV)/.installed-stamp
 
 .PHONY: run test lint fuzz bench system-packages generated clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py adapters/_logbatch.c
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $@
 
 system-packages:
-	@sh .ci/system-packages
+	@PYTHON=$(PYTHON) sh .ci/system-packages
 
 run: $(STAMP)
 	$(BIN)/sshspec serve

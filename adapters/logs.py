@@ -21,6 +21,10 @@ fires, when MAX_QUEUED steps wait, or at close. Why: timed inside the server ove
 with 12 records each. Batched, debug logging cost (server CPU per connection over
 error level, servers side by side, bench/) +6% with a 10 ms interval, +2.3% with
 100 ms, +1.5% with 500 ms: fewer, longer batches are cheaper per record.
+The queue and the batch encoder are C (adapters/_logbatch.c, built at install when a
+compiler is there; the Python versions here are the fallback and the reference the
+tests hold it to): instructions per benchmark connection, debug over error level,
+went from +1.4% to +0.56% (bench/instructions.py).
 Records keep their order and their own timestamps; a client may see a reply up to
 the interval before its record is in the file; a SIGKILL loses at most the last
 interval's records (a stop, or an exception out of `serve`, writes them).
@@ -35,9 +39,16 @@ import os
 import select
 import sys
 import time
+from collections.abc import Callable
+from functools import partial
 from typing import Annotated, Any, BinaryIO, Literal
 
 import msgspec
+
+try:  # adapters/_logbatch.c, built at install when a C compiler is there; same bytes, less CPU
+    from sshspec.adapters import _logbatch as _native
+except ImportError:
+    _native = None  # type: ignore[assignment]
 
 Level = Literal["debug", "info", "warning", "error"]
 Format = Literal["json", "text"]
@@ -70,8 +81,6 @@ def _head(level: str, code: str, message: str) -> bytes | None:
 
 
 _KINDS: dict[tuple[str, str, str], Kind] = {}
-# A queued step: (time.time_ns(), its records, its labels or the arguments of Labels(*...)).
-Queued = tuple[int, tuple[Kind, ...], "Labels | tuple[Any, ...]"]
 
 
 def kind(level: str, code: str, message: str) -> Kind:
@@ -114,6 +123,8 @@ class LogRecord(msgspec.Struct, frozen=True, gc=False, forbid_unknown_fields=Tru
 
 
 _LABEL_NAMES: tuple[str, ...] = Labels.__struct_encode_fields__
+STEP = 2 + len(_LABEL_NAMES)  # a queued step's items: its time, its records, its labels
+_LABEL_KEYS = tuple(msgspec.json.encode(name) + b":" for name in _LABEL_NAMES)
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(LogRecord)
 
@@ -209,7 +220,12 @@ class Logger:
         if flush_interval < 0:
             raise ValueError(f"flush interval must be >= 0, not {flush_interval}")
         self._interval = flush_interval
-        self._queued: list[Queued] = []
+        # Queued steps, flat: STEP items each (time.time_ns(), its records, then the
+        # values of Labels' fields in order), so a waiting step is no object of its
+        # own: nothing for the collector, and the batch reads one array in order.
+        self._queued: list[Any] = []
+        self.add: Callable[..., None] = self._add
+        self._new_queue()
         self._timer: asyncio.TimerHandle | None = None
         if path is not None:
             # O_APPEND: each os.write lands whole at the end even with several writers
@@ -225,21 +241,33 @@ class Logger:
     def log(self, level: str, code: str, message: str, labels: Labels) -> None:
         """One record (dropped below the logger's level)."""
         if _SEVERITY[level] >= self._min_severity:
-            self.add((kind(level, code, message),), labels)
+            self.add((kind(level, code, message),), *msgspec.structs.astuple(labels))
 
-    def add(self, records: tuple[Kind, ...], labels: Labels | tuple[Any, ...]) -> None:
-        """The records of one step (whatever their level: callers filter), stamped now
-        and sharing labels: a Labels, or the arguments of `Labels(*labels)`, which the
-        server passes so that building the struct waits for the batch too."""
-        self._queued.append((time.time_ns(), records, labels))
-        if self._timer is None or len(self._queued) >= MAX_QUEUED:
+    # `add(records, *labels)`: the records of one step (whatever their level: callers
+    # filter), stamped now and sharing labels: the values of Labels' fields, in order
+    # (the server passes them so that building the struct waits for the batch too).
+    # It is the C queue_step bound to this logger's queue, or _add without it.
+
+    def _new_queue(self) -> None:
+        self._queued = []
+        if _native is not None:
+            self.add = partial(_native.queue_step, self._queued, self._due, MAX_QUEUED * STEP, STEP)
+
+    def _add(self, records: tuple[Kind, ...], *labels: Any) -> None:
+        if len(labels) != STEP - 2:  # a misaligned step would garble every record after it
+            raise TypeError(f"a step has {len(labels)} label values, not {STEP - 2}")
+        queued = self._queued
+        queued.append(time.time_ns())
+        queued.append(records)
+        queued += labels
+        if self._timer is None or len(queued) >= MAX_QUEUED * STEP:
             self._due()
 
     def _due(self) -> None:
         if self._closed:
             self._queued.clear()
             raise ValueError("log is closed")
-        if self._interval and len(self._queued) < MAX_QUEUED:
+        if self._interval and len(self._queued) < MAX_QUEUED * STEP:
             try:
                 self._timer = asyncio.get_running_loop().call_later(self._interval, self._flush_due)
                 return
@@ -254,7 +282,7 @@ class Logger:
         try:
             self.flush()
         except OSError as exc:
-            count = sum(len(records) for _, records, _ in queued)
+            count = sum(len(records) for records in queued[1::STEP])
             os.write(2, f"sshspec: log write failed, {count} records lost: {exc}\n".encode())
 
     def flush(self) -> None:
@@ -262,44 +290,19 @@ class Logger:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        queued, self._queued = self._queued, []
+        queued = self._queued
         if not queued:
             return
-        batch = None if self._text else self._json_batch(queued)
+        self._new_queue()
+        if self._text:
+            batch = None
+        else:
+            batch = _native.json_batch(queued, _LABEL_KEYS) if _native else _json_batch(queued)
         if batch is None:  # text, or a lone surrogate somewhere: the per-record path
             batch = b"".join([
-                self.line(k.level, k.code, k.message, _labels(labels), ns)
-                for ns, records, labels in queued for k in records])
+                self.line(k.level, k.code, k.message, Labels(*queued[i + 2:i + STEP]), queued[i])
+                for i in range(0, len(queued), STEP) for k in queued[i + 1]])
         self._write(batch)
-
-    def _json_batch(self, queued: list[Queued]) -> bytes | None:
-        # The bytes msgspec writes for each LogRecord (tests/test_logs.py), built from
-        # parts with as little Python per record as we could: this loop is most of
-        # what debug logging costs (bench/). Each Kind's part is encoded once; the
-        # time is split against the start of its second (small ints are fast, a
-        # time_ns is not), whose text is made once, and the fraction's digits come
-        # from tables. None: a lone surrogate (msgspec's UnicodeEncodeError).
-        encode = _encoder.encode
-        out: list[bytes] = []
-        second_ns, prefix = -1_000_000_000, b""  # no second yet (0 is one: the first of 1970)
-        try:
-            for ns, records, labels in queued:
-                into = ns - second_ns
-                if not 0 <= into < 1_000_000_000:
-                    second = ns // 1_000_000_000
-                    second_ns, into = second * 1_000_000_000, ns % 1_000_000_000
-                    prefix = b'{"timestamp":"%s.' % time.strftime(
-                        "%Y-%m-%dT%H:%M:%S", time.gmtime(second)).encode()
-                micros = into // 1000
-                encoded = encode(labels if type(labels) is Labels else Labels(*labels))
-                for k in records:
-                    if k.head is None:
-                        return None
-                    out += (prefix, _MILLIS[micros // 1000], _MICROS_Z[micros % 1000], k.head, encoded,
-                            b"}\n")
-        except UnicodeEncodeError:
-            return None
-        return b"".join(out)
 
     def line(self, level: str, code: str, message: str, labels: Labels, time_ns: int | None = None) -> bytes:
         """One record, encoded, with its newline (whatever the level: callers filter)."""
@@ -356,8 +359,36 @@ class Logger:
                 self._stream.flush()
 
 
-def _labels(labels: Labels | tuple[Any, ...]) -> Labels:
-    return labels if type(labels) is Labels else Labels(*labels)
+def _json_batch(queued: list[Any]) -> bytes | None:
+    """The bytes msgspec writes for each LogRecord of a queue (tests/test_logs.py),
+    built from parts: what _logbatch.json_batch does in C, for when it is not built.
+    Each Kind's part is encoded once; the time is split against the start of its
+    second (small ints are fast, a time_ns is not), whose text is made once, and the
+    fraction's digits come from tables. None: a lone surrogate (msgspec's
+    UnicodeEncodeError), left to the per-record path."""
+    encode = _encoder.encode
+    out: list[bytes] = []
+    second_ns, prefix = -1_000_000_000, b""  # no second yet (0 is one: the first of 1970)
+    steps = [iter(queued)] * STEP  # zip over one iterator STEP times: a step at a time
+    try:
+        for (ns, records, connection_id, remote_addr, username, channel_id, request_type, method,
+             reason, exit_code, signal, event) in zip(*steps, strict=True):
+            into = ns - second_ns
+            if not 0 <= into < 1_000_000_000:
+                second = ns // 1_000_000_000
+                second_ns, into = second * 1_000_000_000, ns % 1_000_000_000
+                prefix = b'{"timestamp":"%s.' % time.strftime(
+                    "%Y-%m-%dT%H:%M:%S", time.gmtime(second)).encode()
+            micros = into // 1000
+            encoded = encode(Labels(connection_id, remote_addr, username, channel_id, request_type,
+                                    method, reason, exit_code, signal, event))
+            for k in records:
+                if k.head is None:
+                    return None
+                out += (prefix, _MILLIS[micros // 1000], _MICROS_Z[micros % 1000], k.head, encoded, b"}\n")
+    except UnicodeEncodeError:
+        return None
+    return b"".join(out)
 
 
 def decode_record(line: bytes) -> LogRecord:

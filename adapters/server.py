@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncssh
+import msgspec
 
 from sshspec.adapters import asyncssh_internals as internals
 from sshspec.adapters.algorithms import server_options
@@ -122,9 +123,8 @@ class SpecSession(asyncssh.SSHServerSession[bytes]):
         step = self.machine.fire(self.state, event)
         if records := self.conn.server.emitter.records(step.codes):
             info = self.conn.info  # Labels' fields in order, taken now: the batch builds the struct
-            self.conn.server.logger.add(records, (info.connection_id, info.remote_addr, info.username,
-                                                  self.channel_id, request_type, None, reason, exit_code,
-                                                  signal, event))
+            self.conn.server.logger.add(records, info.connection_id, info.remote_addr, info.username,
+                                        self.channel_id, request_type, None, reason, exit_code, signal, event)
         return step
 
     # -- requests: every one goes through the spec, then (if it says so) the backend.
@@ -355,8 +355,8 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
                 session.connection_lost(None)
         if records := self.server.emitter.records(step.codes):
             info = self.info  # Labels' fields in order, taken now: the batch builds the struct
-            self.server.logger.add(records, (info.connection_id, info.remote_addr, info.username, channel_id,
-                                             request_type, method, reason, None, None, event))
+            self.server.logger.add(records, info.connection_id, info.remote_addr, info.username, channel_id,
+                                   request_type, method, reason, None, None, event)
         if step.reply in DISCONNECT_REASON and self.conn is not None and not self.lost:
             code, text = DISCONNECT_REASON[step.reply]
             self.conn.disconnect(code, reason or text)
@@ -647,7 +647,7 @@ class Server:
     def fire(self, event: str, **labels: Any) -> Step:
         step = self.machines.server.fire(self.state, event)
         if records := self.emitter.records(step.codes):
-            self.logger.add(records, Labels(event=event, **labels))
+            self.logger.add(records, *msgspec.structs.astuple(Labels(event=event, **labels)))
         return step
 
     async def start(self) -> None:
@@ -848,8 +848,6 @@ def run_workers(config: Config, handler: Handler | None, workers: int) -> int:
     """`--workers N`: N forked processes, each with its own SO_REUSEPORT socket on
     the same port, so the kernel spreads connections over every core. SIGTERM or
     SIGINT to the parent is passed to every worker; each shuts down gracefully."""
-    import msgspec
-
     from sshspec.adapters.config import Listen
     handler = handler if handler is not None else configured_handler(config)
     try:

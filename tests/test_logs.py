@@ -15,6 +15,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from sshspec.adapters import logs
 from sshspec.adapters.logs import Labels, Logger, LogRecord, decode_record, format_text, kind
 
 TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z")
@@ -231,27 +232,51 @@ def _fields(labels: Labels) -> tuple[object, ...]:
     return msgspec.structs.astuple(labels)
 
 
-@given(batch=st.lists(st.tuples(
-    # around a second boundary, and the fraction's edges (0 and 999999 us)
-    st.builds(lambda s, us: (s * 10**6 + us) * 1000 + 7, st.sampled_from([1_764_326_245, 1_764_326_246]),
-              st.sampled_from([0, 1, 999, 1000, 123456, 999999])),
-    st.lists(st.sampled_from(["SSH_A", "SSH_CHANNEL_REQUEST", "SSH_Ü", "SSH_\udcff"]),
-             min_size=1, max_size=3),
-    labels_strategy, st.booleans()), min_size=1, max_size=20))
+@pytest.fixture(params=["c", "python"])
+def encoder(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Each batch test runs with the C queue and encoder (adapters/_logbatch.c) and
+    with the Python ones sshspec falls back to when the C one was not built."""
+    if request.param == "python":
+        monkeypatch.setattr(logs, "_native", None)
+    return str(request.param)
+
+
+def test_the_c_log_encoder_is_built() -> None:
+    assert logs._native is not None, (
+        "adapters/_logbatch.c was not compiled: it needs a C compiler and Python.h (make test installs them)")
+
+
+_times = st.builds(  # around a second boundary, and the fraction's edges (0 and 999999 us)
+    lambda s, us: (s * 10**6 + us) * 1000 + 7, st.sampled_from([1_764_326_245, 1_764_326_246]),
+    st.sampled_from([0, 1, 999, 1000, 123456, 999999]))
+_codes = st.lists(st.sampled_from(["SSH_A", "SSH_CHANNEL_REQUEST", "SSH_Ü", "SSH_\udcff"]),
+                  min_size=1, max_size=3)
+
+
+def _queue(batch: list[tuple[int, list[str], Labels]]) -> list[object]:
+    """What add() queues for these steps, with the times chosen here."""
+    return [item for ns, codes, labels in batch
+            for item in (ns, tuple(kind("debug", code, f"m {code}") for code in codes), *_fields(labels))]
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["c", "python"])
+@given(batch=st.lists(st.tuples(_times, _codes, labels_strategy), min_size=1, max_size=20))
 def test_a_batch_is_the_bytes_msgspec_writes_for_each_record(
-        batch: list[tuple[int, list[str], Labels, bool]]) -> None:
-    """The batch encoder builds records from parts; every line must be exactly what
-    msgspec writes for that LogRecord (the checker decodes them), whichever form the
-    labels came in and whatever the time."""
+        native: bool, batch: list[tuple[int, list[str], Labels]]) -> None:
+    """The batch encoders build records from parts; every line must be exactly what
+    msgspec writes for that LogRecord (the checker decodes them), whatever the time."""
     out = io.BytesIO()
-    logger = Logger(stream=out)
-    # What add() queues, with the times chosen here.
-    logger._queued = [(ns, tuple(kind("debug", code, f"m {code}") for code in codes),
-                       _fields(labels) if as_args else labels) for ns, codes, labels, as_args in batch]
-    logger.flush()
+    saved = logs._native
+    logs._native = saved if native else None
+    try:
+        logger = Logger(stream=out)
+        logger._queued = _queue(batch)
+        logger.flush()
+    finally:
+        logs._native = saved
     lines = out.getvalue().splitlines(keepends=True)
     expected = []
-    for ns, codes, labels, _ in batch:
+    for ns, codes, labels in batch:
         seconds, micros = divmod(ns // 1000, 10**6)
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{micros:06d}Z"
         expected += [(stamp, code, labels) for code in codes]
@@ -265,7 +290,25 @@ def test_a_batch_is_the_bytes_msgspec_writes_for_each_record(
             assert record.labels == labels
 
 
-def test_batched_records_wait_for_the_interval_and_keep_their_order(tmp_path: Path) -> None:
+@given(batch=st.lists(st.tuples(
+    st.integers(min_value=0, max_value=2**63 - 1) | _times, _codes,
+    labels_strategy | st.builds(Labels, event=_text, username=st.text(st.characters(codec="utf-8")))),
+    max_size=8))
+def test_the_c_encoder_writes_what_the_python_one_does_or_leaves_it_to_python(
+        batch: list[tuple[int, list[str], Labels]]) -> None:
+    """Byte for byte, or None (the caller then takes the per-record path) where it
+    does not do what msgspec does: an int past 64 bits, a lone surrogate."""
+    if logs._native is None:
+        pytest.skip("adapters/_logbatch.c was not built (test_the_c_log_encoder_is_built says why)")
+    queued = _queue(batch)
+    c = logs._native.json_batch(queued, logs._LABEL_KEYS)
+    values = [v for _, codes, labels in batch for v in (*codes, *_fields(labels))]
+    beyond_c = any(isinstance(v, int) and not -(2**63) <= v < 2**63 for v in values) or any(
+        isinstance(v, str) and any("\ud800" <= ch <= "\udfff" for ch in v) for v in values)
+    assert c == (None if beyond_c else logs._json_batch(queued))
+
+
+def test_batched_records_wait_for_the_interval_and_keep_their_order(tmp_path: Path, encoder: str) -> None:
     path = tmp_path / "batched.jsonl"
 
     async def main() -> list[str]:
@@ -286,7 +329,17 @@ def test_batched_records_wait_for_the_interval_and_keep_their_order(tmp_path: Pa
     assert asyncio.run(main()) == [f"SSH_{n}" for n in range(5)] + ["SSH_LAST"]
 
 
-def test_a_full_queue_is_written_at_once() -> None:
+def test_a_step_with_the_wrong_number_of_label_values_is_refused(encoder: str) -> None:
+    out = io.BytesIO()
+    logger = Logger(stream=out, flush_interval=3600)
+    with pytest.raises(TypeError, match="a step has 9 label values, not 10"):
+        logger.add((kind("info", "SSH_X", "m"),), *range(9))
+    logger.log("info", "SSH_Y", "m", Labels(exit_code=1))
+    logger.close()
+    assert [decode_record(line).code for line in out.getvalue().splitlines()] == ["SSH_Y"]
+
+
+def test_a_full_queue_is_written_at_once(encoder: str) -> None:
     from sshspec.adapters.logs import MAX_QUEUED
 
     async def main() -> int:
@@ -303,7 +356,7 @@ def test_a_full_queue_is_written_at_once() -> None:
     assert asyncio.run(main()) == MAX_QUEUED
 
 
-def test_without_an_event_loop_a_batched_logger_writes_at_once() -> None:
+def test_without_an_event_loop_a_batched_logger_writes_at_once(encoder: str) -> None:
     out = io.BytesIO()
     logger = Logger(stream=out, flush_interval=10)
     logger.log("info", "SSH_X", "m", Labels())
@@ -316,7 +369,7 @@ def test_without_an_event_loop_a_batched_logger_writes_at_once() -> None:
 
 
 def test_a_batch_that_cannot_be_written_is_reported_not_raised_into_the_loop(
-        tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+        tmp_path: Path, capfd: pytest.CaptureFixture[str], encoder: str) -> None:
     full = Path("/dev/full")  # every write(2): ENOSPC
     if not full.exists():
         pytest.skip("no /dev/full")
@@ -337,7 +390,7 @@ def test_a_batch_that_cannot_be_written_is_reported_not_raised_into_the_loop(
     assert "sshspec: log write failed, 2 records lost: [Errno 28] No space left on device" in err
 
 
-def test_a_batch_to_a_stream_goes_out_in_whole_records_of_at_most_pipe_buf() -> None:
+def test_a_batch_to_a_stream_goes_out_in_whole_records_of_at_most_pipe_buf(encoder: str) -> None:
     """--workers share stdout: a pipe keeps a write whole only up to PIPE_BUF."""
     import select
 
