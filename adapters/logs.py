@@ -40,7 +40,6 @@ import select
 import sys
 import time
 from collections.abc import Callable
-from functools import partial
 from typing import Annotated, Any, BinaryIO, Literal
 
 import msgspec
@@ -223,7 +222,7 @@ class Logger:
         # Queued steps, flat: STEP items each (time.time_ns(), its records, then the
         # values of Labels' fields in order), so a waiting step is no object of its
         # own: nothing for the collector, and the batch reads one array in order.
-        self._queued: list[Any] = []
+        self._queued: Any = []  # the list, or a _logbatch.Queue that keeps the same in C
         self.add: Callable[..., None] = self._add
         self._new_queue()
         self._timer: asyncio.TimerHandle | None = None
@@ -246,16 +245,19 @@ class Logger:
     # `add(records, *labels)`: the records of one step (whatever their level: callers
     # filter), stamped now and sharing labels: the values of Labels' fields, in order
     # (the server passes them so that building the struct waits for the batch too).
-    # It is the C queue_step bound to this logger's queue, or _add without it.
+    # It is the C queue itself (_logbatch.Queue, which calls _due as _add does), or
+    # _add and a list without it.
 
     def _new_queue(self) -> None:
-        self._queued = []
         if _native is not None:
-            self.add = partial(_native.queue_step, self._queued, self._due, MAX_QUEUED * STEP, STEP)
+            self._queued = self.add = _native.Queue(self._due, MAX_QUEUED * STEP, STEP)
+        else:
+            self._queued, self.add = [], self._add
 
     def _add(self, records: tuple[Kind, ...], *labels: Any) -> None:
         if len(labels) != STEP - 2:  # a misaligned step would garble every record after it
-            raise TypeError(f"a step has {len(labels)} label values, not {STEP - 2}")
+            raise TypeError(f"a step is its records and {STEP - 2} label values, "
+                            f"not {len(labels) + 1} arguments")
         queued = self._queued
         queued.append(time.time_ns())
         queued.append(records)
@@ -265,7 +267,7 @@ class Logger:
 
     def _due(self) -> None:
         if self._closed:
-            self._queued.clear()
+            self._new_queue()
             raise ValueError("log is closed")
         if self._interval and len(self._queued) < MAX_QUEUED * STEP:
             try:
@@ -278,11 +280,12 @@ class Logger:
     def _flush_due(self) -> None:
         # The timer's callback: nobody to raise to, so a failed write (disk full...)
         # is said on stderr, in one line, and the server goes on.
-        queued = self._queued  # flush() swaps in a new list: this one stays whole
+        queued = self._queued  # flush() swaps in a new queue: this one stays whole
         try:
             self.flush()
         except OSError as exc:
-            count = sum(len(records) for records in queued[1::STEP])
+            items = queued if isinstance(queued, list) else queued.items()
+            count = sum(len(records) for records in items[1::STEP])
             os.write(2, f"sshspec: log write failed, {count} records lost: {exc}\n".encode())
 
     def flush(self) -> None:
@@ -296,12 +299,15 @@ class Logger:
         self._new_queue()
         if self._text:
             batch = None
-        else:
+        elif isinstance(queued, list):
             batch = _native.json_batch(queued, _LABEL_KEYS) if _native else _json_batch(queued)
+        else:
+            batch = queued.json(_LABEL_KEYS)
         if batch is None:  # text, or a lone surrogate somewhere: the per-record path
+            items = queued if isinstance(queued, list) else queued.items()
             batch = b"".join([
-                self.line(k.level, k.code, k.message, Labels(*queued[i + 2:i + STEP]), queued[i])
-                for i in range(0, len(queued), STEP) for k in queued[i + 1]])
+                self.line(k.level, k.code, k.message, Labels(*items[i + 2:i + STEP]), items[i])
+                for i in range(0, len(items), STEP) for k in items[i + 1]])
         self._write(batch)
 
     def line(self, level: str, code: str, message: str, labels: Labels, time_ns: int | None = None) -> bytes:

@@ -308,6 +308,33 @@ def test_the_c_encoder_writes_what_the_python_one_does_or_leaves_it_to_python(
     assert c == (None if beyond_c else logs._json_batch(queued))
 
 
+def test_the_c_queue_holds_steps_as_the_python_list_does() -> None:
+    if logs._native is None:
+        pytest.skip("adapters/_logbatch.c was not built (test_the_c_log_encoder_is_built says why)")
+    calls: list[int] = []
+    step = logs.STEP
+    queue = logs._native.Queue(lambda: calls.append(len(queue)), 3 * step, step)
+    records = (kind("info", "SSH_X", "m"),)
+    before = time.time_ns()
+    for n in range(4):
+        queue(records, *_fields(Labels(connection_id=f"c{n}", exit_code=n)))
+    after = time.time_ns()
+    # due() on the first step (it arms the timer), then whenever the limit is reached
+    assert calls == [step, 3 * step, 4 * step] and len(queue) == 4 * step
+    items = queue.items()
+    times = items[0::step]
+    assert before <= times[0] <= times[1] <= times[2] <= times[3] <= after
+    assert items[1::step] == [records] * 4
+    assert [Labels(*items[i + 2:i + step]) for i in range(0, len(items), step)] == [
+        Labels(connection_id=f"c{n}", exit_code=n) for n in range(4)]
+    assert queue.json(logs._LABEL_KEYS) == logs._json_batch(items)
+    with pytest.raises(TypeError, match="a step is its records and 10 label values, not 2 arguments"):
+        queue(records, "c")
+    with pytest.raises(TypeError, match="no keyword"):
+        queue(records, *_fields(Labels()), extra=1)
+    assert len(queue) == 4 * step
+
+
 def test_batched_records_wait_for_the_interval_and_keep_their_order(tmp_path: Path, encoder: str) -> None:
     path = tmp_path / "batched.jsonl"
 
@@ -332,7 +359,7 @@ def test_batched_records_wait_for_the_interval_and_keep_their_order(tmp_path: Pa
 def test_a_step_with_the_wrong_number_of_label_values_is_refused(encoder: str) -> None:
     out = io.BytesIO()
     logger = Logger(stream=out, flush_interval=3600)
-    with pytest.raises(TypeError, match="a step has 9 label values, not 10"):
+    with pytest.raises(TypeError, match="a step is its records and 10 label values, not 10 arguments"):
         logger.add((kind("info", "SSH_X", "m"),), *range(9))
     logger.log("info", "SSH_Y", "m", Labels(exit_code=1))
     logger.close()
