@@ -1,12 +1,14 @@
 """`make bench`: sshspec (B) against a bare asyncssh server (A) on this machine.
 
-    .venv/bin/python bench/run.py [--quick] [-n N] [-c C] [--rounds R] [--sessions S] [--auth MODE]
+    .venv/bin/python bench/run.py [--quick] [-n N] [-c C] [--rounds R] [--sets S] [--set-rounds R]
+                                  [--side-only] [--sessions S] [--auth MODE]
 
 Servers run as subprocesses pinned to CPU 0, the load client (bench/load.py) on CPU 1.
 Throughput rounds alternate A, B (log debug), B (log error) on long-lived servers; then
-the three serve side by side, for CPU per connection measured at the same moment
-(the capacity ratios); memory uses fresh servers. Prints a table and writes bench/results/latest.json (plus
-a copy named after the date and commit). Targets are reported, never asserted.
+sets of fresh A, B, B error serve side by side, for CPU per connection measured at the
+same moment (the capacity ratios); memory uses fresh servers. Prints a table and writes
+bench/results/latest.json (plus a copy named after the date and commit). Targets are
+reported, never asserted.
 """
 
 from __future__ import annotations
@@ -206,57 +208,71 @@ def throughput(work: Path, key: Path, n: int, c: int, rounds: int) -> dict[str, 
     return out
 
 
-def side_by_side(work: Path, key: Path, n: int, c: int, rounds: int) -> dict[str, Any]:
+def side_by_side(work: Path, key: Path, n: int, c: int, sets: int, rounds: int) -> dict[str, Any]:
     """Server CPU per connection of A, B (log debug) and B (log error), all three
     serving at once on CPU 0, each loaded by its own client on CPU 1.
 
     The throughput rounds above take turns, and this machine's speed drifts between
     turns by more than the 2% a log may cost; running side by side, the three see the
-    same machine at the same moment. The clients start in a rotating order. Taken
-    from the servers' own CPU time, these are capacity ratios: what throughput would
-    be if the server, not the client, were the bottleneck."""
-    servers = [server_a(work, key), server_b(work, key, "debug", "B_side"),
-               server_b(work, key, "error", "B_error_side")]
+    same machine at the same moment. A server process also has a speed of its own:
+    two identical servers side by side differ by up to 3% for as long as they run
+    (memory layout, hash seed...), so the rounds are spread over `sets` of fresh
+    servers, and the interval resamples whole sets. Clients start in a rotating
+    order. Taken from the servers' own CPU time, these are capacity ratios: what
+    throughput would be if the server, not the client, were the bottleneck."""
     per_round: list[list[float]] = []
-    try:
-        for s in servers:
-            run_load(s, min(n, 100), c)  # warm-up
-        for r in range(rounds):
-            before = [s.cpu_ns() for s in servers]
-            procs: dict[int, subprocess.Popen[bytes]] = {}
-            for i in [(r + k) % len(servers) for k in range(len(servers))]:  # rotated start order
-                s = servers[i]
-                procs[i] = subprocess.Popen(
-                    load("run", s.port, n, c), cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
-                    stderr=subprocess.PIPE, preexec_fn=pinned(CLIENT_CPU))
-            done = {i: p.communicate(timeout=240) for i, p in procs.items()}
-            for i, p in procs.items():
-                if p.returncode != 0:
-                    raise SystemExit(f"bench: load against {servers[i].name} failed:\n"
-                                     f"{done[i][1].decode()[-2000:]}")
-            results = [json.loads(done[i][0]) for i in range(len(servers))]
-            if any(x["errors"] for x in results):
-                raise SystemExit(f"bench: side by side round {r + 1} had errors: {results}")
-            per_round.append([(s.cpu_ns() - b) / 1e6 / x["ok"]
-                              for s, b, x in zip(servers, before, results, strict=True)])
-            a, b, e = per_round[-1]
-            print(f"  round {r + 1}/{rounds} server ms/conn  A {a:.3f}  B {b:.3f}  B_error {e:.3f}"
-                  f"  B/A {b / a:.3f}  debug/error {b / e:.3f}", flush=True)
-    finally:
-        for s in servers:
-            s.stop()
+    set_of_round: list[int] = []
+    for number in range(sets):
+        servers: list[Server] = []
+        try:
+            servers.append(server_a(work, key))
+            servers.append(server_b(work, key, "debug", f"B_side{number}"))
+            servers.append(server_b(work, key, "error", f"B_error_side{number}"))
+            for s in servers:
+                run_load(s, min(n, 100), c)  # warm-up
+            for r in range(rounds):
+                before = [s.cpu_ns() for s in servers]
+                procs: dict[int, subprocess.Popen[bytes]] = {}
+                turn = number * rounds + r
+                for i in [(turn + k) % len(servers) for k in range(len(servers))]:  # rotated start order
+                    procs[i] = subprocess.Popen(
+                        load("run", servers[i].port, n, c), cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+                        stderr=subprocess.PIPE, preexec_fn=pinned(CLIENT_CPU))
+                done = {i: p.communicate(timeout=240) for i, p in procs.items()}
+                for i, p in procs.items():
+                    if p.returncode != 0:
+                        raise SystemExit(f"bench: load against {servers[i].name} failed:\n"
+                                         f"{done[i][1].decode()[-2000:]}")
+                results = [json.loads(done[i][0]) for i in range(len(servers))]
+                if any(x["errors"] for x in results):
+                    raise SystemExit(f"bench: side by side, set {number + 1} round {r + 1}: errors {results}")
+                per_round.append([(s.cpu_ns() - b) / 1e6 / x["ok"]
+                                  for s, b, x in zip(servers, before, results, strict=True)])
+                set_of_round.append(number)
+                a, b, e = per_round[-1]
+                print(f"  set {number + 1}/{sets} round {r + 1}/{rounds} server ms/conn  A {a:.3f}  B {b:.3f}"
+                      f"  B_error {e:.3f}  B/A {b / a:.3f}  debug/error {b / e:.3f}", flush=True)
+        finally:
+            for s in servers:
+                s.stop()
 
-    def spread(i: int, j: int) -> dict[str, float]:
-        ratios = sorted(x[i] / x[j] for x in per_round)
+    def spread(i: int, j: int) -> dict[str, Any]:
+        ratios = [x[i] / x[j] for x in per_round]
         q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
-        # A 95% bootstrap interval of the median: whether a target is shown, not just met.
+        by_set = [[r for r, k in zip(ratios, set_of_round, strict=True) if k == number]
+                  for number in range(sets)]
+        # A 95% bootstrap interval of the median, resampling whole sets (a server's own
+        # speed is shared by its rounds): whether a target is shown, not just met.
         rng = random.Random(0)
-        medians = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(2000))
+        medians = sorted(statistics.median([r for chosen in rng.choices(by_set, k=sets) for r in chosen])
+                         for _ in range(2000))
         return {"median": med(ratios), "q1": round(q[0], 3), "q3": round(q[2], 3),
-                "ci_low": round(medians[50], 3), "ci_high": round(medians[1949], 3)}
+                "ci_low": round(medians[50], 3), "ci_high": round(medians[1949], 3),
+                "set_medians": [med(x) for x in by_set]}
 
-    return {"n": n, "c": c, "rounds": rounds, "ms_per_conn": per_round,
-            "cpu_B_A": spread(1, 0), "cpu_debug_vs_error": spread(1, 2), "cpu_error_vs_A": spread(2, 0)}
+    return {"n": n, "c": c, "sets": sets, "rounds": rounds, "ms_per_conn": per_round,
+            "set_of_round": set_of_round, "cpu_B_A": spread(1, 0), "cpu_debug_vs_error": spread(1, 2),
+            "cpu_error_vs_A": spread(2, 0)}
 
 
 def memory(work: Path, key: Path, sessions: int, big: int) -> dict[str, Any]:
@@ -338,13 +354,14 @@ def report(res: dict[str, Any]) -> None:
             print(f"{name:<10}{r['conns_per_s']:>9.1f}{r['p50_ms']:>9.1f}{r['p99_ms']:>9.1f}"
                   f"{r['server_cpu_ms']:>13.2f}{r['client_cpu']:>12.2f}{r['errors']:>8}{mem}")
     side = res["side_by_side"]
-    print(f"\nside by side on CPU 0 (N={side['n']} each, {side['rounds']} rounds): server CPU per "
-          f"connection, median of the rounds' ratios, [quartiles], (95% interval of the median)")
+    print(f"\nside by side on CPU 0 (N={side['n']} each, {side['sets']} sets of fresh servers x "
+          f"{side['rounds']} rounds): server CPU per connection, median of the rounds' ratios, "
+          f"[quartiles], (95% interval of the median), each set's median")
     for key, label in (("cpu_B_A", "B / A"), ("cpu_debug_vs_error", "B debug / B error"),
                        ("cpu_error_vs_A", "B error / A")):
         r = side[key]
         print(f"  {label:<20}{r['median']:>7.3f}  [{r['q1']:.3f} {r['q3']:.3f}]  "
-              f"({r['ci_low']:.3f} {r['ci_high']:.3f})")
+              f"({r['ci_low']:.3f} {r['ci_high']:.3f})  {' '.join(f'{x:.3f}' for x in r['set_medians'])}")
     targets = res["targets"]
     print()
     for key, (value, target, ok) in targets.items():
@@ -404,7 +421,9 @@ def main() -> None:
     parser.add_argument("-c", type=int, default=16, help="connections in flight (default 16)")
     parser.add_argument("--rounds", type=int, help="A/B rounds (default 12: the medians need them here)")
     parser.add_argument("--side-only", action="store_true",
-                        help="only the side-by-side phase (with --rounds 40: a tighter median)")
+                        help="only the side-by-side phase (with --sets 20: a tighter median)")
+    parser.add_argument("--sets", type=int, help="side by side: sets of fresh servers (default 6)")
+    parser.add_argument("--set-rounds", type=int, default=2, help="side by side: rounds per set (default 2)")
     parser.add_argument("--sessions", type=int,
                         help="also hold this many idle sessions on one B (default 5000; 0: skip)")
     parser.add_argument("--auth", choices=["trivial", "scrypt"], default="trivial",
@@ -434,8 +453,10 @@ def main() -> None:
             print(f"throughput: N={n} C={args.c}, {rounds} rounds", flush=True)
             res["throughput"] = throughput(work, key, n, args.c, rounds)
         side_n = max(50, n * 3 // 10)
-        print(f"side by side: N={side_n} each, {rounds} rounds", flush=True)
-        res["side_by_side"] = side_by_side(work, key, side_n, args.c, rounds)
+        sets = args.sets or (2 if args.quick else 6)
+        set_rounds = 1 if args.quick else args.set_rounds
+        print(f"side by side: N={side_n} each, {sets} sets x {set_rounds} rounds", flush=True)
+        res["side_by_side"] = side_by_side(work, key, side_n, args.c, sets, set_rounds)
         if not args.side_only:
             print(f"memory: {idle} idle sessions" + (f", then {big} on B" if big else ""), flush=True)
             res["memory"] = memory(work, key, idle, big)
