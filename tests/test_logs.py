@@ -335,6 +335,19 @@ def test_the_c_queue_holds_steps_as_the_python_list_does() -> None:
     assert len(queue) == 4 * step
 
 
+def test_a_logger_and_its_queue_are_collected_when_dropped(encoder: str) -> None:
+    """The queue calls back into its logger (a cycle): the collector must see it."""
+    import gc
+    import weakref
+
+    logger = Logger(stream=io.BytesIO(), flush_interval=10)
+    logger.add((kind("info", "SSH_X", "m"),), *_fields(Labels(connection_id="c")))  # no loop: written now
+    gone = weakref.ref(logger)
+    del logger
+    gc.collect()
+    assert gone() is None
+
+
 def test_batched_records_wait_for_the_interval_and_keep_their_order(tmp_path: Path, encoder: str) -> None:
     path = tmp_path / "batched.jsonl"
 
