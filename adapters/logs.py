@@ -19,12 +19,13 @@ fires, when MAX_QUEUED steps wait, or at close. Why: timed inside the server ove
 1,000 bench connections, a record written at once cost ~14 us of the event loop
 (4 us encoding, 5 us write(2), cold, once per record), ~9% of a connection's CPU
 with 12 records each. Batched, debug logging cost (server CPU per connection over
-error level, servers side by side, bench/) +6% with a 10 ms interval, +2.3% with
-100 ms, +1.5% with 500 ms: fewer, longer batches are cheaper per record.
+error level, servers side by side, bench/) +6% with a 10 ms interval, +2.3-3% with
+100 ms, no less with 500 ms: fewer, longer batches are cheaper per record.
 The queue and the batch encoder are C (adapters/_logbatch.c, built at install when a
 compiler is there; the Python versions here are the fallback and the reference the
-tests hold it to): instructions per benchmark connection, debug over error level,
-went from +1.4% to +0.56% (bench/instructions.py).
+tests hold it to): debug over error level went from +1.4% to +0.32% of the
+instructions per benchmark connection (bench/instructions.py) and to about +1.2% of
+the CPU (README, Performance).
 Records keep their order and their own timestamps; a client may see a reply up to
 the interval before its record is in the file; a SIGKILL loses at most the last
 interval's records (a stop, or an exception out of `serve`, writes them).

@@ -365,7 +365,7 @@ def report(res: dict[str, Any]) -> None:
     targets = res["targets"]
     print()
     for key, (value, target, ok) in targets.items():
-        print(f"  {key:<34}{value:>12}  target {target:<16}{'ok' if ok else 'MISS'}")
+        print(f"  {key:<46}{value:>8}  target {target:<16}{'ok' if ok else 'MISS'}")
     if "throughput" not in res:
         return
     m = res["memory"]
@@ -400,7 +400,10 @@ def targets(res: dict[str, Any]) -> dict[str, tuple[Any, str, bool]]:
     out = {
         "throughput B/A": (t["ratio_B_A"], ">= 0.95", t["ratio_B_A"] >= 0.95),
         "p99 B/A": (t["p99_B_A"], "<= 1.10", t["p99_B_A"] <= 1.10),
-        "log debug vs error throughput": (t["debug_vs_error"], ">= 0.98", t["debug_vs_error"] >= 0.98),
+        # The measure; here the one load client saturates first, so it moves by
+        # +-3% between runs whatever the log costs (the capacity line judges that).
+        "log debug vs error throughput (client-bound)": (t["debug_vs_error"], ">= 0.98",
+                                                         t["debug_vs_error"] >= 0.98),
         **out,
     }
     if "A" in m and "B" in m:
