@@ -122,7 +122,7 @@ class SpecSession(asyncssh.SSHServerSession[bytes]):
              exit_code: int | None = None, signal: str | None = None) -> Step:
         step = self.machine.fire(self.state, event)
         if records := self.conn.server.emitter.records(step.codes):
-            info = self.conn.info  # Labels' fields in order, taken now: the batch builds the struct
+            info = self.conn.info  # Labels' field values in order, taken now; the batch encodes them
             self.conn.server.logger.add(records, info.connection_id, info.remote_addr, info.username,
                                         self.channel_id, request_type, None, reason, exit_code, signal, event)
         return step
@@ -354,7 +354,7 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
             for session in list(self.sessions.values()):
                 session.connection_lost(None)
         if records := self.server.emitter.records(step.codes):
-            info = self.info  # Labels' fields in order, taken now: the batch builds the struct
+            info = self.info  # Labels' field values in order, taken now; the batch encodes them
             self.server.logger.add(records, info.connection_id, info.remote_addr, info.username, channel_id,
                                    request_type, method, reason, None, None, event)
         if step.reply in DISCONNECT_REASON and self.conn is not None and not self.lost:
