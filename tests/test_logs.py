@@ -308,6 +308,36 @@ def test_the_c_encoder_writes_what_the_python_one_does_or_leaves_it_to_python(
     assert c == (None if beyond_c else logs._json_batch(queued))
 
 
+@given(calls=st.lists(st.one_of(st.tuples(_codes, labels_strategy), st.just("flush")), max_size=30))
+def test_a_logger_writes_the_same_records_with_either_queue(calls: list[object]) -> None:
+    """The same steps and flushes through a logger on the C queue and one on the
+    Python list: the same records (all but the time), in the same order."""
+    if logs._native is None:
+        pytest.skip("adapters/_logbatch.c was not built (test_the_c_log_encoder_is_built says why)")
+    async def run(out: io.BytesIO) -> None:  # in a loop: steps wait for a flush
+        logger = Logger(stream=out, flush_interval=3600)
+        for call in calls:
+            if call == "flush":
+                logger.flush()
+            else:
+                codes, labels = call  # type: ignore[misc]
+                logger.add(tuple(kind("debug", c, f"m {c}") for c in codes), *_fields(labels))
+        logger.close()
+
+    outputs = []
+    saved = logs._native
+    for native in (saved, None):
+        logs._native = native
+        try:
+            out = io.BytesIO()
+            asyncio.run(run(out))
+        finally:
+            logs._native = saved
+        outputs.append([(r.code, r.message, r.labels) for r in map(decode_record, _lines(out))])
+    assert outputs[0] == outputs[1]
+    assert len(outputs[0]) == sum(len(call[0]) for call in calls if call != "flush")  # type: ignore[index]
+
+
 def test_the_c_queue_holds_steps_as_the_python_list_does() -> None:
     if logs._native is None:
         pytest.skip("adapters/_logbatch.c was not built (test_the_c_log_encoder_is_built says why)")
