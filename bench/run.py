@@ -36,7 +36,6 @@ SSHSPEC = [str(Path(PY).with_name("sshspec"))] if Path(PY).with_name("sshspec").
     else [PY, "-m", "sshspec.adapters.cli"]
 TWO_CPUS = (os.cpu_count() or 1) >= 2
 SERVER_CPU, CLIENT_CPU = 0, 1
-TICK = os.sysconf("SC_CLK_TCK")
 LISTENING = re.compile(r"listening on [0-9.]+:(\d+)")
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 
@@ -62,20 +61,13 @@ class Server:
         return out
 
     def cpu_ns(self) -> int:
-        """CPU time of every thread, in ns (schedstat: finer than the clock ticks of cpu_s)."""
+        """CPU time of every thread, in ns (schedstat: finer than /proc/<pid>/stat's clock ticks)."""
         total = 0
         for pid in self.pids():
             for task in Path(f"/proc/{pid}/task").iterdir():
                 with contextlib.suppress(FileNotFoundError):  # a thread that just ended
                     total += int((task / "schedstat").read_text().split()[0])
         return total
-
-    def cpu_s(self) -> float:
-        total = 0
-        for pid in self.pids():
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])  # utime + stime, all threads
-        return total / TICK
 
     def rss_kib(self) -> int:
         total = 0
@@ -133,13 +125,13 @@ def load(mode: str, port: int, n: int, c: int) -> list[str]:
 def run_load(server: Server, n: int, c: int) -> dict[str, Any]:
     if server.proc.poll() is not None:
         raise SystemExit(f"bench: server {server.name} exited with status {server.proc.returncode}")
-    cpu = server.cpu_s()
+    cpu = server.cpu_ns()
     done = subprocess.run(load("run", server.port, n, c), cwd=ROOT, env=ENV, capture_output=True,
                           timeout=240, preexec_fn=pinned(CLIENT_CPU))
     if done.returncode != 0:
         raise SystemExit(f"bench: load against {server.name} failed:\n{done.stderr.decode()[-2000:]}")
     result: dict[str, Any] = json.loads(done.stdout)
-    result["server_cpu_ms"] = round((server.cpu_s() - cpu) * 1000 / max(1, result["ok"]), 3)
+    result["server_cpu_ms"] = round((server.cpu_ns() - cpu) / 1e6 / max(1, result["ok"]), 3)
     return result
 
 
