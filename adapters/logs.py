@@ -223,9 +223,9 @@ class Logger:
         # Queued steps, flat: STEP items each (time.time_ns(), its records, then the
         # values of Labels' fields in order), so a waiting step is no object of its
         # own: nothing for the collector, and the batch reads one array in order.
-        self._queued: Any = []  # the list, or a _logbatch.Queue that keeps the same in C
-        self.add: Callable[..., None] = self._add
-        self._new_queue()
+        self._queued: Any  # the list, or a _logbatch.Queue that keeps the same in C
+        self.add: Callable[..., None]
+        self._new_queue()  # sets both
         self._timer: asyncio.TimerHandle | None = None
         if path is not None:
             # O_APPEND: each os.write lands whole at the end even with several writers
