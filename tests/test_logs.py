@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import calendar
+import contextlib
 import io
 import json
 import re
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import msgspec
@@ -241,6 +243,19 @@ def encoder(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> 
     return str(request.param)
 
 
+@contextlib.contextmanager
+def _python_only(python_only: bool = True) -> Iterator[None]:
+    """Loggers made inside use the Python queue and encoder (for @given tests, which
+    cannot take the function-scoped `encoder` fixture)."""
+    saved = logs._native
+    if python_only:
+        logs._native = None
+    try:
+        yield
+    finally:
+        logs._native = saved
+
+
 def test_the_c_log_encoder_is_built() -> None:
     assert logs._native is not None, (
         "adapters/_logbatch.c was not compiled: it needs a C compiler and Python.h (make test installs them)")
@@ -266,14 +281,10 @@ def test_a_batch_is_the_bytes_msgspec_writes_for_each_record(
     """The batch encoders build records from parts; every line must be exactly what
     msgspec writes for that LogRecord (the checker decodes them), whatever the time."""
     out = io.BytesIO()
-    saved = logs._native
-    logs._native = saved if native else None
-    try:
+    with _python_only(not native):
         logger = Logger(stream=out)
         logger._queued = _queue(batch)
         logger.flush()
-    finally:
-        logs._native = saved
     lines = out.getvalue().splitlines(keepends=True)
     expected = []
     for ns, codes, labels in batch:
@@ -325,14 +336,10 @@ def test_a_logger_writes_the_same_records_with_either_queue(calls: list[object])
         logger.close()
 
     outputs = []
-    saved = logs._native
-    for native in (saved, None):
-        logs._native = native
-        try:
-            out = io.BytesIO()
+    for python_only in (False, True):
+        out = io.BytesIO()
+        with _python_only(python_only):
             asyncio.run(run(out))
-        finally:
-            logs._native = saved
         outputs.append([(r.code, r.message, r.labels) for r in map(decode_record, _lines(out))])
     assert outputs[0] == outputs[1]
     assert len(outputs[0]) == sum(len(call[0]) for call in calls if call != "flush")  # type: ignore[index]
