@@ -445,20 +445,25 @@ class LiveFuzz(RuleBasedStateMachine):
         self.fail("\n".join(parts))
 
     def script_expectations(self, wire: dict[Any, list[str]]) -> None:
-        """Assert in the script the replies this step brought, as the spec says them."""
+        """Assert in the script the replies this step brought, as the spec says them.
+        Once the client dropped the connection, what it read is only a prefix of what
+        the server sent (settle accepts any prefix): a rerun may read less, so those
+        replies go into the script as comments, not asserts."""
         for key, replies in sorted(wire.items(), key=lambda kv: repr(kv[0])):
             new = replies[len(self.wire_before.get(key, [])):]
             for reply in new:
                 if key == "auth":
-                    self.say(f"assert c.next_auth_reply() == {reply!r}")
+                    check = f"c.next_auth_reply() == {reply!r}"
                 elif key == "global":
-                    self.say(f"assert c.next_global_reply() == {reply!r}")
+                    check = f"c.next_global_reply() == {reply!r}"
                 elif key == "disconnect":
-                    self.say(f"assert c.wait_ended() and c.disconnect[0] == {int(reply[11:-1])}")
+                    check = f"c.wait_ended() and c.disconnect[0] == {int(reply[11:-1])}"
                 elif key[0] == "open":
-                    self.say(f"assert c.open_reply({self.chan_name(key[1])}) == {reply!r}")
+                    check = f"c.open_reply({self.chan_name(key[1])}) == {reply!r}"
                 else:
-                    self.say(f"assert c.next_channel_reply({self.chan_name(key[1])}) == {reply!r}")
+                    check = f"c.next_channel_reply({self.chan_name(key[1])}) == {reply!r}"
+                self.say(f"# read before the drop, not guaranteed: {check}" if self.dropped
+                         else f"assert {check}")
         self.wire_before = wire
 
     def count(self, what: str) -> None:
