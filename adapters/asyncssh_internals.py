@@ -40,7 +40,6 @@ import enum
 import errno
 import functools
 import inspect
-from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, TypeAlias
@@ -120,7 +119,6 @@ DEFAULT_MAX_PKTSIZE = 32768  # asyncssh's default (and our maximum) packet size
 
 _RECV_OPEN = frozenset({"open", "eof_pending", "eof"})  # SSHChannel._recv_state values
 _SEND_CLOSING = frozenset({"close_pending", "closed"})  # SSHChannel._send_state values
-_START_TYPES = frozenset({"shell", "exec", "subsystem"})
 _LOGIN_TIMEOUT_REASON = "Login timeout expired"  # SSHConnection._login_timer_callback
 
 
@@ -526,49 +524,30 @@ def _report_hook_error(where: str, exc: BaseException) -> None:
     )
 
 
-@dataclass(slots=True)
-class _OverflowRun:
-    """Placeholder for consecutive overflowed want_reply requests: answered failure in order."""
-
-    replies: int
-
-
 # --------------------------------------------------------------------------- channel
 
-RequestVerdict: TypeAlias = bool | Awaitable[bool]
-RequestCallback: TypeAlias = Callable[["HookedServerChannel", ChannelRequest], RequestVerdict]
-ReplyFailedCallback: TypeAlias = Callable[["HookedServerChannel", ReplyFailure], None]
-OverflowCallback: TypeAlias = Callable[["HookedServerChannel", ChannelRequest], None]
+RequestCallback: TypeAlias = Callable[["HookedServerChannel", ChannelRequest], None]
 
 
 _CHAN_CLOSE: Callable[..., None] = asyncssh.SSHServerChannel._packet_handlers[MSG_CHANNEL_CLOSE]
 
 
 class HookedServerChannel(asyncssh.SSHServerChannel[bytes]):
-    """A session channel whose every incoming channel request goes to `on_request`.
+    """A session channel whose every incoming channel request goes to `on_request`,
+    at arrival, and is answered only by `reply`.
 
     Create it in `ConnectionHooks.on_channel_open` (or `SSHServer.session_requested`)
     and return `(channel, session)`.  asyncssh's own request handlers (env, pty,
-    exec, ... and the SSHServerSession *_requested callbacks) are NOT used.
+    exec, ... and the SSHServerSession *_requested callbacks) are NOT used, and
+    nothing here decides: which request is answered when, and how, is the
+    caller's (sshspec's core keeps the queue and the order).
 
-    * `on_request(chan, req)` is called for the request at the head of the queue
-      only: request N+1 is delivered after request N's verdict is known.  The
-      verdict is a bool or an awaitable of one; an exception / cancellation counts
-      as False (and goes to the loop's exception handler).  If want_reply, the
-      reply is CHANNEL_SUCCESS / CHANNEL_FAILURE, in arrival order.
-    * The first True verdict for shell / exec / subsystem calls
-      `session.session_started()` right after the SUCCESS reply and starts data
-      delivery (asyncssh holds channel data and EOF until then, as it does for its
-      own sessions).  Do post-accept work (output, exit) there: an awaitable
-      verdict is answered from its done-callback, so anything scheduled before it
-      resolves runs first, and closing the channel before the reply loses the reply
-      (reported through on_reply_failed).
-    * At most `max_pending` requests (including the one being decided) are held.
-      Beyond that a request is not kept: `on_overflow(chan, req)` is called at
-      once, and if it wanted a reply, a failure is sent when its turn comes (a
-      counter stands in for it, so memory stays bounded and order is kept).
-    * `on_reply_failed(chan, ReplyFailure)` is called when a reply is owed but the
-      channel is closed / closing, the connection is gone, or sending raised.
+    * `on_request(chan, req)`: every CHANNEL_REQUEST, in arrival order, the header
+      decoded (`req.malformed` says why it could not be).
+    * `reply(ok)` sends CHANNEL_SUCCESS / CHANNEL_FAILURE and returns None, or the
+      reason it could not: "channel closed", "connection closed", "send failed".
+    * `start_io()`: a program started; asyncssh holds channel data and EOF until
+      then (as it does for its own sessions), and delivers them from now on.
     * Data, EOF, close: the ordinary asyncssh API (`write`, `write_eof`, `exit`,
       `exit_with_signal`, `close`; the session's `data_received`, `eof_received`,
       `connection_lost`, `pause_writing`, `resume_writing`).
@@ -579,14 +558,9 @@ class HookedServerChannel(asyncssh.SSHServerChannel[bytes]):
         conn: asyncssh.SSHServerConnection,
         on_request: RequestCallback,
         *,
-        on_reply_failed: ReplyFailedCallback | None = None,
-        on_overflow: OverflowCallback | None = None,
-        max_pending: int = 32,
         window: int = DEFAULT_WINDOW,
         max_pktsize: int = DEFAULT_MAX_PKTSIZE,
     ) -> None:
-        if max_pending < 1:
-            raise ValueError("max_pending must be >= 1")
         if not 0 < max_pktsize <= DEFAULT_MAX_PKTSIZE:
             # Larger packets would need SSHConnection._update_recv_pktlen (another reach-in).
             raise ValueError(f"max_pktsize must be in 1..{DEFAULT_MAX_PKTSIZE}")
@@ -595,20 +569,8 @@ class HookedServerChannel(asyncssh.SSHServerChannel[bytes]):
         super().__init__(conn, asyncio.get_running_loop(), True, False, False, 0, 1024,
                          None, "strict", window, max_pktsize)
         self._hk_on_request = on_request
-        self._hk_on_reply_failed = on_reply_failed
-        self._hk_on_overflow = on_overflow
-        self._hk_max_pending = max_pending
-        self._hk_queue: deque[ChannelRequest | _OverflowRun] = deque()
-        self._hk_held = 0  # ChannelRequest entries in the queue
-        self._hk_busy = False  # head is being decided
         self._hk_next_seq = 0
         self._hk_started = False
-        self._hk_verdicts: set[asyncio.Future[bool]] = set()
-
-    @property
-    def pending_requests(self) -> int:
-        """Requests held (received, not yet answered), overflow placeholders excluded."""
-        return self._hk_held
 
     # REACH-IN: SSHPacketHandler dispatches through the class attribute
     # `_packet_handlers`; we replace the MSG_CHANNEL_REQUEST entry.
@@ -620,22 +582,10 @@ class HookedServerChannel(asyncssh.SSHServerChannel[bytes]):
             packet.get_remaining_payload())
         req = ChannelRequest(self._hk_next_seq, name, raw, want_reply, rest, malformed)
         self._hk_next_seq += 1
-        if self._hk_held >= self._hk_max_pending:
-            if self._hk_on_overflow is not None:
-                try:
-                    self._hk_on_overflow(self, req)
-                except Exception as exc:
-                    _report_hook_error("on_overflow", exc)
-            if want_reply:
-                tail = self._hk_queue[-1]
-                if isinstance(tail, _OverflowRun):
-                    tail.replies += 1
-                else:
-                    self._hk_queue.append(_OverflowRun(1))
-            return
-        self._hk_queue.append(req)
-        self._hk_held += 1
-        self._hk_pump()
+        try:
+            self._hk_on_request(self, req)
+        except Exception as exc:
+            _report_hook_error("on_request", exc)
 
     def _hk_process_close(self, pkttype: int, pktid: int, packet: SSHPacket) -> None:
         # asyncssh holds a channel's data until its program starts, and finishes a
@@ -652,76 +602,25 @@ class HookedServerChannel(asyncssh.SSHServerChannel[bytes]):
         MSG_CHANNEL_CLOSE: _hk_process_close,
     }
 
-    def _hk_pump(self) -> None:
-        while self._hk_queue and not self._hk_busy:
-            head = self._hk_queue[0]
-            if isinstance(head, _OverflowRun):
-                self._hk_queue.popleft()
-                for _ in range(head.replies):
-                    self._hk_reply(None, False)
-                continue
-            self._hk_busy = True
-            try:
-                verdict = self._hk_on_request(self, head)
-            except Exception as exc:
-                _report_hook_error("on_request", exc)
-                verdict = False
-            if inspect.isawaitable(verdict):
-                fut = asyncio.ensure_future(verdict)
-                self._hk_verdicts.add(fut)
-                fut.add_done_callback(functools.partial(self._hk_verdict_done, head))
-                return
-            self._hk_finish(head, bool(verdict))
-
-    def _hk_verdict_done(self, head: ChannelRequest, fut: asyncio.Future[bool]) -> None:
-        self._hk_verdicts.discard(fut)
-        if fut.cancelled():
-            ok = False
-        elif (exc := fut.exception()) is not None:
-            _report_hook_error("on_request (async verdict)", exc)
-            ok = False
-        else:
-            ok = bool(fut.result())
-        self._hk_finish(head, ok)
-        self._hk_pump()
-
-    def _hk_finish(self, head: ChannelRequest, ok: bool) -> None:
-        popped = self._hk_queue.popleft()
-        assert popped is head
-        self._hk_held -= 1
-        self._hk_busy = False
-        if head.want_reply:
-            self._hk_reply(head, ok)
-        if ok and head.type in _START_TYPES and not self._hk_started and self._conn is not None:
+    def start_io(self) -> None:
+        if not self._hk_started and self._conn is not None:  # REACH-IN: SSHChannel._conn
             self._hk_started = True
-            session = self._session  # REACH-IN: SSHChannel._session
-            if session is not None:
-                session.session_started()
             self.resume_reading()  # public; ends asyncssh's "starting" hold on data/EOF
 
-    def _hk_reply(self, req: ChannelRequest | None, ok: bool) -> None:
-        problem: str | None = None
+    def reply(self, ok: bool) -> str | None:
         # REACH-IN: SSHChannel._send_state / _conn
         if self._send_state in _SEND_CLOSING or self._conn is None:
-            problem = "channel closed"
-        elif _transport_gone(self._conn):
-            problem = "connection closed"
-        error: BaseException | None = None
-        if problem is None:
-            try:
-                # REACH-IN: SSHChannel.send_packet (undocumented)
-                self.send_packet(MSG_CHANNEL_SUCCESS if ok else MSG_CHANNEL_FAILURE)
-            except Exception as exc:
-                problem, error = "send failed", exc
-            else:
-                if not _transport_gone(self._conn):
-                    return
-                problem = "send failed"  # asyncio swallowed the socket error and is closing
-        if self._hk_on_reply_failed is not None:
-            try:
-                self._hk_on_reply_failed(self, ReplyFailure(req, problem, error))
-            except Exception as exc:
-                _report_hook_error("on_reply_failed", exc)
+            return "channel closed"
+        if _transport_gone(self._conn):
+            return "connection closed"
+        try:
+            # REACH-IN: SSHChannel.send_packet (undocumented)
+            self.send_packet(MSG_CHANNEL_SUCCESS if ok else MSG_CHANNEL_FAILURE)
+        except Exception:
+            return "send failed"
+        if _transport_gone(self._conn):
+            return "send failed"  # asyncio swallowed the socket error and is closing
+        return None
 
 
 # --------------------------------------------------------------------------- connection

@@ -42,9 +42,10 @@ from sshspec.fsm.replay import (
     coverage,
     transition_label,
 )
-from sshspec.fsm.spec import BUNDLED, Entry, load_spec
+from sshspec.fsm.spec import BUNDLED, SPEC_VIOLATION, Entry, load_spec
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+EXIT_VIOLATION = 3  # between coverage_logs and the command only: exits EXIT_FAIL
 LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -56,6 +57,7 @@ class FileResult:
     problems: list[str] = field(default_factory=list)  # printed as they are, one per line
     records: int = 0
     replay: Replay | None = None
+    violation: bool = False  # an SSH_SPEC_VIOLATION record: a failure for check and coverage alike
 
 
 def silent_codes(level: str) -> frozenset[str]:
@@ -76,6 +78,11 @@ def replay_lines(name: str, lines: Iterable[bytes], machines: Mapping[str, CodeA
             record = decode_record(line)
             if record.code not in CATALOG:
                 raise RecordError(f"unknown code {record.code!r} (not in the catalog)")
+            if record.code == SPEC_VIOLATION:
+                result.problems.append(f"{name}:{number}: {SPEC_VIOLATION}: {record.labels.reason} "
+                                       f"(connection {record.labels.connection_id})")
+                result.status, result.violation = EXIT_FAIL, True
+                return result
             problem = replay.feed(record.code, record.labels.connection_id, record.labels.channel_id,
                                   record.labels.event)
         except ValueError as exc:  # RecordError is one
@@ -166,7 +173,7 @@ def coverage_logs(paths: Sequence[str], *, limits: Mapping[str, int] | None = No
                              workers=workers, err=err)
         for problem in result.problems:
             print(f"{problem} (coverage counts this file up to here)", file=err)
-        status = max(status, result.status)
+        status = max(status, EXIT_VIOLATION if result.violation else result.status)
         if result.replay is not None:
             for name, indexes in result.replay.credited().items():
                 credited[name] |= indexes
@@ -267,6 +274,10 @@ def _cmd_coverage(args: argparse.Namespace) -> int:
         sys.stdout.write(format_coverage(report, summary=args.summary))
     if status == EXIT_USAGE:
         return EXIT_USAGE  # a refused record (status 1) is only a warning in a report
+    if status == EXIT_VIOLATION:
+        print(f"sshspec coverage: a log holds {SPEC_VIOLATION} (above): the server reached a pair "
+              "its spec calls impossible", file=sys.stderr)
+        return EXIT_FAIL
     if args.fail_under is not None and overall_percent(report) < args.fail_under:
         print(f"sshspec coverage: {overall_percent(report):.1f}% of the transitions, "
               f"under --fail-under {args.fail_under:g}", file=sys.stderr)

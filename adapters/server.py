@@ -19,8 +19,8 @@ import os
 import secrets
 import signal
 import socket
+import typing
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ import msgspec
 
 from sshspec.adapters import asyncssh_internals as internals
 from sshspec.adapters.algorithms import server_options
-from sshspec.adapters.backend_local import BackendError, ExitStatus, PtyRequest
+from sshspec.adapters.backend_local import BackendError, PtyRequest
 from sshspec.adapters.config import Config, resolve_state_dir
 from sshspec.adapters.handlers import (
     ConfiguredHandler,
@@ -42,7 +42,7 @@ from sshspec.adapters.handlers import (
 )
 from sshspec.adapters.logs import Kind, Labels, Logger, kind
 from sshspec.codes import CATALOG
-from sshspec.fsm.machine import Machine, Step
+from sshspec.fsm import core
 
 # --- logging: one record per emitted code ------------------------------------------------
 
@@ -60,6 +60,7 @@ class Emitter:
     """The log records of a step's codes. Records nobody reads are not built."""
 
     def __init__(self, logger: Logger) -> None:
+        self.logger = logger
         self.enabled = {name: logger.enabled(k.level) for name, k in _KINDS.items()}
         self._records: dict[tuple[str, ...], tuple[Kind, ...]] = {}
 
@@ -71,195 +72,37 @@ class Emitter:
             records = self._records[codes] = tuple(_KINDS[c] for c in codes if self.enabled[c])
         return records
 
-
-# --- the machines, compiled once per server with the configured limits ------------------
-
-
-@dataclass(frozen=True)
-class Machines:
-    server: Machine
-    connection: Machine
-    session: Machine
-
-    @classmethod
-    def from_config(cls, config: Config) -> Machines:
-        limits = {
-            "maxStartups": config.limits.max_startups,
-            "maxAuthTries": config.limits.max_auth_tries,
-            "maxSessions": config.limits.max_sessions,
-            "clientAliveCountMax": config.ssh.client_alive_count_max,
-            "maxEnv": config.limits.max_env,
-        }
-        return cls(Machine.load("server", limits), Machine.load("connection", limits),
-                   Machine.load("session", limits))
+    def add(self, records: tuple[Kind, ...], labels: Labels) -> None:
+        self.logger.add(records, *msgspec.structs.astuple(labels))
 
 
 # --- one session channel ------------------------------------------------------------------
 
-# Known request types this server does not implement (SSH_NOT_IMPLEMENTED), as
-# opposed to types nobody knows (unknown_request).
-NOT_IMPLEMENTED = frozenset({"x11-req", "auth-agent-req@openssh.com", "break", "xon-xoff",
-                             "keepalive@openssh.com", "eow@openssh.com"})
-EVENT_OF_REQUEST = {"env": "env", "pty-req": "pty_req", "window-change": "window_change",
-                    "signal": "signal", "shell": "shell", "exec": "exec", "subsystem": "subsystem"}
-
 
 class SpecSession(asyncssh.SSHServerSession[bytes]):
-    """Drives one session-channel machine from its channel's events."""
+    """One session channel: asyncssh's callbacks become core events; the core's
+    actions for this channel are carried out here."""
 
     def __init__(self, conn: SpecConnection, channel_id: int, handler: SessionHandler) -> None:
         self.conn = conn
         self.channel_id = channel_id
         self.handler = handler
-        self.machine = conn.server.machines.session
-        self.state = self.machine.new()
         self.chan: internals.HookedServerChannel | None = None
         self._paused = False  # asyncssh holds output for the client's window
         self._resumed: asyncio.Future[None] | None = None  # made only when someone waits
         self._waiter: asyncio.Task[None] | None = None
 
-    def fire(self, event: str, request_type: str | None = None, *, reason: str | None = None,
-             exit_code: int | None = None, signal: str | None = None) -> Step:
-        step = self.machine.fire(self.state, event)
-        if records := self.conn.server.emitter.records(step.codes):
-            info = self.conn.info  # Labels' field values in order, taken now; the batch encodes them
-            self.conn.server.logger.add(records, info.connection_id, info.remote_addr, info.username,
-                                        self.channel_id, request_type, None, reason, exit_code, signal, event)
-        return step
+    # -- asyncssh -> core
 
-    # -- requests: every one goes through the spec, then (if it says so) the backend.
-
-    def on_request(self, chan: internals.HookedServerChannel,
-                   req: internals.ChannelRequest) -> bool | asyncio.Future[bool] | Any:
+    def on_request(self, chan: internals.HookedServerChannel, req: internals.ChannelRequest) -> None:
         name = req.type if req.type is not None else repr(req.raw_type)
-        if req.malformed is not None:
-            return self._replied(self.fire("malformed_request", name, reason=req.malformed))
-        try:
-            decoded = internals.decode_request(req)
-        except internals.RequestDecodeError as exc:
-            return self._replied(self.fire("malformed_request", name, reason=exc.reason))
-        event = EVENT_OF_REQUEST.get(name)
-        if event is None:
-            kind = "not_implemented" if name in NOT_IMPLEMENTED else "unknown_request"
-            return self._replied(self.fire(kind, name))
-        step = self.fire(event, name)
-        if step.kind != "transition" or step.reply is not None:
-            return step.reply == "success"  # refused in this state: the spec's failure
-        if event in ("shell", "exec", "subsystem"):
-            return self._start(name, decoded)
-        try:
-            ok = self._ask_backend(decoded)
-        except Exception as exc:  # a handler bug is a failed request, not a dead channel
-            return self._outcome(False, name, reason=f"handler error: {exc!r}")
-        return self._outcome(ok, name)
-
-    @staticmethod
-    def _replied(step: Step) -> bool:
-        return step.reply == "success"
-
-    def _outcome(self, ok: bool, name: str, reason: str | None = None) -> bool:
-        step = self.fire("request_ok" if ok else "request_failed", name, reason=reason)
-        return step.reply == "success"
-
-    def _ask_backend(self, decoded: Any) -> bool:
-        h = self.handler
-        if isinstance(decoded, internals.EnvRequest):
-            return h.set_env(decoded.name, decoded.value)
-        if isinstance(decoded, internals.PtyRequest):
-            return h.set_pty(PtyRequest(decoded.term, decoded.cols, decoded.rows, decoded.width_px,
-                                        decoded.height_px, dict(decoded.modes)))
-        if isinstance(decoded, internals.WindowChange):
-            return h.window_change(decoded.cols, decoded.rows, decoded.width_px, decoded.height_px)
-        if isinstance(decoded, internals.SignalRequest):
-            return h.signal(decoded.name)
-        return False
-
-    async def _start(self, name: str, decoded: Any) -> bool:
-        assert self.chan is not None
-        chan = self.chan
-        io = SessionIO(
-            kind=name, command=getattr(decoded, "command", None),  # type: ignore[arg-type]
-            subsystem=getattr(decoded, "name", None) if name == "subsystem" else None,
-            env=self.handler.env, pty=self.handler.pty_request,
-            write=chan.write, write_stderr=chan.write_stderr,
-            pause_input=lambda paused: chan.pause_reading() if paused else chan.resume_reading(),
-            server_env=self._server_env(chan))
-        try:
-            await self.handler.start(io)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # BackendError or a handler bug: the request fails
-            reason = str(exc) if isinstance(exc, BackendError) else f"handler error: {exc!r}"
-            return self._outcome(False, name, reason=reason)
-        if self.state.state == "closed":
-            # The channel closed while the program was starting: the close step's
-            # reply ("end the program") could not reach a program that did not exist yet.
-            self.handler.close()
-        return self._outcome(True, name)
-
-    def session_started(self) -> None:
-        # Called by the channel right after the SUCCESS reply went out: only now
-        # may the program's end (exit status, close) follow, or the reply would
-        # come after the close and be lost.
-        if self.state.state in ("running", "running_pending"):
-            self.handler.started()
-            self._waiter = asyncio.get_running_loop().create_task(self._wait_for_exit())
-
-    def _server_env(self, chan: asyncssh.SSHServerChannel[bytes]) -> dict[str, str]:
-        peer = chan.get_extra_info("peername") or ("", 0)
-        sock = chan.get_extra_info("sockname") or ("", 0)
-        env = {"SSH_CONNECTION": f"{peer[0]} {peer[1]} {sock[0]} {sock[1]}",
-               "SSH_CLIENT": f"{peer[0]} {peer[1]} {sock[1]}"}
-        return env
-
-    async def _wait_for_exit(self) -> None:
-        try:
-            status = await self.handler.wait()
-        except asyncio.CancelledError:
-            return
-        except Exception as exc:  # could not obtain the status: report an abnormal end
-            status = ExitStatus(None, "ABRT")
-            reason: str | None = f"handler error: {exc!r}"
-        else:
-            reason = None
-        if status.signal is not None:
-            step = self.fire("program_killed", signal=status.signal, reason=reason)
-        else:
-            step = self.fire("program_exited", exit_code=status.code)
-        if step.reply in ("send_exit_status", "send_exit_signal"):
-            await self._send_exit(step.reply, status)
-
-    async def _send_exit(self, reply: str, status: ExitStatus) -> None:
-        chan = self.chan
-        assert chan is not None
-        # Output first, then EOF, then the status: wait until asyncssh's send
-        # buffer (held back by the client's window) is empty.
-        if self._paused:
-            self._resumed = asyncio.get_running_loop().create_future()
-            await self._resumed
-        try:
-            chan.write_eof()
-            if reply == "send_exit_status":
-                chan.exit(status.code if status.code is not None else 255)
-            else:
-                chan.exit_with_signal(status.signal or "KILL", status.core_dumped)
-        except Exception as exc:  # the client went away under us
-            self.fire("exit_send_failed", reason=str(exc) or type(exc).__name__)
-            chan.abort()
-            return
-        if internals.connection_gone(chan):  # a socket send failed (asyncio swallowed it)
-            self.fire("exit_send_failed", reason="send failed")
-
-    def on_reply_failed(self, chan: internals.HookedServerChannel,
-                        failure: internals.ReplyFailure) -> None:
-        request = failure.request
-        name = getattr(request, "type", None) if request is not None else None
-        self.fire("reply_send_failed", name, reason=failure.reason)
-
-    def on_overflow(self, chan: internals.HookedServerChannel, req: internals.ChannelRequest) -> None:
-        self.fire("request_overflow", req.type, reason="too many pending requests")
-
-    # -- data and flow control (asyncssh's session API)
+        malformed, decoded = req.malformed, None
+        if malformed is None:
+            try:
+                decoded = internals.decode_request(req)
+            except internals.RequestDecodeError as exc:
+                malformed = exc.reason
+        self.conn.handle(core.ChannelRequest(self.channel_id, name, req.want_reply, decoded, malformed))
 
     def connection_made(self, chan: asyncssh.SSHChannel[bytes]) -> None:
         # high-water 0: asyncssh tells us the moment anything waits for the
@@ -270,8 +113,7 @@ class SpecSession(asyncssh.SSHServerSession[bytes]):
         self.handler.stdin_data(data)
 
     def eof_received(self) -> bool:
-        if self.fire("client_eof").reply == "close_stdin":
-            self.handler.stdin_eof()
+        self.conn.handle(core.ClientEof(self.channel_id))
         return True  # half-close: output may still flow
 
     def pause_writing(self) -> None:
@@ -288,92 +130,251 @@ class SpecSession(asyncssh.SSHServerSession[bytes]):
             self._resumed.set_result(None)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        step = self.fire("close", reason=str(exc) if exc else None)
-        if step.reply == "close":
-            self.handler.close()
-        if self._waiter is not None and not self._waiter.done() and step.moved:
-            # The program may still finish; its status can no longer be sent.
-            pass
         self._wake()
-        self.conn.channel_closed(self)
+        self.conn.handle(core.ChannelClosed(self.channel_id, str(exc) if exc else None))
 
-    def shutdown(self) -> None:
-        """The server is shutting down: end the program (its status still goes
-        out), or close a channel that has none."""
-        if self.state.state in ("running", "running_pending"):
-            self.handler.signal("TERM") or self.handler.close()
-        elif self.chan is not None and self.state.state != "exited":
-            self.chan.close()
+    # -- the core's actions for this channel
+
+    def ask_backend(self, request: core.ChannelRequest) -> core.RequestDone:
+        """A setup or running request: the handler answers at once."""
+        h, decoded = self.handler, request.payload
+        try:
+            if isinstance(decoded, internals.EnvRequest):
+                ok = h.set_env(decoded.name, decoded.value)
+            elif isinstance(decoded, internals.PtyRequest):
+                ok = h.set_pty(PtyRequest(decoded.term, decoded.cols, decoded.rows, decoded.width_px,
+                                          decoded.height_px, dict(decoded.modes)))
+            elif isinstance(decoded, internals.WindowChange):
+                ok = h.window_change(decoded.cols, decoded.rows, decoded.width_px, decoded.height_px)
+            elif isinstance(decoded, internals.SignalRequest):
+                ok = h.signal(decoded.name)
+            else:
+                ok = False
+        except Exception as exc:  # a handler bug is a failed request, not a dead channel
+            return core.RequestDone(self.channel_id, False, f"handler error: {exc!r}")
+        if not isinstance(ok, bool):
+            return core.RequestDone(self.channel_id, False, f"handler error: returned {ok!r}, not a bool")
+        return core.RequestDone(self.channel_id, ok)
+
+    async def start_program(self, request: core.ChannelRequest) -> None:
+        assert self.chan is not None
+        chan, decoded = self.chan, request.payload
+        io = SessionIO(
+            kind=request.name,  # type: ignore[arg-type]  # shell | exec | subsystem (core.START_REQUESTS)
+            command=getattr(decoded, "command", None),
+            subsystem=getattr(decoded, "name", None) if request.name == "subsystem" else None,
+            env=self.handler.env, pty=self.handler.pty_request,
+            write=chan.write, write_stderr=chan.write_stderr,
+            pause_input=lambda paused: chan.pause_reading() if paused else chan.resume_reading(),
+            server_env=self._server_env(chan))
+        try:
+            await self.handler.start(io)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # BackendError or a handler bug: the request fails
+            reason = str(exc) if isinstance(exc, BackendError) else f"handler error: {exc!r}"
+            self.conn.handle(core.RequestDone(self.channel_id, False, reason))
+            return
+        self.conn.handle(core.RequestDone(self.channel_id, True))
+
+    def program_started(self) -> None:
+        # The client has the SUCCESS reply: only now may the program's output and
+        # end (exit status, close) follow, or the reply would come after the close.
+        assert self.chan is not None
+        self.handler.started()
+        self._waiter = asyncio.get_running_loop().create_task(self._wait_for_exit())
+        self.chan.start_io()
+
+    def _server_env(self, chan: asyncssh.SSHServerChannel[bytes]) -> dict[str, str]:
+        peer = chan.get_extra_info("peername") or ("", 0)
+        sock = chan.get_extra_info("sockname") or ("", 0)
+        return {"SSH_CONNECTION": f"{peer[0]} {peer[1]} {sock[0]} {sock[1]}",
+                "SSH_CLIENT": f"{peer[0]} {peer[1]} {sock[1]}"}
+
+    async def _wait_for_exit(self) -> None:
+        try:
+            status = await self.handler.wait()
+        except asyncio.CancelledError:
+            return
+        except Exception as exc:  # could not obtain the status: report an abnormal end
+            reason = f"handler error: {exc!r}"
+            self.conn.handle(core.ProgramEnded(self.channel_id, None, "ABRT", False, reason))
+            return
+        self.conn.handle(core.ProgramEnded(self.channel_id, status.code, status.signal, status.core_dumped))
+
+    async def send_exit(self, action: core.SendExit) -> None:
+        chan = self.chan
+        assert chan is not None
+        # Output first, then EOF, then the status: wait until asyncssh's send
+        # buffer (held back by the client's window) is empty.
+        if self._paused:
+            self._resumed = asyncio.get_running_loop().create_future()
+            await self._resumed
+        try:
+            chan.write_eof()
+            if action.signal is None:
+                chan.exit(action.exit_code if action.exit_code is not None else 255)
+            else:
+                chan.exit_with_signal(action.signal, action.core_dumped)
+        except Exception as exc:  # the client went away under us
+            self.conn.handle(core.ExitSendFailed(self.channel_id, str(exc) or type(exc).__name__))
+            chan.abort()
+            return
+        if internals.connection_gone(chan):  # a socket send failed (asyncio swallowed it)
+            self.conn.handle(core.ExitSendFailed(self.channel_id, "send failed"))
 
 
 # --- one connection -----------------------------------------------------------------------
 
 _connection_ids = itertools.count(1)
-
-DISCONNECT_REASON = {
-    "disconnect_auth": (asyncssh.DISC_NO_MORE_AUTH_METHODS_AVAILABLE, "Too many authentication failures"),
-    "disconnect_protocol": (asyncssh.DISC_PROTOCOL_ERROR, "Protocol error"),
-    "disconnect": (asyncssh.DISC_BY_APPLICATION, "Disconnected by server"),
-}
-AUTH_EVENT = {"password": "password", "keyboard-interactive": "kbdint_begin", "none": "none_auth"}
-# The connection spec's channel-open refusals, as RFC 4254 reason codes.
-OPEN_FAILURE = {"reject_channel": asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED,
-                "reject_channel_type": asyncssh.OPEN_UNKNOWN_CHANNEL_TYPE}
-
-
-def _open_failure(step: Step, text: str) -> asyncssh.ChannelOpenError:
-    # A refusal the spec did not name (a disconnect before authentication) still
-    # must not open anything.
-    return asyncssh.ChannelOpenError(OPEN_FAILURE.get(step.reply or "", asyncssh.OPEN_CONNECT_FAILED), text)
+_LOST = {True: core.Lost.login_timeout}
 
 
 class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
-    """Drives one connection machine; asyncssh makes one per TCP connection."""
+    """One connection: asyncssh's callbacks and hooks become core events, and the
+    core's actions are carried out. asyncssh makes one per TCP connection."""
 
     def __init__(self, server: Server) -> None:
         self.server = server
-        self.machine = server.machines.connection
-        self.state = self.machine.new()
         self.info = ConnectionInfo(f"{os.getpid():x}-{next(_connection_ids):x}", "")
+        self.core = core.ConnectionCore(server.machines, server.core, self.log,
+                                        keepalive_interval=server.config.ssh.client_alive_interval)
         self.conn: asyncssh.SSHServerConnection | None = None
         self.backend: ConnectionHandler | None = None
         self.sessions: dict[int, SpecSession] = {}
         self.admitted = False
-        self.lost = False  # the transport is gone: nothing can be sent any more
-        self.counted_as_startup = False
-        self._channel_ids = itertools.count(0)
-        self._signed_key_verdict: str | None = None
-        self._keepalive: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
 
-    def fire(self, event: str, *, reason: str | None = None, method: str | None = None,
-             channel_id: int | None = None, request_type: str | None = None) -> Step:
-        step = self.machine.fire(self.state, event)
-        if step.moved and step.target == "closed" and self.sessions:
-            # The server ends the connection (keepalive NORESP...): its channels end
-            # first, so SSH_DISCONNECTED stays the connection's last record.
-            for session in list(self.sessions.values()):
-                session.connection_lost(None)
-        if records := self.server.emitter.records(step.codes):
-            info = self.info  # Labels' field values in order, taken now; the batch encodes them
-            self.server.logger.add(records, info.connection_id, info.remote_addr, info.username, channel_id,
-                                   request_type, method, reason, None, None, event)
-        if step.reply in DISCONNECT_REASON and self.conn is not None and not self.lost:
-            code, text = DISCONNECT_REASON[step.reply]
-            self.conn.disconnect(code, reason or text)
-        if step.moved and step.target == "closed":
-            self._closed()
-        return step
+    def log(self, codes: tuple[str, ...], event: str, *, channel_id: int | None = None,
+            request_type: str | None = None, method: str | None = None, reason: str | None = None,
+            exit_code: int | None = None, signal: str | None = None) -> None:
+        emitter = self.server.emitter
+        if records := emitter.records(codes):
+            info = self.info  # who the connection is, taken now
+            emitter.add(records, Labels(info.connection_id, info.remote_addr, info.username, channel_id,
+                                        request_type, method, reason, exit_code, signal, str(event)))
 
-    def _closed(self) -> None:
-        if self._keepalive is not None:
-            self._keepalive.cancel()
-        self._startup_done()
+    # -- events in, actions out
+
+    def handle(self, event: core.Event) -> list[core.Action]:
+        """Hand the core an event and carry out its actions, in order. An action
+        that asks something (the backend, a handler, how a send went) hands the
+        answer back as the next event; every action of that chain is returned.
+        (A loop, not recursion: a thousand queued requests are a thousand links.
+        The core ends a batch at an action that waits for an answer.)"""
+        return self._carry_out(self.core.handle(event))
+
+    def _carry_out(self, actions: list[core.Action]) -> list[core.Action]:
+        done = list(actions)
+        while actions:
+            follow = None
+            for action in actions:
+                answer = _EXECUTORS[type(action)](self, action)
+                if answer is not None:
+                    assert follow is None, f"{action} answered after another action did"
+                    follow = answer
+            actions = self.core.handle(follow) if follow is not None else []
+            done.extend(actions)
+        if self.core.get_timer() != self._timer_at:
+            self._arm_timer()
+        return done
+
+    def _arm_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._timer_at = at = self.core.get_timer()
+        if at is not None:
+            self._timer = asyncio.get_running_loop().call_at(at, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer, self._timer_at = None, None
+        loop = asyncio.get_running_loop()
+        self._carry_out(self.core.handle_timer(loop.time()))
+
+    def _task(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- executors: one per action type (checked complete at import, below)
+
+    def _disconnect(self, action: core.Disconnect) -> None:
+        if self.conn is not None:
+            self.conn.disconnect(action.code, action.description)
+
+    def _answered(self, action: core.Action) -> None:
+        """Carried out by the asyncssh callback that is waiting for the core (its return value)."""
+
+    def _admit_user(self, action: core.AdmitUser) -> core.Event:
+        assert self.backend is not None and self.info.username is not None
+        try:
+            return core.UserVerdict(self.backend.accept_user(self.info.username), action.method)
+        except Exception as exc:
+            return core.UserVerdict(False, action.method, f"handler error: {exc!r}")
+
+    def _open_session(self, action: core.OpenSession) -> core.Event | None:
+        assert self.backend is not None and self.conn is not None
+        try:
+            handler = self.backend.session()
+        except Exception as exc:
+            return core.SessionOpenFailed(action.channel, f"handler error: {exc!r}")
+        session = SpecSession(self, action.channel, handler)
+        session.chan = internals.HookedServerChannel(self.conn, session.on_request)
+        self.sessions[action.channel] = session
+        return None
+
+    def _send_keepalive(self, action: core.SendKeepalive) -> None:
+        self._task(self._keepalive(action.timeout))
+
+    async def _keepalive(self, timeout: float) -> None:
+        assert self.conn is not None
+        result = await internals.send_keepalive(self.conn, timeout=timeout)
+        self.handle(core.KeepaliveResult(result.answered, asyncio.get_running_loop().time()))
+
+    def _ask_backend(self, action: core.AskBackend) -> core.Event:
+        return self.sessions[action.channel].ask_backend(action.request)
+
+    def _start_program(self, action: core.StartProgram) -> None:
+        self._task(self.sessions[action.channel].start_program(action.request))
+
+    def _channel_reply(self, action: core.ChannelReply) -> core.Event:
+        session = self.sessions.get(action.channel)
+        chan = session.chan if session is not None else None
+        problem = chan.reply(action.ok) if chan is not None else "channel closed"
+        return core.ChannelReplied(action.channel, problem)
+
+    def _program_started(self, action: core.ProgramStarted) -> core.Event:
+        self.sessions[action.channel].program_started()
+        return core.IoStarted(action.channel)
+
+    def _close_stdin(self, action: core.CloseStdin) -> None:
+        self.sessions[action.channel].handler.stdin_eof()
+
+    def _send_exit(self, action: core.SendExit) -> None:
+        self._task(self.sessions[action.channel].send_exit(action))
+
+    def _end_program(self, action: core.EndProgram) -> None:
+        session = self.sessions.get(action.channel)
+        if session is not None:
+            session.handler.close()
+
+    def _terminate_program(self, action: core.TerminateProgram) -> None:
+        handler = self.sessions[action.channel].handler
+        handler.signal("TERM") or handler.close()
+
+    def _close_channel(self, action: core.CloseChannel) -> None:
+        chan = self.sessions[action.channel].chan
+        if chan is not None:
+            chan.close()
+
+    def _connection_ended(self, action: core.ConnectionEnded) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer, self._timer_at = None, None
         self.server.connection_closed(self)
-
-    def _startup_done(self) -> None:
-        if self.counted_as_startup:
-            self.counted_as_startup = False
-            self.server.fire("startup_done")
 
     # -- asyncssh's SSHServer callbacks
 
@@ -381,36 +382,34 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
         self.conn = conn
         peer = conn.get_extra_info("peername") or ("?", 0)
         self.info.remote_addr = f"{peer[0]}:{peer[1]}"
-        step = self.server.fire("accept", remote_addr=self.info.remote_addr)
-        if step.reply != "admit":
+        if self.server.core.handle(core.ServerEvent.accept, remote_addr=self.info.remote_addr) \
+                is not core.ServerReply.admit:
+            self.core.startup = False  # never admitted: nothing to give back
             conn.abort()
             return
-        self.admitted = self.counted_as_startup = True
+        self.admitted = True
         self.server.connections.add(self)
         internals.install_hooks(conn, self, max_pending_global=self.server.config.limits.max_queued_requests,
                                 per_user_config=False)  # no config file: nothing to re-evaluate per user
         try:
             self.backend = self.server.handler.connection(self.info)
         except Exception as exc:  # a handler bug ends this connection, logged, and frees its slot
-            self.fire("connected")
-            self.fire("lost", reason=f"handler error: {exc!r}")
-            self.lost = True
+            self.handle(core.Connected())
+            self.handle(core.ConnectionLost(core.Lost.lost, f"handler error: {exc!r}"))
             conn.abort()
             return
-        self.fire("connected")
+        self.handle(core.Connected())
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.admitted:
             return
-        self.lost = True
-        for session in list(self.sessions.values()):
-            session.connection_lost(exc)
         if internals.is_login_timeout(exc):
-            self.fire("login_timeout", reason="login timeout expired")
+            how, reason = core.Lost.login_timeout, "login timeout expired"
         elif isinstance(exc, asyncssh.ProtocolError):
-            self.fire("protocol_error", reason=str(exc))
+            how, reason = core.Lost.protocol_error, str(exc)
         else:
-            self.fire("lost", reason=str(exc) if exc else "closed")
+            how, reason = core.Lost.lost, str(exc) if exc else "closed"
+        self.handle(core.ConnectionLost(how, reason))
 
     def begin_auth(self, username: str) -> bool:
         self.info.username = username
@@ -429,10 +428,7 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
         return True
 
     def auth_completed(self) -> None:
-        self._startup_done()
-        interval = self.server.config.ssh.client_alive_interval
-        if interval > 0:
-            self._keepalive = asyncio.get_running_loop().create_task(self._keepalives(interval))
+        self.handle(core.AuthCompleted(asyncio.get_running_loop().time()))
 
     # -- hooks: every USERAUTH_REQUEST, answer, global request and channel open
 
@@ -441,179 +437,138 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
         return service == "ssh-userauth"
 
     def on_kex_done(self, conn: asyncssh.SSHServerConnection, count: int) -> None:
-        if count == 1:
-            self.fire("auth_begin")
+        self.handle(core.KexDone(count))
 
     def on_auth_request(self, conn: asyncssh.SSHServerConnection, req: internals.AuthRequest) -> None:
-        method = req.method or repr(req.raw_method)
         if req.username is not None:
             self.info.username = req.username
         if req.malformed is not None:
             return  # asyncssh disconnects on it (HACKS.md); connection_lost reports it
-        if method == "publickey" and req.publickey is not None:
-            event = "publickey_query" if req.publickey.is_query else "publickey"
-        else:
-            event = AUTH_EVENT.get(method, "other_method")
-        self.fire(event, method=method)
+        signed = req.publickey.signed if req.publickey is not None else None
+        self.handle(core.AuthRequested(req.method or repr(req.raw_method), signed))
 
     def on_auth_result(self, conn: asyncssh.SSHServerConnection, res: internals.AuthResult) -> None:
-        if self.state.state not in ("checking", "querying"):
-            return
-        method = res.request.method if res.request else None
-        if self._signed_key_verdict is not None:
-            # asyncssh verifies a publickey signature after asking validate_public_key,
-            # so the attempt's verdict is known only now, just before the answer goes out.
-            verdict, self._signed_key_verdict = self._signed_key_verdict, None
-            if res.kind == "success":
-                self._verdict(verdict, "publickey")  # may disconnect instead of the success
-            else:
-                self.fire(f"auth_{verdict if verdict != 'ok' else 'bad'}", method=method,
-                          reason=None if verdict != "ok" else "bad signature")
-        elif res.kind == "failure":
-            # asyncssh answered without asking a validator (an undecodable key).
-            self.fire("auth_bad", method=method, reason="rejected by the SSH layer")
+        if res.kind in ("success", "failure", "superseded"):
+            self.handle(core.AuthAnswered(res.kind, res.request.method if res.request else None))
 
     async def validate_password(self, username: str, password: str) -> bool:
         assert self.backend is not None
         try:
-            verdict = await self.backend.check_password(username, password.encode("utf-8", "surrogateescape"))
+            verdict: object = await self.backend.check_password(
+                username, password.encode("utf-8", "surrogateescape"))
         except Exception as exc:  # a handler bug is a failure reply, not a dead connection
-            return self._verdict("unavailable", "password", reason=f"handler error: {exc!r}")
-        return self._verdict(verdict, "password")
+            reason = f"handler error: {exc!r}"
+            return _accepted(self.handle(core.Credentials("unavailable", "password", reason)))
+        return _accepted(self.handle(core.Credentials(verdict, "password")))
 
     async def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
         assert self.backend is not None
-        asked_in, reason = self.state.state, None
+        reason = None
         try:
-            verdict = self.backend.check_publickey(username, key)
+            verdict: object = self.backend.check_publickey(username, key)
             if inspect.isawaitable(verdict):  # a backend that asks elsewhere
                 verdict = await verdict
         except Exception as exc:  # a handler bug is a failure reply, not a dead connection
             verdict, reason = "unavailable", f"handler error: {exc!r}"
-        if self.state.state != asked_in:
-            return False  # the connection ended while the check ran
-        if asked_in == "querying":
-            return self.fire(f"auth_{verdict}", method="publickey", reason=reason).reply == "pk_ok"
-        self._signed_key_verdict = verdict  # fired in on_auth_result, after the signature check
-        return verdict == "ok"
+        actions = self.handle(core.KeyChecked(verdict, reason))
+        return any(isinstance(a, core.KeyAcceptable) and a.ok for a in actions) or _accepted(actions)
 
     def get_kbdint_challenge(self, username: str, lang: str, submethods: str) -> Any:
         assert self.backend is not None
-        if self.state.state != "checking":
-            return False
         reason = None
         try:
-            supported = self.backend.kbdint_supported(username)
+            supported: object = self.backend.kbdint_supported(username)
         except Exception as exc:  # a handler bug is a failure reply, not a dead connection
             supported, reason = False, f"handler error: {exc!r}"
-        if not supported:
-            self.fire("auth_unavailable", method="keyboard-interactive", reason=reason)
-            return False
-        self.fire("challenge", method="keyboard-interactive")
-        return ("", "", "", [("Password: ", False)])
+        if _accepted(self.handle(core.KbdintChallenge(supported, reason))):
+            return ("", "", "", [("Password: ", False)])
+        return False
 
     async def validate_kbdint_response(self, username: str, responses: Any) -> Any:
         assert self.backend is not None
-        step = self.fire("kbdint_response", method="keyboard-interactive")
-        if step.target != "checking":
+        if not any(isinstance(a, core.CheckCredentials) for a in self.handle(core.KbdintResponse())):
             return False
         password = (responses[0] if responses else "").encode("utf-8", "surrogateescape")
         try:
-            verdict = await self.backend.check_password(username, password)
+            verdict: object = await self.backend.check_password(username, password)
         except Exception as exc:  # a handler bug is a failure reply, not a dead connection
-            return self._verdict("unavailable", "keyboard-interactive", reason=f"handler error: {exc!r}")
-        return self._verdict(verdict, "keyboard-interactive")
+            verdict = "unavailable"
+            return _accepted(self.handle(core.Credentials(verdict, "keyboard-interactive",
+                                                          f"handler error: {exc!r}")))
+        return _accepted(self.handle(core.Credentials(verdict, "keyboard-interactive")))
 
-    def _verdict(self, verdict: str, method: str, reason: str | None = None) -> bool:
-        if self.state.state != "checking":
-            return False  # the connection ended while the check ran
-        step = self.fire(f"auth_{verdict}", method=method, reason=reason)
-        if step.target != "authenticated":
-            return False
-        assert self.backend is not None and self.info.username is not None
-        reason = None
-        try:
-            accepted = self.backend.accept_user(self.info.username)
-        except Exception as exc:
-            accepted, reason = False, f"handler error: {exc!r}"
-        step = self.fire("backend_accepted" if accepted else "backend_rejected", method=method,
-                         reason=reason)
-        return step.reply == "accept_user"
-
-    def on_global_request(self, conn: asyncssh.SSHServerConnection,
-                          req: internals.GlobalRequest) -> bool:
-        if req.malformed is not None:
-            step = self.fire("global_request_malformed", request_type=repr(req.raw_name),
-                             reason=req.malformed)
-        else:
-            step = self.fire("global_request", request_type=req.name)
-        return step.reply == "success"
+    def on_global_request(self, conn: asyncssh.SSHServerConnection, req: internals.GlobalRequest) -> bool:
+        name = req.name if req.malformed is None and req.name is not None else repr(req.raw_name)
+        actions = self.handle(core.GlobalRequest(name, req.malformed))
+        return any(isinstance(a, core.GlobalReply) and a.ok for a in actions)
 
     def on_global_overflow(self, conn: asyncssh.SSHServerConnection, req: internals.GlobalRequest) -> None:
-        self.fire("global_request", request_type=req.name, reason="too many pending global requests")
+        self.handle(core.GlobalRequest(req.name or repr(req.raw_name), overflow=True))
 
     def on_reply_failed(self, conn: asyncssh.SSHServerConnection, failure: internals.ReplyFailure) -> None:
-        self.fire("reply_send_failed", reason=failure.reason)
+        self.handle(core.GlobalReplyFailed(failure.reason))
 
     def on_channel_open(self, conn: asyncssh.SSHServerConnection,
                         req: internals.ChannelOpenRequest) -> Any:
-        kind = req.type or repr(req.raw_type)
-        if req.malformed is not None:
-            return _open_failure(self.fire("channel_open_malformed", request_type=kind,
-                                           reason=req.malformed), "Malformed channel open")
-        if req.type != "session":
-            return _open_failure(self.fire("channel_open_unsupported", request_type=kind),
-                                 f"Unsupported channel type {kind!r}")
-        channel_id = next(self._channel_ids)
-        step = self.fire("session_open", channel_id=channel_id, request_type="session")
-        if step.reply != "open_session":
-            return _open_failure(step, "Session refused")
-        assert self.backend is not None
-        try:
-            handler = self.backend.session()
-        except Exception as exc:
-            return _open_failure(self.fire("session_open_failed", channel_id=channel_id,
-                                           reason=f"handler error: {exc!r}"), "Session refused by backend")
-        session = SpecSession(self, channel_id, handler)
-        chan = internals.HookedServerChannel(
-            conn, session.on_request, on_reply_failed=session.on_reply_failed,
-            on_overflow=session.on_overflow,
-            max_pending=self.server.config.limits.max_queued_requests)
-        session.chan = chan
-        self.sessions[channel_id] = session
-        return chan, session
+        for action in self.handle(core.ChannelOpen(req.type or repr(req.raw_type), req.malformed)):
+            if isinstance(action, core.RejectOpen):
+                return asyncssh.ChannelOpenError(action.code, action.description)
+            if isinstance(action, core.OpenSession) and action.channel in self.sessions:
+                session = self.sessions[action.channel]
+                return session.chan, session
+        return asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, "Channel refused")
 
-    def channel_closed(self, session: SpecSession) -> None:
-        if self.sessions.pop(session.channel_id, None) is None:
-            return
-        self.fire("channel_closed", channel_id=session.channel_id)
-        if not self.sessions and self.state.state == "draining":
-            self.fire("drained", reason="server shutdown")
-
-    # -- keepalives (ssh.clientAliveInterval) and shutdown
-
-    async def _keepalives(self, interval: float) -> None:
-        assert self.conn is not None
-        while self.state.state in ("established", "draining"):
-            await asyncio.sleep(interval)
-            step = self.fire("keepalive_due")
-            if step.reply != "send_keepalive":
-                return
-            result = await internals.send_keepalive(self.conn, timeout=interval)
-            if result.answered:
-                self.fire("keepalive_answered")
+    # -- the server's shutdown
 
     def shutdown(self) -> None:
-        step = self.fire("shutdown", reason="server shutdown")
-        if step.target == "draining":
-            if not self.sessions:
-                self.fire("drained", reason="server shutdown")
-            for session in list(self.sessions.values()):
-                session.shutdown()
+        self.handle(core.Shutdown())
 
     def abort(self) -> None:
         if self.conn is not None:
             self.conn.abort()
+
+
+def _accepted(actions: list[core.Action]) -> bool:
+    """Whether the auth request the SSH layer is answering gets a positive answer."""
+    return any(isinstance(a, core.AuthAnswer) and a.ok for a in actions)
+
+
+_EXECUTORS: dict[type, Callable[[SpecConnection, Any], core.Event | None]] = {
+    core.Disconnect: SpecConnection._disconnect,
+    core.AuthAnswer: SpecConnection._answered,
+    core.KeyAcceptable: SpecConnection._answered,
+    core.CheckCredentials: SpecConnection._answered,
+    core.GlobalReply: SpecConnection._answered,
+    core.RejectOpen: SpecConnection._answered,
+    core.AdmitUser: SpecConnection._admit_user,
+    core.OpenSession: SpecConnection._open_session,
+    core.SendKeepalive: SpecConnection._send_keepalive,
+    core.AskBackend: SpecConnection._ask_backend,
+    core.StartProgram: SpecConnection._start_program,
+    core.ChannelReply: SpecConnection._channel_reply,
+    core.ProgramStarted: SpecConnection._program_started,
+    core.CloseStdin: SpecConnection._close_stdin,
+    core.SendExit: SpecConnection._send_exit,
+    core.EndProgram: SpecConnection._end_program,
+    core.TerminateProgram: SpecConnection._terminate_program,
+    core.CloseChannel: SpecConnection._close_channel,
+    core.ConnectionEnded: SpecConnection._connection_ended,
+}
+# Every action the core can ask for has exactly one executor here.
+_MISSING = set(typing.get_args(core.Action)) ^ set(_EXECUTORS)
+assert not _MISSING, f"actions without exactly one executor: {_MISSING}"
+
+
+def machines(config: Config) -> core.Machines:
+    """The specs compiled with the configured limits (checked against the core)."""
+    limits = {
+        "maxStartups": config.limits.max_startups,
+        "maxAuthTries": config.limits.max_auth_tries,
+        "maxSessions": config.limits.max_sessions,
+        "clientAliveCountMax": config.ssh.client_alive_count_max,
+        "maxEnv": config.limits.max_env,
+    }
+    return core.Machines.load(limits, max_queued_requests=config.limits.max_queued_requests)
 
 
 # --- the server -----------------------------------------------------------------------------
@@ -634,8 +589,8 @@ class Server:
                                        path=config.log.file or None,
                                        flush_interval=config.log.flush_interval)
         self.emitter = Emitter(self.logger)
-        self.machines = Machines.from_config(config)
-        self.state = self.machines.server.new()
+        self.machines = machines(config)
+        self.core = core.ServerCore(self.machines, self.log)
         self.handler = handler if handler is not None else configured_handler(config)
         self.connections: set[SpecConnection] = set()
         self.acceptor: asyncssh.SSHAcceptor | None = None
@@ -644,15 +599,14 @@ class Server:
         self._all_closed = asyncio.Event()
         self._all_closed.set()
 
-    def fire(self, event: str, **labels: Any) -> Step:
-        step = self.machines.server.fire(self.state, event)
-        if records := self.emitter.records(step.codes):
-            self.logger.add(records, *msgspec.structs.astuple(Labels(event=event, **labels)))
-        return step
+    def log(self, codes: tuple[str, ...], event: str, reason: str | None, remote_addr: str | None) -> None:
+        if records := self.emitter.records(codes):
+            self.emitter.add(records, Labels(remote_addr=remote_addr, reason=reason, event=str(event)))
 
     async def start(self) -> None:
-        if self.fire("start").kind == "refuse":
-            raise RuntimeError("sshspec server is already running (SSH_ALREADY_RUNNING)")
+        self.core.handle(core.ServerEvent.start)
+        if self.core.state != "starting":  # refused: it runs (SSH_ALREADY_RUNNING) or it stopped
+            raise RuntimeError(f"sshspec server cannot start: already running or stopped ({self.core.state})")
         host, port = self.config.ssh.listen
         try:
             internals.assert_asyncssh_compat()  # a moved asyncssh private fails here, loudly
@@ -663,7 +617,7 @@ class Server:
                 host_key_algs=self.config.ssh.host_key_algorithms or None, host_keys=keys)
             self.sock = self._listen_socket(host, port)
         except (OSError, ValueError, asyncssh.KeyImportError, internals.AsyncsshCompatError) as exc:
-            self.fire("bind_failed", reason=f"{host}:{port}: {exc}")
+            self.core.handle(core.ServerEvent.bind_failed, reason=f"{host}:{port}: {exc}")
             raise StartError(f"cannot start on {host}:{port}: {exc}") from exc
         version = self.config.ssh.server_version.removeprefix("SSH-2.0-")
         self.acceptor = await asyncssh.create_server(
@@ -671,12 +625,12 @@ class Server:
             login_timeout=self.config.limits.login_timeout,
             keepalive_interval=0, allow_scp=False, agent_forwarding=False,
             x11_forwarding=False, gss_host=None, **options)
-        if self.state.state != "starting":  # shut down while asyncio set the listener up
+        if self.core.state != "starting":  # shut down while asyncio set the listener up
             self.acceptor.close()
             await self.acceptor.wait_closed()
             return
         self.address = self.sock.getsockname()[:2]
-        self.fire("listening", reason=f"{self.address[0]}:{self.address[1]}")
+        self.core.handle(core.ServerEvent.listening, reason=f"{self.address[0]}:{self.address[1]}")
 
     def _listen_socket(self, host: str, port: int) -> socket.socket:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -686,7 +640,7 @@ class Server:
             try:
                 sock.setsockopt(socket.SOL_SOCKET, getattr(socket, option), 1)
             except OSError as exc:
-                self.fire("reuse_failed", reason=f"{option}: {exc}")
+                self.core.handle(core.ServerEvent.reuse_failed, reason=f"{option}: {exc}")
         try:
             sock.bind((host, port))
             sock.listen(128)
@@ -704,8 +658,7 @@ class Server:
     async def shutdown(self, timeout: float | None = None) -> None:
         """Stop accepting, tell every connection to end, wait up to the deadline
         for their output and exit statuses, then close what is left."""
-        step = self.fire("shutdown")
-        if step.reply != "stop_listening":
+        if self.core.handle(core.ServerEvent.shutdown) is not core.ServerReply.stop_listening:
             return
         listen_closed = True
         try:
@@ -717,7 +670,7 @@ class Server:
             # The descriptor is released all the same (Linux), but asyncio's
             # Server.close() stopped half-way: its wait_closed() could hang.
             listen_closed = False
-            self.fire("close_failed", reason=str(exc))
+            self.core.handle(core.ServerEvent.close_failed, reason=str(exc))
         if self.connections:
             self._all_closed.clear()
         for conn in list(self.connections):
@@ -726,14 +679,14 @@ class Server:
         try:
             await asyncio.wait_for(self._all_closed.wait(), deadline)
         except TimeoutError:
-            if self.fire("deadline", reason=f"{len(self.connections)} connections still open").reply \
-                    == "close_all":
+            still_open = f"{len(self.connections)} connections still open"
+            if self.core.handle(core.ServerEvent.deadline, reason=still_open) is core.ServerReply.close_all:
                 for conn in list(self.connections):
                     conn.abort()
             # abort() reports connection_lost on the next loop turns: wait for them.
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._all_closed.wait(), 5)
-        self.fire("drained")
+        self.core.handle(core.ServerEvent.drained)
         if self.acceptor is not None and listen_closed:
             with contextlib.suppress(Exception):
                 await self.acceptor.wait_closed()

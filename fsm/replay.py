@@ -100,6 +100,8 @@ class CodeAutomaton:
         self._rows: dict[str, list[_Row]] = {s: [] for s in self.states}
         for (state, _), entries in loaded.table.items():
             for e in entries:
+                if e.kind == "impossible":
+                    continue  # its SSH_SPEC_VIOLATION is never a valid record: the replay refuses it
                 codes = tuple(c for c in e.codes if c not in silent)
                 if not codes and not e.effects and e.target == state:
                     continue  # an ignore, or a silent refusal: changes nothing, invisible

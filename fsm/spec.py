@@ -6,8 +6,11 @@ A spec declares one lifecycle as a table. The rules for what may live in it:
 * Every ``(state, event)`` pair has exactly one outcome, written down:
   a ``transition`` (moves, may emit codes and name a reply), a ``refuse``
   (stays, the event is not allowed here: may emit codes and a failure reply),
-  or an ``ignore`` (stays, nothing is emitted or sent). An event that is
-  undefined somewhere is a *gap*, and a spec with a gap does not load.
+  an ``ignore`` (it happens here and needs nothing: stays, nothing is emitted
+  or sent), or ``impossible`` (the adapter never fires it here; each rule says
+  why in its ``doc``). At run time an impossible pair fails closed: the core
+  logs SSH_SPEC_VIOLATION and ends the connection (or the channel). An event
+  that is undefined somewhere is a *gap*, and a spec with a gap does not load.
 * Two outcomes for one pair are allowed only when a ``guard`` tells them
   apart: the pair ``counter < limit`` / ``counter >= limit``, nothing else.
   Guards read counters *before* the transition's own ``do`` updates them.
@@ -15,8 +18,10 @@ A spec declares one lifecycle as a table. The rules for what may live in it:
 * ``reply`` names what the adapter must send the peer; the names are the
   spec's ``replies`` alphabet, so an adapter can prove it handles them all.
 * ``groups`` name lists of states or of events, usable in ``from``/``in``/``on``.
-* ``"*"`` in a ``refuse``/``ignore`` rule means "every state (or event) not
-  otherwise covered": it fills gaps, it never overrides an explicit entry.
+* ``"*"`` in a ``refuse``/``ignore``/``impossible`` rule means "every state (or
+  event) not otherwise covered": it fills gaps, it never overrides an explicit
+  entry. One side at a time: a rule with ``"*"`` for both states and events
+  would decide every pair nobody wrote down, so it does not load.
 
 Everything here is pure: no I/O besides reading the spec text given to it.
 """
@@ -67,6 +72,12 @@ class Ignore(msgspec.Struct, frozen=True, forbid_unknown_fields=True, rename={"i
     doc: str = ""
 
 
+class Impossible(msgspec.Struct, frozen=True, forbid_unknown_fields=True, rename={"in_": "in"}):
+    in_: Names
+    event: Names
+    doc: str  # why the adapter can never fire it there: required
+
+
 class Spec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """One lifecycle, as written in a spec file."""
 
@@ -83,9 +94,11 @@ class Spec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     groups: dict[str, list[str]] = {}
     refuse: list[Refuse] = []
     ignore: list[Ignore] = []
+    impossible: list[Impossible] = []
 
 
-Kind = Literal["transition", "refuse", "ignore"]
+Kind = Literal["transition", "refuse", "ignore", "impossible"]
+SPEC_VIOLATION = "SSH_SPEC_VIOLATION"  # what an impossible pair logs when it happens
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,17 +241,31 @@ class _Validator:
                                   guard, effects, where)
                     table.setdefault((state, event), []).append(entry)
         wildcards: list[Entry] = []
-        for kind, rules in (("refuse", spec.refuse), ("ignore", spec.ignore)):
+        rule_lists: tuple[tuple[Kind, list[Refuse] | list[Ignore] | list[Impossible]], ...] = (
+            ("refuse", spec.refuse), ("ignore", spec.ignore), ("impossible", spec.impossible))
+        for kind, rules in rule_lists:
             for i, rule in enumerate(rules):
                 where = f"{kind}[{i}]"
-                codes = self._codes(rule.emit, f"{where}.emit") if isinstance(rule, Refuse) else ()
-                reply = self._reply(rule.reply, f"{where}.reply") if isinstance(rule, Refuse) else None
+                codes: tuple[str, ...] = ()
+                reply = None
+                if isinstance(rule, Refuse):
+                    codes = self._codes(rule.emit, f"{where}.emit")
+                    reply = self._reply(rule.reply, f"{where}.reply")
+                elif isinstance(rule, Impossible):
+                    codes = self._codes([SPEC_VIOLATION], f"{where}.emit")
+                    if not rule.doc.strip():
+                        self.problems.append(f"{where}.doc: say why the adapter never fires it there")
+                if rule.in_ == "*" and rule.event == "*":
+                    self.problems.append(
+                        f"{where}: \"*\" for both states and events decides every pair nobody wrote "
+                        "down; name the states or the events")
+                    continue
                 states = self._states(rule.in_, f"{where}.in")
                 events = self._events(rule.event, f"{where}.event")
                 wild = rule.in_ == "*" or rule.event == "*"
                 for state in states:
                     for event in events:
-                        entry = Entry(state, event, state, kind, codes, reply, None, (), where)  # type: ignore[arg-type]
+                        entry = Entry(state, event, state, kind, codes, reply, None, (), where)
                         if wild:
                             wildcards.append(entry)
                         else:

@@ -45,6 +45,8 @@ from typing import Any
 import paramiko
 from paramiko.message import Message
 
+from sshspec.fsm import core
+
 # --- wire ------------------------------------------------------------------------------------
 
 MSG_DISCONNECT, MSG_IGNORE, MSG_SERVICE_REQUEST, MSG_SERVICE_ACCEPT = 1, 2, 5, 6
@@ -583,92 +585,13 @@ def wire_of(reply: str | None) -> str:
     return WIRE.get(reply or "", f"<spec reply {reply!r}>")
 
 
-class CompiledInstance:
-    """A machine instance on the compiled table (what the server runs)."""
-
-    __slots__ = ("machine", "inst")
-
-    def __init__(self, machine: Any, inst: Any = None) -> None:
-        self.machine = machine
-        self.inst = inst if inst is not None else machine.new()
-
-    @property
-    def state(self) -> str:
-        return self.inst.state  # type: ignore[no-any-return]
-
-    def counters(self) -> dict[str, int]:
-        return {c: getattr(self.inst, c) for c in self.machine.counters}
-
-    def fire(self, event: str) -> tuple[tuple[str, ...], str | None]:
-        step = self.machine.fire(self.inst, event)
-        return step.codes, step.reply
-
-    def clone(self) -> CompiledInstance:
-        new = self.machine.new()
-        new.state = self.inst.state
-        for c in self.machine.counters:
-            setattr(new, c, getattr(self.inst, c))
-        return CompiledInstance(self.machine, new)
-
-
-class ReferenceInstance:
-    """A machine instance on the `transitions` build (the reference semantics)."""
-
-    def __init__(self, loaded: Any, limits: dict[str, int]) -> None:
-        from sshspec.fsm.machine import reference_machine
-        self.counter_names = tuple(loaded.spec.counters)
-        self.machine, self.model = reference_machine(loaded, limits)
-
-    @property
-    def state(self) -> str:
-        return self.model.state  # type: ignore[attr-defined, no-any-return]
-
-    def counters(self) -> dict[str, int]:
-        return {c: getattr(self.model, c) for c in self.counter_names}
-
-    def fire(self, event: str) -> tuple[tuple[str, ...], str | None]:
-        emitted, replies = len(self.model.emitted), len(self.model.replies)
-        self.model.trigger(event)  # type: ignore[attr-defined]
-        reply = self.model.replies[-1] if len(self.model.replies) > replies else None
-        return tuple(self.model.emitted[emitted:]), reply
-
-    def clone(self) -> ReferenceInstance:
-        raise NotImplementedError("the reference is never forked")
-
-
 class CompiledDriver:
-    def __init__(self, limits: dict[str, int] | None = None) -> None:
-        from sshspec.fsm.machine import Machine
+    """The specs compiled with the fuzzers' limits and checked against the core, once."""
+
+    def __init__(self, limits: dict[str, int] | None = None, *, max_queued: int = MAX_QUEUED) -> None:
         self.limits = dict(limits or FUZZ_LIMITS)
-        self.machines = {name: Machine.load(name, self.limits) for name in ("connection", "session")}
+        self.machines = core.Machines.load(self.limits, max_queued_requests=max_queued)
 
-    def new(self, name: str) -> CompiledInstance:
-        return CompiledInstance(self.machines[name])
-
-
-class ReferenceDriver:
-    """Reference instances are costly (~10 ms each): `release` puts them back for reuse."""
-
-    def __init__(self, limits: dict[str, int] | None = None) -> None:
-        from sshspec.fsm.spec import load_spec
-        self.limits = dict(limits or FUZZ_LIMITS)
-        self.loaded = {name: load_spec(name) for name in ("connection", "session")}
-        self.pool: dict[str, list[ReferenceInstance]] = {"connection": [], "session": []}
-        self.names: dict[int, str] = {}
-
-    def new(self, name: str) -> ReferenceInstance:
-        inst = self.pool[name].pop() if self.pool[name] else ReferenceInstance(self.loaded[name], self.limits)
-        self.names[id(inst)] = name
-        return inst
-
-    def release(self, inst: ReferenceInstance) -> None:
-        name = self.names[id(inst)]
-        inst.machine.set_state(self.loaded[name].spec.initial, inst.model)
-        for c in inst.counter_names:
-            setattr(inst.model, c, 0)
-        inst.model.emitted.clear()
-        inst.model.replies.clear()
-        self.pool[name].append(inst)
 
 
 # What the local backend (as `sshspec serve` configures it) decides, from its
@@ -733,71 +656,101 @@ class Auth:
         return f"<{self.code}>"
 
 
-AUTH_EVENTS = {"none": "none_auth", "password": "password", "publickey": "publickey",
-               "query": "publickey_query", "kbdint": "kbdint_begin", "other": "other_method"}
+# How a client's auth message reaches the core: the method name on the wire and,
+# for publickey, whether it is signed.
+AUTH_METHODS: dict[str, tuple[str, bool | None]] = {
+    "none": ("none", None), "password": ("password", None), "publickey": ("publickey", True),
+    "query": ("publickey", False), "kbdint": ("keyboard-interactive", None), "other": ("hostbased", None)}
 
 
-@dataclass
-class _Overflow:
-    replies: int
+class _View:
+    """A session's machine instance as tests read it: its state and counters."""
+
+    __slots__ = ("session", "counter_names")
+
+    def __init__(self, session: core.Session, counter_names: tuple[str, ...]) -> None:
+        self.session = session
+        self.counter_names = counter_names
+
+    @property
+    def state(self) -> str:
+        return self.session.state
+
+    def counters(self) -> dict[str, int]:
+        return {c: getattr(self.session.instance, c) for c in self.counter_names}
 
 
 @dataclass
 class SessionModel:
-    """One session channel: its machine, and the adapter's request queue around it."""
+    """One session channel: the core's session (machine and queue), and what the world
+    around it does (the client's side, asyncssh's holds, the program)."""
 
-    inst: Any
+    session: core.Session  # the core's, kept after the core lets go of it
+    counter_names: tuple[str, ...]
     client_id: int
     server_id: int
-    queue: deque[Req | _Overflow] = field(default_factory=deque)
-    held: int = 0
-    busy: bool = False
     pending_start: Req | None = None  # a start whose backend verdict is still out
-    verdict: bool | None = None  # that verdict, fired but not yet answered
+    start: Req | None = None  # the start that was decided ok (its program runs once started)
     pty: bool = False
     eof_arrived: bool = False  # the server has the client's EOF (held until the program starts)
-    started: bool = False  # session_started: reading resumed, the program runs (or ran)
+    started: bool = False  # the program started: reading resumed, its end may come
+    starts: int = 0  # how often a program was started (at most once)
     program: Program | None = None
     ending: tuple[tuple[str, Any], ...] | None = None  # the ends that may come: ("exit", status | None)
     # or ("signal", name); more than one when a fatal signal races the program's own exit
     ended: bool = False
-    server_closed: bool = False  # the server sent its CLOSE: no reply can follow
-    closed: bool = False  # the session machine got its close
+    server_closed: bool = False  # the server sent (or is sending) its CLOSE: no reply can follow
     client_eof: bool = False
     client_close: bool = False
     data_before_start: bool = False
-    history: list[tuple[str, str, str]] = field(default_factory=list)  # (state, event, state after)
 
-    def clone(self) -> SessionModel:
-        new = copy.copy(self)
-        new.inst = self.inst.clone()
-        new.history = list(self.history)
-        new.queue = deque(_Overflow(q.replies) if isinstance(q, _Overflow) else q for q in self.queue)
-        return new
+    @property
+    def inst(self) -> _View:
+        return _View(self.session, self.counter_names)
+
+    @property
+    def closed(self) -> bool:
+        return self.session.closed
+
+    @property
+    def queue(self) -> Any:
+        return self.session.queue
 
     def key(self) -> tuple[Any, ...]:
-        return (self.inst.state, tuple(self.inst.counters().items()), len(self.queue), self.held, self.busy,
-                self.pending_start is not None, self.verdict, self.eof_arrived, self.started, self.ending,
-                self.ended, self.server_closed, self.closed, self.pty)
+        s = self.session
+        return (s.state, tuple(self.inst.counters().items()), len(s.queue), s.held, s.busy, s.replying,
+                self.pending_start is not None, self.eof_arrived, self.started, self.ending, self.ended,
+                self.server_closed, s.closed, self.pty)
 
 
 class Oracle:
-    """One connection as the specs say it goes (see the module docstring).
+    """One connection as the core prescribes it, in the world the live server lives in.
 
-    ``log[key]`` holds the codes each machine logs (key "conn", or ("session", channelId)),
-    ``wire[key]`` the replies the client must see (keys "auth", "global", "disconnect",
-    ("open", chan), ("chan", chan), chan being the client's channel number).
+    The protocol is the core's (fsm/core.py, the server's own): the oracle hands it
+    the events the adapter would and carries out its actions the way the world
+    answers them: the local backend's documented verdicts, what asyncssh does
+    before any hook sees a message (pre-auth connection messages, auth after
+    success, EOF held until a program starts), sends that fail once the client
+    dropped. ``log[key]`` holds the codes each machine logs (key "conn", or
+    ("session", channelId)), ``wire[key]`` the replies the client must see (keys
+    "auth", "global", "disconnect", ("open", chan), ("chan", chan), chan being the
+    client's channel number).
     """
 
-    def __init__(self, driver: Any, *, max_queued: int = MAX_QUEUED) -> None:
-        self.driver = driver
-        self.max_queued = max_queued
-        self.conn = driver.new("connection")
-        self.sessions: dict[int, SessionModel] = {}
-        self.next_server_channel = 0
+    def __init__(self, driver: CompiledDriver | None = None) -> None:
+        self.driver = driver or _default_driver()
+        machines = self.driver.machines
+        server = core.ServerCore(machines, _no_log)
+        for event in (core.ServerEvent.start, core.ServerEvent.listening, core.ServerEvent.accept):
+            server.handle(event)
+        self.core = core.ConnectionCore(machines, server, self._log, keepalive_interval=1.0)
+        self.counter_names = tuple(machines.session.counters)
+        self.sessions: dict[int, SessionModel] = {}  # by the client's channel number
+        self.by_server: dict[int, SessionModel] = {}
         self.log: dict[Any, list[str]] = {"conn": []}
         self.wire: dict[Any, list[str]] = {}
-        self.trace: list[str] = []  # the events fired, for failure messages
+        self.trace: list[str] = []  # the events handed to the core, for failure messages
+        self.clock = 0.0
         self.auth_final = False  # a connection-layer message followed the auth success
         self.transport_gone = False  # nothing can be sent to the client any more
         self.lost = False  # connection_lost was processed: nothing more happens
@@ -806,14 +759,17 @@ class Oracle:
         # After the client dropped: how many more sends succeed before one fails (the
         # peer's reset arrives at some point; None: they all do).
         self.send_budget: int | None = None
+        self._want_reply = False  # of the global request being handled
+        self._opening: int | None = None  # the client channel of the open being handled
+        self._auth: Auth | None = None  # the auth message being handled
 
     def clone(self) -> Oracle:
-        new = copy.copy(self)
-        new.conn = self.conn.clone()
-        new.sessions = {k: s.clone() for k, s in self.sessions.items()}
-        new.log = {k: list(v) for k, v in self.log.items()}
-        new.wire = {k: list(v) for k, v in self.wire.items()}
-        new.trace = list(self.trace)
+        machines = self.driver.machines
+        memo: dict[int, Any] = {id(self.driver): self.driver, id(machines): machines}
+        for m in (machines.server, machines.connection, machines.session):
+            memo[id(m)] = m
+        new: Oracle = copy.deepcopy(self, memo)
+        new.core.log = new._log
         return new
 
     def signature(self) -> tuple[Any, ...]:
@@ -823,41 +779,170 @@ class Oracle:
                 tuple(sorted((k, s.ending) for k, s in self.sessions.items() if s.ending)))
 
     def key(self) -> tuple[Any, ...]:
-        return (self.signature(), self.conn.state, tuple(self.conn.counters().items()), self.transport_gone,
-                self.lost, self.send_budget, tuple(sorted((k, s.key()) for k, s in self.sessions.items())))
+        conn = self.core.instance
+        counters = tuple(getattr(conn, c) for c in self.driver.machines.connection.counters)
+        return (self.signature(), self.core.state, counters, self.transport_gone, self.lost, self.send_budget,
+                tuple(sorted((k, s.key()) for k, s in self.sessions.items())))
 
     @property
     def state(self) -> str:
-        return self.conn.state
+        return self.core.state
 
-    def _expect(self, key: Any, reply: str) -> None:
-        self.wire.setdefault(key, []).append(reply)
-
-    def _fire_conn(self, event: str) -> str | None:
-        codes, reply = self.conn.fire(event)
-        self.trace.append(f"connection.{event} -> {self.conn.state}")
-        self.log["conn"].extend(codes)
-        if reply in DISCONNECTS and not self.transport_gone:
-            self._expect("disconnect", wire_of(reply))
-            self.transport_gone = True
-        return reply
-
-    def _fire(self, s: SessionModel, event: str) -> str | None:
-        before = s.inst.state
-        codes, reply = s.inst.fire(event)
-        s.history.append((before, event, s.inst.state))
-        self.trace.append(f"session[{s.server_id}].{event} -> {s.inst.state}")
-        self.log[("session", s.server_id)].extend(codes)
-        return reply
+    @property
+    def conn(self) -> _ConnView:
+        return _ConnView(self.core, self.driver.machines.connection.counters)
 
     def open_sessions(self) -> list[SessionModel]:
         return [s for s in self.sessions.values() if not s.closed]
 
+    # -- the core, and the world's answers to its actions
+
+    def _log(self, codes: tuple[str, ...], event: str, *, channel_id: int | None = None, **_: Any) -> None:
+        key = ("session", channel_id) if isinstance(event, core.SessionEvent) else "conn"
+        self.log.setdefault(key, []).extend(codes)
+
+    def _expect(self, key: Any, reply: str) -> None:
+        self.wire.setdefault(key, []).append(reply)
+
+    def _handle(self, event: core.Event) -> None:
+        self.trace.append(repr(event))
+        pending: list[core.Event] = [event]
+        while pending:
+            for action in self.core.handle(pending.pop()):
+                answer = self._carry_out(action)
+                if answer is not None:
+                    pending.append(answer)
+
+    def _carry_out(self, action: core.Action) -> core.Event | None:  # noqa: C901 - one case per action
+        if isinstance(action, core.Disconnect):
+            if not self.transport_gone:
+                self._expect("disconnect", f"DISCONNECT({action.code})")
+                self.transport_gone = True
+        elif isinstance(action, core.AuthAnswer):
+            if not self.transport_gone:
+                self._expect("auth", wire_of(action.reply))
+            if action.reply == core.ConnectionReply.accept_user:
+                self.clock += 1
+                return core.AuthCompleted(self.clock)
+        elif isinstance(action, core.KeyAcceptable):
+            # asyncssh checks the signature of an acceptable key and answers.
+            return core.AuthAnswered("success" if action.ok else "failure", "publickey")
+        elif isinstance(action, core.CheckCredentials):
+            assert self._auth is not None
+            return core.Credentials(self._auth.verdict, action.method)
+        elif isinstance(action, core.AdmitUser):
+            return core.UserVerdict(True, action.method)
+        elif isinstance(action, core.GlobalReply):
+            if self._want_reply and not self.transport_gone:
+                self._expect("global", "REQUEST_SUCCESS" if action.ok else "REQUEST_FAILURE")
+        elif isinstance(action, core.OpenSession):
+            assert self._opening is not None
+            s = SessionModel(self.core.sessions[action.channel], self.counter_names, self._opening,
+                             action.channel)
+            self.sessions[self._opening] = self.by_server[action.channel] = s
+            self.log.setdefault(("session", action.channel), [])
+            self._expect(("open", self._opening), "OPEN_CONFIRMATION")
+        elif isinstance(action, core.RejectOpen):
+            assert self._opening is not None
+            self._expect(("open", self._opening), f"OPEN_FAILURE({action.code})")
+        elif isinstance(action, core.SendKeepalive):
+            pass  # the keepalive rule says whether the client answers
+        elif isinstance(action, core.AskBackend):
+            req = action.request.payload
+            assert isinstance(req, Req)
+            return core.RequestDone(action.channel, self._backend(self.by_server[action.channel], req))
+        elif isinstance(action, core.StartProgram):
+            req = action.request.payload
+            assert isinstance(req, Req)
+            self.by_server[action.channel].pending_start = req  # the backend starts it asynchronously
+        elif isinstance(action, core.ChannelReply):
+            s = self.by_server[action.channel]
+            if s.server_closed or not self._can_send():
+                problem = "channel closed" if s.server_closed else "send failed"
+                return core.ChannelReplied(action.channel, problem)
+            self._expect(("chan", s.client_id), WIRE["success" if action.ok else "failure"])
+            return core.ChannelReplied(action.channel, None)
+        elif isinstance(action, core.ProgramStarted):
+            s = self.by_server[action.channel]
+            assert s.start is not None and s.start.program is not None
+            s.started = True
+            s.starts += 1
+            s.program = s.start.program
+            if not s.program.waits_for_eof:
+                self._due(s, ("exit", s.program.status))
+            if s.eof_arrived:  # asyncssh delivers the held EOF as reading resumes
+                self._handle(core.ClientEof(action.channel))
+            return core.IoStarted(action.channel)
+        elif isinstance(action, core.CloseStdin):
+            s = self.by_server[action.channel]
+            if s.program is not None and s.program.waits_for_eof:
+                self._due(s, ("exit", s.program.status))
+        elif isinstance(action, core.SendExit):
+            s = self.by_server[action.channel]
+            if s.server_closed:
+                return None  # nothing goes out on a channel the server already closed
+            if not self._can_send():
+                return core.ExitSendFailed(action.channel, "send failed")
+            s.server_closed = True  # EOF, exit-status/exit-signal, CLOSE go out
+            if not self.client_dropped and self.answer_close:
+                s.client_close = True  # the client answers CLOSE
+                return core.ChannelClosed(action.channel)
+        elif isinstance(action, core.TerminateProgram):
+            self._due(self.by_server[action.channel], ("signal", "TERM"))  # its end still goes out
+        elif isinstance(action, core.CloseChannel):
+            self.by_server[action.channel].server_closed = True
+        elif isinstance(action, core.EndProgram | core.ConnectionEnded):
+            pass  # the program is killed / the connection is released: nothing on the wire
+        else:
+            raise AssertionError(f"the oracle cannot carry out {action!r}")
+        return None
+
+    def _backend(self, s: SessionModel, req: Req) -> bool:
+        if req.event == "env":
+            assert req.env is not None
+            return env_allowed(*req.env)
+        if req.event == "pty_req":
+            s.pty = True
+            return True
+        if req.event == "window_change":
+            return s.pty
+        if req.event == "signal":
+            ok = req.signal in SSH_SIGNALS and s.program is not None
+            if ok and req.signal in FATAL_SIGNALS:
+                self._due(s, ("signal", req.signal))
+            return ok
+        raise AssertionError(f"no backend verdict for {req.event}")
+
+    def _can_send(self) -> bool:
+        """Whether the next send succeeds (the socket may fail it, see send_budget)."""
+        if self.transport_gone:
+            return False
+        if self.send_budget is not None:
+            if self.send_budget == 0:
+                self.transport_gone = True
+                return False
+            self.send_budget -= 1
+        return True
+
+    @staticmethod
+    def _due(s: SessionModel, end: tuple[str, Any]) -> None:
+        if s.ended or s.closed:
+            return
+        if s.ending is None:
+            s.ending = (end,)
+        elif end not in s.ending:
+            s.ending = (*s.ending, end)
+
+    def _after_disconnect(self) -> None:
+        # The server disconnected: its transport closes, connection_lost follows.
+        if self.state == "closed" and not self.lost:
+            self.connection_lost("lost")
+
     # -- the connection
 
     def connected(self) -> None:
-        self._fire_conn("connected")
-        self._fire_conn("auth_begin")  # the key exchange is done before the client sends anything
+        self._handle(core.Connected())
+        self._handle(core.KexDone(1))  # the key exchange is done before the client sends anything
 
     def service_request(self) -> None:
         if self.transport_gone:
@@ -870,89 +955,63 @@ class Oracle:
     def auth(self, a: Auth) -> None:
         if self.transport_gone:
             return
-        state = self.state
+        self._auth = a
         if a.method == "kbdint_response":
-            if state != "kbdint_round":
+            if self.state != "kbdint_round":
                 self.protocol_error()  # no challenge is out
                 return
-            self._fire_conn("kbdint_response")
-            if self.state == "checking":
-                self._verdict(a.verdict)
+            self._handle(core.KbdintResponse())
             self._after_disconnect()
             return
-        if state in ALIVE:
-            # RFC 4252 5.1: ignored after success, until the client sends a connection-layer message
-            if self.auth_final:
-                self.protocol_error()
-            else:
-                self._fire_conn(AUTH_EVENTS[a.method])
+        if self.state in ALIVE and self.auth_final:
+            # RFC 4252 5.1: ignored after success until a connection-layer message; then an error
+            self.protocol_error()
             return
-        reply = self._fire_conn(AUTH_EVENTS[a.method])
-        if reply == "auth_failure":
-            self._expect("auth", wire_of(reply))
+        method, signed = AUTH_METHODS[a.method]
+        self._handle(core.AuthRequested(method, signed))
         if self.state == "checking":
             if a.method == "kbdint":
-                self._expect("auth", wire_of(self._fire_conn("challenge")))
+                self._handle(core.KbdintChallenge(True))
+            elif a.method == "password":
+                self._handle(core.Credentials(a.verdict, "password"))
             else:
-                self._verdict(a.verdict)
+                self._handle(core.KeyChecked(a.verdict))
         elif self.state == "querying":
-            self._expect("auth", wire_of(self._fire_conn(f"auth_{a.verdict}")))
+            self._handle(core.KeyChecked(a.verdict))
         self._after_disconnect()
-
-    def _verdict(self, verdict: str | None) -> None:
-        reply = self._fire_conn(f"auth_{verdict}")
-        if self.state == "authenticated":
-            reply = self._fire_conn("backend_accepted")
-        if reply in ("auth_failure", "accept_user"):
-            self._expect("auth", wire_of(reply))
-
-    def _after_disconnect(self) -> None:
-        # The server disconnected: its transport closes, connection_lost follows.
-        if self.state == "closed" and not self.lost:
-            self.connection_lost("lost")
 
     def global_request(self, *, malformed: bool = False, want_reply: bool = True) -> None:
         if self.transport_gone:
             return
-        event = "global_request_malformed" if malformed else "global_request"
         if self.state not in ALIVE:
             # asyncssh refuses a connection-layer message before authentication by
             # itself: the adapter sees a protocol error.
-            self._fire_conn("protocol_error")
-            self._after_disconnect()
+            self.protocol_error()
             return
         self.auth_final = True
-        reply = self._fire_conn(event)
-        if want_reply and reply is not None:
-            self._expect("global", wire_of(reply))
+        self._want_reply = want_reply
+        self._handle(core.GlobalRequest("'\\xff'" if malformed else "foo@example.com",
+                                        "malformed" if malformed else None))
 
     def open_channel(self, chan: int, *, session: bool, malformed: bool = False) -> None:
         """CHANNEL_OPEN from the client, its channel number ``chan``; ``malformed``: a
         type that is not ASCII, a maximum packet size of 0..."""
         if self.transport_gone:
             return
-        event = ("channel_open_malformed" if malformed else
-                 "session_open" if session else "channel_open_unsupported")
         if self.state not in ALIVE:
-            # asyncssh refuses a connection-layer message before authentication by
-            # itself: the adapter sees a protocol error.
-            self._fire_conn("protocol_error")
-            self._after_disconnect()
+            self.protocol_error()  # asyncssh refuses it before authentication (see global_request)
             return
         self.auth_final = True
-        if event != "session_open":
-            self._expect(("open", chan), wire_of(self._fire_conn(event)))
-            return
-        server_id = self.next_server_channel
-        self.next_server_channel += 1
-        reply = self._fire_conn("session_open")
-        self._expect(("open", chan), wire_of(reply))
-        if reply == "open_session":
-            self.log[("session", server_id)] = []
-            self.sessions[chan] = SessionModel(self.driver.new("session"), chan, server_id)
+        self._opening = chan
+        kind = "session" if session and not malformed else "direct-tcpip"
+        self._handle(core.ChannelOpen(kind, "malformed" if malformed else None))
 
     def protocol_error(self) -> None:
-        """The client broke the protocol: the server disconnects."""
+        """The client broke the protocol: asyncssh sends DISCONNECT(2) itself, then
+        reports the loss (the spec's disconnect_protocol, carried out by the SSH layer)."""
+        if not self.transport_gone:
+            self._expect("disconnect", f"DISCONNECT({core.DISCONNECT_PROTOCOL_ERROR})")
+            self.transport_gone = True
         self.connection_lost("protocol_error")
 
     def drop(self) -> None:
@@ -962,14 +1021,11 @@ class Oracle:
         self.connection_lost("lost")
 
     def connection_lost(self, event: str) -> None:
-        """The transport is gone: every open session closes first, then the connection
-        gets ``event`` (lost, protocol_error, login_timeout), as in the adapter."""
+        """The transport is gone: the core closes every open session, then the connection."""
         if self.lost:
             return
         self.lost = True
-        for s in self.open_sessions():
-            self._session_close(s)
-        self._fire_conn(event)
+        self._handle(core.ConnectionLost(core.Lost(event), event))
         self.transport_gone = True
 
     # -- channels
@@ -985,13 +1041,9 @@ class Oracle:
 
     def request(self, chan: int, req: Req) -> None:
         """A channel request, answered before anything else arrives."""
-        if self.transport_gone:
-            return
-        s = self._channel(chan)
-        if s is None:
-            return
-        self.arrive(s, req)
-        self.settle(s)
+        s = self.request_arrives(chan, req)
+        if s is not None:
+            self.settle(s)
 
     def request_arrives(self, chan: int, req: Req) -> SessionModel | None:
         """A channel request reaches the server; a start stays pending (see settle)."""
@@ -1002,12 +1054,24 @@ class Oracle:
             self.arrive(s, req)
         return s
 
+    def arrive(self, s: SessionModel, req: Req) -> None:
+        malformed = "malformed" if req.event == "malformed_request" else None
+        name = req.name.decode("ascii", "replace")
+        self._handle(core.ChannelRequest(s.server_id, name, req.want_reply, req, malformed))
+
     def settle(self, s: SessionModel) -> None:
         """Let every pending start get its verdict and its answer."""
         while s.pending_start is not None:
-            if s.verdict is None:
-                self.resolve_start(s)
-            self.finish_start(s)
+            self.resolve_start(s)
+
+    def resolve_start(self, s: SessionModel) -> None:
+        """The backend decided the pending start; the core answers it and moves on."""
+        req = s.pending_start
+        assert req is not None and req.program is not None
+        s.pending_start = None
+        if req.program.starts:
+            s.start = req
+        self._handle(core.RequestDone(s.server_id, req.program.starts))
 
     def eof(self, chan: int) -> None:
         if self.transport_gone:
@@ -1019,22 +1083,8 @@ class Oracle:
 
     def eof_arrives(self, s: SessionModel) -> None:
         s.eof_arrived = True
-        if s.started:
-            self._deliver_eof(s)  # else asyncssh holds it until the program starts
-
-    def _deliver_eof(self, s: SessionModel) -> None:
-        if self._fire(s, "client_eof") == "close_stdin" and s.program is not None \
-                and s.program.waits_for_eof:
-            self._due(s, ("exit", s.program.status))
-
-    @staticmethod
-    def _due(s: SessionModel, end: tuple[str, Any]) -> None:
-        if s.ended or s.closed:
-            return
-        if s.ending is None:
-            s.ending = (end,)
-        elif end not in s.ending:
-            s.ending = (*s.ending, end)
+        if s.started and not s.closed:
+            self._handle(core.ClientEof(s.server_id))  # else asyncssh holds it until the program starts
 
     def data(self, chan: int) -> None:
         if self.transport_gone:
@@ -1059,116 +1109,9 @@ class Oracle:
     def _session_close(self, s: SessionModel) -> None:
         if s.closed:
             return
-        s.closed = True
         s.server_closed = True
-        self._fire(s, "close")
-        self._fire_conn("channel_closed")
-        if self.state == "draining" and not self.open_sessions():
-            self._fire_conn("drained")
-            self._after_disconnect()
-
-    # -- the request queue (HookedServerChannel's contract: one at a time, bounded)
-
-    def arrive(self, s: SessionModel, req: Req) -> None:
-        if s.held >= self.max_queued:
-            self._fire(s, "request_overflow")
-            if req.want_reply:
-                tail = s.queue[-1] if s.queue else None
-                if isinstance(tail, _Overflow):
-                    tail.replies += 1
-                else:
-                    s.queue.append(_Overflow(1))
-            return
-        s.queue.append(req)
-        s.held += 1
-        self._pump(s)
-
-    def _pump(self, s: SessionModel) -> None:
-        while s.queue and not s.busy:
-            head = s.queue[0]
-            if isinstance(head, _Overflow):
-                s.queue.popleft()
-                for _ in range(head.replies):
-                    self._reply(s, False)
-                continue
-            s.busy = True
-            self._process(s, head)
-
-    def _process(self, s: SessionModel, req: Req) -> None:
-        before = s.inst.state
-        reply = self._fire(s, req.event)
-        if s.inst.state in PENDING and before not in PENDING:
-            if req.event in START_EVENTS:
-                s.pending_start = req  # the backend starts it asynchronously
-                return
-            ok = self._backend(s, req)
-            reply = self._fire(s, "request_ok" if ok else "request_failed")
-        self._finish(s, req, reply == "success")
-
-    def _backend(self, s: SessionModel, req: Req) -> bool:
-        if req.event == "env":
-            assert req.env is not None
-            return env_allowed(*req.env)
-        if req.event == "pty_req":
-            s.pty = True
-            return True
-        if req.event == "window_change":
-            return s.pty
-        if req.event == "signal":
-            ok = req.signal in SSH_SIGNALS and s.program is not None
-            if ok and req.signal in FATAL_SIGNALS:
-                self._due(s, ("signal", req.signal))
-            return ok
-        raise AssertionError(f"no backend verdict for {req.event}")
-
-    def resolve_start(self, s: SessionModel) -> None:
-        """The backend's verdict on the pending start (fired; answered by finish_start)."""
-        req = s.pending_start
-        assert req is not None and req.program is not None and s.verdict is None
-        reply = self._fire(s, "request_ok" if req.program.starts else "request_failed")
-        s.verdict = reply == "success"
-
-    def finish_start(self, s: SessionModel) -> None:
-        """The pending start is answered; the queue moves on."""
-        req, ok = s.pending_start, s.verdict
-        assert req is not None and ok is not None
-        s.pending_start, s.verdict = None, None
-        self._finish(s, req, ok)
-        self._pump(s)
-
-    def _finish(self, s: SessionModel, req: Req, ok: bool) -> None:
-        popped = s.queue.popleft()
-        assert popped is req
-        s.held -= 1
-        s.busy = False
-        if req.want_reply:
-            self._reply(s, ok)
-        if ok and req.event in START_EVENTS and not s.started and not s.closed:
-            s.started = True
-            if s.inst.state in RUNNING:
-                assert req.program is not None
-                s.program = req.program
-                if not req.program.waits_for_eof:
-                    self._due(s, ("exit", req.program.status))
-            if s.eof_arrived:
-                self._deliver_eof(s)
-
-    def _can_send(self) -> bool:
-        """Whether the next send succeeds (the socket may fail it, see send_budget)."""
-        if self.transport_gone:
-            return False
-        if self.send_budget is not None:
-            if self.send_budget == 0:
-                self.transport_gone = True
-                return False
-            self.send_budget -= 1
-        return True
-
-    def _reply(self, s: SessionModel, ok: bool) -> None:
-        if s.server_closed or not self._can_send():
-            self._fire(s, "reply_send_failed")
-        else:
-            self._expect(("chan", s.client_id), WIRE["success" if ok else "failure"])
+        self._handle(core.ChannelClosed(s.server_id))
+        self._after_disconnect()
 
     # -- the program's end (comes by itself)
 
@@ -1177,33 +1120,24 @@ class Oracle:
         s = self.sessions[chan]
         s.ended = True
         s.ending = None
-        reply = self._fire(s, "program_exited" if kind == "exit" else "program_killed")
-        if reply not in ("send_exit_status", "send_exit_signal") or s.server_closed:
-            return  # nothing goes out on a channel the server already closed
-        if not self._can_send():
-            self._fire(s, "exit_send_failed")
+        if kind == "exit":
+            self._handle(core.ProgramEnded(s.server_id, value))
         else:
-            s.server_closed = True  # EOF, exit-status/exit-signal, CLOSE go out
-            if not self.client_dropped and self.answer_close:
-                self.close_arrives(s)  # the client answers CLOSE
-                self._session_close(s)
-
-    def exit_send_failed(self, chan: int) -> None:
-        """The exit status could not be sent (the adapter's send raised)."""
-        s = self.sessions[chan]
-        if s.inst.state == "exited":
-            self._fire(s, "exit_send_failed")
+            self._handle(core.ProgramEnded(s.server_id, None, value))
 
     # -- server-side connection events (what the live fuzzer cannot trigger at will)
 
     def keepalive(self, answered: bool) -> None:
-        if self.lost or self.state not in ALIVE:
+        if self.lost or self.state not in ALIVE or self.core.get_timer() is None:
             return
-        self._fire_conn("keepalive_due")
+        self.clock = max(self.clock, self.core.get_timer() or 0.0)
+        for action in self.core.handle_timer(self.clock):
+            answer = self._carry_out(action)
+            assert answer is None
         if self.state == "closed":  # no answer to too many: the server disconnects
             self._after_disconnect()
-        elif answered:
-            self._fire_conn("keepalive_answered")
+        else:
+            self._handle(core.KeepaliveResult(answered, self.clock))
 
     def login_timeout(self) -> None:
         if not self.lost and self.state not in ALIVE and self.state != "closed":
@@ -1211,40 +1145,55 @@ class Oracle:
             self.connection_lost("login_timeout")
 
     def global_reply_failed(self) -> None:
-        if not self.lost:
-            self._fire_conn("reply_send_failed")
+        if not self.lost and self.state in ALIVE:
+            self._handle(core.GlobalReplyFailed("send failed"))
 
     def shutdown(self) -> None:
-        """The server shuts down (adapters/server.py SpecConnection.shutdown)."""
+        """The server shuts down (the adapter's Shutdown event)."""
         if self.lost:
             return
-        self._fire_conn("shutdown")
-        if self.state == "closed":
-            self._after_disconnect()
-            return
-        if self.state != "draining":
-            return
-        if not self.open_sessions():
-            self._fire_conn("drained")
-            self._after_disconnect()
-            return
-        for s in self.open_sessions():
-            if s.inst.state in RUNNING:
-                self._due(s, ("signal", "TERM"))  # SIGTERM to the program; its end still goes out
-            elif s.inst.state != "exited":
-                s.server_closed = True  # the server closes a channel with no program
+        self._handle(core.Shutdown())
+        self._after_disconnect()
 
     def endings(self) -> dict[int, tuple[tuple[str, Any], ...]]:
         return {chan: s.ending for chan, s in self.sessions.items() if s.ending is not None and not s.closed}
 
 
+class _ConnView:
+    """The connection machine's instance as tests read it."""
+
+    def __init__(self, conn: core.ConnectionCore, counter_names: tuple[str, ...]) -> None:
+        self.core = conn
+        self.counter_names = counter_names
+
+    @property
+    def state(self) -> str:
+        return self.core.state
+
+    def counters(self) -> dict[str, int]:
+        return {c: getattr(self.core.instance, c) for c in self.counter_names}
+
+
+def _no_log(codes: tuple[str, ...], event: str, reason: str | None, remote_addr: str | None) -> None:
+    pass
+
+
+_DRIVERS: dict[str, CompiledDriver] = {}
+
+
+def _default_driver() -> CompiledDriver:
+    if "default" not in _DRIVERS:
+        _DRIVERS["default"] = CompiledDriver(FUZZ_LIMITS)
+    return _DRIVERS["default"]
+
+
 def burst_alternatives(oracle: Oracle, chan: int, reqs: list[Req], tail: str | None) -> list[Oracle]:
     """Every way the server may interleave a burst (``reqs`` on channel ``chan``, then
     ``tail``: eof, close, disconnect, drop or None) with what it does asynchronously:
-    the packets arrive in order; a pending start's verdict, its answer, and the
-    deferred effect of the tail (asyncssh cleans up a closed channel or connection
-    with call_soon) may come between them. Alternatives that the log and the wire
-    cannot tell apart are one."""
+    the packets arrive in order; a pending start's verdict (the core answers it at
+    once), and the deferred effect of the tail (asyncssh cleans up a closed channel
+    or connection with call_soon) may come between them. Alternatives that the log
+    and the wire cannot tell apart are one."""
     first = oracle.clone()
     if first.transport_gone or first._channel(chan) is None:
         return [first]
@@ -1275,7 +1224,7 @@ def burst_alternatives(oracle: Oracle, chan: int, reqs: list[Req], tail: str | N
         if not tail_in and arrived == len(reqs):  # read after the requests
             moves.append(("tail", arrived, True, tail_done))
         if s.pending_start is not None:
-            moves.append(("verdict" if s.verdict is None else "answer", arrived, tail_in, tail_done))
+            moves.append(("verdict", arrived, tail_in, tail_done))
         if tail_in and not tail_done and arrived == len(reqs):
             moves.append(("effect", arrived, tail_in, True))
         if s.ending and not s.closed and (o.client_dropped or (tail_in and not tail_done)):
@@ -1292,8 +1241,6 @@ def burst_alternatives(oracle: Oracle, chan: int, reqs: list[Req], tail: str | N
                 new.arrive(ns, reqs[arrived])
             elif move == "verdict":
                 new.resolve_start(ns)
-            elif move == "answer":
-                new.finish_start(ns)
             elif move == "tail":
                 _tail_arrives(new, ns, tail)
             elif move.startswith("end"):
@@ -1321,6 +1268,7 @@ def _tail_effect(o: Oracle, s: SessionModel, tail: str | None) -> None:
         o._session_close(s)
     elif tail in ("disconnect", "drop"):
         o.connection_lost("lost")
+
 
 
 # --- what the fuzzers send -----------------------------------------------------------------------

@@ -85,7 +85,7 @@ def test_shutdown_while_starting_stops_without_listening(tmp_path: Path) -> None
         port = server.sock.getsockname()[1]
         await server.shutdown()
         await starting
-        return server.state.state, port
+        return server.core.state, port
 
     state, port = asyncio.run(main())
     assert state == "stopped"

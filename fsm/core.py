@@ -1,0 +1,1231 @@
+"""The sans-I/O core: every protocol decision of one server, events in, actions out.
+
+The models are h11's `Connection`, h2's `H2Connection` and aioquic's
+`QuicConnection`: no sockets, no asyncio, no clock of its own. An adapter turns
+what happens (a packet's meaning, a handler's verdict, a program's end, a timer)
+into an event, calls `ConnectionCore.handle(event)`, and carries out the actions
+it gets back, in order. What may happen when is decided here and in the spec
+tables, nowhere else:
+
+* the connection machine and one session machine per channel, composed: a
+  connection that ends closes its channels first; a draining connection
+  disconnects when its last channel closes; the server machine is told when
+  a connection stops counting as a startup;
+* the per-channel request queue: requests are decided one at a time, in
+  arrival order, and answered in that order; beyond ``maxQueuedRequests``
+  a request is refused at arrival and answered in its turn;
+* what a handler's verdict means, checked where it enters: anything but
+  ``"ok"``, ``"bad"`` or ``"unavailable"`` is a handler error, never an event;
+* the keepalive timer (`get_timer` / `handle_timer`).
+
+The seam is typed: the events the core fires and the replies it carries out
+are the enums below, and `Machines` refuses specs whose alphabets differ from
+them (`SeamError`, naming the event or reply). An ``impossible`` pair (the
+spec says the core never fires it there) fails closed: SSH_SPEC_VIOLATION names
+machine, state and event, and the connection ends as a protocol error (a
+channel's violation closes the channel).
+
+Log records leave through the `LogSink` the adapter gives: the codes of each
+step and what the step was about; the sink adds who the connection is.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from sshspec.fsm.machine import Machine, Step
+from sshspec.fsm.spec import LoadedSpec, load_spec
+
+# --- the seam: the alphabets the core speaks --------------------------------------------------
+
+
+class ServerEvent(enum.StrEnum):
+    start = "start"
+    reuse_failed = "reuse_failed"
+    bind_failed = "bind_failed"
+    listening = "listening"
+    accept = "accept"
+    startup_done = "startup_done"
+    shutdown = "shutdown"
+    close_failed = "close_failed"
+    drained = "drained"
+    deadline = "deadline"
+
+
+class ServerReply(enum.StrEnum):
+    admit = "admit"
+    refuse_connection = "refuse_connection"
+    stop_listening = "stop_listening"
+    close_all = "close_all"
+
+
+class ConnectionEvent(enum.StrEnum):
+    connected = "connected"
+    auth_begin = "auth_begin"
+    none_auth = "none_auth"
+    password = "password"
+    publickey_query = "publickey_query"
+    publickey = "publickey"
+    kbdint_begin = "kbdint_begin"
+    kbdint_response = "kbdint_response"
+    other_method = "other_method"
+    auth_ok = "auth_ok"
+    auth_bad = "auth_bad"
+    auth_unavailable = "auth_unavailable"
+    challenge = "challenge"
+    backend_accepted = "backend_accepted"
+    backend_rejected = "backend_rejected"
+    global_request = "global_request"
+    global_request_malformed = "global_request_malformed"
+    session_open = "session_open"
+    session_open_failed = "session_open_failed"
+    channel_open_unsupported = "channel_open_unsupported"
+    channel_open_malformed = "channel_open_malformed"
+    channel_closed = "channel_closed"
+    reply_send_failed = "reply_send_failed"
+    keepalive_due = "keepalive_due"
+    keepalive_answered = "keepalive_answered"
+    login_timeout = "login_timeout"
+    protocol_error = "protocol_error"
+    shutdown = "shutdown"
+    drained = "drained"
+    lost = "lost"
+
+
+class ConnectionReply(enum.StrEnum):
+    auth_failure = "auth_failure"
+    pk_ok = "pk_ok"
+    send_challenge = "send_challenge"
+    accept_user = "accept_user"
+    disconnect_auth = "disconnect_auth"
+    disconnect_protocol = "disconnect_protocol"
+    disconnect = "disconnect"
+    request_failure = "request_failure"
+    open_session = "open_session"
+    reject_channel = "reject_channel"
+    reject_channel_type = "reject_channel_type"
+    send_keepalive = "send_keepalive"
+
+
+class SessionEvent(enum.StrEnum):
+    env = "env"
+    pty_req = "pty_req"
+    window_change = "window_change"
+    signal = "signal"
+    shell = "shell"
+    exec = "exec"
+    subsystem = "subsystem"
+    not_implemented = "not_implemented"
+    unknown_request = "unknown_request"
+    malformed_request = "malformed_request"
+    request_overflow = "request_overflow"
+    request_ok = "request_ok"
+    request_failed = "request_failed"
+    client_eof = "client_eof"
+    program_exited = "program_exited"
+    program_killed = "program_killed"
+    exit_send_failed = "exit_send_failed"
+    reply_send_failed = "reply_send_failed"
+    close = "close"
+
+
+class SessionReply(enum.StrEnum):
+    success = "success"
+    failure = "failure"
+    close_stdin = "close_stdin"
+    send_exit_status = "send_exit_status"
+    send_exit_signal = "send_exit_signal"
+    close = "close"
+
+
+class SeamError(Exception):
+    """A spec the core cannot carry out: its alphabet and the core's differ."""
+
+
+def check_seam(loaded: LoadedSpec, events: type[enum.StrEnum], replies: type[enum.StrEnum]) -> None:
+    """Every reply the spec names has exactly one executor here and there is none
+    for a reply the spec lacks; likewise every event the core fires."""
+    problems = []
+    for what, spec_names, ours in (
+        ("event", loaded.spec.events, events),
+        ("reply", loaded.spec.replies, replies),
+    ):
+        for name in sorted(set(spec_names) - {m.value for m in ours}):
+            problems.append(f"{loaded.file}: {what} {name!r}: the core has no {what} of that name")
+        for name in sorted({m.value for m in ours} - set(spec_names)):
+            problems.append(f"{loaded.file}: {what} {name!r}: the core needs it, the spec lacks it")
+    if problems:
+        raise SeamError("\n".join(problems))
+
+
+@dataclass(frozen=True)
+class Machines:
+    """The three specs, compiled with the configured limits and checked against the core."""
+
+    server: Machine
+    connection: Machine
+    session: Machine
+    max_queued_requests: int = 32
+
+    @classmethod
+    def load(
+        cls,
+        limits: Mapping[str, int] | None = None,
+        *,
+        max_queued_requests: int = 32,
+        specs: Mapping[str, LoadedSpec] | None = None,
+    ) -> Machines:
+        loaded = {
+            name: (specs or {}).get(name) or load_spec(name) for name in ("server", "connection", "session")
+        }
+        check_seam(loaded["server"], ServerEvent, ServerReply)
+        check_seam(loaded["connection"], ConnectionEvent, ConnectionReply)
+        check_seam(loaded["session"], SessionEvent, SessionReply)
+        return cls(
+            Machine(loaded["server"], limits),
+            Machine(loaded["connection"], limits),
+            Machine(loaded["session"], limits),
+            max_queued_requests,
+        )
+
+
+class LogSink(Protocol):
+    """Where a step's codes go, with what the step was about (the adapter adds who)."""
+
+    def __call__(
+        self,
+        codes: tuple[str, ...],
+        event: str,
+        *,
+        channel_id: int | None = None,
+        request_type: str | None = None,
+        method: str | None = None,
+        reason: str | None = None,
+        exit_code: int | None = None,
+        signal: str | None = None,
+    ) -> None: ...
+
+
+ServerLogSink = Callable[
+    [tuple[str, ...], str, str | None, str | None], None
+]  # codes, event, reason, remoteAddr
+
+
+def violation_reason(machine: Machine, step: Step) -> str:
+    return f"{machine.name}: event {step.event!r} in state {step.source!r} is impossible ({step.where})"
+
+
+# --- the server --------------------------------------------------------------------------------
+
+
+class ServerCore:
+    """The listening service's machine. Its replies are returned to the adapter."""
+
+    def __init__(self, machines: Machines, log: ServerLogSink) -> None:
+        self.machine = machines.server
+        self.instance = self.machine.new()
+        self.log = log
+
+    @property
+    def state(self) -> str:
+        return str(self.instance.state)
+
+    def handle(
+        self, event: ServerEvent, *, reason: str | None = None, remote_addr: str | None = None
+    ) -> ServerReply | None:
+        step = self.machine.fire(self.instance, event)
+        if step.kind == "impossible":
+            self.log(step.codes, event, violation_reason(self.machine, step), remote_addr)
+            return None
+        if step.codes:
+            self.log(step.codes, event, reason, remote_addr)
+        return ServerReply(step.reply) if step.reply is not None else None
+
+
+# --- what happens: the events the adapter hands the connection core ---------------------------
+
+AUTH_VERDICTS = frozenset({"ok", "bad", "unavailable"})
+START_REQUESTS = frozenset({"shell", "exec", "subsystem"})
+# Channel requests by type: the ones with an event of their own, and the known
+# ones this server does not implement (SSH_NOT_IMPLEMENTED) as opposed to
+# types nobody knows (unknown_request).
+REQUEST_EVENTS: dict[str, SessionEvent] = {
+    "env": SessionEvent.env,
+    "pty-req": SessionEvent.pty_req,
+    "window-change": SessionEvent.window_change,
+    "signal": SessionEvent.signal,
+    "shell": SessionEvent.shell,
+    "exec": SessionEvent.exec,
+    "subsystem": SessionEvent.subsystem,
+}
+NOT_IMPLEMENTED = frozenset(
+    {"x11-req", "auth-agent-req@openssh.com", "break", "xon-xoff", "keepalive@openssh.com", "eow@openssh.com"}
+)
+AUTH_METHODS: dict[str, ConnectionEvent] = {
+    "password": ConnectionEvent.password,
+    "keyboard-interactive": ConnectionEvent.kbdint_begin,
+    "none": ConnectionEvent.none_auth,
+}
+
+
+class Lost(enum.StrEnum):
+    """How the transport ended."""
+
+    lost = "lost"
+    login_timeout = "login_timeout"
+    protocol_error = "protocol_error"
+
+
+@dataclass(frozen=True, slots=True)
+class Connected:
+    """The adapter took over the admitted socket."""
+
+
+@dataclass(frozen=True, slots=True)
+class KexDone:
+    count: int  # the first key exchange lets authentication begin; re-keys change nothing
+
+
+@dataclass(frozen=True, slots=True)
+class AuthRequested:
+    """A USERAUTH_REQUEST. ``signed``: publickey with a signature (None: not publickey)."""
+
+    method: str
+    signed: bool | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    """The handler's verdict on an attempt's credentials (password, kbd-int response)."""
+
+    verdict: object  # checked here: anything but ok/bad/unavailable is a handler error
+    method: str
+    reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class KeyChecked:
+    """The handler's verdict on a public key (a query, or before a signature is checked)."""
+
+    verdict: object
+    reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AuthAnswered:
+    """The SSH layer is about to answer an auth request: success, failure, or
+    superseded (a newer request came first; the old one gets no answer)."""
+
+    outcome: str
+    method: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class KbdintChallenge:
+    """Whether the handler offers keyboard-interactive for this user."""
+
+    supported: object
+    reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class KbdintResponse:
+    """USERAUTH_INFO_RESPONSE to our challenge."""
+
+
+@dataclass(frozen=True, slots=True)
+class UserVerdict:
+    """The backend's verdict on the authenticated user."""
+
+    accepted: object
+    method: str
+    reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AuthCompleted:
+    """The SSH layer finished authentication (USERAUTH_SUCCESS went out)."""
+
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
+class GlobalRequest:
+    name: str
+    malformed: str | None = None
+    overflow: bool = False  # beyond the SSH layer's queue bound: refused at arrival
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelOpen:
+    kind: str
+    malformed: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SessionOpenFailed:
+    channel: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelRequest:
+    """A CHANNEL_REQUEST, decoded by the adapter (``payload``) or not (``malformed``)."""
+
+    channel: int
+    name: str
+    want_reply: bool
+    payload: object = None
+    malformed: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RequestDone:
+    """The backend decided the request the core asked it about."""
+
+    channel: int
+    ok: bool
+    reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class IoStarted:
+    """The program's I/O flows (the answer to `ProgramStarted`)."""
+
+    channel: int
+
+
+@dataclass(frozen=True, slots=True)
+class ClientEof:
+    channel: int
+
+
+@dataclass(frozen=True, slots=True)
+class ProgramEnded:
+    channel: int
+    exit_code: int | None
+    signal: str | None = None
+    core_dumped: bool = False
+    reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ExitSendFailed:
+    channel: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelReplied:
+    """How a `ChannelReply` went: sent (``problem`` None), or why it could not be."""
+
+    channel: int
+    problem: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class GlobalReplyFailed:
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelClosed:
+    channel: int
+    reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class KeepaliveResult:
+    answered: bool
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
+class Shutdown:
+    """The server is shutting down."""
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionLost:
+    how: Lost
+    reason: str
+
+
+Event = (
+    Connected
+    | KexDone
+    | AuthRequested
+    | Credentials
+    | KeyChecked
+    | AuthAnswered
+    | KbdintChallenge
+    | KbdintResponse
+    | UserVerdict
+    | AuthCompleted
+    | GlobalRequest
+    | ChannelOpen
+    | SessionOpenFailed
+    | ChannelRequest
+    | RequestDone
+    | IoStarted
+    | ClientEof
+    | ProgramEnded
+    | ExitSendFailed
+    | ChannelReplied
+    | GlobalReplyFailed
+    | ChannelClosed
+    | KeepaliveResult
+    | Shutdown
+    | ConnectionLost
+)
+
+# --- what to do: the actions the adapter carries out ------------------------------------------
+
+# RFC 4253 11.1 / RFC 4254 5.1 reason codes: protocol facts, not I/O.
+DISCONNECT_PROTOCOL_ERROR, DISCONNECT_BY_APPLICATION, DISCONNECT_NO_MORE_AUTH_METHODS = 2, 11, 14
+OPEN_ADMINISTRATIVELY_PROHIBITED, OPEN_CONNECT_FAILED, OPEN_UNKNOWN_CHANNEL_TYPE = 1, 2, 3
+
+
+@dataclass(frozen=True, slots=True)
+class Disconnect:
+    code: int
+    description: str
+
+
+@dataclass(frozen=True, slots=True)
+class AuthAnswer:
+    """How the pending auth request is answered: success, pk_ok and a challenge
+    are `ok`; a failure is not."""
+
+    reply: ConnectionReply
+
+    @property
+    def ok(self) -> bool:
+        return self.reply is not ConnectionReply.auth_failure
+
+
+@dataclass(frozen=True, slots=True)
+class KeyAcceptable:
+    """A signed publickey attempt: whether the key may sign (the SSH layer then
+    checks the signature and answers; `AuthAnswered` follows)."""
+
+    ok: bool
+
+
+@dataclass(frozen=True, slots=True)
+class CheckCredentials:
+    """Ask the handler about the credentials of the attempt being checked; answer
+    with `Credentials`."""
+
+    method: str
+
+
+@dataclass(frozen=True, slots=True)
+class AdmitUser:
+    """Ask the backend whether the authenticated user may in; answer with `UserVerdict`."""
+
+    method: str
+
+
+@dataclass(frozen=True, slots=True)
+class GlobalReply:
+    ok: bool
+
+
+@dataclass(frozen=True, slots=True)
+class OpenSession:
+    """Make the backend's session for this channel (it fails with `SessionOpenFailed`)."""
+
+    channel: int
+
+
+@dataclass(frozen=True, slots=True)
+class RejectOpen:
+    code: int
+    description: str
+
+
+@dataclass(frozen=True, slots=True)
+class SendKeepalive:
+    timeout: float
+
+
+@dataclass(frozen=True, slots=True)
+class AskBackend:
+    """Ask the session's backend about a request; answer with `RequestDone`."""
+
+    channel: int
+    request: ChannelRequest
+
+
+@dataclass(frozen=True, slots=True)
+class StartProgram:
+    """Start the program a shell/exec/subsystem request names; answer with `RequestDone`."""
+
+    channel: int
+    request: ChannelRequest
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelReply:
+    channel: int
+    ok: bool
+    request_type: str | None  # None: an overflowed request's (not kept)
+
+
+@dataclass(frozen=True, slots=True)
+class ProgramStarted:
+    """The client has the start's SUCCESS: the program's I/O and its end may flow now.
+    Answer with `IoStarted` once it does: what the SSH layer held for the program
+    (data, the client's EOF) arrives first, before the next request is decided."""
+
+    channel: int
+
+
+@dataclass(frozen=True, slots=True)
+class CloseStdin:
+    channel: int
+
+
+@dataclass(frozen=True, slots=True)
+class SendExit:
+    """Drain the program's output, send EOF, the exit status or signal, then close."""
+
+    channel: int
+    exit_code: int | None
+    signal: str | None
+    core_dumped: bool
+
+
+@dataclass(frozen=True, slots=True)
+class EndProgram:
+    """The channel is closed (or closing): end its program if it still runs."""
+
+    channel: int
+
+
+@dataclass(frozen=True, slots=True)
+class TerminateProgram:
+    """Shutdown: ask the program to end (SIGTERM); its exit status still goes out."""
+
+    channel: int
+
+
+@dataclass(frozen=True, slots=True)
+class CloseChannel:
+    """Close a channel that runs no program (shutdown, or a channel's spec violation)."""
+
+    channel: int
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionEnded:
+    """The connection machine reached its final state: release everything."""
+
+
+Action = (
+    Disconnect
+    | AuthAnswer
+    | KeyAcceptable
+    | CheckCredentials
+    | AdmitUser
+    | GlobalReply
+    | OpenSession
+    | RejectOpen
+    | SendKeepalive
+    | AskBackend
+    | StartProgram
+    | ChannelReply
+    | ProgramStarted
+    | CloseStdin
+    | SendExit
+    | EndProgram
+    | TerminateProgram
+    | CloseChannel
+    | ConnectionEnded
+)
+
+DISCONNECTS: dict[str, Disconnect] = {
+    ConnectionReply.disconnect_auth: Disconnect(
+        DISCONNECT_NO_MORE_AUTH_METHODS, "Too many authentication failures"
+    ),
+    ConnectionReply.disconnect_protocol: Disconnect(DISCONNECT_PROTOCOL_ERROR, "Protocol error"),
+    ConnectionReply.disconnect: Disconnect(DISCONNECT_BY_APPLICATION, "Disconnected by server"),
+}
+# A channel-open refusal's RFC 4254 reason code, by the spec's reply.
+OPEN_FAILURES: dict[str, int] = {
+    ConnectionReply.reject_channel: OPEN_ADMINISTRATIVELY_PROHIBITED,
+    ConnectionReply.reject_channel_type: OPEN_UNKNOWN_CHANNEL_TYPE,
+}
+_AUTH_REPLIES = frozenset(
+    {
+        ConnectionReply.auth_failure,
+        ConnectionReply.pk_ok,
+        ConnectionReply.send_challenge,
+        ConnectionReply.accept_user,
+    }
+)
+_RUNNING = frozenset({"running", "running_pending"})
+
+
+# --- one session channel ---------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Overflow:
+    """Consecutive overflowed want-reply requests: failures owed in their turn."""
+
+    replies: int
+
+
+class Session:
+    """A session channel's machine and its request queue (the core's, not asyncssh's)."""
+
+    __slots__ = (
+        "channel",
+        "instance",
+        "queue",
+        "held",
+        "busy",
+        "replying",
+        "starting_io",
+        "started",
+        "closed",
+    )
+
+    def __init__(self, channel: int, instance: Any) -> None:
+        self.channel = channel
+        self.instance = instance
+        self.queue: deque[ChannelRequest | _Overflow] = deque()
+        self.held = 0  # requests in the queue (overflow runs not counted)
+        self.busy = False  # the head is with the backend
+        # A reply is out and the adapter has not said whether it was sent: the
+        # next request waits, so a failed send is reported before it (its request, its outcome).
+        self.replying: tuple[ChannelRequest | None, bool] | None = None
+        self.started = False  # a program started on this channel (at most once)
+        self.starting_io = False  # ProgramStarted is out, IoStarted not yet back: the queue waits
+        self.closed = False
+
+    @property
+    def state(self) -> str:
+        return str(self.instance.state)
+
+
+# --- one connection ----------------------------------------------------------------------------
+
+
+class ConnectionCore:
+    """One SSH connection: the connection machine, its sessions, their queues, its timer."""
+
+    def __init__(
+        self, machines: Machines, server: ServerCore, log: LogSink, *, keepalive_interval: float = 0.0
+    ) -> None:
+        self.machines = machines
+        self.machine = machines.connection
+        self.instance = self.machine.new()
+        self.server = server
+        self.log = log
+        self.keepalive_interval = keepalive_interval
+        self.sessions: dict[int, Session] = {}  # the open session channels
+        # Every session with something left to do: the open ones, and closed ones
+        # whose queued requests still get their (failed) turns.
+        self.channels: dict[int, Session] = {}
+        self.next_channel = 0
+        self.startup = True  # counts against the server's maxStartups until auth or close
+        self.lost = False  # the transport is gone: nothing can be sent any more
+        self.signed_verdict: str | None = None  # a signed key's verdict, until its signature is checked
+        self.keepalive_at: float | None = None
+        self.out: list[Action] = []
+
+    @property
+    def state(self) -> str:
+        return str(self.instance.state)
+
+    # -- the interface: events in, actions out; the timer
+
+    def handle(self, event: Event) -> list[Action]:
+        self.out = []
+        _HANDLERS[type(event)](self, event)
+        return self.out
+
+    def get_timer(self) -> float | None:
+        return self.keepalive_at
+
+    def handle_timer(self, now: float) -> list[Action]:
+        self.out = []
+        if self.keepalive_at is not None and now >= self.keepalive_at:
+            self.keepalive_at = None
+            step = self._fire(ConnectionEvent.keepalive_due)
+            if step.reply == ConnectionReply.send_keepalive:
+                self.out.append(SendKeepalive(self.keepalive_interval))
+        return self.out
+
+    # -- firing
+
+    def _fire(
+        self,
+        event: ConnectionEvent,
+        *,
+        reason: str | None = None,
+        method: str | None = None,
+        channel_id: int | None = None,
+        request_type: str | None = None,
+    ) -> Step:
+        step = self.machine.fire(self.instance, event)
+        if step.kind == "impossible":
+            self.log(
+                step.codes,
+                event,
+                reason=violation_reason(self.machine, step),
+                channel_id=channel_id,
+                request_type=request_type,
+                method=method,
+            )
+            if event is not ConnectionEvent.protocol_error and self.state != "closed":
+                # Fail closed: the connection ends as a protocol error.
+                return self._fire(ConnectionEvent.protocol_error, reason=f"spec violation: {event}")
+            return step
+        closing = step.target == "closed" and step.source != "closed"
+        if closing and self.sessions:
+            # The connection ends: its channels end first, so SSH_DISCONNECTED
+            # stays the connection's last record.
+            for session in list(self.sessions.values()):
+                self._close_session(session, None)
+        if step.codes:
+            self.log(
+                step.codes,
+                event,
+                reason=reason,
+                method=method,
+                channel_id=channel_id,
+                request_type=request_type,
+            )
+        if step.reply is not None:
+            disconnect = DISCONNECTS.get(step.reply)
+            if disconnect is not None:
+                if not self.lost:
+                    self.out.append(Disconnect(disconnect.code, reason or disconnect.description))
+            elif step.reply in _AUTH_REPLIES:
+                self.out.append(AuthAnswer(ConnectionReply(step.reply)))
+        if closing:
+            self.keepalive_at = None
+            self._startup_done()
+            self.out.append(ConnectionEnded())
+        return step
+
+    def _startup_done(self) -> None:
+        if self.startup:
+            self.startup = False
+            self.server.handle(ServerEvent.startup_done)
+
+    def _fire_session(
+        self,
+        session: Session,
+        event: SessionEvent,
+        *,
+        reason: str | None = None,
+        request_type: str | None = None,
+        exit_code: int | None = None,
+        signal: str | None = None,
+    ) -> Step:
+        step = self.machines.session.fire(session.instance, event)
+        channel = session.channel
+        if step.kind == "impossible":
+            self.log(
+                step.codes,
+                event,
+                reason=violation_reason(self.machines.session, step),
+                channel_id=channel,
+                request_type=request_type,
+            )
+            if not session.closed:  # fail closed: the channel ends
+                self.out.append(CloseChannel(channel))
+            return step
+        if step.codes:
+            self.log(
+                step.codes,
+                event,
+                channel_id=channel,
+                request_type=request_type,
+                reason=reason,
+                exit_code=exit_code,
+                signal=signal,
+            )
+        return step
+
+    # -- the connection's events
+
+    def _connected(self, event: Connected) -> None:
+        self._fire(ConnectionEvent.connected)
+
+    def _kex_done(self, event: KexDone) -> None:
+        if event.count == 1:
+            self._fire(ConnectionEvent.auth_begin)
+
+    def _auth_requested(self, event: AuthRequested) -> None:
+        self.signed_verdict = None  # a new request abandons the one in progress
+        if event.method == "publickey" and event.signed is not None:
+            name = ConnectionEvent.publickey if event.signed else ConnectionEvent.publickey_query
+        else:
+            name = AUTH_METHODS.get(event.method, ConnectionEvent.other_method)
+        self._fire(name, method=event.method)
+
+    def _verdict_event(
+        self, verdict: object, what: str, reason: str | None
+    ) -> tuple[ConnectionEvent, str | None]:
+        if isinstance(verdict, str) and verdict in AUTH_VERDICTS:
+            return ConnectionEvent(f"auth_{verdict}"), reason
+        return ConnectionEvent.auth_unavailable, reason or (
+            f"handler error: {what} returned {verdict!r}, not 'ok', 'bad' or 'unavailable'"
+        )
+
+    def _credentials(self, event: Credentials) -> None:
+        name, reason = self._verdict_event(event.verdict, "check_password", event.reason)
+        self._attempt_verdict(name, event.method, reason)
+
+    def _attempt_verdict(self, name: ConnectionEvent, method: str, reason: str | None) -> None:
+        step = self._fire(name, method=method, reason=reason)
+        if step.target == "authenticated" and step.source != "authenticated":
+            self.out.append(AdmitUser(method))
+
+    def _user_verdict(self, event: UserVerdict) -> None:
+        accepted, reason = event.accepted, event.reason
+        if not isinstance(accepted, bool):
+            accepted, reason = (
+                False,
+                reason or f"handler error: accept_user returned {accepted!r}, not a bool",
+            )
+        name = ConnectionEvent.backend_accepted if accepted else ConnectionEvent.backend_rejected
+        self._fire(name, method=event.method, reason=reason)
+
+    def _key_checked(self, event: KeyChecked) -> None:
+        name, reason = self._verdict_event(event.verdict, "check_publickey", event.reason)
+        if self.state == "querying":
+            self._fire(name, method="publickey", reason=reason)
+        elif self.state == "checking":
+            # The signature is checked after the key: the attempt's verdict is
+            # fired when the SSH layer answers (AuthAnswered).
+            self.signed_verdict = name
+            self.out.append(KeyAcceptable(name == ConnectionEvent.auth_ok))
+        else:
+            self._fire(name, method="publickey", reason=reason)  # the connection moved on
+
+    def _auth_answered(self, event: AuthAnswered) -> None:
+        if self.state not in ("checking", "querying"):
+            return  # the answer to a request the machine already settled
+        verdict, self.signed_verdict = self.signed_verdict, None
+        if verdict is not None:
+            if event.outcome == "success":
+                self._attempt_verdict(ConnectionEvent(verdict), "publickey", None)
+            elif verdict == ConnectionEvent.auth_ok:
+                self._fire(ConnectionEvent.auth_bad, method=event.method, reason="bad signature")
+            else:
+                self._fire(ConnectionEvent(verdict), method=event.method)
+        elif event.outcome == "failure":
+            # The SSH layer answered without asking a handler (an undecodable key).
+            self._fire(ConnectionEvent.auth_bad, method=event.method, reason="rejected by the SSH layer")
+
+    def _kbdint_challenge(self, event: KbdintChallenge) -> None:
+        if self.state != "checking":
+            return  # no attempt is being checked: nothing to challenge
+        supported, reason = event.supported, event.reason
+        if not isinstance(supported, bool):
+            supported, reason = False, reason or f"handler error: kbdint_supported returned {supported!r}"
+        self._fire(
+            ConnectionEvent.challenge if supported else ConnectionEvent.auth_unavailable,
+            method="keyboard-interactive",
+            reason=reason,
+        )
+
+    def _kbdint_response(self, event: KbdintResponse) -> None:
+        step = self._fire(ConnectionEvent.kbdint_response, method="keyboard-interactive")
+        if step.target == "checking":
+            self.out.append(CheckCredentials("keyboard-interactive"))
+
+    def _auth_completed(self, event: AuthCompleted) -> None:
+        self._startup_done()
+        if self.keepalive_interval > 0:
+            self.keepalive_at = event.now + self.keepalive_interval
+
+    def _keepalive_result(self, event: KeepaliveResult) -> None:
+        if event.answered:
+            self._fire(ConnectionEvent.keepalive_answered)
+        if self.state in ("established", "draining"):
+            self.keepalive_at = event.now + self.keepalive_interval
+
+    def _global_request(self, event: GlobalRequest) -> None:
+        if event.malformed is not None:
+            self._fire(
+                ConnectionEvent.global_request_malformed, request_type=event.name, reason=event.malformed
+            )
+        else:
+            self._fire(
+                ConnectionEvent.global_request,
+                request_type=event.name,
+                reason="too many pending global requests" if event.overflow else None,
+            )
+        if not event.overflow:  # (an overflowed one is answered by the SSH layer's queue, in its turn)
+            # No global request is served yet: whatever the step, the answer is a failure.
+            self.out.append(GlobalReply(False))
+
+    def _channel_open(self, event: ChannelOpen) -> None:
+        if event.malformed is not None:
+            step = self._fire(
+                ConnectionEvent.channel_open_malformed, request_type=event.kind, reason=event.malformed
+            )
+            text = "Malformed channel open"
+        elif event.kind != "session":
+            step = self._fire(ConnectionEvent.channel_open_unsupported, request_type=event.kind)
+            text = f"Unsupported channel type {event.kind!r}"
+        else:
+            channel = self.next_channel
+            self.next_channel += 1
+            step = self._fire(ConnectionEvent.session_open, channel_id=channel, request_type="session")
+            if step.reply == ConnectionReply.open_session:
+                self.sessions[channel] = self.channels[channel] = Session(
+                    channel, self.machines.session.new()
+                )
+                self.out.append(OpenSession(channel))
+                return
+            text = "Session refused"
+        self._reject_open(step, text)
+
+    def _reject_open(self, step: Step, text: str) -> None:
+        # Whatever the spec said, nothing opens: a refusal it did not name still refuses.
+        self.out.append(RejectOpen(OPEN_FAILURES.get(step.reply or "", OPEN_CONNECT_FAILED), text))
+
+    def _session_open_failed(self, event: SessionOpenFailed) -> None:
+        self.sessions.pop(event.channel, None)
+        self.channels.pop(event.channel, None)
+        step = self._fire(ConnectionEvent.session_open_failed, channel_id=event.channel, reason=event.reason)
+        self._reject_open(step, "Session refused by backend")
+
+    def _global_reply_failed(self, event: GlobalReplyFailed) -> None:
+        self._fire(ConnectionEvent.reply_send_failed, reason=event.reason)
+
+    def _shutdown(self, event: Shutdown) -> None:
+        step = self._fire(ConnectionEvent.shutdown, reason="server shutdown")
+        if step.target != "draining" or step.source == "draining":
+            return
+        if not self.sessions:
+            self._fire(ConnectionEvent.drained, reason="server shutdown")
+            return
+        for session in list(self.sessions.values()):
+            if session.state in _RUNNING:
+                self.out.append(TerminateProgram(session.channel))
+            elif session.state != "exited":
+                self.out.append(CloseChannel(session.channel))
+
+    def _connection_lost(self, event: ConnectionLost) -> None:
+        if self.lost:
+            return
+        self.lost = True
+        for session in list(self.sessions.values()):
+            self._close_session(session, event.reason)
+        how = event.how
+        if how is Lost.login_timeout and self.state in ("established", "draining"):
+            how = Lost.lost  # the login timer fired as authentication went through
+        self._fire(ConnectionEvent(how.value), reason=event.reason)
+
+    # -- the sessions' events
+
+    def _channel_request(self, event: ChannelRequest) -> None:
+        session = self.sessions.get(event.channel)
+        if session is None:
+            return  # the channel is closed: the SSH layer refuses what follows a close
+        if session.held >= self.machines.max_queued_requests:
+            # Not kept: refused now, its failure owed in its turn (memory stays bounded).
+            self._fire_session(
+                session,
+                SessionEvent.request_overflow,
+                request_type=event.name,
+                reason="too many pending requests",
+            )
+            if event.want_reply:
+                tail = session.queue[-1] if session.queue else None
+                if isinstance(tail, _Overflow):
+                    tail.replies += 1
+                else:
+                    session.queue.append(_Overflow(1))
+            return
+        session.queue.append(event)
+        session.held += 1
+        self._pump(session)
+
+    def _pump(self, session: Session) -> None:
+        while session.queue and not session.busy and session.replying is None and not session.starting_io:
+            head = session.queue[0]
+            if isinstance(head, _Overflow):
+                head.replies -= 1
+                if not head.replies:
+                    session.queue.popleft()
+                session.replying = (None, False)
+                self.out.append(ChannelReply(session.channel, False, None))
+                return
+            session.busy = True
+            self._decide(session, head)
+        if (
+            session.closed
+            and not session.queue
+            and not session.busy
+            and session.replying is None
+            and not session.starting_io
+        ):
+            self.channels.pop(session.channel, None)
+
+    def _decide(self, session: Session, req: ChannelRequest) -> None:
+        name = req.name
+        if req.malformed is not None:
+            step = self._fire_session(
+                session, SessionEvent.malformed_request, request_type=name, reason=req.malformed
+            )
+        else:
+            event = REQUEST_EVENTS.get(name)
+            if event is None:
+                event = (
+                    SessionEvent.not_implemented if name in NOT_IMPLEMENTED else SessionEvent.unknown_request
+                )
+            step = self._fire_session(session, event, request_type=name)
+            if step.kind == "transition" and step.reply is None and step.target != step.source:
+                # The spec hands the request to the backend.
+                self.out.append(
+                    StartProgram(session.channel, req)
+                    if name in START_REQUESTS
+                    else AskBackend(session.channel, req)
+                )
+                return
+        self._finish(session, req, step.reply == SessionReply.success)
+
+    def _request_done(self, event: RequestDone) -> None:
+        session = self.channels.get(event.channel)
+        if session is None or not session.busy:
+            return
+        req = session.queue[0]
+        assert isinstance(req, ChannelRequest)
+        step = self._fire_session(
+            session,
+            SessionEvent.request_ok if event.ok else SessionEvent.request_failed,
+            request_type=req.name,
+            reason=event.reason,
+        )
+        if session.closed and event.ok and req.name in START_REQUESTS:
+            # The channel closed while the program was starting: the close's
+            # "end the program" could not reach a program that did not exist yet.
+            self.out.append(EndProgram(session.channel))
+        self._finish(session, req, step.reply == SessionReply.success)
+        self._pump(session)
+
+    def _finish(self, session: Session, req: ChannelRequest, ok: bool) -> None:
+        session.queue.popleft()
+        session.held -= 1
+        session.busy = False
+        if req.want_reply:
+            session.replying = (req, ok)
+            self.out.append(ChannelReply(session.channel, ok, req.name))
+            return  # the rest when the adapter says how the send went (ChannelReplied)
+        self._answered(session, req, ok)
+
+    def _channel_replied(self, event: ChannelReplied) -> None:
+        session = self.channels.get(event.channel)
+        if session is None or session.replying is None:
+            return
+        (req, ok), session.replying = session.replying, None
+        if event.problem is not None:
+            self._fire_session(
+                session,
+                SessionEvent.reply_send_failed,
+                reason=event.problem,
+                request_type=req.name if req is not None else None,
+            )
+        if req is not None:
+            self._answered(session, req, ok)
+        self._pump(session)
+
+    def _answered(self, session: Session, req: ChannelRequest, ok: bool) -> None:
+        if ok and req.name in START_REQUESTS and not session.started and not session.closed:
+            session.started = True
+            if session.state in _RUNNING:
+                session.starting_io = True
+                self.out.append(ProgramStarted(session.channel))
+
+    def _io_started(self, event: IoStarted) -> None:
+        session = self.channels.get(event.channel)
+        if session is not None and session.starting_io:
+            session.starting_io = False
+            self._pump(session)
+
+    def _client_eof(self, event: ClientEof) -> None:
+        session = self.sessions.get(event.channel)
+        if (
+            session is not None
+            and self._fire_session(session, SessionEvent.client_eof).reply == SessionReply.close_stdin
+        ):
+            self.out.append(CloseStdin(session.channel))
+
+    def _program_ended(self, event: ProgramEnded) -> None:
+        session = self.channels.get(event.channel)
+        if session is None:
+            return  # the channel closed and is done: its status can no longer be sent
+        if event.signal is not None:
+            step = self._fire_session(
+                session, SessionEvent.program_killed, signal=event.signal, reason=event.reason
+            )
+        else:
+            step = self._fire_session(session, SessionEvent.program_exited, exit_code=event.exit_code)
+        if step.reply in (SessionReply.send_exit_status, SessionReply.send_exit_signal):
+            self.out.append(SendExit(session.channel, event.exit_code, event.signal, event.core_dumped))
+
+    def _exit_send_failed(self, event: ExitSendFailed) -> None:
+        session = self.channels.get(event.channel)
+        if session is not None:
+            self._fire_session(session, SessionEvent.exit_send_failed, reason=event.reason)
+
+    def _channel_closed(self, event: ChannelClosed) -> None:
+        session = self.sessions.get(event.channel)
+        if session is not None:
+            self._close_session(session, event.reason)
+
+    def _close_session(self, session: Session, reason: str | None) -> None:
+        session.closed = True
+        step = self._fire_session(session, SessionEvent.close, reason=reason)
+        if step.reply == SessionReply.close:
+            self.out.append(EndProgram(session.channel))
+        del self.sessions[session.channel]
+        if not session.queue:
+            del self.channels[session.channel]
+        self._fire(ConnectionEvent.channel_closed, channel_id=session.channel)
+        if not self.sessions and self.state == "draining":
+            self._fire(ConnectionEvent.drained, reason="server shutdown")
+
+
+_HANDLERS = {
+    Connected: ConnectionCore._connected,
+    KexDone: ConnectionCore._kex_done,
+    AuthRequested: ConnectionCore._auth_requested,
+    Credentials: ConnectionCore._credentials,
+    KeyChecked: ConnectionCore._key_checked,
+    AuthAnswered: ConnectionCore._auth_answered,
+    KbdintChallenge: ConnectionCore._kbdint_challenge,
+    KbdintResponse: ConnectionCore._kbdint_response,
+    UserVerdict: ConnectionCore._user_verdict,
+    AuthCompleted: ConnectionCore._auth_completed,
+    GlobalRequest: ConnectionCore._global_request,
+    ChannelOpen: ConnectionCore._channel_open,
+    SessionOpenFailed: ConnectionCore._session_open_failed,
+    ChannelRequest: ConnectionCore._channel_request,
+    RequestDone: ConnectionCore._request_done,
+    IoStarted: ConnectionCore._io_started,
+    ClientEof: ConnectionCore._client_eof,
+    ProgramEnded: ConnectionCore._program_ended,
+    ExitSendFailed: ConnectionCore._exit_send_failed,
+    ChannelReplied: ConnectionCore._channel_replied,
+    GlobalReplyFailed: ConnectionCore._global_reply_failed,
+    ChannelClosed: ConnectionCore._channel_closed,
+    KeepaliveResult: ConnectionCore._keepalive_result,
+    Shutdown: ConnectionCore._shutdown,
+    ConnectionLost: ConnectionCore._connection_lost,
+}
