@@ -28,6 +28,8 @@ import msgspec
 import msgspec.inspect as mi
 import yaml
 
+from sshspec.fsm.yamlfile import DuplicateKeyError, read_yaml, yaml_problem
+
 from .logs import Format, Level
 from .passwords import parse_hash
 
@@ -234,34 +236,6 @@ def default_config() -> Config:
     return Config()
 
 
-class _Loader(yaml.SafeLoader):
-    """SafeLoader that refuses duplicate keys (PyYAML silently keeps the last one)."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        first_line: dict[str, int] = {}
-        for key_node, _ in node.value:
-            if isinstance(key_node, yaml.ScalarNode):
-                if key_node.value in first_line:
-                    raise yaml.constructor.ConstructorError(
-                        None,
-                        None,
-                        f"duplicate key `{key_node.value}` (first on line {first_line[key_node.value] + 1})",
-                        key_node.start_mark,
-                    )
-                first_line[key_node.value] = key_node.start_mark.line
-        return super().construct_mapping(node, deep)
-
-
-def _yaml_problem(exc: yaml.YAMLError) -> str:
-    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
-        mark = exc.problem_mark
-        problem = f"line {mark.line + 1}, column {mark.column + 1}: {exc.problem}"
-        if exc.context:
-            problem += f" ({exc.context})"
-        return problem
-    return " ".join(str(exc).split())
-
-
 def load_config(path: str | os.PathLike[str] | None) -> Config:
     """The config in the YAML file at `path`; None or an empty file: the defaults."""
     if path is None:
@@ -273,9 +247,11 @@ def load_config(path: str | os.PathLike[str] | None) -> Config:
     except OSError as exc:
         raise ConfigError(file, None, f"cannot read: {exc.strerror}") from None
     try:
-        raw = yaml.load(text, Loader=_Loader)  # _Loader is a SafeLoader
+        raw = read_yaml(text)
+    except DuplicateKeyError as exc:
+        raise ConfigError(file, exc.path, f"duplicate key `{exc.key}` ({exc.where})") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(file, None, _yaml_problem(exc)) from None
+        raise ConfigError(file, None, yaml_problem(exc)) from None
     if raw is None:
         return default_config()
     try:

@@ -1,4 +1,5 @@
-"""The spec format: YAML decoded by msgspec into typed structs, then validated.
+"""The spec format: YAML (a key twice is an error) decoded by msgspec into typed structs,
+then validated.
 
 A spec declares one lifecycle as a table. The rules for what may live in it:
 
@@ -31,8 +32,10 @@ from pathlib import Path
 from typing import Literal
 
 import msgspec
+import yaml
 
 from sshspec.codes import CATALOG, Code
+from sshspec.fsm.yamlfile import DuplicateKeyError, read_yaml, yaml_problem
 
 Names = str | list[str]
 
@@ -172,11 +175,15 @@ def load_spec(
         except OSError as exc:
             raise SpecError(file, [f"cannot read: {exc.strerror}"]) from None
     try:
-        spec = msgspec.yaml.decode(text, type=Spec)
+        data = read_yaml(text)
+    except DuplicateKeyError as exc:
+        raise SpecError(file, [f"{exc.path}: duplicate key {exc.key!r} ({exc.where})"]) from None
+    except yaml.YAMLError as exc:
+        raise SpecError(file, [f"not valid YAML: {yaml_problem(exc)}"]) from None
+    try:
+        spec = msgspec.convert(data, type=Spec)
     except msgspec.ValidationError as exc:
         raise SpecError(file, [_msgspec_path(str(exc))]) from None
-    except msgspec.DecodeError as exc:
-        raise SpecError(file, [f"not valid YAML: {exc}"]) from None
     return _Validator(spec, file, catalog).run()
 
 
