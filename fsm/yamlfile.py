@@ -12,14 +12,17 @@ No I/O: the caller reads the file.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 # The C parser when PyYAML was built with libyaml (as msgspec.yaml.decode does); the
 # constructor, and so every value, is the same Python SafeConstructor either way.
-_SafeLoader: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+if TYPE_CHECKING:
+    _SafeLoader = yaml.SafeLoader  # the stubs' CSafeLoader is no SafeLoader subclass; same API
+else:
+    _SafeLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 _MERGE = "tag:yaml.org,2002:merge"
 
@@ -44,13 +47,29 @@ class DuplicateKeyError(yaml.MarkedYAMLError):
                 f"first at line {self.first.line + 1}, column {self.first.column + 1}")
 
 
+class _Loader(_SafeLoader):
+    def construct_object(self, node: Node, deep: bool = False) -> Any:
+        # A scalar that matches a type's pattern but not its range (`2024-02-30`, a
+        # date) raises ValueError from the constructor, without a mark: give it one.
+        try:
+            return super().construct_object(node, deep)
+        except yaml.YAMLError:
+            raise
+        except (ValueError, LookupError) as exc:
+            what = "this"
+            if isinstance(node, ScalarNode):
+                what = f"{node.value!r} as {node.tag.rsplit(':', 1)[-1]}"
+            raise yaml.constructor.ConstructorError(
+                None, None, f"cannot read {what}: {exc}", node.start_mark) from None
+
+
 def read_yaml(text: bytes | str) -> Any:
     """The one YAML document in ``text`` as plain Python data (None when empty).
 
     Raises ``DuplicateKeyError`` for a key written twice in a mapping (block or flow
     style, at any depth) and another ``yaml.YAMLError`` for anything else unreadable.
     """
-    loader = _SafeLoader(text)
+    loader = _Loader(text)
     try:
         node = loader.get_single_node()
         if node is None:
@@ -61,7 +80,7 @@ def read_yaml(text: bytes | str) -> Any:
         loader.dispose()
 
 
-def _refuse_duplicates(loader: yaml.SafeLoader, root: Node) -> None:
+def _refuse_duplicates(loader: _Loader, root: Node) -> None:
     """Walk the node graph in document order; keys compare as constructed values, so
     ``emit`` and ``"emit"`` are the same key. Merge keys (``<<``) may be overridden
     by explicit ones (YAML says so) and are not compared."""

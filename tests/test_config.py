@@ -346,6 +346,14 @@ def test_same_key_in_different_mappings_is_not_a_duplicate(tmp_path: Path) -> No
     assert [u.username for u in config.auth.users] == ["a", "b"]
 
 
+def test_out_of_range_date_names_the_line(tmp_path: Path) -> None:
+    # YAML 1.1 reads an unquoted 2024-02-30 as a date; PyYAML raises ValueError without a mark.
+    message = _error(tmp_path, "ssh: {}\nstateDir: 2024-02-30\n")
+    assert message == (
+        "line 2, column 11: cannot read '2024-02-30' as timestamp: day is out of range for month"
+    )
+
+
 def test_unreadable_file(tmp_path: Path) -> None:
     path = tmp_path / "missing.yaml"
     with pytest.raises(ConfigError, match=f"^{path}: cannot read: No such file"):

@@ -121,6 +121,8 @@ def test_good_demo_spec_loads() -> None:
     (GOOD.replace("to: b, guard", "to: [b], guard"),
      "demo.yaml: transitions[0].to: Expected `str | null`, got `array`"),
     ("machine: [", "demo.yaml: not valid YAML: line 2, column 1: did not find expected node content"),
+    (GOOD.replace("doc: demo", "doc: 2024-02-30"),
+     "demo.yaml: not valid YAML: line 3, column 6: cannot read '2024-02-30' as timestamp"),
     # A key written twice: PyYAML alone would keep the last value without a word.
     (GOOD + "machine: again\n", "demo.yaml: machine: duplicate key 'machine' (at line 18, column 1; "
      "first at line 2, column 1)"),
