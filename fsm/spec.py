@@ -27,6 +27,7 @@ from __future__ import annotations
 import importlib.resources
 import re
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -89,12 +90,14 @@ class Spec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 Kind = Literal["transition", "refuse", "ignore"]
+GuardOp = Literal["<", ">="]
+EffectOp = Literal["+=", "-=", "="]
 
 
 @dataclass(frozen=True, slots=True)
 class Guard:
     counter: str
-    op: Literal["<", ">="]
+    op: GuardOp
     limit: str
 
     def __str__(self) -> str:
@@ -104,7 +107,7 @@ class Guard:
 @dataclass(frozen=True, slots=True)
 class Effect:
     counter: str
-    op: Literal["+=", "-=", "="]
+    op: EffectOp
     value: int
 
     def __str__(self) -> str:
@@ -155,6 +158,9 @@ class SpecError(Exception):
 
 _GUARD = re.compile(r"^\s*(\w+)\s*(<|>=)\s*(\w+)\s*$")
 _EFFECT = re.compile(r"^\s*(\w+)\s*(\+=|-=|=)\s*(\d+)\s*$")
+# The operators those patterns match, as their Literal types.
+_GUARD_OPS: dict[str, GuardOp] = {"<": "<", ">=": ">="}
+_EFFECT_OPS: dict[str, EffectOp] = {"+=": "+=", "-=": "-=", "=": "="}
 
 BUNDLED = ("server", "connection", "session")
 
@@ -235,7 +241,9 @@ class _Validator:
                                   guard, effects, where)
                     table.setdefault((state, event), []).append(entry)
         wildcards: list[Entry] = []
-        for kind, rules in (("refuse", spec.refuse), ("ignore", spec.ignore)):
+        rules_of_kind: tuple[tuple[Literal["refuse", "ignore"], Sequence[Refuse | Ignore]], ...] = (
+            ("refuse", spec.refuse), ("ignore", spec.ignore))
+        for kind, rules in rules_of_kind:
             for i, rule in enumerate(rules):
                 where = f"{kind}[{i}]"
                 codes = self._codes(rule.emit, f"{where}.emit") if isinstance(rule, Refuse) else ()
@@ -245,7 +253,7 @@ class _Validator:
                 wild = rule.in_ == "*" or rule.event == "*"
                 for state in states:
                     for event in events:
-                        entry = Entry(state, event, state, kind, codes, reply, None, (), where)  # type: ignore[arg-type]
+                        entry = Entry(state, event, state, kind, codes, reply, None, (), where)
                         if wild:
                             wildcards.append(entry)
                         else:
@@ -333,7 +341,7 @@ class _Validator:
             self.problems.append(f"{where}: unknown limit {limit!r}")
         self.used_counters.add(counter)
         self.used_limits.add(limit)
-        return Guard(counter, op, limit)  # type: ignore[arg-type]
+        return Guard(counter, _GUARD_OPS[op], limit)
 
     def _effects(self, effects: list[str], where: str) -> tuple[Effect, ...]:
         out = []
@@ -346,7 +354,7 @@ class _Validator:
             if counter not in self.spec.counters:
                 self.problems.append(f"{where}[{i}]: unknown counter {counter!r}")
             self.used_counters.add(counter)
-            out.append(Effect(counter, op, int(value)))  # type: ignore[arg-type]
+            out.append(Effect(counter, _EFFECT_OPS[op], int(value)))
         return tuple(out)
 
     def _check_pairs(self, table: dict[tuple[str, str], list[Entry]]) -> None:
