@@ -167,10 +167,11 @@ ServerVersion = Annotated[
 
 
 class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, rename="camel"):
-    pass
+    """The options of every section; subclasses inherit them, but each says frozen=True
+    again for mypy, which takes a dataclass-like subclass without it as not frozen."""
 
 
-class SSHConfig(_Section):
+class SSHConfig(_Section, frozen=True):
     # Loopback by default: exposing a login service must be a deliberate choice. A factory
     # so that the schema has no default: msgspec would render the tuple as an array.
     listen: Listen = msgspec.field(default_factory=lambda: Listen("127.0.0.1", 2222))
@@ -187,18 +188,18 @@ class SSHConfig(_Section):
     client_alive_count_max: Annotated[int, msgspec.Meta(ge=1)] = 3
 
 
-class User(_Section):
+class User(_Section, frozen=True):
     username: NonEmpty
     password_hash: str | None = None  # checked by passwords.parse_hash after decoding
     authorized_keys: tuple[str, ...] = ()  # authorized_keys lines, checked after decoding
 
 
-class AuthConfig(_Section):
+class AuthConfig(_Section, frozen=True):
     users: tuple[User, ...] = ()
     authorized_keys_file: str = ""
 
 
-class LimitsConfig(_Section):
+class LimitsConfig(_Section, frozen=True):
     login_timeout: Duration = _seconds(120)  # must be > 0, checked after decoding
     max_auth_tries: Annotated[int, msgspec.Meta(ge=1)] = 6
     max_sessions: Annotated[int, msgspec.Meta(ge=1)] = 10
@@ -208,13 +209,13 @@ class LimitsConfig(_Section):
     shutdown_timeout: Duration = _seconds(10)
 
 
-class BackendConfig(_Section):
+class BackendConfig(_Section, frozen=True):
     type: Literal["local"] = "local"
     env_deny: tuple[NonEmpty, ...] = ("LD_*", "DYLD_*")  # fnmatch patterns
     shell: str = ""  # empty: the user's login shell from the passwd entry, as sshd does
 
 
-class LogConfig(_Section):
+class LogConfig(_Section, frozen=True):
     level: Level = "debug"
     format: Format = "json"
     file: str = ""  # empty: stdout
@@ -223,7 +224,7 @@ class LogConfig(_Section):
     flush_interval: Duration = _seconds(0.1)
 
 
-class Config(_Section):
+class Config(_Section, frozen=True):
     ssh: SSHConfig = msgspec.field(default_factory=SSHConfig)
     auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
     limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)

@@ -261,7 +261,7 @@ class SpecSession(asyncssh.SSHServerSession[bytes]):
 
     # -- data and flow control (asyncssh's session API)
 
-    def connection_made(self, chan: asyncssh.SSHChannel[bytes]) -> None:
+    def connection_made(self, chan: asyncssh.SSHServerChannel[bytes]) -> None:
         # high-water 0: asyncssh tells us the moment anything waits for the
         # client's window, so the program pauses instead of the server buffering.
         chan.set_write_buffer_limits(high=0, low=0)
@@ -301,7 +301,8 @@ class SpecSession(asyncssh.SSHServerSession[bytes]):
         """The server is shutting down: end the program (its status still goes
         out), or close a channel that has none."""
         if self.state.state in ("running", "running_pending"):
-            self.handler.signal("TERM") or self.handler.close()
+            if not self.handler.signal("TERM"):
+                self.handler.close()
         elif self.chan is not None and self.state.state != "exited":
             self.chan.close()
 
