@@ -343,6 +343,18 @@ def test_diagram_cli_refuses_spec_file_with_duplicate_key(tmp_path: Path) -> Non
     assert "Traceback" not in done.stderr and len(done.stderr.splitlines()) == 1
 
 
+def test_mypy_path_links_each_package_dir() -> None:
+    """mypy finds `sshspec.X` through the symlink .mypy/sshspec/X (pyproject.toml says
+    why); a package added to package-dir without its link would go unchecked."""
+    import tomllib
+    package_dir = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
+    links = ROOT / ".mypy" / "sshspec"
+    assert sorted(f"sshspec.{p.name}" for p in links.iterdir()) == sorted(package_dir)
+    for package, folder in package_dir.items():
+        link = links / package.removeprefix("sshspec.")
+        assert link.is_symlink() and link.resolve() == (ROOT / folder).resolve(), package
+
+
 def test_spec_schema_file_is_current() -> None:
     from sshspec.fsm.spec import spec_schema
     assert (ROOT / "spec.schema.json").read_bytes() == spec_schema(), "run `make generated`"
