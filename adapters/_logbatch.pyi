@@ -1,7 +1,7 @@
 """Types of the C module adapters/_logbatch.c (its header comment says what each does).
 
-For the type checker only; `make lint` runs mypy's stubtest on the built module, so
-this file and the C file cannot drift apart unnoticed.
+For the type checker only; tests/test_logs.py runs mypy's stubtest on the built
+module, so this file and the C file cannot drift apart unnoticed.
 """
 
 from collections.abc import Callable
