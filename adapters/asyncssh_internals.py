@@ -48,7 +48,7 @@ import asyncssh
 from asyncssh.channel import SSHChannel
 from asyncssh.connection import SSHConnection
 from asyncssh.misc import map_handler_name
-from asyncssh.packet import PacketDecodeError, SSHPacket, SSHPacketHandler
+from asyncssh.packet import PacketDecodeError, SSHPacket, SSHPacketHandler, SSHPacketLogger
 
 __all__ = [
     "ASYNCSSH_DEFAULT",
@@ -512,7 +512,7 @@ def decode_request(req: ChannelRequest) -> DecodedRequest | None:
 # --------------------------------------------------------------------------- helpers
 
 
-def _transport_gone(conn: asyncssh.SSHServerConnection) -> bool:
+def _transport_gone(conn: SSHConnection) -> bool:
     transport = conn._transport  # REACH-IN: SSHConnection._transport (None once closing)
     return transport is None or transport.is_closing()
 
@@ -529,7 +529,7 @@ def _report_hook_error(where: str, exc: BaseException) -> None:
 RequestCallback: TypeAlias = Callable[["HookedServerChannel", ChannelRequest], None]
 
 
-_CHAN_CLOSE: Callable[..., None] = asyncssh.SSHServerChannel._packet_handlers[MSG_CHANNEL_CLOSE]
+_CHAN_CLOSE = asyncssh.SSHServerChannel._packet_handlers[MSG_CHANNEL_CLOSE]
 
 
 class HookedServerChannel(asyncssh.SSHServerChannel[bytes]):
@@ -1016,6 +1016,7 @@ def _hook_auth_answers(state: HookState) -> None:
             # everywhere else.
             conn._auth = None
 
+    # REACH-IN: instance attributes shadow asyncssh's methods; mypy's method-assign is the point.
     conn.send_userauth_failure = send_userauth_failure  # type: ignore[method-assign]
     conn.send_userauth_success = send_userauth_success  # type: ignore[method-assign]
     conn.send_userauth_packet = send_userauth_packet  # type: ignore[method-assign]
@@ -1080,9 +1081,10 @@ def install_hooks(conn: asyncssh.SSHServerConnection, hooks: ConnectionHooks, *,
     handlers[MSG_NEWKEYS] = functools.partial(_on_newkeys, state)
     handlers[MSG_SERVICE_REQUEST] = functools.partial(_on_service_request, state)
     # REACH-IN: an instance attribute shadows the class-level dispatch table.
-    conn._packet_handlers = handlers  # type: ignore[misc]
+    conn._packet_handlers = handlers
     if not per_user_config:
-        # REACH-IN: SSHServerConnection.reload_config, awaited by _finish_userauth.
+        # REACH-IN: SSHServerConnection.reload_config, awaited by _finish_userauth
+        # (shadowed on the instance: mypy's method-assign is the point).
         conn.reload_config = _no_config_reload  # type: ignore[method-assign]
     _hook_auth_answers(state)
     conn.set_extra_info(**{_STATE_KEY: state})
@@ -1178,10 +1180,12 @@ def _break_send_for_tests(
     had_override = "send_packet" in vars(conn)
     orig = conn.send_packet  # REACH-IN: SSHConnection.send_packet (every packet goes here)
     remaining = times
+    broken = pkttype
 
-    def send_packet(ptype: int, *args: bytes, handler: Any = None) -> None:
+    # asyncssh's signature, parameter names included, so it can stand in for the method.
+    def send_packet(pkttype: int, *args: bytes, handler: SSHPacketLogger | None = None) -> None:
         nonlocal remaining
-        if remaining > 0 and ptype == pkttype and (
+        if remaining > 0 and pkttype == broken and (
             prefix is None or b"".join(args)[4:].startswith(prefix)  # skip recipient channel
         ):
             remaining -= 1
@@ -1189,9 +1193,9 @@ def _break_send_for_tests(
                 raise err
             conn.connection_lost(err)
             return
-        orig(ptype, *args, handler=handler)
+        orig(pkttype, *args, handler=handler)
 
-    conn.send_packet = send_packet  # type: ignore[method-assign]
+    conn.send_packet = send_packet  # type: ignore[method-assign]  # the breakage, on this instance
 
     def undo() -> None:
         if had_override:

@@ -551,7 +551,7 @@ class LocalProcess:
         # Pty only: the last input byte, to tell whether close_stdin comes mid-line.
         self._last_input = b"\n"
 
-        if self._pty:
+        if stderr_fd is None:  # self._pty, said so that mypy knows stderr_fd below
             self._writer = _Writer(loop, stdin_fd, None, on_stdin_flow)
             self._readers = [_Reader(loop, stdout_fd, on_stdout, self._reader_done, _PTY_DRAIN_LIMIT)]
         else:

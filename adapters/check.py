@@ -285,7 +285,7 @@ def _cmd_coverage(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register `check` and `coverage` on the `sshspec` sub-command parser."""
     p = sub.add_parser("check", help="replay server logs against the specs")
     _common(p)

@@ -68,21 +68,22 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"sshspec serve: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    handler = None
+    handler: Handler | None = None
     if args.handler:
         try:
-            handler = _load_handler(args.handler)
+            loaded = _load_handler(args.handler)
         except (ImportError, AttributeError, ValueError) as exc:
             print(f"sshspec serve: --handler {args.handler}: {exc}", file=sys.stderr)
             return EXIT_USAGE
-        if not isinstance(handler, Handler):
+        if not isinstance(loaded, Handler):
             print(f"sshspec serve: --handler {args.handler}: not a sshspec Handler", file=sys.stderr)
             return EXIT_USAGE
+        handler = loaded
     workers = (os.cpu_count() or 1) if args.workers == "auto" else int(args.workers)
     if workers > 1:
         from sshspec.adapters.server import run_workers
-        return run_workers(config, handler, workers)  # type: ignore[arg-type]
-    return asyncio.run(serve_async(config, handler))  # type: ignore[arg-type]
+        return run_workers(config, handler, workers)
+    return asyncio.run(serve_async(config, handler))
 
 
 def _cmd_hash_password(args: argparse.Namespace) -> int:

@@ -28,6 +28,8 @@ import msgspec
 import msgspec.inspect as mi
 import yaml
 
+from sshspec.fsm.yamlfile import DuplicateKeyError, read_yaml, yaml_problem
+
 from .logs import Format, Level
 from .passwords import parse_hash
 
@@ -165,10 +167,11 @@ ServerVersion = Annotated[
 
 
 class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, rename="camel"):
-    pass
+    """The options of every section; subclasses inherit them, but each says frozen=True
+    again for mypy, which takes a dataclass-like subclass without it as not frozen."""
 
 
-class SSHConfig(_Section):
+class SSHConfig(_Section, frozen=True):
     # Loopback by default: exposing a login service must be a deliberate choice. A factory
     # so that the schema has no default: msgspec would render the tuple as an array.
     listen: Listen = msgspec.field(default_factory=lambda: Listen("127.0.0.1", 2222))
@@ -185,18 +188,18 @@ class SSHConfig(_Section):
     client_alive_count_max: Annotated[int, msgspec.Meta(ge=1)] = 3
 
 
-class User(_Section):
+class User(_Section, frozen=True):
     username: NonEmpty
     password_hash: str | None = None  # checked by passwords.parse_hash after decoding
     authorized_keys: tuple[str, ...] = ()  # authorized_keys lines, checked after decoding
 
 
-class AuthConfig(_Section):
+class AuthConfig(_Section, frozen=True):
     users: tuple[User, ...] = ()
     authorized_keys_file: str = ""
 
 
-class LimitsConfig(_Section):
+class LimitsConfig(_Section, frozen=True):
     login_timeout: Duration = _seconds(120)  # must be > 0, checked after decoding
     max_auth_tries: Annotated[int, msgspec.Meta(ge=1)] = 6
     max_sessions: Annotated[int, msgspec.Meta(ge=1)] = 10
@@ -206,13 +209,13 @@ class LimitsConfig(_Section):
     shutdown_timeout: Duration = _seconds(10)
 
 
-class BackendConfig(_Section):
+class BackendConfig(_Section, frozen=True):
     type: Literal["local"] = "local"
     env_deny: tuple[NonEmpty, ...] = ("LD_*", "DYLD_*")  # fnmatch patterns
     shell: str = ""  # empty: the user's login shell from the passwd entry, as sshd does
 
 
-class LogConfig(_Section):
+class LogConfig(_Section, frozen=True):
     level: Level = "debug"
     format: Format = "json"
     file: str = ""  # empty: stdout
@@ -221,7 +224,7 @@ class LogConfig(_Section):
     flush_interval: Duration = _seconds(0.1)
 
 
-class Config(_Section):
+class Config(_Section, frozen=True):
     ssh: SSHConfig = msgspec.field(default_factory=SSHConfig)
     auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
     limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
@@ -232,34 +235,6 @@ class Config(_Section):
 
 def default_config() -> Config:
     return Config()
-
-
-class _Loader(yaml.SafeLoader):
-    """SafeLoader that refuses duplicate keys (PyYAML silently keeps the last one)."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        first_line: dict[str, int] = {}
-        for key_node, _ in node.value:
-            if isinstance(key_node, yaml.ScalarNode):
-                if key_node.value in first_line:
-                    raise yaml.constructor.ConstructorError(
-                        None,
-                        None,
-                        f"duplicate key `{key_node.value}` (first on line {first_line[key_node.value] + 1})",
-                        key_node.start_mark,
-                    )
-                first_line[key_node.value] = key_node.start_mark.line
-        return super().construct_mapping(node, deep)
-
-
-def _yaml_problem(exc: yaml.YAMLError) -> str:
-    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
-        mark = exc.problem_mark
-        problem = f"line {mark.line + 1}, column {mark.column + 1}: {exc.problem}"
-        if exc.context:
-            problem += f" ({exc.context})"
-        return problem
-    return " ".join(str(exc).split())
 
 
 def load_config(path: str | os.PathLike[str] | None) -> Config:
@@ -273,9 +248,11 @@ def load_config(path: str | os.PathLike[str] | None) -> Config:
     except OSError as exc:
         raise ConfigError(file, None, f"cannot read: {exc.strerror}") from None
     try:
-        raw = yaml.load(text, Loader=_Loader)  # _Loader is a SafeLoader
+        raw = read_yaml(text)
+    except DuplicateKeyError as exc:
+        raise ConfigError(file, exc.path, f"duplicate key `{exc.key}` ({exc.where})") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(file, None, _yaml_problem(exc)) from None
+        raise ConfigError(file, None, yaml_problem(exc)) from None
     if raw is None:
         return default_config()
     try:

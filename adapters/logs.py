@@ -48,7 +48,7 @@ import msgspec
 try:  # adapters/_logbatch.c, built at install when a C compiler is there; same bytes, less CPU
     from sshspec.adapters import _logbatch as _native
 except ImportError:
-    _native = None  # type: ignore[assignment]
+    _native = None  # type: ignore[assignment]  # no C module: the Python path
 
 Level = Literal["debug", "info", "warning", "error"]
 Format = Literal["json", "text"]
@@ -321,6 +321,8 @@ class Logger:
                     prefix.encode(), micros, head, _encoder.encode(labels))
             except UnicodeEncodeError:
                 pass  # a lone surrogate somewhere: the slow path below escapes it
+        # arg-type: levels are plain str in the Logger's API; LogRecord's Literal is
+        # there to check decoded logs (sshspec check).
         record = LogRecord(f"{prefix}.{micros:06d}Z", level, code, message, labels)  # type: ignore[arg-type]
         return self._encode(record)
 

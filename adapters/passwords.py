@@ -146,9 +146,9 @@ def read_password_for_hashing(stdin: TextIO | BinaryIO) -> bytes:
             raise ValueError("passwords do not match")
         password = _to_bytes(first)
     else:
-        # Read bytes (via .buffer for sys.stdin) so a non-UTF-8 password is hashed as is.
-        raw: BinaryIO = getattr(stdin, "buffer", stdin)
-        password = raw.readline()
+        # Read bytes (via .buffer for sys.stdin) so a non-UTF-8 password is hashed as is;
+        # a text stream without a buffer (io.StringIO) gives str, encoded as typed.
+        password = _to_bytes(getattr(stdin, "buffer", stdin).readline())
         if password.endswith(b"\n"):
             password = password[:-1]
             if password.endswith(b"\r"):

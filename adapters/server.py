@@ -104,7 +104,7 @@ class SpecSession(asyncssh.SSHServerSession[bytes]):
                 malformed = exc.reason
         self.conn.handle(core.ChannelRequest(self.channel_id, name, req.want_reply, decoded, malformed))
 
-    def connection_made(self, chan: asyncssh.SSHChannel[bytes]) -> None:
+    def connection_made(self, chan: asyncssh.SSHServerChannel[bytes]) -> None:
         # high-water 0: asyncssh tells us the moment anything waits for the
         # client's window, so the program pauses instead of the server buffering.
         chan.set_write_buffer_limits(high=0, low=0)
@@ -363,7 +363,8 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
 
     def _terminate_program(self, action: core.TerminateProgram) -> None:
         handler = self.sessions[action.channel].handler
-        handler.signal("TERM") or handler.close()
+        if not handler.signal("TERM"):
+            handler.close()
 
     def _close_channel(self, action: core.CloseChannel) -> None:
         chan = self.sessions[action.channel].chan

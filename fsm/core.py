@@ -1202,7 +1202,7 @@ class ConnectionCore:
             self._fire(ConnectionEvent.drained, reason="server shutdown")
 
 
-_HANDLERS = {
+_HANDLERS: dict[type, Callable[[ConnectionCore, Any], None]] = {
     Connected: ConnectionCore._connected,
     KexDone: ConnectionCore._kex_done,
     AuthRequested: ConnectionCore._auth_requested,

@@ -23,7 +23,7 @@ def render(loaded: LoadedSpec, fmt: TextFormat) -> str:
     _, model = reference_machine(
         loaded, machine_class=GraphMachine, transitions_only=True,
         graph_engine=engine, title=loaded.name, show_state_attributes=False)
-    graph = model.get_graph()  # type: ignore[attr-defined]
+    graph = model.get_graph()  # type: ignore[attr-defined]  # GraphMachine adds it to the model
     if fmt == "dot":
         return str(graph.source)
     return _tidy_mermaid(str(graph.draw(None)), loaded)

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass
+from typing import TypeVar
 
 from sshspec.codes import CATALOG
 from sshspec.fsm.machine import Machine, edge_label
@@ -47,6 +48,8 @@ from sshspec.fsm.spec import BUNDLED, Entry
 # logged, that step's event ("" when nothing is due)).
 Config = tuple[str, tuple[int, ...], tuple[str, ...], str]
 Credits = frozenset[int]  # indexes into CodeAutomaton.transitions
+_K = TypeVar("_K")
+_V = TypeVar("_V")
 _NONE: Credits = frozenset()
 
 # The connection code that opens a session channel (its record carries the
@@ -221,7 +224,7 @@ class CodeAutomaton:
         return ", ".join(shown)
 
     @staticmethod
-    def _remember(cache: dict, key: object, value: object) -> None:  # type: ignore[type-arg]
+    def _remember(cache: dict[_K, _V], key: _K, value: _V) -> None:
         if len(cache) > 50_000:  # a pathological log; start over rather than grow unbounded
             cache.clear()
         cache[key] = value
@@ -407,8 +410,8 @@ class Replay:
         if problem is not None:
             return problem
         self.codes_seen[instance.automaton.name].add(code)
-        if instance.automaton.name == "connection" and channel_id is not None:
-            key = (connection_id, channel_id)  # type: ignore[assignment]
+        if instance.automaton.name == "connection" and connection_id is not None and channel_id is not None:
+            key = (connection_id, channel_id)
             if code == OPENS_CHANNEL:
                 if key in self.sessions:
                     return f"session ({connection_id}/{channel_id}): opened twice, saw {code}"

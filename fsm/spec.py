@@ -1,4 +1,5 @@
-"""The spec format: YAML decoded by msgspec into typed structs, then validated.
+"""The spec format: YAML (a key twice is an error) decoded by msgspec into typed structs,
+then validated.
 
 A spec declares one lifecycle as a table. The rules for what may live in it:
 
@@ -31,13 +32,16 @@ from __future__ import annotations
 import importlib.resources
 import re
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import msgspec
+import yaml
 
 from sshspec.codes import CATALOG, Code
+from sshspec.fsm.yamlfile import DuplicateKeyError, read_yaml, yaml_problem
 
 Names = str | list[str]
 
@@ -98,13 +102,15 @@ class Spec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 Kind = Literal["transition", "refuse", "ignore", "impossible"]
+GuardOp = Literal["<", ">="]
+EffectOp = Literal["+=", "-=", "="]
 SPEC_VIOLATION = "SSH_SPEC_VIOLATION"  # what an impossible pair logs when it happens
 
 
 @dataclass(frozen=True, slots=True)
 class Guard:
     counter: str
-    op: Literal["<", ">="]
+    op: GuardOp
     limit: str
 
     def __str__(self) -> str:
@@ -114,7 +120,7 @@ class Guard:
 @dataclass(frozen=True, slots=True)
 class Effect:
     counter: str
-    op: Literal["+=", "-=", "="]
+    op: EffectOp
     value: int
 
     def __str__(self) -> str:
@@ -165,6 +171,9 @@ class SpecError(Exception):
 
 _GUARD = re.compile(r"^\s*(\w+)\s*(<|>=)\s*(\w+)\s*$")
 _EFFECT = re.compile(r"^\s*(\w+)\s*(\+=|-=|=)\s*(\d+)\s*$")
+# The operators those patterns match, as their Literal types.
+_GUARD_OPS: dict[str, GuardOp] = {"<": "<", ">=": ">="}
+_EFFECT_OPS: dict[str, EffectOp] = {"+=": "+=", "-=": "-=", "=": "="}
 
 BUNDLED = ("server", "connection", "session")
 
@@ -185,11 +194,15 @@ def load_spec(
         except OSError as exc:
             raise SpecError(file, [f"cannot read: {exc.strerror}"]) from None
     try:
-        spec = msgspec.yaml.decode(text, type=Spec)
+        data = read_yaml(text)
+    except DuplicateKeyError as exc:
+        raise SpecError(file, [f"{exc.path}: duplicate key {exc.key!r} ({exc.where})"]) from None
+    except yaml.YAMLError as exc:
+        raise SpecError(file, [f"not valid YAML: {yaml_problem(exc)}"]) from None
+    try:
+        spec = msgspec.convert(data, type=Spec)
     except msgspec.ValidationError as exc:
         raise SpecError(file, [_msgspec_path(str(exc))]) from None
-    except msgspec.DecodeError as exc:
-        raise SpecError(file, [f"not valid YAML: {exc}"]) from None
     return _Validator(spec, file, catalog).run()
 
 
@@ -241,12 +254,13 @@ class _Validator:
                                   guard, effects, where)
                     table.setdefault((state, event), []).append(entry)
         wildcards: list[Entry] = []
-        rule_lists: tuple[tuple[Kind, list[Refuse] | list[Ignore] | list[Impossible]], ...] = (
+        rules_of_kind: tuple[tuple[Literal["refuse", "ignore", "impossible"],
+                                   Sequence[Refuse | Ignore | Impossible]], ...] = (
             ("refuse", spec.refuse), ("ignore", spec.ignore), ("impossible", spec.impossible))
-        for kind, rules in rule_lists:
+        for kind, rules in rules_of_kind:
             for i, rule in enumerate(rules):
                 where = f"{kind}[{i}]"
-                codes: tuple[str, ...] = ()
+                codes = ()
                 reply = None
                 if isinstance(rule, Refuse):
                     codes = self._codes(rule.emit, f"{where}.emit")
@@ -353,7 +367,7 @@ class _Validator:
             self.problems.append(f"{where}: unknown limit {limit!r}")
         self.used_counters.add(counter)
         self.used_limits.add(limit)
-        return Guard(counter, op, limit)  # type: ignore[arg-type]
+        return Guard(counter, _GUARD_OPS[op], limit)
 
     def _effects(self, effects: list[str], where: str) -> tuple[Effect, ...]:
         out = []
@@ -366,7 +380,7 @@ class _Validator:
             if counter not in self.spec.counters:
                 self.problems.append(f"{where}[{i}]: unknown counter {counter!r}")
             self.used_counters.add(counter)
-            out.append(Effect(counter, op, int(value)))  # type: ignore[arg-type]
+            out.append(Effect(counter, _EFFECT_OPS[op], int(value)))
         return tuple(out)
 
     def _check_pairs(self, table: dict[tuple[str, str], list[Entry]]) -> None:

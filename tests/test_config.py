@@ -317,7 +317,41 @@ def test_yaml_bad_indentation_names_the_line(tmp_path: Path) -> None:
 
 def test_duplicate_key_is_refused(tmp_path: Path) -> None:
     message = _error(tmp_path, "limits:\n  maxSessions: 1\nssh: {}\nlimits:\n  maxEnv: 1\n")
-    assert message == "line 4, column 1: duplicate key `limits` (first on line 1)"
+    assert message == "limits: duplicate key `limits` (at line 4, column 1; first at line 1, column 1)"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        # block style, nested
+        ("limits:\n  maxSessions: 1\n  maxEnv: 2\n  maxSessions: 3\n",
+         "limits.maxSessions: duplicate key `maxSessions` (at line 4, column 3; first at line 2, column 3)"),
+        # flow style, in a list item
+        (f"auth: {{users: [{{username: a, authorizedKeys: ['{ED25519}'], username: b}}]}}",
+         "auth.users[0].username: duplicate key `username` (at line 1, column "),
+        # block style, in a list item; a quoted key is the same key
+        (f"auth:\n  users:\n    - username: a\n    - username: b\n      authorizedKeys: ['{ED25519}']\n"
+         "      'username': c\n",
+         "auth.users[1].username: duplicate key `username` (at line 6, column 7; first at line 4, column 7)"),
+    ],
+)
+def test_duplicate_key_names_its_path(tmp_path: Path, text: str, message: str) -> None:
+    assert _error(tmp_path, text).startswith(message)
+
+
+def test_same_key_in_different_mappings_is_not_a_duplicate(tmp_path: Path) -> None:
+    key = f"authorizedKeys: ['{ED25519}']"
+    text = f"auth: {{users: [{{username: a, {key}}}, {{username: b, {key}}}]}}"
+    config = load_config(_write(tmp_path, text))
+    assert [u.username for u in config.auth.users] == ["a", "b"]
+
+
+def test_out_of_range_date_names_the_line(tmp_path: Path) -> None:
+    # YAML 1.1 reads an unquoted 2024-02-30 as a date; PyYAML raises ValueError without a mark.
+    message = _error(tmp_path, "ssh: {}\nstateDir: 2024-02-30\n")
+    assert message == (
+        "line 2, column 11: cannot read '2024-02-30' as timestamp: day is out of range for month"
+    )
 
 
 def test_unreadable_file(tmp_path: Path) -> None:

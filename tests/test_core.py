@@ -120,12 +120,51 @@ def test_good_demo_spec_loads() -> None:
      "demo.yaml: Object contains unknown field `surprise`"),
     (GOOD.replace("to: b, guard", "to: [b], guard"),
      "demo.yaml: transitions[0].to: Expected `str | null`, got `array`"),
-    ("machine: [", "demo.yaml: not valid YAML"),
+    ("machine: [", "demo.yaml: not valid YAML: line 2, column 1: did not find expected node content"),
+    (GOOD.replace("doc: demo", "doc: 2024-02-30"),
+     "demo.yaml: not valid YAML: line 3, column 6: cannot read '2024-02-30' as timestamp"),
+    # A key written twice: PyYAML alone would keep the last value without a word.
+    (GOOD + "machine: again\n", "demo.yaml: machine: duplicate key 'machine' (at line 18, column 1; "
+     "first at line 2, column 1)"),
+    (GOOD.replace("emit: [SSH_AUTH_FAILED]}", "emit: [SSH_AUTH_FAILED], emit: [SSH_CONNECTED]}"),
+     "demo.yaml: transitions[1].emit: duplicate key 'emit' (at line 13, column 68; "
+     "first at line 13, column 43)"),
+    (GOOD.replace("{from: b, event: go, to: a}", '{from: b, event: go, to: a, "to": c}'),
+     "demo.yaml: transitions[3].to: duplicate key 'to'"),
+    (GOOD.replace("states: {a: A, b: B, c: C}", "states: {a: A, b: B, c: C, b: Again}"),
+     "demo.yaml: states.b: duplicate key 'b'"),
+    (GOOD.replace("{max: {default: 2}}", "{max: {default: 2, doc: x, default: 3}}"),
+     "demo.yaml: limits.max.default: duplicate key 'default'"),
 ])
 def test_broken_specs_are_refused_naming_file_and_path(broken: str, message: str) -> None:
     with pytest.raises(SpecError) as info:
         _load(broken)
     assert message in str(info.value), str(info.value)
+    assert len(info.value.problems) >= 1 and all("\n" not in p for p in info.value.problems)
+
+
+# GOOD's last transition in block style, the way the bundled specs write long rows.
+BLOCK_ROW = """\
+  - from: b
+    event: go
+    to: a
+    doc: back
+"""
+
+
+def test_block_style_rows_load_like_flow_style_rows() -> None:
+    block = load_spec("demo.yaml", text=GOOD.replace("  - {from: b, event: go, to: a}\n", BLOCK_ROW).encode())
+    flow = load_spec("demo.yaml", text=GOOD.encode())
+    assert [(e.source, e.event, e.target) for es in block.table.values() for e in es] == \
+        [(e.source, e.event, e.target) for es in flow.table.values() for e in es]
+
+
+def test_duplicate_key_in_a_block_style_row_is_refused() -> None:
+    row = BLOCK_ROW.replace("    doc: back\n", "    doc: back\n    to: c\n")
+    with pytest.raises(SpecError) as info:
+        _load(GOOD.replace("  - {from: b, event: go, to: a}\n", row))
+    assert str(info.value) == ("demo.yaml: transitions[3].to: duplicate key 'to' "
+                               "(at line 19, column 5; first at line 17, column 5)")
 
 
 def test_bundled_spec_broken_on_disk_is_named(tmp_path: Path) -> None:
@@ -295,6 +334,28 @@ def test_diagram_cli_refuses_broken_spec_file(tmp_path: Path) -> None:
     assert done.returncode == 2
     assert f"{path}: transitions[0].emit[0]: unknown code 'SSH_NOPE'" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_diagram_cli_refuses_spec_file_with_duplicate_key(tmp_path: Path) -> None:
+    path = tmp_path / "dup.yaml"
+    path.write_text(GOOD.replace("{from: b, event: go, to: a}", "{from: b, event: go, to: a, to: c}"))
+    done = subprocess.run([sys.executable, "-m", "sshspec.adapters.cli", "diagram", str(path)],
+                          capture_output=True, text=True)
+    assert done.returncode == 2
+    assert done.stderr.startswith(f"sshspec diagram: {path}: transitions[3].to: duplicate key 'to' (at line ")
+    assert "Traceback" not in done.stderr and len(done.stderr.splitlines()) == 1
+
+
+def test_mypy_path_links_each_package_dir() -> None:
+    """mypy finds `sshspec.X` through the symlink .mypy/sshspec/X (pyproject.toml says
+    why); a package added to package-dir without its link would go unchecked."""
+    import tomllib
+    package_dir = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
+    links = ROOT / ".mypy" / "sshspec"
+    assert sorted(f"sshspec.{p.name}" for p in links.iterdir()) == sorted(package_dir)
+    for package, folder in package_dir.items():
+        link = links / package.removeprefix("sshspec.")
+        assert link.is_symlink() and link.resolve() == (ROOT / folder).resolve(), package
 
 
 def test_spec_schema_file_is_current() -> None:

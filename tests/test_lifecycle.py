@@ -39,12 +39,14 @@ def test_unknown_config_key_stops_startup_with_status_2(tmp_path: Path) -> None:
     ("log:\n  level: loud\n", "log.level"),
     ("ssh:\n  listen: 127.0.0.1:99999\n", "ssh.listen"),
     ("backend:\n  shell: sh\n", "backend.shell"),
+    ("limits:\n  maxAuthTries: 2\n  maxAuthTries: 3\n", "limits.maxAuthTries: duplicate key"),
 ])
 def test_wrong_values_name_the_key(tmp_path: Path, yaml: str, key: str) -> None:
     config = tmp_path / "bad.yaml"
     config.write_text(yaml)
     done = run_sshspec("serve", "--config", str(config))
     assert done.returncode == 2 and f"{config}: {key}" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
 
 
 def test_port_in_use_is_start_failed_with_status_1(tmp_path: Path) -> None:

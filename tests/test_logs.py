@@ -7,7 +7,10 @@ import calendar
 import contextlib
 import io
 import json
+import os
 import re
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -259,6 +262,18 @@ def _python_only(python_only: bool = True) -> Iterator[None]:
 def test_the_c_log_encoder_is_built() -> None:
     assert logs._native is not None, (
         "adapters/_logbatch.c was not compiled: it needs a C compiler and Python.h (make test installs them)")
+
+
+def test_the_c_module_stub_says_what_the_built_module_has(tmp_path: Path) -> None:
+    """adapters/_logbatch.pyi is what mypy (make lint) knows of the C module: mypy's
+    stubtest compares it with the module built from adapters/_logbatch.c."""
+    if logs._native is None:
+        pytest.skip("adapters/_logbatch.c was not built (test_the_c_log_encoder_is_built says why)")
+    mypy_path = Path(__file__).resolve().parent.parent / ".mypy"
+    done = subprocess.run([sys.executable, "-m", "mypy.stubtest", "sshspec.adapters._logbatch"],
+                          env={**os.environ, "MYPYPATH": str(mypy_path)}, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
 
 
 _times = st.builds(  # around a second boundary, and the fraction's edges (0 and 999999 us)

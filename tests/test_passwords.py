@@ -89,6 +89,10 @@ def test_read_password_from_a_binary_stream_without_newline() -> None:
     assert read_password_for_hashing(io.BytesIO(b"pw")) == b"pw"
 
 
+def test_read_password_from_a_text_stream_without_buffer() -> None:
+    assert read_password_for_hashing(io.StringIO("pässword\n")) == "pässword".encode()
+
+
 def test_read_empty_password_is_refused() -> None:
     with pytest.raises(ValueError, match="empty password"):
         read_password_for_hashing(io.BytesIO(b"\n"))
