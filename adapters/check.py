@@ -31,6 +31,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TextIO
 
+from sshspec.adapters.config import SPEC_LIMITS
 from sshspec.adapters.logs import decode_record
 from sshspec.codes import CATALOG
 from sshspec.fsm.replay import (
@@ -42,7 +43,7 @@ from sshspec.fsm.replay import (
     coverage,
     transition_label,
 )
-from sshspec.fsm.spec import BUNDLED, SPEC_VIOLATION, Entry, load_spec
+from sshspec.fsm.spec import SPEC_VIOLATION, Entry
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 EXIT_VIOLATION = 3  # between coverage_logs and the command only: exits EXIT_FAIL
@@ -229,7 +230,7 @@ def overall_percent(report: Sequence[SpecCoverage]) -> float:
 
 @functools.cache
 def _limit_names() -> frozenset[str]:
-    return frozenset(name for spec in BUNDLED for name in load_spec(spec).spec.limits)
+    return frozenset(SPEC_LIMITS)
 
 
 def _limit(text: str) -> tuple[str, int]:

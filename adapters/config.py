@@ -28,6 +28,7 @@ import msgspec
 import msgspec.inspect as mi
 import yaml
 
+from sshspec.fsm.spec import BUNDLED, load_spec
 from sshspec.fsm.yamlfile import DuplicateKeyError, read_yaml, yaml_problem
 
 from .logs import Format, Level
@@ -166,6 +167,13 @@ ServerVersion = Annotated[
 ]
 
 
+# The spec's limits (`limits:` in specs/*.yaml), declared there once: their defaults
+# are the config's, and the config key of each is its name (limits.maxAuthTries,
+# ssh.clientAliveCountMax).
+SPEC_LIMITS: dict[str, int] = {name: limit.default for spec in BUNDLED
+                               for name, limit in load_spec(spec).spec.limits.items()}
+
+
 class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, rename="camel"):
     """The options of every section; subclasses inherit them, but each says frozen=True
     again for mypy, which takes a dataclass-like subclass without it as not frozen."""
@@ -185,7 +193,7 @@ class SSHConfig(_Section, frozen=True):
     host_key_algorithms: tuple[Algorithm, ...] = ()
     profile: Literal["default", "strict"] = "default"
     client_alive_interval: Duration = _seconds(0)  # 0: no keepalives
-    client_alive_count_max: Annotated[int, msgspec.Meta(ge=1)] = 3
+    client_alive_count_max: Annotated[int, msgspec.Meta(ge=1)] = SPEC_LIMITS["clientAliveCountMax"]
 
 
 class User(_Section, frozen=True):
@@ -201,10 +209,10 @@ class AuthConfig(_Section, frozen=True):
 
 class LimitsConfig(_Section, frozen=True):
     login_timeout: Duration = _seconds(120)  # must be > 0, checked after decoding
-    max_auth_tries: Annotated[int, msgspec.Meta(ge=1)] = 6
-    max_sessions: Annotated[int, msgspec.Meta(ge=1)] = 10
-    max_startups: Annotated[int, msgspec.Meta(ge=1)] = 100
-    max_env: Annotated[int, msgspec.Meta(ge=0)] = 64
+    max_auth_tries: Annotated[int, msgspec.Meta(ge=1)] = SPEC_LIMITS["maxAuthTries"]
+    max_sessions: Annotated[int, msgspec.Meta(ge=1)] = SPEC_LIMITS["maxSessions"]
+    max_startups: Annotated[int, msgspec.Meta(ge=1)] = SPEC_LIMITS["maxStartups"]
+    max_env: Annotated[int, msgspec.Meta(ge=0)] = SPEC_LIMITS["maxEnv"]
     max_queued_requests: Annotated[int, msgspec.Meta(ge=1)] = 16
     shutdown_timeout: Duration = _seconds(10)
 
@@ -231,6 +239,13 @@ class Config(_Section, frozen=True):
     backend: BackendConfig = msgspec.field(default_factory=BackendConfig)
     log: LogConfig = msgspec.field(default_factory=LogConfig)
     state_dir: str = ""  # empty: see resolve_state_dir
+
+
+def spec_limits(config: Config) -> dict[str, int]:
+    """The values the config gives the spec's limits, by the spec's names."""
+    values = {f.encode_name: getattr(section, f.name)
+              for section in (config.ssh, config.limits) for f in msgspec.structs.fields(section)}
+    return {name: values[name] for name in SPEC_LIMITS}
 
 
 def default_config() -> Config:

@@ -30,7 +30,7 @@ import msgspec
 from sshspec.adapters import asyncssh_internals as internals
 from sshspec.adapters.algorithms import server_options
 from sshspec.adapters.backend_local import BackendError, PtyRequest
-from sshspec.adapters.config import Config, resolve_state_dir
+from sshspec.adapters.config import Config, resolve_state_dir, spec_limits
 from sshspec.adapters.handlers import (
     ConfiguredHandler,
     ConnectionHandler,
@@ -138,22 +138,23 @@ class SpecSession(asyncssh.SSHServerSession[bytes]):
     def ask_backend(self, request: core.ChannelRequest) -> core.RequestDone:
         """A setup or running request: the handler answers at once."""
         h, decoded = self.handler, request.payload
-        try:
-            if isinstance(decoded, internals.EnvRequest):
-                ok = h.set_env(decoded.name, decoded.value)
-            elif isinstance(decoded, internals.PtyRequest):
-                ok = h.set_pty(PtyRequest(decoded.term, decoded.cols, decoded.rows, decoded.width_px,
-                                          decoded.height_px, dict(decoded.modes)))
-            elif isinstance(decoded, internals.WindowChange):
-                ok = h.window_change(decoded.cols, decoded.rows, decoded.width_px, decoded.height_px)
-            elif isinstance(decoded, internals.SignalRequest):
-                ok = h.signal(decoded.name)
-            else:
-                ok = False
-        except Exception as exc:  # a handler bug is a failed request, not a dead channel
-            return core.RequestDone(self.channel_id, False, f"handler error: {exc!r}")
+        ok: object
+        if isinstance(decoded, internals.EnvRequest):
+            ok, reason = _ask(h.set_env, decoded.name, decoded.value)
+        elif isinstance(decoded, internals.PtyRequest):
+            pty = PtyRequest(decoded.term, decoded.cols, decoded.rows, decoded.width_px, decoded.height_px,
+                             dict(decoded.modes))
+            ok, reason = _ask(h.set_pty, pty)
+        elif isinstance(decoded, internals.WindowChange):
+            ok, reason = _ask(h.window_change, decoded.cols, decoded.rows, decoded.width_px,
+                              decoded.height_px)
+        elif isinstance(decoded, internals.SignalRequest):
+            ok, reason = _ask(h.signal, decoded.name)
+        else:
+            ok, reason = False, None
         if not isinstance(ok, bool):
-            return core.RequestDone(self.channel_id, False, f"handler error: returned {ok!r}, not a bool")
+            reason = reason or f"handler error: returned {ok!r}, not a bool"
+            return core.RequestDone(self.channel_id, False, reason)
         return core.RequestDone(self.channel_id, ok)
 
     async def start_program(self, request: core.ChannelRequest) -> None:
@@ -167,15 +168,8 @@ class SpecSession(asyncssh.SSHServerSession[bytes]):
             write=chan.write, write_stderr=chan.write_stderr,
             pause_input=lambda paused: chan.pause_reading() if paused else chan.resume_reading(),
             server_env=self._server_env(chan))
-        try:
-            await self.handler.start(io)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # BackendError or a handler bug: the request fails
-            reason = str(exc) if isinstance(exc, BackendError) else f"handler error: {exc!r}"
-            self.conn.handle(core.RequestDone(self.channel_id, False, reason))
-            return
-        self.conn.handle(core.RequestDone(self.channel_id, True))
+        _, reason = await _ask_async(self.handler.start, io)
+        self.conn.handle(core.RequestDone(self.channel_id, reason is None, reason))
 
     def program_started(self) -> None:
         # The client has the SUCCESS reply: only now may the program's output and
@@ -310,18 +304,16 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
 
     def _admit_user(self, action: core.AdmitUser) -> core.Event:
         assert self.backend is not None and self.info.username is not None
-        try:
-            return core.UserVerdict(self.backend.accept_user(self.info.username), action.method)
-        except Exception as exc:
-            return core.UserVerdict(False, action.method, f"handler error: {exc!r}")
+        accepted, reason = _ask(self.backend.accept_user, self.info.username)
+        return core.UserVerdict(accepted, action.method, reason)
 
     def _open_session(self, action: core.OpenSession) -> core.Event | None:
         assert self.backend is not None and self.conn is not None
-        try:
-            handler = self.backend.session()
-        except Exception as exc:
-            return core.SessionOpenFailed(action.channel, f"handler error: {exc!r}")
-        session = SpecSession(self, action.channel, handler)
+        handler, reason = _ask(self.backend.session)
+        if handler is None:
+            reason = reason or f"handler error: session() returned {handler!r}"
+            return core.SessionOpenFailed(action.channel, reason)
+        session = SpecSession(self, action.channel, handler)  # type: ignore[arg-type]  # a SessionHandler by the API
         session.chan = internals.HookedServerChannel(self.conn, session.on_request)
         self.sessions[action.channel] = session
         return None
@@ -392,14 +384,14 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
         self.server.connections.add(self)
         internals.install_hooks(conn, self, max_pending_global=self.server.config.limits.max_queued_requests,
                                 per_user_config=False)  # no config file: nothing to re-evaluate per user
-        try:
-            self.backend = self.server.handler.connection(self.info)
-        except Exception as exc:  # a handler bug ends this connection, logged, and frees its slot
-            self.handle(core.Connected())
-            self.handle(core.ConnectionLost(core.Lost.lost, f"handler error: {exc!r}"))
+        backend, reason = _ask(self.server.handler.connection, self.info)
+        self.handle(core.Connected())
+        if backend is None:  # a handler bug ends this connection, logged
+            self.handle(core.ConnectionLost(core.Lost.lost, reason or f"handler error: connection() returned "
+                                                                      f"{backend!r}"))
             conn.abort()
             return
-        self.handle(core.Connected())
+        self.backend = backend  # type: ignore[assignment]  # a ConnectionHandler by the API
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.admitted:
@@ -454,34 +446,18 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
 
     async def validate_password(self, username: str, password: str) -> bool:
         assert self.backend is not None
-        try:
-            verdict: object = await self.backend.check_password(
-                username, password.encode("utf-8", "surrogateescape"))
-        except Exception as exc:  # a handler bug is a failure reply, not a dead connection
-            reason = f"handler error: {exc!r}"
-            return _accepted(self.handle(core.Credentials("unavailable", "password", reason)))
-        return _accepted(self.handle(core.Credentials(verdict, "password")))
+        verdict, reason = await _ask_async(self.backend.check_password, username,
+                                           password.encode("utf-8", "surrogateescape"))
+        return _accepted(self.handle(core.Credentials(verdict, "password", reason)))
 
     async def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
         assert self.backend is not None
-        reason = None
-        try:
-            verdict: object = self.backend.check_publickey(username, key)
-            if inspect.isawaitable(verdict):  # a backend that asks elsewhere
-                verdict = await verdict
-        except Exception as exc:  # a handler bug is a failure reply, not a dead connection
-            verdict, reason = "unavailable", f"handler error: {exc!r}"
-        actions = self.handle(core.KeyChecked(verdict, reason))
+        actions = self.handle(core.KeyChecked(*await _ask_async(self.backend.check_publickey, username, key)))
         return any(isinstance(a, core.KeyAcceptable) and a.ok for a in actions) or _accepted(actions)
 
     def get_kbdint_challenge(self, username: str, lang: str, submethods: str) -> Any:
         assert self.backend is not None
-        reason = None
-        try:
-            supported: object = self.backend.kbdint_supported(username)
-        except Exception as exc:  # a handler bug is a failure reply, not a dead connection
-            supported, reason = False, f"handler error: {exc!r}"
-        if _accepted(self.handle(core.KbdintChallenge(supported, reason))):
+        if _accepted(self.handle(core.KbdintChallenge(*_ask(self.backend.kbdint_supported, username)))):
             return ("", "", "", [("Password: ", False)])
         return False
 
@@ -490,13 +466,8 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
         if not any(isinstance(a, core.CheckCredentials) for a in self.handle(core.KbdintResponse())):
             return False
         password = (responses[0] if responses else "").encode("utf-8", "surrogateescape")
-        try:
-            verdict: object = await self.backend.check_password(username, password)
-        except Exception as exc:  # a handler bug is a failure reply, not a dead connection
-            verdict = "unavailable"
-            return _accepted(self.handle(core.Credentials(verdict, "keyboard-interactive",
-                                                          f"handler error: {exc!r}")))
-        return _accepted(self.handle(core.Credentials(verdict, "keyboard-interactive")))
+        verdict, reason = await _ask_async(self.backend.check_password, username, password)
+        return _accepted(self.handle(core.Credentials(verdict, "keyboard-interactive", reason)))
 
     def on_global_request(self, conn: asyncssh.SSHServerConnection, req: internals.GlobalRequest) -> bool:
         name = req.name if req.malformed is None and req.name is not None else repr(req.raw_name)
@@ -527,6 +498,32 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
     def abort(self) -> None:
         if self.conn is not None:
             self.conn.abort()
+
+
+def _why(exc: Exception) -> str:
+    """A handler's failure as a log reason: a BackendError says what failed; anything else is a bug."""
+    return str(exc) if isinstance(exc, BackendError) else f"handler error: {exc!r}"
+
+
+def _ask(call: Callable[..., object], *args: object) -> tuple[object, str | None]:
+    """Ask a handler once: its answer, or None and why it raised. The one place a
+    handler's exception is caught: the core turns a missing or wrong answer into the
+    refusal its spec names (logged with a code); the connection goes on."""
+    try:
+        return call(*args), None
+    except Exception as exc:
+        return None, _why(exc)
+
+
+async def _ask_async(call: Callable[..., object], *args: object) -> tuple[object, str | None]:
+    """`_ask` for a handler that may answer with an awaitable (CancelledError passes)."""
+    try:
+        answer = call(*args)
+        if inspect.isawaitable(answer):
+            answer = await answer
+        return answer, None
+    except Exception as exc:
+        return None, _why(exc)
 
 
 def _accepted(actions: list[core.Action]) -> bool:
@@ -562,14 +559,7 @@ assert not _MISSING, f"actions without exactly one executor: {_MISSING}"
 
 def machines(config: Config) -> core.Machines:
     """The specs compiled with the configured limits (checked against the core)."""
-    limits = {
-        "maxStartups": config.limits.max_startups,
-        "maxAuthTries": config.limits.max_auth_tries,
-        "maxSessions": config.limits.max_sessions,
-        "clientAliveCountMax": config.ssh.client_alive_count_max,
-        "maxEnv": config.limits.max_env,
-    }
-    return core.Machines.load(limits, max_queued_requests=config.limits.max_queued_requests)
+    return core.Machines.load(spec_limits(config), max_queued_requests=config.limits.max_queued_requests)
 
 
 # --- the server -----------------------------------------------------------------------------

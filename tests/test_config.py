@@ -422,3 +422,21 @@ def test_state_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     assert resolve_state_dir(default_config()) == tmp_path / ".local/state/sshspec"
     explicit = Config(state_dir="~/sshspec-state")
     assert resolve_state_dir(explicit) == tmp_path / "sshspec-state"
+
+
+def test_the_spec_limits_are_declared_once_in_the_specs(tmp_path: Path) -> None:
+    """Each limit of specs/*.yaml is a config key of the same name whose default is the
+    spec's, and a configured value is what the compiled machines guard with."""
+    from sshspec.adapters.config import SPEC_LIMITS, default_config, load_config, spec_limits
+    from sshspec.adapters.server import machines
+    from sshspec.fsm.spec import BUNDLED, load_spec
+    declared = {name: limit.default for spec in BUNDLED
+                for name, limit in load_spec(spec).spec.limits.items()}
+    assert declared == SPEC_LIMITS
+    assert spec_limits(default_config()) == declared
+    path = tmp_path / "c.yaml"
+    path.write_text("limits:\n  maxAuthTries: 2\n  maxEnv: 5\nssh:\n  clientAliveCountMax: 7\n")
+    compiled = machines(load_config(path))
+    assert compiled.connection.limits == {**{n: declared[n] for n in compiled.connection.limits},
+                                          "maxAuthTries": 2, "clientAliveCountMax": 7}
+    assert compiled.session.limits == {"maxEnv": 5}
