@@ -231,6 +231,7 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
     def __init__(self, server: Server) -> None:
         self.server = server
         self.info = ConnectionInfo(f"{os.getpid():x}-{next(_connection_ids):x}", "")
+        self.identity = Labels(self.info.connection_id)  # who: every record's first labels
         self.core = core.ConnectionCore(server.machines, server.core, self.log,
                                         keepalive_interval=server.config.ssh.client_alive_interval)
         self.conn: asyncssh.SSHServerConnection | None = None
@@ -246,9 +247,17 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
             exit_code: int | None = None, signal: str | None = None) -> None:
         emitter = self.server.emitter
         if records := emitter.records(codes):
-            info = self.info  # who the connection is, taken now
-            emitter.add(records, Labels(info.connection_id, info.remote_addr, info.username, channel_id,
-                                        request_type, method, reason, exit_code, signal, str(event)))
+            emitter.add(records, msgspec.structs.replace(
+                self.identity, channel_id=channel_id, request_type=request_type, method=method, reason=reason,
+                exit_code=exit_code, signal=signal, event=str(event)))
+
+    def _identify(self, *, remote_addr: str | None = None, username: str | None = None) -> None:
+        """Who the connection is, for the handlers (ConnectionInfo) and the log (identity)."""
+        if remote_addr is not None:
+            self.info.remote_addr = remote_addr
+        if username is not None:
+            self.info.username = username
+        self.identity = Labels(self.info.connection_id, self.info.remote_addr, self.info.username)
 
     # -- events in, actions out
 
@@ -374,7 +383,7 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self.conn = conn
         peer = conn.get_extra_info("peername") or ("?", 0)
-        self.info.remote_addr = f"{peer[0]}:{peer[1]}"
+        self._identify(remote_addr=f"{peer[0]}:{peer[1]}")
         if self.server.core.handle(core.ServerEvent.accept, remote_addr=self.info.remote_addr) \
                 is not core.ServerReply.admit:
             self.core.startup = False  # never admitted: nothing to give back
@@ -405,7 +414,7 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
         self.handle(core.ConnectionLost(how, reason))
 
     def begin_auth(self, username: str) -> bool:
-        self.info.username = username
+        self._identify(username=username)
         banner = self.server.config.ssh.banner
         if banner and self.conn is not None:
             self.conn.send_auth_banner(banner)
@@ -434,7 +443,7 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
 
     def on_auth_request(self, conn: asyncssh.SSHServerConnection, req: internals.AuthRequest) -> None:
         if req.username is not None:
-            self.info.username = req.username
+            self._identify(username=req.username)
         if req.malformed is not None:
             return  # asyncssh disconnects on it (HACKS.md); connection_lost reports it
         signed = req.publickey.signed if req.publickey is not None else None

@@ -963,38 +963,40 @@ def test_session_with_maximum_packet_size_zero(tmp_path: Path) -> None:
 # --- injected bugs: does the fuzzer catch them? ----------------------------------------------------
 
 INJECTED = {
-    "env-after-start": "SpecSession.on_request answers success to env once the program started",
-    "drop-request-successful": "Emitter.emit drops SSH_CHANNEL_REQUEST_SUCCESSFUL",
-    "second-exec": "a second exec on a channel whose program runs is accepted (and started)",
+    "env-after-start": "the adapter replies success to env once the program started (the spec refused it)",
+    "drop-request-successful": "the log sink drops SSH_CHANNEL_REQUEST_SUCCESSFUL",
+    "second-exec": "the core forgets that a program runs, so a second exec is accepted (and started)",
 }
 
 
 def inject(bug: str) -> None:
-    """Monkeypatch one bug into the adapter (in the server process, before it starts)."""
-    import dataclasses
-
+    """Monkeypatch one bug into the adapter or the core (in the server process, before it starts)."""
     from sshspec.adapters import server as adapter
-    on_request = adapter.SpecSession.on_request
+    from sshspec.fsm import core
     if bug == "env-after-start":
-        def env_after_start(self: Any, chan: Any, req: Any) -> Any:
-            verdict = on_request(self, chan, req)
-            if req.type == "env" and self.state.state in ("running", "running_pending", "exited"):
-                return True  # the spec refused it (and the log says so): reply success anyway
-            return verdict
-        adapter.SpecSession.on_request = env_after_start  # type: ignore[method-assign]
-    elif bug == "drop-request-successful":
-        emit = adapter.Emitter.emit
+        reply = adapter._EXECUTORS[core.ChannelReply]
 
-        def drop_code(self: Any, step: Any, labels: Any) -> None:
-            codes = tuple(c for c in step.codes if c != "SSH_CHANNEL_REQUEST_SUCCESSFUL")
-            emit(self, dataclasses.replace(step, codes=codes), labels)
-        adapter.Emitter.emit = drop_code  # type: ignore[method-assign]
+        def env_after_start(self: Any, action: Any) -> Any:
+            session = self.core.channels.get(action.channel)
+            if action.request_type == "env" and session is not None \
+                    and session.state in ("running", "running_pending", "exited"):
+                action = core.ChannelReply(action.channel, True, action.request_type)  # the log says refused
+            return reply(self, action)
+        adapter._EXECUTORS[core.ChannelReply] = env_after_start
+    elif bug == "drop-request-successful":
+        records = adapter.Emitter.records
+
+        def drop_code(self: Any, codes: tuple[str, ...]) -> Any:
+            return records(self, tuple(c for c in codes if c != "SSH_CHANNEL_REQUEST_SUCCESSFUL"))
+        adapter.Emitter.records = drop_code  # type: ignore[method-assign]
     elif bug == "second-exec":
-        def second_exec(self: Any, chan: Any, req: Any) -> Any:
-            if req.type == "exec" and self.state.state == "running":
-                self.state.state = "setup"  # the machine forgets that the program started
-            return on_request(self, chan, req)
-        adapter.SpecSession.on_request = second_exec  # type: ignore[method-assign]
+        decide = core.ConnectionCore._decide
+
+        def second_exec(self: Any, session: Any, req: Any) -> None:
+            if req.name == "exec" and session.instance.state == "running":
+                session.instance.state = "setup"  # the machine forgets that the program started
+            decide(self, session, req)
+        core.ConnectionCore._decide = second_exec  # type: ignore[method-assign]
     else:
         raise SystemExit(f"unknown bug {bug!r}; known: {', '.join(INJECTED)}")
 
