@@ -21,11 +21,9 @@ fires, when MAX_QUEUED steps wait, or at close. Why: timed inside the server ove
 with 12 records each. Batched, debug logging cost (server CPU per connection over
 error level, servers side by side, bench/) +6% with a 10 ms interval, +2.3-3% with
 100 ms, no less with 500 ms: fewer, longer batches are cheaper per record.
-The queue and the batch encoder are C (adapters/_logbatch.c, built at install when a
-compiler is there; the Python versions here are the fallback and the reference the
-tests hold it to): debug over error level went from +1.4% to +0.32% of the
-instructions per benchmark connection (bench/instructions.py) and to about +1.2% of
-the CPU (README, Performance).
+A queued step is its time, its records and its label values in one flat list; the
+batch builds each record's bytes from parts (the same bytes msgspec writes for the
+LogRecord, tests/test_logs.py).
 Records keep their order and their own timestamps; a client may see a reply up to
 the interval before its record is in the file; a SIGKILL loses at most the last
 interval's records (a stop, or an exception out of `serve`, writes them).
@@ -40,15 +38,9 @@ import os
 import select
 import sys
 import time
-from collections.abc import Callable
 from typing import Annotated, Any, BinaryIO, Literal
 
 import msgspec
-
-try:  # adapters/_logbatch.c, built at install when a C compiler is there; same bytes, less CPU
-    from sshspec.adapters import _logbatch as _native
-except ImportError:
-    _native = None  # type: ignore[assignment]
 
 Level = Literal["debug", "info", "warning", "error"]
 Format = Literal["json", "text"]
@@ -124,7 +116,6 @@ class LogRecord(msgspec.Struct, frozen=True, gc=False, forbid_unknown_fields=Tru
 
 _LABEL_NAMES: tuple[str, ...] = Labels.__struct_encode_fields__
 STEP = 2 + len(_LABEL_NAMES)  # a queued step's items: its time, its records, its labels
-_LABEL_KEYS = tuple(msgspec.json.encode(name) + b":" for name in _LABEL_NAMES)
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(LogRecord)
 
@@ -223,9 +214,7 @@ class Logger:
         # Queued steps, flat: STEP items each (time.time_ns(), its records, then the
         # values of Labels' fields in order), so a waiting step is no object of its
         # own: nothing for the collector, and the batch reads one array in order.
-        self._queued: Any  # the list, or a _logbatch.Queue that keeps the same in C
-        self.add: Callable[..., None]
-        self._new_queue()  # sets both
+        self._queued: list[Any] = []
         self._timer: asyncio.TimerHandle | None = None
         if path is not None:
             # O_APPEND: each os.write lands whole at the end even with several writers
@@ -243,19 +232,10 @@ class Logger:
         if _SEVERITY[level] >= self._min_severity:
             self.add((kind(level, code, message),), *msgspec.structs.astuple(labels))
 
-    # `add(records, *labels)`: the records of one step (whatever their level: callers
-    # filter), stamped now and sharing labels: the values of Labels' fields, in order
-    # (the server passes them so that building the struct waits for the batch too).
-    # It is the C queue itself (_logbatch.Queue, which calls _due as _add does), or
-    # _add and a list without it.
-
-    def _new_queue(self) -> None:
-        if _native is not None:
-            self._queued = self.add = _native.Queue(self._due, MAX_QUEUED * STEP, STEP)
-        else:
-            self._queued, self.add = [], self._add
-
-    def _add(self, records: tuple[Kind, ...], *labels: Any) -> None:
+    def add(self, records: tuple[Kind, ...], *labels: Any) -> None:
+        """The records of one step (whatever their level: callers filter), stamped now
+        and sharing labels: the values of Labels' fields, in order (the server passes
+        them so that building the struct waits for the batch too)."""
         if len(labels) != STEP - 2:  # a misaligned step would garble every record after it
             raise TypeError(f"a step is its records and {STEP - 2} label values, "
                             f"not {len(labels) + 1} arguments")
@@ -268,7 +248,7 @@ class Logger:
 
     def _due(self) -> None:
         if self._closed:
-            self._new_queue()
+            self._queued = []
             raise ValueError("log is closed")
         if self._interval and len(self._queued) < MAX_QUEUED * STEP:
             try:
@@ -285,8 +265,7 @@ class Logger:
         try:
             self.flush()
         except OSError as exc:
-            items = queued if isinstance(queued, list) else queued.items()
-            count = sum(len(records) for records in items[1::STEP])
+            count = sum(len(records) for records in queued[1::STEP])
             os.write(2, f"sshspec: log write failed, {count} records lost: {exc}\n".encode())
 
     def flush(self) -> None:
@@ -297,18 +276,12 @@ class Logger:
         queued = self._queued
         if not queued:
             return
-        self._new_queue()
-        if self._text:
-            batch = None
-        elif isinstance(queued, list):
-            batch = _native.json_batch(queued, _LABEL_KEYS) if _native else _json_batch(queued)
-        else:
-            batch = queued.json(_LABEL_KEYS)
+        self._queued = []
+        batch = None if self._text else _json_batch(queued)
         if batch is None:  # text, or a lone surrogate somewhere: the per-record path
-            items = queued if isinstance(queued, list) else queued.items()
             batch = b"".join([
-                self.line(k.level, k.code, k.message, Labels(*items[i + 2:i + STEP]), items[i])
-                for i in range(0, len(items), STEP) for k in items[i + 1]])
+                self.line(k.level, k.code, k.message, Labels(*queued[i + 2:i + STEP]), queued[i])
+                for i in range(0, len(queued), STEP) for k in queued[i + 1]])
         self._write(batch)
 
     def line(self, level: str, code: str, message: str, labels: Labels, time_ns: int | None = None) -> bytes:
@@ -368,7 +341,7 @@ class Logger:
 
 def _json_batch(queued: list[Any]) -> bytes | None:
     """The bytes msgspec writes for each LogRecord of a queue (tests/test_logs.py),
-    built from parts: what _logbatch.json_batch does in C, for when it is not built.
+    built from parts.
     Each Kind's part is encoded once; the time is split against the start of its
     second (small ints are fast, a time_ns is not), whose text is made once, and the
     fraction's digits come from tables. None: a lone surrogate (msgspec's

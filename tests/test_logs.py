@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import calendar
-import contextlib
 import io
 import json
 import re
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import msgspec
@@ -17,7 +15,6 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sshspec.adapters import logs
 from sshspec.adapters.logs import Labels, Logger, LogRecord, decode_record, format_text, kind
 
 TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z")
@@ -234,33 +231,6 @@ def _fields(labels: Labels) -> tuple[object, ...]:
     return msgspec.structs.astuple(labels)
 
 
-@pytest.fixture(params=["c", "python"])
-def encoder(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Each batch test runs with the C queue and encoder (adapters/_logbatch.c) and
-    with the Python ones sshspec falls back to when the C one was not built."""
-    if request.param == "python":
-        monkeypatch.setattr(logs, "_native", None)
-    return str(request.param)
-
-
-@contextlib.contextmanager
-def _python_only(python_only: bool = True) -> Iterator[None]:
-    """Loggers made inside use the Python queue and encoder (for @given tests, which
-    cannot take the function-scoped `encoder` fixture)."""
-    saved = logs._native
-    if python_only:
-        logs._native = None
-    try:
-        yield
-    finally:
-        logs._native = saved
-
-
-def test_the_c_log_encoder_is_built() -> None:
-    assert logs._native is not None, (
-        "adapters/_logbatch.c was not compiled: it needs a C compiler and Python.h (make test installs them)")
-
-
 _times = st.builds(  # around a second boundary, and the fraction's edges (0 and 999999 us)
     lambda s, us: (s * 10**6 + us) * 1000 + 7, st.sampled_from([1_764_326_245, 1_764_326_246]),
     st.sampled_from([0, 1, 999, 1000, 123456, 999999]))
@@ -274,17 +244,15 @@ def _queue(batch: list[tuple[int, list[str], Labels]]) -> list[object]:
             for item in (ns, tuple(kind("debug", code, f"m {code}") for code in codes), *_fields(labels))]
 
 
-@pytest.mark.parametrize("native", [True, False], ids=["c", "python"])
 @given(batch=st.lists(st.tuples(_times, _codes, labels_strategy), min_size=1, max_size=20))
 def test_a_batch_is_the_bytes_msgspec_writes_for_each_record(
-        native: bool, batch: list[tuple[int, list[str], Labels]]) -> None:
-    """The batch encoders build records from parts; every line must be exactly what
+        batch: list[tuple[int, list[str], Labels]]) -> None:
+    """The batch encoder builds records from parts; every line must be exactly what
     msgspec writes for that LogRecord (the checker decodes them), whatever the time."""
     out = io.BytesIO()
-    with _python_only(not native):
-        logger = Logger(stream=out)
-        logger._queued = _queue(batch)
-        logger.flush()
+    logger = Logger(stream=out)
+    logger._queued = _queue(batch)
+    logger.flush()
     lines = out.getvalue().splitlines(keepends=True)
     expected = []
     for ns, codes, labels in batch:
@@ -301,79 +269,8 @@ def test_a_batch_is_the_bytes_msgspec_writes_for_each_record(
             assert record.labels == labels
 
 
-@given(batch=st.lists(st.tuples(
-    st.integers(min_value=0, max_value=2**63 - 1) | _times, _codes,
-    labels_strategy | st.builds(Labels, event=_text, username=st.text(st.characters(codec="utf-8")))),
-    max_size=8))
-def test_the_c_encoder_writes_what_the_python_one_does_or_leaves_it_to_python(
-        batch: list[tuple[int, list[str], Labels]]) -> None:
-    """Byte for byte, or None (the caller then takes the per-record path) where it
-    does not do what msgspec does: an int past 64 bits, a lone surrogate."""
-    if logs._native is None:
-        pytest.skip("adapters/_logbatch.c was not built (test_the_c_log_encoder_is_built says why)")
-    queued = _queue(batch)
-    c = logs._native.json_batch(queued, logs._LABEL_KEYS)
-    values = [v for _, codes, labels in batch for v in (*codes, *_fields(labels))]
-    beyond_c = any(isinstance(v, int) and not -(2**63) <= v < 2**63 for v in values) or any(
-        isinstance(v, str) and any("\ud800" <= ch <= "\udfff" for ch in v) for v in values)
-    assert c == (None if beyond_c else logs._json_batch(queued))
-
-
-@given(calls=st.lists(st.one_of(st.tuples(_codes, labels_strategy), st.just("flush")), max_size=30))
-def test_a_logger_writes_the_same_records_with_either_queue(calls: list[object]) -> None:
-    """The same steps and flushes through a logger on the C queue and one on the
-    Python list: the same records (all but the time), in the same order."""
-    if logs._native is None:
-        pytest.skip("adapters/_logbatch.c was not built (test_the_c_log_encoder_is_built says why)")
-    async def run(out: io.BytesIO) -> None:  # in a loop: steps wait for a flush
-        logger = Logger(stream=out, flush_interval=3600)
-        for call in calls:
-            if call == "flush":
-                logger.flush()
-            else:
-                codes, labels = call  # type: ignore[misc]
-                logger.add(tuple(kind("debug", c, f"m {c}") for c in codes), *_fields(labels))
-        logger.close()
-
-    outputs = []
-    for python_only in (False, True):
-        out = io.BytesIO()
-        with _python_only(python_only):
-            asyncio.run(run(out))
-        outputs.append([(r.code, r.message, r.labels) for r in map(decode_record, _lines(out))])
-    assert outputs[0] == outputs[1]
-    assert len(outputs[0]) == sum(len(call[0]) for call in calls if call != "flush")  # type: ignore[index]
-
-
-def test_the_c_queue_holds_steps_as_the_python_list_does() -> None:
-    if logs._native is None:
-        pytest.skip("adapters/_logbatch.c was not built (test_the_c_log_encoder_is_built says why)")
-    calls: list[int] = []
-    step = logs.STEP
-    queue = logs._native.Queue(lambda: calls.append(len(queue)), 3 * step, step)
-    records = (kind("info", "SSH_X", "m"),)
-    before = time.time_ns()
-    for n in range(4):
-        queue(records, *_fields(Labels(connection_id=f"c{n}", exit_code=n)))
-    after = time.time_ns()
-    # due() on the first step (it arms the timer), then whenever the limit is reached
-    assert calls == [step, 3 * step, 4 * step] and len(queue) == 4 * step
-    items = queue.items()
-    times = items[0::step]
-    assert before <= times[0] <= times[1] <= times[2] <= times[3] <= after
-    assert items[1::step] == [records] * 4
-    assert [Labels(*items[i + 2:i + step]) for i in range(0, len(items), step)] == [
-        Labels(connection_id=f"c{n}", exit_code=n) for n in range(4)]
-    assert queue.json(logs._LABEL_KEYS) == logs._json_batch(items)
-    with pytest.raises(TypeError, match="a step is its records and 10 label values, not 2 arguments"):
-        queue(records, "c")
-    with pytest.raises(TypeError, match="no keyword"):
-        queue(records, *_fields(Labels()), extra=1)
-    assert len(queue) == 4 * step
-
-
-def test_a_logger_and_its_queue_are_collected_when_dropped(encoder: str) -> None:
-    """The queue calls back into its logger (a cycle): the collector must see it."""
+def test_a_logger_and_its_queue_are_collected_when_dropped() -> None:
+    """Nothing of a logger keeps it alive once dropped."""
     import gc
     import weakref
 
@@ -385,7 +282,7 @@ def test_a_logger_and_its_queue_are_collected_when_dropped(encoder: str) -> None
     assert gone() is None
 
 
-def test_batched_records_wait_for_the_interval_and_keep_their_order(tmp_path: Path, encoder: str) -> None:
+def test_batched_records_wait_for_the_interval_and_keep_their_order(tmp_path: Path) -> None:
     path = tmp_path / "batched.jsonl"
 
     async def main() -> list[str]:
@@ -406,7 +303,7 @@ def test_batched_records_wait_for_the_interval_and_keep_their_order(tmp_path: Pa
     assert asyncio.run(main()) == [f"SSH_{n}" for n in range(5)] + ["SSH_LAST"]
 
 
-def test_a_step_with_the_wrong_number_of_label_values_is_refused(encoder: str) -> None:
+def test_a_step_with_the_wrong_number_of_label_values_is_refused() -> None:
     out = io.BytesIO()
     logger = Logger(stream=out, flush_interval=3600)
     with pytest.raises(TypeError, match="a step is its records and 10 label values, not 10 arguments"):
@@ -416,7 +313,7 @@ def test_a_step_with_the_wrong_number_of_label_values_is_refused(encoder: str) -
     assert [decode_record(line).code for line in out.getvalue().splitlines()] == ["SSH_Y"]
 
 
-def test_a_full_queue_is_written_at_once(encoder: str) -> None:
+def test_a_full_queue_is_written_at_once() -> None:
     from sshspec.adapters.logs import MAX_QUEUED
 
     async def main() -> int:
@@ -433,7 +330,7 @@ def test_a_full_queue_is_written_at_once(encoder: str) -> None:
     assert asyncio.run(main()) == MAX_QUEUED
 
 
-def test_without_an_event_loop_a_batched_logger_writes_at_once(encoder: str) -> None:
+def test_without_an_event_loop_a_batched_logger_writes_at_once() -> None:
     out = io.BytesIO()
     logger = Logger(stream=out, flush_interval=10)
     logger.log("info", "SSH_X", "m", Labels())
@@ -446,7 +343,7 @@ def test_without_an_event_loop_a_batched_logger_writes_at_once(encoder: str) -> 
 
 
 def test_a_batch_that_cannot_be_written_is_reported_not_raised_into_the_loop(
-        tmp_path: Path, capfd: pytest.CaptureFixture[str], encoder: str) -> None:
+        tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
     full = Path("/dev/full")  # every write(2): ENOSPC
     if not full.exists():
         pytest.skip("no /dev/full")
@@ -467,7 +364,7 @@ def test_a_batch_that_cannot_be_written_is_reported_not_raised_into_the_loop(
     assert "sshspec: log write failed, 2 records lost: [Errno 28] No space left on device" in err
 
 
-def test_a_batch_to_a_stream_goes_out_in_whole_records_of_at_most_pipe_buf(encoder: str) -> None:
+def test_a_batch_to_a_stream_goes_out_in_whole_records_of_at_most_pipe_buf() -> None:
     """--workers share stdout: a pipe keeps a write whole only up to PIPE_BUF."""
     import select
 
