@@ -123,8 +123,9 @@ class SpecSession(asyncssh.SSHServerSession[bytes]):
         step = self.machine.fire(self.state, event)
         if records := self.conn.server.emitter.records(step.codes):
             info = self.conn.info  # Labels' field values in order, taken now; the batch encodes them
-            self.conn.server.logger.add(records, info.connection_id, info.remote_addr, info.username,
-                                        self.channel_id, request_type, None, reason, exit_code, signal, event)
+            self.conn.server.logger.add(records, Labels(info.connection_id, info.remote_addr, info.username,
+                                        self.channel_id, request_type, None, reason, exit_code, signal,
+                                        event))
         return step
 
     # -- requests: every one goes through the spec, then (if it says so) the backend.
@@ -355,8 +356,8 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
                 session.connection_lost(None)
         if records := self.server.emitter.records(step.codes):
             info = self.info  # Labels' field values in order, taken now; the batch encodes them
-            self.server.logger.add(records, info.connection_id, info.remote_addr, info.username, channel_id,
-                                   request_type, method, reason, None, None, event)
+            self.server.logger.add(records, Labels(info.connection_id, info.remote_addr, info.username,
+                                   channel_id, request_type, method, reason, None, None, event))
         if step.reply in DISCONNECT_REASON and self.conn is not None and not self.lost:
             code, text = DISCONNECT_REASON[step.reply]
             self.conn.disconnect(code, reason or text)
@@ -647,7 +648,7 @@ class Server:
     def fire(self, event: str, **labels: Any) -> Step:
         step = self.machines.server.fire(self.state, event)
         if records := self.emitter.records(step.codes):
-            self.logger.add(records, *msgspec.structs.astuple(Labels(event=event, **labels)))
+            self.logger.add(records, Labels(event=event, **labels))
         return step
 
     async def start(self) -> None:

@@ -15,6 +15,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from sshspec.adapters import logs
 from sshspec.adapters.logs import Labels, Logger, LogRecord, decode_record, format_text, kind
 
 TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z")
@@ -206,80 +207,96 @@ def test_any_text_record_is_one_printable_line(labels: Labels, message: str) -> 
     assert format_text(record).isprintable()  # no newline, no control or bidi character
 
 
-@pytest.mark.parametrize("labels", [
-    Labels(),
-    Labels(connection_id="1f-2", remote_addr="127.0.0.1:5555", username="älice \"quoted\"\n", channel_id=0,
-           request_type="exec", event="request_ok", exit_code=42),
-    Labels(username="bad \udcff surrogate", reason="x\ty"),
-])
-def test_the_fast_json_line_is_what_msgspec_writes_for_the_record(labels: Labels) -> None:
-    """Logger.line encodes the fixed part of a record once per code; the bytes must be
-    the ones msgspec writes for the whole LogRecord (the checker decodes them)."""
-    line = Logger(stream=io.BytesIO()).line("debug", "SSH_CHANNEL_REQUEST", "A \"request\" ü", labels)
-    assert line.endswith(b"\n") and line.count(b"\n") == 1
-    record = decode_record(line)
-    assert (record.level, record.code, record.message) == ("debug", "SSH_CHANNEL_REQUEST", "A \"request\" ü")
-    assert msgspec.json.encode(record) + b"\n" == line
-    if "\udcff" not in (labels.username or ""):
-        assert record.labels == labels
-
-
 # --- batches: what the server does by default (log.flushInterval) --------------------------
 
-
-def _fields(labels: Labels) -> tuple[object, ...]:
-    return msgspec.structs.astuple(labels)
-
-
-_times = st.builds(  # around a second boundary, and the fraction's edges (0 and 999999 us)
-    lambda s, us: (s * 10**6 + us) * 1000 + 7, st.sampled_from([1_764_326_245, 1_764_326_246]),
-    st.sampled_from([0, 1, 999, 1000, 123456, 999999]))
-_codes = st.lists(st.sampled_from(["SSH_A", "SSH_CHANNEL_REQUEST", "SSH_Ü", "SSH_\udcff"]),
-                  min_size=1, max_size=3)
-
-
-def _queue(batch: list[tuple[int, list[str], Labels]]) -> list[object]:
-    """What add() queues for these steps, with the times chosen here."""
-    return [item for ns, codes, labels in batch
-            for item in (ns, tuple(kind("debug", code, f"m {code}") for code in codes), *_fields(labels))]
+# Strings as the network may hand them over: lone surrogates too (surrogateescape-decoded
+# bytes), which msgspec refuses to encode and the logger writes backslash-escaped.
+_wild = st.text(st.characters() | st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF))
+_wild_labels = st.builds(Labels, **{
+    name: st.none() | st.integers() if name in ("channel_id", "exit_code") else st.none() | _wild
+    for name in Labels.__struct_fields__})
+_kinds = st.lists(st.builds(logs.Kind, st.sampled_from(["debug", "info", "warning", "error"]),
+                            _wild.filter(bool), _wild), min_size=1, max_size=3).map(tuple)
+_times = st.integers(min_value=0, max_value=2**63 - 1) | st.builds(
+    # around a second boundary, and the fraction's edges (0 and 999999 us)
+    lambda s, us, ns: (s * 10**6 + us) * 1000 + ns, st.sampled_from([0, 1_764_326_245, 1_764_326_246]),
+    st.sampled_from([0, 1, 999, 1000, 123456, 999999]), st.sampled_from([0, 7, 999]))
 
 
-@given(batch=st.lists(st.tuples(_times, _codes, labels_strategy), min_size=1, max_size=20))
-def test_a_batch_is_the_bytes_msgspec_writes_for_each_record(
-        batch: list[tuple[int, list[str], Labels]]) -> None:
-    """The batch encoder builds records from parts; every line must be exactly what
-    msgspec writes for that LogRecord (the checker decodes them), whatever the time."""
+def _escaped(value: object) -> object:
+    return value.encode("utf-8", "backslashreplace").decode() if isinstance(value, str) else value
+
+
+def _record(ns: int, k: logs.Kind, labels: Labels) -> LogRecord:
+    """The LogRecord a step's record stands for, its strings as the log escapes them."""
+    seconds, micros = divmod(ns // 1000, 10**6)
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{micros:06d}Z"
+    return LogRecord(stamp, k.level, _escaped(k.code), _escaped(k.message),  # type: ignore[arg-type]
+                     Labels(*map(_escaped, msgspec.structs.astuple(labels))))
+
+
+@given(steps=st.lists(st.tuples(_times, _kinds, _wild_labels), min_size=1, max_size=20))
+def test_a_batch_is_msgspecs_encoding_of_each_record(
+        steps: list[tuple[int, tuple[logs.Kind, ...], Labels]]) -> None:
+    """Line for line, a batch is what msgspec writes for each LogRecord of its steps,
+    and decodes back to it: whatever the time (second boundaries included) and the
+    strings (a lone surrogate comes back backslash-escaped)."""
     out = io.BytesIO()
     logger = Logger(stream=out)
-    logger._queued = _queue(batch)
+    logger._queued = list(steps)  # the times chosen here, not the clock's
     logger.flush()
-    lines = out.getvalue().splitlines(keepends=True)
+    expected = [_record(ns, k, labels) for ns, kinds, labels in steps for k in kinds]
+    lines = _lines(out)
+    assert lines == [msgspec.json.encode(record) + b"\n" for record in expected]
+    assert [decode_record(line) for line in lines] == expected
+
+
+@given(calls=st.lists(st.one_of(st.tuples(_kinds, labels_strategy), st.just("flush")), max_size=30))
+def test_a_logger_writes_every_step_in_order_whatever_the_flushes(calls: list[object]) -> None:
+    async def run(out: io.BytesIO) -> None:  # in a loop: steps wait for a flush
+        logger = Logger(stream=out, flush_interval=3600)
+        for call in calls:
+            if call == "flush":
+                logger.flush()
+            else:
+                logger.add(*call)  # type: ignore[misc]
+        logger.close()
+
+    out = io.BytesIO()
+    asyncio.run(run(out))
     expected = []
-    for ns, codes, labels in batch:
-        seconds, micros = divmod(ns // 1000, 10**6)
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{micros:06d}Z"
-        expected += [(stamp, code, labels) for code in codes]
-    assert len(lines) == len(expected)
-    for line, (stamp, code, labels) in zip(lines, expected, strict=True):
-        record = decode_record(line)
-        scrubbed = code.encode("utf-8", "backslashreplace").decode()  # a lone surrogate, escaped
-        assert (record.timestamp, record.code, record.message) == (stamp, scrubbed, f"m {scrubbed}")
-        assert msgspec.json.encode(record) + b"\n" == line
-        if not any("\udcff" in v for v in _fields(labels) if isinstance(v, str)):
-            assert record.labels == labels
+    for call in calls:
+        if call != "flush":
+            kinds, labels = call  # type: ignore[misc]
+            expected += [(k.level, _escaped(k.code), _escaped(k.message), labels) for k in kinds]
+    assert [(r.level, r.code, r.message, r.labels) for r in map(decode_record, _lines(out))] == expected
 
 
-def test_a_logger_and_its_queue_are_collected_when_dropped() -> None:
-    """Nothing of a logger keeps it alive once dropped."""
+def test_a_dropped_logger_is_collected() -> None:
     import gc
     import weakref
 
     logger = Logger(stream=io.BytesIO(), flush_interval=10)
-    logger.add((kind("info", "SSH_X", "m"),), *_fields(Labels(connection_id="c")))  # no loop: written now
+    logger.add((kind("info", "SSH_X", "m"),), Labels(connection_id="c"))  # no loop: written now
     gone = weakref.ref(logger)
     del logger
     gc.collect()
     assert gone() is None
+
+
+def _observe_timer(logger: Logger) -> asyncio.Future[float]:
+    """A future the logger's timer sets (to the loop's time) once its flush is done:
+    what the tests wait for, instead of sleeping."""
+    loop = asyncio.get_running_loop()
+    flushed: asyncio.Future[float] = loop.create_future()
+    flush_due = logger._flush_due
+
+    def observed() -> None:
+        flush_due()
+        flushed.set_result(loop.time())
+
+    logger._flush_due = observed  # type: ignore[method-assign]  # call_later reads it when arming
+    return flushed
 
 
 def test_batched_records_wait_for_the_interval_and_keep_their_order(tmp_path: Path) -> None:
@@ -287,15 +304,13 @@ def test_batched_records_wait_for_the_interval_and_keep_their_order(tmp_path: Pa
 
     async def main() -> list[str]:
         logger = Logger(path=str(path), flush_interval=0.05)
-        loop = asyncio.get_running_loop()
-        start = loop.time()
+        flushed = _observe_timer(logger)
+        start = asyncio.get_running_loop().time()
         for n in range(5):
             logger.log("info", f"SSH_{n}", "m", Labels(connection_id="c", exit_code=n))
         assert path.read_bytes() == b""  # queued, not written
-        while not path.read_bytes():  # the timer writes them, all at once
-            assert loop.time() - start < 5, "the batch was never written"
-            await asyncio.sleep(0.005)
-        assert loop.time() - start >= 0.05
+        assert await asyncio.wait_for(flushed, 5) - start >= 0.05
+        assert len(path.read_bytes().splitlines()) == 5  # the timer wrote them, all at once
         logger.log("info", "SSH_LAST", "m", Labels())
         logger.close()  # writes what is queued
         return [decode_record(line).code for line in path.read_bytes().splitlines()]
@@ -303,11 +318,14 @@ def test_batched_records_wait_for_the_interval_and_keep_their_order(tmp_path: Pa
     assert asyncio.run(main()) == [f"SSH_{n}" for n in range(5)] + ["SSH_LAST"]
 
 
-def test_a_step_with_the_wrong_number_of_label_values_is_refused() -> None:
+def test_a_step_whose_labels_are_not_labels_is_refused() -> None:
     out = io.BytesIO()
     logger = Logger(stream=out, flush_interval=3600)
-    with pytest.raises(TypeError, match="a step is its records and 10 label values, not 10 arguments"):
-        logger.add((kind("info", "SSH_X", "m"),), *range(9))
+    records = (kind("info", "SSH_X", "m"),)
+    with pytest.raises(TypeError):  # the label values one by one, as add() took them before
+        logger.add(records, *msgspec.structs.astuple(Labels(exit_code=1)))  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match="a step's labels are a Labels, not dict"):
+        logger.add(records, {"exitCode": 1})  # type: ignore[arg-type]
     logger.log("info", "SSH_Y", "m", Labels(exit_code=1))
     logger.close()
     assert [decode_record(line).code for line in out.getvalue().splitlines()] == ["SSH_Y"]
@@ -343,17 +361,18 @@ def test_without_an_event_loop_a_batched_logger_writes_at_once() -> None:
 
 
 def test_a_batch_that_cannot_be_written_is_reported_not_raised_into_the_loop(
-        tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+        capfd: pytest.CaptureFixture[str]) -> None:
     full = Path("/dev/full")  # every write(2): ENOSPC
     if not full.exists():
         pytest.skip("no /dev/full")
 
     async def main() -> None:
         logger = Logger(path=str(full), flush_interval=0.001)
+        flushed = _observe_timer(logger)
         logger.log("info", "SSH_X", "m", Labels())
         logger.log("info", "SSH_Y", "m", Labels())
-        while logger._queued:  # the timer's flush takes them (and fails)
-            await asyncio.sleep(0.001)
+        await asyncio.wait_for(flushed, 5)  # the timer's flush took them (and failed)
+        assert not logger._queued
         logger.log("info", "SSH_Z", "m", Labels())  # the logger still takes records
         with pytest.raises(OSError):
             logger.close()  # a direct flush raises to its caller, and the file is closed all the same
