@@ -21,11 +21,14 @@ fires, when MAX_QUEUED steps wait, or at close. Why: timed inside the server ove
 with 12 records each. Batched, debug logging cost (server CPU per connection over
 error level, servers side by side, bench/) +6% with a 10 ms interval, +2.3-3% with
 100 ms, no less with 500 ms: fewer, longer batches are cheaper per record.
-The queue and the batch encoder are C (adapters/_logbatch.c, built at install when a
-compiler is there; the Python versions here are the fallback and the reference the
-tests hold it to): debug over error level went from +1.4% to +0.32% of the
-instructions per benchmark connection (bench/instructions.py) and to about +1.2% of
-the CPU (README, Performance).
+
+A step queues only its time, its records (Kinds) and its Labels, which the caller
+built; the batch makes a LogRecord per record and msgspec encodes them all in one
+`Encoder.encode_lines` call, the one JSON encoder here. Measured at 2376143, debug
+over error level costs +1.3% of the instructions per benchmark connection (median of
+ten runs of `.venv/bin/python bench/instructions.py`; the target is 2%), but +3.3-3.8%
+of the server's CPU side by side, against +0.7-1.8% with the C encoder this replaced
+(README, Performance).
 Records keep their order and their own timestamps; a client may see a reply up to
 the interval before its record is in the file; a SIGKILL loses at most the last
 interval's records (a stop, or an exception out of `serve`, writes them).
@@ -40,44 +43,25 @@ import os
 import select
 import sys
 import time
-from collections.abc import Callable
-from typing import Annotated, Any, BinaryIO, Literal
+from typing import Annotated, BinaryIO, Literal
 
 import msgspec
-
-try:  # adapters/_logbatch.c, built at install when a C compiler is there; same bytes, less CPU
-    from sshspec.adapters import _logbatch as _native
-except ImportError:
-    _native = None  # type: ignore[assignment]  # no C module: the Python path
 
 Level = Literal["debug", "info", "warning", "error"]
 Format = Literal["json", "text"]
 
 _SEVERITY: dict[str, int] = {"debug": 10, "info": 20, "warning": 30, "error": 40}
-_MILLIS = [b"%03d" % n for n in range(1000)]  # a timestamp's fraction, in two table lookups
-_MICROS_Z = [b"%03dZ" % n for n in range(1000)]
 MAX_QUEUED = 1024  # steps (~200 KiB): a burst is written at once rather than held in memory
 
 
-
 class Kind(msgspec.Struct, frozen=True, gc=False):
-    """What a record's code fixes (level, code, message), with its JSON encoded once
-    (None: a lone surrogate, left to the per-record path); the rest of a record is its
-    time and labels. gc=False: a queued step then holds nothing the collector
-    has to keep visiting."""
+    """What a record's code fixes (level, code, message); the rest of a record is its
+    time and labels. gc=False: a queued step then holds nothing the collector has to
+    keep visiting."""
 
     level: str
     code: str
     message: str
-    head: bytes | None
-
-
-def _head(level: str, code: str, message: str) -> bytes | None:
-    try:
-        return b'","level":%s,"code":%s,"message":%s,"labels":' % (
-            _encoder.encode(level), _encoder.encode(code), _encoder.encode(message))
-    except UnicodeEncodeError:
-        return None
 
 
 _KINDS: dict[tuple[str, str, str], Kind] = {}
@@ -87,7 +71,7 @@ def kind(level: str, code: str, message: str) -> Kind:
     """The one Kind of these (made on first use; the server makes its own up front)."""
     found = _KINDS.get((level, code, message))
     if found is None:
-        found = _KINDS[level, code, message] = Kind(level, code, message, _head(level, code, message))
+        found = _KINDS[level, code, message] = Kind(level, code, message)
     return found
 
 
@@ -123,25 +107,32 @@ class LogRecord(msgspec.Struct, frozen=True, gc=False, forbid_unknown_fields=Tru
 
 
 _LABEL_NAMES: tuple[str, ...] = Labels.__struct_encode_fields__
-STEP = 2 + len(_LABEL_NAMES)  # a queued step's items: its time, its records, its labels
-_LABEL_KEYS = tuple(msgspec.json.encode(name) + b":" for name in _LABEL_NAMES)
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(LogRecord)
+# A timestamp's fraction in two table lookups, about half the cost of formatting
+# the number for every step.
+_MILLIS = [f"{n:03d}" for n in range(1000)]
+_MICROS_Z = [f"{n:03d}Z" for n in range(1000)]
+_NO_SECOND = -(1 << 80)  # before every time_ns, so a batch's first step makes its second's text
 
-# strftime once per second instead of once per record.
-_second_cache: tuple[int, str] = (-1, "")
 
-
-def _timestamp(time_ns: int) -> tuple[str, int]:
-    """(`YYYY-MM-DDTHH:MM:SS` in UTC, microseconds) of a time.time_ns()."""
-    global _second_cache
-    seconds, nanos = divmod(time_ns, 1_000_000_000)
-    cached_second, prefix = _second_cache
-    if seconds != cached_second:
-        prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
-        # One tuple assignment, so another thread never sees a torn cache entry.
-        _second_cache = (seconds, prefix)
-    return prefix, nanos // 1000
+def _records(queued: list[tuple[int, tuple[Kind, ...], Labels]]) -> list[LogRecord]:
+    """The LogRecords of queued steps, in order. A step's time is split against the
+    start of its second (small ints are cheap, a time_ns is not), whose text is made
+    once per second."""
+    out: list[LogRecord] = []
+    second_ns, prefix = _NO_SECOND, ""
+    for ns, kinds, labels in queued:
+        into = ns - second_ns
+        if not 0 <= into < 1_000_000_000:
+            second = ns // 1_000_000_000
+            second_ns, into = second * 1_000_000_000, ns - second * 1_000_000_000
+            prefix = time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(second))
+        micros = into // 1000
+        stamp = prefix + _MILLIS[micros // 1000] + _MICROS_Z[micros % 1000]
+        for k in kinds:
+            out.append(LogRecord(stamp, k.level, k.code, k.message, labels))  # type: ignore[arg-type]
+    return out
 
 
 def _scrub(text: str) -> str:
@@ -163,6 +154,23 @@ def _scrub_record(record: LogRecord) -> LogRecord:
         message=_scrub(record.message),
         labels=msgspec.structs.replace(labels, **changes),
     )
+
+
+def _encode_json(records: list[LogRecord]) -> bytes:
+    """msgspec's JSON line of each record; a lone surrogate, which msgspec refuses,
+    is written backslash-escaped (`\\udcff` as the six characters)."""
+    try:
+        return _encoder.encode_lines(records)
+    except UnicodeEncodeError:  # somewhere in the batch: find it record by record
+        pass
+    out = []
+    for record in records:
+        try:
+            out.append(_encoder.encode(record))
+        except UnicodeEncodeError:
+            out.append(_encoder.encode(_scrub_record(record)))
+    out.append(b"")
+    return b"\n".join(out)
 
 
 _ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t", '"': '\\"', "\\": "\\\\"}
@@ -194,6 +202,10 @@ def format_text(record: LogRecord) -> str:
     return f"{line}  {labels}" if labels else line
 
 
+def _encode_text(records: list[LogRecord]) -> bytes:
+    return b"".join([format_text(r).encode("utf-8", "backslashreplace") + b"\n" for r in records])
+
+
 class Logger:
     """Writes records at or above `level` to `path` (appending), `stream`, or stdout."""
 
@@ -213,19 +225,16 @@ class Logger:
         if stream is not None and path is not None:
             raise ValueError("give a stream or a path, not both")
         self._min_severity = _SEVERITY[level]
-        self._text = format == "text"
+        self._encode = _encode_text if format == "text" else _encode_json
         self._fd: int | None = None
         self._stream: BinaryIO | None = None
         self._closed = False
         if flush_interval < 0:
             raise ValueError(f"flush interval must be >= 0, not {flush_interval}")
         self._interval = flush_interval
-        # Queued steps, flat: STEP items each (time.time_ns(), its records, then the
-        # values of Labels' fields in order), so a waiting step is no object of its
-        # own: nothing for the collector, and the batch reads one array in order.
-        self._queued: Any  # the list, or a _logbatch.Queue that keeps the same in C
-        self.add: Callable[..., None]
-        self._new_queue()  # sets both
+        # Queued steps: (time.time_ns(), its records, its labels). All three are
+        # untracked by the collector (ints, gc=False structs, tuples of them).
+        self._queued: list[tuple[int, tuple[Kind, ...], Labels]] = []
         self._timer: asyncio.TimerHandle | None = None
         if path is not None:
             # O_APPEND: each os.write lands whole at the end even with several writers
@@ -241,36 +250,23 @@ class Logger:
     def log(self, level: str, code: str, message: str, labels: Labels) -> None:
         """One record (dropped below the logger's level)."""
         if _SEVERITY[level] >= self._min_severity:
-            self.add((kind(level, code, message),), *msgspec.structs.astuple(labels))
+            self.add((kind(level, code, message),), labels)
 
-    # `add(records, *labels)`: the records of one step (whatever their level: callers
-    # filter), stamped now and sharing labels: the values of Labels' fields, in order
-    # (the server passes them so that building the struct waits for the batch too).
-    # It is the C queue itself (_logbatch.Queue, which calls _due as _add does), or
-    # _add and a list without it.
-
-    def _new_queue(self) -> None:
-        if _native is not None:
-            self._queued = self.add = _native.Queue(self._due, MAX_QUEUED * STEP, STEP)
-        else:
-            self._queued, self.add = [], self._add
-
-    def _add(self, records: tuple[Kind, ...], *labels: Any) -> None:
-        if len(labels) != STEP - 2:  # a misaligned step would garble every record after it
-            raise TypeError(f"a step is its records and {STEP - 2} label values, "
-                            f"not {len(labels) + 1} arguments")
+    def add(self, records: tuple[Kind, ...], labels: Labels) -> None:
+        """The records of one step (whatever their level: callers filter), stamped now
+        and sharing `labels`. Only queued: the batch builds and encodes the records."""
+        if type(labels) is not Labels:  # found here, not in the batch it would lose
+            raise TypeError(f"a step's labels are a Labels, not {labels.__class__.__name__}")
         queued = self._queued
-        queued.append(time.time_ns())
-        queued.append(records)
-        queued += labels
-        if self._timer is None or len(queued) >= MAX_QUEUED * STEP:
+        queued.append((time.time_ns(), records, labels))
+        if self._timer is None or len(queued) >= MAX_QUEUED:
             self._due()
 
     def _due(self) -> None:
         if self._closed:
-            self._new_queue()
+            self._queued = []
             raise ValueError("log is closed")
-        if self._interval and len(self._queued) < MAX_QUEUED * STEP:
+        if self._interval and len(self._queued) < MAX_QUEUED:
             try:
                 self._timer = asyncio.get_running_loop().call_later(self._interval, self._flush_due)
                 return
@@ -285,8 +281,7 @@ class Logger:
         try:
             self.flush()
         except OSError as exc:
-            items = queued if isinstance(queued, list) else queued.items()
-            count = sum(len(records) for records in items[1::STEP])
+            count = sum(len(records) for _, records, _ in queued)
             os.write(2, f"sshspec: log write failed, {count} records lost: {exc}\n".encode())
 
     def flush(self) -> None:
@@ -297,42 +292,8 @@ class Logger:
         queued = self._queued
         if not queued:
             return
-        self._new_queue()
-        if self._text:
-            batch = None
-        elif isinstance(queued, list):
-            batch = _native.json_batch(queued, _LABEL_KEYS) if _native else _json_batch(queued)
-        else:
-            batch = queued.json(_LABEL_KEYS)
-        if batch is None:  # text, or a lone surrogate somewhere: the per-record path
-            items = queued if isinstance(queued, list) else queued.items()
-            batch = b"".join([
-                self.line(k.level, k.code, k.message, Labels(*items[i + 2:i + STEP]), items[i])
-                for i in range(0, len(items), STEP) for k in items[i + 1]])
-        self._write(batch)
-
-    def line(self, level: str, code: str, message: str, labels: Labels, time_ns: int | None = None) -> bytes:
-        """One record, encoded, with its newline (whatever the level: callers filter)."""
-        prefix, micros = _timestamp(time.time_ns() if time_ns is None else time_ns)
-        head = kind(level, code, message).head
-        if not self._text and head is not None:
-            try:
-                return b'{"timestamp":"%s.%06dZ%s%s}\n' % (
-                    prefix.encode(), micros, head, _encoder.encode(labels))
-            except UnicodeEncodeError:
-                pass  # a lone surrogate somewhere: the slow path below escapes it
-        # arg-type: levels are plain str in the Logger's API; LogRecord's Literal is
-        # there to check decoded logs (sshspec check).
-        record = LogRecord(f"{prefix}.{micros:06d}Z", level, code, message, labels)  # type: ignore[arg-type]
-        return self._encode(record)
-
-    def _encode(self, record: LogRecord) -> bytes:
-        if self._text:
-            return format_text(record).encode("utf-8", "backslashreplace") + b"\n"
-        try:
-            return _encoder.encode(record) + b"\n"
-        except UnicodeEncodeError:
-            return _encoder.encode(_scrub_record(record)) + b"\n"
+        self._queued = []
+        self._write(self._encode(_records(queued)))
 
     def _write(self, line: bytes) -> None:
         if self._fd is not None:
@@ -366,38 +327,6 @@ class Logger:
                 os.close(self._fd)
             elif self._stream is not None:
                 self._stream.flush()
-
-
-def _json_batch(queued: list[Any]) -> bytes | None:
-    """The bytes msgspec writes for each LogRecord of a queue (tests/test_logs.py),
-    built from parts: what _logbatch.json_batch does in C, for when it is not built.
-    Each Kind's part is encoded once; the time is split against the start of its
-    second (small ints are fast, a time_ns is not), whose text is made once, and the
-    fraction's digits come from tables. None: a lone surrogate (msgspec's
-    UnicodeEncodeError), left to the per-record path."""
-    encode = _encoder.encode
-    out: list[bytes] = []
-    second_ns, prefix = -1_000_000_000, b""  # no second yet (0 is one: the first of 1970)
-    steps = [iter(queued)] * STEP  # zip over one iterator STEP times: a step at a time
-    try:
-        for (ns, records, connection_id, remote_addr, username, channel_id, request_type, method,
-             reason, exit_code, signal, event) in zip(*steps, strict=True):
-            into = ns - second_ns
-            if not 0 <= into < 1_000_000_000:
-                second = ns // 1_000_000_000
-                second_ns, into = second * 1_000_000_000, ns % 1_000_000_000
-                prefix = b'{"timestamp":"%s.' % time.strftime(
-                    "%Y-%m-%dT%H:%M:%S", time.gmtime(second)).encode()
-            micros = into // 1000
-            encoded = encode(Labels(connection_id, remote_addr, username, channel_id, request_type,
-                                    method, reason, exit_code, signal, event))
-            for k in records:
-                if k.head is None:
-                    return None
-                out += (prefix, _MILLIS[micros // 1000], _MICROS_Z[micros % 1000], k.head, encoded, b"}\n")
-    except UnicodeEncodeError:
-        return None
-    return b"".join(out)
 
 
 def decode_record(line: bytes) -> LogRecord:

@@ -73,7 +73,7 @@ class Emitter:
         return records
 
     def add(self, records: tuple[Kind, ...], labels: Labels) -> None:
-        self.logger.add(records, *msgspec.structs.astuple(labels))
+        self.logger.add(records, labels)
 
 
 # --- one session channel ------------------------------------------------------------------

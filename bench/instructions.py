@@ -3,7 +3,8 @@
     .venv/bin/python bench/instructions.py [-n N]      # needs valgrind (apt-get install valgrind)
 
 Time on this machine drifts by more than the differences worth knowing; instruction
-counts do not (two runs agree within ~0.3%). They miss what time sees on real
+counts drift less (a server's count still moves by up to ~1% between runs, so repeat
+a run before reading a ratio's last digits). They miss what time sees on real
 hardware (cache misses, the kernel's side of a write), so they are a floor for the
 CPU ratios of `make bench`, not a substitute. Each server runs alone under callgrind
 (~50x slower), warms up on 20 connections with counting off, then counts N

@@ -4,15 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import calendar
-import contextlib
 import io
 import json
-import os
 import re
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import msgspec
@@ -212,208 +207,110 @@ def test_any_text_record_is_one_printable_line(labels: Labels, message: str) -> 
     assert format_text(record).isprintable()  # no newline, no control or bidi character
 
 
-@pytest.mark.parametrize("labels", [
-    Labels(),
-    Labels(connection_id="1f-2", remote_addr="127.0.0.1:5555", username="älice \"quoted\"\n", channel_id=0,
-           request_type="exec", event="request_ok", exit_code=42),
-    Labels(username="bad \udcff surrogate", reason="x\ty"),
-])
-def test_the_fast_json_line_is_what_msgspec_writes_for_the_record(labels: Labels) -> None:
-    """Logger.line encodes the fixed part of a record once per code; the bytes must be
-    the ones msgspec writes for the whole LogRecord (the checker decodes them)."""
-    line = Logger(stream=io.BytesIO()).line("debug", "SSH_CHANNEL_REQUEST", "A \"request\" ü", labels)
-    assert line.endswith(b"\n") and line.count(b"\n") == 1
-    record = decode_record(line)
-    assert (record.level, record.code, record.message) == ("debug", "SSH_CHANNEL_REQUEST", "A \"request\" ü")
-    assert msgspec.json.encode(record) + b"\n" == line
-    if "\udcff" not in (labels.username or ""):
-        assert record.labels == labels
-
-
 # --- batches: what the server does by default (log.flushInterval) --------------------------
 
-
-def _fields(labels: Labels) -> tuple[object, ...]:
-    return msgspec.structs.astuple(labels)
-
-
-@pytest.fixture(params=["c", "python"])
-def encoder(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Each batch test runs with the C queue and encoder (adapters/_logbatch.c) and
-    with the Python ones sshspec falls back to when the C one was not built."""
-    if request.param == "python":
-        monkeypatch.setattr(logs, "_native", None)
-    return str(request.param)
-
-
-@contextlib.contextmanager
-def _python_only(python_only: bool = True) -> Iterator[None]:
-    """Loggers made inside use the Python queue and encoder (for @given tests, which
-    cannot take the function-scoped `encoder` fixture)."""
-    saved = logs._native
-    if python_only:
-        logs._native = None
-    try:
-        yield
-    finally:
-        logs._native = saved
+# Strings as the network may hand them over: lone surrogates too (surrogateescape-decoded
+# bytes), which msgspec refuses to encode and the logger writes backslash-escaped.
+_wild = st.text(st.characters() | st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF))
+_wild_labels = st.builds(Labels, **{
+    name: st.none() | st.integers() if name in ("channel_id", "exit_code") else st.none() | _wild
+    for name in Labels.__struct_fields__})
+_kinds = st.lists(st.builds(logs.Kind, st.sampled_from(["debug", "info", "warning", "error"]),
+                            _wild.filter(bool), _wild), min_size=1, max_size=3).map(tuple)
+_times = st.integers(min_value=0, max_value=2**63 - 1) | st.builds(
+    # around a second boundary, and the fraction's edges (0 and 999999 us)
+    lambda s, us, ns: (s * 10**6 + us) * 1000 + ns, st.sampled_from([0, 1_764_326_245, 1_764_326_246]),
+    st.sampled_from([0, 1, 999, 1000, 123456, 999999]), st.sampled_from([0, 7, 999]))
 
 
-def test_the_c_log_encoder_is_built() -> None:
-    assert logs._native is not None, (
-        "adapters/_logbatch.c was not compiled: it needs a C compiler and Python.h (make test installs them)")
+def _escaped(value: object) -> object:
+    return value.encode("utf-8", "backslashreplace").decode() if isinstance(value, str) else value
 
 
-def test_the_c_module_stub_says_what_the_built_module_has(tmp_path: Path) -> None:
-    """adapters/_logbatch.pyi is what mypy (make lint) knows of the C module: mypy's
-    stubtest compares it with the module built from adapters/_logbatch.c."""
-    if logs._native is None:
-        pytest.skip("adapters/_logbatch.c was not built (test_the_c_log_encoder_is_built says why)")
-    mypy_path = Path(__file__).resolve().parent.parent / ".mypy"
-    done = subprocess.run([sys.executable, "-m", "mypy.stubtest", "sshspec.adapters._logbatch"],
-                          env={**os.environ, "MYPYPATH": str(mypy_path)}, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stdout + done.stderr
+def _record(ns: int, k: logs.Kind, labels: Labels) -> LogRecord:
+    """The LogRecord a step's record stands for, its strings as the log escapes them."""
+    seconds, micros = divmod(ns // 1000, 10**6)
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{micros:06d}Z"
+    return LogRecord(stamp, k.level, _escaped(k.code), _escaped(k.message),  # type: ignore[arg-type]
+                     Labels(*map(_escaped, msgspec.structs.astuple(labels))))
 
 
-_times = st.builds(  # around a second boundary, and the fraction's edges (0 and 999999 us)
-    lambda s, us: (s * 10**6 + us) * 1000 + 7, st.sampled_from([1_764_326_245, 1_764_326_246]),
-    st.sampled_from([0, 1, 999, 1000, 123456, 999999]))
-_codes = st.lists(st.sampled_from(["SSH_A", "SSH_CHANNEL_REQUEST", "SSH_Ü", "SSH_\udcff"]),
-                  min_size=1, max_size=3)
-
-
-def _queue(batch: list[tuple[int, list[str], Labels]]) -> list[object]:
-    """What add() queues for these steps, with the times chosen here."""
-    return [item for ns, codes, labels in batch
-            for item in (ns, tuple(kind("debug", code, f"m {code}") for code in codes), *_fields(labels))]
-
-
-@pytest.mark.parametrize("native", [True, False], ids=["c", "python"])
-@given(batch=st.lists(st.tuples(_times, _codes, labels_strategy), min_size=1, max_size=20))
-def test_a_batch_is_the_bytes_msgspec_writes_for_each_record(
-        native: bool, batch: list[tuple[int, list[str], Labels]]) -> None:
-    """The batch encoders build records from parts; every line must be exactly what
-    msgspec writes for that LogRecord (the checker decodes them), whatever the time."""
+@given(steps=st.lists(st.tuples(_times, _kinds, _wild_labels), min_size=1, max_size=20))
+def test_a_batch_is_msgspecs_encoding_of_each_record(
+        steps: list[tuple[int, tuple[logs.Kind, ...], Labels]]) -> None:
+    """Line for line, a batch is what msgspec writes for each LogRecord of its steps,
+    and decodes back to it: whatever the time (second boundaries included) and the
+    strings (a lone surrogate comes back backslash-escaped)."""
     out = io.BytesIO()
-    with _python_only(not native):
-        logger = Logger(stream=out)
-        logger._queued = _queue(batch)
-        logger.flush()
-    lines = out.getvalue().splitlines(keepends=True)
-    expected = []
-    for ns, codes, labels in batch:
-        seconds, micros = divmod(ns // 1000, 10**6)
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{micros:06d}Z"
-        expected += [(stamp, code, labels) for code in codes]
-    assert len(lines) == len(expected)
-    for line, (stamp, code, labels) in zip(lines, expected, strict=True):
-        record = decode_record(line)
-        scrubbed = code.encode("utf-8", "backslashreplace").decode()  # a lone surrogate, escaped
-        assert (record.timestamp, record.code, record.message) == (stamp, scrubbed, f"m {scrubbed}")
-        assert msgspec.json.encode(record) + b"\n" == line
-        if not any("\udcff" in v for v in _fields(labels) if isinstance(v, str)):
-            assert record.labels == labels
+    logger = Logger(stream=out)
+    logger._queued = list(steps)  # the times chosen here, not the clock's
+    logger.flush()
+    expected = [_record(ns, k, labels) for ns, kinds, labels in steps for k in kinds]
+    lines = _lines(out)
+    assert lines == [msgspec.json.encode(record) + b"\n" for record in expected]
+    assert [decode_record(line) for line in lines] == expected
 
 
-@given(batch=st.lists(st.tuples(
-    st.integers(min_value=0, max_value=2**63 - 1) | _times, _codes,
-    labels_strategy | st.builds(Labels, event=_text, username=st.text(st.characters(codec="utf-8")))),
-    max_size=8))
-def test_the_c_encoder_writes_what_the_python_one_does_or_leaves_it_to_python(
-        batch: list[tuple[int, list[str], Labels]]) -> None:
-    """Byte for byte, or None (the caller then takes the per-record path) where it
-    does not do what msgspec does: an int past 64 bits, a lone surrogate."""
-    if logs._native is None:
-        pytest.skip("adapters/_logbatch.c was not built (test_the_c_log_encoder_is_built says why)")
-    queued = _queue(batch)
-    c = logs._native.json_batch(queued, logs._LABEL_KEYS)
-    values = [v for _, codes, labels in batch for v in (*codes, *_fields(labels))]
-    beyond_c = any(isinstance(v, int) and not -(2**63) <= v < 2**63 for v in values) or any(
-        isinstance(v, str) and any("\ud800" <= ch <= "\udfff" for ch in v) for v in values)
-    assert c == (None if beyond_c else logs._json_batch(queued))
-
-
-@given(calls=st.lists(st.one_of(st.tuples(_codes, labels_strategy), st.just("flush")), max_size=30))
-def test_a_logger_writes_the_same_records_with_either_queue(calls: list[object]) -> None:
-    """The same steps and flushes through a logger on the C queue and one on the
-    Python list: the same records (all but the time), in the same order."""
-    if logs._native is None:
-        pytest.skip("adapters/_logbatch.c was not built (test_the_c_log_encoder_is_built says why)")
+@given(calls=st.lists(st.one_of(st.tuples(_kinds, labels_strategy), st.just("flush")), max_size=30))
+def test_a_logger_writes_every_step_in_order_whatever_the_flushes(calls: list[object]) -> None:
     async def run(out: io.BytesIO) -> None:  # in a loop: steps wait for a flush
         logger = Logger(stream=out, flush_interval=3600)
         for call in calls:
             if call == "flush":
                 logger.flush()
             else:
-                codes, labels = call  # type: ignore[misc]
-                logger.add(tuple(kind("debug", c, f"m {c}") for c in codes), *_fields(labels))
+                logger.add(*call)  # type: ignore[misc]
         logger.close()
 
-    outputs = []
-    for python_only in (False, True):
-        out = io.BytesIO()
-        with _python_only(python_only):
-            asyncio.run(run(out))
-        outputs.append([(r.code, r.message, r.labels) for r in map(decode_record, _lines(out))])
-    assert outputs[0] == outputs[1]
-    assert len(outputs[0]) == sum(len(call[0]) for call in calls if call != "flush")  # type: ignore[index]
+    out = io.BytesIO()
+    asyncio.run(run(out))
+    expected = []
+    for call in calls:
+        if call != "flush":
+            kinds, labels = call  # type: ignore[misc]
+            expected += [(k.level, _escaped(k.code), _escaped(k.message), labels) for k in kinds]
+    assert [(r.level, r.code, r.message, r.labels) for r in map(decode_record, _lines(out))] == expected
 
 
-def test_the_c_queue_holds_steps_as_the_python_list_does() -> None:
-    if logs._native is None:
-        pytest.skip("adapters/_logbatch.c was not built (test_the_c_log_encoder_is_built says why)")
-    calls: list[int] = []
-    step = logs.STEP
-    queue = logs._native.Queue(lambda: calls.append(len(queue)), 3 * step, step)
-    records = (kind("info", "SSH_X", "m"),)
-    before = time.time_ns()
-    for n in range(4):
-        queue(records, *_fields(Labels(connection_id=f"c{n}", exit_code=n)))
-    after = time.time_ns()
-    # due() on the first step (it arms the timer), then whenever the limit is reached
-    assert calls == [step, 3 * step, 4 * step] and len(queue) == 4 * step
-    items = queue.items()
-    times = items[0::step]
-    assert before <= times[0] <= times[1] <= times[2] <= times[3] <= after
-    assert items[1::step] == [records] * 4
-    assert [Labels(*items[i + 2:i + step]) for i in range(0, len(items), step)] == [
-        Labels(connection_id=f"c{n}", exit_code=n) for n in range(4)]
-    assert queue.json(logs._LABEL_KEYS) == logs._json_batch(items)
-    with pytest.raises(TypeError, match="a step is its records and 10 label values, not 2 arguments"):
-        queue(records, "c")
-    with pytest.raises(TypeError, match="no keyword"):
-        queue(records, *_fields(Labels()), extra=1)
-    assert len(queue) == 4 * step
-
-
-def test_a_logger_and_its_queue_are_collected_when_dropped(encoder: str) -> None:
-    """The queue calls back into its logger (a cycle): the collector must see it."""
+def test_a_dropped_logger_is_collected() -> None:
     import gc
     import weakref
 
     logger = Logger(stream=io.BytesIO(), flush_interval=10)
-    logger.add((kind("info", "SSH_X", "m"),), *_fields(Labels(connection_id="c")))  # no loop: written now
+    logger.add((kind("info", "SSH_X", "m"),), Labels(connection_id="c"))  # no loop: written now
     gone = weakref.ref(logger)
     del logger
     gc.collect()
     assert gone() is None
 
 
-def test_batched_records_wait_for_the_interval_and_keep_their_order(tmp_path: Path, encoder: str) -> None:
+def _observe_timer(logger: Logger) -> asyncio.Future[float]:
+    """A future the logger's timer sets (to the loop's time) once its flush is done:
+    what the tests wait for, instead of sleeping."""
+    loop = asyncio.get_running_loop()
+    flushed: asyncio.Future[float] = loop.create_future()
+    flush_due = logger._flush_due
+
+    def observed() -> None:
+        flush_due()
+        flushed.set_result(loop.time())
+
+    logger._flush_due = observed  # type: ignore[method-assign]  # call_later reads it when arming
+    return flushed
+
+
+def test_batched_records_wait_for_the_interval_and_keep_their_order(tmp_path: Path) -> None:
     path = tmp_path / "batched.jsonl"
 
     async def main() -> list[str]:
         logger = Logger(path=str(path), flush_interval=0.05)
-        loop = asyncio.get_running_loop()
-        start = loop.time()
+        flushed = _observe_timer(logger)
+        start = asyncio.get_running_loop().time()
         for n in range(5):
             logger.log("info", f"SSH_{n}", "m", Labels(connection_id="c", exit_code=n))
         assert path.read_bytes() == b""  # queued, not written
-        while not path.read_bytes():  # the timer writes them, all at once
-            assert loop.time() - start < 5, "the batch was never written"
-            await asyncio.sleep(0.005)
-        assert loop.time() - start >= 0.05
+        assert await asyncio.wait_for(flushed, 5) - start >= 0.05
+        assert len(path.read_bytes().splitlines()) == 5  # the timer wrote them, all at once
         logger.log("info", "SSH_LAST", "m", Labels())
         logger.close()  # writes what is queued
         return [decode_record(line).code for line in path.read_bytes().splitlines()]
@@ -421,17 +318,20 @@ def test_batched_records_wait_for_the_interval_and_keep_their_order(tmp_path: Pa
     assert asyncio.run(main()) == [f"SSH_{n}" for n in range(5)] + ["SSH_LAST"]
 
 
-def test_a_step_with_the_wrong_number_of_label_values_is_refused(encoder: str) -> None:
+def test_a_step_whose_labels_are_not_labels_is_refused() -> None:
     out = io.BytesIO()
     logger = Logger(stream=out, flush_interval=3600)
-    with pytest.raises(TypeError, match="a step is its records and 10 label values, not 10 arguments"):
-        logger.add((kind("info", "SSH_X", "m"),), *range(9))
+    records = (kind("info", "SSH_X", "m"),)
+    with pytest.raises(TypeError):  # the label values one by one, as add() took them before
+        logger.add(records, *msgspec.structs.astuple(Labels(exit_code=1)))  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match="a step's labels are a Labels, not dict"):
+        logger.add(records, {"exitCode": 1})  # type: ignore[arg-type]
     logger.log("info", "SSH_Y", "m", Labels(exit_code=1))
     logger.close()
     assert [decode_record(line).code for line in out.getvalue().splitlines()] == ["SSH_Y"]
 
 
-def test_a_full_queue_is_written_at_once(encoder: str) -> None:
+def test_a_full_queue_is_written_at_once() -> None:
     from sshspec.adapters.logs import MAX_QUEUED
 
     async def main() -> int:
@@ -448,7 +348,7 @@ def test_a_full_queue_is_written_at_once(encoder: str) -> None:
     assert asyncio.run(main()) == MAX_QUEUED
 
 
-def test_without_an_event_loop_a_batched_logger_writes_at_once(encoder: str) -> None:
+def test_without_an_event_loop_a_batched_logger_writes_at_once() -> None:
     out = io.BytesIO()
     logger = Logger(stream=out, flush_interval=10)
     logger.log("info", "SSH_X", "m", Labels())
@@ -461,17 +361,18 @@ def test_without_an_event_loop_a_batched_logger_writes_at_once(encoder: str) -> 
 
 
 def test_a_batch_that_cannot_be_written_is_reported_not_raised_into_the_loop(
-        tmp_path: Path, capfd: pytest.CaptureFixture[str], encoder: str) -> None:
+        capfd: pytest.CaptureFixture[str]) -> None:
     full = Path("/dev/full")  # every write(2): ENOSPC
     if not full.exists():
         pytest.skip("no /dev/full")
 
     async def main() -> None:
         logger = Logger(path=str(full), flush_interval=0.001)
+        flushed = _observe_timer(logger)
         logger.log("info", "SSH_X", "m", Labels())
         logger.log("info", "SSH_Y", "m", Labels())
-        while logger._queued:  # the timer's flush takes them (and fails)
-            await asyncio.sleep(0.001)
+        await asyncio.wait_for(flushed, 5)  # the timer's flush took them (and failed)
+        assert not logger._queued
         logger.log("info", "SSH_Z", "m", Labels())  # the logger still takes records
         with pytest.raises(OSError):
             logger.close()  # a direct flush raises to its caller, and the file is closed all the same
@@ -482,7 +383,7 @@ def test_a_batch_that_cannot_be_written_is_reported_not_raised_into_the_loop(
     assert "sshspec: log write failed, 2 records lost: [Errno 28] No space left on device" in err
 
 
-def test_a_batch_to_a_stream_goes_out_in_whole_records_of_at_most_pipe_buf(encoder: str) -> None:
+def test_a_batch_to_a_stream_goes_out_in_whole_records_of_at_most_pipe_buf() -> None:
     """--workers share stdout: a pipe keeps a write whole only up to PIPE_BUF."""
     import select
 
