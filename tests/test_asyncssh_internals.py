@@ -531,7 +531,7 @@ def test_other_standard_requests_reach_the_callback_decoded() -> None:
 
 
 @settings(max_examples=300, deadline=None)
-@given(request_type=st.sampled_from(sorted(ai.REQUEST_DECODERS)), payload=st.binary(max_size=64))
+@given(request_type=st.sampled_from(sorted(ai._DECODERS)), payload=st.binary(max_size=64))
 def test_decoders_never_raise_anything_but_request_decode_error(request_type: str,
                                                                payload: bytes) -> None:
     req = ChannelRequest(0, request_type, request_type.encode(), True, payload)
@@ -556,7 +556,7 @@ def test_decoders_reject_trailing_bytes_and_accept_exact_payloads() -> None:
         "auth-agent-req@openssh.com": b"",
         "keepalive@openssh.com": b"",
     }
-    assert set(good) == set(ai.REQUEST_DECODERS)
+    assert set(good) == set(ai._DECODERS)
     for name, payload in good.items():
         req = ChannelRequest(0, name, name.encode(), True, payload)
         assert decode_request(req) is not None
