@@ -27,7 +27,6 @@ What the module gives the adapter:
   outcome (answered / closed / timeout).
 * `is_login_timeout(exc)` - recognises asyncssh's login timeout in
   `connection_lost`.
-* `_break_send_for_tests(conn, ...)` - TEST ONLY: make one outgoing packet fail.
 * `check_asyncssh_compat()` / `assert_asyncssh_compat()` - verify that the
   installed asyncssh still has every private thing used here.
 
@@ -38,7 +37,6 @@ from __future__ import annotations
 
 import asyncio
 import enum
-import errno
 import functools
 import inspect
 from collections.abc import Awaitable, Callable, Mapping
@@ -49,7 +47,7 @@ import asyncssh
 from asyncssh.channel import SSHChannel
 from asyncssh.connection import SSHConnection
 from asyncssh.misc import map_handler_name
-from asyncssh.packet import PacketDecodeError, SSHPacket, SSHPacketHandler, SSHPacketLogger
+from asyncssh.packet import PacketDecodeError, SSHPacket, SSHPacketHandler
 
 __all__ = [
     "ASYNCSSH_DEFAULT",
@@ -1073,63 +1071,6 @@ def connection_gone(chan: SSHChannel[Any]) -> bool:
     """
     conn = chan._conn  # REACH-IN: SSHChannel._conn (None once the channel is cleaned up)
     return conn is None or _transport_gone(conn)
-
-
-# --------------------------------------------------------------------------- tests only
-
-BreakMode = Literal["raise", "lose_connection"]
-
-
-def _break_send_for_tests(
-    conn: asyncssh.SSHServerConnection,
-    *,
-    pkttype: int,
-    channel_request: str | None = None,
-    mode: BreakMode = "raise",
-    error: OSError | None = None,
-    times: int = 1,
-) -> Callable[[], None]:
-    """TEST ONLY.  Make the next `times` outgoing packets of `pkttype` (and, for
-    MSG_CHANNEL_REQUEST, of request name `channel_request`) fail.  Returns `undo`.
-
-    mode "raise": SSHConnection.send_packet raises `error` (nothing is sent and
-    asyncssh's state is untouched), as if the transport write raised.
-    mode "lose_connection": the packet is dropped and the connection is lost with
-    `error`, which is what asyncio does when a socket send fails (the error then
-    reaches SSHServer/SSHServerSession.connection_lost).
-    """
-    err = error if error is not None else BrokenPipeError(errno.EPIPE, "send broken by test")
-    prefix = None
-    if channel_request is not None:
-        name = channel_request.encode("ascii")
-        prefix = len(name).to_bytes(4, "big") + name
-    had_override = "send_packet" in vars(conn)
-    orig = conn.send_packet  # REACH-IN: SSHConnection.send_packet (every packet goes here)
-    remaining = times
-    broken = pkttype
-
-    # asyncssh's signature, parameter names included, so it can stand in for the method.
-    def send_packet(pkttype: int, *args: bytes, handler: SSHPacketLogger | None = None) -> None:
-        nonlocal remaining
-        if remaining > 0 and pkttype == broken and (
-            prefix is None or b"".join(args)[4:].startswith(prefix)  # skip recipient channel
-        ):
-            remaining -= 1
-            if mode == "raise":
-                raise err
-            conn.connection_lost(err)
-            return
-        orig(pkttype, *args, handler=handler)
-
-    conn.send_packet = send_packet  # type: ignore[method-assign]  # the breakage, on this instance
-
-    def undo() -> None:
-        if had_override:
-            conn.send_packet = orig  # type: ignore[method-assign]
-        else:
-            vars(conn).pop("send_packet", None)
-
-    return undo
 
 
 # --------------------------------------------------------------------------- compat check

@@ -35,6 +35,8 @@ from paramiko.common import (
     cMSG_USERAUTH_REQUEST,
 )
 from paramiko.message import Message
+from send_breaker import REACH_INS as SEND_BREAKER_REACH_INS
+from send_breaker import BreakMode, break_send
 
 from sshspec.adapters import asyncssh_internals as ai
 from sshspec.adapters.asyncssh_internals import (
@@ -96,6 +98,14 @@ def test_asyncssh_version_is_in_vetted_range() -> None:
 def test_reach_in_still_matches_installed_asyncssh(item: ai.ReachIn) -> None:
     problem = ai.check_reach_in(item)
     assert problem is None, f"asyncssh internals changed: {problem} (see HACKS.md)"
+
+
+@pytest.mark.parametrize("item", SEND_BREAKER_REACH_INS,
+                         ids=lambda i: f"{i.owner.__name__}.{i.name}: {i.source_has or 'signature'}")
+def test_send_breaker_reach_in_still_matches_installed_asyncssh(item: ai.ReachIn) -> None:
+    """tests/send_breaker.py (failure injection, HACKS.md section 6) is a tests-only reach-in."""
+    problem = ai.check_reach_in(item)
+    assert problem is None, f"asyncssh internals changed: {problem} (see HACKS.md section 6)"
 
 
 def test_compat_checker_reports_missing_and_changed_things() -> None:
@@ -628,7 +638,7 @@ def test_broken_send_of_request_reply_raise_mode_is_reported_and_connection_surv
         async with serve(ctx, lambda: Server(ctx)) as port, await aconnect(port) as conn:
             chan, _ = await exec_session(conn)
             server_conn = await ctx.conn_made
-            undo = ai._break_send_for_tests(server_conn, pkttype=ai.MSG_CHANNEL_SUCCESS)
+            undo = break_send(server_conn, pkttype=ai.MSG_CHANNEL_SUCCESS)
             lost_reply = asyncio.ensure_future(chan._make_request(b"x@example.com"))
             failure = await reported
             undo()
@@ -657,8 +667,8 @@ def test_broken_send_lose_connection_mode_reaches_connection_lost() -> None:
 
         async with serve(ctx, lambda: Server(ctx)) as port, await aconnect(port) as conn:
             chan, _ = await exec_session(conn)
-            ai._break_send_for_tests(await ctx.conn_made, pkttype=ai.MSG_CHANNEL_FAILURE,
-                                     mode="lose_connection", error=boom)
+            break_send(await ctx.conn_made, pkttype=ai.MSG_CHANNEL_FAILURE,
+                       mode="lose_connection", error=boom)
             [outcome] = await asyncio.gather(chan._make_request(b"x@example.com"),
                                              return_exceptions=True)
             assert isinstance(outcome, asyncssh.ConnectionLost)  # client: socket closed
@@ -673,7 +683,7 @@ def test_broken_send_lose_connection_mode_reaches_connection_lost() -> None:
 
 
 @pytest.mark.parametrize("mode", ["raise", "lose_connection"])
-def test_broken_send_of_exit_status(mode: ai.BreakMode) -> None:
+def test_broken_send_of_exit_status(mode: BreakMode) -> None:
     async def main() -> None:
         ctx = Ctx()
         exit_error: asyncio.Future[BaseException | None] = ctx.future()
@@ -686,9 +696,8 @@ def test_broken_send_of_exit_status(mode: ai.BreakMode) -> None:
 
                 def finish() -> None:
                     assert self.conn is not None
-                    ai._break_send_for_tests(self.conn, pkttype=ai.MSG_CHANNEL_REQUEST,
-                                             channel_request="exit-status", mode=mode,
-                                             error=boom)
+                    break_send(self.conn, pkttype=ai.MSG_CHANNEL_REQUEST,
+                               channel_request="exit-status", mode=mode, error=boom)
                     try:
                         chan.exit(7)
                     except OSError as exc:
