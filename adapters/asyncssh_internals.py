@@ -21,8 +21,7 @@ What the module gives the adapter:
   `SSHServer.connection_made`) - per-connection callbacks for every global
   request, every channel open, every SERVICE_REQUEST, every USERAUTH_REQUEST and
   every answer asyncssh gives to one (failure / success / PK_OK / INFO_REQUEST
-  ...), and every completed key exchange.  `hook_state(conn).phase` says how far the
-  connection got (useful in `connection_lost`).
+  ...), and every completed key exchange.
 * `send_keepalive(conn)` - server-initiated keepalive@openssh.com with the
   outcome (answered / closed / timeout).
 * `is_login_timeout(exc)` - recognises asyncssh's login timeout in
@@ -80,7 +79,6 @@ __all__ = [
     "check_asyncssh_compat",
     "connection_gone",
     "decode_request",
-    "hook_state",
     "install_hooks",
     "is_login_timeout",
     "send_keepalive",
@@ -92,8 +90,6 @@ SUPPORTED_ASYNCSSH = ((2, 24, 1), (2, 25, 0))  # [low, high)
 MSG_SERVICE_REQUEST = 5
 MSG_NEWKEYS = 21
 MSG_USERAUTH_REQUEST = 50
-MSG_USERAUTH_FAILURE = 51
-MSG_USERAUTH_SUCCESS = 52
 MSG_USERAUTH_PK_OK = 60  # (60 is also INFO_REQUEST and PASSWD_CHANGEREQ: by method)
 MSG_GLOBAL_REQUEST = 80
 MSG_REQUEST_SUCCESS = 81
@@ -558,7 +554,6 @@ OpenVerdict: TypeAlias = (
     | asyncssh.ChannelOpenError
     | Default
 )
-Phase = Literal["version", "kex", "auth", "connected"]
 
 
 class ConnectionHooks:
@@ -617,14 +612,13 @@ class ConnectionHooks:
 
 @dataclass(eq=False)
 class HookState:
-    """Per-connection bookkeeping (reach it with hook_state(conn))."""
+    """Per-connection bookkeeping (install_hooks returns it)."""
 
     conn: asyncssh.SSHServerConnection
     hooks: ConnectionHooks
     max_pending_global: int
     kex_count: int = 0
     authenticated: bool = False
-    auth_failures: int = 0
     last_auth: AuthRequest | None = None
     auth_answered: bool = True
     seqs: dict[str, int] = field(default_factory=lambda: {"global": 0, "open": 0, "auth": 0})
@@ -635,26 +629,8 @@ class HookState:
         self.seqs[kind] = seq + 1
         return seq
 
-    @property
-    def phase(self) -> Phase:
-        """How far the connection got (still meaningful after connection_lost)."""
-        if self.authenticated:
-            return "connected"
-        if self.kex_count:
-            return "auth"
-        if self.conn.get_extra_info("client_version") is not None:
-            return "kex"
-        return "version"
-
 
 _STATE_KEY = "sshspec_hook_state"
-
-
-def hook_state(conn: asyncssh.SSHServerConnection) -> HookState:
-    state = conn.get_extra_info(_STATE_KEY)
-    if not isinstance(state, HookState):
-        raise LookupError("install_hooks() was not called for this connection")
-    return state
 
 
 # Original handlers, looked up once (verified by check_asyncssh_compat).
@@ -906,7 +882,6 @@ def _hook_auth_answers(state: HookState) -> None:
 
     def send_userauth_failure(partial_success: bool) -> None:
         state.auth_answered = True
-        state.auth_failures += 1
         _call_hook("on_auth_result", state.hooks.on_auth_result, conn,
                    AuthResult(state.last_auth, "failure", partial_success=partial_success))
         if not _transport_gone(conn):
@@ -1033,9 +1008,9 @@ class KeepaliveResult(enum.Enum):
         return self in (KeepaliveResult.SUCCESS, KeepaliveResult.FAILURE)
 
 
-async def send_keepalive(conn: asyncssh.SSHServerConnection, *, timeout: float | None = None,
-                         name: str = "keepalive@openssh.com") -> KeepaliveResult:
-    """Send a want_reply global request and wait for the client's answer.
+async def send_keepalive(conn: asyncssh.SSHServerConnection, *,
+                         timeout: float | None = None) -> KeepaliveResult:
+    """Send keepalive@openssh.com with want_reply and wait for the client's answer.
 
     asyncssh holds server global requests until authentication completes.  A late
     answer after TIMEOUT is consumed harmlessly (the waiter is just cancelled).
@@ -1045,7 +1020,7 @@ async def send_keepalive(conn: asyncssh.SSHServerConnection, *, timeout: float |
     try:
         async with asyncio.timeout(timeout):
             # REACH-IN: SSHConnection._make_global_request -> (pkttype, packet)
-            pkttype, _ = await conn._make_global_request(name.encode("ascii"))
+            pkttype, _ = await conn._make_global_request(b"keepalive@openssh.com")
     except TimeoutError:
         return KeepaliveResult.TIMEOUT
     # On close asyncssh resolves pending waiters with a fake REQUEST_FAILURE.

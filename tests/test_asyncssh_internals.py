@@ -57,7 +57,6 @@ from sshspec.adapters.asyncssh_internals import (
     SignalRequest,
     WindowChange,
     decode_request,
-    hook_state,
     install_hooks,
     is_login_timeout,
     send_keepalive,
@@ -127,6 +126,17 @@ def test_full_compat_check_passes() -> None:
 # --------------------------------------------------------------------------- harness
 
 
+def phase_of(state: ai.HookState) -> str:
+    """How far a connection got (HACKS.md section 4), from the hooks' bookkeeping."""
+    if state.authenticated:
+        return "connected"
+    if state.kex_count:
+        return "auth"
+    if state.conn.get_extra_info("client_version") is not None:
+        return "kex"
+    return "version"
+
+
 class Ctx:
     """Per-test recorder.  Created inside the running loop."""
 
@@ -139,6 +149,7 @@ class Ctx:
         self.auth_completed: asyncio.Future[None] = loop.create_future()
         self.sessions: list[AdapterSession] = []
         self.session_made: asyncio.Future[AdapterSession] = loop.create_future()
+        self.hook_states: dict[asyncssh.SSHServerConnection, ai.HookState] = {}
 
     def future(self) -> asyncio.Future[Any]:
         return self.loop.create_future()
@@ -248,13 +259,14 @@ class HookServer(asyncssh.SSHServer, ConnectionHooks):
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self.conn = conn
-        install_hooks(conn, self, max_pending_global=self.max_pending_global)
+        self.ctx.hook_states[conn] = install_hooks(conn, self,
+                                                   max_pending_global=self.max_pending_global)
         self.ctx.conns.append(conn)
         settle(self.ctx.conn_made, conn)
 
     def connection_lost(self, exc: Exception | None) -> None:
         assert self.conn is not None
-        settle(self.ctx.lost, (exc, hook_state(self.conn).phase))
+        settle(self.ctx.lost, (exc, phase_of(self.ctx.hook_states[self.conn])))
 
     def begin_auth(self, username: str) -> bool:
         return False
@@ -1195,10 +1207,12 @@ def test_adapter_disconnect_code_2_seen_by_paramiko(caplog: pytest.LogCaptureFix
             def validate_password(self, username: str, password: str) -> bool:
                 return False
 
+            failures = 0
+
             def on_auth_result(self, conn: asyncssh.SSHServerConnection,
                                res: AuthResult) -> None:
-                assert self.conn is not None
-                if res.kind == "failure" and hook_state(self.conn).auth_failures >= 3:
+                self.failures += res.kind == "failure"
+                if res.kind == "failure" and self.failures >= 3:
                     conn.disconnect(asyncssh.DISC_PROTOCOL_ERROR,
                                     "too many authentication failures")
 
@@ -1354,7 +1368,7 @@ def test_login_timeout_covers_version_kex_and_auth_stalls(stall: str) -> None:
             else:
                 reader, writer = await asyncio.open_connection("127.0.0.1", port)
                 conn = await ctx.conn_made  # TCP accepted: connection_made, pre-version
-                assert hook_state(conn).phase == "version"
+                assert phase_of(ctx.hook_states[conn]) == "version"
                 if stall == "kex":
                     writer.write(b"SSH-2.0-stalling\r\n")
                 received = await reader.read()  # until the server closes
@@ -1378,14 +1392,14 @@ def test_key_exchange_failure_and_normal_lifecycle_phases() -> None:
         class Server(AuthServer):
             def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
                 super().connection_made(conn)
-                trace.append(("connection_made", hook_state(conn).phase))
+                trace.append(("connection_made", phase_of(ctx.hook_states[conn])))
 
             def on_kex_done(self, conn: asyncssh.SSHServerConnection, count: int) -> None:
-                trace.append((f"kex_done {count}", hook_state(conn).phase))
+                trace.append((f"kex_done {count}", phase_of(ctx.hook_states[conn])))
 
             def auth_completed(self) -> None:
                 assert self.conn is not None
-                trace.append(("auth_completed", hook_state(self.conn).phase))
+                trace.append(("auth_completed", phase_of(ctx.hook_states[self.conn])))
                 super().auth_completed()
 
         async with serve(ctx, lambda: Server(ctx)) as port:
