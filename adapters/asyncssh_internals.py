@@ -1187,6 +1187,8 @@ def check_asyncssh_compat() -> list[str]:
     if _Chan._packet_handlers.get(MSG_CHANNEL_REQUEST) is not getattr(_Chan, "_process_request",
                                                                        None):
         problems.append("SSHServerChannel._packet_handlers[98] is not _process_request")
+    if _CHAN_CLOSE is not getattr(_Chan, "_process_close", None):  # what _hk_process_close calls
+        problems.append("SSHServerChannel._packet_handlers[97] is not _process_close")
     return problems
 
 
