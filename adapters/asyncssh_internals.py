@@ -9,11 +9,10 @@ Vetted against asyncssh >=2.24.1,<2.25 by tests/test_asyncssh_internals.py.
 What the module gives the adapter:
 
 * `HookedServerChannel` - a session channel that hands EVERY incoming
-  SSH_MSG_CHANNEL_REQUEST (known, unknown, malformed) to one callback, which
-  returns a verdict (bool, or an awaitable of one).  Requests are handled one at
-  a time in arrival order, so replies go out in order (RFC 4254 5.4), and a
-  malformed request never costs the channel or the connection.  The queue is
-  bounded (`max_pending`).  Replies that cannot be sent are reported.
+  SSH_MSG_CHANNEL_REQUEST (known, unknown, malformed) to one callback, at
+  arrival, so a malformed request never costs the channel or the connection;
+  `reply(ok)` answers (returning why it could not), `start_io()` lets data flow
+  once a program started.  Which request is answered when is the caller's.
   `decode_request` turns a request's payload into a typed record (read by
   asyncssh's own packet decoder) and raises `RequestDecodeError` on anything
   malformed.
@@ -1094,7 +1093,6 @@ REACH_INS: tuple[ReachIn, ...] = (
     ReachIn(_Chan, "_process_request", ("_pkttype", "_pktid", "packet")),
     ReachIn(_Chan, "_recv_state", attr_in=SSHChannel.__init__),
     ReachIn(_Chan, "_send_state", attr_in=SSHChannel.__init__),
-    ReachIn(_Chan, "_session", attr_in=SSHChannel.__init__),
     ReachIn(_Chan, "_conn", attr_in=SSHChannel.__init__),
     ReachIn(_Chan, "_recv_buf", attr_in=SSHChannel.__init__),
     ReachIn(_Chan, "_process_close", ("_pkttype", "_pktid", "packet"),
