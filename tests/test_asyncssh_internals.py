@@ -35,6 +35,8 @@ from paramiko.common import (
     cMSG_USERAUTH_REQUEST,
 )
 from paramiko.message import Message
+from send_breaker import REACH_INS as SEND_BREAKER_REACH_INS
+from send_breaker import BreakMode, break_send
 
 from sshspec.adapters import asyncssh_internals as ai
 from sshspec.adapters.asyncssh_internals import (
@@ -55,7 +57,6 @@ from sshspec.adapters.asyncssh_internals import (
     SignalRequest,
     WindowChange,
     decode_request,
-    hook_state,
     install_hooks,
     is_login_timeout,
     send_keepalive,
@@ -98,6 +99,14 @@ def test_reach_in_still_matches_installed_asyncssh(item: ai.ReachIn) -> None:
     assert problem is None, f"asyncssh internals changed: {problem} (see HACKS.md)"
 
 
+@pytest.mark.parametrize("item", SEND_BREAKER_REACH_INS,
+                         ids=lambda i: f"{i.owner.__name__}.{i.name}: {i.source_has or 'signature'}")
+def test_send_breaker_reach_in_still_matches_installed_asyncssh(item: ai.ReachIn) -> None:
+    """tests/send_breaker.py (failure injection, HACKS.md section 6) is a tests-only reach-in."""
+    problem = ai.check_reach_in(item)
+    assert problem is None, f"asyncssh internals changed: {problem} (see HACKS.md section 6)"
+
+
 def test_compat_checker_reports_missing_and_changed_things() -> None:
     conn_cls = asyncssh.SSHServerConnection
     assert "missing" in (ai.check_reach_in(ai.ReachIn(conn_cls, "_no_such_thing", ())) or "")
@@ -117,6 +126,17 @@ def test_full_compat_check_passes() -> None:
 # --------------------------------------------------------------------------- harness
 
 
+def phase_of(state: ai.HookState) -> str:
+    """How far a connection got (HACKS.md section 4), from the hooks' bookkeeping."""
+    if state.authenticated:
+        return "connected"
+    if state.kex_count:
+        return "auth"
+    if state.conn.get_extra_info("client_version") is not None:
+        return "kex"
+    return "version"
+
+
 class Ctx:
     """Per-test recorder.  Created inside the running loop."""
 
@@ -129,6 +149,7 @@ class Ctx:
         self.auth_completed: asyncio.Future[None] = loop.create_future()
         self.sessions: list[AdapterSession] = []
         self.session_made: asyncio.Future[AdapterSession] = loop.create_future()
+        self.hook_states: dict[asyncssh.SSHServerConnection, ai.HookState] = {}
 
     def future(self) -> asyncio.Future[Any]:
         return self.loop.create_future()
@@ -238,13 +259,14 @@ class HookServer(asyncssh.SSHServer, ConnectionHooks):
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self.conn = conn
-        install_hooks(conn, self, max_pending_global=self.max_pending_global)
+        self.ctx.hook_states[conn] = install_hooks(conn, self,
+                                                   max_pending_global=self.max_pending_global)
         self.ctx.conns.append(conn)
         settle(self.ctx.conn_made, conn)
 
     def connection_lost(self, exc: Exception | None) -> None:
         assert self.conn is not None
-        settle(self.ctx.lost, (exc, hook_state(self.conn).phase))
+        settle(self.ctx.lost, (exc, phase_of(self.ctx.hook_states[self.conn])))
 
     def begin_auth(self, username: str) -> bool:
         return False
@@ -531,7 +553,7 @@ def test_other_standard_requests_reach_the_callback_decoded() -> None:
 
 
 @settings(max_examples=300, deadline=None)
-@given(request_type=st.sampled_from(sorted(ai.REQUEST_DECODERS)), payload=st.binary(max_size=64))
+@given(request_type=st.sampled_from(sorted(ai._DECODERS)), payload=st.binary(max_size=64))
 def test_decoders_never_raise_anything_but_request_decode_error(request_type: str,
                                                                payload: bytes) -> None:
     req = ChannelRequest(0, request_type, request_type.encode(), True, payload)
@@ -556,7 +578,7 @@ def test_decoders_reject_trailing_bytes_and_accept_exact_payloads() -> None:
         "auth-agent-req@openssh.com": b"",
         "keepalive@openssh.com": b"",
     }
-    assert set(good) == set(ai.REQUEST_DECODERS)
+    assert set(good) == set(ai._DECODERS)
     for name, payload in good.items():
         req = ChannelRequest(0, name, name.encode(), True, payload)
         assert decode_request(req) is not None
@@ -628,7 +650,7 @@ def test_broken_send_of_request_reply_raise_mode_is_reported_and_connection_surv
         async with serve(ctx, lambda: Server(ctx)) as port, await aconnect(port) as conn:
             chan, _ = await exec_session(conn)
             server_conn = await ctx.conn_made
-            undo = ai._break_send_for_tests(server_conn, pkttype=ai.MSG_CHANNEL_SUCCESS)
+            undo = break_send(server_conn, pkttype=ai.MSG_CHANNEL_SUCCESS)
             lost_reply = asyncio.ensure_future(chan._make_request(b"x@example.com"))
             failure = await reported
             undo()
@@ -657,8 +679,8 @@ def test_broken_send_lose_connection_mode_reaches_connection_lost() -> None:
 
         async with serve(ctx, lambda: Server(ctx)) as port, await aconnect(port) as conn:
             chan, _ = await exec_session(conn)
-            ai._break_send_for_tests(await ctx.conn_made, pkttype=ai.MSG_CHANNEL_FAILURE,
-                                     mode="lose_connection", error=boom)
+            break_send(await ctx.conn_made, pkttype=ai.MSG_CHANNEL_FAILURE,
+                       mode="lose_connection", error=boom)
             [outcome] = await asyncio.gather(chan._make_request(b"x@example.com"),
                                              return_exceptions=True)
             assert isinstance(outcome, asyncssh.ConnectionLost)  # client: socket closed
@@ -673,7 +695,7 @@ def test_broken_send_lose_connection_mode_reaches_connection_lost() -> None:
 
 
 @pytest.mark.parametrize("mode", ["raise", "lose_connection"])
-def test_broken_send_of_exit_status(mode: ai.BreakMode) -> None:
+def test_broken_send_of_exit_status(mode: BreakMode) -> None:
     async def main() -> None:
         ctx = Ctx()
         exit_error: asyncio.Future[BaseException | None] = ctx.future()
@@ -686,9 +708,8 @@ def test_broken_send_of_exit_status(mode: ai.BreakMode) -> None:
 
                 def finish() -> None:
                     assert self.conn is not None
-                    ai._break_send_for_tests(self.conn, pkttype=ai.MSG_CHANNEL_REQUEST,
-                                             channel_request="exit-status", mode=mode,
-                                             error=boom)
+                    break_send(self.conn, pkttype=ai.MSG_CHANNEL_REQUEST,
+                               channel_request="exit-status", mode=mode, error=boom)
                     try:
                         chan.exit(7)
                     except OSError as exc:
@@ -1186,10 +1207,12 @@ def test_adapter_disconnect_code_2_seen_by_paramiko(caplog: pytest.LogCaptureFix
             def validate_password(self, username: str, password: str) -> bool:
                 return False
 
+            failures = 0
+
             def on_auth_result(self, conn: asyncssh.SSHServerConnection,
                                res: AuthResult) -> None:
-                assert self.conn is not None
-                if res.kind == "failure" and hook_state(self.conn).auth_failures >= 3:
+                self.failures += res.kind == "failure"
+                if res.kind == "failure" and self.failures >= 3:
                     conn.disconnect(asyncssh.DISC_PROTOCOL_ERROR,
                                     "too many authentication failures")
 
@@ -1345,7 +1368,7 @@ def test_login_timeout_covers_version_kex_and_auth_stalls(stall: str) -> None:
             else:
                 reader, writer = await asyncio.open_connection("127.0.0.1", port)
                 conn = await ctx.conn_made  # TCP accepted: connection_made, pre-version
-                assert hook_state(conn).phase == "version"
+                assert phase_of(ctx.hook_states[conn]) == "version"
                 if stall == "kex":
                     writer.write(b"SSH-2.0-stalling\r\n")
                 received = await reader.read()  # until the server closes
@@ -1369,14 +1392,14 @@ def test_key_exchange_failure_and_normal_lifecycle_phases() -> None:
         class Server(AuthServer):
             def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
                 super().connection_made(conn)
-                trace.append(("connection_made", hook_state(conn).phase))
+                trace.append(("connection_made", phase_of(ctx.hook_states[conn])))
 
             def on_kex_done(self, conn: asyncssh.SSHServerConnection, count: int) -> None:
-                trace.append((f"kex_done {count}", hook_state(conn).phase))
+                trace.append((f"kex_done {count}", phase_of(ctx.hook_states[conn])))
 
             def auth_completed(self) -> None:
                 assert self.conn is not None
-                trace.append(("auth_completed", hook_state(self.conn).phase))
+                trace.append(("auth_completed", phase_of(ctx.hook_states[self.conn])))
                 super().auth_completed()
 
         async with serve(ctx, lambda: Server(ctx)) as port:
