@@ -159,6 +159,8 @@ class LogTail:
                 continue
             record = json.loads(line)
             labels = record.get("labels", {})
+            if record["code"] == "SSH_SPEC_VIOLATION":  # never a legitimate outcome, whatever the oracle says
+                raise AssertionError(f"the server reached a pair its spec calls impossible: {labels}")
             cid = labels.get("connectionId")
             if cid is None:
                 continue

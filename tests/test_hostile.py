@@ -225,9 +225,10 @@ def test_malformed_channel_requests_after_auth(inert: LiveServer) -> None:
 
     one()
     # The channel still works, and so does the other connection.
+    before = len(client.channel_replies)  # counted before sending: both replies may be in at once
     client.channel_request(chan, "window-change", struct.pack(">IIII", 80, 24, 0, 0))
-    client.channel_request(other_chan, "env", ssh_string("A") + ssh_string("b"))
-    client.wait_replies(channel=len(client.channel_replies) + 1)
+    client.channel_request(chan, "env", ssh_string("A") + ssh_string("b"))
+    client.wait_replies(channel=before + 2)
     other.channel_request(other_chan, "env", ssh_string("A") + ssh_string("b"))
     other.wait_replies(channel=1)
     assert other.channel_replies == [(other_chan.get_id(), True)]
