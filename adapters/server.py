@@ -196,14 +196,22 @@ class SpecSession(asyncssh.SSHServerSession[bytes]):
             return
         self.conn.handle(core.ProgramEnded(self.channel_id, status.code, status.signal, status.core_dumped))
 
-    async def send_exit(self, action: core.SendExit) -> None:
+    def send_exit(self, action: core.SendExit) -> None:
+        # Output first, then EOF, then the status: while asyncssh holds output
+        # back for the client's window, wait until its send buffer is empty.
+        if self._paused:
+            self.conn._task(self._send_exit_drained(action))
+        else:
+            self._exit(action)
+
+    async def _send_exit_drained(self, action: core.SendExit) -> None:
+        self._resumed = asyncio.get_running_loop().create_future()
+        await self._resumed
+        self._exit(action)
+
+    def _exit(self, action: core.SendExit) -> None:
         chan = self.chan
         assert chan is not None
-        # Output first, then EOF, then the status: wait until asyncssh's send
-        # buffer (held back by the client's window) is empty.
-        if self._paused:
-            self._resumed = asyncio.get_running_loop().create_future()
-            await self._resumed
         try:
             chan.write_eof()
             if action.signal is None:
@@ -221,7 +229,6 @@ class SpecSession(asyncssh.SSHServerSession[bytes]):
 # --- one connection -----------------------------------------------------------------------
 
 _connection_ids = itertools.count(1)
-_LOST = {True: core.Lost.login_timeout}
 
 
 class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
@@ -355,7 +362,7 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
         self.sessions[action.channel].handler.stdin_eof()
 
     def _send_exit(self, action: core.SendExit) -> None:
-        self._task(self.sessions[action.channel].send_exit(action))
+        self.sessions[action.channel].send_exit(action)
 
     def _end_program(self, action: core.EndProgram) -> None:
         session = self.sessions.get(action.channel)

@@ -37,6 +37,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import msgspec
+
 from sshspec.fsm.machine import Machine, Step
 from sshspec.fsm.spec import LoadedSpec, load_spec
 
@@ -272,6 +274,12 @@ AUTH_METHODS: dict[str, ConnectionEvent] = {
 }
 
 
+class _Message(msgspec.Struct, frozen=True, gc=False):
+    """An event or an action: immutable, compared by value, cheap to make (each
+    connection makes a few dozen; msgspec builds them in C). Subclasses say
+    frozen=True again for mypy."""
+
+
 class Lost(enum.StrEnum):
     """How the transport ended."""
 
@@ -280,26 +288,22 @@ class Lost(enum.StrEnum):
     protocol_error = "protocol_error"
 
 
-@dataclass(frozen=True, slots=True)
-class Connected:
+class Connected(_Message, frozen=True):
     """The adapter took over the admitted socket."""
 
 
-@dataclass(frozen=True, slots=True)
-class KexDone:
+class KexDone(_Message, frozen=True):
     count: int  # the first key exchange lets authentication begin; re-keys change nothing
 
 
-@dataclass(frozen=True, slots=True)
-class AuthRequested:
+class AuthRequested(_Message, frozen=True):
     """A USERAUTH_REQUEST. ``signed``: publickey with a signature (None: not publickey)."""
 
     method: str
     signed: bool | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class Credentials:
+class Credentials(_Message, frozen=True):
     """The handler's verdict on an attempt's credentials (password, kbd-int response)."""
 
     verdict: object  # checked here: anything but ok/bad/unavailable is a handler error
@@ -307,16 +311,14 @@ class Credentials:
     reason: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class KeyChecked:
+class KeyChecked(_Message, frozen=True):
     """The handler's verdict on a public key (a query, or before a signature is checked)."""
 
     verdict: object
     reason: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class AuthAnswered:
+class AuthAnswered(_Message, frozen=True):
     """The SSH layer is about to answer an auth request: success, failure, or
     superseded (a newer request came first; the old one gets no answer)."""
 
@@ -324,21 +326,18 @@ class AuthAnswered:
     method: str | None
 
 
-@dataclass(frozen=True, slots=True)
-class KbdintChallenge:
+class KbdintChallenge(_Message, frozen=True):
     """Whether the handler offers keyboard-interactive for this user."""
 
     supported: object
     reason: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class KbdintResponse:
+class KbdintResponse(_Message, frozen=True):
     """USERAUTH_INFO_RESPONSE to our challenge."""
 
 
-@dataclass(frozen=True, slots=True)
-class UserVerdict:
+class UserVerdict(_Message, frozen=True):
     """The backend's verdict on the authenticated user."""
 
     accepted: object
@@ -346,34 +345,29 @@ class UserVerdict:
     reason: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class AuthCompleted:
+class AuthCompleted(_Message, frozen=True):
     """The SSH layer finished authentication (USERAUTH_SUCCESS went out)."""
 
     now: float
 
 
-@dataclass(frozen=True, slots=True)
-class GlobalRequest:
+class GlobalRequest(_Message, frozen=True):
     name: str
     malformed: str | None = None
     overflow: bool = False  # beyond the SSH layer's queue bound: refused at arrival
 
 
-@dataclass(frozen=True, slots=True)
-class ChannelOpen:
+class ChannelOpen(_Message, frozen=True):
     kind: str
     malformed: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class SessionOpenFailed:
+class SessionOpenFailed(_Message, frozen=True):
     channel: int
     reason: str
 
 
-@dataclass(frozen=True, slots=True)
-class ChannelRequest:
+class ChannelRequest(_Message, frozen=True):
     """A CHANNEL_REQUEST, decoded by the adapter (``payload``) or not (``malformed``)."""
 
     channel: int
@@ -383,8 +377,7 @@ class ChannelRequest:
     malformed: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class RequestDone:
+class RequestDone(_Message, frozen=True):
     """The backend decided the request the core asked it about."""
 
     channel: int
@@ -392,20 +385,17 @@ class RequestDone:
     reason: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class IoStarted:
+class IoStarted(_Message, frozen=True):
     """The program's I/O flows (the answer to `ProgramStarted`)."""
 
     channel: int
 
 
-@dataclass(frozen=True, slots=True)
-class ClientEof:
+class ClientEof(_Message, frozen=True):
     channel: int
 
 
-@dataclass(frozen=True, slots=True)
-class ProgramEnded:
+class ProgramEnded(_Message, frozen=True):
     channel: int
     exit_code: int | None
     signal: str | None = None
@@ -413,44 +403,37 @@ class ProgramEnded:
     reason: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class ExitSendFailed:
+class ExitSendFailed(_Message, frozen=True):
     channel: int
     reason: str
 
 
-@dataclass(frozen=True, slots=True)
-class ChannelReplied:
+class ChannelReplied(_Message, frozen=True):
     """How a `ChannelReply` went: sent (``problem`` None), or why it could not be."""
 
     channel: int
     problem: str | None
 
 
-@dataclass(frozen=True, slots=True)
-class GlobalReplyFailed:
+class GlobalReplyFailed(_Message, frozen=True):
     reason: str
 
 
-@dataclass(frozen=True, slots=True)
-class ChannelClosed:
+class ChannelClosed(_Message, frozen=True):
     channel: int
     reason: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class KeepaliveResult:
+class KeepaliveResult(_Message, frozen=True):
     answered: bool
     now: float
 
 
-@dataclass(frozen=True, slots=True)
-class Shutdown:
+class Shutdown(_Message, frozen=True):
     """The server is shutting down."""
 
 
-@dataclass(frozen=True, slots=True)
-class ConnectionLost:
+class ConnectionLost(_Message, frozen=True):
     how: Lost
     reason: str
 
@@ -490,14 +473,12 @@ DISCONNECT_PROTOCOL_ERROR, DISCONNECT_BY_APPLICATION, DISCONNECT_NO_MORE_AUTH_ME
 OPEN_ADMINISTRATIVELY_PROHIBITED, OPEN_CONNECT_FAILED, OPEN_UNKNOWN_CHANNEL_TYPE = 1, 2, 3
 
 
-@dataclass(frozen=True, slots=True)
-class Disconnect:
+class Disconnect(_Message, frozen=True):
     code: int
     description: str
 
 
-@dataclass(frozen=True, slots=True)
-class AuthAnswer:
+class AuthAnswer(_Message, frozen=True):
     """How the pending auth request is answered: success, pk_ok and a challenge
     are `ok`; a failure is not."""
 
@@ -508,77 +489,66 @@ class AuthAnswer:
         return self.reply is not ConnectionReply.auth_failure
 
 
-@dataclass(frozen=True, slots=True)
-class KeyAcceptable:
+class KeyAcceptable(_Message, frozen=True):
     """A signed publickey attempt: whether the key may sign (the SSH layer then
     checks the signature and answers; `AuthAnswered` follows)."""
 
     ok: bool
 
 
-@dataclass(frozen=True, slots=True)
-class CheckCredentials:
+class CheckCredentials(_Message, frozen=True):
     """Ask the handler about the credentials of the attempt being checked; answer
     with `Credentials`."""
 
     method: str
 
 
-@dataclass(frozen=True, slots=True)
-class AdmitUser:
+class AdmitUser(_Message, frozen=True):
     """Ask the backend whether the authenticated user may in; answer with `UserVerdict`."""
 
     method: str
 
 
-@dataclass(frozen=True, slots=True)
-class GlobalReply:
+class GlobalReply(_Message, frozen=True):
     ok: bool
 
 
-@dataclass(frozen=True, slots=True)
-class OpenSession:
+class OpenSession(_Message, frozen=True):
     """Make the backend's session for this channel (it fails with `SessionOpenFailed`)."""
 
     channel: int
 
 
-@dataclass(frozen=True, slots=True)
-class RejectOpen:
+class RejectOpen(_Message, frozen=True):
     code: int
     description: str
 
 
-@dataclass(frozen=True, slots=True)
-class SendKeepalive:
+class SendKeepalive(_Message, frozen=True):
     timeout: float
 
 
-@dataclass(frozen=True, slots=True)
-class AskBackend:
+class AskBackend(_Message, frozen=True):
     """Ask the session's backend about a request; answer with `RequestDone`."""
 
     channel: int
     request: ChannelRequest
 
 
-@dataclass(frozen=True, slots=True)
-class StartProgram:
+class StartProgram(_Message, frozen=True):
     """Start the program a shell/exec/subsystem request names; answer with `RequestDone`."""
 
     channel: int
     request: ChannelRequest
 
 
-@dataclass(frozen=True, slots=True)
-class ChannelReply:
+class ChannelReply(_Message, frozen=True):
     channel: int
     ok: bool
     request_type: str | None  # None: an overflowed request's (not kept)
 
 
-@dataclass(frozen=True, slots=True)
-class ProgramStarted:
+class ProgramStarted(_Message, frozen=True):
     """The client has the start's SUCCESS: the program's I/O and its end may flow now.
     Answer with `IoStarted` once it does: what the SSH layer held for the program
     (data, the client's EOF) arrives first, before the next request is decided."""
@@ -586,13 +556,11 @@ class ProgramStarted:
     channel: int
 
 
-@dataclass(frozen=True, slots=True)
-class CloseStdin:
+class CloseStdin(_Message, frozen=True):
     channel: int
 
 
-@dataclass(frozen=True, slots=True)
-class SendExit:
+class SendExit(_Message, frozen=True):
     """Drain the program's output, send EOF, the exit status or signal, then close."""
 
     channel: int
@@ -601,29 +569,25 @@ class SendExit:
     core_dumped: bool
 
 
-@dataclass(frozen=True, slots=True)
-class EndProgram:
+class EndProgram(_Message, frozen=True):
     """The channel is closed (or closing): end its program if it still runs."""
 
     channel: int
 
 
-@dataclass(frozen=True, slots=True)
-class TerminateProgram:
+class TerminateProgram(_Message, frozen=True):
     """Shutdown: ask the program to end (SIGTERM); its exit status still goes out."""
 
     channel: int
 
 
-@dataclass(frozen=True, slots=True)
-class CloseChannel:
+class CloseChannel(_Message, frozen=True):
     """Close a channel that runs no program (shutdown, or a channel's spec violation)."""
 
     channel: int
 
 
-@dataclass(frozen=True, slots=True)
-class ConnectionEnded:
+class ConnectionEnded(_Message, frozen=True):
     """The connection machine reached its final state: release everything."""
 
 
