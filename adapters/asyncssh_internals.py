@@ -94,6 +94,8 @@ MSG_GLOBAL_REQUEST = 80
 MSG_REQUEST_SUCCESS = 81
 MSG_REQUEST_FAILURE = 82
 MSG_CHANNEL_OPEN = 90
+MSG_CHANNEL_WINDOW_ADJUST = 93
+MAX_WINDOW = 0xFFFFFFFF  # RFC 4254 5.2: a window never exceeds 2^32 - 1 bytes
 MSG_CHANNEL_CLOSE = 97
 MSG_CHANNEL_REQUEST = 98
 MSG_CHANNEL_SUCCESS = 99
@@ -452,6 +454,7 @@ RequestCallback: TypeAlias = Callable[["HookedServerChannel", ChannelRequest], N
 
 
 _CHAN_CLOSE = asyncssh.SSHServerChannel._packet_handlers[MSG_CHANNEL_CLOSE]
+_CHAN_WINDOW_ADJUST = asyncssh.SSHServerChannel._packet_handlers[MSG_CHANNEL_WINDOW_ADJUST]
 
 
 class HookedServerChannel(asyncssh.SSHServerChannel[bytes]):
@@ -518,10 +521,19 @@ class HookedServerChannel(asyncssh.SSHServerChannel[bytes]):
             self._recv_buf.clear()  # REACH-IN: SSHChannel._recv_buf
         _CHAN_CLOSE(self, pkttype, pktid, packet)
 
+    def _hk_process_window_adjust(self, pkttype: int, pktid: int, packet: SSHPacket) -> None:
+        # asyncssh adds any adjust to the window: a client could grant itself more
+        # than 2^32 - 1 bytes, which RFC 4254 forbids and OpenSSH treats as fatal.
+        payload = packet.get_remaining_payload()
+        if len(payload) >= 4 and self._send_window + int.from_bytes(payload[:4]) > MAX_WINDOW:  # REACH-IN
+            raise asyncssh.ProtocolError("Window adjust overflows the channel window")
+        _CHAN_WINDOW_ADJUST(self, pkttype, pktid, packet)
+
     _packet_handlers = {
         **asyncssh.SSHServerChannel._packet_handlers,
         MSG_CHANNEL_REQUEST: _hk_process_request,
         MSG_CHANNEL_CLOSE: _hk_process_close,
+        MSG_CHANNEL_WINDOW_ADJUST: _hk_process_window_adjust,
     }
 
     def start_io(self) -> None:
@@ -1095,6 +1107,9 @@ REACH_INS: tuple[ReachIn, ...] = (
     ReachIn(_Chan, "_send_state", attr_in=SSHChannel.__init__),
     ReachIn(_Chan, "_conn", attr_in=SSHChannel.__init__),
     ReachIn(_Chan, "_recv_buf", attr_in=SSHChannel.__init__),
+    ReachIn(_Chan, "_send_window", attr_in=SSHChannel.__init__),
+    ReachIn(_Chan, "_process_window_adjust", ("_pkttype", "_pktid", "packet"),
+            source_has="self._send_window += adjust"),
     ReachIn(_Chan, "_process_close", ("_pkttype", "_pktid", "packet"),
             source_has="self._flush_recv_buf()"),
     ReachIn(_Chan, "_flush_recv_buf", ("exc",), source_has="self._recv_paused != 'starting'"),
@@ -1187,6 +1202,8 @@ def check_asyncssh_compat() -> list[str]:
         problems.append("SSHServerChannel._packet_handlers[98] is not _process_request")
     if _CHAN_CLOSE is not getattr(_Chan, "_process_close", None):  # what _hk_process_close calls
         problems.append("SSHServerChannel._packet_handlers[97] is not _process_close")
+    if _CHAN_WINDOW_ADJUST is not getattr(_Chan, "_process_window_adjust", None):
+        problems.append("SSHServerChannel._packet_handlers[93] is not _process_window_adjust")
     return problems
 
 

@@ -419,6 +419,30 @@ def test_truncated_channel_header_is_a_protocol_error(inert: LiveServer) -> None
     check_log(live)
 
 
+def test_a_window_adjust_past_2_32_is_a_protocol_error(inert: LiveServer) -> None:
+    """RFC 4254 5.2 caps a window at 2^32 - 1 bytes: an adjust within it is taken, one
+    past it ends the connection as a protocol error (as OpenSSH does); the server goes on."""
+    live = inert
+    client = RawClient.login(live.port)
+    addr = local_addr(client.transport.sock)
+    chan = client.open_session()
+    recipient = struct.pack(">I", chan.remote_chanid)
+    client.send(bytes([93]) + recipient + struct.pack(">I", 1 << 20))  # 2 MiB in all: fine
+    client.channel_request(chan, "env", ssh_string("A") + ssh_string("b"))
+    client.wait_replies(channel=1)
+    assert client.transport.is_active()
+    client.send(bytes([93]) + recipient + struct.pack(">I", 0xFFFFFFFF))
+    wait_until(lambda: not client.transport.is_active(), 10, "the disconnect")
+    records = live.wait_for_code("SSH_DISCONNECTED")
+    cid = connection_of(records, addr)
+    mine = [r for r in records if r["labels"].get("connectionId") == cid]
+    assert mine[-1]["code"] == "SSH_DISCONNECTED", mine
+    assert mine[-1]["labels"]["event"] == "protocol_error"
+    assert "Window adjust overflows" in mine[-1]["labels"]["reason"]
+    good_login_works(live)
+    check_log(live)
+
+
 def test_oversized_packets(inert: LiveServer) -> None:
     """A 200 KiB channel request is decoded and answered (the inert handler takes
     any env); a packet over asyncssh's 256 KiB limit is a protocol error that
