@@ -620,6 +620,10 @@ class ConnectionHooks:
     def on_reply_failed(self, conn: asyncssh.SSHServerConnection, failure: ReplyFailure) -> None:
         """A global-request reply was owed but could not be sent."""
 
+    def on_transport_paused(self, conn: asyncssh.SSHServerConnection, paused: bool) -> None:
+        """The socket's write buffer passed its high-water mark (True) or fell below its
+        low-water mark (False): the peer is not reading, whatever window it granted."""
+
 
 @dataclass(eq=False)
 class HookState:
@@ -997,6 +1001,14 @@ def install_hooks(conn: asyncssh.SSHServerConnection, hooks: ConnectionHooks, *,
         # (shadowed on the instance: mypy's method-assign is the point).
         conn.reload_config = _no_config_reload  # type: ignore[method-assign]
     _hook_auth_answers(state)
+    # REACH-IN: asyncio tells the protocol (the SSHConnection) when its write buffer
+    # passes the high-water mark; asyncssh's pause_writing/resume_writing do nothing
+    # ("for now"), so a peer with a huge window that stops reading made the buffer
+    # grow without bound. Instance attributes hand the news to the hooks.
+    conn.pause_writing = functools.partial(_call_hook, "on_transport_paused",  # type: ignore[method-assign]
+                                           hooks.on_transport_paused, conn, True)
+    conn.resume_writing = functools.partial(_call_hook, "on_transport_paused",  # type: ignore[method-assign]
+                                            hooks.on_transport_paused, conn, False)
     conn.set_extra_info(**{_STATE_KEY: state})
     return state
 
@@ -1108,6 +1120,8 @@ REACH_INS: tuple[ReachIn, ...] = (
     ReachIn(_Chan, "_conn", attr_in=SSHChannel.__init__),
     ReachIn(_Chan, "_recv_buf", attr_in=SSHChannel.__init__),
     ReachIn(_Chan, "_send_window", attr_in=SSHChannel.__init__),
+    ReachIn(_Conn, "pause_writing", (), source_has="# Do nothing with this for now"),
+    ReachIn(_Conn, "resume_writing", (), source_has="# Do nothing with this for now"),
     ReachIn(_Chan, "_process_window_adjust", ("_pkttype", "_pktid", "packet"),
             source_has="self._send_window += adjust"),
     ReachIn(_Chan, "_process_close", ("_pkttype", "_pktid", "packet"),

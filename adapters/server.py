@@ -89,6 +89,7 @@ class SpecSession(asyncssh.SSHServerSession[bytes]):
         self.handler = handler
         self.chan: internals.HookedServerChannel | None = None
         self._paused = False  # asyncssh holds output for the client's window
+        self._transport_paused = False  # the socket's buffer is full: the client is not reading
         self._resumed: asyncio.Future[None] | None = None  # made only when someone waits
         self._waiter: asyncio.Task[None] | None = None
 
@@ -117,12 +118,23 @@ class SpecSession(asyncssh.SSHServerSession[bytes]):
         return True  # half-close: output may still flow
 
     def pause_writing(self) -> None:
+        if not (self._paused or self._transport_paused):
+            self.handler.pause_output()
         self._paused = True
-        self.handler.pause_output()
 
     def resume_writing(self) -> None:
         self._wake()
-        self.handler.resume_output()
+        if not self._transport_paused:
+            self.handler.resume_output()
+
+    def transport_paused(self, paused: bool) -> None:
+        # The program's output waits for the client's window (pause_writing) and for
+        # the socket (this), whichever is full: neither is buffered without bound.
+        if paused and not (self._paused or self._transport_paused):
+            self.handler.pause_output()
+        elif not paused and self._transport_paused and not self._paused:
+            self.handler.resume_output()
+        self._transport_paused = paused
 
     def _wake(self) -> None:
         self._paused = False
@@ -245,6 +257,7 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
         self.backend: ConnectionHandler | None = None
         self.sessions: dict[int, SpecSession] = {}
         self.admitted = False
+        self.transport_paused = False  # the socket's write buffer is past its high-water mark
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -330,6 +343,7 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
             reason = reason or f"handler error: session() returned {handler!r}"
             return core.SessionOpenFailed(action.channel, reason)
         session = SpecSession(self, action.channel, handler)  # type: ignore[arg-type]  # a SessionHandler by the API
+        session._transport_paused = self.transport_paused
         session.chan = internals.HookedServerChannel(self.conn, session.on_request)
         self.sessions[action.channel] = session
         return None
@@ -489,6 +503,11 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
         name = req.name if req.malformed is None and req.name is not None else repr(req.raw_name)
         actions = self.handle(core.GlobalRequest(name, req.malformed))
         return any(isinstance(a, core.GlobalReply) and a.ok for a in actions)
+
+    def on_transport_paused(self, conn: asyncssh.SSHServerConnection, paused: bool) -> None:
+        self.transport_paused = paused
+        for session in self.sessions.values():
+            session.transport_paused(paused)
 
     def on_global_overflow(self, conn: asyncssh.SSHServerConnection, req: internals.GlobalRequest) -> None:
         self.handle(core.GlobalRequest(req.name or repr(req.raw_name), overflow=True))

@@ -703,3 +703,48 @@ def test_unknown_and_known_users_take_the_same_time(server: LiveServer) -> None:
     assert {r["labels"]["username"] for r in failed} >= {USERNAME, "ghost1"}
     assert "SSH_AUTH_UNAVAILABLE" not in [r["code"] for r in records]
     check_log(live)
+
+
+NON_READING_CLIENT = """
+import os, signal, sys
+import paramiko
+t = paramiko.Transport(("127.0.0.1", int(sys.argv[1])))
+t.connect(username=sys.argv[2], password=sys.argv[3])
+chan = t.open_session(window_size=2**31, max_packet_size=32768)  # a window it will never honour
+chan.exec_command("yes")
+chan.recv(1)  # the program runs
+print("reading stops", flush=True)
+os.kill(os.getpid(), signal.SIGSTOP)  # nothing reads the socket from now on
+"""
+
+
+def test_a_client_that_stops_reading_cannot_grow_the_server(server_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A client grants a 2 GiB window, runs `yes` and stops reading its socket: the
+    server stops reading the program once its socket buffer is full (asyncssh left
+    that to the window alone), so its memory stays put; after the client is gone
+    the server serves others and its log replays."""
+    import signal as signals
+    import subprocess
+    import sys
+
+    from test_faults import rss_kib
+    live = server_factory()
+    script = tmp_path / "client.py"
+    script.write_text(NON_READING_CLIENT)
+    client = subprocess.Popen([sys.executable, str(script), str(live.port), USERNAME, PASSWORD],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert client.stdout is not None and client.stdout.readline() == "reading stops\n"
+        wait_until(lambda: Path(f"/proc/{client.pid}/stat").read_text().split()[2] == "T", 10,
+                   "the client to stop")
+        before = rss_kib(live.process.pid)
+        # A measuring window, not a synchronisation: unbounded, `yes` fills ~100 MB/s.
+        time.sleep(3)
+        grown = rss_kib(live.process.pid) - before
+        assert grown < 16 * 1024, f"server RSS grew {grown} KiB in 3 s with a non-reading client"
+    finally:
+        client.send_signal(signals.SIGKILL)
+        client.wait(10)
+    live.wait_for_code("SSH_DISCONNECTED")
+    good_login_works(live)
+    check_log(live)
