@@ -32,7 +32,7 @@ from sshspec.fsm.spec import BUNDLED, load_spec
 from sshspec.fsm.yamlfile import DuplicateKeyError, read_yaml, yaml_problem
 
 from .logs import Format, Level
-from .passwords import parse_hash
+from .passwords import LN, R, parse_hash
 
 
 class ConfigError(Exception):
@@ -362,9 +362,14 @@ def _check(file: str, config: Config) -> None:
             raise ConfigError(file, key, "user has neither passwordHash nor authorizedKeys")
         if user.password_hash is not None:
             try:
-                parse_hash(user.password_hash)
+                params = parse_hash(user.password_hash)
             except ValueError as exc:
                 raise ConfigError(file, f"{key}.passwordHash", str(exc)) from None
+            if params.r * 2**params.ln < R * 2**LN:
+                # A cheap hash is a cheap guess for whoever reads the config file.
+                raise ConfigError(file, f"{key}.passwordHash",
+                                  f"ln={params.ln},r={params.r} is weaker than sshspec's ln={LN},r={R}: "
+                                  "hash it again with `sshspec hash-password`")
         for j, line in enumerate(user.authorized_keys):
             if not _is_authorized_key(line):
                 raise ConfigError(
@@ -372,6 +377,20 @@ def _check(file: str, config: Config) -> None:
                     f"{key}.authorizedKeys[{j}]",
                     "not an authorized_keys line (`[options] ssh-ed25519 AAAA... [comment]`)",
                 )
+    for i, path in enumerate(config.ssh.hostkeys):
+        _check_host_key(file, f"ssh.hostkeys[{i}]", path)
+
+
+def _check_host_key(file: str, key: str, path: str) -> None:
+    """A private host key must be private, as sshd requires. (One that cannot be read
+    fails at start-up, naming the file: a config may be checked on another machine.)"""
+    try:
+        mode = os.stat(os.path.expanduser(path)).st_mode
+    except OSError:
+        return
+    if mode & 0o077:
+        raise ConfigError(file, key, f"`{path}` is accessible by group or others (mode {mode & 0o777:04o}); "
+                                     "sshd refuses such a key: chmod 600 it")
 
 
 def _is_authorized_key(line: str) -> bool:

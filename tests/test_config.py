@@ -440,3 +440,31 @@ def test_the_spec_limits_are_declared_once_in_the_specs(tmp_path: Path) -> None:
     assert compiled.connection.limits == {**{n: declared[n] for n in compiled.connection.limits},
                                           "maxAuthTries": 2, "clientAliveCountMax": 7}
     assert compiled.session.limits == {"maxEnv": 5}
+
+
+def test_a_host_key_others_can_read_is_refused_like_sshd(tmp_path: Path) -> None:
+    from sshspec.adapters.config import ConfigError, load_config
+    key = tmp_path / "host_key"
+    key.write_text("not checked here\n")
+    path = tmp_path / "c.yaml"
+    path.write_text(f"ssh:\n  hostkeys: [{key}]\n")
+    key.chmod(0o644)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value) == (f"{path}: ssh.hostkeys[0]: `{key}` is accessible by group or others "
+                               "(mode 0644); sshd refuses such a key: chmod 600 it")
+    key.chmod(0o600)
+    assert load_config(path).ssh.hostkeys == (str(key),)
+
+
+def test_a_password_hash_weaker_than_sshspecs_is_refused(tmp_path: Path) -> None:
+    from sshspec.adapters.config import ConfigError, load_config
+    from sshspec.adapters.passwords import hash_password
+    weak = hash_password("pw").replace("ln=14", "ln=10")  # parses; only its cost is low
+    path = tmp_path / "c.yaml"
+    path.write_text(f"auth:\n  users:\n    - {{username: alice, passwordHash: '{weak}'}}\n")
+    with pytest.raises(ConfigError, match=r"auth\.users\[0\]\.passwordHash: ln=10,r=8 is weaker than "
+                                          r"sshspec's ln=14,r=8: hash it again with `sshspec hash-password`"):
+        load_config(path)
+    path.write_text(f"auth:\n  users:\n    - {{username: alice, passwordHash: '{hash_password('pw')}'}}\n")
+    assert load_config(path).auth.users[0].username == "alice"
