@@ -205,6 +205,9 @@ class User(_Section, frozen=True):
 class AuthConfig(_Section, frozen=True):
     users: tuple[User, ...] = ()
     authorized_keys_file: str = ""
+    # SHA-1 `ssh-rsa` user signatures: refused, as OpenSSH does since 8.8 (its
+    # PubkeyAcceptedAlgorithms); true accepts them from old clients.
+    allow_sha1_rsa: bool = False
 
 
 class LimitsConfig(_Section, frozen=True):

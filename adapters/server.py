@@ -241,6 +241,8 @@ class SpecSession(asyncssh.SSHServerSession[bytes]):
 # --- one connection -----------------------------------------------------------------------
 
 _connection_ids = itertools.count(1)
+# The user-key signature algorithms that mean SHA-1 (auth.allowSha1Rsa accepts them).
+SHA1_KEY_ALGORITHMS = frozenset({"ssh-rsa", "ssh-rsa-cert-v01@openssh.com"})
 
 
 class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
@@ -252,7 +254,9 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
         self.info = ConnectionInfo(f"{os.getpid():x}-{next(_connection_ids):x}", "")
         self.identity = Labels(self.info.connection_id)  # who: every record's first labels
         self.core = core.ConnectionCore(server.machines, server.core, self.log,
-                                        keepalive_interval=server.config.ssh.client_alive_interval)
+                                        keepalive_interval=server.config.ssh.client_alive_interval,
+                                        refused_key_algorithms=SHA1_KEY_ALGORITHMS
+                                        if not server.config.auth.allow_sha1_rsa else frozenset())
         self.conn: asyncssh.SSHServerConnection | None = None
         self.backend: ConnectionHandler | None = None
         self.sessions: dict[int, SpecSession] = {}
@@ -467,8 +471,9 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
             self._identify(username=req.username)
         if req.malformed is not None:
             return  # asyncssh disconnects on it (HACKS.md); connection_lost reports it
-        signed = req.publickey.signed if req.publickey is not None else None
-        self.handle(core.AuthRequested(req.method or repr(req.raw_method), signed))
+        key = req.publickey
+        self.handle(core.AuthRequested(req.method or repr(req.raw_method), key.signed if key else None,
+                                       key.algorithm if key else None))
 
     def on_auth_result(self, conn: asyncssh.SSHServerConnection, res: internals.AuthResult) -> None:
         if res.kind in ("success", "failure", "superseded"):

@@ -301,6 +301,7 @@ class AuthRequested(_Message, frozen=True):
 
     method: str
     signed: bool | None = None
+    algorithm: str | None = None  # publickey: the key's signature algorithm as the client names it
 
 
 class Credentials(_Message, frozen=True):
@@ -686,9 +687,18 @@ class ConnectionCore:
     """One SSH connection: the connection machine, its sessions, their queues, its timer."""
 
     def __init__(
-        self, machines: Machines, server: ServerCore, log: LogSink, *, keepalive_interval: float = 0.0
+        self,
+        machines: Machines,
+        server: ServerCore,
+        log: LogSink,
+        *,
+        keepalive_interval: float = 0.0,
+        refused_key_algorithms: frozenset[str] = frozenset(),
     ) -> None:
         self.machines = machines
+        # Public-key signature algorithms refused whatever the key (SHA-1 ssh-rsa by default).
+        self.refused_key_algorithms = refused_key_algorithms
+        self.key_refusal: str | None = None  # why the publickey request in progress is refused
         self.machine = machines.connection
         self.instance = self.machine.new()
         self.server = server
@@ -701,7 +711,8 @@ class ConnectionCore:
         self.next_channel = 0
         self.startup = True  # counts against the server's maxStartups until auth or close
         self.lost = False  # the transport is gone: nothing can be sent any more
-        self.signed_verdict: str | None = None  # a signed key's verdict, until its signature is checked
+        # A signed key's verdict and its reason, until the SSH layer checked the signature.
+        self.signed_verdict: tuple[ConnectionEvent, str | None] | None = None
         self.keepalive_at: float | None = None
         self.out: list[Action] = []
 
@@ -832,6 +843,9 @@ class ConnectionCore:
 
     def _auth_requested(self, event: AuthRequested) -> None:
         self.signed_verdict = None  # a new request abandons the one in progress
+        self.key_refusal = None
+        if event.algorithm is not None and event.algorithm in self.refused_key_algorithms:
+            self.key_refusal = f"{event.algorithm} signatures (SHA-1) are refused"
         if event.method == "publickey" and event.signed is not None:
             name = ConnectionEvent.publickey if event.signed else ConnectionEvent.publickey_query
         else:
@@ -868,12 +882,14 @@ class ConnectionCore:
 
     def _key_checked(self, event: KeyChecked) -> None:
         name, reason = self._verdict_event(event.verdict, "check_publickey", event.reason)
+        if self.key_refusal is not None:  # whatever the handler says of the key itself
+            name, reason = ConnectionEvent.auth_unavailable, self.key_refusal
         if self.state == "querying":
             self._fire(name, method="publickey", reason=reason)
         elif self.state == "checking":
             # The signature is checked after the key: the attempt's verdict is
             # fired when the SSH layer answers (AuthAnswered).
-            self.signed_verdict = name
+            self.signed_verdict = (name, reason)
             self.out.append(KeyAcceptable(name == ConnectionEvent.auth_ok))
         else:
             self._fire(name, method="publickey", reason=reason)  # the connection moved on
@@ -881,14 +897,15 @@ class ConnectionCore:
     def _auth_answered(self, event: AuthAnswered) -> None:
         if self.state not in ("checking", "querying"):
             return  # the answer to a request the machine already settled
-        verdict, self.signed_verdict = self.signed_verdict, None
-        if verdict is not None:
+        signed, self.signed_verdict = self.signed_verdict, None
+        if signed is not None:
+            verdict, reason = signed
             if event.outcome == "success":
-                self._attempt_verdict(ConnectionEvent(verdict), "publickey", None)
+                self._attempt_verdict(verdict, "publickey", None)
             elif verdict == ConnectionEvent.auth_ok:
                 self._fire(ConnectionEvent.auth_bad, method=event.method, reason="bad signature")
             else:
-                self._fire(ConnectionEvent(verdict), method=event.method)
+                self._fire(verdict, method=event.method, reason=reason)
         elif event.outcome == "failure":
             # The SSH layer answered without asking a handler (an undecodable key).
             self._fire(ConnectionEvent.auth_bad, method=event.method, reason="rejected by the SSH layer")

@@ -606,3 +606,34 @@ def test_exit_code_failed(server_factory: Any, failsys: Path, send_flag: Path) -
     send_flag.unlink()
     again = ssh(live, "hello")
     assert again.stdout == b"ran hello\n" and again.returncode == 0
+
+
+def _rsa_login(live: LiveServer, key: asyncssh.SSHKey, *, sha1: bool) -> bool:
+    """asyncssh as the client (paramiko will not sign with ssh-rsa once the server's
+    server-sig-algs leave it out, which is also the point)."""
+    async def login() -> bool:
+        try:
+            async with asyncssh.connect(live.host, live.port, username=live.username, client_keys=[key],
+                                        known_hosts=None, config=None, preferred_auth="publickey",
+                                        signature_algs=["ssh-rsa"] if sha1 else ["rsa-sha2-256"]):
+                return True
+        except asyncssh.PermissionDenied:
+            return False
+    return asyncio.run(login())
+
+
+def test_sha1_rsa_signatures_are_refused_unless_allowed(server_factory: Any) -> None:
+    """As OpenSSH since 8.8: a user key signing with SHA-1 (`ssh-rsa`) is refused, logged
+    as unavailable with the reason; rsa-sha2-256 with the same key logs in; the config
+    can allow SHA-1 for old clients."""
+    key = asyncssh.generate_private_key("ssh-rsa", key_size=2048)
+    line = key.export_public_key().decode().strip()
+    users = {"auth": {"users": [{"username": "alice", "authorizedKeys": [line]}]}}
+    live = server_factory(users)
+    assert not _rsa_login(live, key, sha1=True)
+    records = of_connection(wait_disconnected(live), "SSH_AUTH_UNAVAILABLE")
+    labels = one(records, "SSH_AUTH_UNAVAILABLE")["labels"]
+    assert labels["method"] == "publickey" and labels["reason"] == "ssh-rsa signatures (SHA-1) are refused"
+    assert _rsa_login(live, key, sha1=False)
+    allowing = server_factory({**users, "auth": {**users["auth"], "allowSha1Rsa": True}})
+    assert _rsa_login(allowing, key, sha1=True)
