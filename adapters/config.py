@@ -382,6 +382,16 @@ def _check(file: str, config: Config) -> None:
                 )
     for i, path in enumerate(config.ssh.hostkeys):
         _check_host_key(file, f"ssh.hostkeys[{i}]", path)
+    ssh = config.ssh
+    if ssh.kex or ssh.ciphers or ssh.macs or ssh.host_key_algorithms:
+        # A weak or unknown algorithm is a config error like any other (exit 2), not a failed start.
+        from .algorithms import resolve
+        try:
+            resolve(ssh.profile, kex=ssh.kex or None, ciphers=ssh.ciphers or None, macs=ssh.macs or None,
+                    host_key_algs=ssh.host_key_algorithms or None)
+        except ValueError as exc:
+            key, _, problem = str(exc).partition(": ")
+            raise ConfigError(file, key, problem) from None
 
 
 def _check_host_key(file: str, key: str, path: str) -> None:

@@ -33,7 +33,7 @@ ssh:
   serverVersion: SSH-2.0-sshspec_1.0 test build
   banner: "Authorised use only\\n"
   ciphers: [chacha20-poly1305@openssh.com, aes256-gcm@openssh.com]
-  kex: [curve25519-sha256]
+  kex: [mlkem768x25519-sha256]  # strict takes post-quantum hybrids only (checked at load)
   macs: [hmac-sha2-256-etm@openssh.com]
   hostKeyAlgorithms: [ssh-ed25519]
   profile: strict
@@ -468,3 +468,17 @@ def test_a_password_hash_weaker_than_sshspecs_is_refused(tmp_path: Path) -> None
         load_config(path)
     path.write_text(f"auth:\n  users:\n    - {{username: alice, passwordHash: '{hash_password('pw')}'}}\n")
     assert load_config(path).auth.users[0].username == "alice"
+
+
+def test_a_weak_algorithm_is_a_config_error(tmp_path: Path) -> None:
+    """Refused at load, exit 2 from `sshspec serve` like every config error (it was a
+    failed start, exit 1)."""
+    import subprocess
+    import sys
+    path = tmp_path / "c.yaml"
+    path.write_text("ssh:\n  ciphers: [aes128-ctr, 3des-cbc]\n")
+    done = subprocess.run([sys.executable, "-m", "sshspec.adapters.cli", "serve", "--config", str(path)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert done.stderr == (f"sshspec serve: {path}: ssh.ciphers: '3des-cbc' is refused as weak: "
+                           "64-bit block cipher (Sweet32)\n")
