@@ -28,6 +28,16 @@ Process group and signals
     group. The leader is reaped only at the very end, so while it is a zombie its pid
     (the group id) cannot be reused and no signal can hit an unrelated group.
 
+Signals a program starts with
+    Their defaults, as under sshd, whatever the server inherited, and with no code run
+    in the child: a ``preexec_fn`` makes ``subprocess`` fork the whole server and run
+    Python there instead of taking its vfork path. :func:`adopt_inherited_signals`
+    (``sshspec serve`` calls it at start-up) turns signals inherited ignored (``nohup``,
+    ``cmd &`` from a script: HUP, INT, QUIT) into caught-and-ignored ones, which exec
+    resets to their defaults. A server that did not adopt them (the backend used as a
+    library) still resets them, through a preexec function. A pty session always has
+    one (``TIOCSCTTY``), so pty starts stay on the slow path.
+
 Pty
     ``os.openpty``; the slave is the child's stdin/stdout/stderr and controlling
     terminal (``TIOCSCTTY`` after ``setsid``), window size and RFC 4254 modes applied
@@ -73,6 +83,7 @@ __all__ = [
     "LocalBackend",
     "LocalProcess",
     "PtyRequest",
+    "adopt_inherited_signals",
     "apply_modes",
 ]
 
@@ -240,11 +251,49 @@ def _child_setup(take_ctty: bool, reset_signals: tuple[int, ...]) -> None:
         fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 
 
+# Signals whose inherited SIG_IGN adopt_inherited_signals() turns into "caught, and
+# nothing done": the server still survives them (nohup keeps its meaning), while exec
+# resets a caught signal to its default, so programs get them at their defaults
+# without any code run in the child. Their default action ends a process; the stop
+# signals (TSTP, TTIN, TTOU) are left alone, since catching them changes what a
+# terminal does to the server, and CHLD/WINCH/URG ignored are their defaults anyway.
+_ADOPTABLE = (
+    signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGTERM,
+    signal.SIGUSR1, signal.SIGUSR2, signal.SIGALRM,
+)  # fmt: skip
+
+
+def _do_nothing(signum: int, frame: object) -> None:
+    pass
+
+
+def adopt_inherited_signals() -> tuple[int, ...]:
+    """Call once at server start-up, in the main thread (``sshspec serve`` does).
+
+    A server started under ``nohup`` or with ``cmd &`` from a script inherits SIGHUP,
+    or SIGINT and SIGQUIT, ignored, and an ignored disposition survives exec. Those
+    of :data:`_ADOPTABLE` get a handler that does nothing instead (same effect on the
+    server), which exec resets to the default: programs start with default signals
+    and :meth:`LocalBackend.start` needs no ``preexec_fn``, so ``subprocess`` keeps
+    its vfork fast path (with a preexec function it forks the whole server and runs
+    Python in the child: on main that cost 1.5x the server CPU per connection).
+    Returns the signals adopted.
+    """
+    adopted = []
+    for sig in _ADOPTABLE:
+        with contextlib.suppress(ValueError, OSError):
+            if signal.getsignal(sig) == signal.SIG_IGN:
+                signal.signal(sig, _do_nothing)
+                adopted.append(int(sig))
+    return tuple(adopted)
+
+
 def _inherited_ignored_signals() -> tuple[int, ...]:
     # An ignored disposition survives exec. Popen's restore_signals only resets the
     # ones Python itself ignores (PIPE, XFSZ); a server started under nohup would also
     # hand SIGHUP-ignored to every session, making kill()'s SIGHUP and `trap ... HUP`
-    # useless. Usually the tuple is empty and no preexec function is needed.
+    # useless. After adopt_inherited_signals() the tuple is empty (unless a stop
+    # signal was inherited ignored), and no preexec function is needed.
     ignored = []
     for sig in signal.Signals:
         if sig in (signal.SIGKILL, signal.SIGSTOP, signal.SIGPIPE, signal.SIGXFSZ):
