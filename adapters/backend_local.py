@@ -350,18 +350,24 @@ class _Guard:
         self._warned = False
 
     def add(self, sid: int) -> None:
+        self._own()
         self._sids.add(sid)
         self._send(b"+%d\n" % sid)
 
     def discard(self, sid: int) -> None:
         # Before the leader is reaped: after that, its pid may name something else.
-        if sid in self._sids:
+        if self._owner == os.getpid() and sid in self._sids:
             self._sids.discard(sid)
             self._send(b"-%d\n" % sid)
 
-    def _send(self, line: bytes) -> None:
+    def _own(self) -> None:
         if self._owner != os.getpid():
-            self._start(inherited=True)
+            # First use, or a forked worker: what the parent listed is the parent's,
+            # and so is its pipe (kept open here, its guard would outlive it).
+            self._sids.clear()
+            self._start(restart=False)
+
+    def _send(self, line: bytes) -> None:
         try:
             os.write(self._fd, line)
             return
@@ -370,15 +376,13 @@ class _Guard:
             return
         except OSError:  # EPIPE: the guard died (killed?); a new one gets the whole list
             pass
-        self._start(inherited=False)
-        with contextlib.suppress(OSError):
-            os.write(self._fd, b"".join(b"+%d\n" % sid for sid in self._sids))
+        self._start(restart=True)
 
-    def _start(self, *, inherited: bool) -> None:
+    def _start(self, *, restart: bool) -> None:
         if self._fd >= 0:
-            os.close(self._fd)  # a forked worker's copy of its parent's pipe, or a dead guard's
+            os.close(self._fd)
             self._fd = -1
-        if self._pid and not inherited:
+        if self._pid and restart:  # our dead guard: reap it
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(self._pid, os.WNOHANG)
         self._owner = os.getpid()
@@ -400,6 +404,11 @@ class _Guard:
             write_end = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
         finally:
             os.close(read_end)
+        if self._sids:
+            # A new guard: it learns every program still running (blocking: the list
+            # may exceed the pipe's buffer, and the guard is starting to read it).
+            with contextlib.suppress(OSError):
+                os.write(write_end, b"".join(b"+%d\n" % sid for sid in self._sids))
         os.set_blocking(write_end, False)
         self._fd = write_end
 

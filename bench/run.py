@@ -495,8 +495,10 @@ def main() -> None:
     parser.add_argument("-c", type=int, default=16, help="connections in flight (default 16)")
     parser.add_argument("--rounds", type=int, help="A/B rounds (default 12: the medians need them here)")
     parser.add_argument("--side-only", action="store_true",
-                        help="only the side-by-side phase (with --sets 20: a tighter median)")
-    parser.add_argument("--sets", type=int, help="side by side: sets of fresh servers (default 6)")
+                        help="only the side-by-side phase (--sets 20: a tighter median), no launch phase")
+    parser.add_argument("--sets", type=int,
+                        help="side by side: sets of fresh servers (default 6; with --launch-only, its sets, "
+                             "default 2)")
     parser.add_argument("--set-rounds", type=int, default=2, help="side by side: rounds per set (default 2)")
     parser.add_argument("--sessions", type=int,
                         help="also hold this many idle sessions on one B (default 5000; 0: skip)")
@@ -525,23 +527,21 @@ def main() -> None:
                                "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "auth": args.auth,
                                "python": sys.version.split()[0],
                                "asyncssh": asyncssh.__version__, "cpus": os.cpu_count(), "pinned": TWO_CPUS}
-        launch_n = max(50, n // 5)
-        launch_sets = args.sets or 2
-        print(f"launch: N={launch_n} each, {launch_sets} sets x {args.set_rounds} rounds", flush=True)
-        res["launch"] = launch(work, key, launch_n, args.c, launch_sets, args.set_rounds)
-        if args.launch_only:
-            res["targets"] = targets(res)
-            report(res)
-            return
         if not args.side_only:
+            launch_n = max(50, n // 5)
+            launch_sets = (args.sets if args.launch_only else None) or 2
+            print(f"launch: N={launch_n} each, {launch_sets} sets x {args.set_rounds} rounds", flush=True)
+            res["launch"] = launch(work, key, launch_n, args.c, launch_sets, args.set_rounds)
+        if not args.side_only and not args.launch_only:
             print(f"throughput: N={n} C={args.c}, {rounds} rounds", flush=True)
             res["throughput"] = throughput(work, key, n, args.c, rounds)
-        side_n = max(50, n * 3 // 10)
-        sets = args.sets or (2 if args.quick else 6)
-        set_rounds = 1 if args.quick else args.set_rounds
-        print(f"side by side: N={side_n} each, {sets} sets x {set_rounds} rounds", flush=True)
-        res["side_by_side"] = side_by_side(work, key, side_n, args.c, sets, set_rounds)
-        if not args.side_only:
+        if not args.launch_only:
+            side_n = max(50, n * 3 // 10)
+            sets = args.sets or (2 if args.quick else 6)
+            set_rounds = 1 if args.quick else args.set_rounds
+            print(f"side by side: N={side_n} each, {sets} sets x {set_rounds} rounds", flush=True)
+            res["side_by_side"] = side_by_side(work, key, side_n, args.c, sets, set_rounds)
+        if not args.side_only and not args.launch_only:
             print(f"memory: {idle} idle sessions" + (f", then {big} on B" if big else ""), flush=True)
             res["memory"] = memory(work, key, idle, big)
             res["workers"] = workers(work, key, n, args.c)
@@ -555,7 +555,7 @@ def main() -> None:
     text = json.dumps(res, indent=2)
     (out / "latest.json").write_text(text)
     stamp = res["date"].replace(":", "").replace("-", "")
-    kind = "-quick" if args.quick else "-side" if args.side_only else ""
+    kind = "-quick" if args.quick else "-side" if args.side_only else "-launch" if args.launch_only else ""
     (out / f"{stamp}-{res['commit']}{kind}.json").write_text(text)
     print(f"\nwrote bench/results/latest.json ({res['elapsed_s']} s)")
 

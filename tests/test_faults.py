@@ -1131,3 +1131,32 @@ def test_a_killed_guard_is_replaced_and_knows_the_running_programs(server_factor
                 os.kill(pid, signal.SIGKILL)
         first.kill()
         first.wait()
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs /proc")
+def test_a_sigkilled_worker_takes_its_programs_along(tmp_path: Path) -> None:
+    """--workers: each forked worker has a guard of its own (not its parent's)."""
+    import signal
+    import subprocess
+
+    from conftest import start_server
+    live = start_server(tmp_path, "workers-orphans", extra_args=["--workers", "2"], log_dir=tmp_path)
+    marker = f"{os.getpid()}-{time.monotonic_ns()}"
+    quiet = {"stdin": subprocess.DEVNULL, "stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    clients = [subprocess.Popen([*live.ssh_args(), f"SSHSPEC_MARK={marker} exec sleep 60"], **quiet)
+               for _ in range(4)]
+    try:
+        assert _poll(lambda: len(_marked(marker)) == 4, 20), _marked(marker)
+        workers = children(live.process.pid)
+        assert len(workers) == 2
+        for worker in workers:
+            os.kill(worker, signal.SIGKILL)
+        assert _poll(lambda: not _marked(marker), 5), f"left running: {_marked(marker)}"
+    finally:
+        for pid in _marked(marker):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        for client in clients:
+            client.kill()
+            client.wait()
+        live.stop()
