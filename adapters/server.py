@@ -29,7 +29,7 @@ import msgspec
 
 from sshspec.adapters import asyncssh_internals as internals
 from sshspec.adapters.algorithms import server_options
-from sshspec.adapters.backend_local import BackendError, PtyRequest
+from sshspec.adapters.backend_local import BackendError, PtyRequest, adopt_inherited_signals
 from sshspec.adapters.config import Config, resolve_state_dir, spec_limits
 from sshspec.adapters.handlers import (
     ConfiguredHandler,
@@ -799,6 +799,9 @@ def _announce(text: str) -> None:
 async def serve_async(config: Config, handler: Handler | None = None, *,
                       ready: Callable[[Server], None] | None = None, reuse_port: bool = False) -> int:
     """Run until SIGTERM or SIGINT; then shut down gracefully. Returns the exit status."""
+    # Inherited ignored signals (nohup, `cmd &` from a script) become caught-and-
+    # ignored: same for the server, defaults again for its programs after exec.
+    adopt_inherited_signals()
     server = Server(config, handler, reuse_port=reuse_port)
     # Signals first: a SIGTERM that lands while the server starts (a worker that
     # just logged SSH_AVAILABLE) must still mean a graceful stop, not death.

@@ -1,12 +1,14 @@
 """`make bench`: sshspec (B) against a bare asyncssh server (A) on this machine.
 
     .venv/bin/python bench/run.py [--quick] [-n N] [-c C] [--rounds R] [--sets S] [--set-rounds R]
-                                  [--side-only] [--sessions S] [--auth MODE]
+                                  [--side-only | --launch-only] [--sessions S] [--auth MODE]
 
 Servers run as subprocesses pinned to CPU 0, the load client (bench/load.py) on CPU 1.
 Throughput rounds alternate A, B (log debug), B (log error) on long-lived servers; then
 sets of fresh A, B, B error serve side by side, for CPU per connection measured at the
-same moment (the capacity ratios); memory uses fresh servers. Prints a table and writes
+same moment (the capacity ratios); memory uses fresh servers. First, the launch phase:
+two servers running real programs through the local backend, one started normally and
+one with SIGHUP/SIGINT/SIGQUIT ignored (as `nohup ... &` leaves them), side by side. Prints a table and writes
 bench/results/latest.json (plus a copy named after the date and commit). Targets are
 reported, never asserted.
 """
@@ -86,12 +88,30 @@ class Server:
                 self.proc.wait(5)
 
 
-def start(name: str, argv: list[str], work: Path, *, pin: bool = True) -> Server:
+# What a server started under `nohup` (HUP) or with `cmd &` from a script (INT, QUIT)
+# inherits: these signals ignored.
+NOHUP_SIGNALS = (signal.SIGHUP, signal.SIGINT, signal.SIGQUIT)
+
+
+def launched(cpu: int | None, ignore: tuple[int, ...]) -> Any:
+    if not ignore:
+        return pinned(cpu) if cpu is not None else None
+
+    def setup() -> None:
+        for sig in ignore:
+            signal.signal(sig, signal.SIG_IGN)
+        if cpu is not None and TWO_CPUS:
+            os.sched_setaffinity(0, {cpu})
+    return setup
+
+
+def start(name: str, argv: list[str], work: Path, *, pin: bool = True,
+          ignore: tuple[int, ...] = ()) -> Server:
     errfile = work / f"{name}.stderr"
     with open(errfile, "wb") as err:
         proc = subprocess.Popen(argv, cwd=ROOT, env=ENV, stdin=subprocess.DEVNULL,
                                 stdout=subprocess.DEVNULL, stderr=err,
-                                preexec_fn=pinned(SERVER_CPU) if pin else None)
+                                preexec_fn=launched(SERVER_CPU if pin else None, ignore))
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         if match := LISTENING.search(errfile.read_text(errors="replace")):
@@ -107,7 +127,8 @@ def server_a(work: Path, key: Path) -> Server:
     return start("A", [PY, "-m", "bench.bare_server", str(key), "0"], work)
 
 
-def server_b(work: Path, key: Path, level: str, name: str, *extra: str, pin: bool = True) -> Server:
+def server_b(work: Path, key: Path, level: str, name: str, *extra: str, pin: bool = True,
+             handler: str = "bench.handler:BenchHandler", ignore: tuple[int, ...] = ()) -> Server:
     config = work / f"{name}.yaml"
     config.write_text(json.dumps({  # JSON is YAML
         "ssh": {"listen": "127.0.0.1:0", "hostkeys": [str(key)]},
@@ -115,7 +136,7 @@ def server_b(work: Path, key: Path, level: str, name: str, *extra: str, pin: boo
         "log": {"level": level, "format": "json", "file": str(work / f"{name}.log")},
         "stateDir": str(work / "state")}))
     return start(name, [*SSHSPEC, "serve", "--config", str(config),
-                        "--handler", "bench.handler:BenchHandler", *extra], work, pin=pin)
+                        "--handler", handler, *extra], work, pin=pin, ignore=ignore)
 
 
 def load(mode: str, port: int, n: int, c: int) -> list[str]:
@@ -267,6 +288,50 @@ def side_by_side(work: Path, key: Path, n: int, c: int, sets: int, rounds: int) 
             "cpu_error_vs_A": spread(2, 0)}
 
 
+def launch(work: Path, key: Path, n: int, c: int, sets: int, rounds: int) -> dict[str, Any]:
+    """A normal launch against one that inherited SIGHUP, SIGINT and SIGQUIT ignored
+    (`nohup sshspec serve &` from a script), side by side on CPU 0, each with its own
+    client on CPU 1. Both run real programs (the local backend, `/bin/sh -c 'echo ok'`
+    per connection), so what differs is how a session's program is started: on main,
+    inherited ignored signals sent every start through Popen's preexec_fn (fork and a
+    Python call in the child instead of vfork)."""
+    per_round: list[list[float]] = []  # [normal ms/conn, nohup ms/conn, normal conn/s, nohup conn/s]
+    for number in range(sets):
+        servers: list[Server] = []
+        try:
+            servers.append(server_b(work, key, "error", f"B_normal{number}",
+                                    handler="bench.handler:LocalBenchHandler"))
+            servers.append(server_b(work, key, "error", f"B_nohup{number}",
+                                    handler="bench.handler:LocalBenchHandler", ignore=NOHUP_SIGNALS))
+            for s in servers:
+                run_load(s, min(n, 50), c)  # warm-up
+            for r in range(rounds):
+                before = [s.cpu_ns() for s in servers]
+                order = [0, 1] if (number * rounds + r) % 2 == 0 else [1, 0]
+                procs = {i: subprocess.Popen(load("run", servers[i].port, n, c), cwd=ROOT, env=ENV,
+                                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                             preexec_fn=pinned(CLIENT_CPU)) for i in order}
+                done = {i: p.communicate(timeout=240) for i, p in procs.items()}
+                results = [json.loads(done[i][0] or b"{}") for i in range(2)]
+                if any(p.returncode != 0 for p in procs.values()) or any(x["errors"] for x in results):
+                    raise SystemExit(f"bench: launch, set {number + 1} round {r + 1}: {results} "
+                                     f"{[done[i][1].decode()[-500:] for i in range(2)]}")
+                cpu = [(s.cpu_ns() - b) / 1e6 / x["ok"]
+                       for s, b, x in zip(servers, before, results, strict=True)]
+                per_round.append([*cpu, results[0]["conns_per_s"], results[1]["conns_per_s"]])
+                print(f"  set {number + 1}/{sets} round {r + 1}/{rounds} server ms/conn  normal {cpu[0]:.3f}"
+                      f"  nohup {cpu[1]:.3f}  CPU nohup/normal {cpu[1] / cpu[0]:.3f}  conn/s "
+                      f"{results[0]['conns_per_s']} / {results[1]['conns_per_s']}", flush=True)
+        finally:
+            for s in servers:
+                s.stop()
+    return {"n": n, "c": c, "sets": sets, "rounds": rounds, "per_round": per_round,
+            "normal_ms_per_conn": med([x[0] for x in per_round]),
+            "nohup_ms_per_conn": med([x[1] for x in per_round]),
+            "cpu_nohup_vs_normal": med([x[1] / x[0] for x in per_round]),
+            "rate_nohup_vs_normal": med([x[3] / x[2] for x in per_round])}
+
+
 def memory(work: Path, key: Path, sessions: int, big: int) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, make in (("A", lambda: server_a(work, key)),
@@ -345,15 +410,22 @@ def report(res: dict[str, Any]) -> None:
             mem = f"{m[name]['kib_per_session']:>13}" if name in m else ""
             print(f"{name:<10}{r['conns_per_s']:>9.1f}{r['p50_ms']:>9.1f}{r['p99_ms']:>9.1f}"
                   f"{r['server_cpu_ms']:>13.2f}{r['client_cpu']:>12.2f}{r['errors']:>8}{mem}")
-    side = res["side_by_side"]
-    print(f"\nside by side on CPU 0 (N={side['n']} each, {side['sets']} sets of fresh servers x "
-          f"{side['rounds']} rounds): server CPU per connection, median of the rounds' ratios, "
-          f"[quartiles], (95% interval of the median), each set's median")
-    for key, label in (("cpu_B_A", "B / A"), ("cpu_debug_vs_error", "B debug / B error"),
-                       ("cpu_error_vs_A", "B error / A")):
-        r = side[key]
-        print(f"  {label:<20}{r['median']:>7.3f}  [{r['q1']:.3f} {r['q3']:.3f}]  "
-              f"({r['ci_low']:.3f} {r['ci_high']:.3f})  {' '.join(f'{x:.3f}' for x in r['set_medians'])}")
+    side = res.get("side_by_side")
+    if side is not None:
+        print(f"\nside by side on CPU 0 (N={side['n']} each, {side['sets']} sets of fresh servers x "
+              f"{side['rounds']} rounds): server CPU per connection, median of the rounds' ratios, "
+              f"[quartiles], (95% interval of the median), each set's median")
+        for key, label in (("cpu_B_A", "B / A"), ("cpu_debug_vs_error", "B debug / B error"),
+                           ("cpu_error_vs_A", "B error / A")):
+            r = side[key]
+            print(f"  {label:<20}{r['median']:>7.3f}  [{r['q1']:.3f} {r['q3']:.3f}]  "
+                  f"({r['ci_low']:.3f} {r['ci_high']:.3f})  {' '.join(f'{x:.3f}' for x in r['set_medians'])}")
+    if "launch" in res:
+        la = res["launch"]
+        print(f"\nlaunch (local backend, a program per connection; N={la['n']} each, {la['sets']} sets x "
+              f"{la['rounds']} rounds side by side): started with SIGHUP/SIGINT/SIGQUIT ignored vs normally: "
+              f"CPU per connection {la['cpu_nohup_vs_normal']:.3f} ({la['nohup_ms_per_conn']} vs "
+              f"{la['normal_ms_per_conn']} ms), conn/s {la['rate_nohup_vs_normal']:.3f}")
     targets = res["targets"]
     print()
     for key, (value, target, ok) in targets.items():
@@ -379,13 +451,20 @@ def report(res: dict[str, Any]) -> None:
 
 
 def targets(res: dict[str, Any]) -> dict[str, tuple[Any, str, bool]]:
-    side = res["side_by_side"]
-    # Capacity is 1 / CPU per connection: >= 0.95 of A is CPU <= 1/0.95 = 1.053 x A.
-    cap_b_a, cap_log = side["cpu_B_A"]["median"], side["cpu_debug_vs_error"]["median"]
-    out: dict[str, tuple[Any, str, bool]] = {
-        "capacity B/A (side by side)": (round(1 / cap_b_a, 3), ">= 0.95", cap_b_a <= 1 / 0.95),
-        "log debug vs error capacity (side)": (round(1 / cap_log, 3), ">= 0.98", cap_log <= 1 / 0.98),
-    }
+    out: dict[str, tuple[Any, str, bool]] = {}
+    if "side_by_side" in res:
+        side = res["side_by_side"]
+        # Capacity is 1 / CPU per connection: >= 0.95 of A is CPU <= 1/0.95 = 1.053 x A.
+        cap_b_a, cap_log = side["cpu_B_A"]["median"], side["cpu_debug_vs_error"]["median"]
+        out["capacity B/A (side by side)"] = (round(1 / cap_b_a, 3), ">= 0.95", cap_b_a <= 1 / 0.95)
+        out["log debug vs error capacity (side)"] = (round(1 / cap_log, 3), ">= 0.98",
+                                                     cap_log <= 1 / 0.98)
+    if "launch" in res:
+        la = res["launch"]
+        out["nohup launch: CPU per connection vs normal"] = (
+            la["cpu_nohup_vs_normal"], "<= 1.05", la["cpu_nohup_vs_normal"] <= 1.05)
+        out["nohup launch: conn/s vs normal"] = (
+            la["rate_nohup_vs_normal"], ">= 0.95", la["rate_nohup_vs_normal"] >= 0.95)
     if "throughput" not in res:
         return out
     t, m = res["throughput"], res["memory"]
@@ -416,11 +495,15 @@ def main() -> None:
     parser.add_argument("-c", type=int, default=16, help="connections in flight (default 16)")
     parser.add_argument("--rounds", type=int, help="A/B rounds (default 12: the medians need them here)")
     parser.add_argument("--side-only", action="store_true",
-                        help="only the side-by-side phase (with --sets 20: a tighter median)")
-    parser.add_argument("--sets", type=int, help="side by side: sets of fresh servers (default 6)")
+                        help="only the side-by-side phase (--sets 20: a tighter median), no launch phase")
+    parser.add_argument("--sets", type=int,
+                        help="side by side: sets of fresh servers (default 6; with --launch-only, its sets, "
+                             "default 2)")
     parser.add_argument("--set-rounds", type=int, default=2, help="side by side: rounds per set (default 2)")
     parser.add_argument("--sessions", type=int,
                         help="also hold this many idle sessions on one B (default 5000; 0: skip)")
+    parser.add_argument("--launch-only", action="store_true",
+                        help="only the launch phase: normal vs nohup-style launch, side by side")
     parser.add_argument("--auth", choices=["trivial", "scrypt"], default="trivial",
                         help="password check on both servers (default: hmac compare, no scrypt)")
     args = parser.parse_args()
@@ -445,14 +528,20 @@ def main() -> None:
                                "python": sys.version.split()[0],
                                "asyncssh": asyncssh.__version__, "cpus": os.cpu_count(), "pinned": TWO_CPUS}
         if not args.side_only:
+            launch_n = max(50, n // 5)
+            launch_sets = (args.sets if args.launch_only else None) or 2
+            print(f"launch: N={launch_n} each, {launch_sets} sets x {args.set_rounds} rounds", flush=True)
+            res["launch"] = launch(work, key, launch_n, args.c, launch_sets, args.set_rounds)
+        if not args.side_only and not args.launch_only:
             print(f"throughput: N={n} C={args.c}, {rounds} rounds", flush=True)
             res["throughput"] = throughput(work, key, n, args.c, rounds)
-        side_n = max(50, n * 3 // 10)
-        sets = args.sets or (2 if args.quick else 6)
-        set_rounds = 1 if args.quick else args.set_rounds
-        print(f"side by side: N={side_n} each, {sets} sets x {set_rounds} rounds", flush=True)
-        res["side_by_side"] = side_by_side(work, key, side_n, args.c, sets, set_rounds)
-        if not args.side_only:
+        if not args.launch_only:
+            side_n = max(50, n * 3 // 10)
+            sets = args.sets or (2 if args.quick else 6)
+            set_rounds = 1 if args.quick else args.set_rounds
+            print(f"side by side: N={side_n} each, {sets} sets x {set_rounds} rounds", flush=True)
+            res["side_by_side"] = side_by_side(work, key, side_n, args.c, sets, set_rounds)
+        if not args.side_only and not args.launch_only:
             print(f"memory: {idle} idle sessions" + (f", then {big} on B" if big else ""), flush=True)
             res["memory"] = memory(work, key, idle, big)
             res["workers"] = workers(work, key, n, args.c)
@@ -466,7 +555,7 @@ def main() -> None:
     text = json.dumps(res, indent=2)
     (out / "latest.json").write_text(text)
     stamp = res["date"].replace(":", "").replace("-", "")
-    kind = "-quick" if args.quick else "-side" if args.side_only else ""
+    kind = "-quick" if args.quick else "-side" if args.side_only else "-launch" if args.launch_only else ""
     (out / f"{stamp}-{res['commit']}{kind}.json").write_text(text)
     print(f"\nwrote bench/results/latest.json ({res['elapsed_s']} s)")
 

@@ -131,8 +131,12 @@ def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> None:
 def start_server(tmp: Path, name: str, *, config: dict[str, Any] | None = None,
                  handler: str | None = None, extra_args: list[str] | None = None,
                  log_dir: Path = TEST_LOGS,
-                 env: dict[str, str] | None = None) -> LiveServer:
-    """Start `sshspec serve` with a fresh key pair; wait until it listens."""
+                 env: dict[str, str] | None = None,
+                 ignore_signals: tuple[int, ...] = ()) -> LiveServer:
+    """Start `sshspec serve` with a fresh key pair; wait until it listens.
+
+    `ignore_signals`: the server starts with these ignored, as `nohup` (SIGHUP) or a
+    script's `cmd &` (SIGINT, SIGQUIT) would start it."""
     key = tmp / "id_ed25519"
     if not key.exists():
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
@@ -145,8 +149,12 @@ def start_server(tmp: Path, name: str, *, config: dict[str, Any] | None = None,
     if handler:
         cmd += ["--handler", handler]
     cmd += extra_args or []
+    def ignore() -> None:
+        for sig in ignore_signals:
+            signal.signal(sig, signal.SIG_IGN)
     process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=tmp,
-                               env={**os.environ, "PYTHONPATH": str(ROOT / "tests"), **(env or {})})
+                               env={**os.environ, "PYTHONPATH": str(ROOT / "tests"), **(env or {})},
+                               preexec_fn=ignore if ignore_signals else None)
     assert process.stderr is not None
     lines: list[str] = []
     for raw in process.stderr:

@@ -82,12 +82,22 @@ def children(pid: int) -> set[int]:
     return out
 
 
+def is_guard(pid: int) -> bool:
+    """The server's guard (adapters/guard.py), a child for as long as the server lives."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return any(arg.endswith(b"/adapters/guard.py") for arg in argv)
+
+
 def descendants(pid: int) -> set[int]:
+    """The session programs of server `pid` and their children (not its guard)."""
     out: set[int] = set()
     todo = [pid]
     while todo:
         for child in children(todo.pop()):
-            if child not in out:
+            if child not in out and not is_guard(child):
                 out.add(child)
                 todo.append(child)
     return out
@@ -1030,3 +1040,123 @@ def test_auth_handler_raising_is_a_failure_reply(server_factory) -> None:  # typ
     ]
     _no_tracebacks(live)
     check_log(live)
+
+
+# --- no orphans: programs end when the server dies, however it dies ---------------------------
+
+
+def _marked(marker: str) -> list[int]:
+    """Pids of live processes whose environment holds SSHSPEC_MARK=<marker> (zombies have none)."""
+    needle = f"SSHSPEC_MARK={marker}".encode()
+    found = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if needle in Path(entry.path, "environ").read_bytes().split(b"\0"):
+                    found.append(int(entry.name))
+    return found
+
+
+def _poll(predicate: Callable[[], bool], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs /proc")
+def test_programs_and_their_children_end_when_the_server_is_sigkilled(server_factory, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """kill -9 of the server: every program, and every child of theirs (background
+    jobs in the program's group, or in groups of their own inside its session, on
+    pipes and on a pty), is SIGKILLed by the server's guard within a bounded time."""
+    import signal
+    import subprocess
+
+    live: LiveServer = server_factory(log_dir=tmp_path)  # a SIGKILLed server's log ends mid-way
+    marker = f"{os.getpid()}-{time.monotonic_ns()}"
+    mark = f"export SSHSPEC_MARK={marker}; "
+    commands = [  # (ssh options, command, marked processes it makes)
+        *[((), mark + "exec sleep 60", 1)] * 4,
+        *[((), mark + "sh -c 'sleep 60 & sleep 60'", 3)] * 2,  # the inner sh and both sleeps
+        (("-tt",), mark + "sleep 60 & sleep 60", 2),
+        (("-tt",), mark + "set -m; sleep 60 & sleep 60", 2),  # job control: own process group
+    ]
+    clients = [subprocess.Popen([*live.ssh_args(*opts), command], stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+               for opts, command, _ in commands]
+    expected = sum(n for _, _, n in commands)
+    try:
+        assert _poll(lambda: len(_marked(marker)) >= expected, 20), _marked(marker)
+        live.process.send_signal(signal.SIGKILL)
+        live.process.wait(10)
+        assert _poll(lambda: not _marked(marker), 5), f"left running: {_marked(marker)}"
+    finally:
+        for pid in _marked(marker):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        for client in clients:
+            client.kill()
+            client.wait()
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs /proc")
+def test_a_killed_guard_is_replaced_and_knows_the_running_programs(server_factory, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A program can kill the guard (same user): the server starts a new one at its
+    next session change and tells it every program still running."""
+    import signal
+    import subprocess
+
+    live: LiveServer = server_factory(log_dir=tmp_path)
+    marker = f"{os.getpid()}-{time.monotonic_ns()}"
+    first = subprocess.Popen([*live.ssh_args(), f"SSHSPEC_MARK={marker} exec sleep 60"],
+                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert _poll(lambda: len(_marked(marker)) == 1, 20)
+        guards = [p for p in children(live.process.pid) if is_guard(p)]
+        assert len(guards) == 1
+        os.kill(guards[0], signal.SIGKILL)
+        # The next program start finds the pipe broken and starts a new guard.
+        done = subprocess.run([*live.ssh_args(), "echo ok"], capture_output=True, timeout=30,
+                              stdin=subprocess.DEVNULL)
+        assert done.stdout == b"ok\n"
+        assert _poll(lambda: [p for p in children(live.process.pid) if is_guard(p)] not in ([], guards), 5)
+        live.process.send_signal(signal.SIGKILL)
+        live.process.wait(10)
+        assert _poll(lambda: not _marked(marker), 5), f"left running: {_marked(marker)}"
+    finally:
+        for pid in _marked(marker):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        first.kill()
+        first.wait()
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs /proc")
+def test_a_sigkilled_worker_takes_its_programs_along(tmp_path: Path) -> None:
+    """--workers: each forked worker has a guard of its own (not its parent's)."""
+    import signal
+    import subprocess
+
+    from conftest import start_server
+    live = start_server(tmp_path, "workers-orphans", extra_args=["--workers", "2"], log_dir=tmp_path)
+    marker = f"{os.getpid()}-{time.monotonic_ns()}"
+    quiet = {"stdin": subprocess.DEVNULL, "stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    clients = [subprocess.Popen([*live.ssh_args(), f"SSHSPEC_MARK={marker} exec sleep 60"], **quiet)
+               for _ in range(4)]
+    try:
+        assert _poll(lambda: len(_marked(marker)) == 4, 20), _marked(marker)
+        workers = children(live.process.pid)
+        assert len(workers) == 2
+        for worker in workers:
+            os.kill(worker, signal.SIGKILL)
+        assert _poll(lambda: not _marked(marker), 5), f"left running: {_marked(marker)}"
+    finally:
+        for pid in _marked(marker):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        for client in clients:
+            client.kill()
+            client.wait()
+        live.stop()

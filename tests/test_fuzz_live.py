@@ -197,8 +197,17 @@ def replay_problems(records: list[dict[str, Any]]) -> list[str]:
             if (p := i.unfinished()) is not None]
 
 
+def _is_guard(entry: Path) -> bool:
+    # The server's guard (adapters/guard.py) is its child for as long as it lives.
+    try:
+        argv = (entry / "cmdline").read_bytes().split(b"\0")
+        return any(arg.endswith(b"/adapters/guard.py") for arg in argv)
+    except OSError:
+        return False
+
+
 def server_children(pid: int) -> list[str]:
-    """The live child processes of ``pid`` (zombies aside), from /proc."""
+    """The live child processes of ``pid`` (zombies aside, and its guard), from /proc."""
     out = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -208,7 +217,7 @@ def server_children(pid: int) -> list[str]:
         except OSError:
             continue
         fields = stat[stat.rindex(")") + 2:].split()
-        if int(fields[1]) == pid and fields[0] != "Z":
+        if int(fields[1]) == pid and fields[0] != "Z" and not _is_guard(entry):
             out.append(f"{entry.name} {stat[stat.index('(') + 1:stat.rindex(')')]}")
     return out
 

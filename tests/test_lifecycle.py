@@ -207,3 +207,32 @@ def test_embedded_defaults_offer_a_one_time_password(tmp_path: Path) -> None:
         process.send_signal(signal.SIGTERM)
         assert process.wait(20) == 0
     assert sys.platform.startswith("linux")
+
+
+def _mask(status: str, field: str) -> int:
+    line = next(x for x in status.splitlines() if x.startswith(field + ":"))
+    return int(line.split()[1], 16)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs /proc")
+def test_programs_get_default_signals_when_the_server_inherited_them_ignored(tmp_path: Path) -> None:
+    """`nohup sshspec serve &` from a script: the server inherits SIGHUP, SIGINT and
+    SIGQUIT ignored. It still survives SIGHUP (nohup's point), yet its programs, on
+    pipes and on a pty, start with the three at their defaults, as under sshd."""
+    nohup = (signal.SIGHUP, signal.SIGINT, signal.SIGQUIT)
+    live = start_server(tmp_path, "nohup-signals", ignore_signals=nohup)
+    try:
+        server_status = Path(f"/proc/{live.process.pid}/status").read_text()
+        bits = sum(1 << (sig - 1) for sig in nohup)
+        assert _mask(server_status, "SigIgn") & bits == 0  # adopted: caught, doing nothing
+        assert _mask(server_status, "SigCgt") & bits == bits
+        live.process.send_signal(signal.SIGHUP)
+        for opts in ((), ("-tt",)):
+            done = subprocess.run([*live.ssh_args(*opts), "cat /proc/$$/status"], capture_output=True,
+                                  text=True, timeout=30, stdin=subprocess.DEVNULL)
+            assert done.returncode == 0, done.stderr
+            ignored = _mask(done.stdout, "SigIgn")
+            assert ignored & bits == 0, f"{opts}: SigIgn {ignored:#x}"
+        assert live.process.poll() is None  # SIGHUP did not end it
+    finally:
+        assert live.stop() == 0
