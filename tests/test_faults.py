@@ -22,8 +22,10 @@ import asyncio
 import contextlib
 import os
 import selectors
+import signal
 import socket
 import struct
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -1057,6 +1059,16 @@ def _marked(marker: str) -> list[int]:
     return found
 
 
+def _clean_up(marker: str, clients: list[subprocess.Popen[bytes]]) -> None:
+    """Whatever a failed test left: the marked programs, then the ssh clients."""
+    for pid in _marked(marker):
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+    for client in clients:
+        client.kill()
+        client.wait()
+
+
 def _poll(predicate: Callable[[], bool], timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -1071,8 +1083,6 @@ def test_programs_and_their_children_end_when_the_server_is_sigkilled(server_fac
     """kill -9 of the server: every program, and every child of theirs (background
     jobs in the program's group, or in groups of their own inside its session, on
     pipes and on a pty), is SIGKILLed by the server's guard within a bounded time."""
-    import signal
-    import subprocess
 
     live: LiveServer = server_factory(log_dir=tmp_path)  # a SIGKILLed server's log ends mid-way
     marker = f"{os.getpid()}-{time.monotonic_ns()}"
@@ -1093,20 +1103,13 @@ def test_programs_and_their_children_end_when_the_server_is_sigkilled(server_fac
         live.process.wait(10)
         assert _poll(lambda: not _marked(marker), 5), f"left running: {_marked(marker)}"
     finally:
-        for pid in _marked(marker):
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
-        for client in clients:
-            client.kill()
-            client.wait()
+        _clean_up(marker, clients)
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs /proc")
 def test_a_killed_guard_is_replaced_and_knows_the_running_programs(server_factory, tmp_path) -> None:  # type: ignore[no-untyped-def]
     """A program can kill the guard (same user): the server starts a new one at its
     next session change and tells it every program still running."""
-    import signal
-    import subprocess
 
     live: LiveServer = server_factory(log_dir=tmp_path)
     marker = f"{os.getpid()}-{time.monotonic_ns()}"
@@ -1126,18 +1129,12 @@ def test_a_killed_guard_is_replaced_and_knows_the_running_programs(server_factor
         live.process.wait(10)
         assert _poll(lambda: not _marked(marker), 5), f"left running: {_marked(marker)}"
     finally:
-        for pid in _marked(marker):
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
-        first.kill()
-        first.wait()
+        _clean_up(marker, [first])
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs /proc")
 def test_a_sigkilled_worker_takes_its_programs_along(tmp_path: Path) -> None:
     """--workers: each forked worker has a guard of its own (not its parent's)."""
-    import signal
-    import subprocess
 
     from conftest import start_server
     live = start_server(tmp_path, "workers-orphans", extra_args=["--workers", "2"], log_dir=tmp_path)
@@ -1153,10 +1150,5 @@ def test_a_sigkilled_worker_takes_its_programs_along(tmp_path: Path) -> None:
             os.kill(worker, signal.SIGKILL)
         assert _poll(lambda: not _marked(marker), 5), f"left running: {_marked(marker)}"
     finally:
-        for pid in _marked(marker):
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
-        for client in clients:
-            client.kill()
-            client.wait()
+        _clean_up(marker, clients)
         live.stop()
