@@ -23,12 +23,14 @@ error level, servers side by side, bench/) +6% with a 10 ms interval, +2.3-3% wi
 100 ms, no less with 500 ms: fewer, longer batches are cheaper per record.
 
 A step queues only its time, its records (Kinds) and its Labels, which the caller
-built; the batch makes a LogRecord per record and msgspec encodes them all in one
-`Encoder.encode_lines` call, the one JSON encoder here. Measured at 2376143, debug
-over error level costs +1.3% of the instructions per benchmark connection (median of
-ten runs of `.venv/bin/python bench/instructions.py`; the target is 2%), but +3.3-3.8%
-of the server's CPU side by side, against +0.7-1.8% with the C encoder this replaced
-(README, Performance).
+built (the server: one positional Labels call per step); the batch makes a LogRecord
+per record, a timestamp's text once per millisecond, and msgspec encodes them all in
+one `Encoder.encode_lines` call, the one JSON encoder here. The log's own
+instructions per benchmark connection (`.venv/bin/python bench/log_instructions.py`,
+debug minus error): 110.7-111.2k at 8f08055, 123.9k before (3b70f5b). Side by side that
+still costs ~3.4% of the server's CPU (debug / error 1.034, interval 1.025-1.042,
+`bench/run.py --side-only --sets 30`), against +0.7-1.8% with the C encoder this
+replaced: the 2% target is not met (README, Performance).
 Records keep their order and their own timestamps; a client may see a reply up to
 the interval before its record is in the file; a SIGKILL loses at most the last
 interval's records (a stop, or an exception out of `serve`, writes them).
