@@ -23,12 +23,14 @@ error level, servers side by side, bench/) +6% with a 10 ms interval, +2.3-3% wi
 100 ms, no less with 500 ms: fewer, longer batches are cheaper per record.
 
 A step queues only its time, its records (Kinds) and its Labels, which the caller
-built; the batch makes a LogRecord per record and msgspec encodes them all in one
-`Encoder.encode_lines` call, the one JSON encoder here. Measured at 2376143, debug
-over error level costs +1.3% of the instructions per benchmark connection (median of
-ten runs of `.venv/bin/python bench/instructions.py`; the target is 2%), but +3.3-3.8%
-of the server's CPU side by side, against +0.7-1.8% with the C encoder this replaced
-(README, Performance).
+built (the server: one positional Labels call per step); the batch makes a LogRecord
+per record, a timestamp's text once per millisecond, and msgspec encodes them all in
+one `Encoder.encode_lines` call, the one JSON encoder here. The log's own
+instructions per benchmark connection (`.venv/bin/python bench/log_instructions.py`,
+debug minus error): 110.7-111.2k at 8f08055, 123.9k before (3b70f5b). Side by side that
+still costs ~3.4% of the server's CPU (debug / error 1.034, interval 1.025-1.042,
+`bench/run.py --side-only --sets 30`), against +0.7-1.8% with the C encoder this
+replaced: the 2% target is not met (README, Performance).
 Records keep their order and their own timestamps; a client may see a reply up to
 the interval before its record is in the file; a SIGKILL loses at most the last
 interval's records (a stop, or an exception out of `serve`, writes them).
@@ -109,7 +111,7 @@ class LogRecord(msgspec.Struct, frozen=True, gc=False, forbid_unknown_fields=Tru
 _LABEL_NAMES: tuple[str, ...] = Labels.__struct_encode_fields__
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(LogRecord)
-# A timestamp's fraction in two table lookups, about half the cost of formatting
+# A timestamp's fraction from two tables (milliseconds, microseconds), about half the cost of formatting
 # the number for every step.
 _MILLIS = [f"{n:03d}" for n in range(1000)]
 _MICROS_Z = [f"{n:03d}Z" for n in range(1000)]
@@ -118,18 +120,22 @@ _NO_SECOND = -(1 << 80)  # before every time_ns, so a batch's first step makes i
 
 def _records(queued: list[tuple[int, tuple[Kind, ...], Labels]]) -> list[LogRecord]:
     """The LogRecords of queued steps, in order. A step's time is split against the
-    start of its second (small ints are cheap, a time_ns is not), whose text is made
-    once per second."""
+    start of its millisecond (small ints are cheap, a time_ns is not), whose text is
+    made once per millisecond (a busy server logs several steps in one), and that
+    text's second once per second."""
     out: list[LogRecord] = []
     second_ns, prefix = _NO_SECOND, ""
+    ms_ns, ms_prefix = _NO_SECOND, ""
     for ns, kinds, labels in queued:
-        into = ns - second_ns
-        if not 0 <= into < 1_000_000_000:
-            second = ns // 1_000_000_000
-            second_ns, into = second * 1_000_000_000, ns - second * 1_000_000_000
-            prefix = time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(second))
-        micros = into // 1000
-        stamp = prefix + _MILLIS[micros // 1000] + _MICROS_Z[micros % 1000]
+        into = ns - ms_ns
+        if not 0 <= into < 1_000_000:
+            ms_ns = ns - ns % 1_000_000
+            into = ns - ms_ns
+            if not 0 <= ms_ns - second_ns < 1_000_000_000:
+                second_ns = ms_ns - ms_ns % 1_000_000_000
+                prefix = time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(second_ns // 1_000_000_000))
+            ms_prefix = prefix + _MILLIS[(ms_ns - second_ns) // 1_000_000]
+        stamp = ms_prefix + _MICROS_Z[into // 1000]
         for k in kinds:
             out.append(LogRecord(stamp, k.level, k.code, k.message, labels))  # type: ignore[arg-type]
     return out
