@@ -664,20 +664,21 @@ AUTH_METHODS: dict[str, tuple[str, bool | None]] = {
 
 
 class _View:
-    """A session's machine instance as tests read it: its state and counters."""
+    """A machine instance of the core's (a session's or the connection's) as tests read
+    it: its state and counters."""
 
-    __slots__ = ("session", "counter_names")
+    __slots__ = ("owner", "counter_names")
 
-    def __init__(self, session: core.Session, counter_names: tuple[str, ...]) -> None:
-        self.session = session
+    def __init__(self, owner: core.Session | core.ConnectionCore, counter_names: tuple[str, ...]) -> None:
+        self.owner = owner
         self.counter_names = counter_names
 
     @property
     def state(self) -> str:
-        return self.session.state
+        return self.owner.state
 
     def counters(self) -> dict[str, int]:
-        return {c: getattr(self.session.instance, c) for c in self.counter_names}
+        return {c: getattr(self.owner.instance, c) for c in self.counter_names}
 
 
 @dataclass
@@ -789,8 +790,8 @@ class Oracle:
         return self.core.state
 
     @property
-    def conn(self) -> _ConnView:
-        return _ConnView(self.core, self.driver.machines.connection.counters)
+    def conn(self) -> _View:
+        return _View(self.core, self.driver.machines.connection.counters)
 
     def open_sessions(self) -> list[SessionModel]:
         return [s for s in self.sessions.values() if not s.closed]
@@ -1157,21 +1158,6 @@ class Oracle:
 
     def endings(self) -> dict[int, tuple[tuple[str, Any], ...]]:
         return {chan: s.ending for chan, s in self.sessions.items() if s.ending is not None and not s.closed}
-
-
-class _ConnView:
-    """The connection machine's instance as tests read it."""
-
-    def __init__(self, conn: core.ConnectionCore, counter_names: tuple[str, ...]) -> None:
-        self.core = conn
-        self.counter_names = counter_names
-
-    @property
-    def state(self) -> str:
-        return self.core.state
-
-    def counters(self) -> dict[str, int]:
-        return {c: getattr(self.core.instance, c) for c in self.counter_names}
 
 
 def _no_log(codes: tuple[str, ...], event: str, reason: str | None, remote_addr: str | None) -> None:
