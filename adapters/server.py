@@ -153,7 +153,7 @@ class SpecSession(asyncssh.SSHServerSession[bytes]):
     def ask_backend(self, request: core.ChannelRequest) -> core.RequestDone:
         """A setup or running request: the handler answers at once."""
         h, decoded = self.handler, request.payload
-        ok: object
+        ok: object  # the core checks that it is a bool
         if isinstance(decoded, internals.EnvRequest):
             ok, reason = _ask(h.set_env, decoded.name, decoded.value)
         elif isinstance(decoded, internals.PtyRequest):
@@ -167,10 +167,7 @@ class SpecSession(asyncssh.SSHServerSession[bytes]):
             ok, reason = _ask(h.signal, decoded.name)
         else:
             ok, reason = False, None
-        if not isinstance(ok, bool):
-            reason = reason or f"handler error: returned {ok!r}, not a bool"
-            return core.RequestDone(self.channel_id, False, reason)
-        return core.RequestDone(self.channel_id, ok)
+        return core.RequestDone(self.channel_id, ok, reason)
 
     async def start_program(self, request: core.ChannelRequest) -> None:
         assert self.chan is not None

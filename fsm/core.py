@@ -382,7 +382,7 @@ class RequestDone(_Message, frozen=True):
     """The backend decided the request the core asked it about."""
 
     channel: int
-    ok: bool
+    ok: object  # checked here: anything but a bool is a handler error (the request fails)
     reason: str | None = None
 
 
@@ -871,12 +871,7 @@ class ConnectionCore:
             self.out.append(AdmitUser(method))
 
     def _user_verdict(self, event: UserVerdict) -> None:
-        accepted, reason = event.accepted, event.reason
-        if not isinstance(accepted, bool):
-            accepted, reason = (
-                False,
-                reason or f"handler error: accept_user returned {accepted!r}, not a bool",
-            )
+        accepted, reason = _boolean(event.accepted, "accept_user", event.reason)
         name = ConnectionEvent.backend_accepted if accepted else ConnectionEvent.backend_rejected
         self._fire(name, method=event.method, reason=reason)
 
@@ -913,9 +908,7 @@ class ConnectionCore:
     def _kbdint_challenge(self, event: KbdintChallenge) -> None:
         if self.state != "checking":
             return  # no attempt is being checked: nothing to challenge
-        supported, reason = event.supported, event.reason
-        if not isinstance(supported, bool):
-            supported, reason = False, reason or f"handler error: kbdint_supported returned {supported!r}"
+        supported, reason = _boolean(event.supported, "kbdint_supported", event.reason)
         self._fire(
             ConnectionEvent.challenge if supported else ConnectionEvent.auth_unavailable,
             method="keyboard-interactive",
@@ -1087,13 +1080,14 @@ class ConnectionCore:
             return
         req = session.queue[0]
         assert isinstance(req, ChannelRequest)
+        ok, reason = _boolean(event.ok, "the backend", event.reason)
         step = self._fire_session(
             session,
-            SessionEvent.request_ok if event.ok else SessionEvent.request_failed,
+            SessionEvent.request_ok if ok else SessionEvent.request_failed,
             request_type=req.name,
-            reason=event.reason,
+            reason=reason,
         )
-        if session.closed and event.ok and req.name in START_REQUESTS:
+        if session.closed and ok and req.name in START_REQUESTS:
             # The channel closed while the program was starting: the close's
             # "end the program" could not reach a program that did not exist yet.
             self.out.append(EndProgram(session.channel))
@@ -1181,6 +1175,14 @@ class ConnectionCore:
         self._fire(ConnectionEvent.channel_closed, channel_id=session.channel)
         if not self.sessions and self.state == "draining":
             self._fire(ConnectionEvent.drained, reason="server shutdown")
+
+
+def _boolean(answer: object, what: str, reason: str | None) -> tuple[bool, str | None]:
+    """A handler's yes/no, checked where it enters: anything but a bool is a handler
+    error, answered as no (the reason says so, unless the handler raised)."""
+    if isinstance(answer, bool):
+        return answer, reason
+    return False, reason or f"handler error: {what} returned {answer!r}, not a bool"
 
 
 _HANDLERS: dict[type, Callable[[ConnectionCore, Any], None]] = {

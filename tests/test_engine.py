@@ -346,3 +346,14 @@ def test_keepalive_timer() -> None:
     actions = conn.handle_timer(129.0)
     assert conn.state == "closed" and actions[-1] == core.ConnectionEnded()
     assert "SSH_KEEPALIVE_NORESP" in log.codes()
+
+
+def test_a_backend_answer_that_is_not_a_bool_fails_the_request() -> None:
+    conn, log = logged_in()
+    channel = open_session(conn)
+    env = core.ChannelRequest(channel, "env", True, object())
+    assert conn.handle(env) == [core.AskBackend(channel, env)]
+    assert conn.handle(core.RequestDone(channel, "yes")) == [core.ChannelReply(channel, False, "env")]
+    code, _, labels = log.records[-1]
+    assert code == "SSH_CHANNEL_REQUEST_FAILED"
+    assert labels["reason"] == "handler error: the backend returned 'yes', not a bool"
