@@ -44,6 +44,7 @@ from typing import Any, Literal, TypeAlias
 import asyncssh
 from asyncssh.channel import SSHChannel
 from asyncssh.connection import SSHConnection
+from asyncssh.logging import SSHLogger
 from asyncssh.misc import map_handler_name
 from asyncssh.packet import PacketDecodeError, SSHPacket, SSHPacketHandler
 
@@ -1071,6 +1072,40 @@ def connection_gone(chan: SSHChannel[Any]) -> bool:
     return conn is None or _transport_gone(conn)
 
 
+# --------------------------------------------------------------------------- asyncssh's own log
+
+
+def log_lazily() -> None:
+    """Make asyncssh check whether a log line is wanted before it builds it.
+
+    asyncssh formats every packet it sends or receives (handler name, byte count)
+    before its logger checks for packet logging (debug level 3), and converts every
+    message's arguments to text before :mod:`logging` checks the level: some 40
+    packets and 20 messages a connection, about 2% of its CPU. With these two checks
+    first, what is logged is exactly what was logged before (``set_debug_level``
+    and the ``asyncssh`` logger's level still decide); nothing is built for lines
+    nobody reads. Idempotent."""
+    if getattr(SSHPacketHandler._log_packet, "_sshspec_lazy", False):
+        return
+    log_packet = SSHPacketHandler._log_packet  # REACH-IN: formats, then checks the level
+    log = SSHLogger.log  # REACH-IN: converts arguments, then logging checks the level
+
+    @functools.wraps(log_packet)  # __wrapped__: the compat check reads the original
+    def lazy_log_packet(self: SSHPacketHandler, msg: str, pkttype: int, pktid: int | None,
+                        packet: Any, note: str) -> None:
+        if SSHLogger._debug_level >= 3:  # REACH-IN: set_debug_level's class attribute
+            log_packet(self, msg, pkttype, pktid, packet, note)
+
+    @functools.wraps(log)
+    def lazy_log(self: SSHLogger, level: int, msg: object, *args: Any, **kwargs: Any) -> None:
+        if self.isEnabledFor(level):
+            log(self, level, msg, *args, **kwargs)
+
+    lazy_log_packet._sshspec_lazy = True  # type: ignore[attr-defined]
+    SSHPacketHandler._log_packet = lazy_log_packet  # type: ignore[method-assign,assignment]
+    SSHLogger.log = lazy_log  # type: ignore[method-assign]
+
+
 # --------------------------------------------------------------------------- compat check
 
 
@@ -1156,6 +1191,13 @@ REACH_INS: tuple[ReachIn, ...] = (
     ReachIn(_Conn, "send_packet", ("pkttype", "args", "handler")),
     ReachIn(_Conn, "_login_timer_callback", (), source_has=repr(_LOGIN_TIMEOUT_REASON)),
     ReachIn(asyncssh.misc, "map_handler_name", ("name",)),
+    # log_lazily (HACKS.md row 25): where asyncssh builds log lines before checking.
+    ReachIn(SSHPacketHandler, "_log_packet", ("msg", "pkttype", "pktid", "packet", "note"),
+            source_has="self.logger.packet("),
+    ReachIn(SSHLogger, "packet", ("pktid", "packet", "msg", "args", "kwargs"),
+            source_has="if self._debug_level >= 3:"),
+    ReachIn(SSHLogger, "_debug_level"),
+    ReachIn(SSHLogger, "log", ("level", "msg", "args", "kwargs"), source_has="super().log(level, msg"),
 )
 
 

@@ -643,6 +643,7 @@ class Server:
         host, port = self.config.ssh.listen
         try:
             internals.assert_asyncssh_compat()  # a moved asyncssh private fails here, loudly
+            internals.log_lazily()
             keys = load_host_keys(self.config)
             options = server_options(
                 self.config.ssh.profile, kex=self.config.ssh.kex or None,

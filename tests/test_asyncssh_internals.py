@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import inspect
 import io
+import logging
 import socket
 import struct
 import threading
@@ -1471,3 +1472,32 @@ def test_malformed_channel_data_is_a_protocol_error_disconnect() -> None:
             assert isinstance(exc, asyncssh.ProtocolError) and phase == "connected"
 
     run(main)
+
+
+@pytest.mark.parametrize(("debug_level", "level", "packets", "info"), [
+    (3, logging.DEBUG, True, True),  # packet logging on: every packet line is there
+    (1, logging.DEBUG, False, True),  # the default debug level: no packet lines
+    (3, logging.WARNING, False, False),  # the logger is off: nothing at all
+])
+def test_log_lazily_logs_what_asyncssh_logged(caplog: pytest.LogCaptureFixture, debug_level: int,
+                                             level: int, packets: bool, info: bool) -> None:
+    """log_lazily only moves asyncssh's checks ahead of the formatting: what
+    set_debug_level and the logger's level let through still comes out."""
+    ai.log_lazily()
+
+    async def main() -> None:
+        ctx = Ctx()
+        async with serve(ctx, lambda: AuthServer(ctx)) as port:
+            caplog.set_level(level, logger="asyncssh")
+            asyncssh.set_debug_level(debug_level)
+            try:
+                async with await aconnect(port, client_keys=[GOOD_KEY]):
+                    pass
+            finally:
+                asyncssh.set_debug_level(1)
+
+    run(main)
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith("asyncssh")]
+    assert any("Sent MSG_KEXINIT" in line for line in lines) is packets, lines
+    assert any("Received MSG_USERAUTH_REQUEST" in line for line in lines) is packets, lines
+    assert any("Auth for user alice succeeded" in line for line in lines) is info, lines
