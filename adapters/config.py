@@ -233,6 +233,11 @@ class LogConfig(_Section, frozen=True):
     # Records are written in batches at most this late (0: each step's records
     # before its reply); see adapters/logs.py for what it costs and buys.
     flush_interval: Duration = _seconds(0.1)
+    # Durable (the default): the records of what a client can see (auth answers,
+    # channel opens, replies, exit statuses, closes, disconnects) are written before
+    # it goes out, so a kill -9 never loses one; the rest still wait for the batch.
+    # false: everything waits for the batch, up to flushInterval late.
+    durable: bool = True
 
 
 class Config(_Section, frozen=True):

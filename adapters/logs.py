@@ -31,9 +31,12 @@ debug minus error): 110.7-111.2k at 8f08055, 123.9k before (3b70f5b). Side by si
 still costs ~3.4% of the server's CPU (debug / error 1.034, interval 1.025-1.042,
 `bench/run.py --side-only --sets 30`), against +0.7-1.8% with the C encoder this
 replaced: the 2% target is not met (README, Performance).
-Records keep their order and their own timestamps; a client may see a reply up to
-the interval before its record is in the file; a SIGKILL loses at most the last
-interval's records (a stop, or an exception out of `serve`, writes them).
+Records keep their order and their own timestamps. The server's `log.durable`
+(the default) writes what is queued before any action a client sees goes out, so
+a SIGKILL loses only records of what no client saw yet; without it a client may
+see a reply up to the interval before its record is in the file, and a SIGKILL
+loses at most the last interval's records (a stop, or an exception out of
+`serve`, writes them).
 The logger belongs to one thread (the event loop's, or a plain caller's with no
 loop running).
 """
@@ -118,22 +121,36 @@ _MICROS_Z = [f"{n:03d}Z" for n in range(1000)]
 _NO_SECOND = -(1 << 80)  # before every time_ns, so a batch's first step makes its second's text
 
 
-def _records(queued: list[tuple[int, tuple[Kind, ...], Labels]]) -> list[LogRecord]:
+class _Seconds:
+    """The text of the last second a batch stamped, kept from batch to batch: a
+    durable log writes a few records at a time, and making a second's text (gmtime,
+    strftime) for each of those small batches cost more than the rest of it."""
+
+    __slots__ = ("second_ns", "prefix")
+
+    def __init__(self) -> None:
+        self.second_ns, self.prefix = _NO_SECOND, ""
+
+    def text(self, ms_ns: int) -> tuple[int, str]:
+        if not 0 <= ms_ns - self.second_ns < 1_000_000_000:
+            self.second_ns = ms_ns - ms_ns % 1_000_000_000
+            self.prefix = time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(self.second_ns // 1_000_000_000))
+        return self.second_ns, self.prefix
+
+
+def _records(queued: list[tuple[int, tuple[Kind, ...], Labels]], seconds: _Seconds) -> list[LogRecord]:
     """The LogRecords of queued steps, in order. A step's time is split against the
     start of its millisecond (small ints are cheap, a time_ns is not), whose text is
     made once per millisecond (a busy server logs several steps in one), and that
     text's second once per second."""
     out: list[LogRecord] = []
-    second_ns, prefix = _NO_SECOND, ""
     ms_ns, ms_prefix = _NO_SECOND, ""
     for ns, kinds, labels in queued:
         into = ns - ms_ns
         if not 0 <= into < 1_000_000:
             ms_ns = ns - ns % 1_000_000
             into = ns - ms_ns
-            if not 0 <= ms_ns - second_ns < 1_000_000_000:
-                second_ns = ms_ns - ms_ns % 1_000_000_000
-                prefix = time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(second_ns // 1_000_000_000))
+            second_ns, prefix = seconds.text(ms_ns)
             ms_prefix = prefix + _MILLIS[(ms_ns - second_ns) // 1_000_000]
         stamp = ms_prefix + _MICROS_Z[into // 1000]
         for k in kinds:
@@ -242,6 +259,7 @@ class Logger:
         # untracked by the collector (ints, gc=False structs, tuples of them).
         self._queued: list[tuple[int, tuple[Kind, ...], Labels]] = []
         self._timer: asyncio.TimerHandle | None = None
+        self._seconds = _Seconds()
         if path is not None:
             # O_APPEND: each os.write lands whole at the end even with several writers
             # (logrotate copytruncate, a second server on the same file).
@@ -274,15 +292,20 @@ class Logger:
             raise ValueError("log is closed")
         if self._interval and len(self._queued) < MAX_QUEUED:
             try:
-                self._timer = asyncio.get_running_loop().call_later(self._interval, self._flush_due)
+                self._timer = asyncio.get_running_loop().call_later(self._interval, self._timer_fired)
                 return
             except RuntimeError:  # no event loop to come back to: write now
                 pass
         self.flush()
 
-    def _flush_due(self) -> None:
-        # The timer's callback: nobody to raise to, so a failed write (disk full...)
-        # is said on stderr, in one line, and the server goes on.
+    def _timer_fired(self) -> None:
+        self._timer = None
+        self.write_queued()
+
+    def write_queued(self) -> None:
+        """flush() for callers with nobody to raise to (the batch's timer, a durable
+        write before a reply): a failed write (disk full...) is said on stderr, in one
+        line, and the server goes on."""
         queued = self._queued  # flush() swaps in a new queue: this one stays whole
         try:
             self.flush()
@@ -290,16 +313,21 @@ class Logger:
             count = sum(len(records) for _, records, _ in queued)
             os.write(2, f"sshspec: log write failed, {count} records lost: {exc}\n".encode())
 
+    @property
+    def pending(self) -> bool:
+        """Whether records wait to be written."""
+        return bool(self._queued)
+
     def flush(self) -> None:
-        """Write every queued record, in one write(2)."""
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        """Write every queued record, in one write(2). A batch's timer stays armed and
+        fires on what is queued by then (maybe nothing): cancelling it here and arming
+        a new one at the next record cost more than the write, when durable writes
+        come a few records at a time."""
         queued = self._queued
         if not queued:
             return
         self._queued = []
-        self._write(self._encode(_records(queued)))
+        self._write(self._encode(_records(queued, self._seconds)))
 
     def _write(self, line: bytes) -> None:
         if self._fd is not None:
@@ -325,6 +353,9 @@ class Logger:
         """Close the file the logger opened; a stream passed in is only flushed."""
         if self._closed:
             return
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         try:
             self.flush()  # what is queued; a failed write still closes the file
         finally:

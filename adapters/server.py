@@ -297,7 +297,10 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
 
     def _carry_out(self, actions: list[core.Action]) -> list[core.Action]:
         done = list(actions)
+        durable = self.server.durable_log
         while actions:
+            if durable and durable.pending and any(type(a) in core.REACHES_CLIENT for a in actions):
+                durable.write_queued()  # the records first, then what the client sees
             follow = None
             for action in actions:
                 answer = _EXECUTORS[type(action)](self, action)
@@ -414,6 +417,8 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
         if self.server.core.handle(core.ServerEvent.accept, remote_addr=self.info.remote_addr) \
                 is not core.ServerReply.admit:
             self.core.startup = False  # never admitted: nothing to give back
+            if self.server.durable_log:
+                self.server.durable_log.write_queued()  # the refusal's record before the close
             conn.abort()
             return
         self.admitted = True
@@ -622,6 +627,8 @@ class Server:
                                        path=config.log.file or None,
                                        flush_interval=config.log.flush_interval)
         self.emitter = Emitter(self.logger)
+        # log.durable: the logger to write out before an action that reaches a client.
+        self.durable_log = self.logger if config.log.durable else None
         self.machines = machines(config)
         self.core = core.ServerCore(self.machines, self.log)
         self.handler = handler if handler is not None else configured_handler(config)

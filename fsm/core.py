@@ -614,6 +614,28 @@ Action = (
     | ConnectionEnded
 )
 
+# The actions whose effect the client sees (a reply, a channel opened or refused,
+# an exit status, a close, a disconnect). A durable log writes the records of
+# every step before these go out, so a server killed at any moment never leaves a
+# client holding an answer its log does not have. The rest ask the adapter or the
+# backend something, or end a program (its exit status, which the client sees,
+# is a SendExit of its own), or release what is already gone.
+REACHES_CLIENT: frozenset[type[Action]] = frozenset(
+    {
+        Disconnect,
+        AuthAnswer,
+        KeyAcceptable,
+        GlobalReply,
+        OpenSession,
+        RejectOpen,
+        SendKeepalive,
+        ChannelReply,
+        ProgramStarted,
+        SendExit,
+        CloseChannel,
+    }
+)
+
 DISCONNECTS: dict[str, Disconnect] = {
     ConnectionReply.disconnect_auth: Disconnect(
         DISCONNECT_NO_MORE_AUTH_METHODS, "Too many authentication failures"

@@ -63,6 +63,7 @@ log:
   format: text
   file: /var/log/sshspec.jsonl
   flushInterval: 250ms
+  durable: false
 stateDir: /var/lib/sshspec
 """
 
@@ -136,6 +137,7 @@ def test_full_example(tmp_path: Path) -> None:
     assert config.limits.shutdown_timeout == 0.5
     assert config.backend.env_deny == ("LD_*", "DYLD_*", "PYTHON*")
     assert (config.log.level, config.log.format, config.log.flush_interval) == ("warning", "text", 0.25)
+    assert config.log.durable is False
     assert config.state_dir == "/var/lib/sshspec"
     # The example sets every key away from its default, so it tests every field.
     for section in ("ssh", "limits", "log"):

@@ -1153,3 +1153,45 @@ def test_a_sigkilled_worker_takes_its_programs_along(tmp_path: Path) -> None:
     finally:
         _clean_up(marker, clients)
         live.stop()
+
+
+def _sessions_then_sigkill(live: LiveServer, count: int) -> list[asyncssh.SSHCompletedProcess]:
+    """`count` sessions, each `exit N` on a connection of its own, all at once; the
+    server is SIGKILLed the moment the last client has its exit status."""
+
+    async def main() -> list[asyncssh.SSHCompletedProcess]:
+        async def one(n: int) -> asyncssh.SSHCompletedProcess:
+            async with asyncssh.connect(HOST, live.port, **asyncssh_options()) as conn:
+                return await conn.run(f"exit {n}")
+
+        results = await asyncio.gather(*(one(n) for n in range(count)))
+        live.process.send_signal(signal.SIGKILL)
+        return list(results)
+
+    results = asyncio.run(main())
+    live.process.wait(10)
+    return results
+
+
+def test_a_sigkill_loses_no_record_of_what_the_clients_saw(server_factory, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """log.durable (the default): every auth answer, channel open, request outcome
+    and exit status a client holds is in the log, though the server was killed right
+    after and its 100 ms batch never came."""
+    live: LiveServer = server_factory(log_dir=tmp_path)  # a SIGKILLed server's log ends mid-way
+    results = _sessions_then_sigkill(live, 20)
+    assert sorted(r.exit_status for r in results) == list(range(20))
+    records = live.records()
+    exits = sorted(r["labels"]["exitCode"] for r in records if r["code"] == "SSH_EXIT")
+    assert exits == list(range(20)), exits
+    codes = [r["code"] for r in records]
+    for code in ("SSH_AUTH_SUCCESSFUL", "SSH_NEW_CHANNEL", "SSH_CHANNEL_REQUEST_SUCCESSFUL"):
+        assert codes.count(code) >= 20, (code, codes.count(code))
+
+
+def test_a_sigkill_loses_batched_records_when_log_is_not_durable(server_factory, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The opt-out, and what the test above guards against: with `log.durable: false`
+    the records wait for the batch (here 60 s), and a SIGKILL loses them."""
+    live: LiveServer = server_factory({"log": {"durable": False, "flushInterval": "60s"}}, log_dir=tmp_path)
+    results = _sessions_then_sigkill(live, 20)
+    assert sorted(r.exit_status for r in results) == list(range(20))
+    assert not [r for r in live.records() if r["code"] == "SSH_EXIT"]

@@ -289,13 +289,13 @@ def _observe_timer(logger: Logger) -> asyncio.Future[float]:
     what the tests wait for, instead of sleeping."""
     loop = asyncio.get_running_loop()
     flushed: asyncio.Future[float] = loop.create_future()
-    flush_due = logger._flush_due
+    flush_due = logger.write_queued
 
     def observed() -> None:
         flush_due()
         flushed.set_result(loop.time())
 
-    logger._flush_due = observed  # type: ignore[method-assign]  # call_later reads it when arming
+    logger.write_queued = observed  # type: ignore[method-assign]  # call_later reads it when arming
     return flushed
 
 

@@ -214,8 +214,9 @@ def test_batched_log_has_every_record_of_concurrent_connections(server_factory) 
 
 
 def test_batched_log_is_written_when_the_server_stops(server_factory) -> None:  # type: ignore[no-untyped-def]
-    """Records wait for their batch (here an hour), and a SIGTERM writes them all."""
-    live = server_factory({"log": {"flushInterval": "1h"}})
+    """Records wait for their batch (here an hour; `durable: false`, so what the
+    client sees waits too), and a SIGTERM writes them all."""
+    live = server_factory({"log": {"flushInterval": "1h", "durable": False}})
 
     async def main() -> int | None:
         async with connect(live) as conn:
