@@ -625,6 +625,11 @@ class ConnectionHooks:
         """The socket's write buffer passed its high-water mark (True) or fell below its
         low-water mark (False): the peer is not reading, whatever window it granted."""
 
+    def on_backlog(self, conn: asyncssh.SSHServerConnection, buffered: int) -> None:
+        """Bytes arrived (and were processed) while the write buffer is past its
+        high-water mark: `buffered` bytes now wait to be sent. Answers to what the peer
+        asks are all that still grow it then; the hook may bound it (conn.abort())."""
+
 
 @dataclass(eq=False)
 class HookState:
@@ -637,6 +642,7 @@ class HookState:
     authenticated: bool = False
     last_auth: AuthRequest | None = None
     auth_answered: bool = True
+    write_paused: bool = False  # the transport's write buffer is past its high-water mark
     seqs: dict[str, int] = field(default_factory=lambda: {"global": 0, "open": 0, "auth": 0})
     verdicts: set[asyncio.Future[bool | bytes]] = field(default_factory=set)
 
@@ -1006,16 +1012,37 @@ def install_hooks(conn: asyncssh.SSHServerConnection, hooks: ConnectionHooks, *,
     # passes the high-water mark; asyncssh's pause_writing/resume_writing do nothing
     # ("for now"), so a peer with a huge window that stops reading made the buffer
     # grow without bound. Instance attributes hand the news to the hooks.
-    conn.pause_writing = functools.partial(_call_hook, "on_transport_paused",  # type: ignore[method-assign]
-                                           hooks.on_transport_paused, conn, True)
-    conn.resume_writing = functools.partial(_call_hook, "on_transport_paused",  # type: ignore[method-assign]
-                                            hooks.on_transport_paused, conn, False)
+    conn.pause_writing = functools.partial(_write_paused, state, True)  # type: ignore[method-assign]
+    conn.resume_writing = functools.partial(_write_paused, state, False)  # type: ignore[method-assign]
+    # REACH-IN (SSHConnection.data_received, an asyncio protocol method, shadowed on the
+    # instance): while the buffer is past the mark, what a read's packets added to it
+    # goes to on_backlog, once per read.
+    conn.data_received = functools.partial(_data_received, state,  # type: ignore[method-assign]
+                                           conn.data_received)
     conn.set_extra_info(**{_STATE_KEY: state})
     return state
 
 
 async def _no_config_reload() -> None:
     return None
+
+
+def _write_paused(state: HookState, paused: bool) -> None:
+    state.write_paused = paused
+    _call_hook("on_transport_paused", state.hooks.on_transport_paused, state.conn, paused)
+
+
+def buffered_bytes(conn: asyncssh.SSHServerConnection) -> int:
+    """Bytes waiting in the connection's socket write buffer (0 once it is gone)."""
+    transport = conn._transport  # REACH-IN (#15)
+    return transport.get_write_buffer_size() if transport is not None else 0
+
+
+def _data_received(state: HookState, data_received: Callable[..., None], data: bytes,
+                   datatype: object = None) -> None:
+    data_received(data, datatype)
+    if state.write_paused:
+        _call_hook("on_backlog", state.hooks.on_backlog, state.conn, buffered_bytes(state.conn))
 
 
 # --------------------------------------------------------------------------- keepalive
@@ -1156,6 +1183,7 @@ REACH_INS: tuple[ReachIn, ...] = (
     ReachIn(_Chan, "_recv_buf", attr_in=SSHChannel.__init__),
     ReachIn(_Chan, "_send_window", attr_in=SSHChannel.__init__),
     ReachIn(_Conn, "pause_writing", (), source_has="# Do nothing with this for now"),
+    ReachIn(_Conn, "data_received", ("data", "datatype")),
     ReachIn(_Conn, "resume_writing", (), source_has="# Do nothing with this for now"),
     ReachIn(_Chan, "_process_window_adjust", ("_pkttype", "_pktid", "packet"),
             source_has="self._send_window += adjust"),

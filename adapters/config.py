@@ -49,6 +49,10 @@ class Duration(float):
     """Seconds, parsed from `500ms`, `120s`, `2m`, `1h`, `1m30s`, `0` or a number."""
 
 
+class ByteSize(int):
+    """Bytes, parsed from `64KiB`, `8MiB`, `1GiB` (or kB/MB/GB, powers of 1000) or a number."""
+
+
 class Listen(tuple[str, int]):
     """`ssh.listen` as (host, port); an IPv6 host is stored without brackets."""
 
@@ -103,6 +107,23 @@ def parse_duration(value: object) -> Duration:
     return Duration(seconds)
 
 
+_BYTE_SIZE = re.compile(r"(\d+)\s*(B|KiB|MiB|GiB|kB|MB|GB)?")
+_UNIT_BYTES = {None: 1, "B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "kB": 10**3, "MB": 10**6,
+               "GB": 10**9}
+
+
+def parse_byte_size(value: object) -> ByteSize:
+    if isinstance(value, int) and not isinstance(value, bool):
+        number, unit = value, None
+    elif isinstance(value, str) and (match := _BYTE_SIZE.fullmatch(value.strip())):
+        number, unit = int(match[1]), match[2]
+    else:
+        raise ValueError(f"Invalid size `{value}`: expected bytes like `64KiB`, `8MiB`, `1GiB` or a number")
+    if number < 0:
+        raise ValueError(f"Invalid size `{value}`: must be >= 0")
+    return ByteSize(number * _UNIT_BYTES[unit])
+
+
 _HOSTNAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)*")
 
 
@@ -137,6 +158,8 @@ def _dec_hook(type_: type, obj: Any) -> Any:
         return parse_duration(obj)
     if type_ is Listen:
         return parse_listen(obj)
+    if type_ is ByteSize:
+        return parse_byte_size(obj)
     raise NotImplementedError(type_)
 
 
@@ -218,6 +241,11 @@ class LimitsConfig(_Section, frozen=True):
     max_env: Annotated[int, msgspec.Meta(ge=0)] = SPEC_LIMITS["maxEnv"]
     max_queued_requests: Annotated[int, msgspec.Meta(ge=1)] = 16
     shutdown_timeout: Duration = _seconds(10)
+    # Bytes waiting for a client that does not read (answers to what it keeps asking;
+    # program output already waits), for one connection and for all of them; at least
+    # 64 KiB, the socket buffer's high-water mark, checked after decoding.
+    max_buffered_per_connection: ByteSize = msgspec.field(default_factory=lambda: ByteSize(8 << 20))
+    max_buffered_total: ByteSize = msgspec.field(default_factory=lambda: ByteSize(256 << 20))
 
 
 class BackendConfig(_Section, frozen=True):
@@ -354,6 +382,11 @@ def _check(file: str, config: Config) -> None:
     if config.limits.login_timeout <= 0:
         # Without a deadline an unauthenticated client could hold a maxStartups slot forever.
         raise ConfigError(file, "limits.loginTimeout", "must be greater than 0")
+    for key, value in (("limits.maxBufferedPerConnection", config.limits.max_buffered_per_connection),
+                       ("limits.maxBufferedTotal", config.limits.max_buffered_total)):
+        if value < 64 << 10:
+            # Below the socket buffer's high-water mark a client that reads slowly would be cut.
+            raise ConfigError(file, key, f"{value} bytes: must be at least 64KiB")
     if config.backend.shell and not os.path.isabs(config.backend.shell):
         raise ConfigError(file, "backend.shell", f"must be an absolute path, got `{config.backend.shell}`")
     seen: dict[str, int] = {}
@@ -436,6 +469,8 @@ def resolve_state_dir(config: Config) -> Path:
 
 
 def _enc_hook(obj: Any) -> Any:
+    if isinstance(obj, ByteSize):
+        return int(obj)
     if isinstance(obj, Duration):
         return int(obj) if obj.is_integer() else float(obj)  # a plain number is seconds
     raise NotImplementedError(type(obj))
@@ -460,6 +495,14 @@ def _schema_hook(type_: type) -> dict[str, Any]:
         }
     if type_ is Listen:
         return {"type": "string", "description": "host:port, IPv6 as [::1]:2222"}
+    if type_ is ByteSize:
+        return {
+            "description": "bytes: `64KiB`, `8MiB`, `1GiB` (kB, MB, GB: powers of 1000), or a number",
+            "anyOf": [
+                {"type": "string", "pattern": f"^(?:{_BYTE_SIZE.pattern})$"},
+                {"type": "integer", "minimum": 0},
+            ],
+        }
     raise NotImplementedError(type_)
 
 

@@ -337,6 +337,10 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
         if self.conn is not None:
             self.conn.disconnect(action.code, action.description)
 
+    def _drop(self, action: core.Drop) -> None:
+        if self.conn is not None:
+            self.conn.abort()  # asyncio drops its write buffer: what the client did not read
+
     def _answered(self, action: core.Action) -> None:
         """Carried out by the asyncssh callback that is waiting for the core (its return value)."""
 
@@ -518,8 +522,21 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
 
     def on_transport_paused(self, conn: asyncssh.SSHServerConnection, paused: bool) -> None:
         self.transport_paused = paused
+        if paused:
+            self.server.backlogged.add(self)
+        else:
+            self.server.backlogged.discard(self)
         for session in self.sessions.values():
             session.transport_paused(paused)
+
+    def on_backlog(self, conn: asyncssh.SSHServerConnection, buffered: int) -> None:
+        # Only connections past the high-water mark are counted: the rest hold less
+        # than 64 KiB each.
+        total = sum(c.buffered() for c in self.server.backlogged)
+        self.handle(core.Backlog(buffered, max(total, buffered)))
+
+    def buffered(self) -> int:
+        return internals.buffered_bytes(self.conn) if self.conn is not None else 0
 
     def on_global_overflow(self, conn: asyncssh.SSHServerConnection, req: internals.GlobalRequest) -> None:
         self.handle(core.GlobalRequest(req.name or repr(req.raw_name), overflow=True))
@@ -597,6 +614,7 @@ _EXECUTORS: dict[type, Callable[[SpecConnection, Any], core.Event | None]] = {
     core.EndProgram: SpecConnection._end_program,
     core.TerminateProgram: SpecConnection._terminate_program,
     core.CloseChannel: SpecConnection._close_channel,
+    core.Drop: SpecConnection._drop,
     core.ConnectionEnded: SpecConnection._connection_ended,
 }
 # Every action the core can ask for has exactly one executor here.
@@ -606,7 +624,9 @@ assert not _MISSING, f"actions without exactly one executor: {_MISSING}"
 
 def machines(config: Config) -> core.Machines:
     """The specs compiled with the configured limits (checked against the core)."""
-    return core.Machines.load(spec_limits(config), max_queued_requests=config.limits.max_queued_requests)
+    return core.Machines.load(spec_limits(config), max_queued_requests=config.limits.max_queued_requests,
+                              max_buffered_per_connection=config.limits.max_buffered_per_connection,
+                              max_buffered_total=config.limits.max_buffered_total)
 
 
 # --- the server -----------------------------------------------------------------------------
@@ -633,6 +653,7 @@ class Server:
         self.core = core.ServerCore(self.machines, self.log)
         self.handler = handler if handler is not None else configured_handler(config)
         self.connections: set[SpecConnection] = set()
+        self.backlogged: set[SpecConnection] = set()  # their socket buffer is past its high-water mark
         self.acceptor: asyncssh.SSHAcceptor | None = None
         self.sock: socket.socket | None = None
         self.address: tuple[str, int] | None = None
@@ -693,6 +714,7 @@ class Server:
 
     def connection_closed(self, conn: SpecConnection) -> None:
         self.connections.discard(conn)
+        self.backlogged.discard(conn)
         if not self.connections:
             self._all_closed.set()
 

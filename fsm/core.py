@@ -96,6 +96,7 @@ class ConnectionEvent(enum.StrEnum):
     shutdown = "shutdown"
     drained = "drained"
     lost = "lost"
+    buffer_exceeded = "buffer_exceeded"
 
 
 class ConnectionReply(enum.StrEnum):
@@ -111,6 +112,7 @@ class ConnectionReply(enum.StrEnum):
     reject_channel = "reject_channel"
     reject_channel_type = "reject_channel_type"
     send_keepalive = "send_keepalive"
+    drop = "drop"
 
 
 class SessionEvent(enum.StrEnum):
@@ -172,6 +174,9 @@ class Machines:
     connection: Machine
     session: Machine
     max_queued_requests: int = 32
+    # Bytes waiting to be sent to one client, and to all of them (limits.maxBuffered*).
+    max_buffered_per_connection: int = 8 << 20
+    max_buffered_total: int = 256 << 20
 
     @classmethod
     def load(
@@ -179,6 +184,8 @@ class Machines:
         limits: Mapping[str, int] | None = None,
         *,
         max_queued_requests: int = 32,
+        max_buffered_per_connection: int = 8 << 20,
+        max_buffered_total: int = 256 << 20,
         specs: Mapping[str, LoadedSpec] | None = None,
     ) -> Machines:
         loaded = {
@@ -192,6 +199,8 @@ class Machines:
             Machine(loaded["connection"], limits),
             Machine(loaded["session"], limits),
             max_queued_requests,
+            max_buffered_per_connection,
+            max_buffered_total,
         )
 
 
@@ -434,6 +443,15 @@ class Shutdown(_Message, frozen=True):
     """The server is shutting down."""
 
 
+class Backlog(_Message, frozen=True):
+    """The socket's write buffer is past its high-water mark (the client is not
+    reading) and the client sent more: ``connection`` bytes wait for this client,
+    ``total`` for every client whose buffer is past the mark."""
+
+    connection: int
+    total: int
+
+
 class ConnectionLost(_Message, frozen=True):
     how: Lost
     reason: str
@@ -464,6 +482,7 @@ Event = (
     | ChannelClosed
     | KeepaliveResult
     | Shutdown
+    | Backlog
     | ConnectionLost
 )
 
@@ -588,6 +607,10 @@ class CloseChannel(_Message, frozen=True):
     channel: int
 
 
+class Drop(_Message, frozen=True):
+    """Close the socket at once, dropping what waits to be sent: the client does not read."""
+
+
 class ConnectionEnded(_Message, frozen=True):
     """The connection machine reached its final state: release everything."""
 
@@ -611,6 +634,7 @@ Action = (
     | EndProgram
     | TerminateProgram
     | CloseChannel
+    | Drop
     | ConnectionEnded
 )
 
@@ -633,6 +657,7 @@ REACHES_CLIENT: frozenset[type[Action]] = frozenset(
         ProgramStarted,
         SendExit,
         CloseChannel,
+        Drop,
     }
 )
 
@@ -808,6 +833,8 @@ class ConnectionCore:
                     self.out.append(Disconnect(disconnect.code, reason or disconnect.description))
             elif step.reply in _AUTH_REPLIES:
                 self.out.append(AuthAnswer(ConnectionReply(step.reply)))
+            elif step.reply == ConnectionReply.drop:
+                self.out.append(Drop())
         if closing:
             self.keepalive_at = None
             self._startup_done()
@@ -1015,6 +1042,24 @@ class ConnectionCore:
                 self.out.append(TerminateProgram(session.channel))
             elif session.state != "exited":
                 self.out.append(CloseChannel(session.channel))
+
+    def _backlog(self, event: Backlog) -> None:
+        # The bounds are bytes the adapter measures, not counters a spec guard compares:
+        # the core compares, the spec says what exceeding one does.
+        machines = self.machines
+        if event.connection > machines.max_buffered_per_connection:
+            reason = (
+                f"{event.connection} bytes wait for this client "
+                f"(limits.maxBufferedPerConnection {machines.max_buffered_per_connection})"
+            )
+        elif event.total > machines.max_buffered_total:
+            reason = (
+                f"{event.total} bytes wait for clients that do not read, {event.connection} of them "
+                f"for this one (limits.maxBufferedTotal {machines.max_buffered_total})"
+            )
+        else:
+            return
+        self._fire(ConnectionEvent.buffer_exceeded, reason=reason)
 
     def _connection_lost(self, event: ConnectionLost) -> None:
         if self.lost:
@@ -1232,5 +1277,6 @@ _HANDLERS: dict[type, Callable[[ConnectionCore, Any], None]] = {
     ChannelClosed: ConnectionCore._channel_closed,
     KeepaliveResult: ConnectionCore._keepalive_result,
     Shutdown: ConnectionCore._shutdown,
+    Backlog: ConnectionCore._backlog,
     ConnectionLost: ConnectionCore._connection_lost,
 }

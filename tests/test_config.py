@@ -55,6 +55,8 @@ limits:
   maxEnv: 0
   maxQueuedRequests: 8
   shutdownTimeout: 500ms
+  maxBufferedPerConnection: 1MiB
+  maxBufferedTotal: 64000000
 backend:
   type: local
   envDeny: [LD_*, DYLD_*, PYTHON*]
@@ -133,6 +135,8 @@ def test_full_example(tmp_path: Path) -> None:
         max_env=0,
         max_queued_requests=8,
         shutdown_timeout=0.5,
+        max_buffered_per_connection=1 << 20,
+        max_buffered_total=64_000_000,
     )
     assert config.limits.shutdown_timeout == 0.5
     assert config.backend.env_deny == ("LD_*", "DYLD_*", "PYTHON*")
@@ -484,3 +488,19 @@ def test_a_weak_algorithm_is_a_config_error(tmp_path: Path) -> None:
     assert done.returncode == 2
     assert done.stderr == (f"sshspec serve: {path}: ssh.ciphers: '3des-cbc' is refused as weak: "
                            "64-bit block cipher (Sweet32)\n")
+
+
+@pytest.mark.parametrize(("text", "size"), [("64KiB", 65536), ("8MiB", 8 << 20), ("1GiB", 1 << 30),
+                                            ("100kB", 100_000), ("2MB", 2_000_000), ("70000", 70000),
+                                            ("65536B", 65536)])
+def test_byte_sizes(tmp_path: Path, text: str, size: int) -> None:
+    config = load_config(_write(tmp_path, f"limits:\n  maxBufferedPerConnection: {text}\n"))
+    assert config.limits.max_buffered_per_connection == size
+
+
+@pytest.mark.parametrize(("text", "problem"), [("8 MB/s", "Invalid size"), ("-5", "Invalid size"),
+                                               ("1KiB", "must be at least 64KiB"), ("true", "Invalid size")])
+def test_bad_byte_sizes_name_the_key(tmp_path: Path, text: str, problem: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(_write(tmp_path, f"limits:\n  maxBufferedTotal: {text}\n"))
+    assert "limits.maxBufferedTotal" in str(caught.value) and problem in str(caught.value), str(caught.value)

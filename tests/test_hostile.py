@@ -748,3 +748,92 @@ def test_a_client_that_stops_reading_cannot_grow_the_server(server_factory, tmp_
     live.wait_for_code("SSH_DISCONNECTED")
     good_login_works(live)
     check_log(live)
+
+
+FLOODING_CLIENT = """
+import socket, sys, threading
+import paramiko
+from paramiko.common import cMSG_GLOBAL_REQUEST, cMSG_SERVICE_REQUEST
+from paramiko.message import Message
+port, user, password, mode = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+sock = socket.socket()
+sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # the kernel holds little for us
+sock.connect(("127.0.0.1", port))
+t = paramiko.Transport(sock)
+if mode == "preauth":
+    t.start_client()
+else:
+    t.connect(username=user, password=password)
+read_message = t.packetizer.read_message
+never = threading.Event()
+def stop_reading():
+    never.wait()  # paramiko's reader thread stops here: nothing reads the socket any more
+    return read_message()
+t.packetizer.read_message = stop_reading
+print("reading stops", flush=True)
+sent = 0
+try:
+    while sent < 2_000_000:
+        m = Message()
+        if mode == "preauth":  # re-accepted before authentication, as OpenSSH does: SERVICE_ACCEPT
+            m.add_byte(cMSG_SERVICE_REQUEST)
+            m.add_string("ssh-userauth")
+        else:  # refused: REQUEST_FAILURE
+            m.add_byte(cMSG_GLOBAL_REQUEST)
+            m.add_string("flood@example.com")
+            m.add_boolean(True)
+        t._send_user_message(m)
+        sent += 1
+except Exception as exc:
+    print(f"cut after {sent}: {type(exc).__name__}", flush=True)
+else:
+    print(f"never cut: {sent}", flush=True)
+"""
+
+
+@pytest.mark.parametrize("mode", ["preauth", "established"])
+def test_a_client_that_asks_without_reading_is_cut_at_the_buffer_bound(server_factory, tmp_path: Path,
+                                                                        mode: str) -> None:
+    """A client keeps sending requests that each get an answer (SERVICE_REQUEST before
+    authentication, a global request after) and never reads: the answers pile up in
+    the server's socket buffer until limits.maxBufferedPerConnection, then the
+    connection is dropped with SSH_BUFFER_EXCEEDED; others are served throughout.
+
+    Memory: a flood may cost the process a one-time step (up to ~17 MB here:
+    asyncssh slices its input buffer once per packet, and the allocator keeps the
+    heap those copies grew, at the first flood or a later one); three floods must
+    not cost more than one such step."""
+    import subprocess
+    import sys
+
+    from test_faults import rss_kib
+    live = server_factory({"limits": {"maxBufferedPerConnection": "256KiB"}})
+    script = tmp_path / "client.py"
+    script.write_text(FLOODING_CLIENT)
+    rss = []
+    for _ in range(3):
+        client = subprocess.Popen([sys.executable, str(script), str(live.port), USERNAME, PASSWORD, mode],
+                                  stdout=subprocess.PIPE, text=True)
+        try:
+            assert client.stdout is not None and client.stdout.readline() == "reading stops\n"
+            good_login_works(live)  # while the flood goes on
+            outcome = client.stdout.readline()
+            assert outcome.startswith("cut after "), outcome
+            client.wait(30)
+        finally:
+            client.kill()
+            client.wait(10)
+        rss.append(rss_kib(live.process.pid))
+    records = live.wait_for_code("SSH_BUFFER_EXCEEDED", 3)
+    exceeded = [r for r in records if r["code"] == "SSH_BUFFER_EXCEEDED"]
+    assert len(exceeded) == 3
+    for record in exceeded:
+        assert "limits.maxBufferedPerConnection 262144" in record["labels"]["reason"], record
+        cid = record["labels"]["connectionId"]
+        codes = [r["code"] for r in records if r["labels"].get("connectionId") == cid]
+        expected = ["SSH_BUFFER_EXCEEDED", "SSH_HANDSHAKE_FAILED", "SSH_DISCONNECTED"] if mode == "preauth" \
+            else ["SSH_BUFFER_EXCEEDED", "SSH_DISCONNECTED"]
+        assert codes[-len(expected):] == expected, codes
+    assert rss[2] - rss[0] < 20 * 1024, f"the second and third floods grew the server's RSS: {rss} KiB"
+    good_login_works(live)
+    check_log(live)
