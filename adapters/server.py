@@ -530,10 +530,10 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
             session.transport_paused(paused)
 
     def on_backlog(self, conn: asyncssh.SSHServerConnection, buffered: int) -> None:
-        # Only connections past the high-water mark are counted: the rest hold less
-        # than 64 KiB each.
+        # Only connections past the high-water mark (this one among them) are counted:
+        # the rest hold less than 64 KiB each.
         total = sum(c.buffered() for c in self.server.backlogged)
-        self.handle(core.Backlog(buffered, max(total, buffered)))
+        self.handle(core.Backlog(buffered, total))
 
     def buffered(self) -> int:
         return internals.buffered_bytes(self.conn) if self.conn is not None else 0

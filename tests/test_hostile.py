@@ -751,15 +751,12 @@ def test_a_client_that_stops_reading_cannot_grow_the_server(server_factory, tmp_
 
 
 FLOODING_CLIENT = """
-import socket, sys, threading
+import sys, threading
 import paramiko
 from paramiko.common import cMSG_GLOBAL_REQUEST, cMSG_SERVICE_REQUEST
 from paramiko.message import Message
 port, user, password, mode = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
-sock = socket.socket()
-sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # the kernel holds little for us
-sock.connect(("127.0.0.1", port))
-t = paramiko.Transport(sock)
+t = paramiko.Transport(("127.0.0.1", port))
 if mode == "preauth":
     t.start_client()
 else:
