@@ -276,7 +276,8 @@ def test_limits_come_from_the_command_line(tmp_path: Path, capsys: pytest.Captur
     assert status == 1
     assert out == (f"{log}:7: connection (c1): in state(s) authenticating, the spec allows "
                    "SSH_AUTH_ATTEMPT, SSH_AUTH_NONE, SSH_AUTH_QUERY, SSH_AUTH_UNAVAILABLE, "
-                   "SSH_HANDSHAKE_FAILED, SSH_LOGIN_TIMEOUT, saw SSH_AUTH_TOO_MANY_TRIES (event password)\n")
+                   "SSH_BUFFER_EXCEEDED, SSH_HANDSHAKE_FAILED, SSH_LOGIN_TIMEOUT, "
+                   "saw SSH_AUTH_TOO_MANY_TRIES (event password)\n")
     with pytest.raises(SystemExit) as exc:
         run_cli(capsys, "check", "--limit", "maxNope=2", log)
     assert exc.value.code == 2 and "unknown limit 'maxNope'" in capsys.readouterr().err
@@ -378,8 +379,8 @@ def test_swapped_records_of_one_connection(tmp_path: Path, capsys: pytest.Captur
     lines[auth], lines[handshake] = lines[handshake], lines[auth]
     assert doctored(tmp_path, capsys, lines) == (1, (
         f"LOG:{auth + 1}: connection (c2): in state(s) checking, the spec allows SSH_AUTH_CHALLENGE, "
-        "SSH_AUTH_FAILED, SSH_AUTH_SUCCESSFUL, SSH_AUTH_UNAVAILABLE, SSH_HANDSHAKE_FAILED, "
-        "SSH_LOGIN_TIMEOUT, saw SSH_HANDSHAKE_SUCCESSFUL (event backend_accepted)\n"))
+        "SSH_AUTH_FAILED, SSH_AUTH_SUCCESSFUL, SSH_AUTH_UNAVAILABLE, SSH_BUFFER_EXCEEDED, "
+        "SSH_HANDSHAKE_FAILED, SSH_LOGIN_TIMEOUT, saw SSH_HANDSHAKE_SUCCESSFUL (event backend_accepted)\n"))
 
 
 def test_session_records_of_a_channel_never_opened(tmp_path: Path,
