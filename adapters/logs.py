@@ -256,8 +256,9 @@ class Logger:
             raise ValueError(f"flush interval must be >= 0, not {flush_interval}")
         self._interval = flush_interval
         # Queued steps: (time.time_ns(), its records, its labels). All three are
-        # untracked by the collector (ints, gc=False structs, tuples of them).
-        self._queued: list[tuple[int, tuple[Kind, ...], Labels]] = []
+        # untracked by the collector (ints, gc=False structs, tuples of them). Read
+        # by the server (empty: nothing to write before a reply); written only here.
+        self.queued: list[tuple[int, tuple[Kind, ...], Labels]] = []
         self._timer: asyncio.TimerHandle | None = None
         self._seconds = _Seconds()
         if path is not None:
@@ -281,16 +282,16 @@ class Logger:
         and sharing `labels`. Only queued: the batch builds and encodes the records."""
         if type(labels) is not Labels:  # found here, not in the batch it would lose
             raise TypeError(f"a step's labels are a Labels, not {labels.__class__.__name__}")
-        queued = self._queued
+        queued = self.queued
         queued.append((time.time_ns(), records, labels))
         if self._timer is None or len(queued) >= MAX_QUEUED:
             self._due()
 
     def _due(self) -> None:
         if self._closed:
-            self._queued = []
+            self.queued = []
             raise ValueError("log is closed")
-        if self._interval and len(self._queued) < MAX_QUEUED:
+        if self._interval and len(self.queued) < MAX_QUEUED:
             try:
                 self._timer = asyncio.get_running_loop().call_later(self._interval, self._timer_fired)
                 return
@@ -306,27 +307,22 @@ class Logger:
         """flush() for callers with nobody to raise to (the batch's timer, a durable
         write before a reply): a failed write (disk full...) is said on stderr, in one
         line, and the server goes on."""
-        queued = self._queued  # flush() swaps in a new queue: this one stays whole
+        queued = self.queued  # flush() swaps in a new queue: this one stays whole
         try:
             self.flush()
         except OSError as exc:
             count = sum(len(records) for _, records, _ in queued)
             os.write(2, f"sshspec: log write failed, {count} records lost: {exc}\n".encode())
 
-    @property
-    def pending(self) -> bool:
-        """Whether records wait to be written."""
-        return bool(self._queued)
-
     def flush(self) -> None:
         """Write every queued record, in one write(2). A batch's timer stays armed and
         fires on what is queued by then (maybe nothing): cancelling it here and arming
         a new one at the next record cost more than the write, when durable writes
         come a few records at a time."""
-        queued = self._queued
+        queued = self.queued
         if not queued:
             return
-        self._queued = []
+        self.queued = []
         self._write(self._encode(_records(queued, self._seconds)))
 
     def _write(self, line: bytes) -> None:

@@ -299,10 +299,10 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
         done = list(actions)
         durable = self.server.durable_log
         while actions:
-            if durable and durable.pending and any(type(a) in core.REACHES_CLIENT for a in actions):
-                durable.write_queued()  # the records first, then what the client sees
             follow = None
             for action in actions:
+                if durable is not None and type(action) in core.REACHES_CLIENT and durable.queued:
+                    durable.write_queued()  # the records first, then what the client sees
                 answer = _EXECUTORS[type(action)](self, action)
                 if answer is not None:
                     assert follow is None, f"{action} answered after another action did"
@@ -421,7 +421,7 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
         if self.server.core.handle(core.ServerEvent.accept, remote_addr=self.info.remote_addr) \
                 is not core.ServerReply.admit:
             self.core.startup = False  # never admitted: nothing to give back
-            if self.server.durable_log:
+            if self.server.durable_log is not None:
                 self.server.durable_log.write_queued()  # the refusal's record before the close
             conn.abort()
             return

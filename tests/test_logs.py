@@ -243,7 +243,7 @@ def test_a_batch_is_msgspecs_encoding_of_each_record(
     strings (a lone surrogate comes back backslash-escaped)."""
     out = io.BytesIO()
     logger = Logger(stream=out)
-    logger._queued = list(steps)  # the times chosen here, not the clock's
+    logger.queued = list(steps)  # the times chosen here, not the clock's
     logger.flush()
     expected = [_record(ns, k, labels) for ns, kinds, labels in steps for k in kinds]
     lines = _lines(out)
@@ -372,7 +372,7 @@ def test_a_batch_that_cannot_be_written_is_reported_not_raised_into_the_loop(
         logger.log("info", "SSH_X", "m", Labels())
         logger.log("info", "SSH_Y", "m", Labels())
         await asyncio.wait_for(flushed, 5)  # the timer's flush took them (and failed)
-        assert not logger._queued
+        assert not logger.queued
         logger.log("info", "SSH_Z", "m", Labels())  # the logger still takes records
         with pytest.raises(OSError):
             logger.close()  # a direct flush raises to its caller, and the file is closed all the same
