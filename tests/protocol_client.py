@@ -186,6 +186,8 @@ class ProtocolClient:
         self._next_channel = 0
         self._cork: list[bytes] | None = None
         self._cork_lock = threading.Lock()
+        self._reading = threading.Event()  # cleared: the transport thread stops reading
+        self._reading.set()
         packetizer = self.transport.packetizer
         self._read = packetizer.read_message
         self._write = packetizer.write_all
@@ -235,7 +237,28 @@ class ProtocolClient:
 
     # -- receiving (the transport thread)
 
+    def stop_reading(self) -> None:
+        """From the next message on, nothing reads the socket (a client that asks and
+        never reads its answers); for good: the transport thread waits for ever."""
+        self._reading.clear()
+
+    def flood(self, msg_type: int, body: bytes, most: int = 2_000_000) -> int:
+        """Send the same message until the server cuts the connection (a send fails):
+        how many went out. AssertionError if `most` went out uncut."""
+        for sent in range(most):
+            m = Message()
+            m.add_byte(bytes([msg_type]))
+            m.add_bytes(body)
+            try:
+                self.transport._send_user_message(m)
+            except (OSError, EOFError, paramiko.SSHException):
+                return sent
+            if not self.transport.is_active():  # paramiko drops what a dead transport is given
+                return sent
+        raise AssertionError(f"{most} messages sent and the server never cut the connection")
+
     def _read_message(self) -> tuple[int, Message]:
+        self._reading.wait()
         try:
             ptype, m = self._read()
         except BaseException:

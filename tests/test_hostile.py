@@ -834,3 +834,34 @@ def test_a_client_that_asks_without_reading_is_cut_at_the_buffer_bound(server_fa
     assert rss[2] - rss[0] < 20 * 1024, f"the second and third floods grew the server's RSS: {rss} KiB"
     good_login_works(live)
     check_log(live)
+
+
+def test_a_draining_client_that_asks_without_reading_is_cut(server_factory) -> None:  # type: ignore[no-untyped-def]
+    """SIGTERM while a session runs: the connection drains. Its client stops reading
+    and keeps sending global requests (each refused, REQUEST_FAILURE): past
+    limits.maxBufferedPerConnection it is dropped, and the server then stops."""
+    import signal as signals
+
+    from protocol_client import ProtocolClient, exec_payload
+    from test_codes_live import log_in_and_open
+    live = server_factory({"limits": {"maxBufferedPerConnection": "64KiB", "shutdownTimeout": "60s"}})
+    c = ProtocolClient.connect(live.port)
+    try:
+        ch = log_in_and_open(c, USERNAME, PASSWORD)
+        c.request(ch, "exec", exec_payload("trap '' TERM; sleep 60"))  # it outlives the SIGTERM
+        live.wait_for_code("SSH_CHANNEL_REQUEST_SUCCESSFUL")
+        live.process.send_signal(signals.SIGTERM)
+        live.wait_for_code("SSH_SHUTTING_DOWN")
+        c.stop_reading()
+        sent = c.flood(80, b"\x00\x00\x00\x11flood@example.com\x01")  # GLOBAL_REQUEST, want reply
+        assert sent > 1000, sent  # the flood, not the shutdown, ended it
+        assert live.process.wait(30) == 0, sent
+    finally:
+        c.close_all()
+    records = live.records()
+    cid = next(r["labels"]["connectionId"] for r in records if r["code"] == "SSH_BUFFER_EXCEEDED")
+    codes = [r["code"] for r in records if r["labels"].get("connectionId") == cid]
+    assert codes[-3:] == ["SSH_BUFFER_EXCEEDED", "SSH_CHANNEL_CLOSED", "SSH_DISCONNECTED"] \
+        or codes[-2:] == ["SSH_BUFFER_EXCEEDED", "SSH_DISCONNECTED"], codes
+    assert [r["code"] for r in records][-1] == "SSH_STOPPED"
+    check_log(live)

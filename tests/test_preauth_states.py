@@ -234,3 +234,34 @@ def test_verdicts_of_an_attempt_and_a_query(holding: conftest.LiveServer, state:
         assert c.next_auth_reply(WAIT) == reply
     finally:
         c.close_all()
+
+
+@pytest.fixture(scope="module")
+def holding_small_buffer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[conftest.LiveServer]:
+    live = conftest.start_server(tmp_path_factory.mktemp("holding-buffer"), "preauth-holding-buffer",
+                                 handler=HANDLER, config={"limits": {"maxBufferedPerConnection": "64KiB"}})
+    yield live
+    live.stop()
+
+
+MSG_SERVICE_REQUEST = 5
+
+
+@pytest.mark.parametrize("state", ["checking", "querying", "kbdint_round"])
+def test_a_client_that_asks_without_reading_ends_the_attempt(holding_small_buffer: conftest.LiveServer,
+                                                              state: str) -> None:
+    """In each state of an attempt a client stops reading and keeps sending
+    SERVICE_REQUESTs, each answered: past limits.maxBufferedPerConnection the
+    connection is dropped (buffer_exceeded), the check still pending."""
+    live = holding_small_buffer
+    c, cid = enter(live, state)
+    try:
+        c.stop_reading()
+        sent = c.flood(MSG_SERVICE_REQUEST, b"\x00\x00\x00\x0cssh-userauth")
+        records = ended(live, cid)
+        tail = [("SSH_BUFFER_EXCEEDED", "buffer_exceeded"), ("SSH_HANDSHAKE_FAILED", "buffer_exceeded"),
+                ("SSH_DISCONNECTED", "buffer_exceeded")]
+        assert records[-3:] == tail, (sent, records)
+        assert (ENTRY[state], records[-4][1]) == records[-4], records  # nothing in between
+    finally:
+        c.close_all()
