@@ -146,6 +146,11 @@ class SpecSession(asyncssh.SSHServerSession[bytes]):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._wake()
+        if self.chan is not None and internals.connection_gone(self.chan):
+            # The whole connection ended (asyncssh closes its channels first): the
+            # core's ConnectionLost closes every channel, then ends the connection
+            # with its own event (a draining one too, which would otherwise drain).
+            return
         self.conn.handle(core.ChannelClosed(self.channel_id, str(exc) if exc else None))
 
     # -- the core's actions for this channel

@@ -1173,7 +1173,10 @@ class ConnectionCore:
         if not session.queue:
             del self.channels[session.channel]
         self._fire(ConnectionEvent.channel_closed, channel_id=session.channel)
-        if not self.sessions and self.state == "draining":
+        if not self.sessions and self.state == "draining" and not self.lost:
+            # (A transport that is gone ends the connection with its own event, which
+            # `_connection_lost` fires once the channels are closed: the loss, a
+            # protocol error, a compression bomb, not a drain.)
             self._fire(ConnectionEvent.drained, reason="server shutdown")
 
 
