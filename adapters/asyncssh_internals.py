@@ -25,6 +25,9 @@ What the module gives the adapter:
   outcome (answered / closed / timeout).
 * `is_login_timeout(exc)` - recognises asyncssh's login timeout in
   `connection_lost`.
+* `DecompressionLimitError` - what `connection_lost` gets when a compressed
+  packet inflated past `MAX_DECOMPRESSED` (`install_hooks` bounds asyncssh's zlib,
+  which has no bound of its own).
 * `check_asyncssh_compat()` / `assert_asyncssh_compat()` - verify that the
   installed asyncssh still has every private thing used here.
 
@@ -37,11 +40,13 @@ import asyncio
 import enum
 import functools
 import inspect
+import zlib
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, TypeAlias
 
 import asyncssh
+import asyncssh.compression
 from asyncssh.channel import SSHChannel
 from asyncssh.connection import SSHConnection
 from asyncssh.misc import map_handler_name
@@ -56,6 +61,7 @@ __all__ = [
     "ChannelOpenRequest",
     "ChannelRequest",
     "ConnectionHooks",
+    "DecompressionLimitError",
     "Default",
     "EnvRequest",
     "ExecRequest",
@@ -63,6 +69,7 @@ __all__ = [
     "HookState",
     "HookedServerChannel",
     "KeepaliveResult",
+    "MAX_DECOMPRESSED",
     "NoArgsRequest",
     "PtyRequest",
     "PublicKeyInfo",
@@ -103,10 +110,22 @@ MSG_CHANNEL_FAILURE = 100
 
 DEFAULT_WINDOW = 2 * 1024 * 1024  # asyncssh's default receive window
 DEFAULT_MAX_PKTSIZE = 32768  # asyncssh's default (and our maximum) packet size
+# The most a compressed packet's payload may inflate to: the 256 KiB a packet may
+# have on the wire (OpenSSH's PACKET_MAX_SIZE in packet.c; asyncssh's
+# _DEFAULT_RECV_PKTLEN, which our 32 KiB channel packets never raise), so compression
+# lets no client make the server hold a packet it could not have sent uncompressed.
+# (OpenSSH inflates into an sshbuf, whose only bound is SSHBUF_SIZE_MAX, 128 MiB.)
+MAX_DECOMPRESSED = 256 * 1024
 
 _RECV_OPEN = frozenset({"open", "eof_pending", "eof"})  # SSHChannel._recv_state values
 _SEND_CLOSING = frozenset({"close_pending", "closed"})  # SSHChannel._send_state values
 _LOGIN_TIMEOUT_REASON = "Login timeout expired"  # SSHConnection._login_timer_callback
+
+
+class DecompressionLimitError(asyncssh.ProtocolError):
+    """A compressed packet inflated past `MAX_DECOMPRESSED` bytes. A ProtocolError:
+    asyncssh answers it with DISCONNECT 2 (protocol error) and closes, and
+    `connection_lost` receives it."""
 
 
 class Default(enum.Enum):
@@ -965,9 +984,35 @@ def _on_service_request(state: HookState, conn: asyncssh.SSHServerConnection, pk
 # -- key exchange -------------------------------------------------------------------
 
 
+class _BoundedZlibDecompress(asyncssh.compression.Decompressor):
+    """asyncssh's zlib decompressor (compression.py `_ZLibDecompress`) with a bound:
+    zlib stops at `MAX_DECOMPRESSED` + 1 bytes of output, and a packet that reaches
+    it raises `DecompressionLimitError` (asyncssh inflated a 200 KB packet of zeros
+    to 200 MB at once)."""
+
+    def __init__(self) -> None:
+        self._decomp = zlib.decompressobj()
+
+    def decompress(self, data: bytes) -> bytes | None:
+        try:
+            out = self._decomp.decompress(data, MAX_DECOMPRESSED + 1)
+        except zlib.error:
+            return None  # as asyncssh's: CompressionError, DISCONNECT 6
+        if len(out) > MAX_DECOMPRESSED:
+            raise DecompressionLimitError(
+                f"Decompressed packet exceeds {MAX_DECOMPRESSED} bytes (compression bomb)")
+        return out
+
+
 def _on_newkeys(state: HookState, conn: asyncssh.SSHServerConnection, pkttype: int,
                 pktid: int, packet: SSHPacket) -> None:
     _CONN_HANDLERS[MSG_NEWKEYS](conn, pkttype, pktid, packet)
+    # REACH-IN: SSHConnection._decompressor, made fresh for every key exchange and used
+    # from the next packet on (zlib@openssh.com: from authentication on), so nothing
+    # has gone through it yet. _recv_packet raises what it raises; asyncssh's
+    # _recv_data answers a DisconnectError with DISCONNECT and closes.
+    if type(conn._decompressor) is asyncssh.compression._ZLibDecompress:
+        conn._decompressor = _BoundedZlibDecompress()
     state.kex_count += 1
     _call_hook("on_kex_done", state.hooks.on_kex_done, conn, state.kex_count)
 
@@ -1155,6 +1200,15 @@ REACH_INS: tuple[ReachIn, ...] = (
     ReachIn(_Conn, "send_userauth_packet", ("pkttype", "args", "handler", "trivial")),
     ReachIn(_Conn, "send_packet", ("pkttype", "args", "handler")),
     ReachIn(_Conn, "_login_timer_callback", (), source_has=repr(_LOGIN_TIMEOUT_REASON)),
+    ReachIn(_Conn, "_decompressor", attr_in=SSHConnection.__init__),
+    ReachIn(_Conn, "_process_newkeys", ("_pkttype", "_pktid", "packet"),
+            source_has="self._decompressor = self._next_decompressor"),
+    ReachIn(_Conn, "_recv_packet", (),
+            source_has="payload = self._decompressor.decompress(orig_payload)"),
+    ReachIn(_Conn, "_recv_data", (), source_has="self._send_disconnect(exc.code, exc.reason, exc.lang)"),
+    ReachIn(asyncssh.compression, "_ZLibDecompress"),
+    ReachIn(asyncssh.compression._ZLibDecompress, "decompress", ("data",),
+            source_has="self._decomp.decompress(data)"),
     ReachIn(asyncssh.misc, "map_handler_name", ("name",)),
 )
 

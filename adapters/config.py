@@ -192,6 +192,9 @@ class SSHConfig(_Section, frozen=True):
     macs: tuple[Algorithm, ...] = ()
     host_key_algorithms: tuple[Algorithm, ...] = ()
     profile: Literal["default", "strict"] = "default"
+    # zlib@openssh.com (after authentication, like OpenSSH's `Compression delayed`); off:
+    # compression costs CPU, and a decompressed packet is one more thing a client sizes.
+    compression: bool = False
     client_alive_interval: Duration = _seconds(0)  # 0: no keepalives
     client_alive_count_max: Annotated[int, msgspec.Meta(ge=1)] = SPEC_LIMITS["clientAliveCountMax"]
 

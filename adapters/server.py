@@ -439,6 +439,8 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
             return
         if internals.is_login_timeout(exc):
             how, reason = core.Lost.login_timeout, "login timeout expired"
+        elif isinstance(exc, internals.DecompressionLimitError):
+            how, reason = core.Lost.decompression_limit, str(exc)
         elif isinstance(exc, asyncssh.ProtocolError):
             how, reason = core.Lost.protocol_error, str(exc)
         else:
@@ -652,7 +654,8 @@ class Server:
             options = server_options(
                 self.config.ssh.profile, kex=self.config.ssh.kex or None,
                 ciphers=self.config.ssh.ciphers or None, macs=self.config.ssh.macs or None,
-                host_key_algs=self.config.ssh.host_key_algorithms or None, host_keys=keys)
+                host_key_algs=self.config.ssh.host_key_algorithms or None, host_keys=keys,
+                compression=self.config.ssh.compression)
             self.sock = self._listen_socket(host, port)
         except (OSError, ValueError, asyncssh.KeyImportError, internals.AsyncsshCompatError) as exc:
             self.core.handle(core.ServerEvent.bind_failed, reason=f"{host}:{port}: {exc}")

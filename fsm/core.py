@@ -93,6 +93,7 @@ class ConnectionEvent(enum.StrEnum):
     keepalive_answered = "keepalive_answered"
     login_timeout = "login_timeout"
     protocol_error = "protocol_error"
+    decompression_limit = "decompression_limit"
     shutdown = "shutdown"
     drained = "drained"
     lost = "lost"
@@ -286,6 +287,7 @@ class Lost(enum.StrEnum):
     lost = "lost"
     login_timeout = "login_timeout"
     protocol_error = "protocol_error"
+    decompression_limit = "decompression_limit"  # a compressed packet inflated past the bound
 
 
 class Connected(_Message, frozen=True):

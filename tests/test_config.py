@@ -37,6 +37,7 @@ ssh:
   macs: [hmac-sha2-256-etm@openssh.com]
   hostKeyAlgorithms: [ssh-ed25519]
   profile: strict
+  compression: true
   clientAliveInterval: 1m30s
   clientAliveCountMax: 5
 auth:
@@ -116,6 +117,7 @@ def test_full_example(tmp_path: Path) -> None:
     assert config.ssh.ciphers == ("chacha20-poly1305@openssh.com", "aes256-gcm@openssh.com")
     assert config.ssh.host_key_algorithms == ("ssh-ed25519",)
     assert config.ssh.profile == "strict"
+    assert config.ssh.compression is True
     assert config.ssh.client_alive_interval == 90.0
     assert isinstance(config.ssh.client_alive_interval, Duration)
     alice, bob = config.auth.users
