@@ -10,9 +10,11 @@ machine took. Where asyncssh decides something by itself, the reach-ins in
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import gc
 import getpass
+import hashlib
 import inspect
 import itertools
 import os
@@ -56,8 +58,9 @@ _KINDS: dict[str, Kind] = {name: kind(code.level, name, _short(code.explanation)
                            for name, code in CATALOG.items()}
 # SpecConnection.log builds Labels positionally, in this order: a field moved in
 # Labels must fail here, not mislabel every record.
-assert Labels.__struct_fields__ == ("connection_id", "remote_addr", "username", "channel_id", "request_type",
-                                    "method", "reason", "exit_code", "signal", "event")
+assert Labels.__struct_fields__ == ("connection_id", "remote_addr", "username", "key_fingerprint",
+                                    "channel_id", "request_type", "command", "method", "reason", "exit_code",
+                                    "signal", "event")
 
 
 class Emitter:
@@ -80,6 +83,8 @@ class Emitter:
 
 
 # --- one session channel ------------------------------------------------------------------
+
+MAX_COMMAND_LABEL = 1024  # characters of an exec command the log labels carry
 
 
 class SpecSession(asyncssh.SSHServerSession[bytes]):
@@ -106,7 +111,14 @@ class SpecSession(asyncssh.SSHServerSession[bytes]):
                 decoded = internals.decode_request(req)
             except internals.RequestDecodeError as exc:
                 malformed = exc.reason
-        self.conn.handle(core.ChannelRequest(self.channel_id, name, req.want_reply, decoded, malformed))
+        # The command (or subsystem) for the log: read here once, carried by the core.
+        command = decoded.command if isinstance(decoded, internals.ExecRequest) else \
+            decoded.name if isinstance(decoded, internals.SubsystemRequest) else None
+        if command is not None and len(command) > MAX_COMMAND_LABEL:
+            # It labels every record of its channel: a 256 KiB command must not be five of them.
+            command = f"{command[:MAX_COMMAND_LABEL]}... ({len(command)} characters)"
+        self.conn.handle(core.ChannelRequest(self.channel_id, name, req.want_reply, decoded, malformed,
+                                             command))
 
     def connection_made(self, chan: asyncssh.SSHServerChannel[bytes]) -> None:
         # high-water 0: asyncssh tells us the moment anything waits for the
@@ -246,6 +258,12 @@ class SpecSession(asyncssh.SSHServerSession[bytes]):
 # --- one connection -----------------------------------------------------------------------
 
 _connection_ids = itertools.count(1)
+
+
+def key_fingerprint(blob: bytes) -> str:
+    """A public key's fingerprint as OpenSSH prints it (ssh-keygen -l, sshd's "Accepted
+    publickey ... SHA256:..."): the SHA-256 of the key blob, base64 without padding."""
+    return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode("ascii").rstrip("=")
 # The user-key signature algorithms that mean SHA-1 (auth.allowSha1Rsa accepts them).
 SHA1_KEY_ALGORITHMS = frozenset({"ssh-rsa", "ssh-rsa-cert-v01@openssh.com"})
 
@@ -266,29 +284,41 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
         self.backend: ConnectionHandler | None = None
         self.sessions: dict[int, SpecSession] = {}
         self.admitted = False
+        # Who logged in is settled once the backend is asked about the user: auth requests
+        # the client sends after that (RFC 4252 5.1: ignored) rename nobody in the log or
+        # in ConnectionInfo.
+        self.user_settled = False
         self.transport_paused = False  # the socket's write buffer is past its high-water mark
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
     def log(self, codes: tuple[str, ...], event: str, *, channel_id: int | None = None,
-            request_type: str | None = None, method: str | None = None, reason: str | None = None,
-            exit_code: int | None = None, signal: str | None = None) -> None:
+            request_type: str | None = None, command: str | None = None, method: str | None = None,
+            reason: str | None = None, exit_code: int | None = None, signal: str | None = None) -> None:
         emitter = self.server.emitter
         if records := emitter.records(codes):
             who = self.identity
             # Positional, in Labels' field order: one C call, no keyword dict (structs.replace
             # with keywords cost ~1k instructions a step more).
-            emitter.add(records, Labels(who.connection_id, who.remote_addr, who.username, channel_id,
-                                        request_type, method, reason, exit_code, signal, str(event)))
+            emitter.add(records, Labels(who.connection_id, who.remote_addr, who.username, who.key_fingerprint,
+                                        channel_id, request_type, command, method, reason, exit_code, signal,
+                                        str(event)))
 
-    def _identify(self, *, remote_addr: str | None = None, username: str | None = None) -> None:
-        """Who the connection is, for the handlers (ConnectionInfo) and the log (identity)."""
+    def _identify(self, *, remote_addr: str | None = None, username: str | None = None,
+                  key: bytes | None = None) -> None:
+        """Who the connection is, for the handlers (ConnectionInfo) and the log (identity):
+        built when that changes, not per record. `key`: the public key blob of a
+        publickey request (b"": a request by another method, which forgets it)."""
         if remote_addr is not None:
             self.info.remote_addr = remote_addr
         if username is not None:
             self.info.username = username
-        self.identity = Labels(self.info.connection_id, self.info.remote_addr, self.info.username)
+        fingerprint = self.identity.key_fingerprint
+        if key is not None:
+            fingerprint = key_fingerprint(key) if key else None
+        info = self.info
+        self.identity = Labels(info.connection_id, info.remote_addr, info.username, fingerprint)
 
     # -- events in, actions out
 
@@ -344,6 +374,7 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
 
     def _admit_user(self, action: core.AdmitUser) -> core.Event:
         assert self.backend is not None and self.info.username is not None
+        self.user_settled = True
         accepted, reason = _ask(self.backend.accept_user, self.info.username)
         return core.UserVerdict(accepted, action.method, reason)
 
@@ -476,8 +507,8 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
         self.handle(core.KexDone(count))
 
     def on_auth_request(self, conn: asyncssh.SSHServerConnection, req: internals.AuthRequest) -> None:
-        if req.username is not None:
-            self._identify(username=req.username)
+        if not self.user_settled:  # the key this request is about, in every record from here on
+            self._identify(username=req.username, key=req.publickey.key_blob if req.publickey else b"")
         if req.malformed is not None:
             return  # asyncssh disconnects on it (HACKS.md); connection_lost reports it
         key = req.publickey

@@ -206,6 +206,7 @@ class LogSink(Protocol):
         *,
         channel_id: int | None = None,
         request_type: str | None = None,
+        command: str | None = None,
         method: str | None = None,
         reason: str | None = None,
         exit_code: int | None = None,
@@ -371,13 +372,16 @@ class SessionOpenFailed(_Message, frozen=True):
 
 
 class ChannelRequest(_Message, frozen=True):
-    """A CHANNEL_REQUEST, decoded by the adapter (``payload``) or not (``malformed``)."""
+    """A CHANNEL_REQUEST, decoded by the adapter (``payload``) or not (``malformed``).
+    ``command``: the exec command or subsystem name, for the log (the request's records
+    carry it, and once the program started every record of its channel)."""
 
     channel: int
     name: str
     want_reply: bool
     payload: object = None
     malformed: str | None = None
+    command: str | None = None
 
 
 class RequestDone(_Message, frozen=True):
@@ -661,6 +665,7 @@ class Session:
         "replying",
         "starting_io",
         "started",
+        "command",
         "closed",
     )
 
@@ -674,6 +679,7 @@ class Session:
         # next request waits, so a failed send is reported before it (its request, its outcome).
         self.replying: tuple[ChannelRequest | None, bool] | None = None
         self.started = False  # a program started on this channel (at most once)
+        self.command: str | None = None  # its exec command or subsystem name (the log's label)
         self.starting_io = False  # ProgramStarted is out, IoStarted not yet back: the queue waits
         self.closed = False
 
@@ -806,11 +812,14 @@ class ConnectionCore:
         *,
         reason: str | None = None,
         request_type: str | None = None,
+        command: str | None = None,
         exit_code: int | None = None,
         signal: str | None = None,
     ) -> Step:
         step = self.machines.session.fire(session.instance, event)
         channel = session.channel
+        if command is None:  # a request's own, else the channel's program's
+            command = session.command
         if step.kind == "impossible":
             self.log(
                 step.codes,
@@ -818,6 +827,7 @@ class ConnectionCore:
                 reason=violation_reason(self.machines.session, step),
                 channel_id=channel,
                 request_type=request_type,
+                command=command,
             )
             if not session.closed:  # fail closed: the channel ends
                 self.out.append(CloseChannel(channel))
@@ -828,6 +838,7 @@ class ConnectionCore:
                 event,
                 channel_id=channel,
                 request_type=request_type,
+                command=command,
                 reason=reason,
                 exit_code=exit_code,
                 signal=signal,
@@ -1019,6 +1030,7 @@ class ConnectionCore:
                 session,
                 SessionEvent.request_overflow,
                 request_type=event.name,
+                command=event.command,
                 reason="too many pending requests",
             )
             if event.want_reply:
@@ -1057,7 +1069,8 @@ class ConnectionCore:
         name = req.name
         if req.malformed is not None:
             step = self._fire_session(
-                session, SessionEvent.malformed_request, request_type=name, reason=req.malformed
+                session, SessionEvent.malformed_request, request_type=name, reason=req.malformed,
+                command=req.command,
             )
         else:
             event = REQUEST_EVENTS.get(name)
@@ -1065,7 +1078,7 @@ class ConnectionCore:
                 event = (
                     SessionEvent.not_implemented if name in NOT_IMPLEMENTED else SessionEvent.unknown_request
                 )
-            step = self._fire_session(session, event, request_type=name)
+            step = self._fire_session(session, event, request_type=name, command=req.command)
             if step.kind == "transition" and step.reply is None and step.target != step.source:
                 # The spec hands the request to the backend.
                 self.out.append(
@@ -1087,6 +1100,7 @@ class ConnectionCore:
             session,
             SessionEvent.request_ok if ok else SessionEvent.request_failed,
             request_type=req.name,
+            command=req.command,
             reason=reason,
         )
         if session.closed and ok and req.name in START_REQUESTS:
@@ -1125,6 +1139,7 @@ class ConnectionCore:
     def _answered(self, session: Session, req: ChannelRequest, ok: bool) -> None:
         if ok and req.name in START_REQUESTS and not session.started and not session.closed:
             session.started = True
+            session.command = req.command
             if session.state in _RUNNING:
                 session.starting_io = True
                 self.out.append(ProgramStarted(session.channel))
