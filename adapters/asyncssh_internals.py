@@ -102,6 +102,7 @@ MSG_REQUEST_SUCCESS = 81
 MSG_REQUEST_FAILURE = 82
 MSG_CHANNEL_OPEN = 90
 MSG_CHANNEL_WINDOW_ADJUST = 93
+MSG_CHANNEL_DATA = 94
 MAX_WINDOW = 0xFFFFFFFF  # RFC 4254 5.2: a window never exceeds 2^32 - 1 bytes
 MSG_CHANNEL_CLOSE = 97
 MSG_CHANNEL_REQUEST = 98
@@ -118,6 +119,7 @@ DEFAULT_MAX_PKTSIZE = 32768  # asyncssh's default (and our maximum) packet size
 MAX_DECOMPRESSED = 256 * 1024
 
 _RECV_OPEN = frozenset({"open", "eof_pending", "eof"})  # SSHChannel._recv_state values
+_RECV_EOF = frozenset({"eof_pending", "eof"})  # the client sent EOF (held until the program starts, or not)
 _SEND_CLOSING = frozenset({"close_pending", "closed"})  # SSHChannel._send_state values
 _LOGIN_TIMEOUT_REASON = "Login timeout expired"  # SSHConnection._login_timer_callback
 
@@ -470,10 +472,12 @@ def _report_hook_error(where: str, exc: BaseException) -> None:
 # --------------------------------------------------------------------------- channel
 
 RequestCallback: TypeAlias = Callable[["HookedServerChannel", ChannelRequest], None]
+DataAfterEofCallback: TypeAlias = Callable[["HookedServerChannel", int], None]
 
 
 _CHAN_CLOSE = asyncssh.SSHServerChannel._packet_handlers[MSG_CHANNEL_CLOSE]
 _CHAN_WINDOW_ADJUST = asyncssh.SSHServerChannel._packet_handlers[MSG_CHANNEL_WINDOW_ADJUST]
+_CHAN_DATA = asyncssh.SSHServerChannel._packet_handlers[MSG_CHANNEL_DATA]
 
 
 class HookedServerChannel(asyncssh.SSHServerChannel[bytes]):
@@ -492,6 +496,9 @@ class HookedServerChannel(asyncssh.SSHServerChannel[bytes]):
       reason it could not: "channel closed", "connection closed", "send failed".
     * `start_io()`: a program started; asyncssh holds channel data and EOF until
       then (as it does for its own sessions), and delivers them from now on.
+    * `on_data_after_eof(chan, size)`: CHANNEL_DATA after the client's EOF, which
+      asyncssh answers with a protocol error (the whole connection ends); it is
+      dropped instead, as OpenSSH drops it, and reported here.
     * Data, EOF, close: the ordinary asyncssh API (`write`, `write_eof`, `exit`,
       `exit_with_signal`, `close`; the session's `data_received`, `eof_received`,
       `connection_lost`, `pause_writing`, `resume_writing`).
@@ -502,6 +509,7 @@ class HookedServerChannel(asyncssh.SSHServerChannel[bytes]):
         conn: asyncssh.SSHServerConnection,
         on_request: RequestCallback,
         *,
+        on_data_after_eof: DataAfterEofCallback | None = None,
         window: int = DEFAULT_WINDOW,
         max_pktsize: int = DEFAULT_MAX_PKTSIZE,
     ) -> None:
@@ -513,6 +521,7 @@ class HookedServerChannel(asyncssh.SSHServerChannel[bytes]):
         super().__init__(conn, asyncio.get_running_loop(), True, False, False, 0, 1024,
                          None, "strict", window, max_pktsize)
         self._hk_on_request = on_request
+        self._hk_on_data_after_eof = on_data_after_eof
         self._hk_next_seq = 0
         self._hk_started = False
 
@@ -548,8 +557,28 @@ class HookedServerChannel(asyncssh.SSHServerChannel[bytes]):
             raise asyncssh.ProtocolError("Window adjust overflows the channel window")
         _CHAN_WINDOW_ADJUST(self, pkttype, pktid, packet)
 
+    def _hk_process_data(self, pkttype: int, pktid: int, packet: SSHPacket) -> None:
+        # asyncssh raises ProtocolError("Channel not open for sending") for data after the
+        # client's EOF, which ends the whole connection; OpenSSH drops it (channels.c,
+        # channel_input_data: the channel's output side is closed) and goes on. So do we,
+        # with asyncssh's other checks: a malformed packet and data beyond the window stay
+        # protocol errors. The window is not charged (nothing is kept or delivered).
+        if self._recv_state not in _RECV_EOF:  # REACH-IN: SSHChannel._recv_state
+            _CHAN_DATA(self, pkttype, pktid, packet)
+            return
+        data = packet.get_string()  # PacketDecodeError: asyncssh's protocol error
+        packet.check_end()
+        if len(data) > self._recv_window:  # REACH-IN: SSHChannel._recv_window
+            raise asyncssh.ProtocolError("Window exceeded")
+        if self._hk_on_data_after_eof is not None:
+            try:
+                self._hk_on_data_after_eof(self, len(data))
+            except Exception as exc:
+                _report_hook_error("on_data_after_eof", exc)
+
     _packet_handlers = {
         **asyncssh.SSHServerChannel._packet_handlers,
+        MSG_CHANNEL_DATA: _hk_process_data,
         MSG_CHANNEL_REQUEST: _hk_process_request,
         MSG_CHANNEL_CLOSE: _hk_process_close,
         MSG_CHANNEL_WINDOW_ADJUST: _hk_process_window_adjust,
@@ -1165,6 +1194,11 @@ REACH_INS: tuple[ReachIn, ...] = (
     ReachIn(_Chan, "_conn", attr_in=SSHChannel.__init__),
     ReachIn(_Chan, "_recv_buf", attr_in=SSHChannel.__init__),
     ReachIn(_Chan, "_send_window", attr_in=SSHChannel.__init__),
+    ReachIn(_Chan, "_recv_window", attr_in=SSHChannel.__init__),
+    ReachIn(_Chan, "_process_data", ("_pkttype", "_pktid", "packet"),
+            source_has="raise ProtocolError('Channel not open for sending')"),
+    ReachIn(_Chan, "_process_eof", ("_pkttype", "_pktid", "packet"),
+            source_has="self._recv_state = 'eof_pending'"),
     ReachIn(_Conn, "pause_writing", (), source_has="# Do nothing with this for now"),
     ReachIn(_Conn, "resume_writing", (), source_has="# Do nothing with this for now"),
     ReachIn(_Chan, "_process_window_adjust", ("_pkttype", "_pktid", "packet"),
@@ -1272,6 +1306,8 @@ def check_asyncssh_compat() -> list[str]:
         problems.append("SSHServerChannel._packet_handlers[97] is not _process_close")
     if _CHAN_WINDOW_ADJUST is not getattr(_Chan, "_process_window_adjust", None):
         problems.append("SSHServerChannel._packet_handlers[93] is not _process_window_adjust")
+    if _CHAN_DATA is not getattr(_Chan, "_process_data", None):
+        problems.append("SSHServerChannel._packet_handlers[94] is not _process_data")
     return problems
 
 

@@ -132,6 +132,9 @@ class SpecSession(asyncssh.SSHServerSession[bytes]):
         self.conn.handle(core.ClientEof(self.channel_id))
         return True  # half-close: output may still flow
 
+    def data_after_eof(self, chan: internals.HookedServerChannel, size: int) -> None:
+        self.conn.handle(core.DataAfterEof(self.channel_id, size))
+
     def pause_writing(self) -> None:
         if not (self._paused or self._transport_paused):
             self.handler.pause_output()
@@ -386,7 +389,8 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
             return core.SessionOpenFailed(action.channel, reason)
         session = SpecSession(self, action.channel, handler)  # type: ignore[arg-type]  # a SessionHandler by the API
         session._transport_paused = self.transport_paused
-        session.chan = internals.HookedServerChannel(self.conn, session.on_request)
+        session.chan = internals.HookedServerChannel(self.conn, session.on_request,
+                                                     on_data_after_eof=session.data_after_eof)
         self.sessions[action.channel] = session
         return None
 

@@ -129,6 +129,7 @@ class SessionEvent(enum.StrEnum):
     request_ok = "request_ok"
     request_failed = "request_failed"
     client_eof = "client_eof"
+    data_after_eof = "data_after_eof"
     program_exited = "program_exited"
     program_killed = "program_killed"
     exit_send_failed = "exit_send_failed"
@@ -402,6 +403,13 @@ class ClientEof(_Message, frozen=True):
     channel: int
 
 
+class DataAfterEof(_Message, frozen=True):
+    """CHANNEL_DATA after the client's EOF: the SSH layer dropped it (``size`` bytes)."""
+
+    channel: int
+    size: int
+
+
 class ProgramEnded(_Message, frozen=True):
     channel: int
     exit_code: int | None
@@ -463,6 +471,7 @@ Event = (
     | RequestDone
     | IoStarted
     | ClientEof
+    | DataAfterEof
     | ProgramEnded
     | ExitSendFailed
     | ChannelReplied
@@ -1158,6 +1167,11 @@ class ConnectionCore:
         ):
             self.out.append(CloseStdin(session.channel))
 
+    def _data_after_eof(self, event: DataAfterEof) -> None:
+        session = self.sessions.get(event.channel)
+        if session is not None:
+            self._fire_session(session, SessionEvent.data_after_eof, reason=f"{event.size} bytes dropped")
+
     def _program_ended(self, event: ProgramEnded) -> None:
         session = self.channels.get(event.channel)
         if session is None:
@@ -1223,6 +1237,7 @@ _HANDLERS: dict[type, Callable[[ConnectionCore, Any], None]] = {
     RequestDone: ConnectionCore._request_done,
     IoStarted: ConnectionCore._io_started,
     ClientEof: ConnectionCore._client_eof,
+    DataAfterEof: ConnectionCore._data_after_eof,
     ProgramEnded: ConnectionCore._program_ended,
     ExitSendFailed: ConnectionCore._exit_send_failed,
     ChannelReplied: ConnectionCore._channel_replied,
