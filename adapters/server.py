@@ -32,7 +32,7 @@ import msgspec
 from sshspec.adapters import asyncssh_internals as internals
 from sshspec.adapters.algorithms import server_options
 from sshspec.adapters.backend_local import BackendError, PtyRequest, adopt_inherited_signals
-from sshspec.adapters.config import Config, resolve_state_dir, spec_limits
+from sshspec.adapters.config import Config, read_authorized_keys, resolve_state_dir, spec_limits
 from sshspec.adapters.handlers import (
     ConfiguredHandler,
     ConnectionHandler,
@@ -666,7 +666,10 @@ class Server:
         self.emitter = Emitter(self.logger)
         self.machines = machines(config)
         self.core = core.ServerCore(self.machines, self.log)
-        self.handler = handler if handler is not None else configured_handler(config)
+        # The configured users are loaded in start(): an authorized_keys file that cannot be
+        # read is a failed start (SSH_START_FAILED, exit 1), as a host key is.
+        self._configure = handler is None
+        self.handler = handler if handler is not None else Handler()
         self.connections: set[SpecConnection] = set()
         self.acceptor: asyncssh.SSHAcceptor | None = None
         self.sock: socket.socket | None = None
@@ -686,6 +689,8 @@ class Server:
         try:
             internals.assert_asyncssh_compat()  # a moved asyncssh private fails here, loudly
             keys = load_host_keys(self.config)
+            if self._configure:
+                self.handler = configured_handler(self.config)
             options = server_options(
                 self.config.ssh.profile, kex=self.config.ssh.kex or None,
                 ciphers=self.config.ssh.ciphers or None, macs=self.config.ssh.macs or None,
@@ -793,8 +798,8 @@ def configured_handler(config: Config, *, announce: Callable[[str], None] | None
     """Users from the config; with none configured, the current user may log in
     with a one-time password (printed) or a key from ~/.ssh/authorized_keys."""
     users: dict[str, UserEntry] = {}
-    for user in config.auth.users:
-        keys = tuple(asyncssh.import_public_key(line) for line in user.authorized_keys)
+    for user in config.auth.users:  # plain keys: config.authorized_key_problem refused the rest
+        keys = tuple(asyncssh.import_public_key(line.strip()) for line in user.authorized_keys)
         users[user.username] = UserEntry(user.password_hash, keys)
     extra_keys = _read_authorized_keys(config.auth.authorized_keys_file)
     if not users:
@@ -802,7 +807,8 @@ def configured_handler(config: Config, *, announce: Callable[[str], None] | None
         name = getpass.getuser()
         password = secrets.token_urlsafe(12)
         default_file = Path.home() / ".ssh" / "authorized_keys"
-        keys = extra_keys or _read_authorized_keys(str(default_file) if default_file.exists() else "")
+        keys = extra_keys or _read_authorized_keys(str(default_file) if default_file.exists() else "",
+                                                   skipped=announce or _announce)
         users[name] = UserEntry(hash_password(password), keys)
         (announce or _announce)(
             f"sshspec: log in as {name!r} with the one-time password {password}"
@@ -814,22 +820,23 @@ def configured_handler(config: Config, *, announce: Callable[[str], None] | None
                              shell=config.backend.shell or None)
 
 
-def _read_authorized_keys(path: str) -> tuple[asyncssh.SSHKey, ...]:
+def _read_authorized_keys(path: str, *, skipped: Callable[[str], None] | None = None,
+                          ) -> tuple[asyncssh.SSHKey, ...]:
+    """The keys of an authorized_keys file. A line that is not a plain key (options,
+    cert-authority) is a ValueError naming the file and the line (`auth.authorizedKeysFile`;
+    the config check refused it already, unless the file changed since), or, with
+    `skipped` (the implicit ~/.ssh/authorized_keys), left out and said."""
     if not path:
         return ()
-    keys = []
-    for line in Path(os.path.expanduser(path)).read_text().splitlines():
-        words = line.split()
-        # options come first when present: the key starts at its algorithm name
-        start = next((i for i, w in enumerate(words) if w.startswith(_KEY_TYPES)), None)
-        if start is None or line.lstrip().startswith("#"):
-            continue
-        with contextlib.suppress(asyncssh.KeyImportError, ValueError):
-            keys.append(asyncssh.import_public_key(" ".join(words[start:start + 2])))
-    return tuple(keys)
-
-
-_KEY_TYPES = ("ssh-", "ecdsa-", "sk-", "rsa-")
+    try:
+        lines, problems = read_authorized_keys(path)
+    except OSError as exc:
+        raise ValueError(f"auth.authorizedKeysFile: cannot read `{path}`: {exc.strerror}") from None
+    for number, problem in problems:
+        if skipped is None:
+            raise ValueError(f"auth.authorizedKeysFile: `{path}` line {number}: {problem}")
+        skipped(f"sshspec: {path} line {number} skipped: {problem}")
+    return tuple(asyncssh.import_public_key(line) for line in lines)
 
 
 def _announce(text: str) -> None:
@@ -881,7 +888,11 @@ def run_workers(config: Config, handler: Handler | None, workers: int) -> int:
     the same port, so the kernel spreads connections over every core. SIGTERM or
     SIGINT to the parent is passed to every worker; each shuts down gracefully."""
     from sshspec.adapters.config import Listen
-    handler = handler if handler is not None else configured_handler(config)
+    try:
+        handler = handler if handler is not None else configured_handler(config)
+    except ValueError as exc:  # an authorized_keys file that cannot be read or used
+        _announce(f"sshspec serve: {exc}")
+        return 1
     try:
         load_host_keys(config)  # create the key once here, not racing in every worker
     except (OSError, ValueError, asyncssh.KeyImportError) as exc:
