@@ -2,15 +2,16 @@
 
     .venv/bin/python bench/hostile_zlib.py [--messages 3] [--mib 200]
 
-Starts `sshspec serve` (ssh.compression: true, a password user, the local backend),
-warms it up with one normal compressed session, then logs in with an asyncssh
-client that negotiates zlib@openssh.com and sends SSH_MSG_IGNORE messages of
---mib MiB of zeros each (~0.2 MB each on the wire). The server's VmRSS is read once
-the attacker is logged in (a login's scrypt check alone takes 16 MiB, r=8 x N=2^14 x
-128 bytes, which glibc keeps) and sampled every 5 ms from the first bomb until the
-connection is gone; VmHWM (the kernel's peak) is read before and after, so a peak
-between samples shows too. Prints one JSON line and a summary; exits 1 when the RSS
-grew 16 MiB or more or the connection did not end with SSH_DECOMPRESSION_LIMIT.
+Starts `sshspec serve` (ssh.compression: true, a user with a password and a key,
+the local backend), warms it up with one normal compressed session, then logs in
+with an asyncssh client (by key: a password's scrypt check alone takes 16 MiB,
+r=8 x N=2^14 x 128 bytes, for as long as it runs) that negotiates zlib@openssh.com
+and sends SSH_MSG_IGNORE messages of --mib MiB of zeros each (~0.2 MB each on the
+wire). The server's VmRSS is read idle (before the attacker connects) and once it
+is logged in, and sampled every 5 ms from the first bomb until the connection is
+gone; VmHWM (the kernel's peak) is read before and after, so a peak between
+samples shows too. Prints one JSON line and a summary; exits 1 when the RSS grew
+16 MiB or more from idle or the connection did not end with SSH_DECOMPRESSION_LIMIT.
 Not part of `make bench`.
 """
 
@@ -45,13 +46,18 @@ def status_kib(pid: int, field: str) -> int:
     raise RuntimeError(f"no {field} for {pid}")
 
 
+KEY = asyncssh.generate_private_key("ssh-ed25519")
+
+
 def start_server(work: Path) -> tuple[subprocess.Popen[bytes], int, Path]:
     from sshspec.adapters.passwords import hash_password
     log = work / "server.jsonl"
     config = work / "sshspec.yaml"
+    public = KEY.export_public_key().decode().strip()
     config.write_text(json.dumps({  # JSON is YAML
         "ssh": {"listen": "127.0.0.1:0", "compression": True},
-        "auth": {"users": [{"username": USERNAME, "passwordHash": hash_password(PASSWORD)}]},
+        "auth": {"users": [{"username": USERNAME, "passwordHash": hash_password(PASSWORD),
+                            "authorizedKeys": [public]}]},
         "log": {"file": str(log), "flushInterval": 0},
         "backend": {"shell": "/bin/sh"},
         "stateDir": str(work / "state"),
@@ -88,7 +94,9 @@ async def normal_session(port: int) -> None:
 
 async def bomb(port: int, messages: int, mib: int, logged_in: Any) -> dict[str, Any]:
     blob = bytes(mib << 20)
-    conn, _ = await asyncssh.create_connection(Watch, "127.0.0.1", port, **options())
+    conn, _ = await asyncssh.create_connection(Watch, "127.0.0.1", port,
+                                               **{**options(), "client_keys": [KEY],
+                                                  "preferred_auth": "publickey"})
     peer = conn.get_extra_info("sockname")
     logged_in()
     sent = 0
@@ -158,15 +166,15 @@ def main() -> None:
         "messages": args.messages, "mib_each": args.mib, "sent": result["sent"],
         "client_saw": result["lost"], "log_ending": ending, "server_exit": status,
         "rss_idle_kib": unused, "rss_before_kib": before, "rss_peak_kib": peak, "rss_after_kib": after,
-        "grown_kib": peak - before, "hwm_before_kib": hwm_before, "hwm_after_kib": hwm_after,
+        "grown_kib": peak - unused, "hwm_before_kib": hwm_before, "hwm_after_kib": hwm_after,
         "samples": len(samples), "seconds": round(elapsed, 3),
     }
     print(json.dumps(report))
-    grown = max(peak, hwm_after if hwm_after > hwm_before else 0) - before
+    grown = max(peak, hwm_after if hwm_after > hwm_before else 0) - unused
     ok = grown < LIMIT_KIB and [c for c, _ in ending] == ["SSH_DECOMPRESSION_LIMIT", "SSH_DISCONNECTED"]
     print(f"zlib bomb, {result['sent']} of {args.messages} x {args.mib} MiB sent: server RSS "
-          f"(idle {unused / 1024:.1f} MiB, attacker logged in) {before / 1024:.1f} -> peak "
-          f"{peak / 1024:.1f} MiB (+{grown / 1024:.1f}, limit {LIMIT_KIB // 1024}), "
+          f"idle {unused / 1024:.1f}, attacker logged in {before / 1024:.1f}, peak "
+          f"{peak / 1024:.1f} MiB (+{grown / 1024:.1f} from idle, limit {LIMIT_KIB // 1024}), "
           f"VmHWM {hwm_before / 1024:.1f} -> {hwm_after / 1024:.1f} MiB; "
           f"log ends {[c for c, _ in ending]}: {'ok' if ok else 'FAILED'}", file=sys.stderr)
     sys.exit(0 if ok else 1)
