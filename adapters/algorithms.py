@@ -92,6 +92,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 __all__ = [
     "CLIENT_AUTH_SIGNATURES",
+    "COMPRESSION_ON",
     "CONFIG_KEYS",
     "MIN_RSA_BITS",
     "PROFILES",
@@ -140,7 +141,12 @@ _HOST_KEY_ALGS = (
     "rsa-sha2-256",
     "rsa-sha2-256-cert-v01@openssh.com",
 )
-_COMPRESSION = ("none", "zlib@openssh.com")  # zlib only starts after auth
+# Compression is off by default (ssh.compression): "none" only. Turned on, the
+# server adds zlib@openssh.com, which starts only after authentication (OpenSSH's
+# "delayed" compression; plain "zlib", which starts before, is never offered), and
+# every decompressed packet is bounded (asyncssh_internals.MAX_DECOMPRESSED).
+_COMPRESSION = ("none",)
+COMPRESSION_ON = ("none", "zlib@openssh.com")
 
 PROFILES: dict[str, Algorithms] = {
     "default": Algorithms(
@@ -296,12 +302,14 @@ def resolve(
     ciphers: AlgList = None,
     macs: AlgList = None,
     host_key_algs: AlgList = None,
+    compression: bool = False,
 ) -> Algorithms:
     """The profile's lists, minus what this asyncssh lacks, with overrides.
 
     Overrides (a comma-separated string or a sequence) replace the profile's
     list; ``None`` or an empty one keeps it.  They must name algorithms asyncssh supports, none of them in
-    `WEAK`; otherwise `ValueError` names the algorithm and the config key.
+    `WEAK`; otherwise `ValueError` names the algorithm and the config key. ``compression``
+    adds zlib@openssh.com to the profile's "none" (`COMPRESSION_ON`).
     """
     try:
         base = PROFILES[profile]
@@ -322,7 +330,8 @@ def resolve(
             lists[field] = _override(field, value, strict)
             continue
         supported = _SUPPORTED[field]()
-        lists[field] = tuple(a for a in getattr(base, field) if a in supported)
+        wanted = COMPRESSION_ON if field == "compression" and compression else getattr(base, field)
+        lists[field] = tuple(a for a in wanted if a in supported)
         if not lists[field]:
             raise ValueError(
                 f"profile {profile!r}: asyncssh {asyncssh.__version__} supports none of "
@@ -368,6 +377,7 @@ def server_options(
     macs: AlgList = None,
     host_key_algs: AlgList = None,
     host_keys: Any = None,
+    compression: bool = False,
 ) -> dict[str, Any]:
     """Keyword arguments for `asyncssh.create_server` /
     `asyncssh.SSHServerConnectionOptions`.
@@ -376,9 +386,11 @@ def server_options(
     ``compression_algs`` and ``signature_algs`` (the latter is the
     ``server-sig-algs`` list for user keys, `CLIENT_AUTH_SIGNATURES`).  With
     *host_keys*, it also contains ``server_host_keys``, limited to the
-    profile's (or *host_key_algs*') host-key algorithms.
+    profile's (or *host_key_algs*') host-key algorithms. ``compression``:
+    offer zlib@openssh.com (see `resolve`).
     """
-    algs = resolve(profile, kex=kex, ciphers=ciphers, macs=macs, host_key_algs=host_key_algs)
+    algs = resolve(profile, kex=kex, ciphers=ciphers, macs=macs, host_key_algs=host_key_algs,
+                   compression=compression)
     supported = _SUPPORTED["signature"]()
     options: dict[str, Any] = {
         "kex_algs": list(algs.kex),

@@ -25,6 +25,9 @@ What the module gives the adapter:
   outcome (answered / closed / timeout).
 * `is_login_timeout(exc)` - recognises asyncssh's login timeout in
   `connection_lost`.
+* `DecompressionLimitError` - what `connection_lost` gets when a compressed
+  packet inflated past `MAX_DECOMPRESSED` (`install_hooks` bounds asyncssh's zlib,
+  which has no bound of its own).
 * `check_asyncssh_compat()` / `assert_asyncssh_compat()` - verify that the
   installed asyncssh still has every private thing used here.
 
@@ -37,11 +40,13 @@ import asyncio
 import enum
 import functools
 import inspect
+import zlib
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, TypeAlias
 
 import asyncssh
+import asyncssh.compression
 from asyncssh.channel import SSHChannel
 from asyncssh.connection import SSHConnection
 from asyncssh.logging import SSHLogger
@@ -57,6 +62,7 @@ __all__ = [
     "ChannelOpenRequest",
     "ChannelRequest",
     "ConnectionHooks",
+    "DecompressionLimitError",
     "Default",
     "EnvRequest",
     "ExecRequest",
@@ -64,6 +70,7 @@ __all__ = [
     "HookState",
     "HookedServerChannel",
     "KeepaliveResult",
+    "MAX_DECOMPRESSED",
     "NoArgsRequest",
     "PtyRequest",
     "PublicKeyInfo",
@@ -96,6 +103,7 @@ MSG_REQUEST_SUCCESS = 81
 MSG_REQUEST_FAILURE = 82
 MSG_CHANNEL_OPEN = 90
 MSG_CHANNEL_WINDOW_ADJUST = 93
+MSG_CHANNEL_DATA = 94
 MAX_WINDOW = 0xFFFFFFFF  # RFC 4254 5.2: a window never exceeds 2^32 - 1 bytes
 MSG_CHANNEL_CLOSE = 97
 MSG_CHANNEL_REQUEST = 98
@@ -104,10 +112,23 @@ MSG_CHANNEL_FAILURE = 100
 
 DEFAULT_WINDOW = 2 * 1024 * 1024  # asyncssh's default receive window
 DEFAULT_MAX_PKTSIZE = 32768  # asyncssh's default (and our maximum) packet size
+# The most a compressed packet's payload may inflate to: the 256 KiB a packet may
+# have on the wire (OpenSSH's PACKET_MAX_SIZE in packet.c; asyncssh's
+# _DEFAULT_RECV_PKTLEN, which our 32 KiB channel packets never raise), so compression
+# lets no client make the server hold a packet it could not have sent uncompressed.
+# (OpenSSH inflates into an sshbuf, whose only bound is SSHBUF_SIZE_MAX, 128 MiB.)
+MAX_DECOMPRESSED = 256 * 1024
 
 _RECV_OPEN = frozenset({"open", "eof_pending", "eof"})  # SSHChannel._recv_state values
+_RECV_EOF = frozenset({"eof_pending", "eof"})  # the client sent EOF (held until the program starts, or not)
 _SEND_CLOSING = frozenset({"close_pending", "closed"})  # SSHChannel._send_state values
 _LOGIN_TIMEOUT_REASON = "Login timeout expired"  # SSHConnection._login_timer_callback
+
+
+class DecompressionLimitError(asyncssh.ProtocolError):
+    """A compressed packet inflated past `MAX_DECOMPRESSED` bytes. A ProtocolError:
+    asyncssh answers it with DISCONNECT 2 (protocol error) and closes, and
+    `connection_lost` receives it."""
 
 
 class Default(enum.Enum):
@@ -452,10 +473,12 @@ def _report_hook_error(where: str, exc: BaseException) -> None:
 # --------------------------------------------------------------------------- channel
 
 RequestCallback: TypeAlias = Callable[["HookedServerChannel", ChannelRequest], None]
+DataAfterEofCallback: TypeAlias = Callable[["HookedServerChannel", int], None]
 
 
 _CHAN_CLOSE = asyncssh.SSHServerChannel._packet_handlers[MSG_CHANNEL_CLOSE]
 _CHAN_WINDOW_ADJUST = asyncssh.SSHServerChannel._packet_handlers[MSG_CHANNEL_WINDOW_ADJUST]
+_CHAN_DATA = asyncssh.SSHServerChannel._packet_handlers[MSG_CHANNEL_DATA]
 
 
 class HookedServerChannel(asyncssh.SSHServerChannel[bytes]):
@@ -474,6 +497,9 @@ class HookedServerChannel(asyncssh.SSHServerChannel[bytes]):
       reason it could not: "channel closed", "connection closed", "send failed".
     * `start_io()`: a program started; asyncssh holds channel data and EOF until
       then (as it does for its own sessions), and delivers them from now on.
+    * `on_data_after_eof(chan, size)`: CHANNEL_DATA after the client's EOF, which
+      asyncssh answers with a protocol error (the whole connection ends); it is
+      dropped instead, as OpenSSH drops it, and reported here.
     * Data, EOF, close: the ordinary asyncssh API (`write`, `write_eof`, `exit`,
       `exit_with_signal`, `close`; the session's `data_received`, `eof_received`,
       `connection_lost`, `pause_writing`, `resume_writing`).
@@ -484,6 +510,7 @@ class HookedServerChannel(asyncssh.SSHServerChannel[bytes]):
         conn: asyncssh.SSHServerConnection,
         on_request: RequestCallback,
         *,
+        on_data_after_eof: DataAfterEofCallback | None = None,
         window: int = DEFAULT_WINDOW,
         max_pktsize: int = DEFAULT_MAX_PKTSIZE,
     ) -> None:
@@ -495,6 +522,7 @@ class HookedServerChannel(asyncssh.SSHServerChannel[bytes]):
         super().__init__(conn, asyncio.get_running_loop(), True, False, False, 0, 1024,
                          None, "strict", window, max_pktsize)
         self._hk_on_request = on_request
+        self._hk_on_data_after_eof = on_data_after_eof
         self._hk_next_seq = 0
         self._hk_started = False
 
@@ -530,8 +558,28 @@ class HookedServerChannel(asyncssh.SSHServerChannel[bytes]):
             raise asyncssh.ProtocolError("Window adjust overflows the channel window")
         _CHAN_WINDOW_ADJUST(self, pkttype, pktid, packet)
 
+    def _hk_process_data(self, pkttype: int, pktid: int, packet: SSHPacket) -> None:
+        # asyncssh raises ProtocolError("Channel not open for sending") for data after the
+        # client's EOF, which ends the whole connection; OpenSSH drops it (channels.c,
+        # channel_input_data: the channel's output side is closed) and goes on. So do we,
+        # with asyncssh's other checks: a malformed packet and data beyond the window stay
+        # protocol errors. The window is not charged (nothing is kept or delivered).
+        if self._recv_state not in _RECV_EOF:  # REACH-IN: SSHChannel._recv_state
+            _CHAN_DATA(self, pkttype, pktid, packet)
+            return
+        data = packet.get_string()  # PacketDecodeError: asyncssh's protocol error
+        packet.check_end()
+        if len(data) > self._recv_window:  # REACH-IN: SSHChannel._recv_window
+            raise asyncssh.ProtocolError("Window exceeded")
+        if self._hk_on_data_after_eof is not None:
+            try:
+                self._hk_on_data_after_eof(self, len(data))
+            except Exception as exc:
+                _report_hook_error("on_data_after_eof", exc)
+
     _packet_handlers = {
         **asyncssh.SSHServerChannel._packet_handlers,
+        MSG_CHANNEL_DATA: _hk_process_data,
         MSG_CHANNEL_REQUEST: _hk_process_request,
         MSG_CHANNEL_CLOSE: _hk_process_close,
         MSG_CHANNEL_WINDOW_ADJUST: _hk_process_window_adjust,
@@ -972,9 +1020,35 @@ def _on_service_request(state: HookState, conn: asyncssh.SSHServerConnection, pk
 # -- key exchange -------------------------------------------------------------------
 
 
+class _BoundedZlibDecompress(asyncssh.compression.Decompressor):
+    """asyncssh's zlib decompressor (compression.py `_ZLibDecompress`) with a bound:
+    zlib stops at `MAX_DECOMPRESSED` + 1 bytes of output, and a packet that reaches
+    it raises `DecompressionLimitError` (asyncssh inflated a 200 KB packet of zeros
+    to 200 MB at once)."""
+
+    def __init__(self) -> None:
+        self._decomp = zlib.decompressobj()
+
+    def decompress(self, data: bytes) -> bytes | None:
+        try:
+            out = self._decomp.decompress(data, MAX_DECOMPRESSED + 1)
+        except zlib.error:
+            return None  # as asyncssh's: CompressionError, DISCONNECT 6
+        if len(out) > MAX_DECOMPRESSED:
+            raise DecompressionLimitError(
+                f"Decompressed packet exceeds {MAX_DECOMPRESSED} bytes (compression bomb)")
+        return out
+
+
 def _on_newkeys(state: HookState, conn: asyncssh.SSHServerConnection, pkttype: int,
                 pktid: int, packet: SSHPacket) -> None:
     _CONN_HANDLERS[MSG_NEWKEYS](conn, pkttype, pktid, packet)
+    # REACH-IN: SSHConnection._decompressor, made fresh for every key exchange and used
+    # from the next packet on (zlib@openssh.com: from authentication on), so nothing
+    # has gone through it yet. _recv_packet raises what it raises; asyncssh's
+    # _recv_data answers a DisconnectError with DISCONNECT and closes.
+    if type(conn._decompressor) is asyncssh.compression._ZLibDecompress:
+        conn._decompressor = _BoundedZlibDecompress()
     state.kex_count += 1
     _call_hook("on_kex_done", state.hooks.on_kex_done, conn, state.kex_count)
 
@@ -1182,6 +1256,11 @@ REACH_INS: tuple[ReachIn, ...] = (
     ReachIn(_Chan, "_conn", attr_in=SSHChannel.__init__),
     ReachIn(_Chan, "_recv_buf", attr_in=SSHChannel.__init__),
     ReachIn(_Chan, "_send_window", attr_in=SSHChannel.__init__),
+    ReachIn(_Chan, "_recv_window", attr_in=SSHChannel.__init__),
+    ReachIn(_Chan, "_process_data", ("_pkttype", "_pktid", "packet"),
+            source_has="raise ProtocolError('Channel not open for sending')"),
+    ReachIn(_Chan, "_process_eof", ("_pkttype", "_pktid", "packet"),
+            source_has="self._recv_state = 'eof_pending'"),
     ReachIn(_Conn, "pause_writing", (), source_has="# Do nothing with this for now"),
     ReachIn(_Conn, "data_received", ("data", "datatype")),
     ReachIn(_Conn, "resume_writing", (), source_has="# Do nothing with this for now"),
@@ -1218,6 +1297,15 @@ REACH_INS: tuple[ReachIn, ...] = (
     ReachIn(_Conn, "send_userauth_packet", ("pkttype", "args", "handler", "trivial")),
     ReachIn(_Conn, "send_packet", ("pkttype", "args", "handler")),
     ReachIn(_Conn, "_login_timer_callback", (), source_has=repr(_LOGIN_TIMEOUT_REASON)),
+    ReachIn(_Conn, "_decompressor", attr_in=SSHConnection.__init__),
+    ReachIn(_Conn, "_process_newkeys", ("_pkttype", "_pktid", "packet"),
+            source_has="self._decompressor = self._next_decompressor"),
+    ReachIn(_Conn, "_recv_packet", (),
+            source_has="payload = self._decompressor.decompress(orig_payload)"),
+    ReachIn(_Conn, "_recv_data", (), source_has="self._send_disconnect(exc.code, exc.reason, exc.lang)"),
+    ReachIn(asyncssh.compression, "_ZLibDecompress"),
+    ReachIn(asyncssh.compression._ZLibDecompress, "decompress", ("data",),
+            source_has="self._decomp.decompress(data)"),
     ReachIn(asyncssh.misc, "map_handler_name", ("name",)),
     # log_lazily (HACKS.md row 25): where asyncssh builds log lines before checking.
     ReachIn(SSHPacketHandler, "_log_packet", ("msg", "pkttype", "pktid", "packet", "note"),
@@ -1288,6 +1376,8 @@ def check_asyncssh_compat() -> list[str]:
         problems.append("SSHServerChannel._packet_handlers[97] is not _process_close")
     if _CHAN_WINDOW_ADJUST is not getattr(_Chan, "_process_window_adjust", None):
         problems.append("SSHServerChannel._packet_handlers[93] is not _process_window_adjust")
+    if _CHAN_DATA is not getattr(_Chan, "_process_data", None):
+        problems.append("SSHServerChannel._packet_handlers[94] is not _process_data")
     return problems
 
 

@@ -215,6 +215,9 @@ class SSHConfig(_Section, frozen=True):
     macs: tuple[Algorithm, ...] = ()
     host_key_algorithms: tuple[Algorithm, ...] = ()
     profile: Literal["default", "strict"] = "default"
+    # zlib@openssh.com (after authentication, like OpenSSH's `Compression delayed`); off:
+    # compression costs CPU, and a decompressed packet is one more thing a client sizes.
+    compression: bool = False
     client_alive_interval: Duration = _seconds(0)  # 0: no keepalives
     client_alive_count_max: Annotated[int, msgspec.Meta(ge=1)] = SPEC_LIMITS["clientAliveCountMax"]
 
@@ -412,12 +415,17 @@ def _check(file: str, config: Config) -> None:
                                   f"ln={params.ln},r={params.r} is weaker than sshspec's ln={LN},r={R}: "
                                   "hash it again with `sshspec hash-password`")
         for j, line in enumerate(user.authorized_keys):
-            if not _is_authorized_key(line):
-                raise ConfigError(
-                    file,
-                    f"{key}.authorizedKeys[{j}]",
-                    "not an authorized_keys line (`[options] ssh-ed25519 AAAA... [comment]`)",
-                )
+            if problem := authorized_key_problem(line):
+                raise ConfigError(file, f"{key}.authorizedKeys[{j}]", problem)
+    if path := config.auth.authorized_keys_file:
+        try:
+            _, problems = read_authorized_keys(path)
+        except OSError:
+            pass  # read again at start-up, which fails naming the file (as for host keys)
+        else:
+            if problems:
+                number, problem = problems[0]
+                raise ConfigError(file, "auth.authorizedKeysFile", f"`{path}` line {number}: {problem}")
     for i, path in enumerate(config.ssh.hostkeys):
         _check_host_key(file, f"ssh.hostkeys[{i}]", path)
     ssh = config.ssh
@@ -444,18 +452,56 @@ def _check_host_key(file: str, key: str, path: str) -> None:
                                      "sshd refuses such a key: chmod 600 it")
 
 
-def _is_authorized_key(line: str) -> bool:
+_NOT_A_KEY = "not an authorized_keys line (`ssh-ed25519 AAAA... [comment]`)"
+
+
+def authorized_key_problem(line: str) -> str | None:
+    """Why an authorized_keys line cannot be used, or None for a plain key.
+
+    Options (`from=`, `command=`, `restrict`, ...) are refused, not ignored: sshspec
+    does not enforce them, and a key meant to run one command or to come from one
+    network would otherwise get a shell from anywhere. `cert-authority` (user
+    certificates) is not supported yet."""
     # Imported here: asyncssh takes ~0.2 s to import and most commands never get here.
     import asyncssh
 
+    text = line.strip()
     # One key per entry: asyncssh would accept several lines, and takes "" as no keys.
-    if not line.strip() or "\n" in line:
-        return False
+    if not text or "\n" in line:
+        return _NOT_A_KEY
     try:
-        asyncssh.import_authorized_keys(line)
+        asyncssh.import_public_key(text)
+        return None
     except (ValueError, asyncssh.KeyImportError):
-        return False
-    return True
+        pass
+    first = re.split(r"[\s,=]", text, maxsplit=1)[0]
+    if first == "cert-authority":
+        return ("`cert-authority` lines (user certificates) are not supported yet: "
+                "list the users' own keys")
+    try:
+        asyncssh.import_authorized_keys(text)
+    except (ValueError, asyncssh.KeyImportError):
+        return _NOT_A_KEY
+    if "-cert-" in first:
+        return "a certificate is not an authorized key: list the key it certifies"
+    return (f"options (`{first}` ...) are not supported: sshspec would not enforce them, so the key "
+            "would be allowed more than the line says; list the key without options")
+
+
+def read_authorized_keys(path: str) -> tuple[list[str], list[tuple[int, str]]]:
+    """The usable key lines of an authorized_keys file, and (line number, problem) for
+    each line that is not one (comments and blank lines are neither). OSError if it
+    cannot be read."""
+    keys: list[str] = []
+    problems: list[tuple[int, str]] = []
+    for number, line in enumerate(Path(os.path.expanduser(path)).read_text().splitlines(), 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        if problem := authorized_key_problem(line):
+            problems.append((number, problem))
+        else:
+            keys.append(line.strip())
+    return keys, problems
 
 
 def resolve_state_dir(config: Config) -> Path:

@@ -93,8 +93,12 @@ class Labels(
     connection_id: str | None = None
     remote_addr: str | None = None
     username: str | None = None
+    # The public key of the connection's last publickey request (the one that logged
+    # in, once it did), as OpenSSH prints it: "SHA256:" and unpadded base64.
+    key_fingerprint: str | None = None
     channel_id: int | None = None
     request_type: str | None = None
+    command: str | None = None  # the exec command or subsystem name (request's, or the channel's program's)
     method: str | None = None
     reason: str | None = None
     exit_code: int | None = None

@@ -10,9 +10,11 @@ machine took. Where asyncssh decides something by itself, the reach-ins in
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import gc
 import getpass
+import hashlib
 import inspect
 import itertools
 import os
@@ -30,7 +32,7 @@ import msgspec
 from sshspec.adapters import asyncssh_internals as internals
 from sshspec.adapters.algorithms import server_options
 from sshspec.adapters.backend_local import BackendError, PtyRequest, adopt_inherited_signals
-from sshspec.adapters.config import Config, resolve_state_dir, spec_limits
+from sshspec.adapters.config import Config, read_authorized_keys, resolve_state_dir, spec_limits
 from sshspec.adapters.handlers import (
     ConfiguredHandler,
     ConnectionHandler,
@@ -56,8 +58,9 @@ _KINDS: dict[str, Kind] = {name: kind(code.level, name, _short(code.explanation)
                            for name, code in CATALOG.items()}
 # SpecConnection.log builds Labels positionally, in this order: a field moved in
 # Labels must fail here, not mislabel every record.
-assert Labels.__struct_fields__ == ("connection_id", "remote_addr", "username", "channel_id", "request_type",
-                                    "method", "reason", "exit_code", "signal", "event")
+assert Labels.__struct_fields__ == ("connection_id", "remote_addr", "username", "key_fingerprint",
+                                    "channel_id", "request_type", "command", "method", "reason", "exit_code",
+                                    "signal", "event")
 
 
 class Emitter:
@@ -80,6 +83,8 @@ class Emitter:
 
 
 # --- one session channel ------------------------------------------------------------------
+
+MAX_COMMAND_LABEL = 1024  # characters of an exec command the log labels carry
 
 
 class SpecSession(asyncssh.SSHServerSession[bytes]):
@@ -106,7 +111,14 @@ class SpecSession(asyncssh.SSHServerSession[bytes]):
                 decoded = internals.decode_request(req)
             except internals.RequestDecodeError as exc:
                 malformed = exc.reason
-        self.conn.handle(core.ChannelRequest(self.channel_id, name, req.want_reply, decoded, malformed))
+        # The command (or subsystem) for the log: read here once, carried by the core.
+        command = decoded.command if isinstance(decoded, internals.ExecRequest) else \
+            decoded.name if isinstance(decoded, internals.SubsystemRequest) else None
+        if command is not None and len(command) > MAX_COMMAND_LABEL:
+            # It labels every record of its channel: a 256 KiB command must not be five of them.
+            command = f"{command[:MAX_COMMAND_LABEL]}... ({len(command)} characters)"
+        self.conn.handle(core.ChannelRequest(self.channel_id, name, req.want_reply, decoded, malformed,
+                                             command))
 
     def connection_made(self, chan: asyncssh.SSHServerChannel[bytes]) -> None:
         # high-water 0: asyncssh tells us the moment anything waits for the
@@ -119,6 +131,9 @@ class SpecSession(asyncssh.SSHServerSession[bytes]):
     def eof_received(self) -> bool:
         self.conn.handle(core.ClientEof(self.channel_id))
         return True  # half-close: output may still flow
+
+    def data_after_eof(self, chan: internals.HookedServerChannel, size: int) -> None:
+        self.conn.handle(core.DataAfterEof(self.channel_id, size))
 
     def pause_writing(self) -> None:
         if not (self._paused or self._transport_paused):
@@ -146,6 +161,11 @@ class SpecSession(asyncssh.SSHServerSession[bytes]):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._wake()
+        if self.chan is not None and internals.connection_gone(self.chan):
+            # The whole connection ended (asyncssh closes its channels first): the
+            # core's ConnectionLost closes every channel, then ends the connection
+            # with its own event (a draining one too, which would otherwise drain).
+            return
         self.conn.handle(core.ChannelClosed(self.channel_id, str(exc) if exc else None))
 
     # -- the core's actions for this channel
@@ -241,6 +261,12 @@ class SpecSession(asyncssh.SSHServerSession[bytes]):
 # --- one connection -----------------------------------------------------------------------
 
 _connection_ids = itertools.count(1)
+
+
+def key_fingerprint(blob: bytes) -> str:
+    """A public key's fingerprint as OpenSSH prints it (ssh-keygen -l, sshd's "Accepted
+    publickey ... SHA256:..."): the SHA-256 of the key blob, base64 without padding."""
+    return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode("ascii").rstrip("=")
 # The user-key signature algorithms that mean SHA-1 (auth.allowSha1Rsa accepts them).
 SHA1_KEY_ALGORITHMS = frozenset({"ssh-rsa", "ssh-rsa-cert-v01@openssh.com"})
 
@@ -261,29 +287,41 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
         self.backend: ConnectionHandler | None = None
         self.sessions: dict[int, SpecSession] = {}
         self.admitted = False
+        # Who logged in is settled once the backend is asked about the user: auth requests
+        # the client sends after that (RFC 4252 5.1: ignored) rename nobody in the log or
+        # in ConnectionInfo.
+        self.user_settled = False
         self.transport_paused = False  # the socket's write buffer is past its high-water mark
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
     def log(self, codes: tuple[str, ...], event: str, *, channel_id: int | None = None,
-            request_type: str | None = None, method: str | None = None, reason: str | None = None,
-            exit_code: int | None = None, signal: str | None = None) -> None:
+            request_type: str | None = None, command: str | None = None, method: str | None = None,
+            reason: str | None = None, exit_code: int | None = None, signal: str | None = None) -> None:
         emitter = self.server.emitter
         if records := emitter.records(codes):
             who = self.identity
             # Positional, in Labels' field order: one C call, no keyword dict (structs.replace
             # with keywords cost ~1k instructions a step more).
-            emitter.add(records, Labels(who.connection_id, who.remote_addr, who.username, channel_id,
-                                        request_type, method, reason, exit_code, signal, str(event)))
+            emitter.add(records, Labels(who.connection_id, who.remote_addr, who.username, who.key_fingerprint,
+                                        channel_id, request_type, command, method, reason, exit_code, signal,
+                                        str(event)))
 
-    def _identify(self, *, remote_addr: str | None = None, username: str | None = None) -> None:
-        """Who the connection is, for the handlers (ConnectionInfo) and the log (identity)."""
+    def _identify(self, *, remote_addr: str | None = None, username: str | None = None,
+                  key: bytes | None = None) -> None:
+        """Who the connection is, for the handlers (ConnectionInfo) and the log (identity):
+        built when that changes, not per record. `key`: the public key blob of a
+        publickey request (b"": a request by another method, which forgets it)."""
         if remote_addr is not None:
             self.info.remote_addr = remote_addr
         if username is not None:
             self.info.username = username
-        self.identity = Labels(self.info.connection_id, self.info.remote_addr, self.info.username)
+        fingerprint = self.identity.key_fingerprint
+        if key is not None:
+            fingerprint = key_fingerprint(key) if key else None
+        info = self.info
+        self.identity = Labels(info.connection_id, info.remote_addr, info.username, fingerprint)
 
     # -- events in, actions out
 
@@ -346,6 +384,7 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
 
     def _admit_user(self, action: core.AdmitUser) -> core.Event:
         assert self.backend is not None and self.info.username is not None
+        self.user_settled = True
         accepted, reason = _ask(self.backend.accept_user, self.info.username)
         return core.UserVerdict(accepted, action.method, reason)
 
@@ -357,7 +396,8 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
             return core.SessionOpenFailed(action.channel, reason)
         session = SpecSession(self, action.channel, handler)  # type: ignore[arg-type]  # a SessionHandler by the API
         session._transport_paused = self.transport_paused
-        session.chan = internals.HookedServerChannel(self.conn, session.on_request)
+        session.chan = internals.HookedServerChannel(self.conn, session.on_request,
+                                                     on_data_after_eof=session.data_after_eof)
         self.sessions[action.channel] = session
         return None
 
@@ -443,6 +483,8 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
             return
         if internals.is_login_timeout(exc):
             how, reason = core.Lost.login_timeout, "login timeout expired"
+        elif isinstance(exc, internals.DecompressionLimitError):
+            how, reason = core.Lost.decompression_limit, str(exc)
         elif isinstance(exc, asyncssh.ProtocolError):
             how, reason = core.Lost.protocol_error, str(exc)
         else:
@@ -478,8 +520,8 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
         self.handle(core.KexDone(count))
 
     def on_auth_request(self, conn: asyncssh.SSHServerConnection, req: internals.AuthRequest) -> None:
-        if req.username is not None:
-            self._identify(username=req.username)
+        if not self.user_settled:  # the key this request is about, in every record from here on
+            self._identify(username=req.username, key=req.publickey.key_blob if req.publickey else b"")
         if req.malformed is not None:
             return  # asyncssh disconnects on it (HACKS.md); connection_lost reports it
         key = req.publickey
@@ -651,7 +693,10 @@ class Server:
         self.durable_log = self.logger if config.log.durable else None
         self.machines = machines(config)
         self.core = core.ServerCore(self.machines, self.log)
-        self.handler = handler if handler is not None else configured_handler(config)
+        # The configured users are loaded in start(): an authorized_keys file that cannot be
+        # read is a failed start (SSH_START_FAILED, exit 1), as a host key is.
+        self._configure = handler is None
+        self.handler = handler if handler is not None else Handler()
         self.connections: set[SpecConnection] = set()
         self.backlogged: set[SpecConnection] = set()  # their socket buffer is past its high-water mark
         self.acceptor: asyncssh.SSHAcceptor | None = None
@@ -673,10 +718,13 @@ class Server:
             internals.assert_asyncssh_compat()  # a moved asyncssh private fails here, loudly
             internals.log_lazily()
             keys = load_host_keys(self.config)
+            if self._configure:
+                self.handler = configured_handler(self.config)
             options = server_options(
                 self.config.ssh.profile, kex=self.config.ssh.kex or None,
                 ciphers=self.config.ssh.ciphers or None, macs=self.config.ssh.macs or None,
-                host_key_algs=self.config.ssh.host_key_algorithms or None, host_keys=keys)
+                host_key_algs=self.config.ssh.host_key_algorithms or None, host_keys=keys,
+                compression=self.config.ssh.compression)
             self.sock = self._listen_socket(host, port)
         except (OSError, ValueError, asyncssh.KeyImportError, internals.AsyncsshCompatError) as exc:
             self.core.handle(core.ServerEvent.bind_failed, reason=f"{host}:{port}: {exc}")
@@ -780,8 +828,8 @@ def configured_handler(config: Config, *, announce: Callable[[str], None] | None
     """Users from the config; with none configured, the current user may log in
     with a one-time password (printed) or a key from ~/.ssh/authorized_keys."""
     users: dict[str, UserEntry] = {}
-    for user in config.auth.users:
-        keys = tuple(asyncssh.import_public_key(line) for line in user.authorized_keys)
+    for user in config.auth.users:  # plain keys: config.authorized_key_problem refused the rest
+        keys = tuple(asyncssh.import_public_key(line.strip()) for line in user.authorized_keys)
         users[user.username] = UserEntry(user.password_hash, keys)
     extra_keys = _read_authorized_keys(config.auth.authorized_keys_file)
     if not users:
@@ -789,7 +837,8 @@ def configured_handler(config: Config, *, announce: Callable[[str], None] | None
         name = getpass.getuser()
         password = secrets.token_urlsafe(12)
         default_file = Path.home() / ".ssh" / "authorized_keys"
-        keys = extra_keys or _read_authorized_keys(str(default_file) if default_file.exists() else "")
+        keys = extra_keys or _read_authorized_keys(str(default_file) if default_file.exists() else "",
+                                                   skipped=announce or _announce)
         users[name] = UserEntry(hash_password(password), keys)
         (announce or _announce)(
             f"sshspec: log in as {name!r} with the one-time password {password}"
@@ -801,22 +850,23 @@ def configured_handler(config: Config, *, announce: Callable[[str], None] | None
                              shell=config.backend.shell or None)
 
 
-def _read_authorized_keys(path: str) -> tuple[asyncssh.SSHKey, ...]:
+def _read_authorized_keys(path: str, *, skipped: Callable[[str], None] | None = None,
+                          ) -> tuple[asyncssh.SSHKey, ...]:
+    """The keys of an authorized_keys file. A line that is not a plain key (options,
+    cert-authority) is a ValueError naming the file and the line (`auth.authorizedKeysFile`;
+    the config check refused it already, unless the file changed since), or, with
+    `skipped` (the implicit ~/.ssh/authorized_keys), left out and said."""
     if not path:
         return ()
-    keys = []
-    for line in Path(os.path.expanduser(path)).read_text().splitlines():
-        words = line.split()
-        # options come first when present: the key starts at its algorithm name
-        start = next((i for i, w in enumerate(words) if w.startswith(_KEY_TYPES)), None)
-        if start is None or line.lstrip().startswith("#"):
-            continue
-        with contextlib.suppress(asyncssh.KeyImportError, ValueError):
-            keys.append(asyncssh.import_public_key(" ".join(words[start:start + 2])))
-    return tuple(keys)
-
-
-_KEY_TYPES = ("ssh-", "ecdsa-", "sk-", "rsa-")
+    try:
+        lines, problems = read_authorized_keys(path)
+    except OSError as exc:
+        raise ValueError(f"auth.authorizedKeysFile: cannot read `{path}`: {exc.strerror}") from None
+    for number, problem in problems:
+        if skipped is None:
+            raise ValueError(f"auth.authorizedKeysFile: `{path}` line {number}: {problem}")
+        skipped(f"sshspec: {path} line {number} skipped: {problem}")
+    return tuple(asyncssh.import_public_key(line) for line in lines)
 
 
 def _announce(text: str) -> None:
@@ -868,7 +918,11 @@ def run_workers(config: Config, handler: Handler | None, workers: int) -> int:
     the same port, so the kernel spreads connections over every core. SIGTERM or
     SIGINT to the parent is passed to every worker; each shuts down gracefully."""
     from sshspec.adapters.config import Listen
-    handler = handler if handler is not None else configured_handler(config)
+    try:
+        handler = handler if handler is not None else configured_handler(config)
+    except ValueError as exc:  # an authorized_keys file that cannot be read or used
+        _announce(f"sshspec serve: {exc}")
+        return 1
     try:
         load_host_keys(config)  # create the key once here, not racing in every worker
     except (OSError, ValueError, asyncssh.KeyImportError) as exc:

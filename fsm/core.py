@@ -93,6 +93,7 @@ class ConnectionEvent(enum.StrEnum):
     keepalive_answered = "keepalive_answered"
     login_timeout = "login_timeout"
     protocol_error = "protocol_error"
+    decompression_limit = "decompression_limit"
     shutdown = "shutdown"
     drained = "drained"
     lost = "lost"
@@ -130,6 +131,7 @@ class SessionEvent(enum.StrEnum):
     request_ok = "request_ok"
     request_failed = "request_failed"
     client_eof = "client_eof"
+    data_after_eof = "data_after_eof"
     program_exited = "program_exited"
     program_killed = "program_killed"
     exit_send_failed = "exit_send_failed"
@@ -214,6 +216,7 @@ class LogSink(Protocol):
         *,
         channel_id: int | None = None,
         request_type: str | None = None,
+        command: str | None = None,
         method: str | None = None,
         reason: str | None = None,
         exit_code: int | None = None,
@@ -295,6 +298,7 @@ class Lost(enum.StrEnum):
     lost = "lost"
     login_timeout = "login_timeout"
     protocol_error = "protocol_error"
+    decompression_limit = "decompression_limit"  # a compressed packet inflated past the bound
 
 
 class Connected(_Message, frozen=True):
@@ -378,13 +382,16 @@ class SessionOpenFailed(_Message, frozen=True):
 
 
 class ChannelRequest(_Message, frozen=True):
-    """A CHANNEL_REQUEST, decoded by the adapter (``payload``) or not (``malformed``)."""
+    """A CHANNEL_REQUEST, decoded by the adapter (``payload``) or not (``malformed``).
+    ``command``: the exec command or subsystem name, for the log (the request's records
+    carry it, and once the program started every record of its channel)."""
 
     channel: int
     name: str
     want_reply: bool
     payload: object = None
     malformed: str | None = None
+    command: str | None = None
 
 
 class RequestDone(_Message, frozen=True):
@@ -403,6 +410,13 @@ class IoStarted(_Message, frozen=True):
 
 class ClientEof(_Message, frozen=True):
     channel: int
+
+
+class DataAfterEof(_Message, frozen=True):
+    """CHANNEL_DATA after the client's EOF: the SSH layer dropped it (``size`` bytes)."""
+
+    channel: int
+    size: int
 
 
 class ProgramEnded(_Message, frozen=True):
@@ -475,6 +489,7 @@ Event = (
     | RequestDone
     | IoStarted
     | ClientEof
+    | DataAfterEof
     | ProgramEnded
     | ExitSendFailed
     | ChannelReplied
@@ -706,6 +721,7 @@ class Session:
         "replying",
         "starting_io",
         "started",
+        "command",
         "closed",
     )
 
@@ -719,6 +735,7 @@ class Session:
         # next request waits, so a failed send is reported before it (its request, its outcome).
         self.replying: tuple[ChannelRequest | None, bool] | None = None
         self.started = False  # a program started on this channel (at most once)
+        self.command: str | None = None  # its exec command or subsystem name (the log's label)
         self.starting_io = False  # ProgramStarted is out, IoStarted not yet back: the queue waits
         self.closed = False
 
@@ -853,11 +870,14 @@ class ConnectionCore:
         *,
         reason: str | None = None,
         request_type: str | None = None,
+        command: str | None = None,
         exit_code: int | None = None,
         signal: str | None = None,
     ) -> Step:
         step = self.machines.session.fire(session.instance, event)
         channel = session.channel
+        if command is None:  # a request's own, else the channel's program's
+            command = session.command
         if step.kind == "impossible":
             self.log(
                 step.codes,
@@ -865,6 +885,7 @@ class ConnectionCore:
                 reason=violation_reason(self.machines.session, step),
                 channel_id=channel,
                 request_type=request_type,
+                command=command,
             )
             if not session.closed:  # fail closed: the channel ends
                 self.out.append(CloseChannel(channel))
@@ -875,6 +896,7 @@ class ConnectionCore:
                 event,
                 channel_id=channel,
                 request_type=request_type,
+                command=command,
                 reason=reason,
                 exit_code=exit_code,
                 signal=signal,
@@ -1084,6 +1106,7 @@ class ConnectionCore:
                 session,
                 SessionEvent.request_overflow,
                 request_type=event.name,
+                command=event.command,
                 reason="too many pending requests",
             )
             if event.want_reply:
@@ -1122,7 +1145,8 @@ class ConnectionCore:
         name = req.name
         if req.malformed is not None:
             step = self._fire_session(
-                session, SessionEvent.malformed_request, request_type=name, reason=req.malformed
+                session, SessionEvent.malformed_request, request_type=name, reason=req.malformed,
+                command=req.command,
             )
         else:
             event = REQUEST_EVENTS.get(name)
@@ -1130,7 +1154,7 @@ class ConnectionCore:
                 event = (
                     SessionEvent.not_implemented if name in NOT_IMPLEMENTED else SessionEvent.unknown_request
                 )
-            step = self._fire_session(session, event, request_type=name)
+            step = self._fire_session(session, event, request_type=name, command=req.command)
             if step.kind == "transition" and step.reply is None and step.target != step.source:
                 # The spec hands the request to the backend.
                 self.out.append(
@@ -1152,6 +1176,7 @@ class ConnectionCore:
             session,
             SessionEvent.request_ok if ok else SessionEvent.request_failed,
             request_type=req.name,
+            command=req.command,
             reason=reason,
         )
         if session.closed and ok and req.name in START_REQUESTS:
@@ -1190,6 +1215,7 @@ class ConnectionCore:
     def _answered(self, session: Session, req: ChannelRequest, ok: bool) -> None:
         if ok and req.name in START_REQUESTS and not session.started and not session.closed:
             session.started = True
+            session.command = req.command
             if session.state in _RUNNING:
                 session.starting_io = True
                 self.out.append(ProgramStarted(session.channel))
@@ -1207,6 +1233,11 @@ class ConnectionCore:
             and self._fire_session(session, SessionEvent.client_eof).reply == SessionReply.close_stdin
         ):
             self.out.append(CloseStdin(session.channel))
+
+    def _data_after_eof(self, event: DataAfterEof) -> None:
+        session = self.sessions.get(event.channel)
+        if session is not None:
+            self._fire_session(session, SessionEvent.data_after_eof, reason=f"{event.size} bytes dropped")
 
     def _program_ended(self, event: ProgramEnded) -> None:
         session = self.channels.get(event.channel)
@@ -1240,7 +1271,10 @@ class ConnectionCore:
         if not session.queue:
             del self.channels[session.channel]
         self._fire(ConnectionEvent.channel_closed, channel_id=session.channel)
-        if not self.sessions and self.state == "draining":
+        if not self.sessions and self.state == "draining" and not self.lost:
+            # (A transport that is gone ends the connection with its own event, which
+            # `_connection_lost` fires once the channels are closed: the loss, a
+            # protocol error, a compression bomb, not a drain.)
             self._fire(ConnectionEvent.drained, reason="server shutdown")
 
 
@@ -1270,6 +1304,7 @@ _HANDLERS: dict[type, Callable[[ConnectionCore, Any], None]] = {
     RequestDone: ConnectionCore._request_done,
     IoStarted: ConnectionCore._io_started,
     ClientEof: ConnectionCore._client_eof,
+    DataAfterEof: ConnectionCore._data_after_eof,
     ProgramEnded: ConnectionCore._program_ended,
     ExitSendFailed: ConnectionCore._exit_send_failed,
     ChannelReplied: ConnectionCore._channel_replied,

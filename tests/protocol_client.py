@@ -1110,8 +1110,15 @@ class Oracle:
         if s.started and not s.closed:
             self._handle(core.ClientEof(s.server_id))  # else asyncssh holds it until the program starts
 
-    def data(self, chan: int) -> None:
+    def data(self, chan: int, size: int = 1) -> None:
         if self.transport_gone:
+            return
+        s = self.sessions.get(chan)
+        if s is not None and s.client_eof and not s.client_close:
+            # After the client's EOF: dropped (as OpenSSH does), the core logs it.
+            self.auth_final = True
+            if not s.closed:
+                self._handle(core.DataAfterEof(s.server_id, size))
             return
         s = self._channel(chan, data=True)
         if s is not None and not s.started:

@@ -124,6 +124,27 @@ def test_full_compat_check_passes() -> None:
     ai.assert_asyncssh_compat()  # dispatch tables + version + every reach-in
 
 
+def test_the_bounded_zlib_decompressor_is_asyncssh_s_with_a_bound() -> None:
+    """What replaces asyncssh's `_ZLibDecompress` after NEWKEYS (HACKS.md row 27): the same
+    stream (asyncssh's own compressor's packets inflate alike, a sync-flushed stream
+    across packets), at most MAX_DECOMPRESSED bytes a packet, None for corrupt data (as
+    asyncssh's: CompressionError), DecompressionLimitError past the bound."""
+    from asyncssh.compression import get_compressor, get_decompressor
+    compressor, theirs = get_compressor(b"zlib@openssh.com"), get_decompressor(b"zlib@openssh.com")
+    ours = ai._BoundedZlibDecompress()
+    assert type(theirs) is asyncssh.compression._ZLibDecompress
+    for payload in (b"x", bytes(1000), b"abc" * 5000, bytes(ai.MAX_DECOMPRESSED)):
+        packet = compressor.compress(payload)
+        assert packet is not None
+        assert ours.decompress(packet) == theirs.decompress(packet) == payload
+    bomb = compressor.compress(bytes(ai.MAX_DECOMPRESSED + 1))
+    assert bomb is not None and len(bomb) < 1024
+    with pytest.raises(ai.DecompressionLimitError, match="exceeds 262144 bytes"):
+        ours.decompress(bomb)
+    assert isinstance(ai.DecompressionLimitError("x"), asyncssh.ProtocolError)  # DISCONNECT 2
+    assert ai._BoundedZlibDecompress().decompress(b"not zlib at all") is None
+
+
 # --------------------------------------------------------------------------- harness
 
 

@@ -346,8 +346,8 @@ def test_exit_status_twice(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     lines.insert(at + 1, lines[at])
     assert doctored(tmp_path, capsys, lines) == (1, (
         f"LOG:{at + 2}: session (c2/0): in state(s) exited, the spec allows SSH_CHANNEL_CLOSED, "
-        "SSH_CHANNEL_REQUEST, SSH_EXIT_CODE_FAILED, SSH_REPLY_SEND_FAILED, saw SSH_EXIT "
-        "(event program_exited)\n"))
+        "SSH_CHANNEL_DATA_AFTER_EOF, SSH_CHANNEL_REQUEST, SSH_EXIT_CODE_FAILED, SSH_REPLY_SEND_FAILED, "
+        "saw SSH_EXIT (event program_exited)\n"))
 
 
 def test_channel_before_authentication(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -368,8 +368,8 @@ def test_request_outcome_without_request(tmp_path: Path, capsys: pytest.CaptureF
     # The records name their events: the exec started, the program runs.
     assert doctored(tmp_path, capsys, lines) == (1, (
         f"LOG:{at + 2}: session (c2/0): in state(s) running, the spec allows SSH_CHANNEL_CLOSED, "
-        "SSH_CHANNEL_EOF, SSH_CHANNEL_REQUEST, SSH_EXIT, SSH_EXIT_SIGNAL, SSH_REPLY_SEND_FAILED, "
-        "saw SSH_CHANNEL_REQUEST_SUCCESSFUL (event request_ok)\n"))
+        "SSH_CHANNEL_DATA_AFTER_EOF, SSH_CHANNEL_EOF, SSH_CHANNEL_REQUEST, SSH_EXIT, SSH_EXIT_SIGNAL, "
+        "SSH_REPLY_SEND_FAILED, saw SSH_CHANNEL_REQUEST_SUCCESSFUL (event request_ok)\n"))
 
 
 def test_swapped_records_of_one_connection(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import pytest
@@ -25,6 +26,7 @@ from sshspec.adapters.config import (
 from sshspec.adapters.passwords import DUMMY_HASH
 
 ED25519 = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIByIgQ4NmxJpWy3jnovTaasbKWF0kTv4K3UMay4yJ8zt"
+ED25519_2 = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIC0Kv5gqu1FcWAJ5jJ98yqw549eBS1/rrOGXkQAq0Owd"
 
 FULL = f"""\
 ssh:
@@ -37,16 +39,17 @@ ssh:
   macs: [hmac-sha2-256-etm@openssh.com]
   hostKeyAlgorithms: [ssh-ed25519]
   profile: strict
+  compression: true
   clientAliveInterval: 1m30s
   clientAliveCountMax: 5
 auth:
   users:
     - username: alice
       passwordHash: "{DUMMY_HASH}"
-      authorizedKeys: ["{ED25519} alice@laptop", 'restrict,command="true" {ED25519}']
+      authorizedKeys: ["{ED25519} alice@laptop", "{ED25519_2}"]
     - username: bob
       authorizedKeys: ["{ED25519}"]
-  authorizedKeysFile: ~/.ssh/authorized_keys
+  authorizedKeysFile: /etc/sshspec/authorized_keys  # not read at load when absent (as host keys)
 limits:
   loginTimeout: 30s
   maxAuthTries: 3
@@ -119,13 +122,14 @@ def test_full_example(tmp_path: Path) -> None:
     assert config.ssh.ciphers == ("chacha20-poly1305@openssh.com", "aes256-gcm@openssh.com")
     assert config.ssh.host_key_algorithms == ("ssh-ed25519",)
     assert config.ssh.profile == "strict"
+    assert config.ssh.compression is True
     assert config.ssh.client_alive_interval == 90.0
     assert isinstance(config.ssh.client_alive_interval, Duration)
     alice, bob = config.auth.users
     assert alice.username == "alice" and alice.password_hash == DUMMY_HASH
     assert len(alice.authorized_keys) == 2
     assert bob.password_hash is None
-    assert config.auth.authorized_keys_file == "~/.ssh/authorized_keys"
+    assert config.auth.authorized_keys_file == "/etc/sshspec/authorized_keys"
     assert config.limits == msgspec.structs.replace(
         config.limits,
         login_timeout=30.0,
@@ -393,6 +397,28 @@ def test_invalid_authorized_key_names_the_entry(tmp_path: Path, key: str) -> Non
     assert message.startswith("auth.users[0].authorizedKeys[1]: not an authorized_keys line")
 
 
+@pytest.mark.parametrize(("line", "problem"), [
+    (f"cert-authority {ED25519}", "`cert-authority` lines (user certificates) are not supported yet"),
+    (f'cert-authority,principals="alice" {ED25519}', "`cert-authority` lines (user certificates)"),
+    (f'restrict,command="true" {ED25519}', "options (`restrict` ...) are not supported: sshspec would "
+                                             "not enforce them"),
+    (f'from="10.0.0.0/8" {ED25519}', "options (`from` ...) are not supported"),
+    (f"no-pty {ED25519} alice@laptop", "options (`no-pty` ...) are not supported"),
+])
+def test_authorized_keys_options_and_cert_authority_are_refused(tmp_path: Path, line: str,
+                                                                problem: str) -> None:
+    """They crashed start-up with a KeyImportError traceback (exit 1, nothing named); an
+    option sshspec does not enforce must not pass as a plain key either."""
+    message = _error(tmp_path, f"auth: {{users: [{{username: a, authorizedKeys: [{ED25519!r}, {line!r}]}}]}}")
+    assert message.startswith(f"auth.users[0].authorizedKeys[1]: {problem}"), message
+    keys = tmp_path / "authorized_keys"
+    keys.write_text(f"# alice\n{ED25519} alice@laptop\n\n{line}\n")
+    message = _error(tmp_path, f"auth: {{authorizedKeysFile: {keys}}}")
+    assert message.startswith(f"auth.authorizedKeysFile: `{keys}` line 4: {problem}"), message
+    keys.write_text(f"# alice\n{ED25519} alice@laptop\n")
+    assert load_config(_write(tmp_path, f"auth: {{authorizedKeysFile: {keys}}}")).auth.authorized_keys_file
+
+
 def test_duplicate_username(tmp_path: Path) -> None:
     key = f"authorizedKeys: ['{ED25519}']"
     message = _error(tmp_path, f"auth: {{users: [{{username: a, {key}}}, {{username: a, {key}}}]}}")
@@ -504,3 +530,111 @@ def test_bad_byte_sizes_name_the_key(tmp_path: Path, text: str, problem: str) ->
     with pytest.raises(ConfigError) as caught:
         load_config(_write(tmp_path, f"limits:\n  maxBufferedTotal: {text}\n"))
     assert "limits.maxBufferedTotal" in str(caught.value) and problem in str(caught.value), str(caught.value)
+
+
+def _serve(tmp_path: Path, config: Path, **env: str) -> Any:
+    import os
+    import subprocess
+    import sys
+    return subprocess.run([sys.executable, "-m", "sshspec.adapters.cli", "serve", "--config", str(config)],
+                          capture_output=True, text=True, timeout=60, cwd=tmp_path,
+                          env={**os.environ, **env})
+
+
+# (what is wrong, the config text ({tmp}: the test's directory), the key the message names)
+REFUSALS = [
+    ("unknown key", "ssh: {lisen: '127.0.0.1:0'}", "ssh.lisen: unknown key (did you mean `listen`?)"),
+    ("wrong type", "limits: {maxAuthTries: many}", "limits.maxAuthTries: Expected `int`"),
+    ("impossible value", "limits: {loginTimeout: 0}", "limits.loginTimeout: must be greater than 0"),
+    ("bad listen", "ssh: {listen: 'localhost'}", "ssh.listen: Invalid listen address"),
+    ("weak cipher", "ssh: {ciphers: [aes128-ctr, 3des-cbc]}", "ssh.ciphers: '3des-cbc' is refused as weak"),
+    ("strict profile", "ssh: {profile: strict, kex: [curve25519-sha256]}", "ssh.kex: 'curve25519-sha256'"),
+    ("duplicate key", "ssh: {listen: '127.0.0.1:0'}\nssh: {}", "ssh: duplicate key `ssh`"),
+    ("yaml syntax", "ssh: [", "line 2, column 1: did not find expected node content"),
+    ("host key mode", "ssh: {hostkeys: ['{tmp}/host_key']}",
+     "ssh.hostkeys[0]: `{tmp}/host_key` is accessible"),
+    ("weak password hash", "auth: {users: [{username: a, passwordHash: '{weak}'}]}",
+     "auth.users[0].passwordHash: ln=10,r=8 is weaker"),
+    ("cert-authority", f"auth: {{users: [{{username: a, authorizedKeys: ['cert-authority {ED25519}']}}]}}",
+     "auth.users[0].authorizedKeys[0]: `cert-authority` lines (user certificates) are not supported yet"),
+    ("options", f"auth: {{users: [{{username: a, authorizedKeys: ['command=\"ls\" {ED25519}']}}]}}",
+     "auth.users[0].authorizedKeys[0]: options (`command` ...) are not supported"),
+    ("cert-authority in a file", "auth: {authorizedKeysFile: '{tmp}/authorized_keys'}",
+     "auth.authorizedKeysFile: `{tmp}/authorized_keys` line 2: `cert-authority` lines"),
+]
+
+
+@pytest.mark.parametrize(("what", "text", "expected"), REFUSALS, ids=[r[0] for r in REFUSALS])
+def test_every_config_refusal_exits_2_naming_file_and_key(tmp_path: Path, what: str, text: str,
+                                                         expected: str) -> None:
+    """Through the real CLI: exit status 2 and one line naming the file and the key,
+    nothing bound, no traceback (a cert-authority line was a KeyImportError traceback,
+    exit 1)."""
+    from sshspec.adapters.passwords import hash_password
+    (tmp_path / "host_key").write_text("never read\n")
+    (tmp_path / "host_key").chmod(0o644)
+    (tmp_path / "authorized_keys").write_text(f"{ED25519} ok\ncert-authority {ED25519} a CA\n")
+    fill = {"{tmp}": str(tmp_path), "{weak}": hash_password("pw").replace("ln=14", "ln=10")}
+    for mark, value in fill.items():
+        text, expected = text.replace(mark, value), expected.replace(mark, value)
+    path = tmp_path / "c.yaml"
+    path.write_text(text + "\n")
+    done = _serve(tmp_path, path)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith(f"sshspec serve: {path}: {expected}"), done.stderr
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+    missing = _serve(tmp_path, tmp_path / "absent.yaml")
+    assert (missing.returncode, missing.stderr) == (
+        2, f"sshspec serve: {tmp_path / 'absent.yaml'}: cannot read: No such file or directory\n")
+
+
+def test_an_unreadable_authorized_keys_file_is_a_failed_start(tmp_path: Path) -> None:
+    """Like a host key that cannot be read (a config may be checked on another machine):
+    SSH_START_FAILED naming the file, exit 1, no traceback."""
+    log = tmp_path / "log.jsonl"
+    path = tmp_path / "c.yaml"
+    path.write_text(f"ssh: {{listen: '127.0.0.1:0'}}\nstateDir: {tmp_path}/state\n"
+                    f"auth: {{authorizedKeysFile: {tmp_path}/nope}}\n"
+                    f"log: {{file: {log}, flushInterval: 0}}\n")
+    done = _serve(tmp_path, path)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    why = f"auth.authorizedKeysFile: cannot read `{tmp_path}/nope`: No such file or directory"
+    assert done.stderr.endswith(f"sshspec serve: cannot start on 127.0.0.1:0: {why}\n"), done.stderr
+    assert '"code":"SSH_START_FAILED"' in log.read_text() and why in log.read_text()
+
+
+def test_the_implicit_authorized_keys_file_skips_what_it_cannot_use(tmp_path: Path) -> None:
+    """With no users configured the current user's ~/.ssh/authorized_keys is read (the
+    user did not name it in a config): lines with options or cert-authority are left
+    out, each said on stderr, and the server starts."""
+    import signal
+    import subprocess
+    import sys
+    (tmp_path / ".ssh").mkdir()
+    (tmp_path / ".ssh" / "authorized_keys").write_text(
+        f"{ED25519} plain\nrestrict {ED25519_2}\ncert-authority {ED25519_2}\n")
+    path = tmp_path / "c.yaml"
+    path.write_text(f"ssh: {{listen: '127.0.0.1:0'}}\nstateDir: {tmp_path}/state\n"
+                    f"log: {{file: {tmp_path}/log.jsonl}}\n")
+    import os
+    process = subprocess.Popen([sys.executable, "-m", "sshspec.adapters.cli", "serve", "--config", str(path)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "HOME": str(tmp_path)})
+    lines = []
+    try:
+        assert process.stderr is not None
+        for line in process.stderr:
+            lines.append(line)
+            if line.startswith("sshspec: listening on"):
+                break
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(20) == 0, lines
+    keys = f"{tmp_path}/.ssh/authorized_keys"
+    skipped = [line for line in lines if " skipped: " in line]
+    assert skipped == [f"sshspec: {keys} line 2 skipped: options (`restrict` ...) are not supported: "
+                       "sshspec would not enforce them, so the key would be allowed more than the line "
+                       "says; list the key without options\n",
+                       f"sshspec: {keys} line 3 skipped: `cert-authority` lines (user certificates) are not "
+                       "supported yet: list the users' own keys\n"], lines
+    assert any(f"or a key from {keys}" in line for line in lines), lines

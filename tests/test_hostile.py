@@ -470,6 +470,58 @@ def test_oversized_packets(inert: LiveServer) -> None:
     check_log(live)
 
 
+def _eof(client: RawClient, chan: paramiko.Channel) -> None:
+    client.send(bytes([96]) + struct.pack(">I", chan.remote_chanid))
+
+
+def _data(client: RawClient, chan: paramiko.Channel, data: bytes) -> None:
+    client.send(bytes([94]) + struct.pack(">I", chan.remote_chanid) + ssh_string(data))
+
+
+def test_data_after_eof_is_dropped_and_the_connection_goes_on(server: LiveServer) -> None:
+    """RFC 4254 5.3: no data after EOF. asyncssh ended the whole connection (protocol
+    error); OpenSSH drops it. So does sshspec, with a debug record: while the program
+    runs (it never sees the data), and before any program started (the EOF is held
+    until it does); a malformed one is still a protocol error."""
+    live = server
+    client = RawClient.login(live.port)
+    addr = local_addr(client.transport.sock)
+    running = client.open_session()
+    client.channel_request(running, "exec", ssh_string("cat; echo eof; exec sleep 60"))
+    client.wait_replies(channel=1)
+    _data(client, running, b"one\n")
+    _eof(client, running)
+    _data(client, running, b"two\n")
+    records = live.wait_for_code("SSH_CHANNEL_DATA_AFTER_EOF")
+    dropped = next(r for r in records if r["code"] == "SSH_CHANNEL_DATA_AFTER_EOF")
+    assert dropped["level"] == "debug" and dropped["labels"]["reason"] == "4 bytes dropped"
+    assert dropped["labels"]["command"] == "cat; echo eof; exec sleep 60"
+    output = b""
+    while not output.endswith(b"eof\n"):
+        output += running.recv(100)
+    assert output == b"one\neof\n"
+
+    before = client.open_session()  # no program yet: asyncssh holds the EOF, and drops this
+    _eof(client, before)
+    _data(client, before, b"held")
+    live.wait_for_code("SSH_CHANNEL_DATA_AFTER_EOF", count=2)
+    client.channel_request(before, "exec", ssh_string("wc -c"))
+    client.wait_replies(channel=2)
+    assert client.channel_replies == [(running.get_id(), True), (before.get_id(), True)]
+    assert before.recv(100).strip() == b"0"  # the program got the EOF, not the data
+    assert client.transport.is_active()
+
+    client.send(bytes([94]) + struct.pack(">I", running.remote_chanid) + b"\0\0")  # truncated
+    wait_until(lambda: not client.transport.is_active(), 10, "the disconnect")
+    records = live.wait_for_code("SSH_DISCONNECTED")
+    cid = connection_of(records, addr)
+    mine = [r for r in records if r["labels"].get("connectionId") == cid]
+    assert mine[-1]["labels"]["event"] == "protocol_error"
+    before_codes = [r["code"] for r in mine if r["labels"].get("channelId") == 1]
+    assert before_codes.index("SSH_CHANNEL_DATA_AFTER_EOF") < before_codes.index("SSH_CHANNEL_EOF")
+    check_log(live)
+
+
 # --------------------------------------------------------------------------- before authentication
 
 PREAUTH_MESSAGES = {

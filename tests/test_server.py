@@ -231,3 +231,68 @@ def test_batched_log_is_written_when_the_server_stops(server_factory) -> None:  
     done = subprocess.run([*SSHSPEC, "check", "--complete", str(live.log)], capture_output=True, text=True,
                           timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def _fingerprint(pubkey: Path) -> str:
+    # As OpenSSH prints it: `ssh-keygen -l` -> "256 SHA256:... comment (ED25519)".
+    done = subprocess.run(["ssh-keygen", "-l", "-E", "sha256", "-f", str(pubkey)], capture_output=True,
+                          text=True, check=True)
+    return done.stdout.split()[1]
+
+
+def test_log_labels_name_the_key_and_the_command(server: LiveServer, tmp_path: Path) -> None:
+    """The key's SHA256 fingerprint labels every record from the publickey request on
+    (as sshd's "Accepted publickey ... SHA256:..."); the exec command labels its
+    request's records and then every record of its channel; a subsystem its name."""
+    done = ssh(server, "exit 3")
+    assert done.returncode == 3, done.stderr
+    args = server.ssh_args()
+    done = subprocess.run(["sftp", "-b", "-", "-P", str(server.port), *args[3:-1], args[-1]],
+                          input=b"pwd\n", capture_output=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    server.wait_for(lambda rs: sum(r["code"] == "SSH_DISCONNECTED" for r in rs) == 2)
+    fingerprint = _fingerprint(server.key.with_suffix(".pub"))
+    assert fingerprint.startswith("SHA256:") and not fingerprint.endswith("=")
+    by_conn: dict[str, list[dict[str, object]]] = {}
+    for record in server.records():
+        by_conn.setdefault(str(record["labels"].get("connectionId")), []).append(record["labels"])
+    exec_conn, sftp_conn = (labels for cid, labels in by_conn.items() if cid != "None")
+    for labels in (exec_conn, sftp_conn):
+        keyed = [lb for lb in labels if lb["event"] not in ("connected", "auth_begin", "none_auth")]
+        assert {lb.get("keyFingerprint") for lb in keyed} == {fingerprint}, keyed
+        assert all("keyFingerprint" not in lb for lb in labels[:3]), labels[:3]
+    channel = [lb for lb in exec_conn if "channelId" in lb and lb["event"] != "session_open"]
+    assert channel and {lb.get("command") for lb in channel} == {"exit 3"}, channel
+    assert [lb["exitCode"] for lb in channel if "exitCode" in lb] == [3]
+    subsystem = [lb for lb in sftp_conn if lb.get("requestType") == "subsystem"]
+    assert subsystem and {lb.get("command") for lb in subsystem} == {"sftp"}
+    long = "true #" + "x" * 2000  # labels every record of its channel: cut at 1024 characters
+    assert ssh(server, long).returncode == 0
+    records = server.wait_for(lambda rs: sum(r["code"] == "SSH_DISCONNECTED" for r in rs) == 3)
+    assert {r["labels"].get("command") for r in records if r["code"] == "SSH_EXIT"} == {
+        "exit 3", "sftp", f"{long[:1024]}... (2006 characters)"}
+
+
+def test_auth_requests_after_login_rename_nobody(server: LiveServer, tmp_path: Path) -> None:
+    """RFC 4252 5.1: USERAUTH_REQUESTs after the success are ignored; they must not
+    change who the log (or ConnectionInfo) says is logged in, nor the key."""
+    from test_faults import RawClient, ssh_string
+    other = tmp_path / "other_key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)], check=True)
+    blob = asyncssh.read_public_key(str(other) + ".pub").public_data
+    client = RawClient.login(server.port)
+    try:
+        # A publickey query for "root" with another key: asyncssh ignores it after success.
+        client.send(bytes([50]) + ssh_string("root") + ssh_string("ssh-connection") + ssh_string("publickey")
+                    + b"\x00" + ssh_string("ssh-ed25519") + ssh_string(blob))
+        chan = client.open_session()
+        client.channel_request(chan, "exec", ssh_string("exit 5"))
+        client.wait_replies(channel=1)
+        assert client.channel_replies == [(chan.get_id(), True)]
+        server.wait_for_code("SSH_EXIT")
+    finally:
+        client.close()
+    records = server.wait_for_code("SSH_DISCONNECTED")
+    users = {r["labels"].get("username") for r in records if r["labels"].get("connectionId")}
+    assert users - {None} == {server.username}, users
+    assert not any("keyFingerprint" in r["labels"] for r in records)  # a password login
