@@ -25,6 +25,10 @@ What the module gives the adapter:
   outcome (answered / closed / timeout).
 * `is_login_timeout(exc)` - recognises asyncssh's login timeout in
   `connection_lost`.
+* `connection_factory(**options)` / `connection_owner(conn)` - make asyncssh
+  server connections for transports accepted elsewhere (the PROXY-protocol
+  listener reads a header before asyncssh may see the socket), and find the
+  `SSHServer` each one made.
 * `check_asyncssh_compat()` / `assert_asyncssh_compat()` - verify that the
   installed asyncssh still has every private thing used here.
 
@@ -76,7 +80,9 @@ __all__ = [
     "X11Request",
     "assert_asyncssh_compat",
     "check_asyncssh_compat",
+    "connection_factory",
     "connection_gone",
+    "connection_owner",
     "decode_request",
     "install_hooks",
     "is_login_timeout",
@@ -1071,6 +1077,27 @@ def connection_gone(chan: SSHChannel[Any]) -> bool:
     return conn is None or _transport_gone(conn)
 
 
+def connection_factory(**options: Any) -> Callable[[], asyncssh.SSHServerConnection]:
+    """A maker of asyncssh server connections with these options (`create_server`'s
+    keywords, `server_factory` among them), for transports accepted by someone
+    else: hand the result to `asyncio.Transport.set_protocol` and call its
+    `connection_made(transport)`, as asyncio does for `create_server`'s.
+
+    The options are built once, like `asyncssh.listen` builds them for its
+    listener (the public `SSHServerConnectionOptions`).
+    """
+    built = asyncssh.SSHServerConnectionOptions(**options)
+    loop = asyncio.get_running_loop()
+    # REACH-IN: the SSHServerConnection constructor, called as asyncssh.listen's
+    # conn_factory calls it (connection.py:9516): public class, undocumented constructor.
+    return lambda: asyncssh.SSHServerConnection(loop, built, None, None)
+
+
+def connection_owner(conn: asyncssh.SSHServerConnection) -> Any:
+    """The `SSHServer` that `server_factory` made for `conn` (in its connection_made)."""
+    return conn.get_owner()  # REACH-IN: undocumented SSHConnection.get_owner (connection.py:1250)
+
+
 # --------------------------------------------------------------------------- compat check
 
 
@@ -1156,6 +1183,11 @@ REACH_INS: tuple[ReachIn, ...] = (
     ReachIn(_Conn, "send_packet", ("pkttype", "args", "handler")),
     ReachIn(_Conn, "_login_timer_callback", (), source_has=repr(_LOGIN_TIMEOUT_REASON)),
     ReachIn(asyncssh.misc, "map_handler_name", ("name",)),
+    ReachIn(_Conn, "__init__", ("loop", "options", "acceptor", "error_handler", "wait")),
+    ReachIn(asyncssh.connection, "listen",
+            source_has="return SSHServerConnection(loop, new_options, acceptor, error_handler)"),
+    ReachIn(SSHConnection, "get_owner", (), source_has="return self._owner"),
+    ReachIn(SSHConnection, "_owner", attr_in=SSHConnection.connection_made),
 )
 
 

@@ -52,6 +52,9 @@ class ServerEvent(enum.StrEnum):
     listening = "listening"
     accept = "accept"
     startup_done = "startup_done"
+    proxy_connect = "proxy_connect"
+    proxy_header = "proxy_header"
+    proxy_header_invalid = "proxy_header_invalid"
     shutdown = "shutdown"
     close_failed = "close_failed"
     drained = "drained"
@@ -61,6 +64,7 @@ class ServerEvent(enum.StrEnum):
 class ServerReply(enum.StrEnum):
     admit = "admit"
     refuse_connection = "refuse_connection"
+    read_proxy_header = "read_proxy_header"
     stop_listening = "stop_listening"
     close_all = "close_all"
 
@@ -93,6 +97,7 @@ class ConnectionEvent(enum.StrEnum):
     keepalive_answered = "keepalive_answered"
     login_timeout = "login_timeout"
     protocol_error = "protocol_error"
+    untrusted_proxy_header = "untrusted_proxy_header"
     shutdown = "shutdown"
     drained = "drained"
     lost = "lost"
@@ -439,6 +444,13 @@ class ConnectionLost(_Message, frozen=True):
     reason: str
 
 
+class UntrustedProxyHeader(_Message, frozen=True):
+    """A peer outside ssh.proxyProtocol.trustedNetworks began with a PROXY protocol
+    header (it would name another source address); nothing of it reached the SSH layer."""
+
+    reason: str
+
+
 Event = (
     Connected
     | KexDone
@@ -465,6 +477,7 @@ Event = (
     | KeepaliveResult
     | Shutdown
     | ConnectionLost
+    | UntrustedProxyHeader
 )
 
 # --- what to do: the actions the adapter carries out ------------------------------------------
@@ -1005,6 +1018,9 @@ class ConnectionCore:
             how = Lost.lost  # the login timer fired as authentication went through
         self._fire(ConnectionEvent(how.value), reason=event.reason)
 
+    def _untrusted_proxy_header(self, event: UntrustedProxyHeader) -> None:
+        self._fire(ConnectionEvent.untrusted_proxy_header, reason=event.reason)
+
     # -- the sessions' events
 
     def _channel_request(self, event: ChannelRequest) -> None:
@@ -1211,4 +1227,5 @@ _HANDLERS: dict[type, Callable[[ConnectionCore, Any], None]] = {
     KeepaliveResult: ConnectionCore._keepalive_result,
     Shutdown: ConnectionCore._shutdown,
     ConnectionLost: ConnectionCore._connection_lost,
+    UntrustedProxyHeader: ConnectionCore._untrusted_proxy_header,
 }

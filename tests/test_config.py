@@ -39,6 +39,10 @@ ssh:
   profile: strict
   clientAliveInterval: 1m30s
   clientAliveCountMax: 5
+  proxyProtocol:
+    enabled: true
+    trustedNetworks: [10.0.0.0/8, 192.0.2.7, "2001:db8::/32"]
+    headerTimeout: 3s
 auth:
   users:
     - username: alice
@@ -118,6 +122,9 @@ def test_full_example(tmp_path: Path) -> None:
     assert config.ssh.profile == "strict"
     assert config.ssh.client_alive_interval == 90.0
     assert isinstance(config.ssh.client_alive_interval, Duration)
+    proxy = config.ssh.proxy_protocol
+    assert proxy.enabled and proxy.header_timeout == 3.0
+    assert proxy.trusted_networks == ("10.0.0.0/8", "192.0.2.7", "2001:db8::/32")
     alice, bob = config.auth.users
     assert alice.username == "alice" and alice.password_hash == DUMMY_HASH
     assert len(alice.authorized_keys) == 2
@@ -482,3 +489,27 @@ def test_a_weak_algorithm_is_a_config_error(tmp_path: Path) -> None:
     assert done.returncode == 2
     assert done.stderr == (f"sshspec serve: {path}: ssh.ciphers: '3des-cbc' is refused as weak: "
                            "64-bit block cipher (Sweet32)\n")
+
+
+def test_proxy_protocol_is_off_by_default() -> None:
+    proxy = default_config().ssh.proxy_protocol
+    assert (proxy.enabled, proxy.trusted_networks, proxy.header_timeout) == (False, (), 5.0)
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("ssh: {proxyProtocol: {enabled: true}}",
+     "ssh.proxyProtocol.trustedNetworks: name at least one network (the load balancers') "
+     "when proxyProtocol is enabled"),
+    ("ssh: {proxyProtocol: {trustedNetworks: [10.0.0.1/8]}}",
+     "ssh.proxyProtocol.trustedNetworks[0]: `10.0.0.1/8` is not an IP network like `10.0.0.0/8` or "
+     "`192.0.2.7` (10.0.0.1/8 has host bits set)"),
+    ("ssh: {proxyProtocol: {enabled: true, trustedNetworks: [127.0.0.1, lb.example]}}",
+     "ssh.proxyProtocol.trustedNetworks[1]: `lb.example` is not an IP network like `10.0.0.0/8` or "
+     "`192.0.2.7` ('lb.example' does not appear to be an IPv4 or IPv6 network)"),
+    ("ssh: {proxyProtocol: {enabled: true, trustedNetworks: [127.0.0.1], headerTimeout: 0}}",
+     "ssh.proxyProtocol.headerTimeout: must be greater than 0"),
+    ("ssh: {proxyProtocol: {enable: true}}",
+     "ssh.proxyProtocol.enable: unknown key (did you mean `enabled`?)"),
+])
+def test_bad_proxy_protocol(tmp_path: Path, text: str, expected: str) -> None:
+    assert _error(tmp_path, text) == expected
