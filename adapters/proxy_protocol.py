@@ -151,8 +151,6 @@ def _v1_port(text: str) -> int:
 
 
 def _parse_v2(data: bytes) -> Header | None:
-    if data[:len(V2_SIGNATURE)] != V2_SIGNATURE:
-        raise HeaderError("v2 signature is incomplete")  # (a prefix of it, then other bytes)
     version, command = data[12] >> 4, _COMMANDS.get(data[12] & 0xF)
     family, transport = _FAMILIES.get(data[13] >> 4), _TRANSPORTS.get(data[13] & 0xF)
     length = int.from_bytes(data[14:16], "big")
@@ -209,9 +207,9 @@ class TrustedNetworks:
 
 
 def host_port(address: tuple[str, int]) -> str:
-    """``127.0.0.1:22``, ``[::1]:22``: how log labels name an address."""
-    host, port = address[0], address[1]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    """``127.0.0.1:22``: how log labels name an address (as SpecConnection labels its
+    peer, IPv6 included, so one client has one remoteAddr in every record)."""
+    return f"{address[0]}:{address[1]}"
 
 
 # --- the gate: one accepted connection until asyncssh has it --------------------------------------
@@ -396,5 +394,9 @@ class Gate(asyncio.Protocol):
         owner = internals.connection_owner(self.ssh)
         version = 1 if self.buffer.startswith(V1_SIGNATURE) else 2
         self.buffer = b""
+        if owner is None or not owner.admitted:  # refused at accept (asyncssh is closing it): no machine
+            assert self.transport is not None
+            self.transport.abort()
+            return
         owner.handle(core.UntrustedProxyHeader(
             f"PROXY v{version} header from {self.peer}, which is not in ssh.proxyProtocol.trustedNetworks"))

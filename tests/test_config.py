@@ -7,6 +7,7 @@ from pathlib import Path
 
 import msgspec
 import pytest
+import yaml
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -513,3 +514,14 @@ def test_proxy_protocol_is_off_by_default() -> None:
 ])
 def test_bad_proxy_protocol(tmp_path: Path, text: str, expected: str) -> None:
     assert _error(tmp_path, text) == expected
+
+
+def test_the_readme_example_is_the_defaults(tmp_path: Path) -> None:
+    """The README's config block (the first yaml block) loads, and says the defaults
+    (its user aside)."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = readme.split("```yaml\n", 1)[1].split("```", 1)[0]
+    data = yaml.safe_load(block)
+    del data["auth"]["users"]  # an example user whose hash is elided
+    config = load_config(_write(tmp_path, yaml.safe_dump(data)))
+    assert config == default_config()
