@@ -28,6 +28,10 @@ What the module gives the adapter:
 * `DecompressionLimitError` - what `connection_lost` gets when a compressed
   packet inflated past `MAX_DECOMPRESSED` (`install_hooks` bounds asyncssh's zlib,
   which has no bound of its own).
+* `connection_factory(**options)` / `connection_owner(conn)` - make asyncssh
+  server connections for transports accepted elsewhere (the PROXY-protocol
+  listener reads a header before asyncssh may see the socket), and find the
+  `SSHServer` each one made.
 * `check_asyncssh_compat()` / `assert_asyncssh_compat()` - verify that the
   installed asyncssh still has every private thing used here.
 
@@ -84,7 +88,9 @@ __all__ = [
     "X11Request",
     "assert_asyncssh_compat",
     "check_asyncssh_compat",
+    "connection_factory",
     "connection_gone",
+    "connection_owner",
     "decode_request",
     "install_hooks",
     "is_login_timeout",
@@ -1205,6 +1211,25 @@ def log_lazily() -> None:
     lazy_log_packet._sshspec_lazy = True  # type: ignore[attr-defined]
     SSHPacketHandler._log_packet = lazy_log_packet  # type: ignore[method-assign,assignment]
     SSHLogger.log = lazy_log  # type: ignore[method-assign]
+def connection_factory(**options: Any) -> Callable[[], asyncssh.SSHServerConnection]:
+    """A maker of asyncssh server connections with these options (`create_server`'s
+    keywords, `server_factory` among them), for transports accepted by someone
+    else: hand the result to `asyncio.Transport.set_protocol` and call its
+    `connection_made(transport)`, as asyncio does for `create_server`'s.
+
+    The options are built once, like `asyncssh.listen` builds them for its
+    listener (the public `SSHServerConnectionOptions`).
+    """
+    built = asyncssh.SSHServerConnectionOptions(**options)
+    loop = asyncio.get_running_loop()
+    # REACH-IN: the SSHServerConnection constructor, called as asyncssh.listen's
+    # conn_factory calls it (connection.py:9516): public class, undocumented constructor.
+    return lambda: asyncssh.SSHServerConnection(loop, built, None, None)
+
+
+def connection_owner(conn: asyncssh.SSHServerConnection) -> Any:
+    """The `SSHServer` that `server_factory` made for `conn` (in its connection_made)."""
+    return conn.get_owner()  # REACH-IN: undocumented SSHConnection.get_owner (connection.py:1250)
 
 
 # --------------------------------------------------------------------------- compat check
@@ -1314,6 +1339,11 @@ REACH_INS: tuple[ReachIn, ...] = (
             source_has="if self._debug_level >= 3:"),
     ReachIn(SSHLogger, "_debug_level"),
     ReachIn(SSHLogger, "log", ("level", "msg", "args", "kwargs"), source_has="super().log(level, msg"),
+    ReachIn(_Conn, "__init__", ("loop", "options", "acceptor", "error_handler", "wait")),
+    ReachIn(asyncssh.connection, "listen",
+            source_has="return SSHServerConnection(loop, new_options, acceptor, error_handler)"),
+    ReachIn(SSHConnection, "get_owner", (), source_has="return self._owner"),
+    ReachIn(SSHConnection, "_owner", attr_in=SSHConnection.connection_made),
 )
 
 

@@ -202,6 +202,20 @@ class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, rename="
     again for mypy, which takes a dataclass-like subclass without it as not frozen."""
 
 
+class ProxyProtocolConfig(_Section, frozen=True):
+    """HAProxy's PROXY protocol (v1 and v2) from load balancers (adapters/proxy_protocol.py).
+    Off by default. When on, a peer in `trusted_networks` must begin with a header
+    naming the client (a peer there without one is refused); a header from
+    anyone else is refused."""
+
+    enabled: bool = False
+    # CIDRs (`10.0.0.0/8`, `192.0.2.7`, `2001:db8::/32`), checked after decoding.
+    trusted_networks: tuple[NonEmpty, ...] = ()
+    # How long a trusted peer has for its header (haproxy sends it at once);
+    # never more than limits.loginTimeout.
+    header_timeout: Duration = _seconds(5)
+
+
 class SSHConfig(_Section, frozen=True):
     # Loopback by default: exposing a login service must be a deliberate choice. A factory
     # so that the schema has no default: msgspec would render the tuple as an array.
@@ -220,6 +234,7 @@ class SSHConfig(_Section, frozen=True):
     compression: bool = False
     client_alive_interval: Duration = _seconds(0)  # 0: no keepalives
     client_alive_count_max: Annotated[int, msgspec.Meta(ge=1)] = SPEC_LIMITS["clientAliveCountMax"]
+    proxy_protocol: ProxyProtocolConfig = msgspec.field(default_factory=ProxyProtocolConfig)
 
 
 class User(_Section, frozen=True):
@@ -390,6 +405,7 @@ def _check(file: str, config: Config) -> None:
         if value < 64 << 10:
             # Below the socket buffer's high-water mark a client that reads slowly would be cut.
             raise ConfigError(file, key, f"{value} bytes: must be at least 64KiB")
+    _check_proxy_protocol(file, config.ssh.proxy_protocol)
     if config.backend.shell and not os.path.isabs(config.backend.shell):
         raise ConfigError(file, "backend.shell", f"must be an absolute path, got `{config.backend.shell}`")
     seen: dict[str, int] = {}
@@ -438,6 +454,22 @@ def _check(file: str, config: Config) -> None:
         except ValueError as exc:
             key, _, problem = str(exc).partition(": ")
             raise ConfigError(file, key, problem) from None
+
+
+def _check_proxy_protocol(file: str, proxy: ProxyProtocolConfig) -> None:
+    key = "ssh.proxyProtocol"
+    for i, network in enumerate(proxy.trusted_networks):
+        try:
+            ipaddress.ip_network(network)
+        except ValueError as exc:
+            raise ConfigError(file, f"{key}.trustedNetworks[{i}]", f"`{network}` is not an IP network "
+                              f"like `10.0.0.0/8` or `192.0.2.7` ({exc})") from None
+    if proxy.enabled and not proxy.trusted_networks:
+        # Nobody could send a header, and everyone would be refused for sending one: say so now.
+        raise ConfigError(file, f"{key}.trustedNetworks",
+                          "name at least one network (the load balancers') when proxyProtocol is enabled")
+    if proxy.header_timeout <= 0:
+        raise ConfigError(file, f"{key}.headerTimeout", "must be greater than 0")
 
 
 def _check_host_key(file: str, key: str, path: str) -> None:

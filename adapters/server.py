@@ -43,6 +43,7 @@ from sshspec.adapters.handlers import (
     UserEntry,
 )
 from sshspec.adapters.logs import Kind, Labels, Logger, kind
+from sshspec.adapters.proxy_protocol import Listener, TrustedNetworks
 from sshspec.codes import CATALOG
 from sshspec.fsm import core
 
@@ -699,7 +700,7 @@ class Server:
         self.handler = handler if handler is not None else Handler()
         self.connections: set[SpecConnection] = set()
         self.backlogged: set[SpecConnection] = set()  # their socket buffer is past its high-water mark
-        self.acceptor: asyncssh.SSHAcceptor | None = None
+        self.acceptor: asyncssh.SSHAcceptor | Listener | None = None
         self.sock: socket.socket | None = None
         self.address: tuple[str, int] | None = None
         self._all_closed = asyncio.Event()
@@ -730,11 +731,20 @@ class Server:
             self.core.handle(core.ServerEvent.bind_failed, reason=f"{host}:{port}: {exc}")
             raise StartError(f"cannot start on {host}:{port}: {exc}") from exc
         version = self.config.ssh.server_version.removeprefix("SSH-2.0-")
-        self.acceptor = await asyncssh.create_server(
-            lambda: SpecConnection(self), sock=self.sock, server_version=version,
-            login_timeout=self.config.limits.login_timeout,
-            keepalive_interval=0, allow_scp=False, agent_forwarding=False,
-            x11_forwarding=False, gss_host=None, **options)
+        ssh_options = dict(server_version=version, login_timeout=self.config.limits.login_timeout,
+                           keepalive_interval=0, allow_scp=False, agent_forwarding=False,
+                           x11_forwarding=False, gss_host=None, **options)
+        proxy = self.config.ssh.proxy_protocol
+        if proxy.enabled:  # PROXY-protocol headers are read before asyncssh gets the socket
+            listener = Listener(self.core, TrustedNetworks(proxy.trusted_networks),
+                                min(proxy.header_timeout, self.config.limits.login_timeout),
+                                internals.connection_factory(server_factory=lambda: SpecConnection(self),
+                                                             **ssh_options))
+            await listener.start(self.sock)
+            self.acceptor = listener
+        else:  # the fast path: asyncssh accepts
+            self.acceptor = await asyncssh.create_server(lambda: SpecConnection(self), sock=self.sock,
+                                                         **ssh_options)
         if self.core.state != "starting":  # shut down while asyncio set the listener up
             self.acceptor.close()
             await self.acceptor.wait_closed()

@@ -52,6 +52,9 @@ class ServerEvent(enum.StrEnum):
     listening = "listening"
     accept = "accept"
     startup_done = "startup_done"
+    proxy_connect = "proxy_connect"
+    proxy_header = "proxy_header"
+    proxy_header_invalid = "proxy_header_invalid"
     shutdown = "shutdown"
     close_failed = "close_failed"
     drained = "drained"
@@ -61,6 +64,7 @@ class ServerEvent(enum.StrEnum):
 class ServerReply(enum.StrEnum):
     admit = "admit"
     refuse_connection = "refuse_connection"
+    read_proxy_header = "read_proxy_header"
     stop_listening = "stop_listening"
     close_all = "close_all"
 
@@ -94,6 +98,7 @@ class ConnectionEvent(enum.StrEnum):
     login_timeout = "login_timeout"
     protocol_error = "protocol_error"
     decompression_limit = "decompression_limit"
+    untrusted_proxy_header = "untrusted_proxy_header"
     shutdown = "shutdown"
     drained = "drained"
     lost = "lost"
@@ -471,6 +476,13 @@ class ConnectionLost(_Message, frozen=True):
     reason: str
 
 
+class UntrustedProxyHeader(_Message, frozen=True):
+    """A peer outside ssh.proxyProtocol.trustedNetworks began with a PROXY protocol
+    header (it would name another source address); nothing of it reached the SSH layer."""
+
+    reason: str
+
+
 Event = (
     Connected
     | KexDone
@@ -499,6 +511,7 @@ Event = (
     | Shutdown
     | Backlog
     | ConnectionLost
+    | UntrustedProxyHeader
 )
 
 # --- what to do: the actions the adapter carries out ------------------------------------------
@@ -1094,6 +1107,9 @@ class ConnectionCore:
             how = Lost.lost  # the login timer fired as authentication went through
         self._fire(ConnectionEvent(how.value), reason=event.reason)
 
+    def _untrusted_proxy_header(self, event: UntrustedProxyHeader) -> None:
+        self._fire(ConnectionEvent.untrusted_proxy_header, reason=event.reason)
+
     # -- the sessions' events
 
     def _channel_request(self, event: ChannelRequest) -> None:
@@ -1314,4 +1330,5 @@ _HANDLERS: dict[type, Callable[[ConnectionCore, Any], None]] = {
     Shutdown: ConnectionCore._shutdown,
     Backlog: ConnectionCore._backlog,
     ConnectionLost: ConnectionCore._connection_lost,
+    UntrustedProxyHeader: ConnectionCore._untrusted_proxy_header,
 }

@@ -19,6 +19,7 @@ import logging
 import socket
 import struct
 import threading
+import typing
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -57,6 +58,8 @@ from sshspec.adapters.asyncssh_internals import (
     RequestDecodeError,
     SignalRequest,
     WindowChange,
+    connection_factory,
+    connection_owner,
     decode_request,
     install_hooks,
     is_login_timeout,
@@ -143,6 +146,46 @@ def test_the_bounded_zlib_decompressor_is_asyncssh_s_with_a_bound() -> None:
         ours.decompress(bomb)
     assert isinstance(ai.DecompressionLimitError("x"), asyncssh.ProtocolError)  # DISCONNECT 2
     assert ai._BoundedZlibDecompress().decompress(b"not zlib at all") is None
+def test_connection_factory_serves_a_transport_accepted_elsewhere() -> None:
+    """HACKS.md row 29: a connection made by `connection_factory` and given a
+    transport with `set_protocol` + `connection_made` serves a real client; the
+    peername set before connection_made is what its SSHServer sees; and
+    `connection_owner` returns that SSHServer."""
+    seen: list[tuple[asyncssh.SSHServer, Any]] = []
+    made: list[asyncssh.SSHServerConnection] = []
+
+    class Server(asyncssh.SSHServer):
+        def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
+            seen.append((self, conn.get_extra_info("peername")))
+
+        def begin_auth(self, username: str) -> bool:
+            return False  # no auth: the connection is what is tested
+
+    class Gate(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            conn = factory()
+            made.append(conn)
+            conn.set_extra_info(peername=("198.51.100.1", 4242))
+            typing.cast(asyncio.Transport, transport).set_protocol(conn)
+            conn.connection_made(transport)
+
+    async def main() -> None:
+        nonlocal factory
+        factory = connection_factory(server_factory=Server, server_host_keys=[HOST_KEY], login_timeout=0)
+        server = await asyncio.get_running_loop().create_server(Gate, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            async with await aconnect(port) as conn:  # key exchange and (no) auth went through
+                assert conn.get_extra_info("server_version") == f"SSH-2.0-AsyncSSH_{asyncssh.__version__}"
+                assert connection_owner(made[0]) is seen[0][0]  # (cleared once the connection is gone)
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    factory: Any = None
+    run(main)
+    (_, peer), = seen
+    assert peer == ("198.51.100.1", 4242)
 
 
 # --------------------------------------------------------------------------- harness

@@ -8,6 +8,7 @@ from typing import Any
 
 import msgspec
 import pytest
+import yaml
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -42,6 +43,10 @@ ssh:
   compression: true
   clientAliveInterval: 1m30s
   clientAliveCountMax: 5
+  proxyProtocol:
+    enabled: true
+    trustedNetworks: [10.0.0.0/8, 192.0.2.7, "2001:db8::/32"]
+    headerTimeout: 3s
 auth:
   users:
     - username: alice
@@ -125,6 +130,9 @@ def test_full_example(tmp_path: Path) -> None:
     assert config.ssh.compression is True
     assert config.ssh.client_alive_interval == 90.0
     assert isinstance(config.ssh.client_alive_interval, Duration)
+    proxy = config.ssh.proxy_protocol
+    assert proxy.enabled and proxy.header_timeout == 3.0
+    assert proxy.trusted_networks == ("10.0.0.0/8", "192.0.2.7", "2001:db8::/32")
     alice, bob = config.auth.users
     assert alice.username == "alice" and alice.password_hash == DUMMY_HASH
     assert len(alice.authorized_keys) == 2
@@ -638,3 +646,36 @@ def test_the_implicit_authorized_keys_file_skips_what_it_cannot_use(tmp_path: Pa
                        f"sshspec: {keys} line 3 skipped: `cert-authority` lines (user certificates) are not "
                        "supported yet: list the users' own keys\n"], lines
     assert any(f"or a key from {keys}" in line for line in lines), lines
+def test_proxy_protocol_is_off_by_default() -> None:
+    proxy = default_config().ssh.proxy_protocol
+    assert (proxy.enabled, proxy.trusted_networks, proxy.header_timeout) == (False, (), 5.0)
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("ssh: {proxyProtocol: {enabled: true}}",
+     "ssh.proxyProtocol.trustedNetworks: name at least one network (the load balancers') "
+     "when proxyProtocol is enabled"),
+    ("ssh: {proxyProtocol: {trustedNetworks: [10.0.0.1/8]}}",
+     "ssh.proxyProtocol.trustedNetworks[0]: `10.0.0.1/8` is not an IP network like `10.0.0.0/8` or "
+     "`192.0.2.7` (10.0.0.1/8 has host bits set)"),
+    ("ssh: {proxyProtocol: {enabled: true, trustedNetworks: [127.0.0.1, lb.example]}}",
+     "ssh.proxyProtocol.trustedNetworks[1]: `lb.example` is not an IP network like `10.0.0.0/8` or "
+     "`192.0.2.7` ('lb.example' does not appear to be an IPv4 or IPv6 network)"),
+    ("ssh: {proxyProtocol: {enabled: true, trustedNetworks: [127.0.0.1], headerTimeout: 0}}",
+     "ssh.proxyProtocol.headerTimeout: must be greater than 0"),
+    ("ssh: {proxyProtocol: {enable: true}}",
+     "ssh.proxyProtocol.enable: unknown key (did you mean `enabled`?)"),
+])
+def test_bad_proxy_protocol(tmp_path: Path, text: str, expected: str) -> None:
+    assert _error(tmp_path, text) == expected
+
+
+def test_the_readme_example_is_the_defaults(tmp_path: Path) -> None:
+    """The README's config block (the first yaml block) loads, and says the defaults
+    (its user aside)."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = readme.split("```yaml\n", 1)[1].split("```", 1)[0]
+    data = yaml.safe_load(block)
+    del data["auth"]["users"]  # an example user whose hash is elided
+    config = load_config(_write(tmp_path, yaml.safe_dump(data)))
+    assert config == default_config()

@@ -357,3 +357,62 @@ def test_a_backend_answer_that_is_not_a_bool_fails_the_request() -> None:
     code, _, labels = log.records[-1]
     assert code == "SSH_CHANNEL_REQUEST_FAILED"
     assert labels["reason"] == "handler error: the backend returned 'yes', not a bool"
+
+
+
+# --- ssh.proxyProtocol: the header's verdicts ----------------------------------------------
+
+
+def test_a_trusted_peers_header_is_awaited_at_most_max_startups_times() -> None:
+    log = Log()
+    server = core.ServerCore(core.Machines.load({"maxStartups": 2}), log.server)
+    assert server.handle(core.ServerEvent.proxy_connect) is None  # nothing listens yet: impossible
+    assert log.codes() == ["SSH_SPEC_VIOLATION"]
+    log.records.clear()
+    server = core.ServerCore(core.Machines.load({"maxStartups": 2}), log.server)
+    server.handle(core.ServerEvent.start)
+    assert server.handle(core.ServerEvent.proxy_connect) is core.ServerReply.refuse_connection  # starting
+    server.handle(core.ServerEvent.listening)
+    read = core.ServerReply.read_proxy_header
+    assert [server.handle(core.ServerEvent.proxy_connect) for _ in range(3)] == [
+        read, read, core.ServerReply.refuse_connection]
+    assert server.handle(core.ServerEvent.proxy_header, remote_addr="198.51.100.7:1") is None
+    assert server.handle(core.ServerEvent.proxy_connect) is read  # the header freed its slot
+    refused = server.handle(core.ServerEvent.proxy_header_invalid, reason="bad")
+    assert refused is core.ServerReply.refuse_connection
+    assert server.handle(core.ServerEvent.proxy_connect) is read
+    assert server.handle(core.ServerEvent.accept) is core.ServerReply.admit  # headers are not startups
+    assert log.codes() == ["SSH_AVAILABLE", "SSH_STARTUPS_EXCEEDED", "SSH_PROXY_HEADER",
+                           "SSH_PROXY_HEADER_INVALID"]
+    assert server.handle(core.ServerEvent.shutdown) is core.ServerReply.stop_listening
+    assert server.handle(core.ServerEvent.proxy_connect) is core.ServerReply.refuse_connection
+
+
+def _connected() -> tuple[core.ConnectionCore, Log]:
+    log = Log()
+    server = core.ServerCore(MACHINES, log.server)
+    server.handle(core.ServerEvent.start)
+    server.handle(core.ServerEvent.listening)
+    server.handle(core.ServerEvent.accept)
+    conn = core.ConnectionCore(MACHINES, server, log)
+    conn.handle(core.Connected())
+    return conn, log
+
+
+def test_an_untrusted_peers_header_ends_the_connection_before_ssh() -> None:
+    conn, log = _connected()
+    why = "PROXY v1 header from 127.0.0.2:4000, which is not in ssh.proxyProtocol.trustedNetworks"
+    assert conn.handle(core.UntrustedProxyHeader(why)) == [
+        core.Disconnect(core.DISCONNECT_PROTOCOL_ERROR, why), core.ConnectionEnded()]
+    assert log.codes() == ["SSH_AVAILABLE", "SSH_CONNECTED", "SSH_PROXY_HEADER_REFUSED",
+                           "SSH_HANDSHAKE_FAILED", "SSH_DISCONNECTED"]
+    assert conn.handle(core.UntrustedProxyHeader(why)) == []  # closed: ignored
+    assert conn.handle(core.ConnectionLost(core.Lost.lost, "closed")) == []
+    assert log.codes()[-1] == "SSH_DISCONNECTED"
+
+
+def test_a_header_after_the_key_exchange_is_a_spec_violation() -> None:
+    conn, log = new_core()  # authenticating: only a connection's first bytes are checked
+    actions = conn.handle(core.UntrustedProxyHeader("late"))
+    assert log.codes()[-3:] == ["SSH_SPEC_VIOLATION", "SSH_HANDSHAKE_FAILED", "SSH_DISCONNECTED"]
+    assert isinstance(actions[0], core.Disconnect) and conn.state == "closed"
