@@ -127,13 +127,16 @@ def server_a(work: Path, key: Path) -> Server:
     return start("A", [PY, "-m", "bench.bare_server", str(key), "0"], work)
 
 
+DURABLE_LOG = True  # the server's default (log.durable); --batched-log: false
+
+
 def server_b(work: Path, key: Path, level: str, name: str, *extra: str, pin: bool = True,
              handler: str = "bench.handler:BenchHandler", ignore: tuple[int, ...] = ()) -> Server:
     config = work / f"{name}.yaml"
     config.write_text(json.dumps({  # JSON is YAML
         "ssh": {"listen": "127.0.0.1:0", "hostkeys": [str(key)]},
         "limits": {"maxStartups": 100000, "maxSessions": 10},
-        "log": {"level": level, "format": "json", "file": str(work / f"{name}.log")},
+        "log": {"level": level, "format": "json", "file": str(work / f"{name}.log"), "durable": DURABLE_LOG},
         "stateDir": str(work / "state")}))
     return start(name, [*SSHSPEC, "serve", "--config", str(config),
                         "--handler", handler, *extra], work, pin=pin, ignore=ignore)
@@ -506,7 +509,11 @@ def main() -> None:
                         help="only the launch phase: normal vs nohup-style launch, side by side")
     parser.add_argument("--auth", choices=["trivial", "scrypt"], default="trivial",
                         help="password check on both servers (default: hmac compare, no scrypt)")
+    parser.add_argument("--batched-log", action="store_true",
+                        help="B with log.durable: false (every record waits for the 100 ms batch)")
     args = parser.parse_args()
+    global DURABLE_LOG
+    DURABLE_LOG = not args.batched_log
     n = args.n or (200 if args.quick else 1000)
     rounds = args.rounds or (2 if args.quick else 12)
     big = args.sessions if args.sessions is not None else (0 if args.quick else 5000)
@@ -523,7 +530,7 @@ def main() -> None:
         key = work / "host_ed25519"
         key.write_bytes(asyncssh.generate_private_key("ssh-ed25519").export_private_key())
         key.chmod(0o600)
-        res: dict[str, Any] = {"commit": git_commit(),
+        res: dict[str, Any] = {"commit": git_commit(), "durable_log": DURABLE_LOG,
                                "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "auth": args.auth,
                                "python": sys.version.split()[0],
                                "asyncssh": asyncssh.__version__, "cpus": os.cpu_count(), "pinned": TWO_CPUS}
