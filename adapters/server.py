@@ -19,10 +19,11 @@ import os
 import secrets
 import signal
 import socket
+import time
 import typing
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncssh
 import msgspec
@@ -44,6 +45,9 @@ from sshspec.adapters.logs import Kind, Labels, Logger, kind
 from sshspec.codes import CATALOG
 from sshspec.fsm import core
 
+if TYPE_CHECKING:
+    from sshspec.adapters.metrics import Metrics
+
 # --- logging: one record per emitted code ------------------------------------------------
 
 
@@ -61,14 +65,29 @@ assert Labels.__struct_fields__ == ("connection_id", "remote_addr", "username", 
 
 
 class Emitter:
-    """The log records of a step's codes. Records nobody reads are not built."""
+    """The log records of a step's codes. Records nobody reads are not built.
+    With metrics, each step's codes are counted here too (every step with codes
+    asks for its records, whatever the log level)."""
 
-    def __init__(self, logger: Logger) -> None:
+    def __init__(self, logger: Logger, metrics: Metrics | None = None) -> None:
         self.logger = logger
         self.enabled = {name: logger.enabled(k.level) for name, k in _KINDS.items()}
         self._records: dict[tuple[str, ...], tuple[Kind, ...]] = {}
         # The logger's own method, not a method calling it: a Python call less per step.
         self.add = logger.add
+        if metrics is not None:
+            self._metrics = metrics
+            self._counted: dict[tuple[str, ...], tuple[tuple[Kind, ...], tuple[Callable[[], None], ...]]] = {}
+            # An instance attribute over the method: without metrics, not even a test per step.
+            self.records = self._records_counted  # type: ignore[method-assign]
+
+    def _records_counted(self, codes: tuple[str, ...]) -> tuple[Kind, ...]:
+        entry = self._counted.get(codes)
+        if entry is None:
+            entry = self._counted[codes] = (Emitter.records(self, codes), self._metrics.code_incs(codes))
+        for inc in entry[1]:
+            inc()
+        return entry[0]
 
     def records(self, codes: tuple[str, ...]) -> tuple[Kind, ...]:
         """The records of these codes that are logged; with none, the caller skips
@@ -180,7 +199,11 @@ class SpecSession(asyncssh.SSHServerSession[bytes]):
             write=chan.write, write_stderr=chan.write_stderr,
             pause_input=lambda paused: chan.pause_reading() if paused else chan.resume_reading(),
             server_env=self._server_env(chan))
+        metrics = self.conn.server.metrics
+        started = time.perf_counter() if metrics is not None else 0.0
         _, reason = await _ask_async(self.handler.start, io)
+        if metrics is not None and reason is None:
+            metrics.session_start.labels(request.name).observe(time.perf_counter() - started)
         self.conn.handle(core.RequestDone(self.channel_id, reason is None, reason))
 
     def program_started(self) -> None:
@@ -265,6 +288,9 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        # A backend that decides later (accept_user's awaitable): the actions of its verdict.
+        self._admission: asyncio.Task[list[core.Action]] | None = None
+        self.sock: Any = None  # with metrics: the socket, whose TCP counters are the bytes in and out
 
     def log(self, codes: tuple[str, ...], event: str, *, channel_id: int | None = None,
             request_type: str | None = None, method: str | None = None, reason: str | None = None,
@@ -337,10 +363,25 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
     def _answered(self, action: core.Action) -> None:
         """Carried out by the asyncssh callback that is waiting for the core (its return value)."""
 
-    def _admit_user(self, action: core.AdmitUser) -> core.Event:
+    def _admit_user(self, action: core.AdmitUser) -> core.Event | None:
         assert self.backend is not None and self.info.username is not None
         accepted, reason = _ask(self.backend.accept_user, self.info.username)
+        if inspect.isawaitable(accepted):
+            # The backend decides later (a config server): the auth answer waits for it.
+            self._admission = asyncio.get_running_loop().create_task(self._admit_later(accepted,
+                                                                                      action.method))
+            return None
         return core.UserVerdict(accepted, action.method, reason)
+
+    async def _admit_later(self, answer: Awaitable[object], method: str) -> list[core.Action]:
+        accepted, reason = await _ask_async(lambda: answer)
+        return self.handle(core.UserVerdict(accepted, method, reason))
+
+    def _pending_admission(self) -> asyncio.Future[list[core.Action]] | None:
+        """The backend's verdict still to come, shielded: an auth answer that waits for it
+        may be cancelled (asyncssh cancels a superseded request) without cancelling it."""
+        admission = self._admission
+        return asyncio.shield(admission) if admission is not None and not admission.done() else None
 
     def _open_session(self, action: core.OpenSession) -> core.Event | None:
         assert self.backend is not None and self.conn is not None
@@ -403,6 +444,12 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
         if self._timer is not None:
             self._timer.cancel()
             self._timer, self._timer_at = None, None
+        admission = self._admission
+        if admission is not None and not admission.done() and admission is not asyncio.current_task():
+            admission.cancel()  # nobody waits for that verdict any more (a webhook call ends)
+        if self.sock is not None and self.server.metrics is not None:
+            self.server.metrics.connection_ended(self.sock)
+            self.sock = None
         self.server.connection_closed(self)
 
     # -- asyncssh's SSHServer callbacks
@@ -417,6 +464,8 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
             conn.abort()
             return
         self.admitted = True
+        if self.server.metrics is not None:
+            self.sock = conn.get_extra_info("socket")
         self.server.connections.add(self)
         internals.install_hooks(conn, self, max_pending_global=self.server.config.limits.max_queued_requests,
                                 per_user_config=False)  # no config file: nothing to re-evaluate per user
@@ -466,6 +515,8 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
         return service == "ssh-userauth"
 
     def on_kex_done(self, conn: asyncssh.SSHServerConnection, count: int) -> None:
+        if count == 1:
+            self.info.client_version = conn.get_extra_info("client_version") or ""
         self.handle(core.KexDone(count))
 
     def on_auth_request(self, conn: asyncssh.SSHServerConnection, req: internals.AuthRequest) -> None:
@@ -477,19 +528,43 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
         self.handle(core.AuthRequested(req.method or repr(req.raw_method), key.signed if key else None,
                                        key.algorithm if key else None))
 
-    def on_auth_result(self, conn: asyncssh.SSHServerConnection, res: internals.AuthResult) -> None:
+    def on_auth_result(self, conn: asyncssh.SSHServerConnection,
+                       res: internals.AuthResult) -> Awaitable[object] | None:
         if res.kind in ("success", "failure", "superseded"):
             self.handle(core.AuthAnswered(res.kind, res.request.method if res.request else None))
+            if res.kind == "success":
+                # A signed key's verdict entered authenticated just now: SUCCESS waits for the backend.
+                return self._pending_admission()
+        return None
+
+    async def _check(self, method: str, call: Callable[..., object],
+                     *args: object) -> tuple[object, str | None]:
+        """Ask a handler about credentials (timed, with metrics)."""
+        metrics = self.server.metrics
+        if metrics is None:
+            return await _ask_async(call, *args)
+        started = time.perf_counter()
+        verdict, reason = await _ask_async(call, *args)
+        metrics.observe_auth(method, verdict, time.perf_counter() - started)
+        return verdict, reason
+
+    async def _answer(self, actions: list[core.Action]) -> bool:
+        """Whether the auth request gets a positive answer: the backend's verdict
+        included, when it comes later."""
+        if (pending := self._pending_admission()) is not None:
+            actions = await pending
+        return _accepted(actions)
 
     async def validate_password(self, username: str, password: str) -> bool:
         assert self.backend is not None
-        verdict, reason = await _ask_async(self.backend.check_password, username,
-                                           password.encode("utf-8", "surrogateescape"))
-        return _accepted(self.handle(core.Credentials(verdict, "password", reason)))
+        verdict, reason = await self._check("password", self.backend.check_password, username,
+                                            password.encode("utf-8", "surrogateescape"))
+        return await self._answer(self.handle(core.Credentials(verdict, "password", reason)))
 
     async def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
         assert self.backend is not None
-        actions = self.handle(core.KeyChecked(*await _ask_async(self.backend.check_publickey, username, key)))
+        actions = self.handle(core.KeyChecked(*await self._check("publickey", self.backend.check_publickey,
+                                                                 username, key)))
         return any(isinstance(a, core.KeyAcceptable) and a.ok for a in actions) or _accepted(actions)
 
     def get_kbdint_challenge(self, username: str, lang: str, submethods: str) -> Any:
@@ -503,8 +578,9 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
         if not any(isinstance(a, core.CheckCredentials) for a in self.handle(core.KbdintResponse())):
             return False
         password = (responses[0] if responses else "").encode("utf-8", "surrogateescape")
-        verdict, reason = await _ask_async(self.backend.check_password, username, password)
-        return _accepted(self.handle(core.Credentials(verdict, "keyboard-interactive", reason)))
+        verdict, reason = await self._check("keyboard-interactive", self.backend.check_password, username,
+                                            password)
+        return await self._answer(self.handle(core.Credentials(verdict, "keyboard-interactive", reason)))
 
     def on_global_request(self, conn: asyncssh.SSHServerConnection, req: internals.GlobalRequest) -> bool:
         name = req.name if req.malformed is None and req.name is not None else repr(req.raw_name)
@@ -621,10 +697,20 @@ class Server:
         self.logger = logger or Logger(level=config.log.level, format=config.log.format,
                                        path=config.log.file or None,
                                        flush_interval=config.log.flush_interval)
-        self.emitter = Emitter(self.logger)
         self.machines = machines(config)
+        self.metrics: Metrics | None = None
+        if config.metrics.listen is not None:
+            from sshspec.adapters.metrics import Metrics
+            self.metrics = Metrics(self.machines)
+        self.emitter = Emitter(self.logger, self.metrics)
         self.core = core.ServerCore(self.machines, self.log)
         self.handler = handler if handler is not None else configured_handler(config)
+        if self.metrics is not None:
+            self.metrics.watch(self)
+            for client in getattr(self.handler, "clients", list)():
+                client.observe = self.metrics.observe_webhook
+        self.endpoints: list[Any] = []  # the metrics and health HTTP servers (aiohttp runners)
+        self.endpoint_addresses: list[tuple[str, int]] = []
         self.connections: set[SpecConnection] = set()
         self.acceptor: asyncssh.SSHAcceptor | None = None
         self.sock: socket.socket | None = None
@@ -641,6 +727,17 @@ class Server:
         if self.core.state != "starting":  # refused: it runs (SSH_ALREADY_RUNNING) or it stopped
             raise RuntimeError(f"sshspec server cannot start: already running or stopped ({self.core.state})")
         host, port = self.config.ssh.listen
+        if self.config.metrics.listen is not None or self.config.health.listen is not None:
+            # Before the SSH socket: a health check sees `starting` (503) until it listens.
+            from sshspec.adapters.metrics import bound_addresses, start_endpoints
+            try:
+                self.endpoints = await start_endpoints(self)
+            except OSError as exc:
+                where = (f"metrics.listen {self.config.metrics.listen}, "
+                         f"health.listen {self.config.health.listen}")
+                self.core.handle(core.ServerEvent.bind_failed, reason=f"{where}: {exc}")
+                raise StartError(f"cannot start the metrics/health endpoints: {exc}") from exc
+            self.endpoint_addresses = bound_addresses(self.endpoints)
         try:
             internals.assert_asyncssh_compat()  # a moved asyncssh private fails here, loudly
             keys = load_host_keys(self.config)
@@ -723,7 +820,15 @@ class Server:
         if self.acceptor is not None and listen_closed:
             with contextlib.suppress(Exception):
                 await self.acceptor.wait_closed()
+        await self.close_endpoints()
         self.logger.close()
+
+    async def close_endpoints(self) -> None:
+        """The metrics and health servers go last: a probe sees 503 through the drain."""
+        endpoints, self.endpoints = self.endpoints, []
+        for runner in endpoints:
+            with contextlib.suppress(Exception):
+                await runner.cleanup()
 
 
 # --- defaults: host keys and the out-of-the-box login ---------------------------------------
@@ -754,7 +859,7 @@ def configured_handler(config: Config, *, announce: Callable[[str], None] | None
         keys = tuple(asyncssh.import_public_key(line) for line in user.authorized_keys)
         users[user.username] = UserEntry(user.password_hash, keys)
     extra_keys = _read_authorized_keys(config.auth.authorized_keys_file)
-    if not users:
+    if not users and not config.auth.webhook.url:  # (with a webhook, its users are the users)
         from sshspec.adapters.passwords import hash_password
         name = getpass.getuser()
         password = secrets.token_urlsafe(12)
@@ -767,6 +872,17 @@ def configured_handler(config: Config, *, announce: Callable[[str], None] | None
     elif extra_keys:
         for name, entry in users.items():
             users[name] = UserEntry(entry.password_hash, entry.authorized_keys + extra_keys)
+    webhook, configserver = config.auth.webhook, config.configserver
+    if webhook.url or configserver.url:
+        from sshspec.adapters.webhooks import WebhookClient, WebhookHandler
+        return WebhookHandler(
+            users, auth=WebhookClient(webhook, webhook.auth_timeout, "auth webhook") if webhook.url else None,
+            password=webhook.password, public_key=webhook.public_key,
+            keyboard_interactive=webhook.keyboard_interactive,
+            config_server=WebhookClient(configserver, configserver.config_timeout, "config server")
+            if configserver.url else None,
+            backend_type=config.backend.type, env_deny=config.backend.env_deny,
+            max_env=config.limits.max_env, shell=config.backend.shell or None)
     return ConfiguredHandler(users, env_deny=config.backend.env_deny, max_env=config.limits.max_env,
                              shell=config.backend.shell or None)
 
@@ -816,6 +932,7 @@ async def serve_async(config: Config, handler: Handler | None = None, *,
             await server.start()
         except StartError as exc:
             _announce(f"sshspec serve: {exc}")
+            await server.close_endpoints()
             return 1
         assert server.address is not None
         # Everything allocated so far (modules, specs, options) lives as long as the
@@ -823,6 +940,8 @@ async def serve_async(config: Config, handler: Handler | None = None, *,
         # collections went from ~30 ms pauses to ~9 ms).
         gc.collect()
         gc.freeze()
+        for host, port in server.endpoint_addresses:
+            _announce(f"sshspec: metrics and health endpoints on http://{host}:{port}")
         _announce(f"sshspec: listening on {server.address[0]}:{server.address[1]}")
         if ready is not None:
             ready(server)
@@ -831,6 +950,9 @@ async def serve_async(config: Config, handler: Handler | None = None, *,
         return 0
     finally:
         server.logger.close()  # writes what is still queued, however we leave
+        await server.close_endpoints()
+        with contextlib.suppress(Exception):
+            await server.handler.aclose()
 
 
 def run_workers(config: Config, handler: Handler | None, workers: int) -> int:
@@ -838,6 +960,11 @@ def run_workers(config: Config, handler: Handler | None, workers: int) -> int:
     the same port, so the kernel spreads connections over every core. SIGTERM or
     SIGINT to the parent is passed to every worker; each shuts down gracefully."""
     from sshspec.adapters.config import Listen
+    if config.metrics.listen is not None or config.health.listen is not None:
+        # Each worker would need a port of its own, and a scrape would see one worker.
+        _announce("sshspec serve: metrics.listen and health.listen serve one process: "
+                  "use them without --workers")
+        return 2
     handler = handler if handler is not None else configured_handler(config)
     try:
         load_host_keys(config)  # create the key once here, not racing in every worker
