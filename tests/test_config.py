@@ -483,3 +483,36 @@ def test_a_weak_algorithm_is_a_config_error(tmp_path: Path) -> None:
     assert done.returncode == 2
     assert done.stderr == (f"sshspec serve: {path}: ssh.ciphers: '3des-cbc' is refused as weak: "
                            "64-bit block cipher (Sweet32)\n")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("auth: {webhook: {url: 'ftp://x'}}",
+         "auth.webhook.url: `ftp://x`: expected http(s)://host[:port][/path]"),
+        ("auth: {webhook: {url: 'http://x:99999'}}", "auth.webhook.url: not a URL: Port out of range"),
+        ("auth: {webhook: {url: 'http://x', timeout: 11s}}",
+         "auth.webhook.timeout: is longer than auth.webhook.authTimeout (10s)"),
+        ("auth: {webhook: {url: 'http://x', timeout: 0}}", "auth.webhook.timeout: must be greater than 0"),
+        ("auth: {webhook: {url: 'http://x', cacert: ca.pem}}",
+         "auth.webhook.cacert: is set but the url is http://, not https://"),
+        ("configserver: {url: 'https://x', cacert: /nonexistent/ca.pem}", "configserver.cacert: cannot be used"),
+        ("configserver: {url: 'https://x', key: k.pem}", "configserver.key: is set without cert"),
+        ("configserver: {url: 'https://x', tlsVersion: '1.1'}",
+         "configserver.tlsVersion: Invalid enum value '1.1'"),
+        ("auth: {webhook: {passwd: true}}", "auth.webhook.passwd: unknown key (did you mean `password`?)"),
+        ("metrics: {listen: 9100}", "metrics.listen: Expected `host:port` as a string, got `int`"),
+        ("metrics: {listen: localhost}", "metrics.listen: Invalid listen address"),
+        ("metrics: {path: metrics}", "metrics.path: Expected `str` matching regex"),
+        ("health: {listen: '127.0.0.1:2222'}", "health.listen: is ssh.listen's address"),
+    ],
+)
+def test_webhook_and_endpoint_keys_are_checked(tmp_path: Path, text: str, expected: str) -> None:
+    assert _error(tmp_path, text).startswith(expected)
+
+
+def test_webhook_tls_files_are_loaded_at_start(tmp_path: Path) -> None:
+    """A CA file that is not a certificate is exit 2 naming the key, not a failed login."""
+    (tmp_path / "ca.pem").write_text("not a certificate\n")
+    text = f"auth: {{webhook: {{url: 'https://auth.example', cacert: {tmp_path / 'ca.pem'}}}}}"
+    assert _error(tmp_path, text).startswith("auth.webhook.cacert: cannot be used")

@@ -21,7 +21,6 @@ from authconfig_server import AuthConfigServer  # noqa: E402
 from test_webhooks import hooks, login, ssh_password  # noqa: E402
 
 import conftest  # noqa: E402
-
 from sshspec.codes import CATALOG  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not conftest.have("curl"), reason="curl is installed by .ci/system-packages")
@@ -109,8 +108,8 @@ def test_healthz_goes_503_through_a_drain(server_factory: Any) -> None:
     url = endpoint(live) + "/healthz"
     assert curl(url) == (200, "ok")
     # A program that ignores SIGTERM keeps the drain going until the deadline.
-    held = subprocess.Popen([*live.ssh_args(), "trap '' TERM; echo started; sleep 30"], stdout=subprocess.PIPE,
-                            stdin=subprocess.DEVNULL, text=True)
+    held = subprocess.Popen([*live.ssh_args(), "trap '' TERM; echo started; sleep 30"],
+                            stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
     try:
         assert held.stdout is not None and held.stdout.readline() == "started\n"
         live.process.send_signal(signal.SIGTERM)
