@@ -240,6 +240,10 @@ class ConnectionHandler:
     def check_publickey(self, username: str, key: object) -> AuthVerdict | Awaitable[AuthVerdict]:
         return self.handler.check_publickey(username, key)
 
+    async def check_kbdint(self, username: str, password: bytes) -> AuthVerdict:
+        """The answer to the keyboard-interactive "Password:" prompt (check_password by default)."""
+        return await self.check_password(username, password)
+
     def kbdint_supported(self, username: str) -> bool:
         return self.handler.kbdint_supported(username)
 

@@ -76,18 +76,16 @@ class Emitter:
         # The logger's own method, not a method calling it: a Python call less per step.
         self.add = logger.add
         if metrics is not None:
-            self._metrics = metrics
-            self._counted: dict[tuple[str, ...], tuple[tuple[Kind, ...], tuple[Callable[[], None], ...]]] = {}
+            self._counts = metrics.codes
             # An instance attribute over the method: without metrics, not even a test per step.
             self.records = self._records_counted  # type: ignore[method-assign]
 
     def _records_counted(self, codes: tuple[str, ...]) -> tuple[Kind, ...]:
-        entry = self._counted.get(codes)
-        if entry is None:
-            entry = self._counted[codes] = (Emitter.records(self, codes), self._metrics.code_incs(codes))
-        for inc in entry[1]:
-            inc()
-        return entry[0]
+        counts = self._counts
+        for code in codes:
+            counts[code] += 1
+        records = self._records.get(codes)
+        return records if records is not None else Emitter.records(self, codes)
 
     def records(self, codes: tuple[str, ...]) -> tuple[Kind, ...]:
         """The records of these codes that are logged; with none, the caller skips
@@ -203,7 +201,7 @@ class SpecSession(asyncssh.SSHServerSession[bytes]):
         started = time.perf_counter() if metrics is not None else 0.0
         _, reason = await _ask_async(self.handler.start, io)
         if metrics is not None and reason is None:
-            metrics.session_start.labels(request.name).observe(time.perf_counter() - started)
+            metrics.observe_session_start(request.name, time.perf_counter() - started)
         self.conn.handle(core.RequestDone(self.channel_id, reason is None, reason))
 
     def program_started(self) -> None:
@@ -578,7 +576,7 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
         if not any(isinstance(a, core.CheckCredentials) for a in self.handle(core.KbdintResponse())):
             return False
         password = (responses[0] if responses else "").encode("utf-8", "surrogateescape")
-        verdict, reason = await self._check("keyboard-interactive", self.backend.check_password, username,
+        verdict, reason = await self._check("keyboard-interactive", self.backend.check_kbdint, username,
                                             password)
         return await self._answer(self.handle(core.Credentials(verdict, "keyboard-interactive", reason)))
 
@@ -748,6 +746,7 @@ class Server:
             self.sock = self._listen_socket(host, port)
         except (OSError, ValueError, asyncssh.KeyImportError, internals.AsyncsshCompatError) as exc:
             self.core.handle(core.ServerEvent.bind_failed, reason=f"{host}:{port}: {exc}")
+            await self.close_endpoints()
             raise StartError(f"cannot start on {host}:{port}: {exc}") from exc
         version = self.config.ssh.server_version.removeprefix("SSH-2.0-")
         self.acceptor = await asyncssh.create_server(

@@ -302,6 +302,9 @@ class WebhookConnection(ConnectionHandler):
         # The last public key's verdict: a client queries a key, then signs with it
         # (one webhook call for both, as Go's x/crypto/ssh caches it for ContainerSSH).
         self._last_key: tuple[str, bytes, AuthVerdict] | None = None
+        # The last successful answer and the user it was about: only that user's
+        # metadata may reach the config server (a key queried for another user must not).
+        self._granted: tuple[str, AuthResponse] | None = None
 
     def _static(self, username: str) -> bool:
         return username in self.handler.users
@@ -309,6 +312,16 @@ class WebhookConnection(ConnectionHandler):
     async def check_password(self, username: str, password: bytes) -> AuthVerdict:
         if self._static(username) or not self.handler.auth_password:
             return await self.handler.check_password(username, password)
+        return await self._check_password(username, password)
+
+    async def check_kbdint(self, username: str, password: bytes) -> AuthVerdict:
+        if self._static(username) or not self.handler.auth_kbdint:
+            # (kbdint_supported said yes for the config's users only, or for nobody's sake:
+            # an unknown user then takes the static path, a dummy hash, like the others.)
+            return await self.handler.check_password(username, password)
+        return await self._check_password(username, password)
+
+    async def _check_password(self, username: str, password: bytes) -> AuthVerdict:
         assert self.handler.auth is not None
         return await self._ask(self.handler.auth, "password", PasswordAuthRequest(
             username=username, remote_address=self.info.remote_addr,
@@ -332,17 +345,14 @@ class WebhookConnection(ConnectionHandler):
         self._last_key = (username, data, verdict)
         return verdict
 
-    async def _ask(self, client: WebhookClient, endpoint: str, request: _Body) -> AuthVerdict:
+    async def _ask(self, client: WebhookClient, endpoint: str, request: _Connection) -> AuthVerdict:
         try:
             answer = await client.post(endpoint, request, AuthResponse)
         except WebhookError as exc:
             raise BackendError(str(exc)) from None  # SSH_AUTH_UNAVAILABLE, with the reason
         if not answer.success:
             return "bad"
-        self.authenticated_username = answer.authenticated_username
-        self.metadata.update(answer.metadata)
-        self.environment.update(answer.environment)
-        self.files.update(answer.files)
+        self._granted = (request.username, answer)
         return "ok"
 
     def kbdint_supported(self, username: str) -> bool:
@@ -351,6 +361,11 @@ class WebhookConnection(ConnectionHandler):
         return True
 
     def accept_user(self, username: str) -> Any:
+        if self._granted is not None and self._granted[0] == username:
+            answer = self._granted[1]
+            self.authenticated_username = answer.authenticated_username
+            self.metadata, self.environment, self.files = (dict(answer.metadata), dict(answer.environment),
+                                                           dict(answer.files))
         if self.handler.config_server is None:
             self._check_environment()  # what the authentication set, at once
             return True
