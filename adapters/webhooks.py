@@ -316,8 +316,8 @@ class WebhookConnection(ConnectionHandler):
 
     async def check_kbdint(self, username: str, password: bytes) -> AuthVerdict:
         if self._static(username) or not self.handler.auth_kbdint:
-            # (kbdint_supported said yes for the config's users only, or for nobody's sake:
-            # an unknown user then takes the static path, a dummy hash, like the others.)
+            # Not the webhook's method: answered as ConfiguredHandler answers anyone it does
+            # not know (a dummy hash), so the answer tells nothing about who is configured.
             return await self.handler.check_password(username, password)
         return await self._check_password(username, password)
 

@@ -44,6 +44,7 @@ class AuthConfigServer:
     keys: dict[str, list[str]] = field(default_factory=dict)  # username -> ["ssh-ed25519 AAAA...", ...]
     configs: dict[str, dict[str, Any]] = field(default_factory=dict)  # username -> /config answer
     metadata: dict[str, Any] = field(default_factory=dict)  # sent with every successful auth
+    metadata_of: dict[str, dict[str, Any]] = field(default_factory=dict)  # per user, instead
     environment: dict[str, Any] = field(default_factory=dict)
     requests: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     port: int = 0
@@ -124,7 +125,8 @@ class AuthConfigServer:
         answer = {"success": success, "username": body["username"], "remoteAddress": body["remoteAddress"],
                   "connectionId": body["connectionId"]}
         if success:
-            answer.update(authenticatedUsername=body["username"], metadata=self.metadata,
+            answer.update(authenticatedUsername=body["username"],
+                          metadata=self.metadata_of.get(body["username"], self.metadata),
                           environment=self.environment)
         return web.json_response(answer)
 

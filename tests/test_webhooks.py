@@ -145,6 +145,28 @@ def test_openssh_key_through_webhook(server_factory: Any, acs: AuthConfigServer)
     assert len(acs.of("config")) == 1
 
 
+def test_only_the_authenticated_users_metadata_reaches_the_config_server(server_factory: Any,
+                                                                         acs: AuthConfigServer) -> None:
+    """A key the webhook accepts for "admin" (queried, never used) must not lend its
+    metadata to the user who then logs in by password."""
+    acs.passwords["guest"] = "pw"
+    acs.metadata_of = {"admin": {"admin": {"value": "yes"}}, "guest": {"role": {"value": "guest"}}}
+    live = server_factory(hooks(acs))
+    acs.keys["admin"] = [pubkey(live)]
+    c = ProtocolClient.connect(live.port)
+    try:
+        c.service_request()
+        assert c.next_auth_reply(WAIT) == "SERVICE_ACCEPT"
+        c.auth_publickey("admin", _key(live), signed=False)
+        assert c.next_auth_reply(WAIT) == "USERAUTH_PK_OK"
+        c.auth_password("guest", "pw")
+        assert c.next_auth_reply(WAIT) == "USERAUTH_SUCCESS"
+    finally:
+        c.close_all()
+    [config] = acs.of("config")
+    assert config["username"] == "guest" and config["metadata"] == {"role": {"value": "guest"}}
+
+
 def test_static_users_never_reach_the_webhook(server_factory: Any, acs: AuthConfigServer,
                                               tmp_path: Path) -> None:
     live = server_factory(hooks(acs, config=False))
