@@ -657,9 +657,13 @@ class ConnectionHooks:
         """Every USERAUTH_REQUEST, before asyncssh acts on it.  Calling
         conn.disconnect() here stops asyncssh from processing it."""
 
-    def on_auth_result(self, conn: asyncssh.SSHServerConnection, res: AuthResult) -> None:
+    def on_auth_result(self, conn: asyncssh.SSHServerConnection,
+                       res: AuthResult) -> Awaitable[object] | None:
         """Every answer asyncssh is about to send to an auth request.  Calling
-        conn.disconnect() here sends DISCONNECT *instead of* that answer."""
+        conn.disconnect() here sends DISCONNECT *instead of* that answer.  For a
+        ``success`` it may return an awaitable: the SUCCESS goes out once it is done
+        (unless the connection was disconnected meanwhile)."""
+        return None
 
     def on_kex_done(self, conn: asyncssh.SSHServerConnection, count: int) -> None:
         """A key exchange completed (count 1 = initial, then re-keys)."""
@@ -965,8 +969,12 @@ def _hook_auth_answers(state: HookState) -> None:
 
     async def send_userauth_success() -> None:
         state.auth_answered = True
-        _call_hook("on_auth_result", state.hooks.on_auth_result, conn,
-                   AuthResult(state.last_auth, "success"))
+        pending = _call_hook("on_auth_result", state.hooks.on_auth_result, conn,
+                             AuthResult(state.last_auth, "success"))
+        if inspect.isawaitable(pending):
+            # The adapter's backend decides after the credentials (a config server): the
+            # SUCCESS waits for it; a refusal disconnects meanwhile and suppresses it.
+            await pending
         if not _transport_gone(conn):
             state.authenticated = True
             await orig_success()

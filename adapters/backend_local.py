@@ -1013,20 +1013,23 @@ class LocalBackend:
         on_stderr: Callable[[bytes], None],
         server_env: Mapping[str, str] | None = None,
         on_stdin_flow: Callable[[bool], None] | None = None,
+        shell: str | None = None,
     ) -> LocalProcess:
-        """Start ``command`` (None: login shell), with a pty when ``pty`` is given.
+        """Start ``command`` (None: login shell), with a pty when ``pty`` is given;
+        ``shell`` (absolute) replaces the backend's shell for this program.
 
         ``on_stdin_flow(True)`` means input is piling up (stop reading the channel),
         ``on_stdin_flow(False)`` that it drained. Raises :class:`BackendError`.
         """
         loop = asyncio.get_running_loop()
         user = _current_user()
-        shell = self._shell or user.shell
+        shell = shell or self._shell or user.shell
         if not os.path.isabs(shell):
             raise BackendError(f"cannot start a session: login shell {shell!r} is not absolute")
         name = os.path.basename(shell)
         argv = [f"-{name}"] if command is None else [name, "-c", command]
         child_env = self.child_env(env, term=pty.term if pty else None, server_env=server_env)
+        child_env["SHELL"] = shell
         # sshd falls back to / when the home directory is missing; so do we.
         cwd = user.home if os.path.isdir(user.home) else "/"
         reset = _inherited_ignored_signals()

@@ -243,12 +243,38 @@ class User(_Section, frozen=True):
     authorized_keys: tuple[str, ...] = ()  # authorized_keys lines, checked after decoding
 
 
+class HTTPClientConfig(_Section, frozen=True):
+    """A webhook's HTTP client: ContainerSSH's keys (docs/reference/http.md there)."""
+
+    url: str = ""  # http:// or https://; empty: off
+    timeout: Duration = _seconds(2)  # one HTTP call
+    cacert: str = ""  # PEM file of the CA that signed the server's certificate (https); empty: the system's
+    cert: str = ""  # PEM file of our client certificate, for servers that ask for one (mutual TLS)
+    key: str = ""  # PEM file of its private key (empty: in `cert`)
+    tls_version: Literal["1.2", "1.3"] = "1.3"  # the lowest TLS version accepted
+
+
+class AuthWebhookConfig(HTTPClientConfig, frozen=True):
+    # Non-200 answers, timeouts and unreachable servers are retried until this deadline.
+    auth_timeout: Duration = _seconds(10)
+    password: bool = True  # POST {url}/password
+    public_key: bool = True  # POST {url}/pubkey
+    keyboard_interactive: bool = False  # one "Password:" prompt, checked by {url}/password
+
+
+class ConfigServerConfig(HTTPClientConfig, frozen=True):
+    # Non-200 answers, timeouts and unreachable servers are retried until this deadline.
+    config_timeout: Duration = _seconds(10)
+
+
 class AuthConfig(_Section, frozen=True):
     users: tuple[User, ...] = ()
     authorized_keys_file: str = ""
     # SHA-1 `ssh-rsa` user signatures: refused, as OpenSSH does since 8.8 (its
     # PubkeyAcceptedAlgorithms); true accepts them from old clients.
     allow_sha1_rsa: bool = False
+    # ContainerSSH's authentication API; users in `users` are still decided here.
+    webhook: AuthWebhookConfig = msgspec.field(default_factory=AuthWebhookConfig)
 
 
 class LimitsConfig(_Section, frozen=True):
@@ -286,12 +312,25 @@ class LogConfig(_Section, frozen=True):
     durable: bool = True
 
 
+class MetricsConfig(_Section, frozen=True):
+    listen: Listen | None = None  # host:port serving Prometheus' text format; unset: no metrics at all
+    path: Annotated[str, msgspec.Meta(pattern=r"^/[\x21-\x7e]*$")] = "/metrics"
+
+
+class HealthConfig(_Section, frozen=True):
+    listen: Listen | None = None  # host:port answering GET /healthz; unset: off
+
+
 class Config(_Section, frozen=True):
     ssh: SSHConfig = msgspec.field(default_factory=SSHConfig)
     auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
     limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
     backend: BackendConfig = msgspec.field(default_factory=BackendConfig)
     log: LogConfig = msgspec.field(default_factory=LogConfig)
+    # ContainerSSH's configuration API: per-connection backend settings after authentication.
+    configserver: ConfigServerConfig = msgspec.field(default_factory=ConfigServerConfig)
+    metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
+    health: HealthConfig = msgspec.field(default_factory=HealthConfig)
     state_dir: str = ""  # empty: see resolve_state_dir
 
 
@@ -444,6 +483,12 @@ def _check(file: str, config: Config) -> None:
                 raise ConfigError(file, "auth.authorizedKeysFile", f"`{path}` line {number}: {problem}")
     for i, path in enumerate(config.ssh.hostkeys):
         _check_host_key(file, f"ssh.hostkeys[{i}]", path)
+    _check_http_client(file, "auth.webhook", config.auth.webhook, config.auth.webhook.auth_timeout)
+    _check_http_client(file, "configserver", config.configserver, config.configserver.config_timeout)
+    for section in ("metrics", "health"):
+        listen = getattr(config, section).listen
+        if listen is not None and listen.port and listen == config.ssh.listen:
+            raise ConfigError(file, f"{section}.listen", "is ssh.listen's address")
     ssh = config.ssh
     if ssh.kex or ssh.ciphers or ssh.macs or ssh.host_key_algorithms:
         # A weak or unknown algorithm is a config error like any other (exit 2), not a failed start.
@@ -470,6 +515,41 @@ def _check_proxy_protocol(file: str, proxy: ProxyProtocolConfig) -> None:
                           "name at least one network (the load balancers') when proxyProtocol is enabled")
     if proxy.header_timeout <= 0:
         raise ConfigError(file, f"{key}.headerTimeout", "must be greater than 0")
+
+
+def _check_http_client(file: str, key: str, client: HTTPClientConfig, deadline: float) -> None:
+    """A webhook's URL and TLS files, so that a typo is exit 2 at start, not a failed login."""
+    if not client.url:
+        return
+    from urllib.parse import urlsplit
+    try:
+        parts = urlsplit(client.url)
+        parts.port  # noqa: B018  (raises ValueError on a bad port)
+    except ValueError as exc:
+        raise ConfigError(file, f"{key}.url", f"not a URL: {exc}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+        raise ConfigError(file, f"{key}.url", f"`{client.url}`: expected http(s)://host[:port][/path]")
+    if client.timeout <= 0:
+        raise ConfigError(file, f"{key}.timeout", "must be greater than 0")
+    if client.timeout > deadline:
+        name = "authTimeout" if key == "auth.webhook" else "configTimeout"
+        raise ConfigError(file, f"{key}.timeout", f"is longer than {key}.{name} ({deadline:g}s)")
+    if parts.scheme == "http":
+        for name in ("cacert", "cert", "key"):
+            if getattr(client, name):
+                raise ConfigError(file, f"{key}.{name}", "is set but the url is http://, not https://")
+        return
+    if client.key and not client.cert:
+        raise ConfigError(file, f"{key}.key", "is set without cert")
+    import ssl
+    what = "cacert"
+    try:
+        ssl_context = ssl.create_default_context(cafile=client.cacert or None)
+        if client.cert:
+            what = "cert"
+            ssl_context.load_cert_chain(client.cert, client.key or None)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(file, f"{key}.{what}", f"cannot be used: {exc}") from None
 
 
 def _check_host_key(file: str, key: str, path: str) -> None:
@@ -559,6 +639,10 @@ def dump_config(config: Config) -> bytes:
     data = msgspec.to_builtins(config, enc_hook=_enc_hook)
     # Listen is a tuple subclass, which msgspec encodes as an array without asking a hook.
     data["ssh"]["listen"] = str(config.ssh.listen)
+    for section in ("metrics", "health"):
+        listen = getattr(config, section).listen
+        if listen is not None:
+            data[section]["listen"] = str(listen)
     return yaml.safe_dump(data, sort_keys=False, allow_unicode=True).encode("utf-8")
 
 

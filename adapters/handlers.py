@@ -53,6 +53,7 @@ class ConnectionInfo:
     connection_id: str
     remote_addr: str
     username: str | None = None
+    client_version: str = ""  # the client's SSH version string, once the version exchange is done
 
 
 @dataclass(slots=True)
@@ -148,10 +149,14 @@ class LocalSession(SessionHandler):
     SFTP_SERVERS = ("/usr/lib/openssh/sftp-server", "/usr/libexec/openssh/sftp-server",
                     "/usr/lib/ssh/sftp-server", "/usr/libexec/sftp-server")
 
-    def __init__(self, backend: LocalBackend, env_deny: tuple[str, ...] = ()) -> None:
+    def __init__(self, backend: LocalBackend, env_deny: tuple[str, ...] = (), *,
+                 shell: str | None = None, preset_env: Mapping[str, str] | None = None) -> None:
         super().__init__()
         self.backend = backend
         self.env_deny = env_deny  # backend.envDeny patterns, on top of the backend's own list
+        self.shell = shell  # this connection's shell (a config server's), over the backend's
+        # Set by the operator's side (a webhook's `environment`), over what the client sets.
+        self.preset_env = dict(preset_env or {})
         self.process: LocalProcess | None = None
 
     def set_env(self, name: str, value: str) -> bool:
@@ -187,8 +192,12 @@ class LocalSession(SessionHandler):
             if server is None:
                 raise BackendError("sftp-server is not installed (Debian: openssh-sftp-server)")
             command = server
+        # The operator's variables first and over the client's (max_env counts them all).
+        env = dict(self.preset_env)
+        env.update((name, value) for name, value in self.env.items() if name not in env)
         self.process = await self.backend.start(
-            command=command, env=self.env, pty=self.pty_request if io.kind != "subsystem" else None,
+            command=command, env=env, shell=self.shell,
+            pty=self.pty_request if io.kind != "subsystem" else None,
             on_stdout=io.write, on_stderr=io.write_stderr, server_env=io.server_env,
             on_stdin_flow=io.pause_input)
 
@@ -231,10 +240,14 @@ class ConnectionHandler:
     def check_publickey(self, username: str, key: object) -> AuthVerdict | Awaitable[AuthVerdict]:
         return self.handler.check_publickey(username, key)
 
+    async def check_kbdint(self, username: str, password: bytes) -> AuthVerdict:
+        """The answer to the keyboard-interactive "Password:" prompt (check_password by default)."""
+        return await self.check_password(username, password)
+
     def kbdint_supported(self, username: str) -> bool:
         return self.handler.kbdint_supported(username)
 
-    def accept_user(self, username: str) -> bool:
+    def accept_user(self, username: str) -> bool | Awaitable[bool]:
         return self.handler.accept_user(username)
 
     def session(self) -> SessionHandler:
@@ -259,11 +272,16 @@ class Handler:
         """Keyboard-interactive asks one "Password:" prompt checked by check_password."""
         return False
 
-    def accept_user(self, username: str) -> bool:
+    def accept_user(self, username: str) -> bool | Awaitable[bool]:
+        """The backend's verdict on a user whose credentials were valid, or an awaitable
+        of it (USERAUTH_SUCCESS waits for it; a `BackendError` says why not)."""
         return True
 
     def session(self, conn: ConnectionInfo) -> SessionHandler:
         return SessionHandler()
+
+    async def aclose(self) -> None:
+        """The server stopped: release what the handler holds (HTTP sessions...)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,10 +21,11 @@ import os
 import secrets
 import signal
 import socket
+import time
 import typing
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncssh
 import msgspec
@@ -47,6 +48,9 @@ from sshspec.adapters.proxy_protocol import Listener, TrustedNetworks
 from sshspec.codes import CATALOG
 from sshspec.fsm import core
 
+if TYPE_CHECKING:
+    from sshspec.adapters.metrics import Metrics
+
 # --- logging: one record per emitted code ------------------------------------------------
 
 
@@ -65,14 +69,27 @@ assert Labels.__struct_fields__ == ("connection_id", "remote_addr", "username", 
 
 
 class Emitter:
-    """The log records of a step's codes. Records nobody reads are not built."""
+    """The log records of a step's codes. Records nobody reads are not built.
+    With metrics, each step's codes are counted here too (every step with codes
+    asks for its records, whatever the log level)."""
 
-    def __init__(self, logger: Logger) -> None:
+    def __init__(self, logger: Logger, metrics: Metrics | None = None) -> None:
         self.logger = logger
         self.enabled = {name: logger.enabled(k.level) for name, k in _KINDS.items()}
         self._records: dict[tuple[str, ...], tuple[Kind, ...]] = {}
         # The logger's own method, not a method calling it: a Python call less per step.
         self.add = logger.add
+        if metrics is not None:
+            self._counts = metrics.codes
+            # An instance attribute over the method: without metrics, not even a test per step.
+            self.records = self._records_counted  # type: ignore[method-assign]
+
+    def _records_counted(self, codes: tuple[str, ...]) -> tuple[Kind, ...]:
+        counts = self._counts
+        for code in codes:
+            counts[code] += 1
+        records = self._records.get(codes)
+        return records if records is not None else Emitter.records(self, codes)
 
     def records(self, codes: tuple[str, ...]) -> tuple[Kind, ...]:
         """The records of these codes that are logged; with none, the caller skips
@@ -201,7 +218,11 @@ class SpecSession(asyncssh.SSHServerSession[bytes]):
             write=chan.write, write_stderr=chan.write_stderr,
             pause_input=lambda paused: chan.pause_reading() if paused else chan.resume_reading(),
             server_env=self._server_env(chan))
+        metrics = self.conn.server.metrics
+        started = time.perf_counter() if metrics is not None else 0.0
         _, reason = await _ask_async(self.handler.start, io)
+        if metrics is not None and reason is None:
+            metrics.observe_session_start(request.name, time.perf_counter() - started)
         self.conn.handle(core.RequestDone(self.channel_id, reason is None, reason))
 
     def program_started(self) -> None:
@@ -296,6 +317,9 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        # A backend that decides later (accept_user's awaitable): the actions of its verdict.
+        self._admission: asyncio.Task[list[core.Action]] | None = None
+        self.sock: Any = None  # with metrics: the socket, whose TCP counters are the bytes in and out
 
     def log(self, codes: tuple[str, ...], event: str, *, channel_id: int | None = None,
             request_type: str | None = None, command: str | None = None, method: str | None = None,
@@ -383,11 +407,26 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
     def _answered(self, action: core.Action) -> None:
         """Carried out by the asyncssh callback that is waiting for the core (its return value)."""
 
-    def _admit_user(self, action: core.AdmitUser) -> core.Event:
+    def _admit_user(self, action: core.AdmitUser) -> core.Event | None:
         assert self.backend is not None and self.info.username is not None
         self.user_settled = True
         accepted, reason = _ask(self.backend.accept_user, self.info.username)
+        if inspect.isawaitable(accepted):
+            # The backend decides later (a config server): the auth answer waits for it.
+            self._admission = asyncio.get_running_loop().create_task(self._admit_later(accepted,
+                                                                                      action.method))
+            return None
         return core.UserVerdict(accepted, action.method, reason)
+
+    async def _admit_later(self, answer: Awaitable[object], method: str) -> list[core.Action]:
+        accepted, reason = await _ask_async(lambda: answer)
+        return self.handle(core.UserVerdict(accepted, method, reason))
+
+    def _pending_admission(self) -> asyncio.Future[list[core.Action]] | None:
+        """The backend's verdict still to come, shielded: an auth answer that waits for it
+        may be cancelled (asyncssh cancels a superseded request) without cancelling it."""
+        admission = self._admission
+        return asyncio.shield(admission) if admission is not None and not admission.done() else None
 
     def _open_session(self, action: core.OpenSession) -> core.Event | None:
         assert self.backend is not None and self.conn is not None
@@ -451,6 +490,12 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
         if self._timer is not None:
             self._timer.cancel()
             self._timer, self._timer_at = None, None
+        admission = self._admission
+        if admission is not None and not admission.done() and admission is not asyncio.current_task():
+            admission.cancel()  # nobody waits for that verdict any more (a webhook call ends)
+        if self.sock is not None and self.server.metrics is not None:
+            self.server.metrics.connection_ended(self.sock)
+            self.sock = None
         self.server.connection_closed(self)
 
     # -- asyncssh's SSHServer callbacks
@@ -467,6 +512,8 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
             conn.abort()
             return
         self.admitted = True
+        if self.server.metrics is not None:
+            self.sock = conn.get_extra_info("socket")
         self.server.connections.add(self)
         internals.install_hooks(conn, self, max_pending_global=self.server.config.limits.max_queued_requests,
                                 per_user_config=False)  # no config file: nothing to re-evaluate per user
@@ -518,6 +565,8 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
         return service == "ssh-userauth"
 
     def on_kex_done(self, conn: asyncssh.SSHServerConnection, count: int) -> None:
+        if count == 1:
+            self.info.client_version = conn.get_extra_info("client_version") or ""
         self.handle(core.KexDone(count))
 
     def on_auth_request(self, conn: asyncssh.SSHServerConnection, req: internals.AuthRequest) -> None:
@@ -529,19 +578,43 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
         self.handle(core.AuthRequested(req.method or repr(req.raw_method), key.signed if key else None,
                                        key.algorithm if key else None))
 
-    def on_auth_result(self, conn: asyncssh.SSHServerConnection, res: internals.AuthResult) -> None:
+    def on_auth_result(self, conn: asyncssh.SSHServerConnection,
+                       res: internals.AuthResult) -> Awaitable[object] | None:
         if res.kind in ("success", "failure", "superseded"):
             self.handle(core.AuthAnswered(res.kind, res.request.method if res.request else None))
+            if res.kind == "success":
+                # A signed key's verdict entered authenticated just now: SUCCESS waits for the backend.
+                return self._pending_admission()
+        return None
+
+    async def _check(self, method: str, call: Callable[..., object],
+                     *args: object) -> tuple[object, str | None]:
+        """Ask a handler about credentials (timed, with metrics)."""
+        metrics = self.server.metrics
+        if metrics is None:
+            return await _ask_async(call, *args)
+        started = time.perf_counter()
+        verdict, reason = await _ask_async(call, *args)
+        metrics.observe_auth(method, verdict, time.perf_counter() - started)
+        return verdict, reason
+
+    async def _answer(self, actions: list[core.Action]) -> bool:
+        """Whether the auth request gets a positive answer: the backend's verdict
+        included, when it comes later."""
+        if (pending := self._pending_admission()) is not None:
+            actions = await pending
+        return _accepted(actions)
 
     async def validate_password(self, username: str, password: str) -> bool:
         assert self.backend is not None
-        verdict, reason = await _ask_async(self.backend.check_password, username,
-                                           password.encode("utf-8", "surrogateescape"))
-        return _accepted(self.handle(core.Credentials(verdict, "password", reason)))
+        verdict, reason = await self._check("password", self.backend.check_password, username,
+                                            password.encode("utf-8", "surrogateescape"))
+        return await self._answer(self.handle(core.Credentials(verdict, "password", reason)))
 
     async def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
         assert self.backend is not None
-        actions = self.handle(core.KeyChecked(*await _ask_async(self.backend.check_publickey, username, key)))
+        actions = self.handle(core.KeyChecked(*await self._check("publickey", self.backend.check_publickey,
+                                                                 username, key)))
         return any(isinstance(a, core.KeyAcceptable) and a.ok for a in actions) or _accepted(actions)
 
     def get_kbdint_challenge(self, username: str, lang: str, submethods: str) -> Any:
@@ -555,8 +628,9 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
         if not any(isinstance(a, core.CheckCredentials) for a in self.handle(core.KbdintResponse())):
             return False
         password = (responses[0] if responses else "").encode("utf-8", "surrogateescape")
-        verdict, reason = await _ask_async(self.backend.check_password, username, password)
-        return _accepted(self.handle(core.Credentials(verdict, "keyboard-interactive", reason)))
+        verdict, reason = await self._check("keyboard-interactive", self.backend.check_kbdint, username,
+                                            password)
+        return await self._answer(self.handle(core.Credentials(verdict, "keyboard-interactive", reason)))
 
     def on_global_request(self, conn: asyncssh.SSHServerConnection, req: internals.GlobalRequest) -> bool:
         name = req.name if req.malformed is None and req.name is not None else repr(req.raw_name)
@@ -689,15 +763,24 @@ class Server:
         self.logger = logger or Logger(level=config.log.level, format=config.log.format,
                                        path=config.log.file or None,
                                        flush_interval=config.log.flush_interval)
-        self.emitter = Emitter(self.logger)
         # log.durable: the logger to write out before an action that reaches a client.
         self.durable_log = self.logger if config.log.durable else None
         self.machines = machines(config)
+        self.metrics: Metrics | None = None
+        if config.metrics.listen is not None:
+            from sshspec.adapters.metrics import Metrics
+            self.metrics = Metrics(self.machines)
+        self.emitter = Emitter(self.logger, self.metrics)
         self.core = core.ServerCore(self.machines, self.log)
         # The configured users are loaded in start(): an authorized_keys file that cannot be
         # read is a failed start (SSH_START_FAILED, exit 1), as a host key is.
         self._configure = handler is None
         self.handler = handler if handler is not None else Handler()
+        if self.metrics is not None:
+            self.metrics.watch(self)
+            self._watch_webhooks()
+        self.endpoints: list[Any] = []  # the metrics and health HTTP servers (aiohttp runners)
+        self.endpoint_addresses: list[tuple[str, int]] = []
         self.connections: set[SpecConnection] = set()
         self.backlogged: set[SpecConnection] = set()  # their socket buffer is past its high-water mark
         self.acceptor: asyncssh.SSHAcceptor | Listener | None = None
@@ -705,6 +788,11 @@ class Server:
         self.address: tuple[str, int] | None = None
         self._all_closed = asyncio.Event()
         self._all_closed.set()
+
+    def _watch_webhooks(self) -> None:
+        if self.metrics is not None:
+            for client in getattr(self.handler, "clients", list)():
+                client.observe = self.metrics.observe_webhook
 
     def log(self, codes: tuple[str, ...], event: str, reason: str | None, remote_addr: str | None) -> None:
         if records := self.emitter.records(codes):
@@ -715,12 +803,24 @@ class Server:
         if self.core.state != "starting":  # refused: it runs (SSH_ALREADY_RUNNING) or it stopped
             raise RuntimeError(f"sshspec server cannot start: already running or stopped ({self.core.state})")
         host, port = self.config.ssh.listen
+        if self.config.metrics.listen is not None or self.config.health.listen is not None:
+            # Before the SSH socket: a health check sees `starting` (503) until it listens.
+            from sshspec.adapters.metrics import bound_addresses, start_endpoints
+            try:
+                self.endpoints = await start_endpoints(self)
+            except OSError as exc:
+                where = (f"metrics.listen {self.config.metrics.listen}, "
+                         f"health.listen {self.config.health.listen}")
+                self.core.handle(core.ServerEvent.bind_failed, reason=f"{where}: {exc}")
+                raise StartError(f"cannot start the metrics/health endpoints: {exc}") from exc
+            self.endpoint_addresses = bound_addresses(self.endpoints)
         try:
             internals.assert_asyncssh_compat()  # a moved asyncssh private fails here, loudly
             internals.log_lazily()
             keys = load_host_keys(self.config)
             if self._configure:
                 self.handler = configured_handler(self.config)
+                self._watch_webhooks()
             options = server_options(
                 self.config.ssh.profile, kex=self.config.ssh.kex or None,
                 ciphers=self.config.ssh.ciphers or None, macs=self.config.ssh.macs or None,
@@ -729,6 +829,7 @@ class Server:
             self.sock = self._listen_socket(host, port)
         except (OSError, ValueError, asyncssh.KeyImportError, internals.AsyncsshCompatError) as exc:
             self.core.handle(core.ServerEvent.bind_failed, reason=f"{host}:{port}: {exc}")
+            await self.close_endpoints()
             raise StartError(f"cannot start on {host}:{port}: {exc}") from exc
         version = self.config.ssh.server_version.removeprefix("SSH-2.0-")
         ssh_options = dict(server_version=version, login_timeout=self.config.limits.login_timeout,
@@ -811,7 +912,15 @@ class Server:
         if self.acceptor is not None and listen_closed:
             with contextlib.suppress(Exception):
                 await self.acceptor.wait_closed()
+        await self.close_endpoints()
         self.logger.close()
+
+    async def close_endpoints(self) -> None:
+        """The metrics and health servers go last: a probe sees 503 through the drain."""
+        endpoints, self.endpoints = self.endpoints, []
+        for runner in endpoints:
+            with contextlib.suppress(Exception):
+                await runner.cleanup()
 
 
 # --- defaults: host keys and the out-of-the-box login ---------------------------------------
@@ -842,7 +951,7 @@ def configured_handler(config: Config, *, announce: Callable[[str], None] | None
         keys = tuple(asyncssh.import_public_key(line.strip()) for line in user.authorized_keys)
         users[user.username] = UserEntry(user.password_hash, keys)
     extra_keys = _read_authorized_keys(config.auth.authorized_keys_file)
-    if not users:
+    if not users and not config.auth.webhook.url:  # (with a webhook, its users are the users)
         from sshspec.adapters.passwords import hash_password
         name = getpass.getuser()
         password = secrets.token_urlsafe(12)
@@ -856,6 +965,17 @@ def configured_handler(config: Config, *, announce: Callable[[str], None] | None
     elif extra_keys:
         for name, entry in users.items():
             users[name] = UserEntry(entry.password_hash, entry.authorized_keys + extra_keys)
+    webhook, configserver = config.auth.webhook, config.configserver
+    if webhook.url or configserver.url:
+        from sshspec.adapters.webhooks import WebhookClient, WebhookHandler
+        return WebhookHandler(
+            users, auth=WebhookClient(webhook, webhook.auth_timeout, "auth webhook") if webhook.url else None,
+            password=webhook.password, public_key=webhook.public_key,
+            keyboard_interactive=webhook.keyboard_interactive,
+            config_server=WebhookClient(configserver, configserver.config_timeout, "config server")
+            if configserver.url else None,
+            backend_type=config.backend.type, env_deny=config.backend.env_deny,
+            max_env=config.limits.max_env, shell=config.backend.shell or None)
     return ConfiguredHandler(users, env_deny=config.backend.env_deny, max_env=config.limits.max_env,
                              shell=config.backend.shell or None)
 
@@ -906,6 +1026,7 @@ async def serve_async(config: Config, handler: Handler | None = None, *,
             await server.start()
         except StartError as exc:
             _announce(f"sshspec serve: {exc}")
+            await server.close_endpoints()
             return 1
         assert server.address is not None
         # Everything allocated so far (modules, specs, options) lives as long as the
@@ -913,6 +1034,8 @@ async def serve_async(config: Config, handler: Handler | None = None, *,
         # collections went from ~30 ms pauses to ~9 ms).
         gc.collect()
         gc.freeze()
+        for host, port in server.endpoint_addresses:
+            _announce(f"sshspec: metrics and health endpoints on http://{host}:{port}")
         _announce(f"sshspec: listening on {server.address[0]}:{server.address[1]}")
         if ready is not None:
             ready(server)
@@ -921,6 +1044,9 @@ async def serve_async(config: Config, handler: Handler | None = None, *,
         return 0
     finally:
         server.logger.close()  # writes what is still queued, however we leave
+        await server.close_endpoints()
+        with contextlib.suppress(Exception):
+            await server.handler.aclose()
 
 
 def run_workers(config: Config, handler: Handler | None, workers: int) -> int:
@@ -928,6 +1054,11 @@ def run_workers(config: Config, handler: Handler | None, workers: int) -> int:
     the same port, so the kernel spreads connections over every core. SIGTERM or
     SIGINT to the parent is passed to every worker; each shuts down gracefully."""
     from sshspec.adapters.config import Listen
+    if config.metrics.listen is not None or config.health.listen is not None:
+        # Each worker would need a port of its own, and a scrape would see one worker.
+        _announce("sshspec serve: metrics.listen and health.listen serve one process: "
+                  "use them without --workers")
+        return 2
     try:
         handler = handler if handler is not None else configured_handler(config)
     except ValueError as exc:  # an authorized_keys file that cannot be read or used

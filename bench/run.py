@@ -1,14 +1,15 @@
 """`make bench`: sshspec (B) against a bare asyncssh server (A) on this machine.
 
     .venv/bin/python bench/run.py [--quick] [-n N] [-c C] [--rounds R] [--sets S] [--set-rounds R]
-                                  [--side-only | --launch-only] [--sessions S] [--auth MODE]
+                                  [--side-only | --launch-only | --metrics-only] [--sessions S] [--auth MODE]
 
 Servers run as subprocesses pinned to CPU 0, the load client (bench/load.py) on CPU 1.
 Throughput rounds alternate A, B (log debug), B (log error) on long-lived servers; then
 sets of fresh A, B, B error serve side by side, for CPU per connection measured at the
 same moment (the capacity ratios); memory uses fresh servers. First, the launch phase:
 two servers running real programs through the local backend, one started normally and
-one with SIGHUP/SIGINT/SIGQUIT ignored (as `nohup ... &` leaves them), side by side. Prints a table and writes
+one with SIGHUP/SIGINT/SIGQUIT ignored (as `nohup ... &` leaves them), side by side; then the metrics
+phase: B with `metrics.listen` set against B without, side by side. Prints a table and writes
 bench/results/latest.json (plus a copy named after the date and commit). Targets are
 reported, never asserted.
 """
@@ -131,13 +132,14 @@ DURABLE_LOG = True  # the server's default (log.durable); --batched-log: false
 
 
 def server_b(work: Path, key: Path, level: str, name: str, *extra: str, pin: bool = True,
-             handler: str = "bench.handler:BenchHandler", ignore: tuple[int, ...] = ()) -> Server:
+             handler: str = "bench.handler:BenchHandler", ignore: tuple[int, ...] = (),
+             settings: dict[str, Any] | None = None) -> Server:
     config = work / f"{name}.yaml"
     config.write_text(json.dumps({  # JSON is YAML
         "ssh": {"listen": "127.0.0.1:0", "hostkeys": [str(key)]},
         "limits": {"maxStartups": 100000, "maxSessions": 10},
         "log": {"level": level, "format": "json", "file": str(work / f"{name}.log"), "durable": DURABLE_LOG},
-        "stateDir": str(work / "state")}))
+        "stateDir": str(work / "state"), **(settings or {})}))
     return start(name, [*SSHSPEC, "serve", "--config", str(config),
                         "--handler", handler, *extra], work, pin=pin, ignore=ignore)
 
@@ -335,6 +337,75 @@ def launch(work: Path, key: Path, n: int, c: int, sets: int, rounds: int) -> dic
             "rate_nohup_vs_normal": med([x[3] / x[2] for x in per_round])}
 
 
+ENDPOINTS = re.compile(r"endpoints on (http://[0-9.]+:\d+)")
+
+
+def scrape_connected(server: Server, work: Path) -> float:
+    """SSH_CONNECTED as the metrics endpoint counts it (urllib: the bench needs no curl)."""
+    import urllib.request
+    url = ENDPOINTS.search((work / f"{server.name}.stderr").read_text())
+    assert url is not None, f"{server.name} announced no metrics endpoint"
+    with urllib.request.urlopen(url.group(1) + "/metrics", timeout=10) as response:
+        text = response.read().decode()
+    match = re.search(r'^sshspec_codes_total\{code="SSH_CONNECTED"\} ([0-9.e+]+)$', text, re.M)
+    return float(match.group(1)) if match else -1.0
+
+
+def metrics_phase(work: Path, key: Path, n: int, c: int, sets: int, rounds: int) -> dict[str, Any]:
+    """B with `metrics.listen` set (a counter per code, histograms, the live collector)
+    against the same B without, side by side on CPU 0, each with its own client on CPU 1,
+    in sets of fresh servers (a server process has a speed of its own), start order
+    alternating. Both log at error level (nothing written on this path), so the ratio
+    is the metrics' own cost. After each round (outside the measured interval, as a
+    Prometheus scrape every 15 s would be) /metrics is read and its SSH_CONNECTED count
+    checked against the connections made."""
+    per_round: list[list[float]] = []  # [off ms/conn, on ms/conn, off conn/s, on conn/s]
+    for number in range(sets):
+        servers: list[Server] = []
+        try:
+            servers.append(server_b(work, key, "error", f"B_metrics_off{number}"))
+            servers.append(server_b(work, key, "error", f"B_metrics_on{number}",
+                                    settings={"metrics": {"listen": "127.0.0.1:0"}}))
+            for s in servers:
+                run_load(s, min(n, 100), c)  # warm-up
+            made = min(n, 100)
+            for r in range(rounds):
+                before = [s.cpu_ns() for s in servers]
+                order = [0, 1] if (number * rounds + r) % 2 == 0 else [1, 0]
+                procs = {i: subprocess.Popen(load("run", servers[i].port, n, c), cwd=ROOT, env=ENV,
+                                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                             preexec_fn=pinned(CLIENT_CPU)) for i in order}
+                done = {i: p.communicate(timeout=240) for i, p in procs.items()}
+                results = [json.loads(done[i][0] or b"{}") for i in range(2)]
+                if any(p.returncode != 0 for p in procs.values()) or any(x["errors"] for x in results):
+                    raise SystemExit(f"bench: metrics, set {number + 1} round {r + 1}: {results} "
+                                     f"{[done[i][1].decode()[-500:] for i in range(2)]}")
+                cpu = [(s.cpu_ns() - b) / 1e6 / x["ok"]
+                       for s, b, x in zip(servers, before, results, strict=True)]
+                per_round.append([*cpu, results[0]["conns_per_s"], results[1]["conns_per_s"]])
+                made += results[1]["ok"]
+                counted = scrape_connected(servers[1], work)
+                if counted != made:
+                    raise SystemExit(f"bench: metrics: /metrics counts {counted} SSH_CONNECTED, made {made}")
+                print(f"  set {number + 1}/{sets} round {r + 1}/{rounds} server ms/conn  off {cpu[0]:.3f}"
+                      f"  on {cpu[1]:.3f}  CPU on/off {cpu[1] / cpu[0]:.3f}  conn/s "
+                      f"{results[0]['conns_per_s']} / {results[1]['conns_per_s']}", flush=True)
+        finally:
+            for s in servers:
+                s.stop()
+
+    def spread(ratios: list[float]) -> dict[str, Any]:
+        q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+        return {"median": med(ratios), "q1": round(q[0], 3), "q3": round(q[2], 3),
+                "min": round(min(ratios), 3), "max": round(max(ratios), 3)}
+
+    return {"n": n, "c": c, "sets": sets, "rounds": rounds, "per_round": per_round,
+            "off_ms_per_conn": med([x[0] for x in per_round]),
+            "on_ms_per_conn": med([x[1] for x in per_round]),
+            "cpu_on_vs_off": spread([x[1] / x[0] for x in per_round]),
+            "rate_on_vs_off": spread([x[3] / x[2] for x in per_round])}
+
+
 def memory(work: Path, key: Path, sessions: int, big: int) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, make in (("A", lambda: server_a(work, key)),
@@ -429,6 +500,16 @@ def report(res: dict[str, Any]) -> None:
               f"{la['rounds']} rounds side by side): started with SIGHUP/SIGINT/SIGQUIT ignored vs normally: "
               f"CPU per connection {la['cpu_nohup_vs_normal']:.3f} ({la['nohup_ms_per_conn']} vs "
               f"{la['normal_ms_per_conn']} ms), conn/s {la['rate_nohup_vs_normal']:.3f}")
+    if "metrics" in res:
+        me = res["metrics"]
+        print(f"\nmetrics (metrics.listen set vs unset, log error on both; N={me['n']} each, {me['sets']} "
+              f"sets x {me['rounds']} rounds side by side): median [quartiles] (min max)")
+        for key, label in (("cpu_on_vs_off", "CPU per connection on/off"),
+                           ("rate_on_vs_off", "conn/s on/off")):
+            r = me[key]
+            print(f"  {label:<28}{r['median']:>7.3f}  [{r['q1']:.3f} {r['q3']:.3f}]  "
+                  f"({r['min']:.3f} {r['max']:.3f})")
+        print(f"  server ms/conn: off {me['off_ms_per_conn']}, on {me['on_ms_per_conn']}")
     targets = res["targets"]
     print()
     for key, (value, target, ok) in targets.items():
@@ -468,6 +549,13 @@ def targets(res: dict[str, Any]) -> dict[str, tuple[Any, str, bool]]:
             la["cpu_nohup_vs_normal"], "<= 1.05", la["cpu_nohup_vs_normal"] <= 1.05)
         out["nohup launch: conn/s vs normal"] = (
             la["rate_nohup_vs_normal"], ">= 0.95", la["rate_nohup_vs_normal"] >= 0.95)
+    if "metrics" in res:
+        me = res["metrics"]
+        # Within 2%: conn/s on >= 0.98 of off; capacity 1 / CPU ratio likewise.
+        out["metrics on: conn/s vs off (side by side)"] = (
+            me["rate_on_vs_off"]["median"], ">= 0.98", me["rate_on_vs_off"]["median"] >= 0.98)
+        cap = me["cpu_on_vs_off"]["median"]
+        out["metrics on: capacity vs off (side by side)"] = (round(1 / cap, 3), ">= 0.98", cap <= 1 / 0.98)
     if "throughput" not in res:
         return out
     t, m = res["throughput"], res["memory"]
@@ -507,6 +595,9 @@ def main() -> None:
                         help="also hold this many idle sessions on one B (default 5000; 0: skip)")
     parser.add_argument("--launch-only", action="store_true",
                         help="only the launch phase: normal vs nohup-style launch, side by side")
+    parser.add_argument("--metrics-only", action="store_true",
+                        help="only the metrics phase: metrics.listen set vs unset, side by side "
+                             "(--sets, default 4)")
     parser.add_argument("--auth", choices=["trivial", "scrypt"], default="trivial",
                         help="password check on both servers (default: hmac compare, no scrypt)")
     parser.add_argument("--batched-log", action="store_true",
@@ -534,21 +625,30 @@ def main() -> None:
                                "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "auth": args.auth,
                                "python": sys.version.split()[0],
                                "asyncssh": asyncssh.__version__, "cpus": os.cpu_count(), "pinned": TWO_CPUS}
-        if not args.side_only:
+        if args.metrics_only:
+            metrics_n = max(50, n * 3 // 10)
+            metrics_sets = args.sets or (2 if args.quick else 4)
+            print(f"metrics: N={metrics_n} each, {metrics_sets} sets x {args.set_rounds} rounds", flush=True)
+            res["metrics"] = metrics_phase(work, key, metrics_n, args.c, metrics_sets, args.set_rounds)
+        elif not args.side_only:
             launch_n = max(50, n // 5)
             launch_sets = (args.sets if args.launch_only else None) or 2
             print(f"launch: N={launch_n} each, {launch_sets} sets x {args.set_rounds} rounds", flush=True)
             res["launch"] = launch(work, key, launch_n, args.c, launch_sets, args.set_rounds)
-        if not args.side_only and not args.launch_only:
+        if not args.side_only and not args.launch_only and not args.metrics_only:
+            metrics_n = max(50, n * 3 // 10)
+            metrics_sets = 2 if args.quick else 4
+            print(f"metrics: N={metrics_n} each, {metrics_sets} sets x {args.set_rounds} rounds", flush=True)
+            res["metrics"] = metrics_phase(work, key, metrics_n, args.c, metrics_sets, args.set_rounds)
             print(f"throughput: N={n} C={args.c}, {rounds} rounds", flush=True)
             res["throughput"] = throughput(work, key, n, args.c, rounds)
-        if not args.launch_only:
+        if not args.launch_only and not args.metrics_only:
             side_n = max(50, n * 3 // 10)
             sets = args.sets or (2 if args.quick else 6)
             set_rounds = 1 if args.quick else args.set_rounds
             print(f"side by side: N={side_n} each, {sets} sets x {set_rounds} rounds", flush=True)
             res["side_by_side"] = side_by_side(work, key, side_n, args.c, sets, set_rounds)
-        if not args.side_only and not args.launch_only:
+        if not args.side_only and not args.launch_only and not args.metrics_only:
             print(f"memory: {idle} idle sessions" + (f", then {big} on B" if big else ""), flush=True)
             res["memory"] = memory(work, key, idle, big)
             res["workers"] = workers(work, key, n, args.c)
@@ -562,7 +662,8 @@ def main() -> None:
     text = json.dumps(res, indent=2)
     (out / "latest.json").write_text(text)
     stamp = res["date"].replace(":", "").replace("-", "")
-    kind = "-quick" if args.quick else "-side" if args.side_only else "-launch" if args.launch_only else ""
+    kind = "-quick" if args.quick else "-side" if args.side_only else "-launch" if args.launch_only \
+        else "-metrics" if args.metrics_only else ""
     (out / f"{stamp}-{res['commit']}{kind}.json").write_text(text)
     print(f"\nwrote bench/results/latest.json ({res['elapsed_s']} s)")
 

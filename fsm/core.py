@@ -934,7 +934,13 @@ class ConnectionCore:
             name = ConnectionEvent.publickey if event.signed else ConnectionEvent.publickey_query
         else:
             name = AUTH_METHODS.get(event.method, ConnectionEvent.other_method)
-        self._fire(name, method=event.method)
+        self._fire(name, method=event.method, reason=self._while_admitting())
+
+    def _while_admitting(self) -> str | None:
+        """Why a request for authentication ends the connection while the backend decides."""
+        if self.state == "authenticated":
+            return "authentication request while the backend decides on valid credentials"
+        return None
 
     def _verdict_event(
         self, verdict: object, what: str, reason: str | None
@@ -1000,7 +1006,9 @@ class ConnectionCore:
         )
 
     def _kbdint_response(self, event: KbdintResponse) -> None:
-        step = self._fire(ConnectionEvent.kbdint_response, method="keyboard-interactive")
+        step = self._fire(
+            ConnectionEvent.kbdint_response, method="keyboard-interactive", reason=self._while_admitting()
+        )
         if step.target == "checking":
             self.out.append(CheckCredentials("keyboard-interactive"))
 

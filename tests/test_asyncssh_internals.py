@@ -1122,6 +1122,50 @@ def test_auth_publickey_query_vs_signed_and_kbdint_asyncssh_client() -> None:
     run(main)
 
 
+def test_success_waits_for_the_awaitable_on_auth_result_returns() -> None:
+    """A backend that decides after the credentials: USERAUTH_SUCCESS goes out when the
+    awaitable the hook returned is done; a disconnect meanwhile suppresses it."""
+
+    async def main() -> None:
+        ctx = Ctx()
+        verdicts: list[asyncio.Future[None]] = []
+        servers: list[AuthServer] = []
+
+        class Deciding(AuthServer):
+            def on_auth_result(self, conn: asyncssh.SSHServerConnection, res: AuthResult) -> Any:
+                super().on_auth_result(conn, res)
+                if res.kind != "success":
+                    return None
+                verdicts.append(asyncio.get_running_loop().create_future())
+                return verdicts[-1]
+
+        def factory() -> AuthServer:
+            servers.append(Deciding(ctx))
+            return servers[-1]
+
+        async with serve(ctx, factory) as port:
+            login = asyncio.ensure_future(aconnect(port, client_keys=[GOOD_KEY]))
+            while not verdicts:
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.2)
+            assert not login.done() and not ctx.auth_completed.done()  # SUCCESS is held
+            verdicts[0].set_result(None)
+            async with await login:
+                await ctx.auth_completed
+            # The second client: refused while its SUCCESS waits.
+            login = asyncio.ensure_future(aconnect(port, client_keys=[GOOD_KEY]))
+            while len(verdicts) < 2:
+                await asyncio.sleep(0.01)
+            assert servers[1].conn is not None
+            servers[1].conn.disconnect(asyncssh.DISC_BY_APPLICATION, "backend says no")
+            verdicts[1].set_result(None)
+            with pytest.raises(asyncssh.DisconnectError) as info:
+                await login
+            assert info.value.reason.startswith("backend says no")
+
+    run(main)
+
+
 def test_adapter_disconnects_on_too_many_failures_asyncssh_client() -> None:
     """The adapter counts failures and, at the limit, sends DISCONNECT (14) INSTEAD of
     the USERAUTH_FAILURE asyncssh was about to send."""

@@ -180,7 +180,8 @@ def test_config_is_frozen() -> None:
     [
         ("ssh: {lisen: 127.0.0.1:22}", "ssh.lisen: unknown key (did you mean `listen`?)"),
         ("sshd: {}", "sshd: unknown key (did you mean `ssh`?)"),
-        ("zzz: 1", "zzz: unknown key (known keys: ssh, auth, limits, backend, log, stateDir)"),
+        ("zzz: 1", "zzz: unknown key (known keys: ssh, auth, limits, backend, log, configserver, metrics, "
+                   "health, stateDir)"),
         ("state_dir: /x", "state_dir: unknown key (did you mean `stateDir`?)"),
         (
             "auth: {users: [{username: a, authorizedKeys: [], password: x}]}",
@@ -679,3 +680,37 @@ def test_the_readme_example_is_the_defaults(tmp_path: Path) -> None:
     del data["auth"]["users"]  # an example user whose hash is elided
     config = load_config(_write(tmp_path, yaml.safe_dump(data)))
     assert config == default_config()
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("auth: {webhook: {url: 'ftp://x'}}",
+         "auth.webhook.url: `ftp://x`: expected http(s)://host[:port][/path]"),
+        ("auth: {webhook: {url: 'http://x:99999'}}", "auth.webhook.url: not a URL: Port out of range"),
+        ("auth: {webhook: {url: 'http://x', timeout: 11s}}",
+         "auth.webhook.timeout: is longer than auth.webhook.authTimeout (10s)"),
+        ("auth: {webhook: {url: 'http://x', timeout: 0}}", "auth.webhook.timeout: must be greater than 0"),
+        ("auth: {webhook: {url: 'http://x', cacert: ca.pem}}",
+         "auth.webhook.cacert: is set but the url is http://, not https://"),
+        ("configserver: {url: 'https://x', cacert: /nonexistent/ca.pem}",
+         "configserver.cacert: cannot be used"),
+        ("configserver: {url: 'https://x', key: k.pem}", "configserver.key: is set without cert"),
+        ("configserver: {url: 'https://x', tlsVersion: '1.1'}",
+         "configserver.tlsVersion: Invalid enum value '1.1'"),
+        ("auth: {webhook: {passwd: true}}", "auth.webhook.passwd: unknown key (did you mean `password`?)"),
+        ("metrics: {listen: 9100}", "metrics.listen: Expected `host:port` as a string, got `int`"),
+        ("metrics: {listen: localhost}", "metrics.listen: Invalid listen address"),
+        ("metrics: {path: metrics}", "metrics.path: Expected `str` matching regex"),
+        ("health: {listen: '127.0.0.1:2222'}", "health.listen: is ssh.listen's address"),
+    ],
+)
+def test_webhook_and_endpoint_keys_are_checked(tmp_path: Path, text: str, expected: str) -> None:
+    assert _error(tmp_path, text).startswith(expected)
+
+
+def test_webhook_tls_files_are_loaded_at_start(tmp_path: Path) -> None:
+    """A CA file that is not a certificate is exit 2 naming the key, not a failed login."""
+    (tmp_path / "ca.pem").write_text("not a certificate\n")
+    text = f"auth: {{webhook: {{url: 'https://auth.example', cacert: {tmp_path / 'ca.pem'}}}}}"
+    assert _error(tmp_path, text).startswith("auth.webhook.cacert: cannot be used")
