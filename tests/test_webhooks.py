@@ -434,7 +434,8 @@ def test_a_client_that_asks_without_reading_while_the_config_server_decides(serv
         c.stop_reading()
         sent = c.flood(5, b"\x00\x00\x00\x0cssh-userauth")  # SERVICE_REQUEST
         records = tail_of(live, cid)
-        assert records[-4:] == [("SSH_AUTH_SUCCESSFUL", "auth_ok"), ("SSH_BUFFER_EXCEEDED", "buffer_exceeded"),
+        assert records[-4:] == [("SSH_AUTH_SUCCESSFUL", "auth_ok"),
+                                ("SSH_BUFFER_EXCEEDED", "buffer_exceeded"),
                                 ("SSH_HANDSHAKE_FAILED", "buffer_exceeded"),
                                 ("SSH_DISCONNECTED", "buffer_exceeded")], (sent, records)
     finally:
