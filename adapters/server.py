@@ -57,7 +57,7 @@ _KINDS: dict[str, Kind] = {name: kind(code.level, name, _short(code.explanation)
 # SpecConnection.log builds Labels positionally, in this order: a field moved in
 # Labels must fail here, not mislabel every record.
 assert Labels.__struct_fields__ == ("connection_id", "remote_addr", "username", "channel_id", "request_type",
-                                    "method", "reason", "exit_code", "signal", "event")
+                                    "method", "reason", "exit_code", "signal", "event", "container")
 
 
 class Emitter:
