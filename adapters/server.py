@@ -20,12 +20,15 @@ import secrets
 import signal
 import socket
 import typing
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import asyncssh
 import msgspec
+
+if typing.TYPE_CHECKING:
+    from sshspec.adapters.backend_docker import DockerBackend
 
 from sshspec.adapters import asyncssh_internals as internals
 from sshspec.adapters.algorithms import server_options
@@ -265,17 +268,25 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        # A backend deciding on the authenticated user at its own pace (the docker
+        # backend starting the container): its answer to come, and the auth method.
+        self._admission: tuple[asyncio.Task[tuple[object, str | None]], str] | None = None
 
     def log(self, codes: tuple[str, ...], event: str, *, channel_id: int | None = None,
             request_type: str | None = None, method: str | None = None, reason: str | None = None,
-            exit_code: int | None = None, signal: str | None = None) -> None:
+            exit_code: int | None = None, signal: str | None = None, container: str | None = None) -> None:
         emitter = self.server.emitter
         if records := emitter.records(codes):
             who = self.identity
             # Positional, in Labels' field order: one C call, no keyword dict (structs.replace
             # with keywords cost ~1k instructions a step more).
             emitter.add(records, Labels(who.connection_id, who.remote_addr, who.username, channel_id,
-                                        request_type, method, reason, exit_code, signal, str(event)))
+                                        request_type, method, reason, exit_code, signal, str(event),
+                                        container))
+
+    def log_container(self, codes: tuple[str, ...], event: str, reason: str | None, container: str) -> None:
+        """A record of one of this connection's containers (the docker backend's)."""
+        self.log(codes, event, reason=reason, container=container)
 
     def _identify(self, *, remote_addr: str | None = None, username: str | None = None) -> None:
         """Who the connection is, for the handlers (ConnectionInfo) and the log (identity)."""
@@ -337,10 +348,30 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
     def _answered(self, action: core.Action) -> None:
         """Carried out by the asyncssh callback that is waiting for the core (its return value)."""
 
-    def _admit_user(self, action: core.AdmitUser) -> core.Event:
+    def _admit_user(self, action: core.AdmitUser) -> core.Event | None:
         assert self.backend is not None and self.info.username is not None
         accepted, reason = _ask(self.backend.accept_user, self.info.username)
-        return core.UserVerdict(accepted, action.method, reason)
+        if not inspect.isawaitable(accepted):
+            return core.UserVerdict(accepted, action.method, reason)
+        # The backend takes its time: the verdict is handed over when it comes, before
+        # USERAUTH_SUCCESS may go (on_auth_result); the task is the backend's, not the
+        # auth's, so asyncssh cancelling the auth does not cut the backend's work short.
+        task = asyncio.get_running_loop().create_task(_ask_async(_awaited, accepted))
+        self._admission = (task, action.method)
+        return None
+
+    async def _admitted(self) -> None:
+        """USERAUTH_SUCCESS waits here for the backend's verdict on the user."""
+        assert self._admission is not None
+        task, method = self._admission
+        accepted, reason = await asyncio.shield(task)
+        self._admission = None
+        self.handle(core.UserVerdict(accepted, method, reason))
+
+    def _answer(self, actions: list[core.Action]) -> bool:
+        """Whether the auth request the SSH layer is answering gets a positive answer
+        (or one held until the backend's verdict: `_admitted`)."""
+        return _accepted(actions) or self._admission is not None
 
     def _open_session(self, action: core.OpenSession) -> core.Event | None:
         assert self.backend is not None and self.conn is not None
@@ -403,6 +434,8 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
         if self._timer is not None:
             self._timer.cancel()
             self._timer, self._timer_at = None, None
+        if self.backend is not None:
+            _ask(self.backend.close)  # its container released (docker), whatever the backend holds
         self.server.connection_closed(self)
 
     # -- asyncssh's SSHServer callbacks
@@ -421,6 +454,9 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
         internals.install_hooks(conn, self, max_pending_global=self.server.config.limits.max_queued_requests,
                                 per_user_config=False)  # no config file: nothing to re-evaluate per user
         backend, reason = _ask(self.server.handler.connection, self.info)
+        if backend is not None and self.server.docker is not None:
+            backend = self.server.docker.connection(backend, self.server.handler, self.info,  # type: ignore[arg-type]
+                                                    self.log_container)
         self.handle(core.Connected())
         if backend is None:  # a handler bug ends this connection, logged
             self.handle(core.ConnectionLost(core.Lost.lost, reason or f"handler error: connection() returned "
@@ -477,20 +513,24 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
         self.handle(core.AuthRequested(req.method or repr(req.raw_method), key.signed if key else None,
                                        key.algorithm if key else None))
 
-    def on_auth_result(self, conn: asyncssh.SSHServerConnection, res: internals.AuthResult) -> None:
+    def on_auth_result(self, conn: asyncssh.SSHServerConnection,
+                       res: internals.AuthResult) -> Awaitable[None] | None:
         if res.kind in ("success", "failure", "superseded"):
             self.handle(core.AuthAnswered(res.kind, res.request.method if res.request else None))
+        if res.kind == "success" and self._admission is not None:
+            return self._admitted()  # USERAUTH_SUCCESS waits for the backend's verdict
+        return None
 
     async def validate_password(self, username: str, password: str) -> bool:
         assert self.backend is not None
         verdict, reason = await _ask_async(self.backend.check_password, username,
                                            password.encode("utf-8", "surrogateescape"))
-        return _accepted(self.handle(core.Credentials(verdict, "password", reason)))
+        return self._answer(self.handle(core.Credentials(verdict, "password", reason)))
 
     async def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
         assert self.backend is not None
         actions = self.handle(core.KeyChecked(*await _ask_async(self.backend.check_publickey, username, key)))
-        return any(isinstance(a, core.KeyAcceptable) and a.ok for a in actions) or _accepted(actions)
+        return any(isinstance(a, core.KeyAcceptable) and a.ok for a in actions) or self._answer(actions)
 
     def get_kbdint_challenge(self, username: str, lang: str, submethods: str) -> Any:
         assert self.backend is not None
@@ -504,7 +544,7 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
             return False
         password = (responses[0] if responses else "").encode("utf-8", "surrogateescape")
         verdict, reason = await _ask_async(self.backend.check_password, username, password)
-        return _accepted(self.handle(core.Credentials(verdict, "keyboard-interactive", reason)))
+        return self._answer(self.handle(core.Credentials(verdict, "keyboard-interactive", reason)))
 
     def on_global_request(self, conn: asyncssh.SSHServerConnection, req: internals.GlobalRequest) -> bool:
         name = req.name if req.malformed is None and req.name is not None else repr(req.raw_name)
@@ -555,6 +595,10 @@ def _ask(call: Callable[..., object], *args: object) -> tuple[object, str | None
         return call(*args), None
     except Exception as exc:
         return None, _why(exc)
+
+
+async def _awaited(answer: Awaitable[object]) -> object:
+    return await answer
 
 
 async def _ask_async(call: Callable[..., object], *args: object) -> tuple[object, str | None]:
@@ -625,6 +669,11 @@ class Server:
         self.machines = machines(config)
         self.core = core.ServerCore(self.machines, self.log)
         self.handler = handler if handler is not None else configured_handler(config)
+        self.docker: DockerBackend | None = None
+        if config.backend.type == "docker":
+            from sshspec.adapters.backend_docker import DockerBackend
+            self.docker = DockerBackend(config.docker, log=self.log_container,
+                                        env_deny=config.backend.env_deny, max_env=config.limits.max_env)
         self.connections: set[SpecConnection] = set()
         self.acceptor: asyncssh.SSHAcceptor | None = None
         self.sock: socket.socket | None = None
@@ -635,6 +684,11 @@ class Server:
     def log(self, codes: tuple[str, ...], event: str, reason: str | None, remote_addr: str | None) -> None:
         if records := self.emitter.records(codes):
             self.emitter.add(records, Labels(remote_addr=remote_addr, reason=reason, event=str(event)))
+
+    def log_container(self, codes: tuple[str, ...], event: str, reason: str | None, container: str) -> None:
+        """A record of a container no connection owns (found left behind at start-up)."""
+        if records := self.emitter.records(codes):
+            self.emitter.add(records, Labels(reason=reason, event=str(event), container=container))
 
     async def start(self) -> None:
         self.core.handle(core.ServerEvent.start)
@@ -653,6 +707,8 @@ class Server:
             self.core.handle(core.ServerEvent.bind_failed, reason=f"{host}:{port}: {exc}")
             raise StartError(f"cannot start on {host}:{port}: {exc}") from exc
         version = self.config.ssh.server_version.removeprefix("SSH-2.0-")
+        if self.docker is not None:
+            await self.docker.start()  # removes what dead predecessors left, in the background
         self.acceptor = await asyncssh.create_server(
             lambda: SpecConnection(self), sock=self.sock, server_version=version,
             login_timeout=self.config.limits.login_timeout,
@@ -719,6 +775,8 @@ class Server:
             # abort() reports connection_lost on the next loop turns: wait for them.
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._all_closed.wait(), 5)
+        if self.docker is not None:
+            await self.docker.close()  # every connection's container removed before SSH_STOPPED
         self.core.handle(core.ServerEvent.drained)
         if self.acceptor is not None and listen_closed:
             with contextlib.suppress(Exception):
@@ -830,6 +888,8 @@ async def serve_async(config: Config, handler: Handler | None = None, *,
         await server.shutdown()
         return 0
     finally:
+        if server.docker is not None:
+            await server.docker.close()  # a start that failed: nothing to wait for but the client
         server.logger.close()  # writes what is still queued, however we leave
 
 
