@@ -114,3 +114,21 @@ class PerUserContainers(App):
         if username == "bob":
             return dataclasses.replace(settings, env=env, memory=64 * 1024 * 1024, pids=64)
         return dataclasses.replace(settings, env=env)
+
+
+class FailingContainers(App):
+    """backend.type docker, a container that cannot be made per user (password: the
+    user's name): "ok" gets the config's; "absent" an image that is not there;
+    "badnet" a network that does not exist (the create fails); "badcmd" an idle
+    command that does not exist (the start fails)."""
+
+    async def check_password(self, username: str, password: bytes) -> AuthVerdict:
+        known = ("ok", "absent", "badnet", "badcmd")
+        return "ok" if username in known and password == username.encode() else "bad"
+
+    def container_settings(self, username: str, settings):  # type: ignore[no-untyped-def]
+        import dataclasses
+        changes = {"absent": {"image": "localhost/sshspec-absent:1"},
+                   "badnet": {"network": "sshspec-no-such-network"},
+                   "badcmd": {"idle_command": ("/nonexistent",)}}.get(username, {})
+        return dataclasses.replace(settings, **changes)
