@@ -717,6 +717,9 @@ class _Exec:
                 self.backend.config.timeouts.start)
             self.stream = self.exec.start()
             await asyncio.wait_for(self.stream.__aenter__(), self.backend.config.timeouts.start)
+            if self._killed:  # the channel closed while the program was starting
+                self.backend.spawn(self._end_unannounced())
+                return
             if self.pty is not None:
                 await self.exec.resize(h=self.pty.rows, w=self.pty.cols)
         except _engine_errors() as exc:
@@ -894,13 +897,41 @@ class _Exec:
         self._killed = True
         for task in self._tasks:
             task.cancel()
-        if signal_group and self.pid is not None:
-            self.signal("HUP")
-            self.backend.spawn(self._kill_later(self.pid))
-        if self.stream is not None:
-            self.backend.spawn(self.stream.close())
+        if not signal_group:
+            if self.stream is not None:
+                self.backend.spawn(self.stream.close())
+        elif self.pid is not None:
+            self.backend.spawn(self._end(self.pid))
+        elif self.stream is not None:  # its pid line has not been read yet
+            self.backend.spawn(self._end_unannounced())
+        # (no stream yet: start() sees _killed once it has one)
         self._finished.set_result(ExitStatus(code=None, signal="KILL"))
 
-    async def _kill_later(self, pid: int) -> None:
+    async def _end(self, pid: int) -> None:
+        """SIGHUP to the program's group; SIGKILL for whoever is left a moment later."""
+        await self._kill("HUP", pid)
+        if self.stream is not None:
+            with contextlib.suppress(Exception):
+                await self.stream.close()
         await asyncio.sleep(_HUP_GRACE)
         await self._kill("KILL", pid)
+
+    async def _end_unannounced(self) -> None:
+        """Ended before its pid line was read: read it (it comes first), then end it."""
+        assert self.stream is not None
+        head = self._head
+        try:
+            while b"\n" not in head and len(head) <= _MAX_PID_LINE:
+                message = await asyncio.wait_for(self.stream.read_out(), self.backend.config.timeouts.start)
+                if message is None:
+                    break
+                if message.stream == 1:
+                    head += message.data
+        except _engine_errors() as exc:
+            log.debug("exec of %s ended before its pid was known: %s", self.container.name, _why(exc))
+        line = head.partition(b"\n")[0].rstrip(b"\r")
+        if line.isdigit():
+            await self._end(int(line))
+        else:
+            with contextlib.suppress(Exception):
+                await self.stream.close()

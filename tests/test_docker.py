@@ -168,6 +168,16 @@ def test_conformance_cases_in_a_container(served: tuple[LiveServer, Path]) -> No
             # a killed program: the engine reports 128+N (see adapters/backend_docker.py)
             result = await conn.run("kill -TERM $$")
             assert result.exit_status == 143 and result.exit_signal is None
+            # a channel closed under a running program ends it (and its group) in the container
+            proc = await conn.create_process("sleep 600 & echo started; wait", encoding=None)
+            assert await proc.stdout.readline() == b"started\n"
+            proc.close()
+            for _ in range(100):  # polling the container's process list
+                if "sleep 600" not in str((await conn.run("ps")).stdout):
+                    break
+                await asyncio.sleep(0.05)
+            else:
+                raise AssertionError("the closed channel's program still runs")
     asyncio.run(main())
 
 
