@@ -101,7 +101,10 @@ class Podman:
         (root / "containers.conf").write_text(
             "[containers]\ndefault_ulimits = []\n"
             f'[engine]\ncgroup_manager = "cgroupfs"\nruntime = "runc"\nevents_logger = "file"\n'
-            f'events_logfile_path = "{root}/events.log"\ntmp_dir = "{root}/tmp"\n')
+            f'events_logfile_path = "{root}/events.log"\ntmp_dir = "{root}/tmp"\n'
+            # An exec's conmon (~1.6 MiB) lingers this long after the exec ended (default
+            # 300 s, Docker's exec record lifetime); sshspec reads the exit code at once.
+            "exit_command_delay = 10\n")
         (root / "storage.conf").write_text(
             f'[storage]\ndriver = "vfs"\nrunroot = "{root}/run"\ngraphroot = "{root}/storage"\n')
         env = {**os.environ, "CONTAINERS_CONF": str(root / "containers.conf"),
