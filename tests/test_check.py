@@ -358,8 +358,8 @@ def test_channel_before_authentication(tmp_path: Path, capsys: pytest.CaptureFix
     lines.insert(at, channel)
     assert doctored(tmp_path, capsys, lines) == (1, (
         f"LOG:{at + 1}: connection (c1): in state(s) authenticated, the spec allows "
-        "SSH_BACKEND_REJECTED_HANDSHAKE, SSH_BUFFER_EXCEEDED, SSH_HANDSHAKE_FAILED, SSH_HANDSHAKE_SUCCESSFUL, "
-        "SSH_LOGIN_TIMEOUT, saw SSH_NEW_CHANNEL (event session_open)\n"))
+        "SSH_BACKEND_REJECTED_HANDSHAKE, SSH_BUFFER_EXCEEDED, SSH_HANDSHAKE_FAILED, "
+        "SSH_HANDSHAKE_SUCCESSFUL, SSH_LOGIN_TIMEOUT, saw SSH_NEW_CHANNEL (event session_open)\n"))
 
 
 def test_request_outcome_without_request(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
