@@ -479,3 +479,61 @@ def test_a_client_that_stops_reading_cannot_grow_the_server(podman: Podman, serv
         client.wait(10)
     all_removed(live, 1)
     assert podman.names(HOST_LABEL) == []
+
+
+# --- with a config server: its answer first, then the container ----------------------------------------
+
+
+def test_the_config_server_answers_then_the_container_starts(podman: Podman, server_factory: Any) -> None:
+    """One login, both waits of `authenticated` in order: while the config server holds its
+    answer no container exists and no USERAUTH_SUCCESS went out; released, its `docker`
+    settings (env, memory, pids) and `environment` make the container, then SUCCESS."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from authconfig_server import AuthConfigServer
+
+    acs = AuthConfigServer().start()
+    try:
+        user = "held-docker"
+        acs.passwords[user] = "pw"
+        acs.configs[user] = {
+            "config": {"docker": {"env": {"WHO": "configured"}, "memory": "64m", "pids": 64}},
+            "environment": {"FROM_ANSWER": {"value": "yes"}}}
+        live = server_factory({**docker(podman.socket),
+                               "auth": {"webhook": {"url": acs.url, "timeout": "60s", "authTimeout": "60s"}},
+                               "configserver": {"url": acs.url, "timeout": "60s", "configTimeout": "60s"}})
+        c = ProtocolClient.connect(live.port)
+        try:
+            c.service_request()
+            assert c.next_auth_reply(WAIT) == "SERVICE_ACCEPT"
+            c.auth_password(user, "pw")
+            live.wait_for(lambda rs: any(r["code"] == "SSH_AUTH_SUCCESSFUL" for r in rs))
+            assert c.next_auth_reply(0.5) == "NOTHING"  # the config server holds its answer
+            assert podman.names(HOST_LABEL) == []  # and no container is made before it answers
+        finally:
+            c.close_all()
+        records = live.wait_for(lambda rs: any(r["code"] == "SSH_DISCONNECTED" for r in rs))
+        assert not containers_of(records)  # the client left while the config server decided
+        acs.release()
+
+        async def main() -> list[str]:
+            async with connect(live, user, "pw") as conn:
+                result = await conn.run("echo $WHO $FROM_ANSWER; cat "
+                                        "/sys/fs/cgroup/memory/memory.limit_in_bytes "
+                                        "/sys/fs/cgroup/pids/pids.max")
+                return str(result.stdout).split()
+        assert asyncio.run(main()) == ["configured", "yes", str(64 * 1024 * 1024), "64"]
+        records = all_removed(live, 1)
+        name = containers_of(records)[0]
+        order = [r["code"] for r in records
+                 if r["code"] in ("SSH_AUTH_SUCCESSFUL", "SSH_HANDSHAKE_SUCCESSFUL")
+                 or r["labels"].get("container") == name]
+        assert order[-9:] == ["SSH_AUTH_SUCCESSFUL", "DOCKER_IMAGE_PULL_NEEDED_CHECKING",
+                              "DOCKER_CONTAINER_CREATE", "DOCKER_CONTAINER_START",
+                              "DOCKER_CONTAINER_RUNNING", "SSH_HANDSHAKE_SUCCESSFUL",
+                              "DOCKER_CONTAINER_STOP", "DOCKER_CONTAINER_REMOVE",
+                              "DOCKER_CONTAINER_REMOVE_SUCCESSFUL"], order
+        assert [body["username"] for body in acs.of("config")] == [user, user]
+        assert live.stop() == 0
+        check_log(live)
+    finally:
+        acs.stop()
