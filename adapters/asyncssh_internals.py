@@ -657,12 +657,12 @@ class ConnectionHooks:
         """Every USERAUTH_REQUEST, before asyncssh acts on it.  Calling
         conn.disconnect() here stops asyncssh from processing it."""
 
-    def on_auth_result(self, conn: asyncssh.SSHServerConnection,
-                       res: AuthResult) -> Awaitable[object] | None:
+    def on_auth_result(self, conn: asyncssh.SSHServerConnection, res: AuthResult) -> Awaitable[None] | None:
         """Every answer asyncssh is about to send to an auth request.  Calling
         conn.disconnect() here sends DISCONNECT *instead of* that answer.  For a
-        ``success`` it may return an awaitable: the SUCCESS goes out once it is done
-        (unless the connection was disconnected meanwhile)."""
+        success it may return an awaitable: USERAUTH_SUCCESS waits for it (a backend
+        admitting the user at its own pace), and is not sent if the connection ended
+        or was disconnected meanwhile."""
         return None
 
     def on_kex_done(self, conn: asyncssh.SSHServerConnection, count: int) -> None:
@@ -969,12 +969,13 @@ def _hook_auth_answers(state: HookState) -> None:
 
     async def send_userauth_success() -> None:
         state.auth_answered = True
-        pending = _call_hook("on_auth_result", state.hooks.on_auth_result, conn,
+        waiting = _call_hook("on_auth_result", state.hooks.on_auth_result, conn,
                              AuthResult(state.last_auth, "success"))
-        if inspect.isawaitable(pending):
-            # The adapter's backend decides after the credentials (a config server): the
-            # SUCCESS waits for it; a refusal disconnects meanwhile and suppresses it.
-            await pending
+        if inspect.isawaitable(waiting):
+            try:
+                await waiting
+            except Exception as exc:
+                _report_hook_error("on_auth_result", exc)
         if not _transport_gone(conn):
             state.authenticated = True
             await orig_success()

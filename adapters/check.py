@@ -85,7 +85,7 @@ def replay_lines(name: str, lines: Iterable[bytes], machines: Mapping[str, CodeA
                 result.status, result.violation = EXIT_FAIL, True
                 return result
             problem = replay.feed(record.code, record.labels.connection_id, record.labels.channel_id,
-                                  record.labels.event)
+                                  record.labels.event, record.labels.container)
         except ValueError as exc:  # RecordError is one
             reason = str(exc).removeprefix("corrupt log record: ")
             result.problems.append(f"{name}:{number}: corrupt record: {reason}")

@@ -293,9 +293,75 @@ class LimitsConfig(_Section, frozen=True):
 
 
 class BackendConfig(_Section, frozen=True):
-    type: Literal["local"] = "local"
+    type: Literal["local", "docker"] = "local"  # docker: a container per connection (see `docker:`)
     env_deny: tuple[NonEmpty, ...] = ("LD_*", "DYLD_*")  # fnmatch patterns
     shell: str = ""  # empty: the user's login shell from the passwd entry, as sshd does
+
+
+# `docker.memory`: bytes, or a number with a unit (k, m, g: powers of 1024), as `docker run -m`.
+MEMORY = re.compile(r"(\d+)([kmg]?)b?", re.IGNORECASE)
+_MEMORY_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+# The default idle command: waits for ever and ends at SIGTERM (a plain `sleep` as PID 1
+# ignores it, so every stop would wait out docker.timeouts.stop). Needs /bin/sh.
+DEFAULT_IDLE = ("/bin/sh", "-c", "trap 'exit 0' TERM INT; while :; do sleep 3600 & wait $!; done")
+
+
+class DockerTimeouts(_Section, frozen=True):
+    pull: Duration = _seconds(300)  # the image check and its pull
+    start: Duration = _seconds(60)  # the create, and the start, each
+    stop: Duration = _seconds(10)  # SIGTERM to SIGKILL in a stop; the remove gets as long again
+
+
+class DockerMount(_Section, frozen=True):
+    target: NonEmpty  # where in the container, an absolute path
+    source: str = ""  # bind: an absolute host path; volume: a volume name; tmpfs: empty
+    type: Literal["bind", "volume", "tmpfs"] = "bind"
+    read_only: bool = True
+
+
+class DockerTLS(_Section, frozen=True):
+    # PEM files, as DOCKER_CERT_PATH holds them (ca.pem, cert.pem, key.pem).
+    ca: NonEmpty
+    cert: NonEmpty
+    key: NonEmpty
+
+
+class DockerConfig(_Section, frozen=True):
+    # unix:///run/docker.sock, unix:///run/podman/podman.sock, tcp://host:2376 (with tls);
+    # empty: $DOCKER_HOST, else unix:///var/run/docker.sock.
+    host: str = ""
+    tls: DockerTLS | None = None
+    image: str = ""  # required with backend.type docker
+    pull: Literal["never", "ifNotPresent", "always"] = "ifNotPresent"
+    mode: Literal["connection", "session"] = "connection"
+    user: str = ""  # empty: the image's
+    workdir: str = ""  # empty: the image's
+    env: dict[NonEmpty, str] = {}
+    network: NonEmpty = "none"  # a container reaches nothing unless configured
+    memory: str | int = 0  # 0: no limit
+    cpus: Annotated[float, msgspec.Meta(ge=0)] = 0  # 0: no limit
+    pids: Annotated[int, msgspec.Meta(ge=0)] = 1024  # processes in the container; 0: no limit
+    read_only_rootfs: bool = False
+    mounts: tuple[DockerMount, ...] = ()  # none unless configured
+    labels: dict[NonEmpty, str] = {}
+    idle_command: tuple[NonEmpty, ...] = DEFAULT_IDLE
+    shell_command: tuple[NonEmpty, ...] = ("/bin/sh",)
+    subsystems: dict[NonEmpty, NonEmpty] = msgspec.field(
+        default_factory=lambda: {"sftp": "/usr/lib/openssh/sftp-server"})
+    timeouts: DockerTimeouts = msgspec.field(default_factory=DockerTimeouts)
+    max_containers: Annotated[int, msgspec.Meta(ge=1)] = 100
+
+
+def memory_bytes(value: str | int) -> int:
+    """`docker.memory` in bytes (0: no limit); ValueError if it is not `512m`-like."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 0:
+            raise ValueError("must be 0 (no limit) or more")
+        return value
+    match = MEMORY.fullmatch(str(value).strip())
+    if match is None:
+        raise ValueError(f"`{value}` is not a size like `512m`, `2g` or a number of bytes")
+    return int(match.group(1)) * _MEMORY_UNITS[match.group(2).lower()]
 
 
 class LogConfig(_Section, frozen=True):
@@ -331,6 +397,7 @@ class Config(_Section, frozen=True):
     configserver: ConfigServerConfig = msgspec.field(default_factory=ConfigServerConfig)
     metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
     health: HealthConfig = msgspec.field(default_factory=HealthConfig)
+    docker: DockerConfig = msgspec.field(default_factory=DockerConfig)  # backend.type docker
     state_dir: str = ""  # empty: see resolve_state_dir
 
 
@@ -447,6 +514,7 @@ def _check(file: str, config: Config) -> None:
     _check_proxy_protocol(file, config.ssh.proxy_protocol)
     if config.backend.shell and not os.path.isabs(config.backend.shell):
         raise ConfigError(file, "backend.shell", f"must be an absolute path, got `{config.backend.shell}`")
+    _check_docker(file, config)
     seen: dict[str, int] = {}
     for i, user in enumerate(config.auth.users):
         key = f"auth.users[{i}]"
@@ -550,6 +618,41 @@ def _check_http_client(file: str, key: str, client: HTTPClientConfig, deadline: 
             ssl_context.load_cert_chain(client.cert, client.key or None)
     except (OSError, ssl.SSLError) as exc:
         raise ConfigError(file, f"{key}.{what}", f"cannot be used: {exc}") from None
+
+
+# The labels sshspec puts on its containers (and finds them by): not the config's to set.
+RESERVED_LABELS = "io.sshspec."
+
+
+def _check_docker(file: str, config: Config) -> None:
+    docker = config.docker
+    if config.backend.type == "docker" and not docker.image:
+        raise ConfigError(file, "docker.image", "required with backend.type docker")
+    host = docker.host
+    if host and not host.startswith(("unix:///", "tcp://", "http://", "https://")):
+        raise ConfigError(file, "docker.host", f"`{host}`: expected unix:///path or tcp://host:port")
+    if docker.tls is not None and host.startswith("unix:"):
+        raise ConfigError(file, "docker.tls", "TLS client certificates need a tcp:// host")
+    try:
+        memory_bytes(docker.memory)
+    except ValueError as exc:
+        raise ConfigError(file, "docker.memory", str(exc)) from None
+    for name in docker.labels:
+        if name.startswith(RESERVED_LABELS):
+            raise ConfigError(file, f"docker.labels.{name}", f"labels {RESERVED_LABELS}* are sshspec's own")
+    for i, mount in enumerate(docker.mounts):
+        key = f"docker.mounts[{i}]"
+        if not mount.target.startswith("/"):
+            raise ConfigError(file, f"{key}.target", f"must be an absolute path, got `{mount.target}`")
+        if mount.type == "bind" and not mount.source.startswith("/"):
+            raise ConfigError(file, f"{key}.source", "a bind mount's source is an absolute host path")
+        if mount.type == "volume" and not mount.source:
+            raise ConfigError(file, f"{key}.source", "a volume mount names its volume")
+        if mount.type == "tmpfs" and mount.source:
+            raise ConfigError(file, f"{key}.source", "a tmpfs mount has no source")
+    for name, value in (("idleCommand", docker.idle_command), ("shellCommand", docker.shell_command)):
+        if not value:
+            raise ConfigError(file, f"docker.{name}", "must name a program")
 
 
 def _check_host_key(file: str, key: str, path: str) -> None:

@@ -34,10 +34,13 @@ import asyncio
 import fnmatch
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from sshspec.adapters.backend_local import BackendError, ExitStatus, LocalBackend, LocalProcess, PtyRequest
 from sshspec.adapters.passwords import DUMMY_HASH, verify_password
+
+if TYPE_CHECKING:  # the docker backend imports its engine client only when it is used
+    from sshspec.adapters.backend_docker import ContainerSettings
 
 __all__ = [
     "AuthVerdict", "BackendError", "ConnectionInfo", "ExitStatus", "Handler", "LocalSession",
@@ -248,10 +251,22 @@ class ConnectionHandler:
         return self.handler.kbdint_supported(username)
 
     def accept_user(self, username: str) -> bool | Awaitable[bool]:
+        """May the authenticated user in? An awaitable answer holds USERAUTH_SUCCESS
+        until it is known (a config server is asked; the docker backend starts the
+        user's container)."""
         return self.handler.accept_user(username)
+
+    def container_settings(self, username: str, settings: ContainerSettings
+                           ) -> ContainerSettings | Awaitable[ContainerSettings]:
+        """This connection's container (docker backend), after `accept_user`: the
+        handler's by default (a config server's answer may change it)."""
+        return self.handler.container_settings(username, settings)
 
     def session(self) -> SessionHandler:
         return self.handler.session(self.info)
+
+    def close(self) -> None:
+        """The connection ended (its sessions closed first): release what it holds."""
 
 
 class Handler:
@@ -282,6 +297,14 @@ class Handler:
 
     async def aclose(self) -> None:
         """The server stopped: release what the handler holds (HTTP sessions...)."""
+
+    def container_settings(self, username: str, settings: ContainerSettings
+                           ) -> ContainerSettings | Awaitable[ContainerSettings]:
+        """With backend.type docker: the container the authenticated ``username`` gets.
+        ``settings`` is the config's ``docker:``; return it, or a copy with another
+        image, env, limits or mounts (``dataclasses.replace(settings, image=...)``).
+        Asked once per connection, after `accept_user` (in docker.mode session too)."""
+        return settings
 
 
 @dataclass(frozen=True, slots=True)

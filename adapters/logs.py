@@ -104,6 +104,7 @@ class Labels(
     exit_code: int | None = None
     signal: str | None = None
     event: str | None = None  # the spec event whose step logged this record (`sshspec check` reads it)
+    container: str | None = None  # the docker backend's container (its name) the record is about
 
 
 class LogRecord(msgspec.Struct, frozen=True, gc=False, forbid_unknown_fields=True):

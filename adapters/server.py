@@ -30,6 +30,9 @@ from typing import TYPE_CHECKING, Any
 import asyncssh
 import msgspec
 
+if typing.TYPE_CHECKING:
+    from sshspec.adapters.backend_docker import DockerBackend
+
 from sshspec.adapters import asyncssh_internals as internals
 from sshspec.adapters.algorithms import server_options
 from sshspec.adapters.backend_local import BackendError, PtyRequest, adopt_inherited_signals
@@ -65,7 +68,7 @@ _KINDS: dict[str, Kind] = {name: kind(code.level, name, _short(code.explanation)
 # Labels must fail here, not mislabel every record.
 assert Labels.__struct_fields__ == ("connection_id", "remote_addr", "username", "key_fingerprint",
                                     "channel_id", "request_type", "command", "method", "reason", "exit_code",
-                                    "signal", "event")
+                                    "signal", "event", "container")
 
 
 class Emitter:
@@ -317,13 +320,15 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._tasks: set[asyncio.Task[None]] = set()
-        # A backend that decides later (accept_user's awaitable): the actions of its verdict.
-        self._admission: asyncio.Task[list[core.Action]] | None = None
+        # A backend deciding on the authenticated user at its own pace (a config server,
+        # the docker backend starting the container): its answer to come, and the auth method.
+        self._admission: tuple[asyncio.Task[tuple[object, str | None]], str] | None = None
         self.sock: Any = None  # with metrics: the socket, whose TCP counters are the bytes in and out
 
     def log(self, codes: tuple[str, ...], event: str, *, channel_id: int | None = None,
             request_type: str | None = None, command: str | None = None, method: str | None = None,
-            reason: str | None = None, exit_code: int | None = None, signal: str | None = None) -> None:
+            reason: str | None = None, exit_code: int | None = None, signal: str | None = None,
+            container: str | None = None) -> None:
         emitter = self.server.emitter
         if records := emitter.records(codes):
             who = self.identity
@@ -331,7 +336,11 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
             # with keywords cost ~1k instructions a step more).
             emitter.add(records, Labels(who.connection_id, who.remote_addr, who.username, who.key_fingerprint,
                                         channel_id, request_type, command, method, reason, exit_code, signal,
-                                        str(event)))
+                                        str(event), container))
+
+    def log_container(self, codes: tuple[str, ...], event: str, reason: str | None, container: str) -> None:
+        """A record of one of this connection's containers (the docker backend's)."""
+        self.log(codes, event, reason=reason, container=container)
 
     def _identify(self, *, remote_addr: str | None = None, username: str | None = None,
                   key: bytes | None = None) -> None:
@@ -411,22 +420,32 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
         assert self.backend is not None and self.info.username is not None
         self.user_settled = True
         accepted, reason = _ask(self.backend.accept_user, self.info.username)
-        if inspect.isawaitable(accepted):
-            # The backend decides later (a config server): the auth answer waits for it.
-            self._admission = asyncio.get_running_loop().create_task(self._admit_later(accepted,
-                                                                                      action.method))
-            return None
-        return core.UserVerdict(accepted, action.method, reason)
+        if not inspect.isawaitable(accepted):
+            return core.UserVerdict(accepted, action.method, reason)
+        # The backend takes its time: the verdict is handed over when it comes, before
+        # USERAUTH_SUCCESS may go (on_auth_result); the task is the backend's, not the
+        # auth's, so asyncssh cancelling the auth does not cut the backend's work short.
+        task = asyncio.get_running_loop().create_task(_ask_async(_awaited, accepted))
+        self._admission = (task, action.method)
+        return None
 
-    async def _admit_later(self, answer: Awaitable[object], method: str) -> list[core.Action]:
-        accepted, reason = await _ask_async(lambda: answer)
-        return self.handle(core.UserVerdict(accepted, method, reason))
+    async def _admitted(self) -> None:
+        """USERAUTH_SUCCESS waits here for the backend's verdict on the user."""
+        assert self._admission is not None
+        task, method = self._admission
+        try:
+            accepted, reason = await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if task.cancelled():
+                return  # the connection ended meanwhile (_connection_ended): no SUCCESS goes out
+            raise
+        self._admission = None
+        self.handle(core.UserVerdict(accepted, method, reason))
 
-    def _pending_admission(self) -> asyncio.Future[list[core.Action]] | None:
-        """The backend's verdict still to come, shielded: an auth answer that waits for it
-        may be cancelled (asyncssh cancels a superseded request) without cancelling it."""
-        admission = self._admission
-        return asyncio.shield(admission) if admission is not None and not admission.done() else None
+    def _answer(self, actions: list[core.Action]) -> bool:
+        """Whether the auth request the SSH layer is answering gets a positive answer
+        (or one held until the backend's verdict: `_admitted`)."""
+        return _accepted(actions) or self._admission is not None
 
     def _open_session(self, action: core.OpenSession) -> core.Event | None:
         assert self.backend is not None and self.conn is not None
@@ -490,9 +509,13 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
         if self._timer is not None:
             self._timer.cancel()
             self._timer, self._timer_at = None, None
-        admission = self._admission
-        if admission is not None and not admission.done() and admission is not asyncio.current_task():
-            admission.cancel()  # nobody waits for that verdict any more (a webhook call ends)
+        if self.backend is not None:
+            _ask(self.backend.close)  # its container released (docker), whatever the backend holds
+        if self._admission is not None:
+            # Nobody waits for that verdict any more: a config server's call ends (a container
+            # being made is the docker backend's to release, which close() just asked).
+            self._admission[0].cancel()
+            self._admission = None
         if self.sock is not None and self.server.metrics is not None:
             self.server.metrics.connection_ended(self.sock)
             self.sock = None
@@ -518,6 +541,9 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
         internals.install_hooks(conn, self, max_pending_global=self.server.config.limits.max_queued_requests,
                                 per_user_config=False)  # no config file: nothing to re-evaluate per user
         backend, reason = _ask(self.server.handler.connection, self.info)
+        if backend is not None and self.server.docker is not None:
+            backend = self.server.docker.connection(backend, self.server.handler, self.info,  # type: ignore[arg-type]
+                                                    self.log_container)
         self.handle(core.Connected())
         if backend is None:  # a handler bug ends this connection, logged
             self.handle(core.ConnectionLost(core.Lost.lost, reason or f"handler error: connection() returned "
@@ -579,12 +605,11 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
                                        key.algorithm if key else None))
 
     def on_auth_result(self, conn: asyncssh.SSHServerConnection,
-                       res: internals.AuthResult) -> Awaitable[object] | None:
+                       res: internals.AuthResult) -> Awaitable[None] | None:
         if res.kind in ("success", "failure", "superseded"):
             self.handle(core.AuthAnswered(res.kind, res.request.method if res.request else None))
-            if res.kind == "success":
-                # A signed key's verdict entered authenticated just now: SUCCESS waits for the backend.
-                return self._pending_admission()
+        if res.kind == "success" and self._admission is not None:
+            return self._admitted()  # USERAUTH_SUCCESS waits for the backend's verdict
         return None
 
     async def _check(self, method: str, call: Callable[..., object],
@@ -598,24 +623,17 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
         metrics.observe_auth(method, verdict, time.perf_counter() - started)
         return verdict, reason
 
-    async def _answer(self, actions: list[core.Action]) -> bool:
-        """Whether the auth request gets a positive answer: the backend's verdict
-        included, when it comes later."""
-        if (pending := self._pending_admission()) is not None:
-            actions = await pending
-        return _accepted(actions)
-
     async def validate_password(self, username: str, password: str) -> bool:
         assert self.backend is not None
         verdict, reason = await self._check("password", self.backend.check_password, username,
                                             password.encode("utf-8", "surrogateescape"))
-        return await self._answer(self.handle(core.Credentials(verdict, "password", reason)))
+        return self._answer(self.handle(core.Credentials(verdict, "password", reason)))
 
     async def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
         assert self.backend is not None
         actions = self.handle(core.KeyChecked(*await self._check("publickey", self.backend.check_publickey,
                                                                  username, key)))
-        return any(isinstance(a, core.KeyAcceptable) and a.ok for a in actions) or _accepted(actions)
+        return any(isinstance(a, core.KeyAcceptable) and a.ok for a in actions) or self._answer(actions)
 
     def get_kbdint_challenge(self, username: str, lang: str, submethods: str) -> Any:
         assert self.backend is not None
@@ -630,7 +648,7 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
         password = (responses[0] if responses else "").encode("utf-8", "surrogateescape")
         verdict, reason = await self._check("keyboard-interactive", self.backend.check_kbdint, username,
                                             password)
-        return await self._answer(self.handle(core.Credentials(verdict, "keyboard-interactive", reason)))
+        return self._answer(self.handle(core.Credentials(verdict, "keyboard-interactive", reason)))
 
     def on_global_request(self, conn: asyncssh.SSHServerConnection, req: internals.GlobalRequest) -> bool:
         name = req.name if req.malformed is None and req.name is not None else repr(req.raw_name)
@@ -694,6 +712,10 @@ def _ask(call: Callable[..., object], *args: object) -> tuple[object, str | None
         return call(*args), None
     except Exception as exc:
         return None, _why(exc)
+
+
+async def _awaited(answer: Awaitable[object]) -> object:
+    return await answer
 
 
 async def _ask_async(call: Callable[..., object], *args: object) -> tuple[object, str | None]:
@@ -781,6 +803,11 @@ class Server:
             self._watch_webhooks()
         self.endpoints: list[Any] = []  # the metrics and health HTTP servers (aiohttp runners)
         self.endpoint_addresses: list[tuple[str, int]] = []
+        self.docker: DockerBackend | None = None
+        if config.backend.type == "docker":
+            from sshspec.adapters.backend_docker import DockerBackend
+            self.docker = DockerBackend(config.docker, log=self.log_container,
+                                        env_deny=config.backend.env_deny, max_env=config.limits.max_env)
         self.connections: set[SpecConnection] = set()
         self.backlogged: set[SpecConnection] = set()  # their socket buffer is past its high-water mark
         self.acceptor: asyncssh.SSHAcceptor | Listener | None = None
@@ -797,6 +824,11 @@ class Server:
     def log(self, codes: tuple[str, ...], event: str, reason: str | None, remote_addr: str | None) -> None:
         if records := self.emitter.records(codes):
             self.emitter.add(records, Labels(remote_addr=remote_addr, reason=reason, event=str(event)))
+
+    def log_container(self, codes: tuple[str, ...], event: str, reason: str | None, container: str) -> None:
+        """A record of a container no connection owns (found left behind at start-up)."""
+        if records := self.emitter.records(codes):
+            self.emitter.add(records, Labels(reason=reason, event=str(event), container=container))
 
     async def start(self) -> None:
         self.core.handle(core.ServerEvent.start)
@@ -832,6 +864,8 @@ class Server:
             await self.close_endpoints()
             raise StartError(f"cannot start on {host}:{port}: {exc}") from exc
         version = self.config.ssh.server_version.removeprefix("SSH-2.0-")
+        if self.docker is not None:
+            await self.docker.start()  # removes what dead predecessors left, in the background
         ssh_options = dict(server_version=version, login_timeout=self.config.limits.login_timeout,
                            keepalive_interval=0, allow_scp=False, agent_forwarding=False,
                            x11_forwarding=False, gss_host=None, **options)
@@ -908,6 +942,8 @@ class Server:
             # abort() reports connection_lost on the next loop turns: wait for them.
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._all_closed.wait(), 5)
+        if self.docker is not None:
+            await self.docker.close()  # every connection's container removed before SSH_STOPPED
         self.core.handle(core.ServerEvent.drained)
         if self.acceptor is not None and listen_closed:
             with contextlib.suppress(Exception):
@@ -1043,6 +1079,8 @@ async def serve_async(config: Config, handler: Handler | None = None, *,
         await server.shutdown()
         return 0
     finally:
+        if server.docker is not None:
+            await server.docker.close()  # a start that failed: nothing to wait for but the client
         server.logger.close()  # writes what is still queued, however we leave
         await server.close_endpoints()
         with contextlib.suppress(Exception):

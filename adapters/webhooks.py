@@ -40,7 +40,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import fnmatch
+import inspect
 import ssl
 import time
 from collections.abc import Callable, Mapping
@@ -49,7 +51,7 @@ from typing import Any, TypeVar
 import msgspec
 
 from sshspec.adapters.backend_local import BackendError
-from sshspec.adapters.config import HTTPClientConfig
+from sshspec.adapters.config import HTTPClientConfig, memory_bytes
 from sshspec.adapters.handlers import (
     AuthVerdict,
     ConfiguredHandler,
@@ -121,10 +123,21 @@ class BackendOverride(_Body, forbid_unknown_fields=True):
     shell: str | None = None
 
 
+class DockerOverride(_Body, forbid_unknown_fields=True):
+    """With backend.type docker: this connection's container, over the config's `docker:`."""
+
+    image: str | None = None
+    env: dict[str, str] = {}
+    memory: str | int | None = None
+    cpus: float | None = None
+    pids: int | None = None
+
+
 class ConfigOverride(_Body, forbid_unknown_fields=True):
     """The part of sshspec's config a config server may set for one connection."""
 
     backend: str | BackendOverride | None = None
+    docker: DockerOverride | None = None
 
 
 class ConfigResponse(_Body):
@@ -299,6 +312,7 @@ class WebhookConnection(ConnectionHandler):
         self.environment: dict[str, MetadataValue] = {}
         self.files: dict[str, BinaryMetadataValue] = {}
         self.shell: str | None = None
+        self.docker: DockerOverride | None = None  # the config server's, with backend.type docker
         # The last public key's verdict: a client queries a key, then signs with it
         # (one webhook call for both, as Go's x/crypto/ssh caches it for ContainerSSH).
         self._last_key: tuple[str, bytes, AuthVerdict] | None = None
@@ -393,8 +407,48 @@ class WebhookConnection(ConnectionHandler):
             if not backend.shell.startswith("/"):
                 raise BackendError(f"config server: backend.shell {backend.shell!r} is not an absolute path")
             self.shell = backend.shell
+        if (docker := answer.config.docker) is not None:
+            self._check_docker(docker)
         self._check_environment()
         return True
+
+    def _check_docker(self, docker: DockerOverride) -> None:
+        if self.handler.backend_type != "docker":
+            raise BackendError(f"config server: docker settings asked for; this server runs "
+                               f"{self.handler.backend_type!r}")
+        if docker.image is not None and not docker.image:
+            raise BackendError("config server: docker.image is empty")
+        try:
+            memory_bytes(docker.memory or 0)
+        except ValueError as exc:
+            raise BackendError(f"config server: docker.memory: {exc}") from None
+        if (docker.cpus or 0) < 0 or (docker.pids or 0) < 0:
+            raise BackendError("config server: docker.cpus and docker.pids must be 0 or more")
+        for name, value in docker.env.items():  # the operator's variables pass the client's deny list
+            if not name or any(fnmatch.fnmatchcase(name, p) for p in self.handler.env_deny) \
+                    or not self.handler.backend.env_allowed(name, value):
+                raise BackendError(f"config server: docker.env: {name!r} is refused (deny list, name, size)")
+        self.docker = docker
+
+    def container_settings(self, username: str, settings: Any) -> Any:
+        """The handler's container, then the config server's: its `docker` settings, and
+        the answers' environment in the container (as every program of the connection gets it)."""
+        settings = self.handler.container_settings(username, settings)
+        if inspect.isawaitable(settings):
+            return self._container_settings_later(settings)
+        return self._override(settings)
+
+    async def _container_settings_later(self, settings: Any) -> Any:
+        return self._override(await settings)
+
+    def _override(self, settings: Any) -> Any:
+        docker = self.docker or DockerOverride()
+        env = {**settings.env, **{name: v.value for name, v in self.environment.items()}, **docker.env}
+        return dataclasses.replace(
+            settings, env=env, image=docker.image or settings.image,
+            memory=settings.memory if docker.memory is None else memory_bytes(docker.memory),
+            cpus=settings.cpus if docker.cpus is None else docker.cpus,
+            pids=settings.pids if docker.pids is None else docker.pids)
 
     def _check_environment(self) -> None:
         """The operator's variables pass the same deny list as the client's: a loader

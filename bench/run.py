@@ -1,7 +1,8 @@
 """`make bench`: sshspec (B) against a bare asyncssh server (A) on this machine.
 
     .venv/bin/python bench/run.py [--quick] [-n N] [-c C] [--rounds R] [--sets S] [--set-rounds R]
-                                  [--side-only | --launch-only | --metrics-only] [--sessions S] [--auth MODE]
+                                  [--side-only | --launch-only | --metrics-only | --docker-only]
+                                  [--sessions S] [--auth MODE] [--batched-log]
 
 Servers run as subprocesses pinned to CPU 0, the load client (bench/load.py) on CPU 1.
 Throughput rounds alternate A, B (log debug), B (log error) on long-lived servers; then
@@ -11,7 +12,9 @@ two servers running real programs through the local backend, one started normall
 one with SIGHUP/SIGINT/SIGQUIT ignored (as `nohup ... &` leaves them), side by side; then the metrics
 phase: B with `metrics.listen` set against B without, side by side. Prints a table and writes
 bench/results/latest.json (plus a copy named after the date and commit). Targets are
-reported, never asserted.
+reported, never asserted. Last, the docker phase (bench/docker.py): a docker-backend server
+on a podman engine of its own, time to a new container's first shell output, exec latency
+in connection mode, and concurrent new-container sessions.
 """
 
 from __future__ import annotations
@@ -494,6 +497,19 @@ def report(res: dict[str, Any]) -> None:
             r = side[key]
             print(f"  {label:<20}{r['median']:>7.3f}  [{r['q1']:.3f} {r['q3']:.3f}]  "
                   f"({r['ci_low']:.3f} {r['ci_high']:.3f})  {' '.join(f'{x:.3f}' for x in r['set_medians'])}")
+    if "docker" in res:
+        d = res["docker"]
+        if "skipped" in d:
+            print(f"\ndocker: skipped: {d['skipped']}")
+        else:
+            print(f"\ndocker (backend.type docker on podman, a container per connection): TCP connect to the "
+                  f"first shell output in a new container p50 {d['first_output_p50_ms']} ms, p99 "
+                  f"{d['first_output_p99_ms']} ms (N={d['n']}; the first {d['first_output_first_ms']} ms); "
+                  f"exec in connection mode p50 "
+                  f"{d['exec_p50_ms']} ms, p99 {d['exec_p99_ms']} ms; {d['concurrent']} concurrent "
+                  f"new-container sessions: "
+                  f"{d['concurrent_failures']} failures, {d['concurrent_wall_s']} s wall, slowest "
+                  f"{d['concurrent_max_ms']} ms; {d['containers_left']} containers left after SIGTERM")
     if "launch" in res:
         la = res["launch"]
         print(f"\nlaunch (local backend, a program per connection; N={la['n']} each, {la['sets']} sets x "
@@ -556,6 +572,12 @@ def targets(res: dict[str, Any]) -> dict[str, tuple[Any, str, bool]]:
             me["rate_on_vs_off"]["median"], ">= 0.98", me["rate_on_vs_off"]["median"] >= 0.98)
         cap = me["cpu_on_vs_off"]["median"]
         out["metrics on: capacity vs off (side by side)"] = (round(1 / cap, 3), ">= 0.98", cap <= 1 / 0.98)
+    if "docker" in res and "skipped" not in res["docker"]:
+        d = res["docker"]
+        out["docker: new container to first output p50 ms"] = (
+            d["first_output_p50_ms"], "< 1000", d["first_output_p50_ms"] < 1000)
+        out[f"docker: {d['concurrent']} concurrent new containers failures"] = (
+            d["concurrent_failures"], "0", d["concurrent_failures"] == 0 and d["containers_left"] == 0)
     if "throughput" not in res:
         return out
     t, m = res["throughput"], res["memory"]
@@ -598,6 +620,12 @@ def main() -> None:
     parser.add_argument("--metrics-only", action="store_true",
                         help="only the metrics phase: metrics.listen set vs unset, side by side "
                              "(--sets, default 4)")
+    parser.add_argument("--docker-only", action="store_true",
+                        help="only the docker phase (bench/docker.py: a podman engine of its own)")
+    parser.add_argument("--docker-n", type=int, default=50,
+                        help="docker: new-container connections and execs, one after another (default 50)")
+    parser.add_argument("--docker-concurrent", type=int, default=20,
+                        help="docker: new-container sessions at once (default 20)")
     parser.add_argument("--auth", choices=["trivial", "scrypt"], default="trivial",
                         help="password check on both servers (default: hmac compare, no scrypt)")
     parser.add_argument("--batched-log", action="store_true",
@@ -625,34 +653,42 @@ def main() -> None:
                                "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "auth": args.auth,
                                "python": sys.version.split()[0],
                                "asyncssh": asyncssh.__version__, "cpus": os.cpu_count(), "pinned": TWO_CPUS}
+        only = args.side_only or args.launch_only or args.metrics_only or args.docker_only
         if args.metrics_only:
             metrics_n = max(50, n * 3 // 10)
             metrics_sets = args.sets or (2 if args.quick else 4)
             print(f"metrics: N={metrics_n} each, {metrics_sets} sets x {args.set_rounds} rounds", flush=True)
             res["metrics"] = metrics_phase(work, key, metrics_n, args.c, metrics_sets, args.set_rounds)
-        elif not args.side_only:
+        elif not args.side_only and not args.docker_only:
             launch_n = max(50, n // 5)
             launch_sets = (args.sets if args.launch_only else None) or 2
             print(f"launch: N={launch_n} each, {launch_sets} sets x {args.set_rounds} rounds", flush=True)
             res["launch"] = launch(work, key, launch_n, args.c, launch_sets, args.set_rounds)
-        if not args.side_only and not args.launch_only and not args.metrics_only:
+        if not only:
             metrics_n = max(50, n * 3 // 10)
             metrics_sets = 2 if args.quick else 4
             print(f"metrics: N={metrics_n} each, {metrics_sets} sets x {args.set_rounds} rounds", flush=True)
             res["metrics"] = metrics_phase(work, key, metrics_n, args.c, metrics_sets, args.set_rounds)
             print(f"throughput: N={n} C={args.c}, {rounds} rounds", flush=True)
             res["throughput"] = throughput(work, key, n, args.c, rounds)
-        if not args.launch_only and not args.metrics_only:
+        if not args.launch_only and not args.metrics_only and not args.docker_only:
             side_n = max(50, n * 3 // 10)
             sets = args.sets or (2 if args.quick else 6)
             set_rounds = 1 if args.quick else args.set_rounds
             print(f"side by side: N={side_n} each, {sets} sets x {set_rounds} rounds", flush=True)
             res["side_by_side"] = side_by_side(work, key, side_n, args.c, sets, set_rounds)
-        if not args.side_only and not args.launch_only and not args.metrics_only:
+        if not only:
             print(f"memory: {idle} idle sessions" + (f", then {big} on B" if big else ""), flush=True)
             res["memory"] = memory(work, key, idle, big)
             res["workers"] = workers(work, key, n, args.c)
             res["engine"] = engine(work)
+        if not args.side_only and not args.launch_only and not args.metrics_only:
+            sys.path.insert(0, str(ROOT))
+            from bench.docker import docker_phase
+            print(f"docker: {args.docker_n} new containers one by one, {args.docker_n} execs, "
+                  f"{args.docker_concurrent} at once", flush=True)
+            res["docker"] = docker_phase(work, key, args.docker_n, args.docker_concurrent, start,
+                                         SSHSPEC)
     res["targets"] = targets(res)
     res["elapsed_s"] = round(time.monotonic() - started, 1)
     res["quick"] = args.quick
@@ -662,8 +698,8 @@ def main() -> None:
     text = json.dumps(res, indent=2)
     (out / "latest.json").write_text(text)
     stamp = res["date"].replace(":", "").replace("-", "")
-    kind = "-quick" if args.quick else "-side" if args.side_only else "-launch" if args.launch_only \
-        else "-metrics" if args.metrics_only else ""
+    kind = ("-quick" if args.quick else "-side" if args.side_only else "-launch" if args.launch_only
+            else "-metrics" if args.metrics_only else "-docker" if args.docker_only else "")
     (out / f"{stamp}-{res['commit']}{kind}.json").write_text(text)
     print(f"\nwrote bench/results/latest.json ({res['elapsed_s']} s)")
 

@@ -25,6 +25,8 @@ class CatalogError(Exception):
 
 
 CATALOG_FILE = "catalog.yaml"
+# SSH_: the SSH server's codes; DOCKER_: the container backend's (ContainerSSH's docker module).
+PREFIXES = ("SSH_", "DOCKER_")
 
 
 def load_catalog(text: bytes | None = None) -> dict[str, Code]:
@@ -35,8 +37,9 @@ def load_catalog(text: bytes | None = None) -> dict[str, Code]:
     except msgspec.ValidationError as exc:
         raise CatalogError(f"codes/{CATALOG_FILE}: {exc}") from None
     for name in raw:
-        if not name.startswith("SSH_") or not name.replace("_", "").isalnum() or not name.isupper():
-            raise CatalogError(f"codes/{CATALOG_FILE}: {name}: a code is SSH_ and upper-case words")
+        if not name.startswith(PREFIXES) or not name.replace("_", "").isalnum() or not name.isupper():
+            raise CatalogError(f"codes/{CATALOG_FILE}: {name}: a code is SSH_ (or DOCKER_, the container "
+                               "backend's) and upper-case words")
     return dict(sorted(raw.items()))
 
 

@@ -343,7 +343,7 @@ class ServerPool:
 
 def automata(limits: Mapping[str, int] | None = None,
              silent: Collection[str] = ()) -> dict[str, CodeAutomaton]:
-    """The three bundled specs as code automata, with ``limits`` bound; ``silent``
+    """The bundled specs as code automata, with ``limits`` bound; ``silent``
     codes are not in the log (below the server's log level) and count as silent moves."""
     return {name: CodeAutomaton(Machine.load(name, limits), silent) for name in BUNDLED}
 
@@ -361,6 +361,9 @@ class Replay:
       below the log level, a new (connectionId, channelId) starts one instead.)
     * Any other code with a connectionId: that connection's machine; a new
       connectionId starts one (whose first code must be ``SSH_CONNECTED``).
+    * A code only the container spec emits: the machine of the container its
+      ``container`` label names (a new name starts one), whoever owns it: a
+      connection, a session, or nobody (one found left behind at start-up).
     """
 
     def __init__(self, automata: Mapping[str, CodeAutomaton], *, track: bool = False,
@@ -375,10 +378,11 @@ class Replay:
         self.server = ServerPool(automata["server"], workers)
         self.connections: dict[str, Instance] = {}
         self.sessions: dict[tuple[str, int], Instance] = {}
+        self.containers: dict[str, Instance] = {}
         self.codes_seen: dict[str, set[str]] = {name: set() for name in automata}
 
     def feed(self, code: str, connection_id: str | None, channel_id: int | None,
-             event: str | None = None) -> str | None:
+             event: str | None = None, container: str | None = None) -> str | None:
         """Take one record; None if allowed, else the problem. RecordError: not routable."""
         specs = self.emitters.get(code)
         if specs is None:
@@ -386,7 +390,13 @@ class Replay:
                 return None  # a catalog code no lifecycle emits: nothing to check
             raise RecordError(f"unknown code {code!r} (not in the catalog)")
         instance: Instance | ServerPool
-        if specs == {"server"} or (connection_id is None and "server" in specs):
+        if specs == {"container"}:
+            if container is None:
+                raise RecordError(f"{code} is a container code, but the record has no container label")
+            if container not in self.containers:
+                self.containers[container] = Instance(self.automata["container"], f"container ({container})")
+            instance = self.containers[container]
+        elif specs == {"server"} or (connection_id is None and "server" in specs):
             instance = self.server
         elif connection_id is None:
             kind = "/".join(sorted(specs))
@@ -427,6 +437,7 @@ class Replay:
         yield self.server
         yield from self.connections.values()
         yield from self.sessions.values()
+        yield from self.containers.values()
 
     def unfinished(self) -> list[str]:
         """For ``--complete``: every instance that cannot be finished, and why."""

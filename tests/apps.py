@@ -48,14 +48,23 @@ class Broken(App):
 class Holding(App):
     """Credential checks that never finish for user "held" (the connection stays in
     `checking` or `querying` until something else ends it); "unavail" gets
-    "unavailable"; any key may sign for "demo"; keyboard-interactive is on."""
+    "unavailable"; any key may sign for "demo"; keyboard-interactive is on. User
+    "admit" (any password) is authenticated, and the backend's verdict on it never
+    comes (the connection stays in `authenticated`, as while a container starts)."""
 
     async def check_password(self, username: str, password: bytes) -> AuthVerdict:
         if username == "held":
             await asyncio.get_running_loop().create_future()  # cancelled with the connection
         if username == "unavail":
             return "unavailable"
+        if username == "admit":
+            return "ok"
         return await super().check_password(username, password)
+
+    def accept_user(self, username: str) -> bool | Awaitable[bool]:
+        if username == "admit":
+            return asyncio.get_running_loop().create_future()  # never resolved
+        return super().accept_user(username)
 
     def check_publickey(self, username: str, key: object) -> AuthVerdict | Awaitable[AuthVerdict]:
         if username == "held":
@@ -89,3 +98,37 @@ class SlowStart(App):
 
     def session(self, conn: ConnectionInfo) -> SessionHandler:
         return StartsUntilClosed()
+
+
+class PerUserContainers(App):
+    """backend.type docker, containers picked per user (the handler API): "ann" and
+    "bob" log in with their name as password; each gets WHO in its container's
+    environment, bob a memory and a process limit too."""
+
+    async def check_password(self, username: str, password: bytes) -> AuthVerdict:
+        return "ok" if username in ("ann", "bob") and password == username.encode() else "bad"
+
+    def container_settings(self, username: str, settings):  # type: ignore[no-untyped-def]
+        import dataclasses
+        env = {**settings.env, "WHO": username}
+        if username == "bob":
+            return dataclasses.replace(settings, env=env, memory=64 * 1024 * 1024, pids=64)
+        return dataclasses.replace(settings, env=env)
+
+
+class FailingContainers(App):
+    """backend.type docker, a container that cannot be made per user (password: the
+    user's name): "ok" gets the config's; "absent" an image that is not there;
+    "badnet" a network that does not exist (the create fails); "badcmd" an idle
+    command that does not exist (the start fails)."""
+
+    async def check_password(self, username: str, password: bytes) -> AuthVerdict:
+        known = ("ok", "absent", "badnet", "badcmd")
+        return "ok" if username in known and password == username.encode() else "bad"
+
+    def container_settings(self, username: str, settings):  # type: ignore[no-untyped-def]
+        import dataclasses
+        changes = {"absent": {"image": "localhost/sshspec-absent:1"},
+                   "badnet": {"network": "sshspec-no-such-network"},
+                   "badcmd": {"idle_command": ("/nonexistent",)}}.get(username, {})
+        return dataclasses.replace(settings, **changes)

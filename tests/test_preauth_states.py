@@ -32,7 +32,8 @@ import conftest  # noqa: E402
 
 WAIT = 5.0
 HANDLER = "apps:Holding"
-ENTRY = {"checking": "SSH_AUTH_ATTEMPT", "querying": "SSH_AUTH_QUERY", "kbdint_round": "SSH_AUTH_CHALLENGE"}
+ENTRY = {"checking": "SSH_AUTH_ATTEMPT", "querying": "SSH_AUTH_QUERY", "kbdint_round": "SSH_AUTH_CHALLENGE",
+         "authenticated": "SSH_AUTH_SUCCESSFUL"}
 MSG_NEWKEYS = 21
 
 
@@ -53,6 +54,8 @@ def enter(live: conftest.LiveServer, state: str, *, user: str = "held") -> tuple
     elif state == "kbdint_round":
         c.auth_kbdint(user)
         assert c.next_auth_reply(WAIT) == "USERAUTH_INFO_REQUEST"
+    elif state == "authenticated":  # good credentials; the backend's verdict never comes
+        c.auth_password("admit", "anything")
     elif state != "authenticating":
         raise ValueError(state)
     if state == "authenticating":
@@ -103,7 +106,7 @@ def holding(tmp_path_factory: pytest.TempPathFactory) -> Iterator[conftest.LiveS
     live.stop()
 
 
-@pytest.mark.parametrize("state", ["checking", "querying", "kbdint_round"])
+@pytest.mark.parametrize("state", ["checking", "querying", "kbdint_round", "authenticated"])
 @pytest.mark.parametrize("event", list(TRIGGERS))
 def test_an_event_ends_the_attempt(holding: conftest.LiveServer, state: str, event: str) -> None:
     c, cid = enter(holding, state)
@@ -123,7 +126,7 @@ def test_an_event_ends_the_attempt(holding: conftest.LiveServer, state: str, eve
 def test_login_timeout_and_shutdown_in_every_state(server_factory: Any) -> None:
     """One server, a connection held in each state; the login timeout ends them all,
     then (on a second server) a shutdown does."""
-    states = ["authenticating", "checking", "querying", "kbdint_round"]
+    states = ["authenticating", "checking", "querying", "kbdint_round", "authenticated"]
     for how in ("login_timeout", "shutdown"):
         live = server_factory({"limits": {"loginTimeout": "2s" if how == "login_timeout" else "60s"}},
                               handler=HANDLER)
@@ -263,5 +266,49 @@ def test_a_client_that_asks_without_reading_ends_the_attempt(holding_small_buffe
                 ("SSH_DISCONNECTED", "buffer_exceeded")]
         assert records[-3:] == tail, (sent, records)
         assert (ENTRY[state], records[-4][1]) == records[-4], records  # nothing in between
+    finally:
+        c.close_all()
+
+
+# While the backend decides on an authenticated user (the docker backend starting its
+# container), USERAUTH_SUCCESS waits. A client that sends another auth request
+# meanwhile did not wait for the answer: the connection ends as a protocol error
+# (asyncssh would cancel the attempt being admitted).
+WHILE_ADMITTED: dict[str, Callable[[ProtocolClient, paramiko.PKey], Any]] = {
+    "none_auth": lambda c, k: c.auth_none("admit"),
+    "password": lambda c, k: c.auth_password("admit", "again"),
+    "publickey_query": lambda c, k: c.auth_publickey("admit", k, signed=False),
+    "publickey": lambda c, k: c.auth_publickey("admit", k),
+    "kbdint_begin": lambda c, k: c.auth_kbdint("admit"),
+    "other_method": lambda c, k: c.userauth("admit", "hostbased"),
+    "kbdint_response": lambda c, k: c.kbdint_respond("again"),
+}
+
+
+@pytest.mark.parametrize("event", list(WHILE_ADMITTED))
+def test_an_auth_request_while_the_backend_admits(holding: conftest.LiveServer, event: str) -> None:
+    if event == "kbdint_response":
+        # Authenticated through keyboard-interactive: its auth is still the one in progress.
+        before = {r["labels"].get("connectionId") for r in holding.records()}
+        c = ProtocolClient.connect(holding.port)
+        c.service_request()
+        assert c.next_auth_reply(WAIT) == "SERVICE_ACCEPT"
+        c.auth_kbdint("admit")
+        assert c.next_auth_reply(WAIT) == "USERAUTH_INFO_REQUEST"
+        c.kbdint_respond("anything")
+        records = holding.wait_for(lambda rs: any(
+            r["code"] == "SSH_AUTH_SUCCESSFUL" and r["labels"].get("connectionId") not in before for r in rs))
+        cid = next(r["labels"]["connectionId"] for r in records
+                   if r["code"] == "SSH_AUTH_SUCCESSFUL" and r["labels"].get("connectionId") not in before)
+    else:
+        c, cid = enter(holding, "authenticated")
+    try:
+        WHILE_ADMITTED[event](c, _key(holding))
+        records = ended(holding, cid)
+        assert records[-3:] == [("SSH_AUTH_SUCCESSFUL", "auth_ok"), ("SSH_HANDSHAKE_FAILED", event),
+                                ("SSH_DISCONNECTED", event)], records
+        assert c.wait_ended(WAIT)
+        assert c.disconnect is not None and c.disconnect[0] == 2, c.transcript()
+        assert "USERAUTH_SUCCESS" not in " ".join(c.transcript())
     finally:
         c.close_all()

@@ -259,6 +259,8 @@ def test_webhook_verdicts_and_keyboard_interactive(server_factory: Any, acs: Aut
     ("cslow-1", None, "no answer within 0.5s"),
     ("cmalformed-1", None, "malformed answer"),
     ("docker-1", {"config": {"backend": "docker"}}, "backend 'docker' asked for; this server runs 'local'"),
+    ("dockerkey-1", {"config": {"docker": {"image": "x"}}},
+     "docker settings asked for; this server runs 'local'"),
     ("security-1", {"config": {"security": {"defaultMode": "disable"}}}, "unknown field `security`"),
     ("preload-1", {"environment": {"LD_PRELOAD": {"value": "/tmp/x.so"}}}, "'LD_PRELOAD' is refused"),
     ("relative-1", {"config": {"backend": {"shell": "sh"}}}, "is not an absolute path"),

@@ -1,0 +1,539 @@
+"""backend.type docker against a real engine: podman's Docker API service (started by
+tests/docker_engine.py, with an image built from busybox-static; no registry).
+
+Every connection gets a fresh container and leaves nothing behind; the ContainerSSH
+conformance cases run in it; sftp and scp go through the configured subsystem; two
+users get two containers with their own settings (the handler API); each way the
+engine can fail (image, create, start, stop, remove) reaches the client through the
+specs; an owner that ends while the engine still works leaves nothing (a proxy holds
+the engine's request for as long as the test wants); SIGTERM removes every container,
+and after `kill -9` the next server removes what the killed one left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncssh
+import pytest
+from docker_engine import IMAGE, EngineProxy, EngineUnavailable, Podman
+from protocol_client import ProtocolClient
+
+import conftest
+from conftest import PASSWORD, USERNAME, LiveServer
+
+HOST_LABEL = "io.sshspec.host"
+WAIT = 10.0
+
+
+@pytest.fixture(scope="session")
+def podman(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Podman]:
+    try:
+        engine = Podman.start(tmp_path_factory.mktemp("podman"))
+    except EngineUnavailable as exc:
+        pytest.skip(f"no Docker API engine: {exc}")
+    yield engine
+    engine.stop()
+
+
+@pytest.fixture
+def proxy(podman: Podman, tmp_path: Path) -> Iterator[EngineProxy]:
+    engine = EngineProxy(podman.socket, tmp_path / "engine.sock")
+    yield engine
+    engine.close()
+
+
+def docker(socket: Path, **settings: Any) -> dict[str, Any]:
+    """The config overrides of a docker backend server on the engine at ``socket``."""
+    return {"backend": {"type": "docker"},
+            "docker": {"host": f"unix://{socket}", "image": IMAGE, "pull": "never", **settings}}
+
+
+def ssh(server: LiveServer, command: str, *options: str, input: bytes | None = None,
+        timeout: float = 30) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run([*server.ssh_args(*options), command], input=input, capture_output=True,
+                          timeout=timeout)
+
+
+def connect(server: LiveServer, username: str = USERNAME, password: str = PASSWORD,
+            **kwargs: Any) -> Any:
+    return asyncssh.connect(server.host, server.port, username=username, password=password,
+                            known_hosts=None, client_keys=None, preferred_auth="password", **kwargs)
+
+
+def codes(records: list[dict[str, Any]], container: str | None = None) -> list[str]:
+    return [r["code"] for r in records if container is None or r["labels"].get("container") == container]
+
+
+def containers_of(records: list[dict[str, Any]]) -> list[str]:
+    """The container names the log speaks of, in order of appearance."""
+    return list(dict.fromkeys(r["labels"]["container"] for r in records if r["labels"].get("container")))
+
+
+def all_removed(server: LiveServer, count: int) -> list[dict[str, Any]]:
+    return server.wait_for(lambda rs: codes(rs).count("DOCKER_CONTAINER_REMOVE_SUCCESSFUL") >= count, WAIT)
+
+
+def check_log(server: LiveServer) -> None:
+    done = subprocess.run([*conftest.SSHSPEC, "check", "--complete", str(server.log)], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_aiodocker_stream_reach_in() -> None:
+    """`_half_close` reaches into aiodocker's exec stream (HACKS.md): fail loudly if it moves."""
+    from aiodocker.stream import Stream
+    stream = Stream(None, None)  # type: ignore[arg-type]
+    assert hasattr(stream, "_resp"), "aiodocker's Stream lost _resp: see HACKS.md, aiodocker"
+
+
+# --- a fresh container per connection, and what runs in it --------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def served(podman: Podman, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LiveServer, Path]]:
+    """One docker backend server for the conformance cases, with a writable bind mount."""
+    tmp = tmp_path_factory.mktemp("docker-served")
+    data = tmp / "data"
+    data.mkdir()
+    live = conftest.start_server(tmp, "docker-conformance", config=docker(
+        podman.socket, mounts=[{"source": str(data), "target": "/data", "readOnly": False}]))
+    yield live, data
+    assert live.stop() == 0
+    assert podman.names(HOST_LABEL) == []
+    check_log(live)
+
+
+def test_each_connection_runs_in_a_fresh_container(served: tuple[LiveServer, Path], podman: Podman) -> None:
+    live, _ = served
+    before = len(containers_of(live.records()))
+    first = ssh(live, "cat /proc/1/cmdline; echo; hostname")
+    second = ssh(live, "cat /proc/1/cmdline; echo; hostname")
+    assert first.returncode == 0 and second.returncode == 0, (first.stderr, second.stderr)
+    idle, host = first.stdout.decode().splitlines()
+    assert idle.startswith("/bin/sh\0-c\0trap 'exit 0' TERM INT"), idle  # PID 1 is the idle command
+    assert host != os.uname().nodename and host != second.stdout.decode().splitlines()[1]
+    records = all_removed(live, before + 2)
+    names = containers_of(records)[before:]
+    assert len(names) == 2
+    for name in names:
+        assert codes(records, name) == [
+            "DOCKER_IMAGE_PULL_NEEDED_CHECKING", "DOCKER_CONTAINER_CREATE", "DOCKER_CONTAINER_START",
+            "DOCKER_CONTAINER_RUNNING", "DOCKER_CONTAINER_STOP", "DOCKER_CONTAINER_REMOVE",
+            "DOCKER_CONTAINER_REMOVE_SUCCESSFUL"]
+    assert not set(podman.names(HOST_LABEL)) & set(names)  # nothing left after the disconnect
+
+
+def test_conformance_cases_in_a_container(served: tuple[LiveServer, Path]) -> None:
+    """ContainerSSH's cases (echo, env, pty + window-change, exit 42, signal), and input to EOF."""
+    live, _ = served
+    done = ssh(live, 'echo "Hello world!"')
+    assert (done.returncode, done.stdout) == (0, b"Hello world!\n"), done.stderr
+    assert ssh(live, "exit 42").returncode == 42
+    done = ssh(live, 'echo "$FOO [$LD_PRELOAD]"', "-o", "SetEnv=FOO=bar LD_PRELOAD=/tmp/evil.so")
+    assert done.stdout == b"bar []\n", done.stderr
+
+    async def main() -> None:
+        async with connect(live) as conn:
+            # pty + window-change
+            proc = await conn.create_process(term_type="xterm", term_size=(80, 25), encoding=None)
+            proc.stdin.write(b"echo START $TERM; stty size\n")
+            assert b"START xterm" in await proc.stdout.readuntil(b"25 80\r\n")
+            proc.change_terminal_size(120, 30)
+            proc.stdin.write(b"stty size\n")
+            await proc.stdout.readuntil(b"30 120\r\n")
+            proc.stdin.write(b"exit 5\n")
+            await proc.wait_closed()
+            assert proc.exit_status == 5
+            # a signal reaches the program (and its trap)
+            proc = await conn.create_process(
+                "trap 'echo got; exit 7' USR1; echo ready; while :; do sleep 0.05; done", encoding=None)
+            await proc.stdout.readuntil(b"ready\n")
+            proc.send_signal("USR1")
+            assert await proc.stdout.read() == b"got\n"
+            await proc.wait_closed()
+            assert proc.exit_status == 7
+            # input to its end (the client's EOF half-closes the exec), 4 MiB both ways
+            data = os.urandom(4 * 1024 * 1024)
+            result = await conn.run("cat; echo end >&2", input=data, encoding=None)
+            assert result.stdout == data and result.stderr == b"end\n" and result.exit_status == 0
+            # a killed program: the engine reports 128+N (see adapters/backend_docker.py)
+            result = await conn.run("kill -TERM $$")
+            assert result.exit_status == 143 and result.exit_signal is None
+            # a channel closed under a running program ends it (and its group) in the container
+            proc = await conn.create_process("sleep 600 & echo started; wait", encoding=None)
+            assert await proc.stdout.readline() == b"started\n"
+            proc.close()
+            for _ in range(100):  # polling the container's process list
+                if "sleep 600" not in str((await conn.run("ps")).stdout):
+                    break
+                await asyncio.sleep(0.05)
+            else:
+                raise AssertionError("the closed channel's program still runs")
+    asyncio.run(main())
+
+
+def test_sftp_and_scp_through_the_subsystem(served: tuple[LiveServer, Path], tmp_path: Path) -> None:
+    live, data = served
+    source = tmp_path / "upload.bin"
+    source.write_bytes(os.urandom(300_000))
+    back = tmp_path / "back.bin"
+    batch = tmp_path / "batch"
+    batch.write_text(f"put {source} /tmp/in-container.bin\nget /tmp/in-container.bin {back}\nls /tmp\n")
+    args = live.ssh_args()
+    options, target = args[3:-1], args[-1]
+    done = subprocess.run(["sftp", "-b", str(batch), "-P", str(live.port), *options, target],
+                          capture_output=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert back.read_bytes() == source.read_bytes()
+    # scp (the sftp protocol since OpenSSH 9) into the bind mount, and back from another container
+    done = subprocess.run(["scp", "-P", str(live.port), *options, str(source), f"{target}:/data/up.bin"],
+                          capture_output=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert (data / "up.bin").read_bytes() == source.read_bytes()
+    again = tmp_path / "again.bin"
+    done = subprocess.run(["scp", "-P", str(live.port), *options, f"{target}:/data/up.bin", str(again)],
+                          capture_output=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert again.read_bytes() == source.read_bytes()
+
+
+def test_two_users_get_their_own_containers(podman: Podman, server_factory: Any) -> None:
+    """Per-user settings through the handler API (apps:PerUserContainers)."""
+    live = server_factory(docker(podman.socket), handler="apps:PerUserContainers")
+    script = ("hostname; echo $WHO; cat /sys/fs/cgroup/memory/memory.limit_in_bytes "
+              "/sys/fs/cgroup/pids/pids.max")
+
+    async def main() -> tuple[list[str], list[str]]:
+        async with connect(live, "ann", "ann") as ann, connect(live, "bob", "bob") as bob:
+            a, b = await asyncio.gather(ann.run(script), bob.run(script))
+            return str(a.stdout).split(), str(b.stdout).split()
+    ann, bob = asyncio.run(main())
+    assert ann[0] != bob[0]
+    assert (ann[1], bob[1]) == ("ann", "bob")
+    assert bob[2:] == [str(64 * 1024 * 1024), "64"] and ann[3] == "1024"
+    all_removed(live, 2)
+    assert podman.names(HOST_LABEL) == []
+
+
+# --- the engine failing: through the existing specs to the client --------------------------------------
+
+
+def rejected(live: LiveServer, username: str, password: str | None = None) -> str:
+    """Log in as ``username`` (password: the name unless given): refused after
+    authentication; the reason the log gives."""
+    async def main() -> None:
+        async with connect(live, username, password or username):
+            pass
+    before = codes(live.records()).count("SSH_BACKEND_REJECTED_HANDSHAKE")
+    with pytest.raises((asyncssh.PermissionDenied, asyncssh.DisconnectError)):
+        asyncio.run(main())
+    records = live.wait_for_code("SSH_BACKEND_REJECTED_HANDSHAKE", before + 1)
+    reason = [r for r in records if r["code"] == "SSH_BACKEND_REJECTED_HANDSHAKE"][-1]["labels"]["reason"]
+    return str(reason)
+
+
+def test_an_engine_failure_rejects_the_user_with_its_reason(podman: Podman, server_factory: Any) -> None:
+    live = server_factory(docker(podman.socket), handler="apps:FailingContainers")
+    assert "is not present" in rejected(live, "absent")  # docker.pull never
+    assert "sshspec-no-such-network" in rejected(live, "badnet")  # the create fails
+    assert "/nonexistent" in rejected(live, "badcmd")  # the start fails; the container is removed
+    records = live.wait_for(lambda rs: codes(rs).count("DOCKER_CONTAINER_REMOVE_SUCCESSFUL") == 1)
+    absent, badnet, badcmd = containers_of(records)
+    assert codes(records, absent) == ["DOCKER_IMAGE_PULL_NEEDED_CHECKING", "DOCKER_IMAGE_PULL_FAILED"]
+    assert codes(records, badnet)[-1] == "DOCKER_CONTAINER_CREATE_FAILED"
+    assert codes(records, badcmd)[3:] == ["DOCKER_CONTAINER_START_FAILED", "DOCKER_CONTAINER_REMOVE",
+                                          "DOCKER_CONTAINER_REMOVE_SUCCESSFUL"]
+    # The connection: authenticated, refused by the backend, disconnected; the client
+    # never saw USERAUTH_SUCCESS (asyncssh raised PermissionDenied or DisconnectError).
+    cid = next(r["labels"]["connectionId"] for r in records if r["labels"].get("container") == badcmd)
+    connection = [r["code"] for r in records if r["labels"].get("connectionId") == cid
+                  and not r["labels"].get("container")]
+    assert connection[-3:] == ["SSH_AUTH_SUCCESSFUL", "SSH_BACKEND_REJECTED_HANDSHAKE", "SSH_DISCONNECTED"]
+    assert podman.names(HOST_LABEL) == []
+    # pull always: the engine pulls (here from a registry that is not there) and fails
+    pulling = server_factory(docker(podman.socket, pull="always", image="127.0.0.1:1/sshspec-absent:1"))
+    assert "127.0.0.1:1" in rejected(pulling, USERNAME, PASSWORD)
+    assert codes(pulling.records(), containers_of(pulling.records())[0]) == [
+        "DOCKER_IMAGE_PULL_NEEDED_CHECKING", "DOCKER_IMAGE_PULL", "DOCKER_IMAGE_PULL_FAILED"]
+
+
+def test_max_containers(podman: Podman, server_factory: Any) -> None:
+    live = server_factory(docker(podman.socket, maxContainers=1))
+    first = ProtocolClient.connect(live.port)  # holds the one container there is room for
+    try:
+        first.service_request()
+        assert first.next_auth_reply(WAIT) == "SERVICE_ACCEPT"
+        first.auth_password(USERNAME, PASSWORD)
+        assert first.next_auth_reply(WAIT) == "USERAUTH_SUCCESS"
+        assert "docker.maxContainers (1)" in rejected(live, USERNAME, PASSWORD)
+    finally:
+        first.close_all()
+    records = all_removed(live, 1)
+    assert "DOCKER_CONTAINER_LIMIT" in codes(records)
+    assert ssh(live, "echo room again").stdout == b"room again\n"
+
+
+def test_session_mode_gives_each_session_a_container(podman: Podman, server_factory: Any) -> None:
+    live = server_factory(docker(podman.socket, mode="session"), handler="apps:FailingContainers")
+
+    async def main() -> tuple[str, str, str]:
+        async with connect(live, "ok", "ok") as conn:
+            a, b = await asyncio.gather(conn.run("hostname"), conn.run("hostname"))
+            # the first two are gone once their sessions closed; the connection lives on
+            records = live.wait_for(lambda rs: codes(rs).count("DOCKER_CONTAINER_REMOVE_SUCCESSFUL") == 2)
+            assert codes(records)[-1] == "DOCKER_CONTAINER_REMOVE_SUCCESSFUL"
+            c = await conn.run("hostname")
+            return str(a.stdout), str(b.stdout), str(c.stdout)
+    a, b, c = asyncio.run(main())
+    assert len({a, b, c}) == 3
+    records = all_removed(live, 3)
+    assert [n.rsplit("-", 1)[1] for n in containers_of(records)] == ["s1", "s2", "s3"]
+
+    async def failing() -> None:
+        async with connect(live, "badnet", "badnet") as conn:
+            with pytest.raises(asyncssh.ChannelOpenError):
+                await conn.run("true")  # the exec request fails: its container could not be made
+    asyncio.run(failing())
+    records = live.wait_for_code("DOCKER_CONTAINER_CREATE_FAILED")
+    failed = [r for r in records if r["code"] == "SSH_CHANNEL_REQUEST_FAILED"]
+    assert failed and "sshspec-no-such-network" in failed[0]["labels"]["reason"]
+    assert podman.names(HOST_LABEL) == []
+
+
+# --- nothing leaks: SIGTERM, kill -9 ------------------------------------------------------------------
+
+
+def test_sigterm_ends_programs_and_removes_every_container(podman: Podman, server_factory: Any) -> None:
+    live = server_factory(docker(podman.socket))
+    client = subprocess.Popen(
+        [*live.ssh_args(), "trap 'echo term; exit 3' TERM; echo ready; while :; do sleep 0.1; done"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert client.stdout is not None and client.stdout.readline() == b"ready\n"
+        assert len(podman.names(HOST_LABEL)) == 1
+        assert live.stop() == 0  # waits for the container's removal
+        out, _ = client.communicate(timeout=WAIT)
+    finally:
+        client.kill()
+    assert (client.returncode, out) == (3, b"term\n")
+    assert podman.names(HOST_LABEL) == []
+    records = live.records()
+    assert codes(records)[-3:] == ["DOCKER_CONTAINER_REMOVE", "DOCKER_CONTAINER_REMOVE_SUCCESSFUL",
+                                   "SSH_STOPPED"]
+    check_log(live)
+
+
+def test_kill_9_then_the_next_start_removes_what_it_left(podman: Podman, server_factory: Any,
+                                                        tmp_path: Path) -> None:
+    """5 live containers, `kill -9` of the server: the next server started on this host
+    removes all 5 (DOCKER_CONTAINER_ORPHANED), within 10 s of its start."""
+    killed = server_factory(docker(podman.socket), log_dir=tmp_path)  # its log ends mid-way
+    clients = [subprocess.Popen([*killed.ssh_args(), "echo up; sleep 600"], stdout=subprocess.PIPE,
+                                stderr=subprocess.DEVNULL) for _ in range(5)]
+    try:
+        for client in clients:
+            assert client.stdout is not None and client.stdout.readline() == b"up\n"
+        left = podman.names(HOST_LABEL)
+        assert len(left) == 5
+        killed.process.send_signal(signal.SIGKILL)
+        killed.process.wait(WAIT)
+        assert podman.names(HOST_LABEL) == left  # nobody removed them
+        started = time.monotonic()
+        successor = server_factory(docker(podman.socket))
+        records = successor.wait_for(
+            lambda rs: codes(rs).count("DOCKER_CONTAINER_REMOVE_SUCCESSFUL") == 5, timeout=10)
+        while podman.names(HOST_LABEL):  # the engine's view agrees
+            assert time.monotonic() - started < 10, podman.names(HOST_LABEL)
+            time.sleep(0.05)
+        elapsed = time.monotonic() - started
+    finally:
+        for client in clients:
+            client.kill()
+            client.wait()
+    assert sorted(containers_of(records)) == left
+    for name in left:
+        assert codes(records, name) == ["DOCKER_CONTAINER_ORPHANED", "DOCKER_CONTAINER_REMOVE",
+                                        "DOCKER_CONTAINER_REMOVE_SUCCESSFUL"]
+    print(f"5 orphans removed {elapsed:.2f} s after the successor's start began")
+
+
+# --- the owner ends while the engine works, and an engine that goes away -------------------------------
+
+# The engine request a container waits for in each state (the proxy holds it).
+HELD = {
+    "pulling": r"^GET \S*/images/\S+/json",
+    "creating": r"^POST \S*/containers/create",
+    "starting": r"^POST \S*/containers/\S+/start",
+}
+
+
+def authenticate(live: LiveServer, user: str) -> tuple[ProtocolClient, str]:
+    """A raw client whose good password is being admitted (its container on the way)."""
+    before = {r["labels"].get("connectionId") for r in live.records()}
+    c = ProtocolClient.connect(live.port)
+    c.service_request()
+    assert c.next_auth_reply(WAIT) == "SERVICE_ACCEPT"
+    c.auth_password(user, user)
+    records = live.wait_for(lambda rs: any(r["code"] == "SSH_AUTH_SUCCESSFUL"
+                                           and r["labels"].get("connectionId") not in before for r in rs))
+    return c, next(r["labels"]["connectionId"] for r in records if r["code"] == "SSH_AUTH_SUCCESSFUL"
+                   and r["labels"].get("connectionId") not in before)
+
+
+@pytest.mark.parametrize(("state", "user", "after"), [
+    ("pulling", "ok", []),  # nothing was made: the check's answer changes nothing
+    ("creating", "ok", ["DOCKER_CONTAINER_REMOVE", "DOCKER_CONTAINER_REMOVE_SUCCESSFUL"]),
+    ("creating", "badnet", ["DOCKER_CONTAINER_CREATE_FAILED"]),
+    ("starting", "ok", ["DOCKER_CONTAINER_REMOVE", "DOCKER_CONTAINER_REMOVE_SUCCESSFUL"]),
+    ("starting", "badcmd", ["DOCKER_CONTAINER_START_FAILED", "DOCKER_CONTAINER_REMOVE",
+                            "DOCKER_CONTAINER_REMOVE_SUCCESSFUL"]),
+])
+def test_the_owner_leaves_while_the_engine_works(podman: Podman, proxy: EngineProxy, server_factory: Any,
+                                                 state: str, user: str, after: list[str]) -> None:
+    live = server_factory(docker(proxy.path), handler="apps:FailingContainers")
+    hold = proxy.hold(HELD[state])
+    c, cid = authenticate(live, user)
+    try:
+        hold.wait()
+        c.drop()  # the client goes away while the engine request is held
+        records = live.wait_for(lambda rs: "DOCKER_CONTAINER_CANCELLED" in codes(rs))
+        assert [r["code"] for r in records if r["labels"].get("connectionId") == cid][-3:] == [
+            "SSH_HANDSHAKE_FAILED", "SSH_DISCONNECTED", "DOCKER_CONTAINER_CANCELLED"]
+    finally:
+        hold.release()
+        c.close_all()
+    (name,) = containers_of(live.records())
+    if after:
+        live.wait_for(lambda rs: codes(rs, name)[-1] == after[-1])
+    assert live.stop() == 0
+    assert codes(live.records(), name)[codes(live.records(), name).index("DOCKER_CONTAINER_CANCELLED") + 1:] \
+        == after
+    assert podman.names(HOST_LABEL) == []
+    check_log(live)
+
+
+def test_an_engine_gone_leaves_the_container_to_the_next_start(podman: Podman, proxy: EngineProxy,
+                                                               server_factory: Any) -> None:
+    """The engine cannot be reached when the connection ends: the stop and the remove fail
+    (the container is left, failed); the next server started here removes it."""
+    live = server_factory(docker(proxy.path))
+    client = subprocess.Popen([*live.ssh_args(), "echo up; sleep 600"], stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL)
+    try:
+        assert client.stdout is not None and client.stdout.readline() == b"up\n"
+        proxy.down()
+        client.kill()
+        client.wait()
+        records = live.wait_for(lambda rs: "DOCKER_CONTAINER_REMOVE_FAILED" in codes(rs))
+    finally:
+        client.kill()
+    (name,) = containers_of(records)
+    assert codes(records, name)[4:] == ["DOCKER_CONTAINER_STOP", "DOCKER_CONTAINER_STOP_FAILED",
+                                        "DOCKER_CONTAINER_REMOVE", "DOCKER_CONTAINER_REMOVE_FAILED"]
+    assert live.stop() == 0
+    assert podman.names(HOST_LABEL) == [name]  # left behind, labelled
+    proxy.up()
+    successor = server_factory(docker(proxy.path))
+    records = successor.wait_for(lambda rs: "DOCKER_CONTAINER_REMOVE_SUCCESSFUL" in codes(rs))
+    assert codes(records, name) == ["DOCKER_CONTAINER_ORPHANED", "DOCKER_CONTAINER_REMOVE",
+                                    "DOCKER_CONTAINER_REMOVE_SUCCESSFUL"]
+    assert podman.names(HOST_LABEL) == []
+    check_log(live)
+
+
+# --- back-pressure -------------------------------------------------------------------------------------
+
+
+def test_a_client_that_stops_reading_cannot_grow_the_server(podman: Podman, server_factory: Any,
+                                                           tmp_path: Path) -> None:
+    """`yes` in the container, a client that granted itself a huge window and stopped
+    reading: the server stops reading the exec's stream, the engine stops reading the
+    program, and the server's memory stays put."""
+    from test_hostile import NON_READING_CLIENT
+
+    from test_faults import rss_kib, wait_until
+    live = server_factory(docker(podman.socket))
+    script = tmp_path / "client.py"
+    script.write_text(NON_READING_CLIENT)
+    client = subprocess.Popen([sys.executable, str(script), str(live.port), USERNAME, PASSWORD],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert client.stdout is not None and client.stdout.readline() == "reading stops\n"
+        wait_until(lambda: Path(f"/proc/{client.pid}/stat").read_text().split()[2] == "T", 10,
+                   "the client to stop")
+        before = rss_kib(live.process.pid)
+        time.sleep(2)  # a measuring window, not a synchronisation: unbounded, `yes` fills ~100 MB/s
+        grown = rss_kib(live.process.pid) - before
+        assert grown < 16 * 1024, f"server RSS grew {grown} KiB in 2 s with a non-reading client"
+    finally:
+        client.send_signal(signal.SIGKILL)
+        client.wait(10)
+    all_removed(live, 1)
+    assert podman.names(HOST_LABEL) == []
+
+
+# --- with a config server: its answer first, then the container ----------------------------------------
+
+
+def test_the_config_server_answers_then_the_container_starts(podman: Podman, server_factory: Any) -> None:
+    """One login, both waits of `authenticated` in order: while the config server holds its
+    answer no container exists and no USERAUTH_SUCCESS went out; released, its `docker`
+    settings (env, memory, pids) and `environment` make the container, then SUCCESS."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from authconfig_server import AuthConfigServer
+
+    acs = AuthConfigServer().start()
+    try:
+        user = "held-docker"
+        acs.passwords[user] = "pw"
+        acs.configs[user] = {
+            "config": {"docker": {"env": {"WHO": "configured"}, "memory": "64m", "pids": 64}},
+            "environment": {"FROM_ANSWER": {"value": "yes"}}}
+        live = server_factory({**docker(podman.socket),
+                               "auth": {"webhook": {"url": acs.url, "timeout": "60s", "authTimeout": "60s"}},
+                               "configserver": {"url": acs.url, "timeout": "60s", "configTimeout": "60s"}})
+        c = ProtocolClient.connect(live.port)
+        try:
+            c.service_request()
+            assert c.next_auth_reply(WAIT) == "SERVICE_ACCEPT"
+            c.auth_password(user, "pw")
+            live.wait_for(lambda rs: any(r["code"] == "SSH_AUTH_SUCCESSFUL" for r in rs))
+            assert c.next_auth_reply(0.5) == "NOTHING"  # the config server holds its answer
+            assert podman.names(HOST_LABEL) == []  # and no container is made before it answers
+        finally:
+            c.close_all()
+        records = live.wait_for(lambda rs: any(r["code"] == "SSH_DISCONNECTED" for r in rs))
+        assert not containers_of(records)  # the client left while the config server decided
+        acs.release()
+
+        async def main() -> list[str]:
+            async with connect(live, user, "pw") as conn:
+                result = await conn.run("echo $WHO $FROM_ANSWER; cat "
+                                        "/sys/fs/cgroup/memory/memory.limit_in_bytes "
+                                        "/sys/fs/cgroup/pids/pids.max")
+                return str(result.stdout).split()
+        assert asyncio.run(main()) == ["configured", "yes", str(64 * 1024 * 1024), "64"]
+        records = all_removed(live, 1)
+        name = containers_of(records)[0]
+        order = [r["code"] for r in records
+                 if r["code"] in ("SSH_AUTH_SUCCESSFUL", "SSH_HANDSHAKE_SUCCESSFUL")
+                 or r["labels"].get("container") == name]
+        assert order[-9:] == ["SSH_AUTH_SUCCESSFUL", "DOCKER_IMAGE_PULL_NEEDED_CHECKING",
+                              "DOCKER_CONTAINER_CREATE", "DOCKER_CONTAINER_START",
+                              "DOCKER_CONTAINER_RUNNING", "SSH_HANDSHAKE_SUCCESSFUL",
+                              "DOCKER_CONTAINER_STOP", "DOCKER_CONTAINER_REMOVE",
+                              "DOCKER_CONTAINER_REMOVE_SUCCESSFUL"], order
+        assert [body["username"] for body in acs.of("config")] == [user, user]
+        assert live.stop() == 0
+        check_log(live)
+    finally:
+        acs.stop()
