@@ -16,6 +16,7 @@ import getpass
 import inspect
 import itertools
 import os
+import random
 import secrets
 import signal
 import socket
@@ -256,7 +257,8 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
         self.core = core.ConnectionCore(server.machines, server.core, self.log,
                                         keepalive_interval=server.config.ssh.client_alive_interval,
                                         refused_key_algorithms=SHA1_KEY_ALGORITHMS
-                                        if not server.config.auth.allow_sha1_rsa else frozenset())
+                                        if not server.config.auth.allow_sha1_rsa else frozenset(),
+                                        failure_delay=server.config.auth.failure_delay)
         self.conn: asyncssh.SSHServerConnection | None = None
         self.backend: ConnectionHandler | None = None
         self.sessions: dict[int, SpecSession] = {}
@@ -265,6 +267,7 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._hold_until = 0.0  # a failed attempt's answer time: the next attempt is not checked before
 
     def log(self, codes: tuple[str, ...], event: str, *, channel_id: int | None = None,
             request_type: str | None = None, method: str | None = None, reason: str | None = None,
@@ -411,8 +414,12 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
         self.conn = conn
         peer = conn.get_extra_info("peername") or ("?", 0)
         self._identify(remote_addr=f"{peer[0]}:{peer[1]}")
-        if self.server.core.handle(core.ServerEvent.accept, remote_addr=self.info.remote_addr) \
-                is not core.ServerReply.admit:
+        # The server core decides, from the source, the time and a draw for the
+        # random early drop (not a secret: it only spreads refusals).
+        admission = self.server.core.admit(core.Arrival(
+            peer[0] if isinstance(peer, tuple) else None, asyncio.get_running_loop().time(), random.random(),
+            self.info.remote_addr))
+        if admission.reply is not core.ServerReply.admit:
             self.core.startup = False  # never admitted: nothing to give back
             conn.abort()
             return
@@ -421,7 +428,7 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
         internals.install_hooks(conn, self, max_pending_global=self.server.config.limits.max_queued_requests,
                                 per_user_config=False)  # no config file: nothing to re-evaluate per user
         backend, reason = _ask(self.server.handler.connection, self.info)
-        self.handle(core.Connected())
+        self.handle(core.Connected(admission.source))
         if backend is None:  # a handler bug ends this connection, logged
             self.handle(core.ConnectionLost(core.Lost.lost, reason or f"handler error: connection() returned "
                                                                       f"{backend!r}"))
@@ -438,7 +445,7 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
             how, reason = core.Lost.protocol_error, str(exc)
         else:
             how, reason = core.Lost.lost, str(exc) if exc else "closed"
-        self.handle(core.ConnectionLost(how, reason))
+        self.handle(core.ConnectionLost(how, reason, asyncio.get_running_loop().time()))
 
     def begin_auth(self, username: str) -> bool:
         self._identify(username=username)
@@ -475,21 +482,48 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
             return  # asyncssh disconnects on it (HACKS.md); connection_lost reports it
         key = req.publickey
         self.handle(core.AuthRequested(req.method or repr(req.raw_method), key.signed if key else None,
-                                       key.algorithm if key else None))
+                                       key.algorithm if key else None, asyncio.get_running_loop().time()))
 
     def on_auth_result(self, conn: asyncssh.SSHServerConnection, res: internals.AuthResult) -> None:
         if res.kind in ("success", "failure", "superseded"):
-            self.handle(core.AuthAnswered(res.kind, res.request.method if res.request else None))
+            self.handle(core.AuthAnswered(res.kind, res.request.method if res.request else None,
+                                          asyncio.get_running_loop().time()))
+
+    async def _held(self) -> float:
+        """Wait out a failed attempt's delay before checking the next (pipelined
+        attempts do not skip it); the time this attempt's check begins."""
+        loop = asyncio.get_running_loop()
+        if (wait := self._hold_until - loop.time()) > 0:
+            await asyncio.sleep(wait)
+        return loop.time()
+
+    async def _answer(self, actions: list[core.Action], start: float) -> list[core.Action]:
+        """Carry out a failure's delay (`AuthAnswer.delay`, `KeyAcceptable.delay`): the
+        answer goes out no sooner than that long after the check began, without
+        holding the event loop."""
+        delay = max((a.delay for a in actions if isinstance(a, core.AuthAnswer | core.KeyAcceptable)),
+                    default=0.0)
+        if delay > 0:
+            self._hold_until = start + delay
+            loop = asyncio.get_running_loop()
+            if (wait := self._hold_until - loop.time()) > 0:
+                await asyncio.sleep(wait)
+        return actions
 
     async def validate_password(self, username: str, password: str) -> bool:
         assert self.backend is not None
+        start = await self._held()
         verdict, reason = await _ask_async(self.backend.check_password, username,
                                            password.encode("utf-8", "surrogateescape"))
-        return _accepted(self.handle(core.Credentials(verdict, "password", reason)))
+        now = asyncio.get_running_loop().time()
+        return _accepted(await self._answer(self.handle(core.Credentials(verdict, "password", reason, now)),
+                                            start))
 
     async def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
         assert self.backend is not None
+        start = await self._held()
         actions = self.handle(core.KeyChecked(*await _ask_async(self.backend.check_publickey, username, key)))
+        actions = await self._answer(actions, start)
         return any(isinstance(a, core.KeyAcceptable) and a.ok for a in actions) or _accepted(actions)
 
     def get_kbdint_challenge(self, username: str, lang: str, submethods: str) -> Any:
@@ -500,11 +534,15 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
 
     async def validate_kbdint_response(self, username: str, responses: Any) -> Any:
         assert self.backend is not None
-        if not any(isinstance(a, core.CheckCredentials) for a in self.handle(core.KbdintResponse())):
+        loop = asyncio.get_running_loop()
+        actions = self.handle(core.KbdintResponse(loop.time()))
+        if not any(isinstance(a, core.CheckCredentials) for a in actions):
             return False
+        start = await self._held()
         password = (responses[0] if responses else "").encode("utf-8", "surrogateescape")
         verdict, reason = await _ask_async(self.backend.check_password, username, password)
-        return _accepted(self.handle(core.Credentials(verdict, "keyboard-interactive", reason)))
+        actions = self.handle(core.Credentials(verdict, "keyboard-interactive", reason, loop.time()))
+        return _accepted(await self._answer(actions, start))
 
     def on_global_request(self, conn: asyncssh.SSHServerConnection, req: internals.GlobalRequest) -> bool:
         name = req.name if req.malformed is None and req.name is not None else repr(req.raw_name)
@@ -604,6 +642,26 @@ def machines(config: Config) -> core.Machines:
     return core.Machines.load(spec_limits(config), max_queued_requests=config.limits.max_queued_requests)
 
 
+def admission_policy(config: Config) -> core.AdmissionPolicy:
+    """limits.maxStartups' random early drop, limits.perSource* as the core's admission policy."""
+    limits = config.limits
+    startups, penalties = limits.max_startups, limits.per_source_penalties
+    return core.AdmissionPolicy(
+        early_drop_start=startups.start if startups.early_drop else None,
+        early_drop_rate=startups.rate,
+        per_source=limits.per_source_max_startups,
+        ipv4_bits=limits.per_source_net_block_size.ipv4,
+        ipv6_bits=limits.per_source_net_block_size.ipv6,
+        penalties={core.Penalty.authfail: penalties.authfail, core.Penalty.noauth: penalties.noauth,
+                   core.Penalty.grace_exceeded: penalties.grace_exceeded,
+                   core.Penalty.protocol_error: penalties.protocol_error} if penalties.enabled else {},
+        penalty_min=penalties.min,
+        penalty_max=penalties.max,
+        max_sources=penalties.max_sources,
+        deny_all_on_overflow=penalties.overflow == "deny-all",
+        exempt=tuple(penalties.exempt))
+
+
 # --- the server -----------------------------------------------------------------------------
 
 
@@ -623,7 +681,7 @@ class Server:
                                        flush_interval=config.log.flush_interval)
         self.emitter = Emitter(self.logger)
         self.machines = machines(config)
-        self.core = core.ServerCore(self.machines, self.log)
+        self.core = core.ServerCore(self.machines, self.log, admission_policy(config))
         self.handler = handler if handler is not None else configured_handler(config)
         self.connections: set[SpecConnection] = set()
         self.acceptor: asyncssh.SSHAcceptor | None = None
