@@ -1078,7 +1078,11 @@ class ConnectionCore:
             disconnect = DISCONNECTS.get(step.reply)
             if disconnect is not None:
                 if not self.lost:
-                    self.out.append(Disconnect(disconnect.code, reason or disconnect.description))
+                    # "Too many authentication failures" says all a client needs (a penalised
+                    # source is not told for how long); other reasons go out as logged.
+                    fixed = step.reply == ConnectionReply.disconnect_auth
+                    self.out.append(Disconnect(disconnect.code, disconnect.description if fixed
+                                               else reason or disconnect.description))
             elif step.reply in _AUTH_REPLIES:
                 delay = self.failure_delay if failed else 0.0
                 self.out.append(AuthAnswer(ConnectionReply(step.reply), delay))
