@@ -431,7 +431,7 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
         self.handle(core.Connected(admission.source))
         if backend is None:  # a handler bug ends this connection, logged
             self.handle(core.ConnectionLost(core.Lost.lost, reason or f"handler error: connection() returned "
-                                                                      f"{backend!r}"))
+                                                                      f"{backend!r}", by_server=True))
             conn.abort()
             return
         self.backend = backend  # type: ignore[assignment]  # a ConnectionHandler by the API

@@ -717,6 +717,7 @@ class ConnectionLost(_Message, frozen=True):
     how: Lost
     reason: str
     now: float = 0.0  # the adapter's monotonic clock (an end before login may earn a penalty)
+    by_server: bool = False  # the server ended it (a handler error): the client earns nothing
 
 
 Event = (
@@ -1320,7 +1321,7 @@ class ConnectionCore:
         if how is Lost.login_timeout and self.state in ("established", "draining"):
             how = Lost.lost  # the login timer fired as authentication went through
         penalty = None
-        if self.state in _PREAUTH:
+        if self.state in _PREAUTH and not event.by_server:
             # Failed attempts were penalised as they failed; leaving without one is noauth.
             penalty = _LOST_PENALTIES.get(how) or (Penalty.noauth if not self.instance.authTries else None)
         self._fire(ConnectionEvent(how.value), reason=event.reason)

@@ -459,6 +459,7 @@ def test_too_many_tries_comes_before_the_penalty() -> None:
     (core.Lost.lost, "failed", None),  # its failure was penalised as it failed
     (core.Lost.lost, "established", None),
     (core.Lost.protocol_error, "established", None),
+    (core.Lost.lost, "handler error", None),  # the server ended it: the client earns nothing
 ])
 def test_how_a_connection_ends_before_login_penalises_its_source(
         how: core.Lost, state: str, expected: tuple[core.Penalty, float] | None) -> None:
@@ -476,7 +477,7 @@ def test_how_a_connection_ends_before_login_penalises_its_source(
         conn.handle(core.UserVerdict(True, "password"))
         conn.handle(core.AuthCompleted(0.0))
     before = len(log.records)
-    conn.handle(core.ConnectionLost(how, "gone", now=1.0))
+    conn.handle(core.ConnectionLost(how, "gone", now=1.0, by_server=state == "handler error"))
     assert conn.state == "closed"
     added = log.records[before:]
     if expected is None:
