@@ -25,6 +25,10 @@ What the module gives the adapter:
   outcome (answered / closed / timeout).
 * `is_login_timeout(exc)` - recognises asyncssh's login timeout in
   `connection_lost`.
+* `AdmissionGate` + `server_connection(loop, options)` - an asyncio protocol in
+  front of asyncssh for each accepted TCP connection: the adapter's `admit`
+  decides before asyncssh builds anything (a refusal costs a socket, not an SSH
+  connection); an admitted one is handed to a fresh `SSHServerConnection`.
 * `check_asyncssh_compat()` / `assert_asyncssh_compat()` - verify that the
   installed asyncssh still has every private thing used here.
 
@@ -49,6 +53,7 @@ from asyncssh.packet import PacketDecodeError, SSHPacket, SSHPacketHandler
 
 __all__ = [
     "ASYNCSSH_DEFAULT",
+    "AdmissionGate",
     "AsyncsshCompatError",
     "AuthRequest",
     "AuthResult",
@@ -81,6 +86,7 @@ __all__ = [
     "install_hooks",
     "is_login_timeout",
     "send_keepalive",
+    "server_connection",
 ]
 
 SUPPORTED_ASYNCSSH = ((2, 24, 1), (2, 25, 0))  # [low, high)
@@ -1060,6 +1066,46 @@ def is_login_timeout(exc: BaseException | None) -> bool:
     return isinstance(exc, asyncssh.ConnectionLost) and exc.reason == _LOGIN_TIMEOUT_REASON
 
 
+class AdmissionGate(asyncio.Protocol):
+    """The protocol asyncio gives each accepted TCP connection, in front of asyncssh.
+
+    `admit(transport)` decides at once (its refusal is the adapter's to log); a
+    refused connection is aborted before asyncssh builds anything for it, which
+    costs about half of what asyncssh's own connection set-up and teardown does
+    (a penalised source may knock thousands of times a second). An admitted one
+    is handed over with the public transport API: the connection `connection()`
+    makes becomes the transport's protocol and is told `connection_made`, as if
+    asyncio had made it itself (asyncio calls nothing else on a protocol before
+    its `connection_made` returns)."""
+
+    __slots__ = ("_admit", "_connection")
+
+    def __init__(self, admit: Callable[[asyncio.BaseTransport], bool],
+                 connection: Callable[[], asyncio.Protocol]) -> None:
+        self._admit = admit
+        self._connection = connection
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if not self._admit(transport):
+            transport.abort()  # type: ignore[attr-defined]  # a socket transport (create_server)
+            return
+        conn = self._connection()
+        transport.set_protocol(conn)
+        conn.connection_made(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """A refused connection's end: nothing was made for it."""
+
+
+def server_connection(loop: asyncio.AbstractEventLoop,
+                      options: asyncssh.SSHServerConnectionOptions) -> asyncssh.SSHServerConnection:
+    """An SSH server connection for one accepted socket, as `asyncssh.listen` makes
+    them (its `conn_factory`), with no acceptor, error handler or wait."""
+    # REACH-IN: SSHServerConnection.__init__(loop, options, acceptor, error_handler, wait)
+    # (connection.py:5875): the class is public, its constructor is not documented.
+    return asyncssh.SSHServerConnection(loop, options)
+
+
 def connection_gone(chan: SSHChannel[Any]) -> bool:
     """True once nothing more can be sent on `chan`'s connection.
 
@@ -1156,6 +1202,10 @@ REACH_INS: tuple[ReachIn, ...] = (
     ReachIn(_Conn, "send_packet", ("pkttype", "args", "handler")),
     ReachIn(_Conn, "_login_timer_callback", (), source_has=repr(_LOGIN_TIMEOUT_REASON)),
     ReachIn(asyncssh.misc, "map_handler_name", ("name",)),
+    # AdmissionGate: construct what asyncssh's listener would (HACKS.md row 25).
+    ReachIn(_Conn, "__init__", ("loop", "options", "acceptor", "error_handler", "wait")),
+    ReachIn(asyncssh.connection, "listen", source_has="SSHServerConnection(loop, new_options, acceptor, "
+                                                      "error_handler)"),
 )
 
 

@@ -250,8 +250,9 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
     """One connection: asyncssh's callbacks and hooks become core events, and the
     core's actions are carried out. asyncssh makes one per TCP connection."""
 
-    def __init__(self, server: Server) -> None:
+    def __init__(self, server: Server, admission: core.Admission) -> None:
         self.server = server
+        self.admission = admission  # the server core admitted it (the gate's `Server.arrival`)
         self.info = ConnectionInfo(f"{os.getpid():x}-{next(_connection_ids):x}", "")
         self.identity = Labels(self.info.connection_id)  # who: every record's first labels
         self.core = core.ConnectionCore(server.machines, server.core, self.log,
@@ -414,21 +415,12 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
         self.conn = conn
         peer = conn.get_extra_info("peername") or ("?", 0)
         self._identify(remote_addr=f"{peer[0]}:{peer[1]}")
-        # The server core decides, from the source, the time and a draw for the
-        # random early drop (not a secret: it only spreads refusals).
-        admission = self.server.core.admit(core.Arrival(
-            peer[0] if isinstance(peer, tuple) else None, asyncio.get_running_loop().time(), random.random(),
-            self.info.remote_addr))
-        if admission.reply is not core.ServerReply.admit:
-            self.core.startup = False  # never admitted: nothing to give back
-            conn.abort()
-            return
         self.admitted = True
         self.server.connections.add(self)
         internals.install_hooks(conn, self, max_pending_global=self.server.config.limits.max_queued_requests,
                                 per_user_config=False)  # no config file: nothing to re-evaluate per user
         backend, reason = _ask(self.server.handler.connection, self.info)
-        self.handle(core.Connected(admission.source))
+        self.handle(core.Connected(self.admission.source))
         if backend is None:  # a handler bug ends this connection, logged
             self.handle(core.ConnectionLost(core.Lost.lost, reason or f"handler error: connection() returned "
                                                                       f"{backend!r}", by_server=True))
@@ -684,7 +676,8 @@ class Server:
         self.core = core.ServerCore(self.machines, self.log, admission_policy(config))
         self.handler = handler if handler is not None else configured_handler(config)
         self.connections: set[SpecConnection] = set()
-        self.acceptor: asyncssh.SSHAcceptor | None = None
+        self.acceptor: asyncio.AbstractServer | None = None
+        self._arrived: core.Admission | None = None  # the admission the next SpecConnection takes
         self.sock: socket.socket | None = None
         self.address: tuple[str, int] | None = None
         self._all_closed = asyncio.Event()
@@ -711,17 +704,43 @@ class Server:
             self.core.handle(core.ServerEvent.bind_failed, reason=f"{host}:{port}: {exc}")
             raise StartError(f"cannot start on {host}:{port}: {exc}") from exc
         version = self.config.ssh.server_version.removeprefix("SSH-2.0-")
-        self.acceptor = await asyncssh.create_server(
-            lambda: SpecConnection(self), sock=self.sock, server_version=version,
+        connection_options = asyncssh.SSHServerConnectionOptions(
+            server_factory=self._spec_connection, server_version=version,
             login_timeout=self.config.limits.login_timeout,
             keepalive_interval=0, allow_scp=False, agent_forwarding=False,
             x11_forwarding=False, gss_host=None, **options)
+        # What asyncssh.create_server(sock=...) does, with the admission gate in front:
+        # a refused connection costs no SSH connection at all.
+        loop = asyncio.get_running_loop()
+        self.acceptor = await loop.create_server(
+            lambda: internals.AdmissionGate(self.arrival,
+                                            lambda: internals.server_connection(loop, connection_options)),
+            sock=self.sock)
         if self.core.state != "starting":  # shut down while asyncio set the listener up
             self.acceptor.close()
             await self.acceptor.wait_closed()
             return
         self.address = self.sock.getsockname()[:2]
         self.core.handle(core.ServerEvent.listening, reason=f"{self.address[0]}:{self.address[1]}")
+
+    def arrival(self, transport: asyncio.BaseTransport) -> bool:
+        """A TCP connection arrived: the server core decides, from its address, the
+        time and a draw for the random early drop (not a secret: it only spreads
+        refusals). The admitted one's SpecConnection is made next, synchronously
+        (the gate hands it to asyncssh, which calls `_spec_connection`)."""
+        peer = transport.get_extra_info("peername")
+        host, remote_addr = (peer[0], f"{peer[0]}:{peer[1]}") if isinstance(peer, tuple) else (None, "?:0")
+        admission = self.core.admit(core.Arrival(host, asyncio.get_running_loop().time(), random.random(),
+                                                 remote_addr))
+        if admission.reply is not core.ServerReply.admit:
+            return False
+        self._arrived = admission
+        return True
+
+    def _spec_connection(self) -> SpecConnection:
+        admission, self._arrived = self._arrived, None
+        assert admission is not None, "asyncssh made a connection the gate did not admit"
+        return SpecConnection(self, admission)
 
     def _listen_socket(self, host: str, port: int) -> socket.socket:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET

@@ -14,8 +14,11 @@ loopback on Linux), against a legitimate user's password logins.
   meanwhile sequential logins from 127.0.0.5, one a second (idle: N logins before
   the attack and N after it, on the same server). The guesses that
   reached the password check are the server log's SSH_AUTH_ATTEMPT records from
-  127.0.0.4. Targets: after the first 10 s at most 1 guess/s from that source; the
-  legitimate median login at most 1.5x the idle median.
+  127.0.0.4. Then PAIRING (40 s) more of the attack, the attacker stopped and
+  resumed every 5 s, logins every half second: attack and idle moments apart
+  (the "paired" ratio; on a busy machine the before/after idle drifts). Targets:
+  after the first 10 s at most 1 guess/s from that source; the legitimate median
+  login at most 1.5x the idle median.
 
 The server runs pinned to CPU 0, the clients on CPU 1 (as bench/run.py); the
 guessing attacker is a separate process scheduled SCHED_IDLE (nice 19 where that
@@ -33,6 +36,7 @@ import contextlib
 import json
 import os
 import selectors
+import signal
 import socket
 import statistics
 import subprocess
@@ -234,8 +238,37 @@ def attacker_main(argv: list[str]) -> None:
     print(json.dumps(stats), flush=True)
 
 
+async def paired(port: int, source: str, attacker: int, until: float,
+                 window: float) -> list[tuple[str, float | str]]:
+    """Logins every half second while the attacker is stopped (SIGSTOP) and resumed
+    every `window` seconds: each labelled "attack" or "paused" by the attacker's
+    state throughout it ("mixed" if it changed meanwhile). Both kinds see the same
+    machine moments apart, which a drifting machine needs."""
+    paused = False
+    out: list[tuple[str, float | str]] = []
+
+    async def toggle() -> None:
+        nonlocal paused
+        while time.time() < until:
+            await asyncio.sleep(min(window, max(0.0, until - time.time())))
+            paused = not paused
+            os.kill(attacker, signal.SIGSTOP if paused else signal.SIGCONT)
+        if paused:
+            os.kill(attacker, signal.SIGCONT)
+
+    async def log_in() -> None:
+        while time.time() < until:
+            began, before = time.time(), paused
+            result = await one_login(port, source)
+            out.append(("mixed" if paused != before else "paused" if before else "attack", result))
+            await asyncio.sleep(max(0.0, began + 0.5 - time.time()))
+
+    await asyncio.gather(toggle(), log_in())
+    return out
+
+
 def run_guessing(work: Path, n: int, connections: int, guesses: int, concurrency: int,
-                 duration: float, index: int) -> dict[str, Any]:
+                 duration: float, pairing: float, index: int) -> dict[str, Any]:
     name = f"guessing{index}"
     srv = server(work, name)
     try:
@@ -243,10 +276,12 @@ def run_guessing(work: Path, n: int, connections: int, guesses: int, concurrency
         begin = time.time()
         attack = subprocess.Popen(
             [PY, __file__, "attacker", str(srv.port), str(connections), str(guesses), str(concurrency),
-             str(duration)], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+             str(duration + pairing)], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
             preexec_fn=(lambda: os.sched_setaffinity(0, {CLIENT_CPU})) if TWO_CPUS else None)
         during = asyncio.run(logins(srv.port, "127.0.0.5", 0, every=1.0, until=begin + duration))
-        out, _ = attack.communicate(timeout=duration + 60)
+        pairs = asyncio.run(paired(srv.port, "127.0.0.5", attack.pid, begin + duration + pairing, 5.0)) \
+            if pairing > 0 else []
+        out, _ = attack.communicate(timeout=duration + pairing + 60)
         stats = json.loads(out)
         cpu_s = srv.cpu_ns() / 1e9
         # Idle again once the attack is over (the same server; 127.0.0.5 was never penalised):
@@ -257,7 +292,10 @@ def run_guessing(work: Path, n: int, connections: int, guesses: int, concurrency
     recs = records(work, name)
     attempts = [at(r) - begin for r in recs if r["code"] == "SSH_AUTH_ATTEMPT"
                 and r["labels"].get("remoteAddr", "").startswith("127.0.0.4:")]
+    attempts = [t for t in attempts if t < duration]  # the continuous phase (the attacker is never paused)
     late = [t for t in attempts if t >= 10.0]
+    attacked = [r for kind, r in pairs if kind == "attack" and isinstance(r, float)]
+    paused = [r for kind, r in pairs if kind == "paused" and isinstance(r, float)]
     per_second = [sum(1 for t in late if s <= t < s + 1) for s in range(10, int(duration))]
     ok_all = latencies(during)
     ok_late = [r for t, r in during if isinstance(r, float) and t - begin >= 10.0]
@@ -271,6 +309,12 @@ def run_guessing(work: Path, n: int, connections: int, guesses: int, concurrency
             "attack_median_after_10s": statistics.median(ok_late) if ok_late else None,
             "ratio": statistics.median(ok_all) / idle_median if ok_all else None,
             "ratio_after_10s": statistics.median(ok_late) / idle_median if ok_late else None,
+            "paired_attack_median": statistics.median(attacked) if attacked else None,
+            "paired_paused_median": statistics.median(paused) if paused else None,
+            "paired_ratio": statistics.median(attacked) / statistics.median(paused)
+            if attacked and paused else None,
+            "paired_samples": (len(attacked), len(paused)),
+            "paired_failed": [r for _, r in pairs if isinstance(r, str)],
             "legit_logins": len(during), "legit_failed": [r for _, r in during if isinstance(r, str)],
             "idle_latencies": latencies(idle), "attack_latencies": [(t - begin, r) for t, r in during],
             "server_cpu_s": cpu_s,
@@ -301,6 +345,7 @@ def main() -> None:
     parser.add_argument("--guesses", type=int, default=6)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--duration", type=float, default=60.0)
+    parser.add_argument("--pairing", type=float, default=40.0)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     if TWO_CPUS:
@@ -323,7 +368,7 @@ def main() -> None:
             print(f"  ratio attack/idle: {spread([r['ratio'] for r in runs if r['ratio']])} (target <= 2)")
         if args.scenario in ("guessing", "both"):
             runs = [run_guessing(work, args.logins, args.connections, args.guesses, args.concurrency,
-                                 args.duration, i) for i in range(args.runs)]
+                                 args.duration, args.pairing, i) for i in range(args.runs)]
             result["guessing"] = runs
             print(f"(b) {args.concurrency} workers x {args.guesses} wrong passwords from 127.0.0.4 for "
                   f"{args.duration:g}s, logins from 127.0.0.5 every second:")
@@ -334,9 +379,15 @@ def main() -> None:
                       f"legit idle {r['idle_median']:.3f}s, attack {r['attack_median'] or float('nan'):.3f}s "
                       f"(ratio {r['ratio'] or float('nan'):.2f}; after 10 s "
                       f"{r['ratio_after_10s'] or float('nan'):.2f}), {len(r['legit_failed'])} of "
-                      f"{r['legit_logins']} failed; server CPU {r['server_cpu_s']:.1f}s; {r['codes']}")
+                      f"{r['legit_logins']} failed; server CPU {r['server_cpu_s']:.1f}s; {r['codes']}; "
+                      f"paired: attack {r['paired_attack_median'] or float('nan'):.3f}s, paused "
+                      f"{r['paired_paused_median'] or float('nan'):.3f}s, ratio "
+                      f"{r['paired_ratio'] or float('nan'):.2f} ({r['paired_samples'][0]} + "
+                      f"{r['paired_samples'][1]} logins, {len(r['paired_failed'])} failed)")
             print(f"  guesses/s after 10 s: {spread([r['rate_after_10s'] for r in runs])} (target <= 1)")
             print(f"  legit attack/idle: {spread([r['ratio'] for r in runs if r['ratio']])} (target <= 1.5)")
+            paired_ratios = [r["paired_ratio"] for r in runs if r["paired_ratio"]]
+            print(f"  legit attack/paused, paired: {spread(paired_ratios)} (target <= 1.5)")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
 

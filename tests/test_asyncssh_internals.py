@@ -1471,3 +1471,43 @@ def test_malformed_channel_data_is_a_protocol_error_disconnect() -> None:
             assert isinstance(exc, asyncssh.ProtocolError) and phase == "connected"
 
     run(main)
+
+
+def test_admission_gate_refuses_before_asyncssh_and_hands_over_the_rest() -> None:
+    """`AdmissionGate` (HACKS.md row 25): a refused socket is aborted before any SSH
+    connection exists (the client sees no version line); an admitted one becomes a
+    normal asyncssh server connection (a login works through it)."""
+    made: list[asyncssh.SSHServer] = []
+    refuse = {"127.0.0.2"}
+
+    class Server(asyncssh.SSHServer):
+        def __init__(self) -> None:
+            made.append(self)
+
+        def begin_auth(self, username: str) -> bool:
+            return False  # no authentication: enough to prove the connection works
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        options = asyncssh.SSHServerConnectionOptions(server_factory=Server, server_host_keys=[HOST_KEY])
+        asked: list[str] = []
+
+        def admit(transport: asyncio.BaseTransport) -> bool:
+            asked.append(transport.get_extra_info("peername")[0])
+            return asked[-1] not in refuse
+
+        listener = await loop.create_server(
+            lambda: ai.AdmissionGate(admit, lambda: ai.server_connection(loop, options)), "127.0.0.1", 0)
+        port = listener.sockets[0].getsockname()[1]
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=("127.0.0.2", 0))
+            assert await asyncio.wait_for(reader.read(100), 5) == b""  # closed: no version line
+            writer.close()
+            assert made == []  # asyncssh made nothing for it
+            async with await aconnect(port, local_addr=("127.0.0.3", 0)) as conn:
+                assert conn.get_extra_info("server_version").startswith("SSH-2.0-")  # kex and auth done
+            assert len(made) == 1 and asked == ["127.0.0.2", "127.0.0.3"]
+        finally:
+            listener.close()
+            await listener.wait_closed()
+    run(main)
