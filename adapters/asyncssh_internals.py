@@ -29,9 +29,10 @@ What the module gives the adapter:
   packet inflated past `MAX_DECOMPRESSED` (`install_hooks` bounds asyncssh's zlib,
   which has no bound of its own).
 * `connection_factory(**options)` / `connection_owner(conn)` - make asyncssh
-  server connections for transports accepted elsewhere (the PROXY-protocol
-  listener reads a header before asyncssh may see the socket), and find the
-  `SSHServer` each one made.
+  server connections for transports accepted elsewhere (the server's own
+  listener, `adapters/proxy_protocol.Listener`, decides admission and reads a
+  PROXY header before asyncssh may see the socket), and find the `SSHServer`
+  each one made.
 * `check_asyncssh_compat()` / `assert_asyncssh_compat()` - verify that the
   installed asyncssh still has every private thing used here.
 
@@ -1348,6 +1349,7 @@ REACH_INS: tuple[ReachIn, ...] = (
             source_has="if self._debug_level >= 3:"),
     ReachIn(SSHLogger, "_debug_level"),
     ReachIn(SSHLogger, "log", ("level", "msg", "args", "kwargs"), source_has="super().log(level, msg"),
+    # connection_factory / connection_owner: the server's own listener (HACKS.md row 29).
     ReachIn(_Conn, "__init__", ("loop", "options", "acceptor", "error_handler", "wait")),
     ReachIn(asyncssh.connection, "listen",
             source_has="return SSHServerConnection(loop, new_options, acceptor, error_handler)"),

@@ -8,7 +8,9 @@ the file and the key path, e.g. ``config.yaml: limits.maxAuthTries: Expected `in
 Durations (`limits.loginTimeout`, ...) are written `500ms`, `120s`, `2m`, `1h`, `1m30s`,
 `0`, or as a plain number of seconds; they decode to float seconds (`Duration`).
 `ssh.listen` is `host:port` (`[::1]:2222` for IPv6) and decodes to `Listen`, a
-(host, port) tuple.
+(host, port) tuple. `limits.maxStartups` is OpenSSH's `start:rate:full` or an int
+(`MaxStartups`), `limits.perSourceNetBlockSize` is `v4bits:v6bits` (`NetBlockSize`),
+and `limits.perSourcePenalties.exempt` lists networks (`Network`).
 
 Paths in the file (hostkeys, authorizedKeysFile, log.file, stateDir) are kept as
 written; relative ones are relative to the server's working directory.
@@ -152,6 +154,105 @@ def parse_listen(value: object) -> Listen:
     return Listen(host, int(port))
 
 
+class MaxStartups:
+    """`limits.maxStartups`: OpenSSH's `start:rate:full` random early drop (from
+    `start` unauthenticated connections on, refuse each new one with a probability
+    rising from `rate`% to 100% at `full`), or an int: the hard limit alone (full)."""
+
+    __slots__ = ("start", "rate", "full")
+
+    def __init__(self, start: int, rate: int, full: int) -> None:
+        self.start, self.rate, self.full = start, rate, full
+
+    @property
+    def early_drop(self) -> bool:
+        return self.start < self.full
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, MaxStartups) and (self.start, self.rate, self.full) == \
+            (other.start, other.rate, other.full)
+
+    def __hash__(self) -> int:
+        return hash((self.start, self.rate, self.full))
+
+    def __repr__(self) -> str:
+        return f"MaxStartups({self.start}, {self.rate}, {self.full})"
+
+    def __str__(self) -> str:
+        return f"{self.start}:{self.rate}:{self.full}" if self.early_drop else str(self.full)
+
+
+def parse_max_startups(value: object) -> MaxStartups:
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 1:
+            raise ValueError(f"Expected `start:rate:full` or an int >= 1, got `{value}`")
+        return MaxStartups(value, 100, value)
+    if not isinstance(value, str):
+        raise ValueError(f"Expected `start:rate:full` (a string) or an int, got `{type(value).__name__}`")
+    parts = value.split(":")
+    if len(parts) == 1 and value.isascii() and value.isdigit():
+        return parse_max_startups(int(value))
+    if len(parts) != 3 or not all(p.isascii() and p.isdigit() for p in parts):
+        raise ValueError(f"Invalid maxStartups `{value}`: expected `start:rate:full`, e.g. `10:30:100`, "
+                         "or an int")
+    start, rate, full = (int(p) for p in parts)
+    if not 1 <= rate <= 100:
+        raise ValueError(f"Invalid maxStartups `{value}`: rate must be a percentage from 1 to 100")
+    if full < 1 or start > full:
+        raise ValueError(f"Invalid maxStartups `{value}`: expected start <= full and full >= 1")
+    return MaxStartups(start, rate, full)
+
+
+class NetBlockSize:
+    """`limits.perSourceNetBlockSize`: how many leading bits of an IPv4 and an IPv6
+    address make one source (`32:64`; an int gives the IPv4 part alone)."""
+
+    __slots__ = ("ipv4", "ipv6")
+
+    def __init__(self, ipv4: int, ipv6: int) -> None:
+        self.ipv4, self.ipv6 = ipv4, ipv6
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, NetBlockSize) and (self.ipv4, self.ipv6) == (other.ipv4, other.ipv6)
+
+    def __hash__(self) -> int:
+        return hash((self.ipv4, self.ipv6))
+
+    def __repr__(self) -> str:
+        return f"NetBlockSize({self.ipv4}, {self.ipv6})"
+
+    def __str__(self) -> str:
+        return f"{self.ipv4}:{self.ipv6}"
+
+
+def parse_net_block_size(value: object) -> NetBlockSize:
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str):
+        raise ValueError(f"Expected `v4bits:v6bits` as a string, e.g. `32:64`, got `{type(value).__name__}`")
+    v4, sep, v6 = value.partition(":")
+    if not all(p.isascii() and p.isdigit() for p in ((v4, v6) if sep else (v4,))):
+        raise ValueError(f"Invalid perSourceNetBlockSize `{value}`: expected `v4bits:v6bits`, e.g. `32:64`")
+    block = NetBlockSize(int(v4), int(v6) if sep else 64)
+    if block.ipv4 > 32 or block.ipv6 > 128:
+        raise ValueError(f"Invalid perSourceNetBlockSize `{value}`: at most 32 bits for IPv4, 128 for IPv6")
+    return block
+
+
+class Network(str):
+    """A network in CIDR notation (`10.0.0.0/8`, `2001:db8::/32`); an address is its /32 or /128."""
+
+
+def parse_network(value: object) -> Network:
+    if not isinstance(value, str):
+        raise ValueError(f"Expected a network like `10.0.0.0/8` or an address, got `{type(value).__name__}`")
+    try:
+        network = ipaddress.ip_network(value)
+    except ValueError as exc:
+        raise ValueError(f"Invalid network `{value}`: {exc}") from None
+    return Network(str(network))
+
+
 def _dec_hook(type_: type, obj: Any) -> Any:
     # msgspec wraps a ValueError raised here into a ValidationError carrying the key path.
     if type_ is Duration:
@@ -160,6 +261,12 @@ def _dec_hook(type_: type, obj: Any) -> Any:
         return parse_listen(obj)
     if type_ is ByteSize:
         return parse_byte_size(obj)
+    if type_ is MaxStartups:
+        return parse_max_startups(obj)
+    if type_ is NetBlockSize:
+        return parse_net_block_size(obj)
+    if type_ is Network:
+        return parse_network(obj)
     raise NotImplementedError(type_)
 
 
@@ -275,13 +382,38 @@ class AuthConfig(_Section, frozen=True):
     allow_sha1_rsa: bool = False
     # ContainerSSH's authentication API; users in `users` are still decided here.
     webhook: AuthWebhookConfig = msgspec.field(default_factory=AuthWebhookConfig)
+    # A failed attempt is answered this long after it arrived, and the connection's
+    # next attempt waits for it (Linux-PAM's pam_unix delays a failure ~2 s).
+    failure_delay: Duration = _seconds(2)
+
+
+class PenaltiesConfig(_Section, frozen=True):
+    """`limits.perSourcePenalties`, OpenSSH 9.8's PerSourcePenalties (its defaults,
+    but protocolError, which OpenSSH folds into noauth: see README)."""
+
+    enabled: bool = True
+    authfail: Duration = _seconds(5)  # per failed attempt that counts against maxAuthTries
+    noauth: Duration = _seconds(1)  # a connection that ends before login without a failed attempt
+    grace_exceeded: Duration = _seconds(10)  # limits.loginTimeout expired before login
+    protocol_error: Duration = _seconds(5)  # the client broke the protocol before login
+    min: Duration = msgspec.field(default_factory=lambda: Duration(15), name="min")
+    max: Duration = msgspec.field(default_factory=lambda: Duration(600), name="max")
+    max_sources: Annotated[int, msgspec.Meta(ge=1)] = 65536  # per address family
+    overflow: Literal["permissive", "deny-all"] = "permissive"
+    exempt: tuple[Network, ...] = ()  # never penalised
 
 
 class LimitsConfig(_Section, frozen=True):
     login_timeout: Duration = _seconds(120)  # must be > 0, checked after decoding
     max_auth_tries: Annotated[int, msgspec.Meta(ge=1)] = SPEC_LIMITS["maxAuthTries"]
     max_sessions: Annotated[int, msgspec.Meta(ge=1)] = SPEC_LIMITS["maxSessions"]
-    max_startups: Annotated[int, msgspec.Meta(ge=1)] = SPEC_LIMITS["maxStartups"]
+    # OpenSSH's default; its `full` is the spec's maxStartups limit.
+    max_startups: MaxStartups = msgspec.field(
+        default_factory=lambda: MaxStartups(10, 30, SPEC_LIMITS["maxStartups"]))
+    # Below maxStartups' start, so one source alone never sets off the random early drop.
+    per_source_max_startups: Annotated[int, msgspec.Meta(ge=0)] = 5  # 0: no limit
+    per_source_net_block_size: NetBlockSize = msgspec.field(default_factory=lambda: NetBlockSize(32, 64))
+    per_source_penalties: PenaltiesConfig = msgspec.field(default_factory=PenaltiesConfig)
     max_env: Annotated[int, msgspec.Meta(ge=0)] = SPEC_LIMITS["maxEnv"]
     max_queued_requests: Annotated[int, msgspec.Meta(ge=1)] = 16
     shutdown_timeout: Duration = _seconds(10)
@@ -405,6 +537,7 @@ def spec_limits(config: Config) -> dict[str, int]:
     """The values the config gives the spec's limits, by the spec's names."""
     values = {f.encode_name: getattr(section, f.name)
               for section in (config.ssh, config.limits) for f in msgspec.structs.fields(section)}
+    values["maxStartups"] = config.limits.max_startups.full  # the spec's hard limit
     return {name: values[name] for name in SPEC_LIMITS}
 
 
@@ -430,12 +563,32 @@ def load_config(path: str | os.PathLike[str] | None) -> Config:
         raise ConfigError(file, None, yaml_problem(exc)) from None
     if raw is None:
         return default_config()
+    _refuse_sexagesimal(file, text)
     try:
         config = msgspec.convert(raw, Config, dec_hook=_dec_hook)
     except msgspec.ValidationError as exc:
         raise _validation_error(file, str(exc)) from None
     _check(file, config)
     return config
+
+
+# Keys whose `a:b:c` form YAML 1.1 reads, unquoted, as a base-60 number
+# (`10:30:60` is 37860): such a number is refused, not taken as meant.
+_COLON_KEYS = (("limits", "maxStartups"), ("limits", "perSourceNetBlockSize"))
+
+
+def _refuse_sexagesimal(file: str, text: bytes) -> None:
+    from yaml.nodes import MappingNode, ScalarNode
+    root = yaml.compose(text, Loader=yaml.SafeLoader)  # (read_yaml read it already: no error)
+    for path in _COLON_KEYS:
+        node = root
+        for key in path:
+            node = next((v for k, v in node.value if isinstance(k, ScalarNode) and k.value == key), None) \
+                if isinstance(node, MappingNode) else None
+        if isinstance(node, ScalarNode) and node.style is None and ":" in node.value \
+                and node.tag.endswith((":int", ":float")):
+            raise ConfigError(file, ".".join(path), f"YAML reads an unquoted `{node.value}` as a base-60 "
+                                                    f"number: quote it, \"{node.value}\"")
 
 
 _ERROR_AT = re.compile(r"(?s)(.*?)(?: - at `key` in `\$(.*)`| - at `\$(.*)`)?")
@@ -512,6 +665,11 @@ def _check(file: str, config: Config) -> None:
             # Below the socket buffer's high-water mark a client that reads slowly would be cut.
             raise ConfigError(file, key, f"{value} bytes: must be at least 64KiB")
     _check_proxy_protocol(file, config.ssh.proxy_protocol)
+    penalties = config.limits.per_source_penalties
+    if penalties.max <= penalties.min:
+        # Penalties add up to `max`; a source is refused past `min`: it never would be.
+        raise ConfigError(file, "limits.perSourcePenalties.max",
+                          f"must be greater than min ({penalties.min:g}s), or no source is ever refused")
     if config.backend.shell and not os.path.isabs(config.backend.shell):
         raise ConfigError(file, "backend.shell", f"must be an absolute path, got `{config.backend.shell}`")
     _check_docker(file, config)
@@ -734,6 +892,10 @@ def _enc_hook(obj: Any) -> Any:
         return int(obj)
     if isinstance(obj, Duration):
         return int(obj) if obj.is_integer() else float(obj)  # a plain number is seconds
+    if isinstance(obj, MaxStartups):
+        return str(obj) if obj.early_drop else obj.full
+    if isinstance(obj, NetBlockSize | Network):
+        return str(obj)
     raise NotImplementedError(type(obj))
 
 
@@ -768,6 +930,15 @@ def _schema_hook(type_: type) -> dict[str, Any]:
                 {"type": "integer", "minimum": 0},
             ],
         }
+    if type_ is MaxStartups:
+        return {"description": "`start:rate:full` (OpenSSH's random early drop) or the hard limit alone",
+                "anyOf": [{"type": "string", "pattern": r"^\d+(:\d+:\d+)?$"},
+                          {"type": "integer", "minimum": 1}]}
+    if type_ is NetBlockSize:
+        return {"description": "`v4bits:v6bits`, e.g. `32:64` (an int: the IPv4 bits)",
+                "anyOf": [{"type": "string", "pattern": r"^\d+(:\d+)?$"}, {"type": "integer", "minimum": 0}]}
+    if type_ is Network:
+        return {"type": "string", "description": "a network, `10.0.0.0/8` or `2001:db8::/32`, or an address"}
     raise NotImplementedError(type_)
 
 

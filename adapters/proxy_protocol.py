@@ -15,16 +15,19 @@ each connection with a header naming the client's address (haproxy's
   are skipped). LOCAL (the balancer's own health check), v1 ``UNKNOWN``, and the
   UNSPEC and UNIX families name no IP source: the connection keeps its real
   peer address.
-* `Gate` is the asyncio protocol of one accepted connection on a listener with
-  ``ssh.proxyProtocol`` enabled, until asyncssh takes the transport over. A peer
-  in ``trustedNetworks`` must send its header first; the gate reads it (bounded
-  in size by the parser and in time by ``headerTimeout``) before asyncssh sends
-  a byte, and asyncssh then sees the header's source as the peer
-  (``peername``), so the server machine's ``accept`` already carries the real
-  source. The bytes after the header are handed to asyncssh untouched. A peer
-  outside the trusted networks is handed to asyncssh at once (a client may wait
-  for the server's version line first); the gate only watches its first bytes,
-  and a PROXY signature there (a peer trying to name another source) ends the
+* `Gate` is the asyncio protocol of one accepted connection, until asyncssh
+  takes the transport over: `Listener` is the server's one accept path, with
+  ``ssh.proxyProtocol`` on or off. Every connection is admitted (or refused) by
+  the server core (`ServerCore.admit`: per-source limits and penalties, early
+  drop, maxStartups) before asyncssh builds anything for it. A peer in
+  ``trustedNetworks`` must send its header first; the gate reads it (bounded in
+  size by the parser and in time by ``headerTimeout``) before asyncssh sends a
+  byte, admission is decided for the header's source, and asyncssh then sees
+  that source as the peer (``peername``). The bytes after the header are handed
+  to asyncssh untouched. Any other peer is admitted under its own address at
+  once and handed to asyncssh (a client may wait for the server's version line
+  first); with ``ssh.proxyProtocol`` on the gate watches its first bytes, and a
+  PROXY signature there (a peer trying to name another source) ends the
   connection. Once the first bytes are decided the transport talks to asyncssh
   directly (`asyncio.Transport.set_protocol`): no cost per packet after that.
 
@@ -224,15 +227,22 @@ class _Phase(enum.Enum):
 
 
 class Listener:
-    """What the gates of one listen socket share; closing it stops accepting and
-    cuts the connections still waiting for their header (the spec's stop_listening)."""
+    """The server's one accept path: what the gates of one listen socket share.
+    Closing it stops accepting and cuts the connections still waiting for their
+    header (the spec's stop_listening).
 
-    def __init__(self, server_core: core.ServerCore, trusted: TrustedNetworks, timeout: float,
-                 connection_factory: Callable[[], Any]) -> None:
+    ``trusted`` None: ssh.proxyProtocol is off, no peer sends a header and no first
+    bytes are watched. ``admit(peer)`` is the server core's admission of a source
+    (the peer's address, or the client a trusted header names): a refused
+    connection is aborted before asyncssh builds anything for it."""
+
+    def __init__(self, server_core: core.ServerCore, trusted: TrustedNetworks | None, timeout: float,
+                 connection_factory: Callable[[], Any], admit: Callable[[Any], bool]) -> None:
         self.server_core = server_core
         self.trusted = trusted
         self.timeout = timeout
         self.connection_factory = connection_factory  # a new asyncssh server connection
+        self.admit = admit
         self.pending: set[Gate] = set()
         self.server: asyncio.AbstractServer | None = None
 
@@ -269,9 +279,15 @@ class Gate(asyncio.Protocol):
         self.transport = socket_transport = typing.cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername") or ("?", 0)
         self.peer = host_port(peer)
-        if peer[0] not in self.listener.trusted:
-            self.phase = _Phase.watching
-            self._hand_over(None, None, watch=True)
+        trusted = self.listener.trusted
+        if trusted is None or peer[0] not in trusted:
+            if not self.listener.admit(peer):  # refused (the server core logged why)
+                self.phase = _Phase.refused
+                socket_transport.abort()
+                return
+            watch = trusted is not None  # an untrusted peer's first bytes may not be a PROXY header
+            self.phase = _Phase.watching if watch else _Phase.handed
+            self._hand_over(None, None, watch=watch)
             return
         reply = self.listener.server_core.handle(core.ServerEvent.proxy_connect, remote_addr=self.peer)
         if reply is core.ServerReply.read_proxy_header:
@@ -357,6 +373,11 @@ class Gate(asyncio.Protocol):
         source = host_port(header.source) if header.source is not None else self.peer
         reason = kind if header.source is not None else f"{kind}: the proxy's own connection, no client named"
         self.listener.server_core.handle(core.ServerEvent.proxy_header, reason=reason, remote_addr=source)
+        assert self.transport is not None
+        if not self.listener.admit(header.source or self.transport.get_extra_info("peername")):
+            self.phase = _Phase.refused  # admission is the client's, under the header's source
+            self.transport.abort()
+            return
         self._hand_over(header.source, header.destination, watch=False)
         if rest and internals.connection_owner(self.ssh).admitted:
             self.ssh.data_received(rest)  # the client's first SSH bytes, as they came
@@ -394,7 +415,7 @@ class Gate(asyncio.Protocol):
         owner = internals.connection_owner(self.ssh)
         version = 1 if self.buffer.startswith(V1_SIGNATURE) else 2
         self.buffer = b""
-        if owner is None or not owner.admitted:  # refused at accept (asyncssh is closing it): no machine
+        if owner is None or not owner.admitted:  # no machine to tell (asyncssh made no SSHServer)
             assert self.transport is not None
             self.transport.abort()
             return

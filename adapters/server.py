@@ -18,6 +18,7 @@ import hashlib
 import inspect
 import itertools
 import os
+import random
 import secrets
 import signal
 import socket
@@ -300,14 +301,16 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
     """One connection: asyncssh's callbacks and hooks become core events, and the
     core's actions are carried out. asyncssh makes one per TCP connection."""
 
-    def __init__(self, server: Server) -> None:
+    def __init__(self, server: Server, admission: core.Admission) -> None:
         self.server = server
+        self.admission = admission  # the server core admitted it (the gate's `Server.arrival`)
         self.info = ConnectionInfo(f"{os.getpid():x}-{next(_connection_ids):x}", "")
         self.identity = Labels(self.info.connection_id)  # who: every record's first labels
         self.core = core.ConnectionCore(server.machines, server.core, self.log,
                                         keepalive_interval=server.config.ssh.client_alive_interval,
                                         refused_key_algorithms=SHA1_KEY_ALGORITHMS
-                                        if not server.config.auth.allow_sha1_rsa else frozenset())
+                                        if not server.config.auth.allow_sha1_rsa else frozenset(),
+                                        failure_delay=server.config.auth.failure_delay)
         self.conn: asyncssh.SSHServerConnection | None = None
         self.backend: ConnectionHandler | None = None
         self.sessions: dict[int, SpecSession] = {}
@@ -322,8 +325,9 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
         self._tasks: set[asyncio.Task[None]] = set()
         # A backend deciding on the authenticated user at its own pace (a config server,
         # the docker backend starting the container): its answer to come, and the auth method.
-        self._admission: tuple[asyncio.Task[tuple[object, str | None]], str] | None = None
+        self._verdict: tuple[asyncio.Task[tuple[object, str | None]], str] | None = None
         self.sock: Any = None  # with metrics: the socket, whose TCP counters are the bytes in and out
+        self._hold_until = 0.0  # a failed attempt's answer time: the next attempt is not checked before
 
     def log(self, codes: tuple[str, ...], event: str, *, channel_id: int | None = None,
             request_type: str | None = None, command: str | None = None, method: str | None = None,
@@ -426,26 +430,26 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
         # USERAUTH_SUCCESS may go (on_auth_result); the task is the backend's, not the
         # auth's, so asyncssh cancelling the auth does not cut the backend's work short.
         task = asyncio.get_running_loop().create_task(_ask_async(_awaited, accepted))
-        self._admission = (task, action.method)
+        self._verdict = (task, action.method)
         return None
 
     async def _admitted(self) -> None:
         """USERAUTH_SUCCESS waits here for the backend's verdict on the user."""
-        assert self._admission is not None
-        task, method = self._admission
+        assert self._verdict is not None
+        task, method = self._verdict
         try:
             accepted, reason = await asyncio.shield(task)
         except asyncio.CancelledError:
             if task.cancelled():
                 return  # the connection ended meanwhile (_connection_ended): no SUCCESS goes out
             raise
-        self._admission = None
+        self._verdict = None
         self.handle(core.UserVerdict(accepted, method, reason))
 
     def _answer(self, actions: list[core.Action]) -> bool:
         """Whether the auth request the SSH layer is answering gets a positive answer
         (or one held until the backend's verdict: `_admitted`)."""
-        return _accepted(actions) or self._admission is not None
+        return _accepted(actions) or self._verdict is not None
 
     def _open_session(self, action: core.OpenSession) -> core.Event | None:
         assert self.backend is not None and self.conn is not None
@@ -511,11 +515,11 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
             self._timer, self._timer_at = None, None
         if self.backend is not None:
             _ask(self.backend.close)  # its container released (docker), whatever the backend holds
-        if self._admission is not None:
+        if self._verdict is not None:
             # Nobody waits for that verdict any more: a config server's call ends (a container
             # being made is the docker backend's to release, which close() just asked).
-            self._admission[0].cancel()
-            self._admission = None
+            self._verdict[0].cancel()
+            self._verdict = None
         if self.sock is not None and self.server.metrics is not None:
             self.server.metrics.connection_ended(self.sock)
             self.sock = None
@@ -527,13 +531,6 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
         self.conn = conn
         peer = conn.get_extra_info("peername") or ("?", 0)
         self._identify(remote_addr=f"{peer[0]}:{peer[1]}")
-        if self.server.core.handle(core.ServerEvent.accept, remote_addr=self.info.remote_addr) \
-                is not core.ServerReply.admit:
-            self.core.startup = False  # never admitted: nothing to give back
-            if self.server.durable_log is not None:
-                self.server.durable_log.write_queued()  # the refusal's record before the close
-            conn.abort()
-            return
         self.admitted = True
         if self.server.metrics is not None:
             self.sock = conn.get_extra_info("socket")
@@ -544,10 +541,10 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
         if backend is not None and self.server.docker is not None:
             backend = self.server.docker.connection(backend, self.server.handler, self.info,  # type: ignore[arg-type]
                                                     self.log_container)
-        self.handle(core.Connected())
+        self.handle(core.Connected(self.admission.source))
         if backend is None:  # a handler bug ends this connection, logged
             self.handle(core.ConnectionLost(core.Lost.lost, reason or f"handler error: connection() returned "
-                                                                      f"{backend!r}"))
+                                                                      f"{backend!r}", by_server=True))
             conn.abort()
             return
         self.backend = backend  # type: ignore[assignment]  # a ConnectionHandler by the API
@@ -563,7 +560,7 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
             how, reason = core.Lost.protocol_error, str(exc)
         else:
             how, reason = core.Lost.lost, str(exc) if exc else "closed"
-        self.handle(core.ConnectionLost(how, reason))
+        self.handle(core.ConnectionLost(how, reason, asyncio.get_running_loop().time()))
 
     def begin_auth(self, username: str) -> bool:
         self._identify(username=username)
@@ -602,13 +599,14 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
             return  # asyncssh disconnects on it (HACKS.md); connection_lost reports it
         key = req.publickey
         self.handle(core.AuthRequested(req.method or repr(req.raw_method), key.signed if key else None,
-                                       key.algorithm if key else None))
+                                       key.algorithm if key else None, asyncio.get_running_loop().time()))
 
     def on_auth_result(self, conn: asyncssh.SSHServerConnection,
                        res: internals.AuthResult) -> Awaitable[None] | None:
         if res.kind in ("success", "failure", "superseded"):
-            self.handle(core.AuthAnswered(res.kind, res.request.method if res.request else None))
-        if res.kind == "success" and self._admission is not None:
+            self.handle(core.AuthAnswered(res.kind, res.request.method if res.request else None,
+                                          asyncio.get_running_loop().time()))
+        if res.kind == "success" and self._verdict is not None:
             return self._admitted()  # USERAUTH_SUCCESS waits for the backend's verdict
         return None
 
@@ -623,16 +621,42 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
         metrics.observe_auth(method, verdict, time.perf_counter() - started)
         return verdict, reason
 
+    async def _held(self) -> float:
+        """Wait out a failed attempt's delay before checking the next (pipelined
+        attempts do not skip it); the time this attempt's check begins."""
+        loop = asyncio.get_running_loop()
+        if (wait := self._hold_until - loop.time()) > 0:
+            await asyncio.sleep(wait)
+        return loop.time()
+
+    async def _delayed(self, actions: list[core.Action], start: float) -> list[core.Action]:
+        """Carry out a failure's delay (`AuthAnswer.delay`, `KeyAcceptable.delay`): the
+        answer goes out no sooner than that long after the check began, without
+        holding the event loop."""
+        delay = max((a.delay for a in actions if isinstance(a, core.AuthAnswer | core.KeyAcceptable)),
+                    default=0.0)
+        if delay > 0:
+            self._hold_until = start + delay
+            loop = asyncio.get_running_loop()
+            if (wait := self._hold_until - loop.time()) > 0:
+                await asyncio.sleep(wait)
+        return actions
+
     async def validate_password(self, username: str, password: str) -> bool:
         assert self.backend is not None
+        start = await self._held()
         verdict, reason = await self._check("password", self.backend.check_password, username,
                                             password.encode("utf-8", "surrogateescape"))
-        return self._answer(self.handle(core.Credentials(verdict, "password", reason)))
+        now = asyncio.get_running_loop().time()
+        actions = self.handle(core.Credentials(verdict, "password", reason, now))
+        return self._answer(await self._delayed(actions, start))
 
     async def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
         assert self.backend is not None
+        start = await self._held()
         actions = self.handle(core.KeyChecked(*await self._check("publickey", self.backend.check_publickey,
                                                                  username, key)))
+        actions = await self._delayed(actions, start)
         return any(isinstance(a, core.KeyAcceptable) and a.ok for a in actions) or self._answer(actions)
 
     def get_kbdint_challenge(self, username: str, lang: str, submethods: str) -> Any:
@@ -643,12 +667,16 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
 
     async def validate_kbdint_response(self, username: str, responses: Any) -> Any:
         assert self.backend is not None
-        if not any(isinstance(a, core.CheckCredentials) for a in self.handle(core.KbdintResponse())):
+        loop = asyncio.get_running_loop()
+        actions = self.handle(core.KbdintResponse(loop.time()))
+        if not any(isinstance(a, core.CheckCredentials) for a in actions):
             return False
+        start = await self._held()
         password = (responses[0] if responses else "").encode("utf-8", "surrogateescape")
         verdict, reason = await self._check("keyboard-interactive", self.backend.check_kbdint, username,
                                             password)
-        return self._answer(self.handle(core.Credentials(verdict, "keyboard-interactive", reason)))
+        actions = self.handle(core.Credentials(verdict, "keyboard-interactive", reason, loop.time()))
+        return self._answer(await self._delayed(actions, start))
 
     def on_global_request(self, conn: asyncssh.SSHServerConnection, req: internals.GlobalRequest) -> bool:
         name = req.name if req.malformed is None and req.name is not None else repr(req.raw_name)
@@ -768,6 +796,26 @@ def machines(config: Config) -> core.Machines:
                               max_buffered_total=config.limits.max_buffered_total)
 
 
+def admission_policy(config: Config) -> core.AdmissionPolicy:
+    """limits.maxStartups' random early drop, limits.perSource* as the core's admission policy."""
+    limits = config.limits
+    startups, penalties = limits.max_startups, limits.per_source_penalties
+    return core.AdmissionPolicy(
+        early_drop_start=startups.start if startups.early_drop else None,
+        early_drop_rate=startups.rate,
+        per_source=limits.per_source_max_startups,
+        ipv4_bits=limits.per_source_net_block_size.ipv4,
+        ipv6_bits=limits.per_source_net_block_size.ipv6,
+        penalties={core.Penalty.authfail: penalties.authfail, core.Penalty.noauth: penalties.noauth,
+                   core.Penalty.grace_exceeded: penalties.grace_exceeded,
+                   core.Penalty.protocol_error: penalties.protocol_error} if penalties.enabled else {},
+        penalty_min=penalties.min,
+        penalty_max=penalties.max,
+        max_sources=penalties.max_sources,
+        deny_all_on_overflow=penalties.overflow == "deny-all",
+        exempt=tuple(penalties.exempt))
+
+
 # --- the server -----------------------------------------------------------------------------
 
 
@@ -793,7 +841,7 @@ class Server:
             from sshspec.adapters.metrics import Metrics
             self.metrics = Metrics(self.machines)
         self.emitter = Emitter(self.logger, self.metrics)
-        self.core = core.ServerCore(self.machines, self.log)
+        self.core = core.ServerCore(self.machines, self.log, admission_policy(config))
         # The configured users are loaded in start(): an authorized_keys file that cannot be
         # read is a failed start (SSH_START_FAILED, exit 1), as a host key is.
         self._configure = handler is None
@@ -810,7 +858,8 @@ class Server:
                                         env_deny=config.backend.env_deny, max_env=config.limits.max_env)
         self.connections: set[SpecConnection] = set()
         self.backlogged: set[SpecConnection] = set()  # their socket buffer is past its high-water mark
-        self.acceptor: asyncssh.SSHAcceptor | Listener | None = None
+        self.acceptor: Listener | None = None
+        self._arrived: core.Admission | None = None  # the admission the next SpecConnection takes
         self.sock: socket.socket | None = None
         self.address: tuple[str, int] | None = None
         self._all_closed = asyncio.Event()
@@ -869,23 +918,45 @@ class Server:
         ssh_options = dict(server_version=version, login_timeout=self.config.limits.login_timeout,
                            keepalive_interval=0, allow_scp=False, agent_forwarding=False,
                            x11_forwarding=False, gss_host=None, **options)
+        # One accept path: every accepted socket meets the listener's gate, which reads a
+        # trusted balancer's PROXY header first (ssh.proxyProtocol), then asks the server
+        # core to admit the source (`arrival`) before asyncssh builds anything: a refused
+        # connection costs a socket, not an SSH connection.
         proxy = self.config.ssh.proxy_protocol
-        if proxy.enabled:  # PROXY-protocol headers are read before asyncssh gets the socket
-            listener = Listener(self.core, TrustedNetworks(proxy.trusted_networks),
-                                min(proxy.header_timeout, self.config.limits.login_timeout),
-                                internals.connection_factory(server_factory=lambda: SpecConnection(self),
-                                                             **ssh_options))
-            await listener.start(self.sock)
-            self.acceptor = listener
-        else:  # the fast path: asyncssh accepts
-            self.acceptor = await asyncssh.create_server(lambda: SpecConnection(self), sock=self.sock,
-                                                         **ssh_options)
+        trusted = TrustedNetworks(proxy.trusted_networks) if proxy.enabled else None
+        self.acceptor = Listener(self.core, trusted,
+                                 min(proxy.header_timeout, self.config.limits.login_timeout),
+                                 internals.connection_factory(server_factory=self._spec_connection,
+                                                              **ssh_options),
+                                 self.arrival)
+        await self.acceptor.start(self.sock)
         if self.core.state != "starting":  # shut down while asyncio set the listener up
             self.acceptor.close()
             await self.acceptor.wait_closed()
             return
         self.address = self.sock.getsockname()[:2]
         self.core.handle(core.ServerEvent.listening, reason=f"{self.address[0]}:{self.address[1]}")
+
+    def arrival(self, peer: Any) -> bool:
+        """A TCP connection arrived from ``peer`` (its address, or the client a trusted
+        PROXY header named): the server core decides, from the address, the time and
+        a draw for the random early drop (not a secret: it only spreads refusals).
+        The admitted one's SpecConnection is made next, synchronously (the gate hands
+        the socket to asyncssh, which calls `_spec_connection`)."""
+        host, remote_addr = (peer[0], f"{peer[0]}:{peer[1]}") if isinstance(peer, tuple) else (None, "?:0")
+        admission = self.core.admit(core.Arrival(host, asyncio.get_running_loop().time(), random.random(),
+                                                 remote_addr))
+        if admission.reply is not core.ServerReply.admit:
+            if self.durable_log is not None:
+                self.durable_log.write_queued()  # the refusal's record before the close
+            return False
+        self._arrived = admission
+        return True
+
+    def _spec_connection(self) -> SpecConnection:
+        admission, self._arrived = self._arrived, None
+        assert admission is not None, "asyncssh made a connection the gate did not admit"
+        return SpecConnection(self, admission)
 
     def _listen_socket(self, host: str, port: int) -> socket.socket:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET

@@ -140,7 +140,8 @@ def server_b(work: Path, key: Path, level: str, name: str, *extra: str, pin: boo
     config = work / f"{name}.yaml"
     config.write_text(json.dumps({  # JSON is YAML
         "ssh": {"listen": "127.0.0.1:0", "hostkeys": [str(key)]},
-        "limits": {"maxStartups": 100000, "maxSessions": 10},
+        # The load clients all come from 127.0.0.1, C at a time: no per-source limit.
+        "limits": {"maxStartups": 100000, "perSourceMaxStartups": 0, "maxSessions": 10},
         "log": {"level": level, "format": "json", "file": str(work / f"{name}.log"), "durable": DURABLE_LOG},
         "stateDir": str(work / "state"), **(settings or {})}))
     return start(name, [*SSHSPEC, "serve", "--config", str(config),

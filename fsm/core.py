@@ -16,7 +16,12 @@ tables, nowhere else:
   a request is refused at arrival and answered in its turn;
 * what a handler's verdict means, checked where it enters: anything but
   ``"ok"``, ``"bad"`` or ``"unavailable"`` is a handler error, never an event;
-* the keepalive timer (`get_timer` / `handle_timer`).
+* the keepalive timer (`get_timer` / `handle_timer`);
+* admission per source (`ServerCore.admit`, `SourceTable`): OpenSSH's
+  MaxStartups random early drop, PerSourceMaxStartups and PerSourcePenalties,
+  decided from the source, the time and a random draw the adapter hands in
+  (no clock, no RNG here), named by the server spec's events; a connection
+  feeds its source's penalties (failed attempts, how it ended before login).
 
 The seam is typed: the events the core fires and the replies it carries out
 are the enums below, and `Machines` refuses specs whose alphabets differ from
@@ -32,9 +37,11 @@ step and what the step was about; the sink adds who the connection is.
 from __future__ import annotations
 
 import enum
+import heapq
+import ipaddress
 from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import msgspec
@@ -51,10 +58,17 @@ class ServerEvent(enum.StrEnum):
     bind_failed = "bind_failed"
     listening = "listening"
     accept = "accept"
+    early_drop = "early_drop"
+    source_full = "source_full"
+    source_penalised = "source_penalised"
+    penalty_table_full = "penalty_table_full"
     startup_done = "startup_done"
     proxy_connect = "proxy_connect"
     proxy_header = "proxy_header"
     proxy_header_invalid = "proxy_header_invalid"
+    penalty = "penalty"
+    penalty_active = "penalty_active"
+    penalty_overflow = "penalty_overflow"
     shutdown = "shutdown"
     close_failed = "close_failed"
     drained = "drained"
@@ -78,6 +92,7 @@ class ConnectionEvent(enum.StrEnum):
     publickey = "publickey"
     kbdint_begin = "kbdint_begin"
     kbdint_response = "kbdint_response"
+    attempt_penalised = "attempt_penalised"
     other_method = "other_method"
     auth_ok = "auth_ok"
     auth_bad = "auth_bad"
@@ -242,12 +257,16 @@ def violation_reason(machine: Machine, step: Step) -> str:
 
 
 class ServerCore:
-    """The listening service's machine. Its replies are returned to the adapter."""
+    """The listening service's machine and its admission table. Its replies are
+    returned to the adapter."""
 
-    def __init__(self, machines: Machines, log: ServerLogSink) -> None:
+    def __init__(self, machines: Machines, log: ServerLogSink, policy: AdmissionPolicy | None = None) -> None:
         self.machine = machines.server
         self.instance = self.machine.new()
         self.log = log
+        self.policy = policy or AdmissionPolicy()
+        self.sources = SourceTable(self.policy)
+        self.full = self.machine.limits["maxStartups"]  # the spec's hard limit
 
     @property
     def state(self) -> str:
@@ -263,6 +282,48 @@ class ServerCore:
         if step.codes:
             self.log(step.codes, event, reason, remote_addr)
         return ServerReply(step.reply) if step.reply is not None else None
+
+    def admit(self, arrival: Arrival) -> Admission:
+        """Which admission event a TCP connection is, in OpenSSH's order: a penalised
+        source (or a full table in deny-all mode), then random early drop and the
+        hard limit, then the source's own limit. The spec says what each means."""
+        table, policy = self.sources, self.policy
+        source = table.source(arrival.host, arrival.remote_addr)
+        startups = self.instance.startups
+        refused = table.refusal(source, arrival.now) if source is not None else None
+        event, reason = refused or (ServerEvent.accept, None)
+        start = policy.early_drop_start
+        if event is ServerEvent.accept and start is not None and start <= startups < self.full:
+            rate = policy.early_drop_rate
+            p = (rate + (100 - rate) * (startups - start) / (self.full - start)) / 100
+            if arrival.draw < p:
+                event = ServerEvent.early_drop
+                reason = (f"{startups} unauthenticated connections (maxStartups {start}:{rate}:{self.full}): "
+                          f"dropped with probability {p:.0%}")
+        if event is ServerEvent.accept and source is not None and policy.per_source and startups < self.full:
+            have = table.startups_of(source)
+            if have >= policy.per_source:
+                event = ServerEvent.source_full
+                reason = (f"{table.label(source)}: {have} unauthenticated connections "
+                          f"(perSourceMaxStartups {policy.per_source})")
+        reply = self.handle(event, reason=reason, remote_addr=arrival.remote_addr)
+        if reply is not ServerReply.admit:
+            return Admission(reply, None)
+        table.started(source)
+        return Admission(reply, source)
+
+    def startup_done(self, source: Source | None) -> None:
+        """An admitted connection authenticated or went away."""
+        self.handle(ServerEvent.startup_done)
+        self.sources.done(source)
+
+    def penalise(self, source: Source, kind: Penalty, now: float) -> None:
+        for event, reason in self.sources.penalise(source, kind, now):
+            self.handle(event, reason=reason, remote_addr=source.remote_addr)
+
+    def penalised(self, source: Source, now: float) -> str | None:
+        """Why connections from ``source`` are refused now (None: they are not)."""
+        return self.sources.penalised(source, now)
 
 
 # --- what happens: the events the adapter hands the connection core ---------------------------
@@ -306,8 +367,221 @@ class Lost(enum.StrEnum):
     decompression_limit = "decompression_limit"  # a compressed packet inflated past the bound
 
 
+# --- admission: the server's table of sources --------------------------------------------------
+
+
+class Penalty(enum.StrEnum):
+    """What earns a source a penalty (limits.perSourcePenalties' keys)."""
+
+    authfail = "authfail"  # a failed attempt (one that counts against maxAuthTries)
+    noauth = "noauth"  # ended before authentication without a failed attempt
+    grace_exceeded = "grace-exceeded"  # limits.loginTimeout expired before authentication
+    protocol_error = "protocol-error"  # broke the protocol before authentication
+
+
+@dataclass(frozen=True)
+class AdmissionPolicy:
+    """The admission rules beyond the spec's hard limit (maxStartups, OpenSSH's
+    `full`), as plain values: OpenSSH's MaxStartups random early drop,
+    PerSourceMaxStartups, PerSourceNetBlockSize and PerSourcePenalties (9.8).
+    The default admits by the spec's limit alone."""
+
+    early_drop_start: int | None = None  # None: no random early drop
+    early_drop_rate: int = 30  # percent dropped at `start`, rising to 100 at `full`
+    per_source: int = 0  # unauthenticated connections per source; 0: no limit
+    ipv4_bits: int = 32  # a source is its address's network block
+    ipv6_bits: int = 64
+    penalties: Mapping[Penalty, float] = field(default_factory=dict)  # seconds each; empty: none
+    penalty_min: float = 15.0  # a source is refused once its penalties pass this
+    penalty_max: float = 600.0  # penalties add up to this
+    max_sources: int = 65536  # penalised sources kept, per address family
+    deny_all_on_overflow: bool = False  # a full table refuses every source not exempt
+    exempt: tuple[str, ...] = ()  # networks never penalised ("10.0.0.0/8", "2001:db8::/32")
+
+
+class Source(_Message, frozen=True):
+    """Where a connection comes from, as the admission table groups it: its
+    address's network block (`block`, host bits cleared) in an address family."""
+
+    family: int  # 4 or 6
+    block: int
+    remote_addr: str | None  # the connection's host:port, for the log
+    exempt: bool  # in the policy's exempt networks: never penalised
+
+
+class Arrival(_Message, frozen=True):
+    """A TCP connection arrived (`ServerCore.admit` decides)."""
+
+    host: str | None  # the peer's IP address; None: not an IP socket (no per-source rules)
+    now: float  # the adapter's monotonic clock, in seconds
+    draw: float  # uniform in [0, 1): the random early drop's draw
+    remote_addr: str | None = None  # host:port, for the log
+
+
+class Admission(_Message, frozen=True):
+    reply: ServerReply | None
+    source: Source | None  # an admitted connection's source: hand it to its core (`Connected`)
+
+
+class _Penalised:
+    """One penalised source: until when, whether it is refused yet, and why."""
+
+    __slots__ = ("expiry", "active", "kind")
+
+    def __init__(self, expiry: float, kind: Penalty) -> None:
+        self.expiry = expiry
+        self.active = False
+        self.kind = kind
+
+
+class SourceTable:
+    """The per-source bookkeeping of admission, sans-I/O like the rest: the
+    unauthenticated connections of each source, and the penalties.
+
+    Bounded: a source has a startup count only while it has startups (at most the
+    spec's maxStartups in all), and each address family holds at most
+    ``max_sources`` penalties; a heap by expiry forgets the expired ones as time
+    (handed in) passes. Penalties follow OpenSSH's srclimit.c: each adds its
+    seconds to the source's expiry (at most ``penalty_max`` ahead); the source is
+    refused once more than ``penalty_min`` is left, until it expires; exempt
+    networks are never penalised.
+    """
+
+    def __init__(self, policy: AdmissionPolicy) -> None:
+        self.policy = policy
+        self.exempt = tuple(ipaddress.ip_network(n, strict=False) for n in policy.exempt)
+        self.tracked = bool(policy.per_source or any(s > 0 for s in policy.penalties.values()))
+        self.startups: dict[tuple[int, int], int] = {}
+        self.penalties: dict[int, dict[int, _Penalised]] = {4: {}, 6: {}}
+        self.heaps: dict[int, list[tuple[float, int]]] = {4: [], 6: []}
+
+    def source(self, host: str | None, remote_addr: str | None = None) -> Source | None:
+        """The source of a peer address; None when nothing is tracked per source or
+        the address is not IP."""
+        if host is None or not self.tracked:
+            return None
+        try:
+            ip = ipaddress.ip_address(host.partition("%")[0])  # (an IPv6 scope id is no part of it)
+        except ValueError:
+            return None
+        if ip.version == 6 and ip.ipv4_mapped is not None:  # a dual-stack socket's IPv4 peer
+            ip = ip.ipv4_mapped
+        width, bits = (32, self.policy.ipv4_bits) if ip.version == 4 else (128, self.policy.ipv6_bits)
+        shift = width - bits
+        return Source(ip.version, int(ip) >> shift << shift, remote_addr,
+                      any(ip in net for net in self.exempt))
+
+    def label(self, source: Source) -> str:
+        return self._label(source.family, source.block)
+
+    def _label(self, family: int, block: int) -> str:
+        if family == 4:
+            return f"{ipaddress.IPv4Address(block)}/{self.policy.ipv4_bits}"
+        return f"{ipaddress.IPv6Address(block)}/{self.policy.ipv6_bits}"
+
+    # -- unauthenticated connections per source
+
+    def startups_of(self, source: Source) -> int:
+        return self.startups.get((source.family, source.block), 0)
+
+    def started(self, source: Source | None) -> None:
+        if source is not None:
+            key = (source.family, source.block)
+            self.startups[key] = self.startups.get(key, 0) + 1
+
+    def done(self, source: Source | None) -> None:
+        if source is not None:
+            key = (source.family, source.block)
+            left = self.startups.get(key, 0) - 1
+            if left > 0:
+                self.startups[key] = left
+            else:
+                self.startups.pop(key, None)
+
+    # -- penalties
+
+    def _expire(self, family: int, now: float) -> dict[int, _Penalised]:
+        table, heap = self.penalties[family], self.heaps[family]
+        while heap and heap[0][0] < now:
+            expiry, block = heapq.heappop(heap)
+            entry = table.get(block)
+            if entry is not None and entry.expiry == expiry:  # (not extended since: that is a later item)
+                del table[block]
+        return table
+
+    def penalised(self, source: Source, now: float) -> str | None:
+        """Why ``source`` is refused now, or None."""
+        if source.exempt:
+            return None
+        entry = self._expire(source.family, now).get(source.block)
+        if entry is None or not entry.active:
+            return None
+        return f"{self.label(source)} penalised for {entry.kind} ({entry.expiry - now:.0f}s left)"
+
+    def refusal(self, source: Source, now: float) -> tuple[ServerEvent, str] | None:
+        """The refusal an arriving connection from ``source`` meets, if any."""
+        why = self.penalised(source, now)
+        if why is not None:
+            return ServerEvent.source_penalised, why
+        table = self.penalties[source.family]
+        if self.policy.deny_all_on_overflow and not source.exempt and len(table) >= self.policy.max_sources:
+            return ServerEvent.penalty_table_full, (
+                f"{len(table)} IPv{source.family} sources penalised "
+                f"(maxSources {self.policy.max_sources}, overflow deny-all)")
+        return None
+
+    def penalise(self, source: Source, kind: Penalty, now: float) -> list[tuple[ServerEvent, str]]:
+        """Add a penalty; the events it makes (with their reasons), in order."""
+        seconds = self.policy.penalties.get(kind, 0.0)
+        if source.exempt or seconds <= 0:
+            return []
+        policy, family, label = self.policy, source.family, self.label(source)
+        table = self._expire(family, now)
+        out: list[tuple[ServerEvent, str]] = []
+        entry = table.get(source.block)
+        if entry is None:
+            if len(table) >= policy.max_sources:
+                full = f"{len(table)} IPv{family} sources penalised (maxSources {policy.max_sources})"
+                if policy.deny_all_on_overflow:
+                    return [(ServerEvent.penalty_overflow, f"{full}: {label} {kind} not recorded (deny-all)")]
+                expiry, block = self._soonest(family)
+                del table[block]
+                forgot = f"{self._label(family, block)} ({max(0.0, expiry - now):.0f}s left)"
+                out.append((ServerEvent.penalty_overflow, f"{full}: forgot {forgot} for {label}"))
+            entry = table[source.block] = _Penalised(now, kind)
+        was_active = entry.active
+        entry.expiry = min(entry.expiry + seconds, now + policy.penalty_max)
+        entry.kind = kind
+        left = entry.expiry - now
+        entry.active = was_active or left > policy.penalty_min
+        heap = self.heaps[family]
+        heapq.heappush(heap, (entry.expiry, source.block))
+        if len(heap) > 2 * len(table) + 64:  # extended entries leave stale items behind: rebuild
+            self.heaps[family] = heap = [(e.expiry, b) for b, e in table.items()]
+            heapq.heapify(heap)
+        state = "refused" if entry.active else f"refused past {policy.penalty_min:g}s"
+        reason = f"{label} {kind} +{seconds:g}s: {left:.0f}s, {state}"
+        out.append((ServerEvent.penalty_active if entry.active and not was_active else ServerEvent.penalty,
+                    reason))
+        return out
+
+    def _soonest(self, family: int) -> tuple[float, int]:
+        """Pop the entry closest to expiry (the heap may hold stale items; the table is not empty)."""
+        table, heap = self.penalties[family], self.heaps[family]
+        while True:
+            expiry, block = heapq.heappop(heap)
+            entry = table.get(block)
+            if entry is not None and entry.expiry == expiry:
+                return expiry, block
+
+
+# --- what happens: the events the adapter hands the connection core (continued) ----------------
+
+
 class Connected(_Message, frozen=True):
-    """The adapter took over the admitted socket."""
+    """The adapter took over the admitted socket (``source``: its `Admission`'s)."""
+
+    source: Source | None = None
 
 
 class KexDone(_Message, frozen=True):
@@ -320,6 +594,7 @@ class AuthRequested(_Message, frozen=True):
     method: str
     signed: bool | None = None
     algorithm: str | None = None  # publickey: the key's signature algorithm as the client names it
+    now: float = 0.0  # the adapter's monotonic clock (is the source penalised now?)
 
 
 class Credentials(_Message, frozen=True):
@@ -328,6 +603,7 @@ class Credentials(_Message, frozen=True):
     verdict: object  # checked here: anything but ok/bad/unavailable is a handler error
     method: str
     reason: str | None = None
+    now: float = 0.0  # the adapter's monotonic clock (a failure's penalty starts now)
 
 
 class KeyChecked(_Message, frozen=True):
@@ -343,6 +619,7 @@ class AuthAnswered(_Message, frozen=True):
 
     outcome: str
     method: str | None
+    now: float = 0.0  # the adapter's monotonic clock (a failure's penalty starts now)
 
 
 class KbdintChallenge(_Message, frozen=True):
@@ -354,6 +631,8 @@ class KbdintChallenge(_Message, frozen=True):
 
 class KbdintResponse(_Message, frozen=True):
     """USERAUTH_INFO_RESPONSE to our challenge."""
+
+    now: float = 0.0  # the adapter's monotonic clock (is the source penalised now?)
 
 
 class UserVerdict(_Message, frozen=True):
@@ -474,6 +753,8 @@ class Backlog(_Message, frozen=True):
 class ConnectionLost(_Message, frozen=True):
     how: Lost
     reason: str
+    now: float = 0.0  # the adapter's monotonic clock (an end before login may earn a penalty)
+    by_server: bool = False  # the server ended it (a handler error): the client earns nothing
 
 
 class UntrustedProxyHeader(_Message, frozen=True):
@@ -531,6 +812,10 @@ class AuthAnswer(_Message, frozen=True):
     are `ok`; a failure is not."""
 
     reply: ConnectionReply
+    # A failed attempt (one that counts) is answered no sooner than this many seconds
+    # after it arrived (auth.failureDelay), and the connection's next attempt is not
+    # checked before then either: pipelining attempts does not skip the delay.
+    delay: float = 0.0
 
     @property
     def ok(self) -> bool:
@@ -542,6 +827,7 @@ class KeyAcceptable(_Message, frozen=True):
     checks the signature and answers; `AuthAnswered` follows)."""
 
     ok: bool
+    delay: float = 0.0  # a refused key fails the attempt: its answer waits as `AuthAnswer.delay` says
 
 
 class CheckCredentials(_Message, frozen=True):
@@ -710,6 +996,16 @@ _AUTH_REPLIES = frozenset(
     }
 )
 _RUNNING = frozenset({"running", "running_pending"})
+# The connection states before authentication (the spec's `preauth` group): a
+# connection that ends in one of them may earn its source a penalty.
+# The states a lost connection earns its source a penalty in: the spec's preauth group but
+# authenticated, where the credentials were found valid and only the backend's verdict waits.
+_PREAUTH = frozenset({"handshaking", "authenticating", "checking", "querying", "kbdint_round"})
+_LOST_PENALTIES = {
+    Lost.login_timeout: Penalty.grace_exceeded,
+    Lost.protocol_error: Penalty.protocol_error,
+    Lost.decompression_limit: Penalty.protocol_error,
+}
 
 
 # --- one session channel ---------------------------------------------------------------------
@@ -771,8 +1067,11 @@ class ConnectionCore:
         *,
         keepalive_interval: float = 0.0,
         refused_key_algorithms: frozenset[str] = frozenset(),
+        failure_delay: float = 0.0,
     ) -> None:
         self.machines = machines
+        self.failure_delay = failure_delay  # auth.failureDelay: see AuthAnswer.delay
+        self.source: Source | None = None  # where the connection comes from (per-source admission)
         # Public-key signature algorithms refused whatever the key (SHA-1 ssh-rsa by default).
         self.refused_key_algorithms = refused_key_algorithms
         self.key_refusal: str | None = None  # why the publickey request in progress is refused
@@ -826,6 +1125,7 @@ class ConnectionCore:
         method: str | None = None,
         channel_id: int | None = None,
         request_type: str | None = None,
+        now: float | None = None,
     ) -> Step:
         step = self.machine.fire(self.instance, event)
         if step.kind == "impossible":
@@ -856,15 +1156,24 @@ class ConnectionCore:
                 channel_id=channel_id,
                 request_type=request_type,
             )
+        # A failed attempt that counts: its answer waits, and its source is penalised.
+        failed = event is ConnectionEvent.auth_bad and step.source == "checking"
         if step.reply is not None:
             disconnect = DISCONNECTS.get(step.reply)
             if disconnect is not None:
                 if not self.lost:
-                    self.out.append(Disconnect(disconnect.code, reason or disconnect.description))
+                    # "Too many authentication failures" says all a client needs (a penalised
+                    # source is not told for how long); other reasons go out as logged.
+                    fixed = step.reply == ConnectionReply.disconnect_auth
+                    self.out.append(Disconnect(disconnect.code, disconnect.description if fixed
+                                               else reason or disconnect.description))
             elif step.reply in _AUTH_REPLIES:
-                self.out.append(AuthAnswer(ConnectionReply(step.reply)))
+                delay = self.failure_delay if failed else 0.0
+                self.out.append(AuthAnswer(ConnectionReply(step.reply), delay))
             elif step.reply == ConnectionReply.drop:
                 self.out.append(Drop())
+        if failed and self.source is not None and now is not None:
+            self.server.penalise(self.source, Penalty.authfail, now)
         if closing:
             self.keepalive_at = None
             self._startup_done()
@@ -874,7 +1183,15 @@ class ConnectionCore:
     def _startup_done(self) -> None:
         if self.startup:
             self.startup = False
-            self.server.handle(ServerEvent.startup_done)
+            self.server.startup_done(self.source)
+
+    def _unless_penalised(self, event: ConnectionEvent, now: float) -> tuple[ConnectionEvent, str | None]:
+        """An attempt the spec would check, from a source penalised since this
+        connection was admitted, is attempt_penalised instead (and why)."""
+        if self.source is None or self.machine.peek(self.instance, event).target != "checking":
+            return event, None
+        why = self.server.penalised(self.source, now)
+        return (ConnectionEvent.attempt_penalised, why) if why is not None else (event, None)
 
     def _fire_session(
         self,
@@ -919,6 +1236,7 @@ class ConnectionCore:
     # -- the connection's events
 
     def _connected(self, event: Connected) -> None:
+        self.source = event.source
         self._fire(ConnectionEvent.connected)
 
     def _kex_done(self, event: KexDone) -> None:
@@ -934,7 +1252,8 @@ class ConnectionCore:
             name = ConnectionEvent.publickey if event.signed else ConnectionEvent.publickey_query
         else:
             name = AUTH_METHODS.get(event.method, ConnectionEvent.other_method)
-        self._fire(name, method=event.method, reason=self._while_admitting())
+        name, why = self._unless_penalised(name, event.now)
+        self._fire(name, method=event.method, reason=why or self._while_admitting())
 
     def _while_admitting(self) -> str | None:
         """Why a request for authentication ends the connection while the backend decides."""
@@ -953,10 +1272,10 @@ class ConnectionCore:
 
     def _credentials(self, event: Credentials) -> None:
         name, reason = self._verdict_event(event.verdict, "check_password", event.reason)
-        self._attempt_verdict(name, event.method, reason)
+        self._attempt_verdict(name, event.method, reason, event.now)
 
-    def _attempt_verdict(self, name: ConnectionEvent, method: str, reason: str | None) -> None:
-        step = self._fire(name, method=method, reason=reason)
+    def _attempt_verdict(self, name: ConnectionEvent, method: str, reason: str | None, now: float) -> None:
+        step = self._fire(name, method=method, reason=reason, now=now)
         if step.target == "authenticated" and step.source != "authenticated":
             self.out.append(AdmitUser(method))
 
@@ -975,7 +1294,8 @@ class ConnectionCore:
             # The signature is checked after the key: the attempt's verdict is
             # fired when the SSH layer answers (AuthAnswered).
             self.signed_verdict = (name, reason)
-            self.out.append(KeyAcceptable(name == ConnectionEvent.auth_ok))
+            delay = self.failure_delay if name == ConnectionEvent.auth_bad else 0.0  # fails, and counts
+            self.out.append(KeyAcceptable(name == ConnectionEvent.auth_ok, delay))
         else:
             self._fire(name, method="publickey", reason=reason)  # the connection moved on
 
@@ -986,14 +1306,16 @@ class ConnectionCore:
         if signed is not None:
             verdict, reason = signed
             if event.outcome == "success":
-                self._attempt_verdict(verdict, "publickey", None)
+                self._attempt_verdict(verdict, "publickey", None, event.now)
             elif verdict == ConnectionEvent.auth_ok:
-                self._fire(ConnectionEvent.auth_bad, method=event.method, reason="bad signature")
+                self._fire(ConnectionEvent.auth_bad, method=event.method, reason="bad signature",
+                           now=event.now)
             else:
-                self._fire(verdict, method=event.method, reason=reason)
+                self._fire(verdict, method=event.method, reason=reason, now=event.now)
         elif event.outcome == "failure":
             # The SSH layer answered without asking a handler (an undecodable key).
-            self._fire(ConnectionEvent.auth_bad, method=event.method, reason="rejected by the SSH layer")
+            self._fire(ConnectionEvent.auth_bad, method=event.method, reason="rejected by the SSH layer",
+                       now=event.now)
 
     def _kbdint_challenge(self, event: KbdintChallenge) -> None:
         if self.state != "checking":
@@ -1006,9 +1328,8 @@ class ConnectionCore:
         )
 
     def _kbdint_response(self, event: KbdintResponse) -> None:
-        step = self._fire(
-            ConnectionEvent.kbdint_response, method="keyboard-interactive", reason=self._while_admitting()
-        )
+        name, why = self._unless_penalised(ConnectionEvent.kbdint_response, event.now)
+        step = self._fire(name, method="keyboard-interactive", reason=why or self._while_admitting())
         if step.target == "checking":
             self.out.append(CheckCredentials("keyboard-interactive"))
 
@@ -1113,7 +1434,13 @@ class ConnectionCore:
         how = event.how
         if how is Lost.login_timeout and self.state in ("established", "draining"):
             how = Lost.lost  # the login timer fired as authentication went through
+        penalty = None
+        if self.state in _PREAUTH and not event.by_server:
+            # Failed attempts were penalised as they failed; leaving without one is noauth.
+            penalty = _LOST_PENALTIES.get(how) or (Penalty.noauth if not self.instance.authTries else None)
         self._fire(ConnectionEvent(how.value), reason=event.reason)
+        if penalty is not None and self.source is not None:
+            self.server.penalise(self.source, penalty, event.now)
 
     def _untrusted_proxy_header(self, event: UntrustedProxyHeader) -> None:
         self._fire(ConnectionEvent.untrusted_proxy_header, reason=event.reason)

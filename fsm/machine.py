@@ -116,6 +116,13 @@ class Machine:
             _apply(instance, step.effects)
         return step
 
+    def peek(self, instance: Any, event: str) -> Step:
+        """The step ``fire`` would take, without taking it."""
+        step = self.table[instance.state][event]
+        if type(step) is Fork:
+            step = step.below if getattr(instance, step.counter) < step.limit else step.reached
+        return step
+
     def allowed(self, state: str) -> list[str]:
         """The events that move or are accepted in ``state`` (for error messages)."""
         return [e for e, s in self.table[state].items()

@@ -104,8 +104,17 @@ def write_config(path: Path, *, state: Path, log: Path, pubkey: str,
     config: dict[str, Any] = {
         "stateDir": str(state),
         "ssh": {"listen": "127.0.0.1:0"},
+        # failureDelay 0: the suite fails authentications on purpose, many times over;
+        # the delay has its own tests (tests/test_admission.py).
         "auth": {"users": [{"username": USERNAME, "passwordHash": _PASSWORD_HASH,
-                            "authorizedKeys": [pubkey]}]},
+                            "authorizedKeys": [pubkey]}], "failureDelay": 0},
+        # Every test client comes from 127.0.0.1, many at once, and many misbehave on
+        # purpose: that address is never penalised, has no per-source limit, and
+        # maxStartups is a hard limit (no random refusals). The admission tests
+        # (tests/test_admission.py) run the defaults, playing attackers and users
+        # from other 127.0.0.x addresses (all loopback on Linux).
+        "limits": {"maxStartups": 100, "perSourceMaxStartups": 0,
+                   "perSourcePenalties": {"exempt": ["127.0.0.1"]}},
         # flushInterval 0: each step's records are in the file before the reply the
         # step sends, so a test (the fuzzer above all) can read the log in lockstep with
         # what its client saw. The default (batched) mode has its own live tests

@@ -166,10 +166,12 @@ class ProtocolClient:
     """A raw SSH client over paramiko's transport (see the module docstring)."""
 
     def __init__(self, host: str, port: int, *, timeout: float = 10.0, wait: float = 5.0,
-                 answer_close: bool = True) -> None:
+                 answer_close: bool = True, source: str | None = None) -> None:
         self.wait_timeout = wait  # bound for every wait on a reply
         self.answer_close = answer_close  # False: a server's CLOSE waits for our own `close`
-        self.sock = socket.create_connection((host, port), timeout=timeout)
+        # `source`: the local address to connect from (127.0.0.x plays another host)
+        self.sock = socket.create_connection((host, port), timeout=timeout,
+                                             source_address=(source, 0) if source else None)
         self.local_port: int = self.sock.getsockname()[1]
         self.transport = paramiko.Transport(self.sock)
         self._cv = threading.Condition()

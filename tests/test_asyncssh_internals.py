@@ -65,6 +65,7 @@ from sshspec.adapters.asyncssh_internals import (
     is_login_timeout,
     send_keepalive,
 )
+from sshspec.adapters.proxy_protocol import Listener
 
 HOST_KEY = asyncssh.generate_private_key("ssh-ed25519")
 GOOD_KEY = asyncssh.generate_private_key("ssh-ed25519")
@@ -1609,3 +1610,47 @@ def test_log_lazily_logs_what_asyncssh_logged(caplog: pytest.LogCaptureFixture, 
     assert any("Sent MSG_KEXINIT" in line for line in lines) is packets, lines
     assert any("Received MSG_USERAUTH_REQUEST" in line for line in lines) is packets, lines
     assert any("Auth for user alice succeeded" in line for line in lines) is info, lines
+
+
+def test_the_listener_refuses_before_asyncssh_and_hands_over_the_rest() -> None:
+    """The server's one accept path (`proxy_protocol.Listener`, HACKS.md row 29), with
+    ssh.proxyProtocol off: a refused socket is aborted before any SSH connection
+    exists (the client sees no version line); an admitted one becomes a normal
+    asyncssh server connection made by `connection_factory` (a login works through it)."""
+    made: list[asyncssh.SSHServer] = []
+    refuse = {"127.0.0.2"}
+
+    class Server(asyncssh.SSHServer):
+        def __init__(self) -> None:
+            made.append(self)
+
+        def begin_auth(self, username: str) -> bool:
+            return False  # no authentication: enough to prove the connection works
+
+    async def main() -> None:
+        asked: list[str] = []
+
+        def admit(peer: tuple[str, int]) -> bool:
+            asked.append(peer[0])
+            return asked[-1] not in refuse
+
+        factory = connection_factory(server_factory=Server, server_host_keys=[HOST_KEY])
+        listener = Listener(None, None, 5.0, factory, admit)  # type: ignore[arg-type]  # no PROXY: no core
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        sock.setblocking(False)
+        port = sock.getsockname()[1]
+        await listener.start(sock)
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=("127.0.0.2", 0))
+            assert await asyncio.wait_for(reader.read(100), 5) == b""  # closed: no version line
+            writer.close()
+            assert made == []  # asyncssh made nothing for it
+            async with await aconnect(port, local_addr=("127.0.0.3", 0)) as conn:
+                assert conn.get_extra_info("server_version").startswith("SSH-2.0-")  # kex and auth done
+            assert len(made) == 1 and asked == ["127.0.0.2", "127.0.0.3"]
+        finally:
+            listener.close()
+            await listener.wait_closed()
+    run(main)

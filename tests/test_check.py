@@ -256,8 +256,10 @@ def test_workers_share_one_log(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert (status, out) == (0, f"{log}: ok (32 records, 2 connections, 2 sessions)\n")
     status, out, _ = run_cli(capsys, "check", log)
     assert (status, out) == (1, (f"{log}:2: server: in state(s) available, the spec allows "
-                                 "SSH_ALREADY_RUNNING, SSH_PROXY_HEADER, SSH_PROXY_HEADER_INVALID, "
-                                 "SSH_SHUTTING_DOWN, SSH_STARTUPS_EXCEEDED, "
+                                 "SSH_ALREADY_RUNNING, SSH_PENALTY, SSH_PENALTY_ACTIVE, "
+                                 "SSH_PENALTY_TABLE_FULL, SSH_PROXY_HEADER, SSH_PROXY_HEADER_INVALID, "
+                                 "SSH_SHUTTING_DOWN, SSH_SOURCE_PENALISED, SSH_SOURCE_STARTUPS_EXCEEDED, "
+                                 "SSH_STARTUPS_EARLY_DROP, SSH_STARTUPS_EXCEEDED, "
                                  "saw SSH_AVAILABLE (event listening)\n"))
     status, out, _ = run_cli(capsys, "check", "--workers", "3", "--complete", log)
     assert status == 1 and "server (one of 3 workers): in state(s) created, " in out
@@ -276,8 +278,8 @@ def test_limits_come_from_the_command_line(tmp_path: Path, capsys: pytest.Captur
     status, out, _ = run_cli(capsys, "check", log)  # the default, 6 tries
     assert status == 1
     assert out == (f"{log}:7: connection (c1): in state(s) authenticating, the spec allows "
-                   "SSH_AUTH_ATTEMPT, SSH_AUTH_NONE, SSH_AUTH_QUERY, SSH_AUTH_UNAVAILABLE, "
-                   "SSH_BUFFER_EXCEEDED, SSH_HANDSHAKE_FAILED, SSH_LOGIN_TIMEOUT, "
+                   "SSH_AUTH_ATTEMPT, SSH_AUTH_NONE, SSH_AUTH_PENALISED, SSH_AUTH_QUERY, "
+                   "SSH_AUTH_UNAVAILABLE, SSH_BUFFER_EXCEEDED, SSH_HANDSHAKE_FAILED, SSH_LOGIN_TIMEOUT, "
                    "saw SSH_AUTH_TOO_MANY_TRIES (event password)\n")
     with pytest.raises(SystemExit) as exc:
         run_cli(capsys, "check", "--limit", "maxNope=2", log)

@@ -17,6 +17,8 @@ from sshspec.adapters.config import (
     ConfigError,
     Duration,
     Listen,
+    MaxStartups,
+    NetBlockSize,
     config_schema,
     default_config,
     dump_config,
@@ -55,11 +57,17 @@ auth:
     - username: bob
       authorizedKeys: ["{ED25519}"]
   authorizedKeysFile: /etc/sshspec/authorized_keys  # not read at load when absent (as host keys)
+  failureDelay: 4s
 limits:
   loginTimeout: 30s
   maxAuthTries: 3
   maxSessions: 4
   maxStartups: 20
+  perSourceMaxStartups: 3
+  perSourceNetBlockSize: "24:48"
+  perSourcePenalties:
+    authfail: 30s
+    exempt: [192.0.2.7, "2001:db8::/32"]
   maxEnv: 0
   maxQueuedRequests: 8
   shutdownTimeout: 500ms
@@ -104,7 +112,16 @@ def test_defaults() -> None:
     assert config.auth.users == () and config.auth.authorized_keys_file == ""
     limits = config.limits
     assert (limits.login_timeout, limits.shutdown_timeout) == (120.0, 10.0)
-    assert (limits.max_auth_tries, limits.max_sessions, limits.max_startups) == (6, 10, 100)
+    assert (limits.max_auth_tries, limits.max_sessions) == (6, 10)
+    # OpenSSH's MaxStartups and PerSourcePenalties defaults; a per-source limit below start
+    assert limits.max_startups == MaxStartups(10, 30, 100) and limits.per_source_max_startups == 5
+    assert limits.per_source_net_block_size == NetBlockSize(32, 64)
+    penalties = limits.per_source_penalties
+    assert penalties.enabled
+    assert (penalties.authfail, penalties.noauth, penalties.grace_exceeded) == (5, 1, 10)
+    assert (penalties.protocol_error, penalties.min, penalties.max) == (5, 15, 600)
+    assert (penalties.max_sources, penalties.overflow, penalties.exempt) == (65536, "permissive", ())
+    assert config.auth.failure_delay == 2.0
     assert (limits.max_env, limits.max_queued_requests) == (64, 16)
     assert config.backend.env_deny == ("LD_*", "DYLD_*")
     assert (config.log.level, config.log.format, config.log.file) == ("debug", "json", "")
@@ -143,7 +160,11 @@ def test_full_example(tmp_path: Path) -> None:
         login_timeout=30.0,
         max_auth_tries=3,
         max_sessions=4,
-        max_startups=20,
+        max_startups=MaxStartups(20, 100, 20),
+        per_source_max_startups=3,
+        per_source_net_block_size=NetBlockSize(24, 48),
+        per_source_penalties=msgspec.structs.replace(default_config().limits.per_source_penalties,
+                                                     authfail=30.0, exempt=("192.0.2.7/32", "2001:db8::/32")),
         max_env=0,
         max_queued_requests=8,
         shutdown_timeout=0.5,
@@ -155,6 +176,7 @@ def test_full_example(tmp_path: Path) -> None:
     assert (config.log.level, config.log.format, config.log.flush_interval) == ("warning", "text", 0.25)
     assert config.log.durable is False
     assert config.state_dir == "/var/lib/sshspec"
+    assert config.auth.failure_delay == 4.0
     # The example sets every key away from its default, so it tests every field.
     for section in ("ssh", "limits", "log"):
         changed = getattr(config, section)
@@ -198,7 +220,25 @@ def test_unknown_key_names_file_and_key(tmp_path: Path, text: str, expected: str
     [
         ("limits: {maxAuthTries: 0}", "limits.maxAuthTries: Expected `int` >= 1"),
         ("limits: {maxSessions: 0}", "limits.maxSessions: Expected `int` >= 1"),
-        ("limits: {maxStartups: -1}", "limits.maxStartups: Expected `int` >= 1"),
+        ("limits: {maxStartups: -1}", "limits.maxStartups: Expected `start:rate:full` or an int >= 1"),
+        ("limits: {maxStartups: '10:30'}", "limits.maxStartups: Invalid maxStartups `10:30`: expected"),
+        ("limits: {maxStartups: '10:101:100'}", "limits.maxStartups: Invalid maxStartups `10:101:100`: rate"),
+        ("limits: {maxStartups: '11:30:10'}", "limits.maxStartups: Invalid maxStartups `11:30:10`: expected "
+                                              "start <= full"),
+        ("limits: {maxStartups: 10:30:50}", "limits.maxStartups: YAML reads an unquoted `10:30:50` as a "
+                                            "base-60 number: quote it"),
+        ("limits: {perSourceMaxStartups: -1}", "limits.perSourceMaxStartups: Expected `int` >= 0"),
+        ("limits: {perSourceNetBlockSize: 24:56}", "limits.perSourceNetBlockSize: YAML reads an unquoted"),
+        ("limits: {perSourceNetBlockSize: '33:64'}", "limits.perSourceNetBlockSize: Invalid perSource"),
+        ("limits: {perSourceNetBlockSize: 'a:b'}", "limits.perSourceNetBlockSize: Invalid perSource"),
+        ("limits: {perSourcePenalties: {exempt: [10.0.0.1/8]}}",
+         "limits.perSourcePenalties.exempt[0]: Invalid network `10.0.0.1/8`: 10.0.0.1/8 has host bits set"),
+        ("limits: {perSourcePenalties: {exempt: [nowhere]}}", "limits.perSourcePenalties.exempt[0]: Invalid"),
+        ("limits: {perSourcePenalties: {overflow: deny}}", "limits.perSourcePenalties.overflow: Invalid"),
+        ("limits: {perSourcePenalties: {max: 15s}}", "limits.perSourcePenalties.max: must be greater"),
+        ("limits: {perSourcePenalties: {mix: 1s}}", "limits.perSourcePenalties.mix: unknown key (did you "
+                                                    "mean `min`?)"),
+        ("auth: {failureDelay: -1s}", "auth.failureDelay: Invalid duration `-1s`"),
         ("limits: {maxEnv: -1}", "limits.maxEnv: Expected `int` >= 0"),
         ("limits: {maxQueuedRequests: 0}", "limits.maxQueuedRequests: Expected `int` >= 1"),
         ("ssh: {clientAliveCountMax: 0}", "ssh.clientAliveCountMax: Expected `int` >= 1"),
@@ -730,3 +770,31 @@ def test_webhook_tls_files_are_loaded_at_start(tmp_path: Path) -> None:
     (tmp_path / "ca.pem").write_text("not a certificate\n")
     text = f"auth: {{webhook: {{url: 'https://auth.example', cacert: {tmp_path / 'ca.pem'}}}}}"
     assert _error(tmp_path, text).startswith("auth.webhook.cacert: cannot be used")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected", "dumped"),
+    [
+        ("100", MaxStartups(100, 100, 100), "100"),  # an int: the hard limit alone, as before
+        ("'100'", MaxStartups(100, 100, 100), "100"),
+        ("'10:30:100'", MaxStartups(10, 30, 100), "10:30:100"),
+        ("'0:100:1'", MaxStartups(0, 100, 1), "0:100:1"),
+        ("10:30:60", MaxStartups(10, 30, 60), "10:30:60"),  # 60 is no base-60 digit: YAML keeps a string
+    ],
+)
+def test_max_startups_forms(tmp_path: Path, text: str, expected: MaxStartups, dumped: str) -> None:
+    config = load_config(_write(tmp_path, f"limits: {{maxStartups: {text}}}"))
+    assert config.limits.max_startups == expected
+    assert str(config.limits.max_startups) == dumped
+    again = tmp_path / "again.yaml"
+    again.write_bytes(dump_config(config))
+    assert load_config(again) == config
+    from sshspec.adapters.config import spec_limits
+    assert spec_limits(config)["maxStartups"] == expected.full  # the spec's hard limit
+
+
+def test_net_block_size_forms(tmp_path: Path) -> None:
+    assert load_config(_write(tmp_path, "limits: {perSourceNetBlockSize: 24}")).limits \
+        .per_source_net_block_size == NetBlockSize(24, 64)
+    assert load_config(_write(tmp_path, "limits: {perSourceNetBlockSize: '16:48'}")).limits \
+        .per_source_net_block_size == NetBlockSize(16, 48)
