@@ -164,6 +164,45 @@ def test_the_clients_bytes_after_the_header_reach_ssh_untouched(server_factory: 
     check_log(live)
 
 
+def test_admission_is_the_clients_the_header_names(server_factory: Any) -> None:
+    """Behind one trusted balancer each client is its own source: per-source limits
+    and penalties are decided after the header, for the address it names (the
+    proxy's own address is one peer for all of them)."""
+    live: LiveServer = server_factory({**trusted(), "limits": {
+        "perSourceMaxStartups": 1, "perSourcePenalties": {"authfail": "20s"}}})
+    # One unauthenticated connection per source: a second from 198.51.100.20 is refused,
+    # one from 198.51.100.21 through the same proxy is served.
+    first = connect_from(live, PROXY)
+    first.sendall(b"PROXY TCP4 198.51.100.20 192.0.2.1 40020 22\r\n")
+    transport = paramiko.Transport(first)
+    transport.start_client(timeout=10)  # admitted, key exchange done, not authenticated
+    second = connect_from(live, PROXY)
+    second.sendall(b"PROXY TCP4 198.51.100.20 192.0.2.1 40021 22\r\n")
+    assert read_to_eof(second) == b""
+    full, = records_of(live, "SSH_SOURCE_STARTUPS_EXCEEDED")
+    assert (full["labels"]["remoteAddr"], full["labels"]["event"]) == ("198.51.100.20:40021", "source_full")
+    other = connect_from(live, PROXY)
+    other.sendall(b"PROXY TCP4 198.51.100.21 192.0.2.1 40022 22\r\n")
+    assert paramiko_exec(other, live, "true") == ""
+    # A failed password (20 s of penalty, past `min`) refuses that client's source, not the proxy.
+    try:
+        with pytest.raises(paramiko.AuthenticationException):
+            transport.auth_password(USERNAME, "wrong")
+    finally:
+        transport.close()
+    assert live.wait_for_code("SSH_PENALTY_ACTIVE")[-1]["labels"]["remoteAddr"] == "198.51.100.20:40020"
+    again = connect_from(live, PROXY)
+    again.sendall(b"PROXY TCP4 198.51.100.20 192.0.2.1 40023 22\r\n")
+    assert read_to_eof(again) == b""
+    penalised, = records_of(live, "SSH_SOURCE_PENALISED")
+    assert (penalised["labels"]["remoteAddr"], penalised["labels"]["event"]) == (
+        "198.51.100.20:40023", "source_penalised")
+    served = connect_from(live, PROXY)
+    served.sendall(b"PROXY TCP4 198.51.100.22 192.0.2.1 40024 22\r\n")
+    assert paramiko_exec(served, live, "true") == ""
+    check_log(live)
+
+
 # --- refusals ------------------------------------------------------------------------------------
 
 
