@@ -543,6 +543,12 @@ class ProtocolClient:
     def data(self, chan: int, data: bytes) -> None:
         self.send(MSG_CHANNEL_DATA, uint32(self._remote(chan)) + string(data))
 
+    def window_adjust(self, chan: int, adjust: int, times: int = 1) -> None:
+        """WINDOW_ADJUSTs the client owes nobody (a flood; `adjust` may overflow), in one write."""
+        with self.burst():
+            for _ in range(times):
+                self.send(MSG_CHANNEL_WINDOW_ADJUST, uint32(self._remote(chan)) + uint32(adjust))
+
     def eof(self, chan: int) -> None:
         self.channels[chan].eof_sent = True
         self.send(MSG_CHANNEL_EOF, uint32(self._remote(chan)))

@@ -728,6 +728,42 @@ class LiveFuzz(RuleBasedStateMachine):
             o.data(chan)
         self.settle()
 
+    @precondition(lambda self: self.has_channel())
+    @rule(i=st.integers(0, 7), times=st.sampled_from([1, 200]))
+    def window_flood(self, i: int, times: int) -> None:
+        """Window adjusts that keep the window within 2^32 - 1 (one byte each, even
+        200 at once, on an open channel or one already closed) change nothing the
+        spec sees."""
+        assert self.c is not None
+        chan = self.pick(i, usable=i < 7)
+        assert chan is not None
+        self.count("window flood")
+        self.c.window_adjust(chan, 1, times)
+        self.say(f"c.window_adjust({self.chan_name(chan)}, 1, {times})")
+        self.settle()
+
+    def has_open_channel(self) -> bool:
+        """A confirmed channel the client has not closed (it still exists in the server)."""
+        return self.c is not None and any(ch.open_reply == "OPEN_CONFIRMATION" and not ch.close_sent
+                                          for ch in self.c.channels.values())
+
+    @precondition(lambda self: self.alive() and self.steps >= 4 and self.has_open_channel())
+    @rule(i=st.integers(0, 6))
+    def window_overflow(self, i: int) -> None:
+        """An adjust that takes the window past 2^32 - 1 (RFC 4254 5.2) is a protocol
+        error: DISCONNECT(2), whatever the channel is doing (only late in a connection:
+        it ends it)."""
+        assert self.c is not None
+        chan = self.pick(i)
+        assert chan is not None
+        self.count("window overflow")
+        self.c.window_adjust(chan, 0xFFFFFFFF)
+        self.say(f"c.window_adjust({self.chan_name(chan)}, 0xFFFFFFFF)")
+        for o in self.alts:
+            o.protocol_error()
+        self.settle()
+        self.finish_connection()
+
     @precondition(lambda self: self.alive() and self.steps >= 4)
     @rule(how=st.sampled_from(["disconnect", "drop"]))
     def disconnect(self, how: str) -> None:
