@@ -297,6 +297,24 @@ def side_by_side(work: Path, key: Path, n: int, c: int, sets: int, rounds: int) 
             "cpu_error_vs_A": spread(2, 0)}
 
 
+def paired_round(servers: list[Server], n: int, c: int, turn: int,
+                 what: str) -> tuple[list[float], list[dict[str, Any]]]:
+    """One round of two servers side by side, each loaded by its own client on the
+    client CPU, the start order alternating with `turn`: each server's CPU per
+    connection (ms) and its client's result."""
+    before = [s.cpu_ns() for s in servers]
+    order = [0, 1] if turn % 2 == 0 else [1, 0]
+    procs = {i: subprocess.Popen(load("run", servers[i].port, n, c), cwd=ROOT, env=ENV,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 preexec_fn=pinned(CLIENT_CPU)) for i in order}
+    done = {i: p.communicate(timeout=240) for i, p in procs.items()}
+    results = [json.loads(done[i][0] or b"{}") for i in range(2)]
+    if any(p.returncode != 0 for p in procs.values()) or any(x["errors"] for x in results):
+        raise SystemExit(f"bench: {what}: {results} {[done[i][1].decode()[-500:] for i in range(2)]}")
+    cpu = [(s.cpu_ns() - b) / 1e6 / x["ok"] for s, b, x in zip(servers, before, results, strict=True)]
+    return cpu, results
+
+
 def launch(work: Path, key: Path, n: int, c: int, sets: int, rounds: int) -> dict[str, Any]:
     """A normal launch against one that inherited SIGHUP, SIGINT and SIGQUIT ignored
     (`nohup sshspec serve &` from a script), side by side on CPU 0, each with its own
@@ -315,18 +333,8 @@ def launch(work: Path, key: Path, n: int, c: int, sets: int, rounds: int) -> dic
             for s in servers:
                 run_load(s, min(n, 50), c)  # warm-up
             for r in range(rounds):
-                before = [s.cpu_ns() for s in servers]
-                order = [0, 1] if (number * rounds + r) % 2 == 0 else [1, 0]
-                procs = {i: subprocess.Popen(load("run", servers[i].port, n, c), cwd=ROOT, env=ENV,
-                                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                             preexec_fn=pinned(CLIENT_CPU)) for i in order}
-                done = {i: p.communicate(timeout=240) for i, p in procs.items()}
-                results = [json.loads(done[i][0] or b"{}") for i in range(2)]
-                if any(p.returncode != 0 for p in procs.values()) or any(x["errors"] for x in results):
-                    raise SystemExit(f"bench: launch, set {number + 1} round {r + 1}: {results} "
-                                     f"{[done[i][1].decode()[-500:] for i in range(2)]}")
-                cpu = [(s.cpu_ns() - b) / 1e6 / x["ok"]
-                       for s, b, x in zip(servers, before, results, strict=True)]
+                cpu, results = paired_round(servers, n, c, number * rounds + r,
+                                            f"launch, set {number + 1} round {r + 1}")
                 per_round.append([*cpu, results[0]["conns_per_s"], results[1]["conns_per_s"]])
                 print(f"  set {number + 1}/{sets} round {r + 1}/{rounds} server ms/conn  normal {cpu[0]:.3f}"
                       f"  nohup {cpu[1]:.3f}  CPU nohup/normal {cpu[1] / cpu[0]:.3f}  conn/s "
@@ -374,18 +382,8 @@ def metrics_phase(work: Path, key: Path, n: int, c: int, sets: int, rounds: int)
                 run_load(s, min(n, 100), c)  # warm-up
             made = min(n, 100)
             for r in range(rounds):
-                before = [s.cpu_ns() for s in servers]
-                order = [0, 1] if (number * rounds + r) % 2 == 0 else [1, 0]
-                procs = {i: subprocess.Popen(load("run", servers[i].port, n, c), cwd=ROOT, env=ENV,
-                                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                             preexec_fn=pinned(CLIENT_CPU)) for i in order}
-                done = {i: p.communicate(timeout=240) for i, p in procs.items()}
-                results = [json.loads(done[i][0] or b"{}") for i in range(2)]
-                if any(p.returncode != 0 for p in procs.values()) or any(x["errors"] for x in results):
-                    raise SystemExit(f"bench: metrics, set {number + 1} round {r + 1}: {results} "
-                                     f"{[done[i][1].decode()[-500:] for i in range(2)]}")
-                cpu = [(s.cpu_ns() - b) / 1e6 / x["ok"]
-                       for s, b, x in zip(servers, before, results, strict=True)]
+                cpu, results = paired_round(servers, n, c, number * rounds + r,
+                                            f"metrics, set {number + 1} round {r + 1}")
                 per_round.append([*cpu, results[0]["conns_per_s"], results[1]["conns_per_s"]])
                 made += results[1]["ok"]
                 counted = scrape_connected(servers[1], work)
