@@ -458,25 +458,10 @@ def test_a_client_that_stops_reading_cannot_grow_the_server(podman: Podman, serv
     """`yes` in the container, a client that granted itself a huge window and stopped
     reading: the server stops reading the exec's stream, the engine stops reading the
     program, and the server's memory stays put."""
-    from test_hostile import NON_READING_CLIENT
-
-    from test_faults import rss_kib, wait_until
+    from test_hostile import rss_growth_while_a_client_stops_reading
     live = server_factory(docker(podman.socket))
-    script = tmp_path / "client.py"
-    script.write_text(NON_READING_CLIENT)
-    client = subprocess.Popen([sys.executable, str(script), str(live.port), USERNAME, PASSWORD],
-                              stdout=subprocess.PIPE, text=True)
-    try:
-        assert client.stdout is not None and client.stdout.readline() == "reading stops\n"
-        wait_until(lambda: Path(f"/proc/{client.pid}/stat").read_text().split()[2] == "T", 10,
-                   "the client to stop")
-        before = rss_kib(live.process.pid)
-        time.sleep(2)  # a measuring window, not a synchronisation: unbounded, `yes` fills ~100 MB/s
-        grown = rss_kib(live.process.pid) - before
-        assert grown < 16 * 1024, f"server RSS grew {grown} KiB in 2 s with a non-reading client"
-    finally:
-        client.send_signal(signal.SIGKILL)
-        client.wait(10)
+    grown = rss_growth_while_a_client_stops_reading(live, tmp_path, 2)
+    assert grown < 16 * 1024, f"server RSS grew {grown} KiB in 2 s with a non-reading client"
     all_removed(live, 1)
     assert podman.names(HOST_LABEL) == []
 

@@ -770,17 +770,14 @@ os.kill(os.getpid(), signal.SIGSTOP)  # nothing reads the socket from now on
 """
 
 
-def test_a_client_that_stops_reading_cannot_grow_the_server(server_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    """A client grants a 2 GiB window, runs `yes` and stops reading its socket: the
-    server stops reading the program once its socket buffer is full (asyncssh left
-    that to the window alone), so its memory stays put; after the client is gone
-    the server serves others and its log replays."""
+def rss_growth_while_a_client_stops_reading(live: LiveServer, tmp_path: Path, seconds: float) -> int:
+    """KiB the server's RSS grows over `seconds` while NON_READING_CLIENT (a 2 GiB
+    window, `yes`, then SIGSTOP) does not read; the client is killed after."""
     import signal as signals
     import subprocess
     import sys
 
     from test_faults import rss_kib
-    live = server_factory()
     script = tmp_path / "client.py"
     script.write_text(NON_READING_CLIENT)
     client = subprocess.Popen([sys.executable, str(script), str(live.port), USERNAME, PASSWORD],
@@ -791,12 +788,21 @@ def test_a_client_that_stops_reading_cannot_grow_the_server(server_factory, tmp_
                    "the client to stop")
         before = rss_kib(live.process.pid)
         # A measuring window, not a synchronisation: unbounded, `yes` fills ~100 MB/s.
-        time.sleep(3)
-        grown = rss_kib(live.process.pid) - before
-        assert grown < 16 * 1024, f"server RSS grew {grown} KiB in 3 s with a non-reading client"
+        time.sleep(seconds)
+        return rss_kib(live.process.pid) - before
     finally:
         client.send_signal(signals.SIGKILL)
         client.wait(10)
+
+
+def test_a_client_that_stops_reading_cannot_grow_the_server(server_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A client grants a 2 GiB window, runs `yes` and stops reading its socket: the
+    server stops reading the program once its socket buffer is full (asyncssh left
+    that to the window alone), so its memory stays put; after the client is gone
+    the server serves others and its log replays."""
+    live = server_factory()
+    grown = rss_growth_while_a_client_stops_reading(live, tmp_path, 3)
+    assert grown < 16 * 1024, f"server RSS grew {grown} KiB in 3 s with a non-reading client"
     live.wait_for_code("SSH_DISCONNECTED")
     good_login_works(live)
     check_log(live)
