@@ -81,11 +81,13 @@ async def connections(level: str, n: int) -> None:
     logger.close()
 
 
-def counted(level: str, n: int) -> int:
-    with tempfile.TemporaryDirectory(prefix="sshspec-log-instructions-") as tmp:
+def counted(level: str, n: int, script: str = __file__) -> int:
+    """Instructions callgrind counts for `script --run LEVEL N` (this script's, or another's
+    with the same convention)."""
+    with tempfile.TemporaryDirectory(prefix="sshspec-instructions-") as tmp:
         out = Path(tmp) / "callgrind.out"
         subprocess.run(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable,
-                        __file__, "--run", level, str(n)], check=True, capture_output=True)
+                        script, "--run", level, str(n)], check=True, capture_output=True)
         lines = out.read_text().splitlines()
         totals = next(line for line in lines if line.startswith(("totals:", "summary:")))
         return int(totals.split()[1])

@@ -17,16 +17,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
-import tempfile
 import time
 import types
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.log_instructions import CALLS  # noqa: E402
+from bench.log_instructions import CALLS, counted  # noqa: E402
 from sshspec.adapters import server  # noqa: E402
 from sshspec.adapters.logs import Labels, Logger  # noqa: E402
 
@@ -59,16 +57,6 @@ def connections(mode: str, n: int) -> None:
     logger.close()
 
 
-def counted(mode: str, n: int) -> int:
-    with tempfile.TemporaryDirectory(prefix="sshspec-metrics-instructions-") as tmp:
-        out = Path(tmp) / "callgrind.out"
-        subprocess.run(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable,
-                        __file__, "--run", mode, str(n)], check=True, capture_output=True)
-        lines = out.read_text().splitlines()
-        totals = next(line for line in lines if line.startswith(("totals:", "summary:")))
-        return int(totals.split()[1])
-
-
 def main() -> None:
     if sys.argv[1:2] == ["--run"]:
         connections(sys.argv[2], int(sys.argv[3]))
@@ -77,7 +65,8 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-n", type=int, default=2000, help="connections counted per mode (default 2000)")
     args = parser.parse_args()
-    per_conn = {mode: (counted(mode, 200 + args.n) - counted(mode, 200)) / args.n for mode in ("off", "on")}
+    per_conn = {mode: (counted(mode, 200 + args.n, __file__) - counted(mode, 200, __file__)) / args.n
+                for mode in ("off", "on")}
     off, on = per_conn["off"], per_conn["on"]
     print(f"off {off:,.0f}  on {on:,.0f}  on - off {on - off:,.0f} instructions per connection")
 
