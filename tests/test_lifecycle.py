@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
 import signal
 import socket
@@ -176,6 +177,14 @@ def test_embedded_defaults_offer_a_one_time_password(tmp_path: Path) -> None:
     # `make run`: no config at all. HOME points into tmp so the host key and
     # ~/.ssh/authorized_keys lookups stay inside the test.
     env = {**os.environ, "HOME": str(tmp_path), "XDG_STATE_HOME": str(tmp_path / "state")}
+    # The defaults listen on 127.0.0.1:2222, one port for the whole machine: suites of
+    # several checkouts running at once take turns here rather than failing each other.
+    with open("/tmp/sshspec-test-port-2222.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        _serve_on_defaults(env, tmp_path)
+
+
+def _serve_on_defaults(env: dict[str, str], tmp_path: Path) -> None:
     process = subprocess.Popen([*SSHSPEC, "serve"], env=env, stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE, text=True)
     try:
