@@ -97,6 +97,7 @@ from sshspec.fsm.container import (
     ContainerReply,
     Engine,
     Finished,
+    Lost,
     Ready,
     Refused,
 )
@@ -324,8 +325,10 @@ class DockerBackend:
             listed = await asyncio.wait_for(self.client().containers.list(
                 all=True, filters=f'{{"label": ["{HOST_LABEL}={self.host}"]}}'), self.config.timeouts.start)
         except _engine_errors() as exc:
-            log.warning("docker backend: cannot list containers to remove what dead servers left: %s",
-                        _why(exc))
+            name = self.container_name("sweep")
+            core = self.pool.new(lambda codes, event, reason: self.log(codes, event, reason, name))
+            core.sweep_failed(f"cannot list this host's containers to remove what dead servers left: "
+                              f"{_why(exc)}")  # DOCKER_SWEEP_FAILED
             return
         for found in listed:
             labels = found["Labels"] or {}
@@ -379,8 +382,8 @@ class DockerBackend:
                 USER_LABEL: info.username or ""}
 
     def connection(self, inner: ConnectionHandler, handler: Handler, info: ConnectionInfo,
-                   log: ContainerLog) -> DockerConnection:
-        return DockerConnection(self, inner, handler, info, log)
+                   log: ContainerLog, end: Callable[[str], None] | None = None) -> DockerConnection:
+        return DockerConnection(self, inner, handler, info, log, end)
 
 
 class Container:
@@ -396,6 +399,8 @@ class Container:
         self.core: ContainerCore = backend.pool.new(self._record)
         self.id: str | None = None
         self._ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        # Called with the reason when it dies under its owner (connection mode: ends the connection).
+        self.on_lost: Callable[[str], None] | None = None
         backend.added(self)
 
     def _record(self, codes: tuple[str, ...], event: str, reason: str | None) -> None:
@@ -413,6 +418,12 @@ class Container:
     def release(self) -> None:
         self._carry_out(self.core.handle(ContainerEvent.release))
 
+    def exec_failed(self, reason: str) -> None:
+        self._fire(ContainerEvent.exec_failed, reason)
+
+    def signal_failed(self, reason: str) -> None:
+        self._fire(ContainerEvent.signal_failed, reason)
+
     async def ready(self) -> None:
         """Once it runs; BackendError (the reason) if it will not."""
         await asyncio.shield(self._ready)
@@ -424,14 +435,34 @@ class Container:
             if isinstance(action, Engine):
                 self.backend.spawn(self._operate(action.op))
             elif isinstance(action, Ready):
+                self.backend.spawn(self._watch())
                 if not self._ready.done():
                     self._ready.set_result(None)
             elif isinstance(action, Refused):
                 if not self._ready.done():
                     self._ready.set_exception(BackendError(action.reason))
                     self._ready.exception()  # retrieved: nobody may be waiting any more
+            elif isinstance(action, Lost):
+                if self.on_lost is not None:
+                    self.on_lost(action.reason)
             elif isinstance(action, Finished):
                 self.backend.finished(self)
+
+    async def _watch(self) -> None:
+        """While it runs: the engine's wait on it returns when it ends, whoever ended it (its
+        owner's stop is `died` in stopping, which the spec ignores)."""
+        engine = self._engine_container()
+        try:
+            result = await engine.wait(timeout=None)
+        except _engine_errors() as exc:  # the engine went away: nothing is known of the container
+            log.debug("watch on %s ended: %s", self.name, _why(exc))
+            return
+        how = f"exit code {result.get('StatusCode')}"
+        with contextlib.suppress(*_engine_errors()):
+            state = (await asyncio.wait_for(engine.show(), self.backend.config.timeouts.start))["State"]
+            if state.get("OOMKilled"):
+                how += ", killed for lack of memory (OOMKilled)"
+        self._fire(ContainerEvent.died, f"container {self.name} ended under its owner: {how}")
 
     async def _operate(self, op: ContainerReply) -> None:
         event, reason = await _OPERATIONS[op](self)
@@ -523,11 +554,12 @@ class DockerConnection(ConnectionHandler):
     makes the container (connection mode); sessions are execs."""
 
     def __init__(self, backend: DockerBackend, inner: ConnectionHandler, handler: Handler,
-                 info: ConnectionInfo, log: ContainerLog) -> None:
+                 info: ConnectionInfo, log: ContainerLog, end: Callable[[str], None] | None = None) -> None:
         super().__init__(handler, info)
         self.backend = backend
         self.inner = inner
         self.log = log
+        self.end = end  # ends the connection (the server's), with the reason
         self.settings: ContainerSettings | None = None
         self.container: Container | None = None  # connection mode
         self.session_containers = 0
@@ -559,6 +591,7 @@ class DockerConnection(ConnectionHandler):
             raise BackendError("the connection ended")
         if self.backend.config.mode == "connection":
             self.container = self.new_container(self.info.connection_id)
+            self.container.on_lost = self.end
             await self.container.ready()
         return True
 
@@ -729,6 +762,7 @@ class _Exec:
             if self.stream is not None:
                 with contextlib.suppress(Exception):
                     await self.stream.close()
+            container.exec_failed(f"{where}: {_why(exc)}")  # DOCKER_EXEC_CREATE_FAILED
             raise BackendError(f"{where}: {_why(exc)}") from exc
 
     def begin(self) -> None:
@@ -891,7 +925,7 @@ class _Exec:
                                        stderr=False)
             await killer.start(detach=True)
         except _engine_errors() as exc:
-            log.debug("signal %s to %s in %s: %s", name, pid, self.container.name, _why(exc))
+            self.container.signal_failed(f"signal {name} to pid {pid}: {_why(exc)}")  # DOCKER_EXEC_SIGNAL_FAILED
 
     def kill(self, *, signal_group: bool) -> None:
         """The channel is gone: discard the program's output, end it (SIGHUP, then SIGKILL)."""

@@ -346,6 +346,13 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
         """A record of one of this connection's containers (the docker backend's)."""
         self.log(codes, event, reason=reason, container=container)
 
+    def end_by_backend(self, reason: str) -> None:
+        """The backend lost what the connection runs on (docker: its container died): the
+        connection ends, by the server, with the reason (its sessions with it)."""
+        if self.conn is not None:
+            self.handle(core.ConnectionLost(core.Lost.lost, reason, by_server=True))
+            self.conn.abort()
+
     def _identify(self, *, remote_addr: str | None = None, username: str | None = None,
                   key: bytes | None = None) -> None:
         """Who the connection is, for the handlers (ConnectionInfo) and the log (identity):
@@ -540,7 +547,7 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
         backend, reason = _ask(self.server.handler.connection, self.info)
         if backend is not None and self.server.docker is not None:
             backend = self.server.docker.connection(backend, self.server.handler, self.info,  # type: ignore[arg-type]
-                                                    self.log_container)
+                                                    self.log_container, self.end_by_backend)
         self.handle(core.Connected(self.admission.source))
         if backend is None:  # a handler bug ends this connection, logged
             self.handle(core.ConnectionLost(core.Lost.lost, reason or f"handler error: connection() returned "

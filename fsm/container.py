@@ -3,8 +3,9 @@
 The docker backend (``adapters/backend_docker.py``) hands a `ContainerCore` what
 happens to one container (its owner needs it or ended, the engine answered an
 operation) and carries out the actions it gets back: an engine operation
-(`Engine`), the owner's answer (`Ready` or `Refused`), and `Finished` when the
-container reached a final state. What may happen when is `specs/container.yaml`;
+(`Engine`), the owner's answer (`Ready` or `Refused`), `Lost` when it ended under
+its owner (the owner is to be ended), and `Finished` when the container reached a
+final state. What may happen when is `specs/container.yaml`;
 this module adds only what a table cannot say:
 
 * ``docker.maxContainers``: the `ContainerPool` counts the containers owners asked
@@ -30,7 +31,7 @@ from sshspec.fsm.spec import LoadedSpec, load_spec
 
 __all__ = [
     "Action", "ContainerCore", "ContainerEvent", "ContainerMachine", "ContainerPool", "ContainerReply",
-    "Engine", "Finished", "Ready", "Refused", "SeamError",
+    "Engine", "Finished", "Lost", "Ready", "Refused", "SeamError",
 ]
 
 
@@ -50,6 +51,10 @@ class ContainerEvent(enum.StrEnum):
     stop_failed = "stop_failed"
     gone = "gone"
     remove_failed = "remove_failed"
+    died = "died"
+    exec_failed = "exec_failed"
+    signal_failed = "signal_failed"
+    sweep_failed = "sweep_failed"
 
 
 class ContainerReply(enum.StrEnum):
@@ -77,13 +82,19 @@ class Refused(_Message, frozen=True):
     reason: str
 
 
+class Lost(_Message, frozen=True):
+    """The container ended under its owner (it left running, not released): end the owner."""
+
+    reason: str
+
+
 class Finished(_Message, frozen=True):
     """The container reached a final state (removed, or failed): forget it."""
 
     state: str
 
 
-Action = Engine | Ready | Refused | Finished
+Action = Engine | Ready | Refused | Lost | Finished
 
 # The states on the way up: an owner waiting for its container keeps waiting in them.
 _COMING_UP = frozenset({"new", "pulling", "creating", "starting"})
@@ -161,6 +172,12 @@ class ContainerCore:
         self._fire(ContainerEvent.orphan, reason)
         return self.out
 
+    def sweep_failed(self, reason: str) -> list[Action]:
+        """Stands for the start-up sweep, whose list of containers the engine did not give."""
+        self.out = []
+        self._fire(ContainerEvent.sweep_failed, reason)
+        return self.out
+
     # -- everything after
 
     def handle(self, event: ContainerEvent, reason: str | None = None) -> list[Action]:
@@ -184,6 +201,8 @@ class ContainerCore:
         elif self.waiting and step.target not in _COMING_UP:
             self.waiting = False
             self.out.append(Refused(reason or f"the container is {step.target} ({event})"))
+        if step.source == "running" and step.target != "running" and event is not ContainerEvent.release:
+            self.out.append(Lost(reason or f"the container is {step.target} ({event})"))
         if step.reply is not None:
             self.out.append(Engine(ContainerReply(step.reply)))
         if step.target in self.machine.final and step.source not in self.machine.final:

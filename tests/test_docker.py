@@ -522,3 +522,83 @@ def test_the_config_server_answers_then_the_container_starts(podman: Podman, ser
         check_log(live)
     finally:
         acs.stop()
+
+
+# --- a container that dies under its connection; exec and signal failures; the sweep --------------------
+
+
+def test_a_container_that_dies_ends_its_connection(podman: Podman, server_factory: Any) -> None:
+    """Killed from outside while a program runs in it: the engine's wait returns, the
+    container is removed (DOCKER_CONTAINER_DIED) and the connection closed with that reason."""
+    live = server_factory(docker(podman.socket))
+
+    async def main() -> None:
+        async with connect(live) as conn:
+            proc = await conn.create_process("echo up; sleep 600", encoding=None)
+            assert await proc.stdout.readline() == b"up\n"
+            (name,) = podman.names(HOST_LABEL)
+            podman.cli("kill", "-s", "KILL", name)
+            await asyncio.wait_for(conn.wait_closed(), WAIT)  # not a hang: the server closed it
+    asyncio.run(main())
+    records = all_removed(live, 1)
+    (name,) = containers_of(records)
+    assert codes(records, name)[3:] == ["DOCKER_CONTAINER_RUNNING", "DOCKER_CONTAINER_DIED",
+                                        "DOCKER_CONTAINER_REMOVE", "DOCKER_CONTAINER_REMOVE_SUCCESSFUL"]
+    died = next(r for r in records if r["code"] == "DOCKER_CONTAINER_DIED")
+    assert "exit code 137" in died["labels"]["reason"], died
+    cid = died["labels"]["connectionId"]
+    (gone,) = [r for r in records if r["code"] == "SSH_DISCONNECTED" and r["labels"]["connectionId"] == cid]
+    assert "ended under its owner" in gone["labels"]["reason"]
+    assert podman.names(HOST_LABEL) == []
+    assert live.stop() == 0
+    check_log(live)
+
+
+def test_exec_and_signal_failures_have_their_codes(podman: Podman, proxy: EngineProxy,
+                                                   server_factory: Any) -> None:
+    """The engine refuses an exec: the session's request fails (DOCKER_EXEC_CREATE_FAILED);
+    it refuses the exec that delivers a signal: DOCKER_EXEC_SIGNAL_FAILED, the program runs on."""
+    live = server_factory(docker(proxy.path))
+    exec_create = r"^POST \S*/containers/\S+/exec "
+
+    async def main() -> None:
+        async with connect(live) as conn:
+            proxy.fail(exec_create, 409, "container is not running (injected)")
+            with pytest.raises(asyncssh.ChannelOpenError):
+                await conn.run("true")
+            proxy.clear()
+            proc = await conn.create_process(
+                "trap 'echo got; exit 7' USR1; echo ready; while :; do sleep 0.05; done", encoding=None)
+            await proc.stdout.readuntil(b"ready\n")
+            proxy.fail(exec_create, 500, "no exec for you (injected)")
+            proc.send_signal("USR1")
+            await asyncio.to_thread(live.wait_for_code, "DOCKER_EXEC_SIGNAL_FAILED")
+            proxy.clear()
+            proc.send_signal("USR1")  # delivered now: the program ran on
+            assert await proc.stdout.read() == b"got\n"
+            await proc.wait_closed()
+            assert proc.exit_status == 7
+    asyncio.run(main())
+    records = all_removed(live, 1)
+    failed = [r for r in records if r["code"] == "DOCKER_EXEC_CREATE_FAILED"]
+    assert len(failed) == 1 and "container is not running (injected)" in failed[0]["labels"]["reason"]
+    request = [r for r in records if r["code"] == "SSH_CHANNEL_REQUEST_FAILED"]
+    assert request and "container is not running (injected)" in request[0]["labels"]["reason"]
+    signal_failed = next(r for r in records if r["code"] == "DOCKER_EXEC_SIGNAL_FAILED")
+    assert "signal USR1" in signal_failed["labels"]["reason"]
+    assert live.stop() == 0
+    check_log(live)
+
+
+def test_a_sweep_the_engine_cannot_answer_has_its_code(podman: Podman, proxy: EngineProxy,
+                                                       server_factory: Any) -> None:
+    proxy.down()
+    live = server_factory(docker(proxy.path))
+    records = live.wait_for_code("DOCKER_SWEEP_FAILED")
+    reason = next(r for r in records if r["code"] == "DOCKER_SWEEP_FAILED")["labels"]["reason"]
+    assert "cannot list this host's containers" in reason and "engine" in reason, reason
+    proxy.up()
+    assert ssh(live, "echo served").stdout == b"served\n"  # the server serves on
+    all_removed(live, 1)
+    assert live.stop() == 0
+    check_log(live)
