@@ -211,8 +211,31 @@ class ContainerLog(Protocol):
 # --- the engine's answers as text -----------------------------------------------------------------
 
 
+def _tls_why(exc: BaseException) -> str | None:
+    """A TLS failure with a tcp:// engine (docker.tls), said as which side refused whom; aiodocker
+    wraps aiohttp's error (its context) in a DockerError 900."""
+    seen: BaseException | None = exc
+    for _ in range(5):
+        if seen is None:
+            return None
+        if isinstance(seen, ssl.SSLCertVerificationError):  # aiohttp's subclass has no verify_message
+            verify = getattr(getattr(seen, "certificate_error", seen), "verify_message", None) or seen
+            return (f"engine TLS: the engine's certificate is not trusted (docker.tls.ca): "
+                    f"certificate verify failed, {verify}")
+        if isinstance(seen, ssl.SSLError):
+            reason = seen.reason or str(seen)
+            if "ALERT" in reason:  # the engine's end sent an alert: it refused our certificate
+                return (f"engine TLS: the engine refused the handshake ({reason}): it does not accept "
+                        f"the client certificate docker.tls.cert")
+            return f"engine TLS: {reason}"
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
 def _why(exc: BaseException) -> str:
     """An engine failure as a log reason (the engine's own message when it gave one)."""
+    if (tls := _tls_why(exc)) is not None:
+        return tls
     status = getattr(exc, "status", None)
     message = getattr(exc, "message", None)
     if status is not None and message is not None:
@@ -465,7 +488,11 @@ class Container:
         self._fire(ContainerEvent.died, f"container {self.name} ended under its owner: {how}")
 
     async def _operate(self, op: ContainerReply) -> None:
-        event, reason = await _OPERATIONS[op](self)
+        try:
+            event, reason = await _OPERATIONS[op](self)
+        except Exception as exc:  # a bug here must not leave the owner waiting for ever
+            log.exception("docker backend: %s of %s", op, self.name)
+            event, reason = _FAILURES[op], f"sshspec: {op} of {self.name} raised {exc!r}"
         self._carry_out(self.core.handle(event, reason))
 
     def _fire(self, event: ContainerEvent, reason: str | None = None) -> None:
@@ -539,7 +566,16 @@ _OPERATIONS: dict[ContainerReply, Callable[[Container], Awaitable[tuple[Containe
     ContainerReply.stop: Container._stop,
     ContainerReply.remove: Container._remove,
 }
-assert set(_OPERATIONS) == set(ContainerReply), "every engine operation the spec names has one here"
+# What an operation that raised (a bug, not the engine's answer) is: its failure.
+_FAILURES: dict[ContainerReply, ContainerEvent] = {
+    ContainerReply.pull: ContainerEvent.pull_failed,
+    ContainerReply.create: ContainerEvent.create_failed,
+    ContainerReply.start: ContainerEvent.start_failed,
+    ContainerReply.stop: ContainerEvent.stop_failed,
+    ContainerReply.remove: ContainerEvent.remove_failed,
+}
+assert set(_OPERATIONS) == set(_FAILURES) == set(ContainerReply), \
+    "every engine operation the spec names has one here, and its failure"
 
 
 # --- a connection -----------------------------------------------------------------------------------
@@ -708,12 +744,24 @@ class DockerSession(SessionHandler):
 def _half_close(stream: Stream) -> None:
     """EOF to the exec's stdin while its output still flows. REACH-IN (aiodocker): its
     Stream has write_in and close (which ends both directions); the hijacked
-    connection's transport is `_resp.connection.transport` (HACKS.md, aiodocker)."""
+    connection's transport is `_resp.connection.transport` (HACKS.md, aiodocker).
+
+    Over TLS (a tcp:// engine with docker.tls) asyncio's SSL transport cannot half-close:
+    the TCP connection under it is shut for writing instead, as Docker's own client does
+    (its tlsClientCon.CloseWrite): the engine's TLS end reads that as the end of stdin and
+    goes on sending the program's output."""
     resp = getattr(stream, "_resp", None)
     connection = getattr(resp, "connection", None)
     transport = getattr(connection, "transport", None)
-    if transport is not None and transport.can_write_eof():
+    if transport is None:
+        return
+    if transport.can_write_eof():
         transport.write_eof()
+    elif transport.get_extra_info("sslcontext") is not None:
+        raw = transport.get_extra_info("socket")
+        if raw is not None:
+            with contextlib.suppress(OSError):
+                raw.shutdown(socket.SHUT_WR)
 
 
 class _Exec:
@@ -925,7 +973,8 @@ class _Exec:
                                        stderr=False)
             await killer.start(detach=True)
         except _engine_errors() as exc:
-            self.container.signal_failed(f"signal {name} to pid {pid}: {_why(exc)}")  # DOCKER_EXEC_SIGNAL_FAILED
+            # DOCKER_EXEC_SIGNAL_FAILED
+            self.container.signal_failed(f"signal {name} to pid {pid}: {_why(exc)}")
 
     def kill(self, *, signal_group: bool) -> None:
         """The channel is gone: discard the program's output, end it (SIGHUP, then SIGKILL)."""

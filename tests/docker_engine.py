@@ -307,3 +307,120 @@ class EngineProxy:
                 await writer.drain()
             if writer.can_write_eof():
                 writer.write_eof()
+
+
+# --- TLS in front: a remote engine with client certificates -------------------------------------------
+
+
+def _pem_key(key: Any) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+    return bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                   serialization.NoEncryption()))
+
+
+def _certificate(subject: str, key: Any, issuer: tuple[str, Any] | None, *, ca: bool = False,
+                 server: bool = False) -> Any:
+    """A certificate for ``key``: self-signed (a CA) when ``issuer`` is None, else signed by it."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
+    issuer_name, issuer_key = (subject, key) if issuer is None else issuer
+    now = datetime.datetime.now(datetime.UTC)
+    builder = (x509.CertificateBuilder().subject_name(name)
+               .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer_name)]))
+               .public_key(key.public_key()).serial_number(x509.random_serial_number())
+               .not_valid_before(now - datetime.timedelta(minutes=5))
+               .not_valid_after(now + datetime.timedelta(days=1))
+               .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+    if server:
+        builder = builder.add_extension(x509.SubjectAlternativeName(
+            [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+    if not ca:
+        usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
+        builder = builder.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+    return builder.sign(issuer_key, hashes.SHA256())
+
+
+def make_pki(root: Path) -> dict[str, Path]:
+    """A CA, the engine's server certificate (127.0.0.1) and a client certificate it signed;
+    and a client certificate of another CA (the engine must refuse it). PEM files in
+    ``root``, as DOCKER_CERT_PATH holds them (ca.pem, cert.pem, key.pem)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    def pem(cert: Any) -> bytes:
+        return bytes(cert.public_bytes(serialization.Encoding.PEM))
+
+    files: dict[str, Path] = {}
+
+    def write(name: str, data: bytes) -> None:
+        files[name] = root / f"{name}.pem"
+        files[name].write_bytes(data)
+
+    ca_key, other_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca = _certificate("sshspec test CA", ca_key, None, ca=True)
+    other_ca = _certificate("another CA", other_key, None, ca=True)
+    server_key, client_key, stranger_key = (ec.generate_private_key(ec.SECP256R1()) for _ in range(3))
+    write("ca", pem(ca))
+    write("server", pem(_certificate("engine", server_key, ("sshspec test CA", ca_key), server=True))
+          + _pem_key(server_key))
+    write("cert", pem(_certificate("sshspec", client_key, ("sshspec test CA", ca_key))))
+    write("key", _pem_key(client_key))
+    write("stranger-cert", pem(_certificate("stranger", stranger_key, ("another CA", other_key))))
+    write("stranger-key", _pem_key(stranger_key))
+    write("other-ca", pem(other_ca))
+    return files
+
+
+@dataclass
+class TLSEngine:
+    """haproxy terminating TLS in front of the engine's unix socket, as a remote engine's
+    `dockerd --tlsverify` does: a client must show a certificate the CA signed."""
+
+    port: int
+    pki: dict[str, Path]
+    process: subprocess.Popen[bytes]
+
+    @classmethod
+    def start(cls, engine_socket: Path, root: Path) -> TLSEngine:
+        if shutil.which("haproxy") is None:
+            raise EngineUnavailable("haproxy is not installed (.ci/system-packages installs it)")
+        pki = make_pki(root)
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = int(probe.getsockname()[1])
+        cfg = root / "haproxy.cfg"
+        cfg.write_text("\n".join([
+            "global", "    maxconn 256",
+            # An exec's stream and a container's wait last as long as the program, the container.
+            "defaults", "    mode tcp", "    timeout connect 5s", "    timeout client 1h",
+            "    timeout server 1h", "    timeout tunnel 1h",
+            "frontend engine-tls",
+            f"    bind 127.0.0.1:{port} ssl crt {pki['server']} ca-file {pki['ca']} verify required",
+            "    default_backend engine",
+            "backend engine", f"    server podman unix@{engine_socket}", ""]))
+        process = subprocess.Popen(["haproxy", "-f", str(cfg), "-db"], stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                return cls(port, pki, process)
+            except OSError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    process.kill()
+                    err = process.communicate()[1].decode(errors="replace")
+                    raise AssertionError(f"haproxy did not start ({process.returncode}): {err}") from None
+                time.sleep(0.02)  # polling the port: haproxy -db says nothing when it listens
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()

@@ -24,7 +24,7 @@ from typing import Any
 
 import asyncssh
 import pytest
-from docker_engine import IMAGE, EngineProxy, EngineUnavailable, Podman
+from docker_engine import IMAGE, EngineProxy, EngineUnavailable, Podman, TLSEngine
 from protocol_client import ProtocolClient
 
 import conftest
@@ -602,3 +602,64 @@ def test_a_sweep_the_engine_cannot_answer_has_its_code(podman: Podman, proxy: En
     all_removed(live, 1)
     assert live.stop() == 0
     check_log(live)
+
+
+# --- a remote engine: tcp:// with TLS client certificates ----------------------------------------------
+
+
+@pytest.fixture
+def tls_engine(podman: Podman, tmp_path: Path) -> Iterator[TLSEngine]:
+    engine = TLSEngine.start(podman.socket, tmp_path)
+    yield engine
+    engine.stop()
+
+
+def test_a_remote_engine_over_tls_with_a_client_certificate(podman: Podman, tls_engine: TLSEngine,
+                                                           server_factory: Any) -> None:
+    """haproxy terminates TLS in front of podman and wants a certificate its CA signed
+    (`verify required`), as `dockerd --tlsverify` does: with ours, everything works
+    through it (exec, input to EOF, a pty, the container's removal); with a stranger's,
+    the engine refuses the handshake and the user is refused with that reason."""
+    pki = tls_engine.pki
+    remote = {"host": f"tcp://127.0.0.1:{tls_engine.port}",
+              "tls": {"ca": str(pki["ca"]), "cert": str(pki["cert"]), "key": str(pki["key"])}}
+    live = server_factory({**docker(podman.socket), "docker": {**docker(podman.socket)["docker"], **remote}})
+
+    async def main() -> None:
+        async with connect(live) as conn:
+            result = await conn.run("hostname; cat /proc/1/cmdline", encoding=None)
+            assert result.exit_status == 0 and b"trap 'exit 0' TERM" in result.stdout
+            data = os.urandom(1024 * 1024)
+            result = await conn.run("cat; echo end >&2", input=data, encoding=None)
+            assert result.stdout == data and result.stderr == b"end\n" and result.exit_status == 0
+            proc = await conn.create_process(term_type="xterm", term_size=(80, 25), encoding=None)
+            proc.stdin.write(b"stty size; exit 3\n")
+            await proc.stdout.readuntil(b"25 80\r\n")
+            await proc.wait_closed()
+            assert proc.exit_status == 3
+    asyncio.run(main())
+    all_removed(live, 1)
+    assert podman.names(HOST_LABEL) == []
+
+    stranger = {**remote, "tls": {"ca": str(pki["ca"]), "cert": str(pki["stranger-cert"]),
+                                  "key": str(pki["stranger-key"])}}
+    refused = server_factory({**docker(podman.socket), "docker": {**docker(podman.socket)["docker"],
+                                                                  **stranger}})
+    reason = rejected(refused, USERNAME, PASSWORD)
+    print("a stranger's certificate:", reason)
+    assert "engine TLS" in reason, reason
+    records = refused.records()
+    sweep, user = containers_of(records)  # its start-up sweep was refused as well
+    assert codes(records, user) == ["DOCKER_IMAGE_PULL_NEEDED_CHECKING", "DOCKER_IMAGE_PULL_FAILED"]
+    assert codes(records, sweep) == ["DOCKER_SWEEP_FAILED"]
+    assert "engine TLS" in next(r for r in records if r["code"] == "DOCKER_SWEEP_FAILED")["labels"]["reason"]
+    # And the other way round: an engine whose certificate our CA did not sign.
+    impostor = {**remote, "tls": {**remote["tls"], "ca": str(pki["other-ca"])}}
+    doubted = server_factory({**docker(podman.socket), "docker": {**docker(podman.socket)["docker"],
+                                                                  **impostor}})
+    reason = rejected(doubted, USERNAME, PASSWORD)
+    print("an engine we do not trust:", reason)
+    assert "engine TLS" in reason and "certificate verify failed" in reason, reason
+    for server in (live, refused, doubted):
+        assert server.stop() == 0
+        check_log(server)
