@@ -466,6 +466,43 @@ def test_a_client_that_stops_reading_cannot_grow_the_server(podman: Podman, serv
     assert podman.names(HOST_LABEL) == []
 
 
+def test_a_client_that_sends_faster_than_the_program_reads(podman: Podman, server_factory: Any) -> None:
+    """32 MiB of stdin to a program that does not read yet: the server holds at most 64 KiB
+    for the exec and stops reading the channel, so the client's window closes and the rest
+    waits at the client; the server's memory stays put. Once the program reads, all of it
+    flows, to the client's EOF."""
+    from test_faults import rss_kib
+    live = server_factory(docker(podman.socket))
+    size = 32 * 1024 * 1024
+
+    async def main() -> tuple[int, int, int]:
+        async with connect(live) as conn:
+            proc = await conn.create_process(
+                "trap 'go=1' USR1; echo ready; while [ -z \"$go\" ]; do sleep 0.05; done; "
+                "wc -c; echo done", encoding=None)
+            assert await proc.stdout.readline() == b"ready\n"
+            before = rss_kib(live.process.pid)
+            proc.stdin.write(b"x" * size)
+            await asyncio.sleep(2)  # a measuring window, not a synchronisation: unbounded, it all goes
+            grown = rss_kib(live.process.pid) - before
+            unsent = proc.channel.get_write_buffer_size()
+            proc.send_signal("USR1")  # the program reads now
+            await proc.stdin.drain()
+            proc.stdin.write_eof()
+            out = await proc.stdout.read()
+            await proc.wait_closed()
+            assert out.split() == [str(size).encode(), b"done"] and proc.exit_status == 0, out
+            return grown, size - unsent, unsent
+    grown, sent, unsent = asyncio.run(main())
+    print(f"while the program did not read: {sent} bytes left the client, {unsent} waited there; "
+          f"server RSS grew {grown} KiB")
+    assert sent < 12 * 1024 * 1024, f"{sent} bytes reached the server for a program that did not read"
+    assert grown < 16 * 1024, f"server RSS grew {grown} KiB while the program did not read"
+    all_removed(live, 1)
+    assert live.stop() == 0
+    check_log(live)
+
+
 # --- with a config server: its answer first, then the container ----------------------------------------
 
 
