@@ -447,6 +447,12 @@ class Container:
     def signal_failed(self, reason: str) -> None:
         self._fire(ContainerEvent.signal_failed, reason)
 
+    def resize_failed(self, reason: str) -> None:
+        self._fire(ContainerEvent.resize_failed, reason)
+
+    def exit_code_failed(self, reason: str) -> None:
+        self._fire(ContainerEvent.exit_code_failed, reason)
+
     async def ready(self) -> None:
         """Once it runs; BackendError (the reason) if it will not."""
         await asyncio.shield(self._ready)
@@ -872,16 +878,21 @@ class _Exec:
     async def _exit_status(self) -> ExitStatus:
         if self.exec is None or self._killed:
             return ExitStatus(code=None, signal="KILL" if self._killed else None)
+        why = f"the engine still said running {_EXIT_POLLS * _EXIT_POLL_INTERVAL:g} s after its output ended"
         for _ in range(_EXIT_POLLS):
             try:
                 info = await asyncio.wait_for(self.exec.inspect(), self.backend.config.timeouts.start)
             except _engine_errors() as exc:
-                log.debug("exec status in %s: %s", self.container.name, _why(exc))
+                why = _why(exc)
                 break
             if not info.get("Running"):
                 code = info.get("ExitCode")
-                return ExitStatus(code=code if isinstance(code, int) and code >= 0 else None, signal=None)
+                if isinstance(code, int) and code >= 0:
+                    return ExitStatus(code=code, signal=None)
+                why = f"the engine gave exit code {code!r}"
+                break
             await asyncio.sleep(_EXIT_POLL_INTERVAL)  # the engine has not caught up with the stream's end
+        self.container.exit_code_failed(f"exit code of exec {self.exec.id}: {why}")  # DOCKER_EXIT_CODE_FAILED
         return ExitStatus(code=None, signal=None)
 
     def pause(self) -> None:
@@ -954,8 +965,10 @@ class _Exec:
 
     async def _resize(self, cols: int, rows: int) -> None:
         assert self.exec is not None
-        with contextlib.suppress(*_engine_errors()):
+        try:
             await self.exec.resize(h=rows, w=cols)
+        except _engine_errors() as exc:  # DOCKER_EXEC_RESIZE_FAILED
+            self.container.resize_failed(f"resize of exec {self.exec.id} to {cols}x{rows}: {_why(exc)}")
 
     def signal(self, name: str) -> None:
         if self._finished.done():

@@ -54,6 +54,8 @@ class ContainerEvent(enum.StrEnum):
     died = "died"
     exec_failed = "exec_failed"
     signal_failed = "signal_failed"
+    resize_failed = "resize_failed"
+    exit_code_failed = "exit_code_failed"
     sweep_failed = "sweep_failed"
 
 

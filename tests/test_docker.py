@@ -591,10 +591,12 @@ def test_a_container_that_dies_ends_its_connection(podman: Podman, server_factor
     check_log(live)
 
 
-def test_exec_and_signal_failures_have_their_codes(podman: Podman, proxy: EngineProxy,
+def test_exec_failures_have_their_codes(podman: Podman, proxy: EngineProxy,
                                                    server_factory: Any) -> None:
     """The engine refuses an exec: the session's request fails (DOCKER_EXEC_CREATE_FAILED);
-    it refuses the exec that delivers a signal: DOCKER_EXEC_SIGNAL_FAILED, the program runs on."""
+    it refuses the exec that delivers a signal (DOCKER_EXEC_SIGNAL_FAILED) or a resize
+    (DOCKER_EXEC_RESIZE_FAILED): the program runs on; it does not tell an exit code
+    (DOCKER_EXIT_CODE_FAILED): the client gets 255."""
     live = server_factory(docker(proxy.path))
     exec_create = r"^POST \S*/containers/\S+/exec "
 
@@ -615,6 +617,23 @@ def test_exec_and_signal_failures_have_their_codes(podman: Podman, proxy: Engine
             assert await proc.stdout.read() == b"got\n"
             await proc.wait_closed()
             assert proc.exit_status == 7
+            # a window-change the engine refuses: logged, the program goes on with its size
+            proc = await conn.create_process(term_type="xterm", term_size=(80, 25), encoding=None)
+            proc.stdin.write(b"stty size\n")
+            await proc.stdout.readuntil(b"25 80\r\n")
+            proxy.fail(r"^POST \S*/exec/\S+/resize", 500, "no resize (injected)")
+            proc.change_terminal_size(120, 30)
+            await asyncio.to_thread(live.wait_for_code, "DOCKER_EXEC_RESIZE_FAILED")
+            proxy.clear()
+            proc.stdin.write(b"stty size; exit 4\n")
+            await proc.stdout.readuntil(b"25 80\r\n")
+            await proc.wait_closed()
+            assert proc.exit_status == 4
+            # an exit code the engine does not tell: 255, as OpenSSH's client says for none
+            proxy.fail(r"^GET \S*/exec/\S+/json", 500, "no inspect (injected)")
+            result = await conn.run("echo out; exit 3", encoding=None)
+            assert (result.stdout, result.exit_status) == (b"out\n", 255)
+            proxy.clear()
     asyncio.run(main())
     records = all_removed(live, 1)
     failed = [r for r in records if r["code"] == "DOCKER_EXEC_CREATE_FAILED"]
@@ -623,6 +642,10 @@ def test_exec_and_signal_failures_have_their_codes(podman: Podman, proxy: Engine
     assert request and "container is not running (injected)" in request[0]["labels"]["reason"]
     signal_failed = next(r for r in records if r["code"] == "DOCKER_EXEC_SIGNAL_FAILED")
     assert "signal USR1" in signal_failed["labels"]["reason"]
+    resize = next(r for r in records if r["code"] == "DOCKER_EXEC_RESIZE_FAILED")
+    assert "to 120x30" in resize["labels"]["reason"] and "no resize (injected)" in resize["labels"]["reason"]
+    exit_code = next(r for r in records if r["code"] == "DOCKER_EXIT_CODE_FAILED")
+    assert "no inspect (injected)" in exit_code["labels"]["reason"]
     assert live.stop() == 0
     check_log(live)
 
