@@ -36,7 +36,15 @@ Programs
 Exit statuses
     What the engine reports: its exec API has an exit code only, and a program
     killed by signal N reads 128+N there (as with ``docker exec``), so a killed
-    program's status goes out as exit-status 128+N, never as exit-signal.
+    program's status goes out as exit-status 128+N, never as exit-signal. Only the
+    program's parent sees its wait status, and that is the engine's (conmon,
+    containerd's shim), which folds it; a shell wrapper folds it the same way ($?),
+    and a parent of ours would change the program's pid, group and session.
+
+The container dying
+    While it runs, the engine's wait on it is held: when it returns and the container
+    was not being stopped, it died under its owner (``died``): it is removed and its
+    owner ended (`Lost`; in connection mode the connection is closed with the reason).
 
 Pty
     The exec gets a tty, ``TERM`` and the window size (set right after the start,

@@ -723,3 +723,35 @@ def test_a_remote_engine_over_tls_with_a_client_certificate(podman: Podman, tls_
     for server in (live, refused, doubted):
         assert server.stop() == 0
         check_log(server)
+
+
+def test_a_session_container_that_dies_ends_its_session(podman: Podman, server_factory: Any) -> None:
+    """Session mode: the session whose container was killed ends (its program went with the
+    container); the connection goes on, and its next session gets a new container."""
+    live = server_factory(docker(podman.socket, mode="session"))
+
+    async def main() -> tuple[int | None, str]:
+        async with connect(live) as conn:
+            proc = await conn.create_process("echo up; sleep 600", encoding=None)
+            assert await proc.stdout.readline() == b"up\n"
+            (name,) = podman.names(HOST_LABEL)
+            podman.cli("kill", "-s", "KILL", name)
+            await asyncio.wait_for(proc.wait_closed(), WAIT)
+            again = await conn.run("hostname")
+            return proc.exit_status, str(again.stdout)
+    status, hostname = asyncio.run(main())
+    print("the killed container's session ended with exit status", status)
+    assert status is not None and status != 0
+    records = all_removed(live, 2)
+    first, second = containers_of(records)
+    # Which comes first is a race the spec allows both ways: the engine's wait saying it
+    # died, or the session (whose program's stream ended with it) releasing it.
+    assert codes(records, first)[3:] in (
+        ["DOCKER_CONTAINER_RUNNING", "DOCKER_CONTAINER_DIED", "DOCKER_CONTAINER_REMOVE",
+         "DOCKER_CONTAINER_REMOVE_SUCCESSFUL"],
+        ["DOCKER_CONTAINER_RUNNING", "DOCKER_CONTAINER_STOP", "DOCKER_CONTAINER_REMOVE",
+         "DOCKER_CONTAINER_REMOVE_SUCCESSFUL"]), codes(records, first)
+    assert hostname.strip() and "DOCKER_CONTAINER_RUNNING" in codes(records, second)
+    assert podman.names(HOST_LABEL) == []
+    assert live.stop() == 0
+    check_log(live)
