@@ -437,8 +437,12 @@ def test_an_engine_gone_leaves_the_container_to_the_next_start(podman: Podman, p
     finally:
         client.kill()
     (name,) = containers_of(records)
-    assert codes(records, name)[4:] == ["DOCKER_CONTAINER_STOP", "DOCKER_CONTAINER_STOP_FAILED",
-                                        "DOCKER_CONTAINER_REMOVE", "DOCKER_CONTAINER_REMOVE_FAILED"]
+    # The program's stream ended with the engine: its exit code cannot be asked for either
+    # (DOCKER_EXIT_CODE_FAILED), unless the client's end released the container first.
+    assert [c for c in codes(records, name)[4:] if c != "DOCKER_EXIT_CODE_FAILED"] == [
+        "DOCKER_CONTAINER_STOP", "DOCKER_CONTAINER_STOP_FAILED", "DOCKER_CONTAINER_REMOVE",
+        "DOCKER_CONTAINER_REMOVE_FAILED"]
+    assert codes(records, name)[4] in ("DOCKER_EXIT_CODE_FAILED", "DOCKER_CONTAINER_STOP")
     assert live.stop() == 0
     assert podman.names(HOST_LABEL) == [name]  # left behind, labelled
     proxy.up()
