@@ -21,6 +21,11 @@ What the module gives the adapter:
   request, every channel open, every SERVICE_REQUEST, every USERAUTH_REQUEST and
   every answer asyncssh gives to one (failure / success / PK_OK / INFO_REQUEST
   ...), and every completed key exchange.
+* `ConnectionHooks.on_certificate` - every OpenSSH user certificate a publickey
+  request offers (query or signed), decoded (`UserCertificate`: the CA, the CA's
+  signature algorithm, principals, validity, critical options), for the hook to
+  decide alone: asyncssh's own checks (CA trust via `validate_ca_key`, validity,
+  principals, source-address) would refuse silently, without a reason to log.
 * `send_keepalive(conn)` - server-initiated keepalive@openssh.com with the
   outcome (answered / closed / timeout).
 * `is_login_timeout(exc)` - recognises asyncssh's login timeout in
@@ -52,17 +57,19 @@ from typing import Any, Literal, TypeAlias
 
 import asyncssh
 import asyncssh.compression
+import asyncssh.public_key
 from asyncssh.channel import SSHChannel
 from asyncssh.connection import SSHConnection
 from asyncssh.logging import SSHLogger
 from asyncssh.misc import map_handler_name
-from asyncssh.packet import PacketDecodeError, SSHPacket, SSHPacketHandler
+from asyncssh.packet import PacketDecodeError, SSHPacket, SSHPacketHandler, String
 
 __all__ = [
     "ASYNCSSH_DEFAULT",
     "AsyncsshCompatError",
     "AuthRequest",
     "AuthResult",
+    "UserCertificate",
     "BreakRequest",
     "ChannelOpenRequest",
     "ChannelRequest",
@@ -250,6 +257,87 @@ AuthResultKind = Literal[
     "method_message",  # any other method-specific message (gssapi)
     "superseded",  # asyncssh cancelled this request when a newer one came: no answer
 ]
+
+
+@dataclass(frozen=True, slots=True)
+class UserCertificate:
+    """What an OpenSSH user certificate says (asyncssh decoded it and verified the
+    CA's signature on it)."""
+
+    ca: bytes  # the signing CA's public key blob
+    signature_algorithm: str  # of the CA's signature (ssh-rsa: SHA-1)
+    key_id: str
+    serial: int
+    principals: tuple[str, ...]
+    valid_after: int  # seconds since the epoch
+    valid_before: int
+    source_addresses: tuple[str, ...]  # the source-address critical option (CIDRs)
+    force_command: str | None  # the force-command critical option
+
+
+def user_certificate(cert: Any) -> UserCertificate:
+    """The facts of an `asyncssh.public_key.SSHOpenSSHCertificate` (ValueError if its signature
+    cannot be read)."""
+    options = cert.options
+    return UserCertificate(
+        ca=cert.signing_key.public_data,
+        signature_algorithm=certificate_signature_algorithm(cert),
+        # REACH-IN: the key id, serial and validity interval are kept in private
+        # attributes (SSHOpenSSHCertificate.__init__); asyncssh's validate() compares
+        # them with the clock but says only "expired" or "not yet valid".
+        key_id=cert._key_id,
+        serial=cert._serial,
+        principals=tuple(cert.principals),
+        valid_after=cert._valid_after,
+        valid_before=cert._valid_before,
+        source_addresses=tuple(str(n) for n in options.get("source-address") or ()),
+        force_command=options.get("force-command"),
+    )
+
+
+def certificate_signature_algorithm(cert: Any) -> str:
+    """The algorithm of the CA's signature on an OpenSSH certificate. asyncssh checks
+    the signature but keeps no record of its algorithm: the certificate's wire form
+    ends with the CA's key blob and then the signature (string algorithm, string
+    bytes), PROTOCOL.certkeys; read that tail with asyncssh's own packet decoder."""
+    blob: bytes = cert.public_data
+    ca = String(cert.signing_key.public_data)
+    at = blob.rfind(ca)
+    if at < 0:
+        raise ValueError("certificate: the CA key is not where PROTOCOL.certkeys puts it")
+    try:
+        tail = SSHPacket(blob[at + len(ca):])
+        signature = SSHPacket(tail.get_string())
+        tail.check_end()
+        return signature.get_string().decode("ascii")
+    except (PacketDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"certificate: unreadable signature ({exc})") from None
+
+
+async def _validate_certificate(state: HookState, default: Callable[..., Awaitable[Any]],
+                                username: str, cert: Any) -> Any:
+    """SSHServerConnection._validate_openssh_certificate, with the decision handed to
+    `on_certificate`: the certified key if it may sign, else None (asyncssh then
+    answers the request with a failure)."""
+    conn = state.conn
+    try:
+        info = user_certificate(cert)
+    except ValueError:
+        return None
+    verdict = _call_hook("on_certificate", state.hooks.on_certificate, conn, username, info)
+    if verdict is ASYNCSSH_DEFAULT:
+        return await default(username, cert)
+    if inspect.isawaitable(verdict):
+        verdict = await verdict
+    if verdict is not True:
+        return None
+    # REACH-IN: what asyncssh's own method sets on success: no authorized_keys options,
+    # the certificate's options (get_certificate_option), touch required for a
+    # security key (no authorized_keys no-touch-required option can waive it).
+    conn._key_options = {}
+    conn._cert_options = cert.options
+    cert.key.set_touch_required(True)
+    return cert.key
 
 
 @dataclass(frozen=True, slots=True)
@@ -665,6 +753,15 @@ class ConnectionHooks:
         admitting the user at its own pace), and is not sent if the connection ended
         or was disconnected meanwhile."""
         return None
+
+    def on_certificate(self, conn: asyncssh.SSHServerConnection, username: str,
+                       cert: UserCertificate) -> bool | Awaitable[bool] | Default:
+        """An OpenSSH user certificate offered by a publickey request (query or signed),
+        already decoded with its CA signature verified by asyncssh. True: the
+        certificate may log `username` in (asyncssh then checks the request's signature
+        by the certified key); False: refused. ASYNCSSH_DEFAULT: asyncssh's own checks
+        (`validate_ca_key`, validity, principals, source-address)."""
+        return ASYNCSSH_DEFAULT
 
     def on_kex_done(self, conn: asyncssh.SSHServerConnection, count: int) -> None:
         """A key exchange completed (count 1 = initial, then re-keys)."""
@@ -1109,6 +1206,10 @@ def install_hooks(conn: asyncssh.SSHServerConnection, hooks: ConnectionHooks, *,
     # goes to on_backlog, once per read.
     conn.data_received = functools.partial(_data_received, state,  # type: ignore[method-assign]
                                            conn.data_received)
+    # REACH-IN (SSHServerConnection._validate_openssh_certificate, shadowed on the
+    # instance): every user certificate goes to on_certificate (HACKS.md).
+    conn._validate_openssh_certificate = functools.partial(  # type: ignore[method-assign]
+        _validate_certificate, state, conn._validate_openssh_certificate)
     conn.set_extra_info(**{_STATE_KEY: state})
     return state
 
@@ -1355,6 +1456,25 @@ REACH_INS: tuple[ReachIn, ...] = (
             source_has="return SSHServerConnection(loop, new_options, acceptor, error_handler)"),
     ReachIn(SSHConnection, "get_owner", (), source_has="return self._owner"),
     ReachIn(SSHConnection, "_owner", attr_in=SSHConnection.connection_made),
+    # on_certificate / user_certificate (HACKS.md row 30): user certificates decided by the hook.
+    ReachIn(_Conn, "_validate_openssh_certificate", ("username", "cert"),
+            source_has="self._owner.validate_ca_key(username, cert.signing_key)"),
+    ReachIn(_Conn, "_validate_client_certificate", ("username", "key_data"),
+            source_has="return await self._validate_openssh_certificate("),
+    ReachIn(_Conn, "_key_options", attr_in=_Conn.__init__),
+    ReachIn(_Conn, "_cert_options", attr_in=_Conn.__init__),
+    ReachIn(asyncssh.public_key.SSHOpenSSHCertificate, "_key_id", attr_in=asyncssh.public_key.SSHOpenSSHCertificate.__init__),
+    ReachIn(asyncssh.public_key.SSHOpenSSHCertificate, "_serial", attr_in=asyncssh.public_key.SSHOpenSSHCertificate.__init__),
+    ReachIn(asyncssh.public_key.SSHOpenSSHCertificate, "_valid_after", attr_in=asyncssh.public_key.SSHOpenSSHCertificate.__init__),
+    ReachIn(asyncssh.public_key.SSHOpenSSHCertificate, "_valid_before",
+            attr_in=asyncssh.public_key.SSHOpenSSHCertificate.__init__),
+    # The wire form certificate_signature_algorithm reads: the CA's key, then the signature, last.
+    ReachIn(asyncssh.public_key, "SSHOpenSSHCertificate",
+            source_has="signing_key = decode_ssh_public_key(packet.get_string())\n"
+                       "        data = packet.get_consumed_payload()\n"
+                       "        signature = packet.get_string()\n"
+                       "        packet.check_end()"),
+    ReachIn(asyncssh.packet, "String"),
 )
 
 

@@ -348,6 +348,9 @@ class User(_Section, frozen=True):
     username: NonEmpty
     password_hash: str | None = None  # checked by passwords.parse_hash after decoding
     authorized_keys: tuple[str, ...] = ()  # authorized_keys lines, checked after decoding
+    # The names a certificate from auth.trustedUserCAKeys may carry for this user
+    # (sshd's AuthorizedPrincipalsFile, inline); empty: the user name.
+    authorized_principals: tuple[NonEmpty, ...] = ()
 
 
 class HTTPClientConfig(_Section, frozen=True):
@@ -377,6 +380,10 @@ class ConfigServerConfig(HTTPClientConfig, frozen=True):
 class AuthConfig(_Section, frozen=True):
     users: tuple[User, ...] = ()
     authorized_keys_file: str = ""
+    # Files of CA public keys (sshd's TrustedUserCAKeys): a user certificate signed by
+    # one logs in any user it names as a principal (or one of the user's
+    # authorizedPrincipals).
+    trusted_user_ca_keys: tuple[NonEmpty, ...] = msgspec.field(default=(), name="trustedUserCAKeys")
     # SHA-1 `ssh-rsa` user signatures: refused, as OpenSSH does since 8.8 (its
     # PubkeyAcceptedAlgorithms); true accepts them from old clients.
     allow_sha1_rsa: bool = False
@@ -683,8 +690,13 @@ def _check(file: str, config: Config) -> None:
                 f"duplicate of auth.users[{seen[user.username]}].username `{user.username}`",
             )
         seen[user.username] = i
-        if user.password_hash is None and not user.authorized_keys:
-            raise ConfigError(file, key, "user has neither passwordHash nor authorizedKeys")
+        if user.password_hash is None and not user.authorized_keys and not config.auth.trusted_user_ca_keys:
+            raise ConfigError(file, key, "user has neither passwordHash nor authorizedKeys "
+                                         "(nor a CA in auth.trustedUserCAKeys)")
+        if user.authorized_principals and not config.auth.trusted_user_ca_keys:
+            # sshd ignores AuthorizedPrincipalsFile without TrustedUserCAKeys: say so instead.
+            raise ConfigError(file, f"{key}.authorizedPrincipals",
+                              "applies to certificates from auth.trustedUserCAKeys, which names no file")
         if user.password_hash is not None:
             try:
                 params = parse_hash(user.password_hash)
@@ -707,6 +719,15 @@ def _check(file: str, config: Config) -> None:
             if problems:
                 number, problem = problems[0]
                 raise ConfigError(file, "auth.authorizedKeysFile", f"`{path}` line {number}: {problem}")
+    for i, path in enumerate(config.auth.trusted_user_ca_keys):
+        try:
+            _, problems = read_ca_keys(path)
+        except OSError:
+            pass  # read again at start-up, which fails naming the file (as for authorizedKeysFile)
+        else:
+            if problems:
+                number, problem = problems[0]
+                raise ConfigError(file, f"auth.trustedUserCAKeys[{i}]", f"`{path}` line {number}: {problem}")
     for i, path in enumerate(config.ssh.hostkeys):
         _check_host_key(file, f"ssh.hostkeys[{i}]", path)
     _check_http_client(file, "auth.webhook", config.auth.webhook, config.auth.webhook.auth_timeout)
@@ -828,13 +849,39 @@ def _check_host_key(file: str, key: str, path: str) -> None:
 _NOT_A_KEY = "not an authorized_keys line (`ssh-ed25519 AAAA... [comment]`)"
 
 
-def authorized_key_problem(line: str) -> str | None:
-    """Why an authorized_keys line cannot be used, or None for a plain key.
+_CERT_AUTHORITY = "cert-authority"
 
-    Options (`from=`, `command=`, `restrict`, ...) are refused, not ignored: sshspec
-    does not enforce them, and a key meant to run one command or to come from one
-    network would otherwise get a shell from anywhere. `cert-authority` (user
-    certificates) is not supported yet."""
+
+def ca_key_problem(text: str) -> str | None:
+    """Why `text` is not a CA's public key (a plain key, not a certificate), or None."""
+    import asyncssh
+
+    try:
+        key = asyncssh.import_public_key(text)
+    except (ValueError, asyncssh.KeyImportError):
+        try:
+            asyncssh.import_certificate(text)
+        except (ValueError, asyncssh.KeyImportError):
+            return "not a public key (`ssh-ed25519 AAAA... [comment]`)"
+        return "a certificate is not a CA key: list the CA's public key (the .pub of `ssh-keygen -s`)"
+    if key.algorithm == b"ssh-dss":
+        return "a DSA CA signs with SHA-1 only, and SHA-1 certificates are refused"
+    return None
+
+
+def authority_key(line: str) -> str | None:
+    """The CA key text of a `cert-authority` authorized_keys line, or None for another line."""
+    parts = line.split(None, 1)
+    return (parts[1].strip() if len(parts) > 1 else "") if parts and parts[0] == _CERT_AUTHORITY else None
+
+
+def authorized_key_problem(line: str) -> str | None:
+    """Why an authorized_keys line cannot be used, or None for a plain key or a
+    `cert-authority` line (a CA trusted for the line's user or users).
+
+    Options (`from=`, `command=`, `restrict`, `principals=`, ...) are refused, not
+    ignored: sshspec does not enforce them, and a key meant to run one command or to
+    come from one network would otherwise get a shell from anywhere."""
     # Imported here: asyncssh takes ~0.2 s to import and most commands never get here.
     import asyncssh
 
@@ -847,10 +894,15 @@ def authorized_key_problem(line: str) -> str | None:
         return None
     except (ValueError, asyncssh.KeyImportError):
         pass
+    if (ca := authority_key(text)) is not None:
+        if problem := ca_key_problem(ca):
+            return f"`cert-authority` line: {problem}"
+        return None
     first = re.split(r"[\s,=]", text, maxsplit=1)[0]
-    if first == "cert-authority":
-        return ("`cert-authority` lines (user certificates) are not supported yet: "
-                "list the users' own keys")
+    if first == _CERT_AUTHORITY:
+        return ("options on a `cert-authority` line are not supported: write `cert-authority <CA key>`; "
+                "for other principals than the user name use auth.trustedUserCAKeys with "
+                "auth.users[].authorizedPrincipals")
     try:
         asyncssh.import_authorized_keys(text)
     except (ValueError, asyncssh.KeyImportError):
@@ -874,6 +926,24 @@ def read_authorized_keys(path: str) -> tuple[list[str], list[tuple[int, str]]]:
             problems.append((number, problem))
         else:
             keys.append(line.strip())
+    return keys, problems
+
+
+def read_ca_keys(path: str) -> tuple[list[str], list[tuple[int, str]]]:
+    """The CA keys of an auth.trustedUserCAKeys file (sshd's TrustedUserCAKeys: one
+    public key a line, `#` comments), and (line number, problem) for each line that is
+    not one. OSError if it cannot be read."""
+    keys: list[str] = []
+    problems: list[tuple[int, str]] = []
+    for number, line in enumerate(Path(os.path.expanduser(path)).read_text().splitlines(), 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        if problem := ca_key_problem(line.strip()):
+            problems.append((number, problem))
+        else:
+            keys.append(line.strip())
+    if not keys and not problems:
+        problems.append((0, "no CA key in the file"))
     return keys, problems
 
 

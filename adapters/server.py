@@ -37,7 +37,14 @@ if typing.TYPE_CHECKING:
 from sshspec.adapters import asyncssh_internals as internals
 from sshspec.adapters.algorithms import server_options
 from sshspec.adapters.backend_local import BackendError, PtyRequest, adopt_inherited_signals
-from sshspec.adapters.config import Config, read_authorized_keys, resolve_state_dir, spec_limits
+from sshspec.adapters.config import (
+    Config,
+    authority_key,
+    read_authorized_keys,
+    read_ca_keys,
+    resolve_state_dir,
+    spec_limits,
+)
 from sshspec.adapters.handlers import (
     ConfiguredHandler,
     ConnectionHandler,
@@ -51,6 +58,7 @@ from sshspec.adapters.logs import Kind, Labels, Logger, kind
 from sshspec.adapters.proxy_protocol import Listener, TrustedNetworks
 from sshspec.codes import CATALOG
 from sshspec.fsm import core
+from sshspec.fsm.certificates import Certificate, CertificatePolicy
 
 if TYPE_CHECKING:
     from sshspec.adapters.metrics import Metrics
@@ -211,17 +219,28 @@ class SpecSession(asyncssh.SSHServerSession[bytes]):
             ok, reason = False, None
         return core.RequestDone(self.channel_id, ok, reason)
 
-    async def start_program(self, request: core.ChannelRequest) -> None:
+    async def start_program(self, request: core.ChannelRequest, forced_command: str | None = None) -> None:
         assert self.chan is not None
         chan, decoded = self.chan, request.payload
+        kind, command = request.name, getattr(decoded, "command", None)
+        subsystem = getattr(decoded, "name", None) if request.name == "subsystem" else None
+        server_env = self._server_env(chan)
+        if forced_command is not None:
+            # sshd: the forced command runs instead, and what the client asked for (an exec's
+            # command; here a subsystem's name, where sshd puts the subsystem's program) is
+            # in SSH_ORIGINAL_COMMAND; a shell request leaves it unset.
+            original = command if kind == "exec" else subsystem
+            if original is not None:
+                server_env["SSH_ORIGINAL_COMMAND"] = original
+            kind, command, subsystem = "exec", forced_command, None
         io = SessionIO(
-            kind=request.name,  # type: ignore[arg-type]  # shell | exec | subsystem (core.START_REQUESTS)
-            command=getattr(decoded, "command", None),
-            subsystem=getattr(decoded, "name", None) if request.name == "subsystem" else None,
+            kind=kind,  # type: ignore[arg-type]  # shell | exec | subsystem (core.START_REQUESTS)
+            command=command,
+            subsystem=subsystem,
             env=self.handler.env, pty=self.handler.pty_request,
             write=chan.write, write_stderr=chan.write_stderr,
             pause_input=lambda paused: chan.pause_reading() if paused else chan.resume_reading(),
-            server_env=self._server_env(chan))
+            server_env=server_env)
         metrics = self.conn.server.metrics
         started = time.perf_counter() if metrics is not None else 0.0
         _, reason = await _ask_async(self.handler.start, io)
@@ -310,8 +329,10 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
                                         keepalive_interval=server.config.ssh.client_alive_interval,
                                         refused_key_algorithms=SHA1_KEY_ALGORITHMS
                                         if not server.config.auth.allow_sha1_rsa else frozenset(),
-                                        failure_delay=server.config.auth.failure_delay)
+                                        failure_delay=server.config.auth.failure_delay,
+                                        certificates=server.certificates)
         self.conn: asyncssh.SSHServerConnection | None = None
+        self.peer_host: str | None = None  # the client's IP address (a certificate's source-address)
         self.backend: ConnectionHandler | None = None
         self.sessions: dict[int, SpecSession] = {}
         self.admitted = False
@@ -483,7 +504,7 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
         return self.sessions[action.channel].ask_backend(action.request)
 
     def _start_program(self, action: core.StartProgram) -> None:
-        self._task(self.sessions[action.channel].start_program(action.request))
+        self._task(self.sessions[action.channel].start_program(action.request, action.forced_command))
 
     def _channel_reply(self, action: core.ChannelReply) -> core.Event:
         session = self.sessions.get(action.channel)
@@ -537,6 +558,7 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self.conn = conn
         peer = conn.get_extra_info("peername") or ("?", 0)
+        self.peer_host = peer[0] if peer[0] != "?" else None
         self._identify(remote_addr=f"{peer[0]}:{peer[1]}")
         self.admitted = True
         if self.server.metrics is not None:
@@ -663,6 +685,19 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
         start = await self._held()
         actions = self.handle(core.KeyChecked(*await self._check("publickey", self.backend.check_publickey,
                                                                  username, key)))
+        actions = await self._delayed(actions, start)
+        return any(isinstance(a, core.KeyAcceptable) and a.ok for a in actions) or self._answer(actions)
+
+    def on_certificate(self, conn: asyncssh.SSHServerConnection, username: str,
+                       cert: internals.UserCertificate) -> Awaitable[bool]:
+        return self._certificate(username, cert)
+
+    async def _certificate(self, username: str, cert: internals.UserCertificate) -> bool:
+        """A user certificate (query or signed): the core decides from the config's trust."""
+        start = await self._held()
+        facts = Certificate(cert.ca, cert.signature_algorithm, cert.key_id, cert.serial, cert.principals,
+                            cert.valid_after, cert.valid_before, cert.source_addresses, cert.force_command)
+        actions = self.handle(core.CertificateChecked(facts, username, self.peer_host, time.time()))
         actions = await self._delayed(actions, start)
         return any(isinstance(a, core.KeyAcceptable) and a.ok for a in actions) or self._answer(actions)
 
@@ -849,6 +884,8 @@ class Server:
             self.metrics = Metrics(self.machines)
         self.emitter = Emitter(self.logger, self.metrics)
         self.core = core.ServerCore(self.machines, self.log, admission_policy(config))
+        # User certificates trusted (auth.trustedUserCAKeys, cert-authority lines): read in start().
+        self.certificates = CertificatePolicy()
         # The configured users are loaded in start(): an authorized_keys file that cannot be
         # read is a failed start (SSH_START_FAILED, exit 1), as a host key is.
         self._configure = handler is None
@@ -906,6 +943,7 @@ class Server:
             internals.assert_asyncssh_compat()  # a moved asyncssh private fails here, loudly
             internals.log_lazily()
             keys = load_host_keys(self.config)
+            self.certificates = certificate_policy(self.config)
             if self._configure:
                 self.handler = configured_handler(self.config)
                 self._watch_webhooks()
@@ -1061,8 +1099,9 @@ def configured_handler(config: Config, *, announce: Callable[[str], None] | None
     """Users from the config; with none configured, the current user may log in
     with a one-time password (printed) or a key from ~/.ssh/authorized_keys."""
     users: dict[str, UserEntry] = {}
-    for user in config.auth.users:  # plain keys: config.authorized_key_problem refused the rest
-        keys = tuple(asyncssh.import_public_key(line.strip()) for line in user.authorized_keys)
+    for user in config.auth.users:  # keys and CAs: config.authorized_key_problem refused the rest
+        keys = tuple(asyncssh.import_public_key(line.strip()) for line in user.authorized_keys
+                     if authority_key(line) is None)
         users[user.username] = UserEntry(user.password_hash, keys)
     extra_keys = _read_authorized_keys(config.auth.authorized_keys_file)
     if not users and not config.auth.webhook.url:  # (with a webhook, its users are the users)
@@ -1110,7 +1149,52 @@ def _read_authorized_keys(path: str, *, skipped: Callable[[str], None] | None = 
         if skipped is None:
             raise ValueError(f"auth.authorizedKeysFile: `{path}` line {number}: {problem}")
         skipped(f"sshspec: {path} line {number} skipped: {problem}")
-    return tuple(asyncssh.import_public_key(line) for line in lines)
+    return tuple(asyncssh.import_public_key(line) for line in lines if authority_key(line) is None)
+
+
+def _default_keys_file(config: Config) -> str:
+    """The authorized_keys file whose lines are every user's: authorizedKeysFile, or
+    ~/.ssh/authorized_keys for the out-of-the-box user (no users, no webhook)."""
+    if config.auth.authorized_keys_file or config.auth.users or config.auth.webhook.url:
+        return config.auth.authorized_keys_file
+    default_file = Path.home() / ".ssh" / "authorized_keys"
+    return str(default_file) if default_file.exists() else ""
+
+
+def certificate_policy(config: Config) -> CertificatePolicy:
+    """The user certificates the config trusts: auth.trustedUserCAKeys for every user
+    (with their authorizedPrincipals), `cert-authority` lines for their user (in
+    authorizedKeysFile: every user). ValueError naming the file if one cannot be read
+    or used (the config check refused bad lines already, unless a file changed since)."""
+    trusted: set[bytes] = set()
+    for i, path in enumerate(config.auth.trusted_user_ca_keys):
+        key = f"auth.trustedUserCAKeys[{i}]"
+        try:
+            lines, problems = read_ca_keys(path)
+        except OSError as exc:
+            raise ValueError(f"{key}: cannot read `{path}`: {exc.strerror}") from None
+        if problems:
+            number, problem = problems[0]
+            raise ValueError(f"{key}: `{path}` line {number}: {problem}")
+        trusted.update(asyncssh.import_public_key(line).public_data for line in lines)
+    authorities: dict[str | None, frozenset[bytes]] = {}
+    for user in config.auth.users:
+        cas = [authority_key(line) for line in user.authorized_keys]
+        if blobs := frozenset(asyncssh.import_public_key(ca).public_data for ca in cas if ca):
+            authorities[user.username] = blobs
+    if path := _default_keys_file(config):
+        try:
+            lines, _ = read_authorized_keys(path)  # (its problems: _read_authorized_keys says them)
+        except OSError:
+            lines = []  # _read_authorized_keys says it
+        cas = [authority_key(line) for line in lines]
+        if blobs := frozenset(asyncssh.import_public_key(ca).public_data for ca in cas if ca):
+            authorities[None] = blobs
+    return CertificatePolicy(
+        trusted=frozenset(trusted),
+        authorized_principals={u.username: u.authorized_principals for u in config.auth.users
+                               if u.authorized_principals},
+        authorities=authorities)
 
 
 def _announce(text: str) -> None:

@@ -46,6 +46,7 @@ from typing import Any, Protocol
 
 import msgspec
 
+from sshspec.fsm.certificates import Certificate, CertificatePolicy, refusal
 from sshspec.fsm.machine import Machine, Step
 from sshspec.fsm.spec import LoadedSpec, load_spec
 
@@ -97,6 +98,7 @@ class ConnectionEvent(enum.StrEnum):
     auth_ok = "auth_ok"
     auth_bad = "auth_bad"
     auth_unavailable = "auth_unavailable"
+    certificate_refused = "certificate_refused"
     challenge = "challenge"
     backend_accepted = "backend_accepted"
     backend_rejected = "backend_rejected"
@@ -329,6 +331,8 @@ class ServerCore:
 # --- what happens: the events the adapter hands the connection core ---------------------------
 
 AUTH_VERDICTS = frozenset({"ok", "bad", "unavailable"})
+# Verdicts that fail an attempt (it counts against maxAuthTries, is delayed and penalised).
+_FAILED_ATTEMPTS = frozenset({ConnectionEvent.auth_bad, ConnectionEvent.certificate_refused})
 START_REQUESTS = frozenset({"shell", "exec", "subsystem"})
 # Channel requests by type: the ones with an event of their own, and the known
 # ones this server does not implement (SSH_NOT_IMPLEMENTED) as opposed to
@@ -613,6 +617,16 @@ class KeyChecked(_Message, frozen=True):
     reason: str | None = None
 
 
+class CertificateChecked(_Message, frozen=True):
+    """A publickey request (query or signed) offered an OpenSSH user certificate: the
+    core decides on it from the config's trust (`CertificatePolicy`)."""
+
+    certificate: Certificate
+    username: str
+    host: str | None  # the client's IP address (source-address)
+    wall_clock: float  # seconds since the epoch (the validity interval)
+
+
 class AuthAnswered(_Message, frozen=True):
     """The SSH layer is about to answer an auth request: success, failure, or
     superseded (a newer request came first; the old one gets no answer)."""
@@ -770,6 +784,7 @@ Event = (
     | AuthRequested
     | Credentials
     | KeyChecked
+    | CertificateChecked
     | AuthAnswered
     | KbdintChallenge
     | KbdintResponse
@@ -870,10 +885,13 @@ class AskBackend(_Message, frozen=True):
 
 
 class StartProgram(_Message, frozen=True):
-    """Start the program a shell/exec/subsystem request names; answer with `RequestDone`."""
+    """Start the program a shell/exec/subsystem request names; answer with `RequestDone`.
+    ``forced_command``: run this instead, whatever the request (a certificate's
+    force-command); the request's own command goes in SSH_ORIGINAL_COMMAND, as sshd does."""
 
     channel: int
     request: ChannelRequest
+    forced_command: str | None = None
 
 
 class ChannelReply(_Message, frozen=True):
@@ -1068,8 +1086,14 @@ class ConnectionCore:
         keepalive_interval: float = 0.0,
         refused_key_algorithms: frozenset[str] = frozenset(),
         failure_delay: float = 0.0,
+        certificates: CertificatePolicy | None = None,
     ) -> None:
         self.machines = machines
+        # Which user certificates the config trusts (auth.trustedUserCAKeys, cert-authority).
+        self.certificates = certificates or CertificatePolicy()
+        # A certificate's force-command: every program of the connection runs it instead.
+        self.forced_command: str | None = None
+        self.signed_forced: str | None = None  # the signed certificate's, until its signature is checked
         self.failure_delay = failure_delay  # auth.failureDelay: see AuthAnswer.delay
         self.source: Source | None = None  # where the connection comes from (per-source admission)
         # Public-key signature algorithms refused whatever the key (SHA-1 ssh-rsa by default).
@@ -1157,7 +1181,7 @@ class ConnectionCore:
                 request_type=request_type,
             )
         # A failed attempt that counts: its answer waits, and its source is penalised.
-        failed = event is ConnectionEvent.auth_bad and step.source == "checking"
+        failed = event in _FAILED_ATTEMPTS and step.source == "checking"
         if step.reply is not None:
             disconnect = DISCONNECTS.get(step.reply)
             if disconnect is not None:
@@ -1245,6 +1269,7 @@ class ConnectionCore:
 
     def _auth_requested(self, event: AuthRequested) -> None:
         self.signed_verdict = None  # a new request abandons the one in progress
+        self.signed_forced = None
         self.key_refusal = None
         if event.algorithm is not None and event.algorithm in self.refused_key_algorithms:
             self.key_refusal = f"{event.algorithm} signatures (SHA-1) are refused"
@@ -1286,6 +1311,17 @@ class ConnectionCore:
 
     def _key_checked(self, event: KeyChecked) -> None:
         name, reason = self._verdict_event(event.verdict, "check_publickey", event.reason)
+        self._key_verdict(name, reason, None)
+
+    def _certificate_checked(self, event: CertificateChecked) -> None:
+        cert = event.certificate
+        refused = refusal(self.certificates, cert, event.username, event.host, event.wall_clock)
+        if refused is None:
+            self._key_verdict(ConnectionEvent.auth_ok, None, cert.force_command)
+        else:
+            self._key_verdict(ConnectionEvent.certificate_refused, refused[1], None)
+
+    def _key_verdict(self, name: ConnectionEvent, reason: str | None, forced_command: str | None) -> None:
         if self.key_refusal is not None:  # whatever the handler says of the key itself
             name, reason = ConnectionEvent.auth_unavailable, self.key_refusal
         if self.state == "querying":
@@ -1294,7 +1330,8 @@ class ConnectionCore:
             # The signature is checked after the key: the attempt's verdict is
             # fired when the SSH layer answers (AuthAnswered).
             self.signed_verdict = (name, reason)
-            delay = self.failure_delay if name == ConnectionEvent.auth_bad else 0.0  # fails, and counts
+            self.signed_forced = forced_command
+            delay = self.failure_delay if name in _FAILED_ATTEMPTS else 0.0  # fails, and counts
             self.out.append(KeyAcceptable(name == ConnectionEvent.auth_ok, delay))
         else:
             self._fire(name, method="publickey", reason=reason)  # the connection moved on
@@ -1306,6 +1343,7 @@ class ConnectionCore:
         if signed is not None:
             verdict, reason = signed
             if event.outcome == "success":
+                self.forced_command = self.signed_forced
                 self._attempt_verdict(verdict, "publickey", None, event.now)
             elif verdict == ConnectionEvent.auth_ok:
                 self._fire(ConnectionEvent.auth_bad, method=event.method, reason="bad signature",
@@ -1509,7 +1547,7 @@ class ConnectionCore:
             if step.kind == "transition" and step.reply is None and step.target != step.source:
                 # The spec hands the request to the backend.
                 self.out.append(
-                    StartProgram(session.channel, req)
+                    StartProgram(session.channel, req, self.forced_command)
                     if name in START_REQUESTS
                     else AskBackend(session.channel, req)
                 )
@@ -1566,7 +1604,7 @@ class ConnectionCore:
     def _answered(self, session: Session, req: ChannelRequest, ok: bool) -> None:
         if ok and req.name in START_REQUESTS and not session.started and not session.closed:
             session.started = True
-            session.command = req.command
+            session.command = self.forced_command or req.command  # what runs
             if session.state in _RUNNING:
                 session.starting_io = True
                 self.out.append(ProgramStarted(session.channel))
@@ -1643,6 +1681,7 @@ _HANDLERS: dict[type, Callable[[ConnectionCore, Any], None]] = {
     AuthRequested: ConnectionCore._auth_requested,
     Credentials: ConnectionCore._credentials,
     KeyChecked: ConnectionCore._key_checked,
+    CertificateChecked: ConnectionCore._certificate_checked,
     AuthAnswered: ConnectionCore._auth_answered,
     KbdintChallenge: ConnectionCore._kbdint_challenge,
     KbdintResponse: ConnectionCore._kbdint_response,
