@@ -1366,6 +1366,7 @@ class ReachIn:
 
 _Conn = asyncssh.SSHServerConnection
 _Chan = asyncssh.SSHServerChannel
+_Cert = asyncssh.public_key.SSHOpenSSHCertificate
 
 REACH_INS: tuple[ReachIn, ...] = (
     ReachIn(SSHPacketHandler, "process_packet", ("pkttype", "pktid", "packet"),
@@ -1463,11 +1464,8 @@ REACH_INS: tuple[ReachIn, ...] = (
             source_has="return await self._validate_openssh_certificate("),
     ReachIn(_Conn, "_key_options", attr_in=_Conn.__init__),
     ReachIn(_Conn, "_cert_options", attr_in=_Conn.__init__),
-    ReachIn(asyncssh.public_key.SSHOpenSSHCertificate, "_key_id", attr_in=asyncssh.public_key.SSHOpenSSHCertificate.__init__),
-    ReachIn(asyncssh.public_key.SSHOpenSSHCertificate, "_serial", attr_in=asyncssh.public_key.SSHOpenSSHCertificate.__init__),
-    ReachIn(asyncssh.public_key.SSHOpenSSHCertificate, "_valid_after", attr_in=asyncssh.public_key.SSHOpenSSHCertificate.__init__),
-    ReachIn(asyncssh.public_key.SSHOpenSSHCertificate, "_valid_before",
-            attr_in=asyncssh.public_key.SSHOpenSSHCertificate.__init__),
+    *(ReachIn(_Cert, name, attr_in=_Cert.__init__)
+      for name in ("_key_id", "_serial", "_valid_after", "_valid_before")),
     # The wire form certificate_signature_algorithm reads: the CA's key, then the signature, last.
     ReachIn(asyncssh.public_key, "SSHOpenSSHCertificate",
             source_has="signing_key = decode_ssh_public_key(packet.get_string())\n"

@@ -112,7 +112,8 @@ def refusal(policy: CertificatePolicy, cert: Certificate, username: str, host: s
         return CertRefusal.not_yet_valid, f"{CertRefusal.not_yet_valid}: {what} is valid from " \
                                           f"{_when(cert.valid_after)}"
     if now >= cert.valid_before:
-        return CertRefusal.expired, f"{CertRefusal.expired}: {what} was valid until {_when(cert.valid_before)}"
+        return CertRefusal.expired, f"{CertRefusal.expired}: {what} was valid until " \
+                                    f"{_when(cert.valid_before)}"
     if not set(wanted) & set(cert.principals):
         return CertRefusal.principal, f"{CertRefusal.principal}: {what} is for {_names(cert.principals)}, " \
                                       f"user {username!r} needs one of {_names(tuple(dict.fromkeys(wanted)))}"

@@ -67,7 +67,8 @@ def live(cas: CA, tmp_path_factory: pytest.TempPathFactory) -> Any:
         "users": [
             {"username": "alice"},
             {"username": "bob", "authorizedPrincipals": ["ops"]},
-            {"username": "carol", "authorizedKeys": [f"cert-authority {(root / 'line_ca.pub').read_text().strip()}"]},
+            {"username": "carol",
+             "authorizedKeys": [f"cert-authority {(root / 'line_ca.pub').read_text().strip()}"]},
         ]}}
     server = start_server(tmp_path_factory.mktemp("srv"), "certificates", config=config)
     yield server
@@ -144,7 +145,8 @@ def test_force_command_runs_whatever_the_client_asks(live: LiveServer, cas: CA) 
     # A shell request runs it too, without SSH_ORIGINAL_COMMAND (sshd sets it for exec only).
     result = ssh(live, key, "alice", stdin=b"echo not run\n")
     assert (result.returncode, result.stdout) == (0, b"forced[unset]"), result.stderr
-    records = [r for r in live.records() if r["code"] == "SSH_EXIT" and r["labels"].get("username") == "alice"]
+    records = [r for r in live.records()
+               if r["code"] == "SSH_EXIT" and r["labels"].get("username") == "alice"]
     assert any(r["labels"].get("command", "").startswith("printf") for r in records)
 
 

@@ -29,6 +29,20 @@ from sshspec.adapters.config import (
 from sshspec.adapters.passwords import DUMMY_HASH
 
 ED25519 = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIByIgQ4NmxJpWy3jnovTaasbKWF0kTv4K3UMay4yJ8zt"
+ED25519_CERT = ("ssh-ed25519-cert-v01@openssh.com "
+                "AAAAIHNzaC1lZDI1NTE5LWNlcnQtdjAxQG9wZW5zc2guY29tAAAAIHLxm9lA9xs5N/Jzq9Gr9YbSHpmofhTstM1XLM"
+                "rQE0hWAAAAIB3mJRF2lLtjTcDLgxxY/yKCzQq2Reu6WNfI1Tb0/IDAAAAAAAAAAAAAAAABAAAAAXQAAAAFAAAAAWEA"
+                "AAAAAAAAAP//////////AAAAAAAAAIIAAAAVcGVybWl0LVgxMS1mb3J3YXJkaW5nAAAAAAAAABdwZXJtaXQtYWdlbn"
+                "QtZm9yd2FyZGluZwAAAAAAAAAWcGVybWl0LXBvcnQtZm9yd2FyZGluZwAAAAAAAAAKcGVybWl0LXB0eQAAAAAAAAAO"
+                "cGVybWl0LXVzZXItcmMAAAAAAAAAAAAAARcAAAAHc3NoLXJzYQAAAAMBAAEAAAEBAMzPqavMs+782kG9q6f4lWwxbx"
+                "zdY3g5u0txTQZodqHbB9ZWxNnQwvKYTZaDH5on+h0TA4eEkfTyQ61AgQWsnhsz2voV0o03nNMZOkyPc3mHL77kru+C"
+                "gegtkJqIg7qFhosIUI2gtsNr4eK9ybnl7J2zLvzXyP1i05j9albHqgawC6pxZ0wWMJB55Am8iq9Lz0lAuABcx7FVc4"
+                "9gDblT6RCtk/N/vKV7gbXEjE3Tg+Upb5Z/JY7jFGMRY7CMDBytfxjYRwdfZSoJ9kbVIDiSztfBw5rdOPfZUSe73exw"
+                "+TIGGWzHRtjK1kKMeKHf2eXD3FnVnuizcgdxV1esOyH4t2EAAAEUAAAADHJzYS1zaGEyLTUxMgAAAQB18I+/7zijuD"
+                "R3selKBdCP6G9W3nznLDzXZ7dSd6oAU6weesB1fcvFqGQdBowdZpiq+rpV3nNFd+LRWoW7a4uu2hUQiHibiYU+eg+/"
+                "40UKw6HmXsnL+VWX5XD/uZXGc2hDvLFy5I7A8LJNcSZO0Os5iV3+6n0YOK+U5jfr5Q0lCjcCDSdZC0+6GJ90YTBulk"
+                "2JiY/zBBR86Zic/2Yy+EX1WkK21eoGvqNEBjxhUtsFpht3e0gtzP7jffhggtbD618pf2eGzwDlgmr7P/pX8SCcgbL7"
+                "GuIxpU2cpT5oYc8sArnsW5hM/6YCl1vi3fVqsjuLGz1RILwVS93amTeMarPI")
 ED25519_2 = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIC0Kv5gqu1FcWAJ5jJ98yqw549eBS1/rrOGXkQAq0Owd"
 
 FULL = f"""\
@@ -463,8 +477,9 @@ def test_invalid_authorized_key_names_the_entry(tmp_path: Path, key: str) -> Non
 
 
 @pytest.mark.parametrize(("line", "problem"), [
-    (f"cert-authority {ED25519}", "`cert-authority` lines (user certificates) are not supported yet"),
-    (f'cert-authority,principals="alice" {ED25519}', "`cert-authority` lines (user certificates)"),
+    ("cert-authority ssh-ed25519 AAAA", "`cert-authority` line: not a public key"),
+    (f"cert-authority {ED25519_CERT}", "`cert-authority` line: a certificate is not a CA key"),
+    (f'cert-authority,principals="alice" {ED25519}', "options on a `cert-authority` line are not supported"),
     (f'restrict,command="true" {ED25519}', "options (`restrict` ...) are not supported: sshspec would "
                                              "not enforce them"),
     (f'from="10.0.0.0/8" {ED25519}', "options (`from` ...) are not supported"),
@@ -492,7 +507,8 @@ def test_duplicate_username(tmp_path: Path) -> None:
 
 def test_user_without_credentials(tmp_path: Path) -> None:
     message = _error(tmp_path, "auth: {users: [{username: a}]}")
-    assert message == "auth.users[0]: user has neither passwordHash nor authorizedKeys"
+    assert message == ("auth.users[0]: user has neither passwordHash nor authorizedKeys "
+                       "(nor a CA in auth.trustedUserCAKeys)")
 
 
 def test_schema_describes_the_same_keys_as_the_loader() -> None:
@@ -620,12 +636,15 @@ REFUSALS = [
      "ssh.hostkeys[0]: `{tmp}/host_key` is accessible"),
     ("weak password hash", "auth: {users: [{username: a, passwordHash: '{weak}'}]}",
      "auth.users[0].passwordHash: ln=10,r=8 is weaker"),
-    ("cert-authority", f"auth: {{users: [{{username: a, authorizedKeys: ['cert-authority {ED25519}']}}]}}",
-     "auth.users[0].authorizedKeys[0]: `cert-authority` lines (user certificates) are not supported yet"),
+    ("cert-authority", f"auth: {{users: [{{username: a, authorizedKeys: ['cert-authority,from=\"::1\" "
+                       f"{ED25519}']}}]}}",
+     "auth.users[0].authorizedKeys[0]: options on a `cert-authority` line are not supported"),
     ("options", f"auth: {{users: [{{username: a, authorizedKeys: ['command=\"ls\" {ED25519}']}}]}}",
      "auth.users[0].authorizedKeys[0]: options (`command` ...) are not supported"),
     ("cert-authority in a file", "auth: {authorizedKeysFile: '{tmp}/authorized_keys'}",
-     "auth.authorizedKeysFile: `{tmp}/authorized_keys` line 2: `cert-authority` lines"),
+     "auth.authorizedKeysFile: `{tmp}/authorized_keys` line 2: options on a `cert-authority` line"),
+    ("trustedUserCAKeys", "auth: {trustedUserCAKeys: ['{tmp}/authorized_keys']}",
+     "auth.trustedUserCAKeys[0]: `{tmp}/authorized_keys` line 2: not a public key"),
 ]
 
 
@@ -638,7 +657,7 @@ def test_every_config_refusal_exits_2_naming_file_and_key(tmp_path: Path, what: 
     from sshspec.adapters.passwords import hash_password
     (tmp_path / "host_key").write_text("never read\n")
     (tmp_path / "host_key").chmod(0o644)
-    (tmp_path / "authorized_keys").write_text(f"{ED25519} ok\ncert-authority {ED25519} a CA\n")
+    (tmp_path / "authorized_keys").write_text(f"{ED25519} ok\ncert-authority,principals=\"x\" {ED25519} a CA\n")
     fill = {"{tmp}": str(tmp_path), "{weak}": hash_password("pw").replace("ln=14", "ln=10")}
     for mark, value in fill.items():
         text, expected = text.replace(mark, value), expected.replace(mark, value)
@@ -677,7 +696,7 @@ def test_the_implicit_authorized_keys_file_skips_what_it_cannot_use(tmp_path: Pa
     import sys
     (tmp_path / ".ssh").mkdir()
     (tmp_path / ".ssh" / "authorized_keys").write_text(
-        f"{ED25519} plain\nrestrict {ED25519_2}\ncert-authority {ED25519_2}\n")
+        f"{ED25519} plain\nrestrict {ED25519_2}\ncert-authority,principals=\"x\" {ED25519_2}\n")
     path = tmp_path / "c.yaml"
     path.write_text(f"ssh: {{listen: '127.0.0.1:0'}}\nstateDir: {tmp_path}/state\n"
                     f"log: {{file: {tmp_path}/log.jsonl}}\n")
@@ -700,8 +719,9 @@ def test_the_implicit_authorized_keys_file_skips_what_it_cannot_use(tmp_path: Pa
     assert skipped == [f"sshspec: {keys} line 2 skipped: options (`restrict` ...) are not supported: "
                        "sshspec would not enforce them, so the key would be allowed more than the line "
                        "says; list the key without options\n",
-                       f"sshspec: {keys} line 3 skipped: `cert-authority` lines (user certificates) are not "
-                       "supported yet: list the users' own keys\n"], lines
+                       f"sshspec: {keys} line 3 skipped: options on a `cert-authority` line are not "
+                       "supported: write `cert-authority <CA key>`; for other principals than the user name "
+                       "use auth.trustedUserCAKeys with auth.users[].authorizedPrincipals\n"], lines
     assert any(f"or a key from {keys}" in line for line in lines), lines
 def test_proxy_protocol_is_off_by_default() -> None:
     proxy = default_config().ssh.proxy_protocol
