@@ -381,7 +381,8 @@ def test_swapped_records_of_one_connection(tmp_path: Path, capsys: pytest.Captur
     handshake = index(lines, "SSH_HANDSHAKE_SUCCESSFUL", "c2")
     lines[auth], lines[handshake] = lines[handshake], lines[auth]
     assert doctored(tmp_path, capsys, lines) == (1, (
-        f"LOG:{auth + 1}: connection (c2): in state(s) checking, the spec allows SSH_AUTH_CHALLENGE, "
+        f"LOG:{auth + 1}: connection (c2): in state(s) checking, the spec allows SSH_AUTH_CERT_REFUSED, "
+        "SSH_AUTH_CHALLENGE, "
         "SSH_AUTH_FAILED, SSH_AUTH_SUCCESSFUL, SSH_AUTH_UNAVAILABLE, SSH_BUFFER_EXCEEDED, "
         "SSH_HANDSHAKE_FAILED, SSH_LOGIN_TIMEOUT, saw SSH_HANDSHAKE_SUCCESSFUL (event backend_accepted)\n"))
 
