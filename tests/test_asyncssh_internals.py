@@ -1654,3 +1654,26 @@ def test_the_listener_refuses_before_asyncssh_and_hands_over_the_rest() -> None:
             listener.close()
             await listener.wait_closed()
     run(main)
+
+
+def test_certificate_facts_from_asyncssh_certificates() -> None:
+    """`user_certificate` (HACKS.md row 30) reads what asyncssh's certificate hides:
+    key id, serial, validity, and the CA's signature algorithm, SHA-1 included
+    (asyncssh still signs with `ssh-rsa` when asked, and accepts such certificates)."""
+    ca = asyncssh.generate_private_key("ssh-rsa", key_size=2048)
+    user = asyncssh.generate_private_key("ssh-ed25519")
+    for sig_alg in ("ssh-rsa", "rsa-sha2-256", "rsa-sha2-512"):
+        cert = ca.generate_user_certificate(user, "key-id", principals=["alice", "ops"], serial=42,
+                                            valid_after=1000, valid_before=2000, sig_alg=sig_alg,
+                                            force_command="echo forced",
+                                            source_address=["127.0.0.2/32", "10.0.0.0/8"])
+        decoded = asyncssh.import_certificate(cert.export_certificate())  # as the wire gives it
+        facts = ai.user_certificate(decoded)
+        assert facts == ai.UserCertificate(
+            ca=ca.public_data, signature_algorithm=sig_alg, key_id="key-id", serial=42,
+            principals=("alice", "ops"), valid_after=1000, valid_before=2000,
+            source_addresses=("127.0.0.2/32", "10.0.0.0/8"), force_command="echo forced")
+    ed_ca = asyncssh.generate_private_key("ssh-ed25519")
+    plain = ed_ca.generate_user_certificate(user, "k", principals=["a"])
+    assert ai.user_certificate(plain).signature_algorithm == "ssh-ed25519"
+    assert ai.user_certificate(plain).source_addresses == () and ai.user_certificate(plain).force_command is None
