@@ -1676,4 +1676,5 @@ def test_certificate_facts_from_asyncssh_certificates() -> None:
     ed_ca = asyncssh.generate_private_key("ssh-ed25519")
     plain = ed_ca.generate_user_certificate(user, "k", principals=["a"])
     assert ai.user_certificate(plain).signature_algorithm == "ssh-ed25519"
-    assert ai.user_certificate(plain).source_addresses == () and ai.user_certificate(plain).force_command is None
+    facts = ai.user_certificate(plain)
+    assert (facts.source_addresses, facts.force_command) == ((), None)

@@ -657,7 +657,8 @@ def test_every_config_refusal_exits_2_naming_file_and_key(tmp_path: Path, what: 
     from sshspec.adapters.passwords import hash_password
     (tmp_path / "host_key").write_text("never read\n")
     (tmp_path / "host_key").chmod(0o644)
-    (tmp_path / "authorized_keys").write_text(f"{ED25519} ok\ncert-authority,principals=\"x\" {ED25519} a CA\n")
+    (tmp_path / "authorized_keys").write_text(f"{ED25519} ok\n"
+                                              f"cert-authority,principals=\"x\" {ED25519} a CA\n")
     fill = {"{tmp}": str(tmp_path), "{weak}": hash_password("pw").replace("ln=14", "ln=10")}
     for mark, value in fill.items():
         text, expected = text.replace(mark, value), expected.replace(mark, value)
