@@ -22,7 +22,9 @@ sshd's semantics (auth2-pubkey.c), with one difference said where it is:
 
 from __future__ import annotations
 
+import base64
 import enum
+import hashlib
 import ipaddress
 import time
 from collections.abc import Mapping
@@ -76,6 +78,11 @@ class CertificatePolicy(msgspec.Struct, frozen=True):
         return not self.trusted and not self.authorities
 
 
+def fingerprint(blob: bytes) -> str:
+    """A key's fingerprint as `ssh-keygen -l` prints it."""
+    return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode("ascii").rstrip("=")
+
+
 def _when(seconds: int) -> str:
     if seconds >= FOREVER:
         return "forever"
@@ -103,8 +110,8 @@ def refusal(policy: CertificatePolicy, cert: Certificate, username: str, host: s
         trusted = True
         wanted += policy.authorized_principals.get(username) or (username,)
     if not trusted:
-        return CertRefusal.unknown_ca, f"{CertRefusal.unknown_ca}: {what} is signed by a CA not trusted " \
-                                       f"for user {username!r}"
+        return CertRefusal.unknown_ca, f"{CertRefusal.unknown_ca}: {what} is signed by CA " \
+                                       f"{fingerprint(cert.ca)}, not trusted for user {username!r}"
     if cert.signature_algorithm in SHA1_SIGNATURES:
         return CertRefusal.sha1, f"{CertRefusal.sha1}: {what} is signed with {cert.signature_algorithm} " \
                                  "(SHA-1): have the CA sign it again with rsa-sha2-512"

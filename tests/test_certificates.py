@@ -127,7 +127,10 @@ def test_a_certificate_for_another_principal_is_refused(live: LiveServer, cas: C
 
 
 def test_a_certificate_from_an_unknown_ca_is_refused(live: LiveServer, cas: CA) -> None:
-    refused(live, cas.sign(ca="other_ca"), "alice", CertRefusal.unknown_ca)
+    reason = refused(live, cas.sign(ca="other_ca"), "alice", CertRefusal.unknown_ca)
+    shown = subprocess.run(["ssh-keygen", "-l", "-f", str(cas.root / "other_ca.pub")], capture_output=True,
+                           text=True, check=True).stdout.split()[1]
+    assert f"is signed by CA {shown}, not trusted for user 'alice'" in reason  # which CA, as ssh-keygen -l
 
 
 def test_source_address_is_honoured(live: LiveServer, cas: CA) -> None:

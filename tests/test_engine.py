@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sshspec.fsm import core
+from sshspec.fsm.certificates import Certificate, CertificatePolicy
 from sshspec.fsm.spec import SpecError, load_spec
 
 MACHINES = core.Machines.load({"maxAuthTries": 3, "maxSessions": 2}, max_queued_requests=3)
@@ -416,3 +417,80 @@ def test_a_header_after_the_key_exchange_is_a_spec_violation() -> None:
     actions = conn.handle(core.UntrustedProxyHeader("late"))
     assert log.codes()[-3:] == ["SSH_SPEC_VIOLATION", "SSH_HANDSHAKE_FAILED", "SSH_DISCONNECTED"]
     assert isinstance(actions[0], core.Disconnect) and conn.state == "closed"
+
+
+# --- user certificates (fsm/certificates.py through the core) ------------------------------
+
+CA = b"ca-blob"
+
+
+def _cert(**fields: Any) -> Certificate:
+    base: dict[str, Any] = dict(ca=CA, signature_algorithm="ssh-ed25519", key_id="id", serial=1,
+                                principals=("alice",), valid_after=0, valid_before=2**64 - 1)
+    return Certificate(**{**base, **fields})
+
+
+def cert_core() -> tuple[core.ConnectionCore, Log]:
+    log = Log()
+    server = core.ServerCore(MACHINES, log.server)
+    server.handle(core.ServerEvent.start)
+    server.handle(core.ServerEvent.listening)
+    server.handle(core.ServerEvent.accept)
+    conn = core.ConnectionCore(MACHINES, server, log, failure_delay=2.0,
+                               certificates=CertificatePolicy(trusted=frozenset({CA})))
+    conn.handle(core.Connected())
+    conn.handle(core.KexDone(1))
+    return conn, log
+
+
+def test_a_refused_certificate_at_the_query_step_is_logged_and_not_counted() -> None:
+    conn, log = cert_core()
+    for _ in range(3 + 1):  # the query never counts
+        conn.handle(core.AuthRequested("publickey", signed=False))
+        actions = conn.handle(core.CertificateChecked(_cert(valid_before=100), "alice", "127.0.0.1", 200.0))
+        assert actions == [core.AuthAnswer(core.ConnectionReply.auth_failure, 0.0)]
+        assert conn.state == "authenticating"
+    code, event, labels = log.records[-1]
+    assert (code, event) == ("SSH_AUTH_CERT_REFUSED", "certificate_refused")
+    assert labels["reason"] == "expired: certificate 'id' serial 1 was valid until 1970-01-01T00:01:40Z"
+
+
+def test_a_refused_signed_certificate_fails_the_attempt_like_a_bad_key() -> None:
+    conn, log = cert_core()
+    for _ in range(3):
+        conn.handle(core.AuthRequested("publickey", signed=True))
+        actions = conn.handle(core.CertificateChecked(_cert(principals=("bob",)), "alice", None, 1.0))
+        assert actions == [core.KeyAcceptable(False, 2.0)]  # delayed: it fails, and counts
+        assert conn.handle(core.AuthAnswered("failure", "publickey")) == [
+            core.AuthAnswer(core.ConnectionReply.auth_failure, 2.0)]
+        assert log.records[-1][2]["reason"].startswith("wrong principal: ")
+    conn.handle(core.AuthRequested("publickey", signed=True))
+    assert conn.state == "closed" and "SSH_AUTH_TOO_MANY_TRIES" in log.codes()
+
+
+def test_a_certificate_s_force_command_replaces_every_program() -> None:
+    conn, log = cert_core()
+    conn.handle(core.AuthRequested("publickey", signed=False))  # the query: no force yet
+    conn.handle(core.CertificateChecked(_cert(force_command="echo forced"), "alice", None, 1.0))
+    conn.handle(core.AuthRequested("publickey", signed=True))
+    assert conn.handle(core.CertificateChecked(_cert(force_command="echo forced"), "alice", None, 1.0)) == [
+        core.KeyAcceptable(True, 0.0)]
+    assert conn.handle(core.AuthAnswered("success", "publickey")) == [core.AdmitUser("publickey")]
+    conn.handle(core.UserVerdict(True, "publickey"))
+    channel = open_session(conn)
+    shell = core.ChannelRequest(channel, "shell", True, object())
+    assert conn.handle(shell) == [core.StartProgram(channel, shell, "echo forced")]
+
+
+def test_a_forced_command_of_a_certificate_that_did_not_log_in_binds_nothing() -> None:
+    conn, log = cert_core()
+    conn.handle(core.AuthRequested("publickey", signed=True))
+    conn.handle(core.CertificateChecked(_cert(force_command="echo forced"), "alice", None, 1.0))
+    conn.handle(core.AuthAnswered("failure", "publickey"))  # its signature did not verify
+    assert log.records[-1][2]["reason"] == "bad signature"
+    conn.handle(core.AuthRequested("password"))
+    conn.handle(core.Credentials("ok", "password"))
+    conn.handle(core.UserVerdict(True, "password"))
+    channel = open_session(conn)
+    exec_ = core.ChannelRequest(channel, "exec", True, object())
+    assert conn.handle(exec_) == [core.StartProgram(channel, exec_, None)]
