@@ -693,6 +693,11 @@ def _check(file: str, config: Config) -> None:
         if user.password_hash is None and not user.authorized_keys and not config.auth.trusted_user_ca_keys:
             raise ConfigError(file, key, "user has neither passwordHash nor authorizedKeys "
                                          "(nor a CA in auth.trustedUserCAKeys)")
+        for j, principal in enumerate(user.authorized_principals):
+            if re.search(r"[\s,]", principal):
+                # A certificate's principal never matches "ops, dev": one name per entry.
+                raise ConfigError(file, f"{key}.authorizedPrincipals[{j}]",
+                                  f"`{principal}`: one principal per entry, without spaces or commas")
         if user.authorized_principals and not config.auth.trusted_user_ca_keys:
             # sshd ignores AuthorizedPrincipalsFile without TrustedUserCAKeys: say so instead.
             raise ConfigError(file, f"{key}.authorizedPrincipals",
@@ -727,7 +732,8 @@ def _check(file: str, config: Config) -> None:
         else:
             if problems:
                 number, problem = problems[0]
-                raise ConfigError(file, f"auth.trustedUserCAKeys[{i}]", f"`{path}` line {number}: {problem}")
+                raise ConfigError(file, f"auth.trustedUserCAKeys[{i}]",
+                                  ca_file_problem(path, number, problem))
     for i, path in enumerate(config.ssh.hostkeys):
         _check_host_key(file, f"ssh.hostkeys[{i}]", path)
     _check_http_client(file, "auth.webhook", config.auth.webhook, config.auth.webhook.auth_timeout)
@@ -943,8 +949,12 @@ def read_ca_keys(path: str) -> tuple[list[str], list[tuple[int, str]]]:
         else:
             keys.append(line.strip())
     if not keys and not problems:
-        problems.append((0, "no CA key in the file"))
+        problems.append((0, "no CA key in the file"))  # (line 0: the file as a whole)
     return keys, problems
+
+
+def ca_file_problem(path: str, number: int, problem: str) -> str:
+    return f"`{path}` line {number}: {problem}" if number else f"`{path}`: {problem}"
 
 
 def resolve_state_dir(config: Config) -> Path:

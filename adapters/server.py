@@ -40,6 +40,7 @@ from sshspec.adapters.backend_local import BackendError, PtyRequest, adopt_inher
 from sshspec.adapters.config import (
     Config,
     authority_key,
+    ca_file_problem,
     read_authorized_keys,
     read_ca_keys,
     resolve_state_dir,
@@ -1175,7 +1176,7 @@ def certificate_policy(config: Config) -> CertificatePolicy:
             raise ValueError(f"{key}: cannot read `{path}`: {exc.strerror}") from None
         if problems:
             number, problem = problems[0]
-            raise ValueError(f"{key}: `{path}` line {number}: {problem}")
+            raise ValueError(f"{key}: {ca_file_problem(path, number, problem)}")
         trusted.update(asyncssh.import_public_key(line).public_data for line in lines)
     authorities: dict[str | None, frozenset[bytes]] = {}
     for user in config.auth.users:

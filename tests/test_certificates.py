@@ -250,6 +250,17 @@ def test_a_malformed_cert_authority_line_is_refused_at_start(tmp_path: Path, cas
     assert "Traceback" not in err
 
 
+def test_an_empty_ca_file_and_a_list_in_one_principal_are_refused(tmp_path: Path, cas: CA) -> None:
+    empty = tmp_path / "empty.pub"
+    empty.write_text("# no CA yet\n")
+    status, err = serve_exit(tmp_path, f"auth: {{trustedUserCAKeys: ['{empty}']}}\n")
+    assert status == 2 and f"auth.trustedUserCAKeys[0]: `{empty}`: no CA key in the file" in err, err
+    status, err = serve_exit(tmp_path, f"auth:\n  trustedUserCAKeys: ['{cas.root / 'ca.pub'}']\n  users:\n"
+                                       "    - {username: a, authorizedPrincipals: [ops, 'dev, qa']}\n")
+    assert status == 2, err
+    assert "auth.users[0].authorizedPrincipals[1]: `dev, qa`: one principal per entry" in err
+
+
 def test_authorized_principals_need_a_trusted_ca(tmp_path: Path) -> None:
     status, err = serve_exit(tmp_path, "auth:\n  users:\n    - {username: a, passwordHash: x, "
                                        "authorizedPrincipals: [ops]}\n")
