@@ -5,7 +5,8 @@ SHA-1 signed certificates, against a live server, with certificates that
 `querying` state) and paramiko (signs at once: the `checking` state).
 
 ssh-keygen 9.2 still signs with SHA-1 when asked (`-t ssh-rsa` with an RSA CA; its
--L prints "using ssh-rsa"), so the SHA-1 certificate is made by ssh-keygen too.
+-L prints "using ssh-rsa"), so the SHA-1 certificate is made by ssh-keygen too (and
+by asyncssh, `sig_alg="ssh-rsa"`, with asyncssh as the client).
 """
 
 from __future__ import annotations
@@ -306,3 +307,44 @@ def test_time_is_the_wall_clock() -> None:
     now = time.time()
     assert refusal(policy, cert(valid_after=int(now) - 60, valid_before=int(now) + 60), "alice", None, now) \
         is None
+
+
+def test_an_unreadable_ca_file_is_a_failed_start(tmp_path: Path) -> None:
+    """Like an unreadable authorizedKeysFile (a config may be checked on another
+    machine): SSH_START_FAILED naming the key and the file, exit 1, no traceback."""
+    log = tmp_path / "log.jsonl"
+    status, err = serve_exit(tmp_path, f"ssh: {{listen: '127.0.0.1:0'}}\nstateDir: {tmp_path}/state\n"
+                                       f"auth: {{trustedUserCAKeys: ['{tmp_path}/nope.pub']}}\n"
+                                       f"log: {{file: {log}, flushInterval: 0}}\n")
+    why = f"auth.trustedUserCAKeys[0]: cannot read `{tmp_path}/nope.pub`: No such file or directory"
+    assert status == 1 and "Traceback" not in err, err
+    assert err.endswith(f"sshspec serve: cannot start on 127.0.0.1:0: {why}\n"), err
+    assert '"code":"SSH_START_FAILED"' in log.read_text() and why in log.read_text()
+
+
+def test_an_asyncssh_client_logs_in_with_a_certificate_asyncssh_made(live: LiveServer, cas: CA) -> None:
+    """asyncssh as the client and as the CA (its own certificate encoder), and its SHA-1
+    certificate (`sig_alg="ssh-rsa"`) refused like ssh-keygen's."""
+    import asyncio
+
+    import asyncssh
+
+    ca = asyncssh.read_private_key(str(cas.root / "rsa_ca"))
+    user = asyncssh.generate_private_key("ssh-ed25519")
+
+    async def login(sig_alg: str) -> bytes | str:
+        cert = ca.generate_user_certificate(user, "asyncssh-made", principals=["alice"],
+                                            valid_after="-5m", valid_before="+1h", sig_alg=sig_alg)
+        try:
+            async with asyncssh.connect("127.0.0.1", live.port, username="alice", client_keys=[(user, cert)],
+                                        known_hosts=None, preferred_auth="publickey") as conn:
+                result = await conn.run("echo asyncssh", check=True)
+                return str(result.stdout)
+        except asyncssh.PermissionDenied:
+            return "denied"
+
+    assert asyncio.run(login("rsa-sha2-256")) == "asyncssh\n"
+    before = len(refusals(live, "alice"))
+    assert asyncio.run(login("ssh-rsa")) == "denied"
+    live.wait_for(lambda _: len(refusals(live, "alice")) > before)
+    assert refusals(live, "alice")[before].startswith("SHA-1 signature: certificate 'asyncssh-made'")
