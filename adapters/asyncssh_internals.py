@@ -273,6 +273,7 @@ class UserCertificate:
     valid_before: int
     source_addresses: tuple[str, ...]  # the source-address critical option (CIDRs)
     force_command: str | None  # the force-command critical option
+    permit_pty: bool = True  # the permit-pty extension
 
 
 def user_certificate(cert: Any) -> UserCertificate:
@@ -292,6 +293,7 @@ def user_certificate(cert: Any) -> UserCertificate:
         valid_before=cert._valid_before,
         source_addresses=tuple(str(n) for n in options.get("source-address") or ()),
         force_command=options.get("force-command"),
+        permit_pty=bool(options.get("permit-pty")),
     )
 
 

@@ -61,6 +61,7 @@ class Certificate(msgspec.Struct, frozen=True):
     valid_before: int
     source_addresses: tuple[str, ...] = ()  # the source-address critical option, CIDRs
     force_command: str | None = None  # the force-command critical option
+    permit_pty: bool = True  # the permit-pty extension (ssh-keygen sets it unless -O no-pty)
 
 
 class CertificatePolicy(msgspec.Struct, frozen=True):

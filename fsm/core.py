@@ -1091,9 +1091,10 @@ class ConnectionCore:
         self.machines = machines
         # Which user certificates the config trusts (auth.trustedUserCAKeys, cert-authority).
         self.certificates = certificates or CertificatePolicy()
-        # A certificate's force-command: every program of the connection runs it instead.
-        self.forced_command: str | None = None
-        self.signed_forced: str | None = None  # the signed certificate's, until its signature is checked
+        # The user certificate the connection logged in with: its force-command runs instead
+        # of every program, and without permit-pty no pty is allocated (sshd's rules).
+        self.certificate: Certificate | None = None
+        self.signed_certificate: Certificate | None = None  # until the SSH layer checked the signature
         self.failure_delay = failure_delay  # auth.failureDelay: see AuthAnswer.delay
         self.source: Source | None = None  # where the connection comes from (per-source admission)
         # Public-key signature algorithms refused whatever the key (SHA-1 ssh-rsa by default).
@@ -1269,7 +1270,7 @@ class ConnectionCore:
 
     def _auth_requested(self, event: AuthRequested) -> None:
         self.signed_verdict = None  # a new request abandons the one in progress
-        self.signed_forced = None
+        self.signed_certificate = None
         self.key_refusal = None
         if event.algorithm is not None and event.algorithm in self.refused_key_algorithms:
             self.key_refusal = f"{event.algorithm} signatures (SHA-1) are refused"
@@ -1317,11 +1318,16 @@ class ConnectionCore:
         cert = event.certificate
         refused = refusal(self.certificates, cert, event.username, event.host, event.wall_clock)
         if refused is None:
-            self._key_verdict(ConnectionEvent.auth_ok, None, cert.force_command)
+            self._key_verdict(ConnectionEvent.auth_ok, None, cert)
         else:
             self._key_verdict(ConnectionEvent.certificate_refused, refused[1], None)
 
-    def _key_verdict(self, name: ConnectionEvent, reason: str | None, forced_command: str | None) -> None:
+    @property
+    def forced_command(self) -> str | None:
+        return self.certificate.force_command if self.certificate is not None else None
+
+    def _key_verdict(self, name: ConnectionEvent, reason: str | None,
+                     certificate: Certificate | None) -> None:
         if self.key_refusal is not None:  # whatever the handler says of the key itself
             name, reason = ConnectionEvent.auth_unavailable, self.key_refusal
         if self.state == "querying":
@@ -1330,7 +1336,7 @@ class ConnectionCore:
             # The signature is checked after the key: the attempt's verdict is
             # fired when the SSH layer answers (AuthAnswered).
             self.signed_verdict = (name, reason)
-            self.signed_forced = forced_command
+            self.signed_certificate = certificate
             delay = self.failure_delay if name in _FAILED_ATTEMPTS else 0.0  # fails, and counts
             self.out.append(KeyAcceptable(name == ConnectionEvent.auth_ok, delay))
         else:
@@ -1343,7 +1349,7 @@ class ConnectionCore:
         if signed is not None:
             verdict, reason = signed
             if event.outcome == "success":
-                self.forced_command = self.signed_forced
+                self.certificate = self.signed_certificate
                 self._attempt_verdict(verdict, "publickey", None, event.now)
             elif verdict == ConnectionEvent.auth_ok:
                 self._fire(ConnectionEvent.auth_bad, method=event.method, reason="bad signature",
@@ -1545,6 +1551,12 @@ class ConnectionCore:
                 )
             step = self._fire_session(session, event, request_type=name, command=req.command)
             if step.kind == "transition" and step.reply is None and step.target != step.source:
+                if name == "pty-req" and self.certificate is not None and not self.certificate.permit_pty:
+                    # The certificate's restriction answers for the backend, as sshd's
+                    # "PTY allocation disabled": the request fails, the session goes on.
+                    self._request_done(RequestDone(session.channel, False,
+                                                   "the certificate does not permit a pty (no permit-pty)"))
+                    return
                 # The spec hands the request to the backend.
                 self.out.append(
                     StartProgram(session.channel, req, self.forced_command)

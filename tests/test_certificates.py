@@ -77,13 +77,14 @@ def live(cas: CA, tmp_path_factory: pytest.TempPathFactory) -> Any:
 
 
 def ssh(live: LiveServer, key: Path, user: str, *command: str, source: str | None = None,
-        stdin: bytes = b"") -> subprocess.CompletedProcess[bytes]:
+        stdin: bytes = b"", options: tuple[str, ...] = ()) -> subprocess.CompletedProcess[bytes]:
     args = ["ssh", "-p", str(live.port), "-F", "/dev/null", "-o", "StrictHostKeyChecking=no",
             "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes", "-o", "LogLevel=ERROR",
             "-o", "IdentitiesOnly=yes", "-o", "PreferredAuthentications=publickey",
             "-i", str(key), "-o", f"CertificateFile={key}-cert.pub"]
     if source:
         args += ["-b", source]
+    args += options
     return subprocess.run([*args, f"{user}@127.0.0.1", *command], input=stdin, capture_output=True,
                           timeout=60)
 
@@ -348,3 +349,28 @@ def test_an_asyncssh_client_logs_in_with_a_certificate_asyncssh_made(live: LiveS
     assert asyncio.run(login("ssh-rsa")) == "denied"
     live.wait_for(lambda _: len(refusals(live, "alice")) > before)
     assert refusals(live, "alice")[before].startswith("SHA-1 signature: certificate 'asyncssh-made'")
+
+
+def test_a_certificate_without_permit_pty_gets_no_pty(live: LiveServer, cas: CA) -> None:
+    """sshd's rule for the permit-pty extension (`ssh-keygen -O no-pty`): the pty request
+    fails (SSH_CHANNEL_REQUEST_FAILED with why); OpenSSH's `-tt` then closes the channel
+    itself, as it does against sshd ("PTY allocation request failed"), and so does
+    paramiko; the connection goes on."""
+    result = ssh(live, cas.sign("-O", "no-pty"), "alice", "tty", options=("-tt",))
+    assert b"PTY allocation request failed on channel 0" in result.stderr, result
+    assert any(r["code"] == "SSH_CHANNEL_REQUEST_FAILED" and r["labels"].get("requestType") == "pty-req"
+               and r["labels"].get("reason") == "the certificate does not permit a pty (no permit-pty)"
+               for r in live.records())
+    client = paramiko_login(live, cas.sign("-O", "no-pty"), "alice")
+    try:
+        transport = client.get_transport()
+        assert transport is not None
+        with pytest.raises(paramiko.SSHException):
+            transport.open_session().get_pty()
+        channel = transport.open_session()  # the connection goes on, without a pty
+        channel.exec_command("tty")
+        assert channel.makefile().read() == b"not a tty\n"
+    finally:
+        client.close()
+    result = ssh(live, cas.sign(), "alice", "tty", options=("-tt",))  # ssh-keygen permits one by default
+    assert result.returncode == 0 and result.stdout.startswith(b"/dev/pts/"), result

@@ -494,3 +494,20 @@ def test_a_forced_command_of_a_certificate_that_did_not_log_in_binds_nothing() -
     channel = open_session(conn)
     exec_ = core.ChannelRequest(channel, "exec", True, object())
     assert conn.handle(exec_) == [core.StartProgram(channel, exec_, None)]
+
+
+def test_a_certificate_without_permit_pty_fails_the_pty_request_itself() -> None:
+    conn, log = cert_core()
+    conn.handle(core.AuthRequested("publickey", signed=True))
+    conn.handle(core.CertificateChecked(_cert(permit_pty=False), "alice", None, 1.0))
+    conn.handle(core.AuthAnswered("success", "publickey"))
+    conn.handle(core.UserVerdict(True, "publickey"))
+    channel = open_session(conn)
+    pty = core.ChannelRequest(channel, "pty-req", True, object())
+    assert conn.handle(pty) == [core.ChannelReply(channel, False, "pty-req")]  # the backend is not asked
+    code, _, labels = log.records[-1]
+    assert (code, labels["reason"]) == ("SSH_CHANNEL_REQUEST_FAILED",
+                                        "the certificate does not permit a pty (no permit-pty)")
+    shell = core.ChannelRequest(channel, "shell", True, object())
+    conn.handle(core.ChannelReplied(channel, None))
+    assert conn.handle(shell) == [core.StartProgram(channel, shell, None)]  # the session goes on
