@@ -280,7 +280,9 @@ class Handler:
         return "unavailable"
 
     def check_publickey(self, username: str, key: object) -> AuthVerdict | Awaitable[AuthVerdict]:
-        """The verdict on ``key`` (an asyncssh ``SSHKey``), or an awaitable of it."""
+        """The verdict on ``key`` (an asyncssh ``SSHKey``), or an awaitable of it. OpenSSH
+        user certificates never come here: the config's CAs decide them
+        (auth.trustedUserCAKeys, `cert-authority` lines; fsm/certificates.py)."""
         return "unavailable"
 
     def kbdint_supported(self, username: str) -> bool:

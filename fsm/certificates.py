@@ -94,6 +94,11 @@ def _names(principals: tuple[str, ...]) -> str:
     return ", ".join(repr(p) for p in principals) if principals else "none"
 
 
+def describe(cert: Certificate) -> str:
+    """Which certificate logged a user in, as sshd's "Accepted publickey" line names it."""
+    return f"certificate {cert.key_id!r} serial {cert.serial} signed by CA {fingerprint(cert.ca)}"
+
+
 def refusal(policy: CertificatePolicy, cert: Certificate, username: str, host: str | None,
             now: float) -> tuple[CertRefusal, str] | None:
     """Why `cert` may not log `username` in from `host` at `now` (wall clock, seconds

@@ -46,7 +46,7 @@ from typing import Any, Protocol
 
 import msgspec
 
-from sshspec.fsm.certificates import Certificate, CertificatePolicy, refusal
+from sshspec.fsm.certificates import Certificate, CertificatePolicy, describe, refusal
 from sshspec.fsm.machine import Machine, Step
 from sshspec.fsm.spec import LoadedSpec, load_spec
 
@@ -1349,8 +1349,8 @@ class ConnectionCore:
         if signed is not None:
             verdict, reason = signed
             if event.outcome == "success":
-                self.certificate = self.signed_certificate
-                self._attempt_verdict(verdict, "publickey", None, event.now)
+                self.certificate = cert = self.signed_certificate
+                self._attempt_verdict(verdict, "publickey", describe(cert) if cert else None, event.now)
             elif verdict == ConnectionEvent.auth_ok:
                 self._fire(ConnectionEvent.auth_bad, method=event.method, reason="bad signature",
                            now=event.now)
