@@ -945,10 +945,16 @@ class Server:
             internals.assert_asyncssh_compat()  # a moved asyncssh private fails here, loudly
             internals.log_lazily()
             keys = load_host_keys(self.config)
-            self.certificates = certificate_policy(self.config)
             if self._configure:
                 self.handler = configured_handler(self.config)
                 self._watch_webhooks()
+            # Certificates log in the handler's listed users only (sshd: an account), unless
+            # a webhook or an application's own handler knows users nobody listed. (Also
+            # with --workers, whose handler is made before the Server.)
+            known = None
+            if isinstance(self.handler, ConfiguredHandler) and not self.config.auth.webhook.url:
+                known = frozenset(self.handler.users)
+            self.certificates = certificate_policy(self.config, users=known)
             options = server_options(
                 self.config.ssh.profile, kex=self.config.ssh.kex or None,
                 ciphers=self.config.ssh.ciphers or None, macs=self.config.ssh.macs or None,
@@ -1163,7 +1169,7 @@ def _default_keys_file(config: Config) -> str:
     return str(default_file) if default_file.exists() else ""
 
 
-def certificate_policy(config: Config) -> CertificatePolicy:
+def certificate_policy(config: Config, *, users: frozenset[str] | None = None) -> CertificatePolicy:
     """The user certificates the config trusts: auth.trustedUserCAKeys for every user
     (with their authorizedPrincipals), `cert-authority` lines for their user (in
     authorizedKeysFile: every user). ValueError naming the file if one cannot be read
@@ -1196,7 +1202,8 @@ def certificate_policy(config: Config) -> CertificatePolicy:
         trusted=frozenset(trusted),
         authorized_principals={u.username: u.authorized_principals for u in config.auth.users
                                if u.authorized_principals},
-        authorities=authorities)
+        authorities=authorities,
+        users=users)
 
 
 def _announce(text: str) -> None:

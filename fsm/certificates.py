@@ -41,6 +41,7 @@ FOREVER = 2**64 - 1
 class CertRefusal(enum.StrEnum):
     """Why a certificate is refused: the first words of the record's reason."""
 
+    unknown_user = "unknown user"
     unknown_ca = "unknown CA"
     sha1 = "SHA-1 signature"
     not_yet_valid = "not yet valid"
@@ -73,6 +74,9 @@ class CertificatePolicy(msgspec.Struct, frozen=True):
     authorized_principals: Mapping[str, tuple[str, ...]] = {}
     # cert-authority lines: user (None: every user, authorizedKeysFile) -> CA key blobs.
     authorities: Mapping[str | None, frozenset[bytes]] = {}
+    # The users a certificate may log in as (the configured ones, as sshd needs an
+    # account); None: any name (a webhook's or an application's users are not listed).
+    users: frozenset[str] | None = None
 
     @property
     def empty(self) -> bool:
@@ -105,6 +109,9 @@ def refusal(policy: CertificatePolicy, cert: Certificate, username: str, host: s
     since the epoch), or None if it may. The reason names the certificate (its key id
     and serial, as sshd logs them) and what was wrong."""
     what = f"certificate {cert.key_id!r} serial {cert.serial}"
+    if policy.users is not None and username not in policy.users:
+        return CertRefusal.unknown_user, f"{CertRefusal.unknown_user}: {what} offered for {username!r}, " \
+                                         "who is not in auth.users"
     # The principals the certificate must name one of, over every place that trusts its CA
     # (sshd tries TrustedUserCAKeys, then each authorized_keys line).
     wanted: list[str] = []

@@ -131,6 +131,12 @@ def test_a_certificate_for_another_principal_is_refused(live: LiveServer, cas: C
     assert "is for 'mallory', 'root', user 'alice' needs one of 'alice'" in reason
 
 
+def test_a_certificate_for_a_user_not_configured_is_refused(live: LiveServer, cas: CA) -> None:
+    """Like sshd, which needs an account: a trusted CA does not mint users."""
+    reason = refused(live, cas.sign(principals="mallory"), "mallory", CertRefusal.unknown_user)
+    assert "offered for 'mallory', who is not in auth.users" in reason
+
+
 def test_a_certificate_from_an_unknown_ca_is_refused(live: LiveServer, cas: CA) -> None:
     reason = refused(live, cas.sign(ca="other_ca"), "alice", CertRefusal.unknown_ca)
     shown = subprocess.run(["ssh-keygen", "-l", "-f", str(cas.root / "other_ca.pub")], capture_output=True,
