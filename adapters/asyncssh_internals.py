@@ -69,6 +69,7 @@ __all__ = [
     "ConnectionHooks",
     "DecompressionLimitError",
     "Default",
+    "DirectTcpip",
     "EnvRequest",
     "ExecRequest",
     "GlobalRequest",
@@ -92,6 +93,7 @@ __all__ = [
     "connection_factory",
     "connection_gone",
     "connection_owner",
+    "decode_direct_tcpip",
     "decode_request",
     "install_hooks",
     "is_login_timeout",
@@ -864,6 +866,27 @@ def _parse_open(seq: int, payload: bytes) -> ChannelOpenRequest:
         malformed = "maximum packet size is 0"
     return ChannelOpenRequest(seq, name, raw, sender, window, max_packet,
                               packet.get_remaining_payload(), malformed)
+
+
+@dataclass(frozen=True, slots=True)
+class DirectTcpip:
+    """A direct-tcpip CHANNEL_OPEN's fields (RFC 4254 7.2)."""
+
+    host: str
+    port: int
+    origin_host: str
+    origin_port: int
+
+
+def decode_direct_tcpip(req: ChannelOpenRequest) -> DirectTcpip:
+    """The target and origin of a direct-tcpip open; RequestDecodeError names a bad field."""
+    what = "direct-tcpip"
+    host, port, origin, origin_port = _read(what, SSHPacket(req.payload), ("host", "utf-8"),
+                                            ("port", _U32), ("originator address", "utf-8"),
+                                            ("originator port", _U32))
+    if not host or port > 65535:
+        raise RequestDecodeError(what, f"no such target: {host!r} port {port}")
+    return DirectTcpip(host, port, origin, origin_port)
 
 
 def _on_channel_open(state: HookState, conn: asyncssh.SSHServerConnection, pkttype: int,

@@ -424,6 +424,21 @@ class LimitsConfig(_Section, frozen=True):
     max_buffered_total: ByteSize = msgspec.field(default_factory=lambda: ByteSize(256 << 20))
 
 
+class ForwardingConfig(_Section, frozen=True):
+    """TCP forwarding, with OpenSSH's meanings (AllowTcpForwarding, PermitOpen).
+    `tcp`: none | local (direct-tcpip: ssh -L, -D, -J) | remote (ssh -R, not served
+    yet: its requests are refused whatever this says) | all. Unset: all for the local
+    backend, as sshd; none for the docker backend, whose containers reach no network
+    the server does not give them (its forwards would come from the server's host)."""
+
+    tcp: Literal["none", "local", "remote", "all"] | None = None
+    # host:port patterns a direct-tcpip may reach; `*` for any host or port.
+    permit_open: tuple[NonEmpty, ...] = ("*:*",)
+    max_forwards_per_connection: Annotated[int, msgspec.Meta(ge=1)] = SPEC_LIMITS["maxForwardsPerConnection"]
+    # How long the server waits for a target to accept before it refuses the channel.
+    connect_timeout: Duration = _seconds(10)
+
+
 class BackendConfig(_Section, frozen=True):
     type: Literal["local", "docker"] = "local"  # docker: a container per connection (see `docker:`)
     env_deny: tuple[NonEmpty, ...] = ("LD_*", "DYLD_*")  # fnmatch patterns
@@ -524,6 +539,7 @@ class Config(_Section, frozen=True):
     auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
     limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
     backend: BackendConfig = msgspec.field(default_factory=BackendConfig)
+    forwarding: ForwardingConfig = msgspec.field(default_factory=ForwardingConfig)
     log: LogConfig = msgspec.field(default_factory=LogConfig)
     # ContainerSSH's configuration API: per-connection backend settings after authentication.
     configserver: ConfigServerConfig = msgspec.field(default_factory=ConfigServerConfig)
@@ -536,7 +552,8 @@ class Config(_Section, frozen=True):
 def spec_limits(config: Config) -> dict[str, int]:
     """The values the config gives the spec's limits, by the spec's names."""
     values = {f.encode_name: getattr(section, f.name)
-              for section in (config.ssh, config.limits) for f in msgspec.structs.fields(section)}
+              for section in (config.ssh, config.limits, config.forwarding)
+              for f in msgspec.structs.fields(section)}
     values["maxStartups"] = config.limits.max_startups.full  # the spec's hard limit
     return {name: values[name] for name in SPEC_LIMITS}
 
@@ -665,6 +682,7 @@ def _check(file: str, config: Config) -> None:
             # Below the socket buffer's high-water mark a client that reads slowly would be cut.
             raise ConfigError(file, key, f"{value} bytes: must be at least 64KiB")
     _check_proxy_protocol(file, config.ssh.proxy_protocol)
+    _check_forwarding(file, config)
     penalties = config.limits.per_source_penalties
     if penalties.max <= penalties.min:
         # Penalties add up to `max`; a source is refused past `min`: it never would be.
@@ -725,6 +743,29 @@ def _check(file: str, config: Config) -> None:
         except ValueError as exc:
             key, _, problem = str(exc).partition(": ")
             raise ConfigError(file, key, problem) from None
+
+
+def _check_forwarding(file: str, config: Config) -> None:
+    forwarding = config.forwarding
+    if forwarding.connect_timeout <= 0:
+        raise ConfigError(file, "forwarding.connectTimeout", "must be greater than 0")
+    if config.backend.type == "docker" and forwarding.tcp not in (None, "none", "remote"):
+        # The server would connect from its own host, past the container's network isolation.
+        raise ConfigError(file, "forwarding.tcp", f"`{forwarding.tcp}`: the docker backend does not forward "
+                          "TCP (the connections would come from the server's host, not the container)")
+    for i, pattern in enumerate(forwarding.permit_open):
+        host, colon, port = pattern.rpartition(":")
+        if not colon or not host or not (port == "*" or (port.isdigit() and 0 < int(port) < 65536)):
+            raise ConfigError(file, f"forwarding.permitOpen[{i}]",
+                              f"`{pattern}`: not host:port (`*` for any host or port; IPv6 in brackets)")
+
+
+def forward_policy_allows_local(config: Config) -> bool:
+    """forwarding.tcp for direct-tcpip, its unset default decided by the backend."""
+    tcp = config.forwarding.tcp
+    if tcp is None:
+        return config.backend.type == "local"
+    return tcp in ("local", "all")
 
 
 def _check_proxy_protocol(file: str, proxy: ProxyProtocolConfig) -> None:

@@ -37,7 +37,14 @@ if typing.TYPE_CHECKING:
 from sshspec.adapters import asyncssh_internals as internals
 from sshspec.adapters.algorithms import server_options
 from sshspec.adapters.backend_local import BackendError, PtyRequest, adopt_inherited_signals
-from sshspec.adapters.config import Config, read_authorized_keys, resolve_state_dir, spec_limits
+from sshspec.adapters.config import (
+    Config,
+    forward_policy_allows_local,
+    read_authorized_keys,
+    resolve_state_dir,
+    spec_limits,
+)
+from sshspec.adapters.forwarding import Forwarder
 from sshspec.adapters.handlers import (
     ConfiguredHandler,
     ConnectionHandler,
@@ -310,8 +317,10 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
                                         keepalive_interval=server.config.ssh.client_alive_interval,
                                         refused_key_algorithms=SHA1_KEY_ALGORITHMS
                                         if not server.config.auth.allow_sha1_rsa else frozenset(),
-                                        failure_delay=server.config.auth.failure_delay)
+                                        failure_delay=server.config.auth.failure_delay,
+                                        forwarding=server.forward_policy)
         self.conn: asyncssh.SSHServerConnection | None = None
+        self.forwards: dict[int, Forwarder] = {}
         self.backend: ConnectionHandler | None = None
         self.sessions: dict[int, SpecSession] = {}
         self.admitted = False
@@ -470,6 +479,27 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
                                                      on_data_after_eof=session.data_after_eof)
         self.sessions[action.channel] = session
         return None
+
+    def _open_forward(self, action: core.OpenForward) -> None:
+        forwarder = self.forwards[action.channel] = Forwarder(self, action.channel)
+        forwarder.connect(action.host, action.port, self.server.config.forwarding.connect_timeout)
+
+    def _confirm_forward(self, action: core.ConfirmForward) -> None:
+        self.forwards[action.channel].confirm()
+
+    def _reject_forward(self, action: core.RejectForward) -> None:
+        self.forwards.pop(action.channel).reject(action.code, action.description)
+
+    def _forward_send_eof(self, action: core.ForwardSendEof) -> None:
+        forwarder = self.forwards[action.channel]
+        if action.close:
+            del self.forwards[action.channel]
+        forwarder.send_eof(action.to_client, action.close)
+
+    def _close_forward(self, action: core.CloseForward) -> None:
+        forwarder = self.forwards.pop(action.channel, None)
+        if forwarder is not None:
+            forwarder.close()
 
     def _send_keepalive(self, action: core.SendKeepalive) -> None:
         self._task(self._keepalive(action.timeout))
@@ -698,6 +728,8 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
             self.server.backlogged.discard(self)
         for session in self.sessions.values():
             session.transport_paused(paused)
+        for forwarder in self.forwards.values():
+            forwarder.transport_paused(paused)
 
     def on_backlog(self, conn: asyncssh.SSHServerConnection, buffered: int) -> None:
         # Only connections past the high-water mark (this one among them) are counted:
@@ -716,12 +748,31 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
 
     def on_channel_open(self, conn: asyncssh.SSHServerConnection,
                         req: internals.ChannelOpenRequest) -> Any:
+        if req.type == "direct-tcpip" and req.malformed is None:
+            return self._direct_tcpip(conn, req)
         for action in self.handle(core.ChannelOpen(req.type or repr(req.raw_type), req.malformed)):
             if isinstance(action, core.RejectOpen):
                 return asyncssh.ChannelOpenError(action.code, action.description)
             if isinstance(action, core.OpenSession) and action.channel in self.sessions:
                 session = self.sessions[action.channel]
                 return session.chan, session
+        return asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, "Channel refused")
+
+    def _direct_tcpip(self, conn: asyncssh.SSHServerConnection, req: internals.ChannelOpenRequest) -> Any:
+        try:
+            target = internals.decode_direct_tcpip(req)
+        except internals.RequestDecodeError as exc:
+            event = core.ChannelOpen("direct-tcpip", exc.reason)
+        else:
+            event = core.ChannelOpen("direct-tcpip", None, target.host, target.port,
+                                     core.hostport(target.origin_host, target.origin_port))
+        for action in self.handle(event):
+            if isinstance(action, core.RejectOpen):
+                return asyncssh.ChannelOpenError(action.code, action.description)
+            if isinstance(action, core.OpenForward) and action.channel in self.forwards:
+                forwarder = self.forwards[action.channel]
+                # The confirmation waits for the core's verdict on the connection attempt.
+                return conn.create_tcp_channel(), forwarder.opened()
         return asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, "Channel refused")
 
     # -- the server's shutdown
@@ -789,6 +840,11 @@ _EXECUTORS: dict[type, Callable[[SpecConnection, Any], core.Event | None]] = {
     core.TerminateProgram: SpecConnection._terminate_program,
     core.CloseChannel: SpecConnection._close_channel,
     core.Drop: SpecConnection._drop,
+    core.OpenForward: SpecConnection._open_forward,
+    core.ConfirmForward: SpecConnection._confirm_forward,
+    core.RejectForward: SpecConnection._reject_forward,
+    core.ForwardSendEof: SpecConnection._forward_send_eof,
+    core.CloseForward: SpecConnection._close_forward,
     core.ConnectionEnded: SpecConnection._connection_ended,
 }
 # Every action the core can ask for has exactly one executor here.
@@ -843,6 +899,8 @@ class Server:
         # log.durable: the logger to write out before an action that reaches a client.
         self.durable_log = self.logger if config.log.durable else None
         self.machines = machines(config)
+        self.forward_policy = core.ForwardPolicy(forward_policy_allows_local(config),
+                                                 config.forwarding.permit_open)
         self.metrics: Metrics | None = None
         if config.metrics.listen is not None:
             from sshspec.adapters.metrics import Metrics

@@ -37,6 +37,7 @@ step and what the step was about; the sink adds who the connection is.
 from __future__ import annotations
 
 import enum
+import fnmatch
 import heapq
 import ipaddress
 from collections import deque
@@ -104,6 +105,9 @@ class ConnectionEvent(enum.StrEnum):
     global_request_malformed = "global_request_malformed"
     session_open = "session_open"
     session_open_failed = "session_open_failed"
+    forward_open = "forward_open"
+    forward_denied = "forward_denied"
+    forward_closed = "forward_closed"
     channel_open_unsupported = "channel_open_unsupported"
     channel_open_malformed = "channel_open_malformed"
     channel_closed = "channel_closed"
@@ -130,6 +134,7 @@ class ConnectionReply(enum.StrEnum):
     disconnect = "disconnect"
     request_failure = "request_failure"
     open_session = "open_session"
+    open_forward = "open_forward"
     reject_channel = "reject_channel"
     reject_channel_type = "reject_channel_type"
     send_keepalive = "send_keepalive"
@@ -168,6 +173,24 @@ class SessionReply(enum.StrEnum):
     close = "close"
 
 
+class ForwardEvent(enum.StrEnum):
+    connected = "connected"
+    refused = "refused"
+    timed_out = "timed_out"
+    client_eof = "client_eof"
+    target_eof = "target_eof"
+    close = "close"
+
+
+class ForwardReply(enum.StrEnum):
+    confirm = "confirm"
+    reject = "reject"
+    eof_to_target = "eof_to_target"
+    eof_to_client = "eof_to_client"
+    finish = "finish"
+    close = "close"
+
+
 class SeamError(Exception):
     """A spec the core cannot carry out: its alphabet and the core's differ."""
 
@@ -195,6 +218,7 @@ class Machines:
     server: Machine
     connection: Machine
     session: Machine
+    forward: Machine
     max_queued_requests: int = 32
     # Bytes waiting to be sent to one client, and to all of them (limits.maxBuffered*).
     max_buffered_per_connection: int = 8 << 20
@@ -211,15 +235,18 @@ class Machines:
         specs: Mapping[str, LoadedSpec] | None = None,
     ) -> Machines:
         loaded = {
-            name: (specs or {}).get(name) or load_spec(name) for name in ("server", "connection", "session")
+            name: (specs or {}).get(name) or load_spec(name)
+            for name in ("server", "connection", "session", "forward")
         }
         check_seam(loaded["server"], ServerEvent, ServerReply)
         check_seam(loaded["connection"], ConnectionEvent, ConnectionReply)
         check_seam(loaded["session"], SessionEvent, SessionReply)
+        check_seam(loaded["forward"], ForwardEvent, ForwardReply)
         return cls(
             Machine(loaded["server"], limits),
             Machine(loaded["connection"], limits),
             Machine(loaded["session"], limits),
+            Machine(loaded["forward"], limits),
             max_queued_requests,
             max_buffered_per_connection,
             max_buffered_total,
@@ -365,6 +392,39 @@ class Lost(enum.StrEnum):
     login_timeout = "login_timeout"
     protocol_error = "protocol_error"
     decompression_limit = "decompression_limit"  # a compressed packet inflated past the bound
+
+
+# --- forwarding policy ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ForwardPolicy:
+    """forwarding.tcp and forwarding.permitOpen, as OpenSSH's AllowTcpForwarding and
+    PermitOpen mean them: whether a client may forward to targets from the server
+    (direct-tcpip: ssh -L, -D, -J) and which. A pattern is ``host:port``; ``*`` in
+    either part matches any (the host is matched as the client names it, case
+    folded, with fnmatch globs; an IPv6 host is written in brackets: ``[::1]:22``)."""
+
+    local: bool = True
+    permit_open: tuple[str, ...] = ("*:*",)
+
+    def denial(self, host: str, port: int) -> str | None:
+        """Why a direct-tcpip to ``host``:``port`` is denied, or None."""
+        if not self.local:
+            return "forwarding.tcp does not allow local forwarding"
+        name = host.lower()
+        for pattern in self.permit_open:
+            want_host, _, want_port = pattern.rpartition(":")
+            want_host = want_host.lower()
+            if want_host.startswith("[") and want_host.endswith("]"):
+                want_host = want_host[1:-1]
+            if want_port in ("*", str(port)) and fnmatch.fnmatchcase(name, want_host):
+                return None
+        return "no forwarding.permitOpen pattern matches"
+
+
+def hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 # --- admission: the server's table of sources --------------------------------------------------
@@ -656,8 +716,43 @@ class GlobalRequest(_Message, frozen=True):
 
 
 class ChannelOpen(_Message, frozen=True):
+    """A CHANNEL_OPEN; a direct-tcpip one names its target (``host``, ``port``) and
+    the client's ``origin`` (the address ssh accepted the forwarded connection from)."""
+
     kind: str
     malformed: str | None = None
+    host: str = ""
+    port: int = 0
+    origin: str = ""
+
+
+class ForwardConnected(_Message, frozen=True):
+    """The TCP connection to a forward's target is made."""
+
+    channel: int
+
+
+class ForwardFailed(_Message, frozen=True):
+    """The TCP connection to a forward's target failed (``timed_out``: no answer in time)."""
+
+    channel: int
+    timed_out: bool
+    reason: str
+
+
+class ForwardEof(_Message, frozen=True):
+    """One direction of a forward ended: the client's CHANNEL_EOF (``from_client``)
+    or the target's FIN."""
+
+    channel: int
+    from_client: bool
+
+
+class ForwardClosed(_Message, frozen=True):
+    """A forward's channel closed (the client closed it, or the target's connection ended)."""
+
+    channel: int
+    reason: str | None = None
 
 
 class SessionOpenFailed(_Message, frozen=True):
@@ -777,6 +872,10 @@ Event = (
     | AuthCompleted
     | GlobalRequest
     | ChannelOpen
+    | ForwardConnected
+    | ForwardFailed
+    | ForwardEof
+    | ForwardClosed
     | SessionOpenFailed
     | ChannelRequest
     | RequestDone
@@ -856,6 +955,40 @@ class OpenSession(_Message, frozen=True):
 class RejectOpen(_Message, frozen=True):
     code: int
     description: str
+
+
+class OpenForward(_Message, frozen=True):
+    """Connect to a forward's target (answer with `ForwardConnected` or `ForwardFailed`);
+    the channel open waits for `ConfirmForward` or `RejectForward`."""
+
+    channel: int
+    host: str
+    port: int
+
+
+class ConfirmForward(_Message, frozen=True):
+    channel: int
+
+
+class RejectForward(_Message, frozen=True):
+    channel: int
+    code: int
+    description: str
+
+
+class ForwardSendEof(_Message, frozen=True):
+    """Pass one direction's EOF on: to the client (CHANNEL_EOF) or to the target (FIN),
+    after what is buffered for it; ``close``: then close both ends (both directions are done)."""
+
+    channel: int
+    to_client: bool
+    close: bool = False
+
+
+class CloseForward(_Message, frozen=True):
+    """Close a forward's channel and its TCP connection (or abandon the connection attempt)."""
+
+    channel: int
 
 
 class SendKeepalive(_Message, frozen=True):
@@ -938,6 +1071,11 @@ Action = (
     | GlobalReply
     | OpenSession
     | RejectOpen
+    | OpenForward
+    | ConfirmForward
+    | RejectForward
+    | ForwardSendEof
+    | CloseForward
     | SendKeepalive
     | AskBackend
     | StartProgram
@@ -966,6 +1104,10 @@ REACHES_CLIENT: frozenset[type[Action]] = frozenset(
         GlobalReply,
         OpenSession,
         RejectOpen,
+        ConfirmForward,
+        RejectForward,
+        ForwardSendEof,
+        CloseForward,
         SendKeepalive,
         ChannelReply,
         ProgramStarted,
@@ -1053,6 +1195,24 @@ class Session:
         return str(self.instance.state)
 
 
+# --- one forward channel ---------------------------------------------------------------------
+
+
+class Forward:
+    """A direct-tcpip channel's machine and what its records name."""
+
+    __slots__ = ("channel", "instance", "target")
+
+    def __init__(self, channel: int, instance: Any, target: str) -> None:
+        self.channel = channel
+        self.instance = instance
+        self.target = target  # host:port, the reason of its records
+
+    @property
+    def state(self) -> str:
+        return str(self.instance.state)
+
+
 # --- one connection ----------------------------------------------------------------------------
 
 
@@ -1068,8 +1228,11 @@ class ConnectionCore:
         keepalive_interval: float = 0.0,
         refused_key_algorithms: frozenset[str] = frozenset(),
         failure_delay: float = 0.0,
+        forwarding: ForwardPolicy | None = None,
     ) -> None:
         self.machines = machines
+        self.forwarding = forwarding or ForwardPolicy()
+        self.forwards: dict[int, Forward] = {}  # the direct-tcpip channels connecting or open
         self.failure_delay = failure_delay  # auth.failureDelay: see AuthAnswer.delay
         self.source: Source | None = None  # where the connection comes from (per-source admission)
         # Public-key signature algorithms refused whatever the key (SHA-1 ssh-rsa by default).
@@ -1142,11 +1305,13 @@ class ConnectionCore:
                 return self._fire(ConnectionEvent.protocol_error, reason=f"spec violation: {event}")
             return step
         closing = step.target == "closed" and step.source != "closed"
-        if closing and self.sessions:
+        if closing and (self.sessions or self.forwards):
             # The connection ends: its channels end first, so SSH_DISCONNECTED
             # stays the connection's last record.
             for session in list(self.sessions.values()):
                 self._close_session(session, None)
+            for forward in list(self.forwards.values()):
+                self._close_forward(forward, "connection closed")
         if step.codes:
             self.log(
                 step.codes,
@@ -1365,6 +1530,9 @@ class ConnectionCore:
                 ConnectionEvent.channel_open_malformed, request_type=event.kind, reason=event.malformed
             )
             text = "Malformed channel open"
+        elif event.kind == "direct-tcpip":
+            self._forward_open(event)
+            return
         elif event.kind != "session":
             step = self._fire(ConnectionEvent.channel_open_unsupported, request_type=event.kind)
             text = f"Unsupported channel type {event.kind!r}"
@@ -1385,6 +1553,86 @@ class ConnectionCore:
         # Whatever the spec said, nothing opens: a refusal it did not name still refuses.
         self.out.append(RejectOpen(OPEN_FAILURES.get(step.reply or "", OPEN_CONNECT_FAILED), text))
 
+    def _forward_open(self, event: ChannelOpen) -> None:
+        target = hostport(event.host, event.port)
+        about = f"direct-tcpip to {target} from {event.origin}"
+        denial = self.forwarding.denial(event.host, event.port)
+        if denial is not None:
+            step = self._fire(ConnectionEvent.forward_denied, request_type=event.kind,
+                              reason=f"{about}: {denial}")
+            self._reject_open(step, f"Port forwarding to {target} not permitted")
+            return
+        channel = self.next_channel
+        self.next_channel += 1
+        peek = self.machine.peek(self.instance, ConnectionEvent.forward_open)
+        if peek.reply == ConnectionReply.reject_channel:
+            limit = self.machine.limits["maxForwardsPerConnection"]
+            about = f"{about}: {limit} open (forwarding.maxForwardsPerConnection)"
+        step = self._fire(ConnectionEvent.forward_open, channel_id=channel, request_type=event.kind,
+                          reason=about)
+        if step.reply == ConnectionReply.open_forward:
+            self.forwards[channel] = Forward(channel, self.machines.forward.new(), target)
+            self.out.append(OpenForward(channel, event.host, event.port))
+            return
+        self._reject_open(step, "Too many forwards")
+
+    def _fire_forward(self, forward: Forward, event: ForwardEvent, reason: str | None = None) -> Step:
+        machine = self.machines.forward
+        step = machine.fire(forward.instance, event)
+        if step.kind == "impossible":
+            self.log(step.codes, event, reason=violation_reason(machine, step), channel_id=forward.channel,
+                     request_type="direct-tcpip")
+            self._close_forward(forward, f"spec violation: {event}")  # fail closed: the channel ends
+            return step
+        if step.codes:
+            self.log(step.codes, event, channel_id=forward.channel, request_type="direct-tcpip",
+                     reason=f"{forward.target}: {reason}" if reason else forward.target)
+        return step
+
+    def _forward_connected(self, event: ForwardConnected) -> None:
+        forward = self.forwards.get(event.channel)
+        if forward is None:
+            return
+        if self._fire_forward(forward, ForwardEvent.connected).reply == ForwardReply.confirm:
+            self.out.append(ConfirmForward(event.channel))
+
+    def _forward_failed(self, event: ForwardFailed) -> None:
+        forward = self.forwards.get(event.channel)
+        if forward is None:
+            return
+        failed = ForwardEvent.timed_out if event.timed_out else ForwardEvent.refused
+        step = self._fire_forward(forward, failed, event.reason)
+        if step.reply == ForwardReply.reject:
+            self.out.append(RejectForward(event.channel, OPEN_CONNECT_FAILED, event.reason))
+        if forward.state == "closed":
+            self._forward_gone(forward)
+
+    def _forward_eof(self, event: ForwardEof) -> None:
+        forward = self.forwards.get(event.channel)
+        if forward is None:
+            return
+        step = self._fire_forward(forward,
+                                  ForwardEvent.client_eof if event.from_client else ForwardEvent.target_eof)
+        if step.reply in (ForwardReply.eof_to_target, ForwardReply.eof_to_client, ForwardReply.finish):
+            self.out.append(ForwardSendEof(event.channel, to_client=not event.from_client,
+                                           close=step.reply == ForwardReply.finish))
+
+    def _forward_closed(self, event: ForwardClosed) -> None:
+        forward = self.forwards.get(event.channel)
+        if forward is not None:
+            self._close_forward(forward, event.reason)
+
+    def _close_forward(self, forward: Forward, reason: str | None) -> None:
+        if forward.state != "closed":
+            step = self._fire_forward(forward, ForwardEvent.close, reason)
+            if step.reply == ForwardReply.close:
+                self.out.append(CloseForward(forward.channel))
+        self._forward_gone(forward)
+
+    def _forward_gone(self, forward: Forward) -> None:
+        if self.forwards.pop(forward.channel, None) is not None:
+            self._fire(ConnectionEvent.forward_closed, channel_id=forward.channel)
+
     def _session_open_failed(self, event: SessionOpenFailed) -> None:
         self.sessions.pop(event.channel, None)
         self.channels.pop(event.channel, None)
@@ -1398,6 +1646,9 @@ class ConnectionCore:
         step = self._fire(ConnectionEvent.shutdown, reason="server shutdown")
         if step.target != "draining" or step.source == "draining":
             return
+        # A forward has no program to finish: it is closed at once, as sshd's are.
+        for forward in list(self.forwards.values()):
+            self._close_forward(forward, "server shutdown")
         if not self.sessions:
             self._fire(ConnectionEvent.drained, reason="server shutdown")
             return
@@ -1431,6 +1682,8 @@ class ConnectionCore:
         self.lost = True
         for session in list(self.sessions.values()):
             self._close_session(session, event.reason)
+        for forward in list(self.forwards.values()):
+            self._close_forward(forward, event.reason)
         how = event.how
         if how is Lost.login_timeout and self.state in ("established", "draining"):
             how = Lost.lost  # the login timer fired as authentication went through
@@ -1650,6 +1903,10 @@ _HANDLERS: dict[type, Callable[[ConnectionCore, Any], None]] = {
     AuthCompleted: ConnectionCore._auth_completed,
     GlobalRequest: ConnectionCore._global_request,
     ChannelOpen: ConnectionCore._channel_open,
+    ForwardConnected: ConnectionCore._forward_connected,
+    ForwardFailed: ConnectionCore._forward_failed,
+    ForwardEof: ConnectionCore._forward_eof,
+    ForwardClosed: ConnectionCore._forward_closed,
     SessionOpenFailed: ConnectionCore._session_open_failed,
     ChannelRequest: ConnectionCore._channel_request,
     RequestDone: ConnectionCore._request_done,

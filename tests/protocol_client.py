@@ -1035,7 +1035,9 @@ class Oracle:
             return
         self.auth_final = True
         self._opening = chan
-        kind = "session" if session and not malformed else "direct-tcpip"
+        # (A non-session open is a type the server does not serve; direct-tcpip without
+        # its target fields, as the fuzzer sends it, is malformed.)
+        kind = "session" if session and not malformed else "x11" if not malformed else "direct-tcpip"
         self._handle(core.ChannelOpen(kind, "malformed" if malformed else None))
 
     def protocol_error(self) -> None:

@@ -570,7 +570,8 @@ class LiveFuzz(RuleBasedStateMachine):
         else:
             chan = self.c.open_channel(kind)
             self.say(f"{self.chan_name(chan)} = c.open_channel({kind!r})")
-        malformed = kind in (b"\xffbad", b"session max_packet=0")
+        # direct-tcpip without its target fields is malformed (SSH_DECODE_FAILED).
+        malformed = kind in (b"\xffbad", b"session max_packet=0", b"direct-tcpip")
         for o in self.alts:
             o.open_channel(chan, session=kind == b"session", malformed=malformed)
         self.settle()

@@ -1,0 +1,210 @@
+"""TCP forwarding's I/O: one direct-tcpip channel's two ends, the SSH channel and the
+TCP connection to the target, with bytes copied both ways under back-pressure.
+
+What happens to the channel (connected, refused, an EOF either way, a close) goes to
+the core as an event; what the server does about it (confirm, refuse, pass an EOF
+on, close) comes back as the core's actions, carried out here (`Forwarder`'s
+methods). Nothing here decides protocol order.
+
+Back-pressure, so that neither side makes the server buffer without bound:
+* target -> client: the channel's send buffer has high-water 0, so the target is
+  not read while anything waits for the client's window; nor while the SSH
+  socket's buffer is past its mark (a client that grants a window and does not
+  read: `transport_paused`).
+* client -> target: while the target's socket buffer is past its mark, the
+  channel is not read (asyncssh then stops adjusting its window): at most one
+  window (2 MiB) per forward waits in the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Any
+
+import asyncssh
+
+from sshspec.adapters import asyncssh_internals as internals
+from sshspec.fsm import core
+
+if TYPE_CHECKING:
+    from sshspec.adapters.server import SpecConnection
+
+
+class Forwarder(asyncssh.SSHTCPSession[bytes]):
+    """One direct-tcpip channel: this is asyncssh's session for it (the channel's side);
+    `_Target` is the TCP connection's protocol."""
+
+    def __init__(self, conn: SpecConnection, channel: int) -> None:
+        self.conn = conn
+        self.channel = channel
+        self.chan: asyncssh.SSHTCPChannel[bytes] | None = None
+        self.transport: asyncio.Transport | None = None
+        loop = asyncio.get_running_loop()
+        # The core's verdict on the open (ConfirmForward / RejectForward / CloseForward):
+        # asyncssh holds CHANNEL_OPEN_CONFIRMATION until it is set.
+        self.decided: asyncio.Future[None] = loop.create_future()
+        self.connecting: asyncio.Task[None] | None = None
+        self.started = False  # asyncssh confirmed the channel: the target may be read
+        self.chan_full = False  # something waits for the client's window
+        self.socket_full = False  # the SSH socket's buffer is past its mark
+
+    # -- the open
+
+    def connect(self, host: str, port: int, timeout: float) -> None:
+        self.connecting = asyncio.get_running_loop().create_task(self._connect(host, port, timeout))
+
+    async def _connect(self, host: str, port: int, timeout: float) -> None:
+        loop = asyncio.get_running_loop()
+        event: core.Event
+        try:
+            transport, _ = await asyncio.wait_for(
+                loop.create_connection(lambda: _Target(self), host, port), timeout)
+        except TimeoutError:
+            event = core.ForwardFailed(self.channel, True, f"no connection within {timeout:g}s "
+                                                           "(forwarding.connectTimeout)")
+        except OSError as exc:
+            event = core.ForwardFailed(self.channel, False, exc.strerror or str(exc))
+        else:
+            self.transport = transport
+            event = core.ForwardConnected(self.channel)
+        self.connecting = None
+        self.conn.handle(event)
+        if not self.decided.done() or self.decided.exception() is not None:
+            self._close_target()  # refused, or the channel closed meanwhile
+
+    async def opened(self) -> Forwarder:
+        """What asyncssh awaits before it confirms the channel (a ChannelOpenError refuses it)."""
+        await self.decided
+        return self
+
+    def confirm(self) -> None:
+        if not self.decided.done():
+            self.decided.set_result(None)
+
+    def reject(self, code: int, description: str) -> None:
+        if not self.decided.done():
+            self.decided.set_exception(asyncssh.ChannelOpenError(code, description))
+
+    # -- the core's actions
+
+    def send_eof(self, to_client: bool, close: bool) -> None:
+        if to_client:
+            if self.chan is not None and not self.chan.is_closing():
+                self.chan.write_eof()
+        else:
+            transport = self.transport
+            if transport is not None and not transport.is_closing() and transport.can_write_eof():
+                transport.write_eof()
+        if close:
+            self.close()
+
+    def close(self) -> None:
+        """Close both ends after what is buffered went out (or abandon the attempt)."""
+        if self.connecting is not None:
+            self.connecting.cancel()
+            self.connecting = None
+        self.reject(asyncssh.OPEN_CONNECT_FAILED, "Channel closed")
+        if self.chan is not None:
+            self.chan.close()
+        self._close_target()
+
+    def _close_target(self) -> None:
+        if self.transport is not None:
+            self.transport.close()  # (flushes what the client sent first)
+
+    # -- back-pressure: the target is read only while the client can take more
+
+    def _pace_target(self) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return
+        if self.started and not (self.chan_full or self.socket_full):
+            self.transport.resume_reading()
+        else:
+            self.transport.pause_reading()
+
+    def transport_paused(self, paused: bool) -> None:
+        self.socket_full = paused
+        self._pace_target()
+
+    # -- asyncssh's callbacks: the channel's side
+
+    def connection_made(self, chan: asyncssh.SSHTCPChannel[bytes]) -> None:
+        self.chan = chan
+        # high-water 0: asyncssh says the moment anything waits for the client's window.
+        chan.set_write_buffer_limits(high=0, low=0)
+
+    def session_started(self) -> None:
+        self.started = True
+        self._pace_target()
+
+    def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
+        if self.transport is not None:
+            self.transport.write(data)
+
+    def eof_received(self) -> bool:
+        self.conn.handle(core.ForwardEof(self.channel, from_client=True))
+        return True  # half-close: the target's bytes may still flow
+
+    def pause_writing(self) -> None:
+        self.chan_full = True
+        self._pace_target()
+
+    def resume_writing(self) -> None:
+        self.chan_full = False
+        self._pace_target()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        chan, self.chan = self.chan, None
+        if chan is not None and internals.connection_gone(chan):
+            # The whole connection ended: the core's ConnectionLost closes every channel.
+            self._close_target()
+            return
+        self.conn.handle(core.ForwardClosed(self.channel, f"channel closed: {exc}" if exc else
+                                            "channel closed by the client"))
+
+    # -- the target's side (called by _Target)
+
+    def target_data(self, data: bytes) -> None:
+        if self.chan is not None:
+            self.chan.write(data)
+
+    def target_eof(self) -> None:
+        self.conn.handle(core.ForwardEof(self.channel, from_client=False))
+
+    def target_full(self, full: bool) -> None:
+        if self.chan is not None:
+            if full:
+                self.chan.pause_reading()
+            else:
+                self.chan.resume_reading()
+
+    def target_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        if self.connecting is None and self.decided.done():  # (a connection being made reports itself)
+            self.conn.handle(core.ForwardClosed(self.channel, f"target: {exc}" if exc else "target closed"))
+
+
+class _Target(asyncio.Protocol):
+    """The TCP connection to a forward's target."""
+
+    def __init__(self, forwarder: Forwarder) -> None:
+        self.forwarder = forwarder
+
+    def connection_made(self, transport: Any) -> None:
+        transport.pause_reading()  # until the channel is confirmed (session_started)
+
+    def data_received(self, data: bytes) -> None:
+        self.forwarder.target_data(data)
+
+    def eof_received(self) -> bool:
+        self.forwarder.target_eof()
+        return True  # half-close: the client's bytes may still flow to the target
+
+    def pause_writing(self) -> None:
+        self.forwarder.target_full(True)
+
+    def resume_writing(self) -> None:
+        self.forwarder.target_full(False)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.forwarder.target_lost(exc)
