@@ -48,7 +48,8 @@ class Target:
     """A TCP server on 127.0.0.1 for one connection at a time, in a thread:
     ``echo`` sends back what it reads and closes after the client's EOF;
     ``greet`` sends a line and ends its direction at once, then reads to EOF;
-    ``hold`` reads to EOF and keeps the connection until the test ends."""
+    ``hold`` reads to EOF and keeps the connection until the test ends;
+    ``flood`` sends for ever; ``stall`` never reads."""
 
     def __init__(self, mode: str) -> None:
         self.mode = mode
@@ -69,6 +70,16 @@ class Target:
 
     def _one(self, conn: socket.socket) -> None:
         data = b""
+        if self.mode == "flood":  # sends for ever, reads nothing
+            with contextlib.suppress(OSError):
+                while True:
+                    conn.sendall(b"y" * 65536)
+            conn.close()
+            return
+        if self.mode == "stall":  # reads nothing, keeps the connection
+            self.held.append(conn)
+            self.done.set()
+            return
         if self.mode == "greet":
             conn.sendall(b"hello from the target\n")
             conn.shutdown(socket.SHUT_WR)
@@ -449,3 +460,69 @@ def test_shutdown_closes_forwards_and_drains(server_factory: Any, targets: Any) 
     assert live.process.wait(20) == 0
     codes = [r["code"] for r in live.records()]
     assert codes.index("SSH_FORWARD_CLOSED") < codes.index("SSH_DISCONNECTED")
+
+
+# --- back-pressure: a side that stops reading never makes the server buffer ------------------
+
+NON_READING_CLIENT = """
+import os, signal, sys
+import paramiko
+t = paramiko.Transport(("127.0.0.1", int(sys.argv[1])))
+t.connect(username=sys.argv[2], password=sys.argv[3])
+chan = t.open_channel("direct-tcpip", dest_addr=("127.0.0.1", int(sys.argv[4])), src_addr=("127.0.0.1", 1),
+                      window_size=2**31, max_packet_size=32768)  # a window it will never honour
+chan.recv(1)  # the target's flood flows
+print("reading stops", flush=True)
+os.kill(os.getpid(), signal.SIGSTOP)  # nothing reads the socket from now on
+"""
+
+
+def test_a_client_that_stops_reading_a_flooding_target_cannot_grow_the_server(
+        server: LiveServer, targets: Any, tmp_path: Path) -> None:
+    """target -> client: the client grants a 2 GiB window and stops reading its socket
+    while the target sends without end: the server stops reading the target."""
+    import sys
+
+    from test_faults import rss_kib, wait_until
+    target = targets("flood")
+    script = tmp_path / "client.py"
+    script.write_text(NON_READING_CLIENT)
+    client = subprocess.Popen([sys.executable, str(script), str(server.port), server.username,
+                               server.password, str(target.port)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert client.stdout is not None and client.stdout.readline() == "reading stops\n"
+        wait_until(lambda: Path(f"/proc/{client.pid}/stat").read_text().split()[2] == "T", 10,
+                   "the client to stop")
+        before = rss_kib(server.process.pid)
+        # A measuring window, not a synchronisation: unbounded, loopback fills ~1 GB/s.
+        time.sleep(3)
+        grown = rss_kib(server.process.pid) - before
+    finally:
+        client.send_signal(signal.SIGKILL)
+        client.wait(10)
+    assert grown < 16 * 1024, f"server RSS grew {grown} KiB in 3 s with a non-reading client"
+    server.wait_for_code("SSH_DISCONNECTED")
+
+
+def test_a_target_that_stops_reading_cannot_grow_the_server(server: LiveServer, targets: Any) -> None:
+    """client -> target: the target reads nothing; the client writes 64 MiB at once. The
+    server holds at most the channel's window: it stops reading the channel (and
+    adjusting the window) while the target's socket is full."""
+    from test_faults import rss_kib
+    target = targets("stall")
+
+    async def main() -> int:
+        async with connect(server) as conn:
+            _, writer = await conn.open_connection("127.0.0.1", target.port)
+            before = rss_kib(server.process.pid)
+            writer.write(b"x" * (64 << 20))  # (buffered in this client, sent as the window allows)
+            with contextlib.suppress(TimeoutError):
+                # A measuring window: the drain never completes while the target stalls.
+                await asyncio.wait_for(writer.drain(), 3)
+            grown = rss_kib(server.process.pid) - before
+            conn.abort()
+            return grown
+
+    grown = asyncio.run(main())
+    assert grown < 16 * 1024, f"server RSS grew {grown} KiB in 3 s with a target that does not read"
+    server.wait_for_code("SSH_DISCONNECTED")
