@@ -94,6 +94,7 @@ __all__ = [
     "connection_gone",
     "connection_owner",
     "decode_direct_tcpip",
+    "decode_tcpip_forward",
     "decode_request",
     "install_hooks",
     "is_login_timeout",
@@ -876,6 +877,15 @@ class DirectTcpip:
     port: int
     origin_host: str
     origin_port: int
+
+
+def decode_tcpip_forward(req: GlobalRequest) -> tuple[str, int]:
+    """The address and port of a tcpip-forward or cancel-tcpip-forward (RFC 4254 7.1)."""
+    what = req.name or "tcpip-forward"
+    host, port = _read(what, SSHPacket(req.payload), ("address to bind", "utf-8"), ("port to bind", _U32))
+    if port > 65535:
+        raise RequestDecodeError(what, f"no such port: {port}")
+    return host, port
 
 
 def decode_direct_tcpip(req: ChannelOpenRequest) -> DirectTcpip:

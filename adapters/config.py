@@ -426,15 +426,21 @@ class LimitsConfig(_Section, frozen=True):
 
 class ForwardingConfig(_Section, frozen=True):
     """TCP forwarding, with OpenSSH's meanings (AllowTcpForwarding, PermitOpen).
-    `tcp`: none | local (direct-tcpip: ssh -L, -D, -J) | remote (ssh -R, not served
-    yet: its requests are refused whatever this says) | all. Unset: all for the local
-    backend, as sshd; none for the docker backend, whose containers reach no network
+    `tcp`: none | local (direct-tcpip: ssh -L, -D, -J) | remote (tcpip-forward: ssh -R) | all.
+    Unset: all for the local backend, as sshd; none for the docker backend, whose containers reach no network
     the server does not give them (its forwards would come from the server's host)."""
 
     tcp: Literal["none", "local", "remote", "all"] | None = None
     # host:port patterns a direct-tcpip may reach; `*` for any host or port.
     permit_open: tuple[NonEmpty, ...] = ("*:*",)
+    # [host:]port patterns a tcpip-forward (ssh -R) may ask for; `*` for any.
+    permit_listen: tuple[NonEmpty, ...] = ("*",)
+    # false: every listener is bound on loopback whatever the client asks (sshd's GatewayPorts no);
+    # true: on the address the client names ("" or "*": every interface).
+    gateway_ports: bool = False
     max_forwards_per_connection: Annotated[int, msgspec.Meta(ge=1)] = SPEC_LIMITS["maxForwardsPerConnection"]
+    max_listeners_per_connection: Annotated[int, msgspec.Meta(ge=1)] = \
+        SPEC_LIMITS["maxListenersPerConnection"]
     # How long the server waits for a target to accept before it refuses the channel.
     connect_timeout: Duration = _seconds(10)
 
@@ -749,7 +755,7 @@ def _check_forwarding(file: str, config: Config) -> None:
     forwarding = config.forwarding
     if forwarding.connect_timeout <= 0:
         raise ConfigError(file, "forwarding.connectTimeout", "must be greater than 0")
-    if config.backend.type == "docker" and forwarding.tcp not in (None, "none", "remote"):
+    if config.backend.type == "docker" and forwarding.tcp not in (None, "none"):
         # The server would connect from its own host, past the container's network isolation.
         raise ConfigError(file, "forwarding.tcp", f"`{forwarding.tcp}`: the docker backend does not forward "
                           "TCP (the connections would come from the server's host, not the container)")
@@ -758,14 +764,20 @@ def _check_forwarding(file: str, config: Config) -> None:
         if not colon or not host or not (port == "*" or (port.isdigit() and 0 < int(port) < 65536)):
             raise ConfigError(file, f"forwarding.permitOpen[{i}]",
                               f"`{pattern}`: not host:port (`*` for any host or port; IPv6 in brackets)")
+    for i, pattern in enumerate(forwarding.permit_listen):
+        host, colon, port = pattern.rpartition(":")
+        if (colon and not host) or not (port == "*" or (port.isdigit() and int(port) < 65536)):
+            raise ConfigError(file, f"forwarding.permitListen[{i}]",
+                              f"`{pattern}`: not [host:]port (`*` for any host or port)")
 
 
-def forward_policy_allows_local(config: Config) -> bool:
-    """forwarding.tcp for direct-tcpip, its unset default decided by the backend."""
+def forward_policy_allows(config: Config) -> tuple[bool, bool]:
+    """forwarding.tcp: whether local (direct-tcpip) and remote (tcpip-forward) forwarding
+    are allowed, its unset default decided by the backend."""
     tcp = config.forwarding.tcp
     if tcp is None:
-        return config.backend.type == "local"
-    return tcp in ("local", "all")
+        tcp = "all" if config.backend.type == "local" else "none"
+    return tcp in ("local", "all"), tcp in ("remote", "all")
 
 
 def _check_proxy_protocol(file: str, proxy: ProxyProtocolConfig) -> None:

@@ -44,7 +44,8 @@ class Forwarder(asyncssh.SSHTCPSession[bytes]):
         # asyncssh holds CHANNEL_OPEN_CONFIRMATION until it is set.
         self.decided: asyncio.Future[None] = loop.create_future()
         self.connecting: asyncio.Task[None] | None = None
-        self.started = False  # asyncssh confirmed the channel: the target may be read
+        self.started = False  # asyncssh opened the channel: the target may be read ...
+        self.confirmed = False  # ... once the core confirmed it
         self.chan_full = False  # something waits for the client's window
         self.socket_full = False  # the SSH socket's buffer is past its mark
 
@@ -69,8 +70,34 @@ class Forwarder(asyncssh.SSHTCPSession[bytes]):
             event = core.ForwardConnected(self.channel)
         self.connecting = None
         self.conn.handle(event)
-        if not self.decided.done() or self.decided.exception() is not None:
+        if not self.confirmed:
             self._close_target()  # refused, or the channel closed meanwhile
+
+    def open_to_client(self, conn: asyncssh.SSHServerConnection, host: str, port: int,
+                       origin_host: str, origin_port: int) -> None:
+        """forwarded-tcpip: the channel to the client for the connection a listener accepted
+        (`attach` gives it first)."""
+        self.connecting = asyncio.get_running_loop().create_task(
+            self._open_to_client(conn, host, port, origin_host, origin_port))
+
+    async def _open_to_client(self, conn: asyncssh.SSHServerConnection, host: str, port: int,
+                              origin_host: str, origin_port: int) -> None:
+        event: core.Event
+        try:
+            await conn.create_connection(lambda: self, host, port, origin_host, origin_port)
+        except asyncssh.ChannelOpenError as exc:
+            event = core.ForwardFailed(self.channel, False, f"the client refused the channel: {exc.reason}")
+        else:
+            event = core.ForwardConnected(self.channel)
+        self.connecting = None
+        self.conn.handle(event)
+        if not self.confirmed:
+            self._close_target()
+
+    def attach(self, transport: asyncio.Transport, protocol: _Target) -> None:
+        """The accepted connection of a forwarded-tcpip channel."""
+        self.transport = transport
+        protocol.forwarder = self
 
     async def opened(self) -> Forwarder:
         """What asyncssh awaits before it confirms the channel (a ChannelOpenError refuses it)."""
@@ -78,8 +105,10 @@ class Forwarder(asyncssh.SSHTCPSession[bytes]):
         return self
 
     def confirm(self) -> None:
+        self.confirmed = True
         if not self.decided.done():
             self.decided.set_result(None)
+        self._pace_target()
 
     def reject(self, code: int, description: str) -> None:
         if not self.decided.done():
@@ -117,7 +146,7 @@ class Forwarder(asyncssh.SSHTCPSession[bytes]):
     def _pace_target(self) -> None:
         if self.transport is None or self.transport.is_closing():
             return
-        if self.started and not (self.chan_full or self.socket_full):
+        if self.started and self.confirmed and not (self.chan_full or self.socket_full):
             self.transport.resume_reading()
         else:
             self.transport.pause_reading()
@@ -180,31 +209,68 @@ class Forwarder(asyncssh.SSHTCPSession[bytes]):
 
     def target_lost(self, exc: Exception | None) -> None:
         self.transport = None
-        if self.connecting is None and self.decided.done():  # (a connection being made reports itself)
+        if self.connecting is None and self.confirmed:  # (a channel being opened reports itself)
             self.conn.handle(core.ForwardClosed(self.channel, f"target: {exc}" if exc else "target closed"))
 
 
 class _Target(asyncio.Protocol):
-    """The TCP connection to a forward's target."""
+    """The TCP connection to a forward's target (or, for forwarded-tcpip, the one
+    its listener accepted). Not read before the channel is open."""
 
-    def __init__(self, forwarder: Forwarder) -> None:
+    def __init__(self, forwarder: Forwarder | None) -> None:
         self.forwarder = forwarder
 
     def connection_made(self, transport: Any) -> None:
-        transport.pause_reading()  # until the channel is confirmed (session_started)
+        transport.pause_reading()  # until the channel is open (Forwarder._pace_target)
 
     def data_received(self, data: bytes) -> None:
-        self.forwarder.target_data(data)
+        if self.forwarder is not None:
+            self.forwarder.target_data(data)
 
     def eof_received(self) -> bool:
-        self.forwarder.target_eof()
+        if self.forwarder is not None:
+            self.forwarder.target_eof()
         return True  # half-close: the client's bytes may still flow to the target
 
     def pause_writing(self) -> None:
-        self.forwarder.target_full(True)
+        if self.forwarder is not None:
+            self.forwarder.target_full(True)
 
     def resume_writing(self) -> None:
-        self.forwarder.target_full(False)
+        if self.forwarder is not None:
+            self.forwarder.target_full(False)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.forwarder.target_lost(exc)
+        if self.forwarder is not None:
+            self.forwarder.target_lost(exc)
+
+
+class Listener:
+    """A tcpip-forward listener (ssh -R): where the client asked for it (``host``, and
+    the port bound), and the server that accepts."""
+
+    def __init__(self, conn: SpecConnection, host: str) -> None:
+        self.conn = conn
+        self.host = host
+        self.port = 0  # known once bound
+        self.server: asyncio.Server | None = None
+
+    def protocol(self) -> _Accepted:
+        return _Accepted(self)
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+
+class _Accepted(_Target):
+    """A connection a listener accepted: the core decides whether a forwarded-tcpip
+    channel is opened for it (else it is closed)."""
+
+    def __init__(self, listener: Listener) -> None:
+        super().__init__(None)
+        self.listener = listener
+
+    def connection_made(self, transport: Any) -> None:
+        super().connection_made(transport)
+        self.listener.conn.accepted(self.listener, transport, self)

@@ -22,6 +22,7 @@ import random
 import secrets
 import signal
 import socket
+import struct
 import time
 import typing
 from collections.abc import Awaitable, Callable
@@ -39,12 +40,13 @@ from sshspec.adapters.algorithms import server_options
 from sshspec.adapters.backend_local import BackendError, PtyRequest, adopt_inherited_signals
 from sshspec.adapters.config import (
     Config,
-    forward_policy_allows_local,
+    forward_policy_allows,
     read_authorized_keys,
     resolve_state_dir,
     spec_limits,
 )
 from sshspec.adapters.forwarding import Forwarder
+from sshspec.adapters.forwarding import Listener as ForwardListener
 from sshspec.adapters.handlers import (
     ConfiguredHandler,
     ConnectionHandler,
@@ -321,6 +323,9 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
                                         forwarding=server.forward_policy)
         self.conn: asyncssh.SSHServerConnection | None = None
         self.forwards: dict[int, Forwarder] = {}
+        self.listeners: dict[tuple[str, int], ForwardListener] = {}  # ssh -R, as the client names them
+        # A tcpip-forward's answer, waiting for its bind (a global request is answered in order).
+        self._global_answer: asyncio.Future[bool | bytes] | None = None
         self.backend: ConnectionHandler | None = None
         self.sessions: dict[int, SpecSession] = {}
         self.admitted = False
@@ -484,6 +489,50 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
         forwarder = self.forwards[action.channel] = Forwarder(self, action.channel)
         forwarder.connect(action.host, action.port, self.server.config.forwarding.connect_timeout)
 
+    def _bind(self, action: core.Bind) -> None:
+        self._global_answer = asyncio.get_running_loop().create_future()
+        self._task(self._bind_listener(action))
+
+    async def _bind_listener(self, action: core.Bind) -> None:
+        listener = ForwardListener(self, action.host)
+        try:
+            listener.server = await asyncio.get_running_loop().create_server(
+                listener.protocol, action.address, action.port)
+        except OSError as exc:
+            result = core.ListenResult(None, exc.strerror or str(exc))
+        else:
+            listener.port = listener.server.sockets[0].getsockname()[1]
+            self.listeners[action.host, listener.port] = listener
+            result = core.ListenResult(listener.port)
+        self.handle(result)
+
+    def _unbind(self, action: core.Unbind) -> None:
+        listener = self.listeners.pop((action.host, action.port), None)
+        if listener is not None:
+            listener.close()
+
+    def _global_reply(self, action: core.GlobalReply) -> None:
+        """A tcpip-forward's answer, once its bind is done (the others' answers are carried
+        out by on_global_request's return value)."""
+        answer, self._global_answer = self._global_answer, None
+        if answer is not None and not answer.done():
+            answer.set_result(_global_answer(action))
+
+    def accepted(self, listener: ForwardListener, transport: asyncio.Transport, protocol: Any) -> None:
+        """A listener accepted a connection: a forwarded-tcpip channel, if the core opens one."""
+        peer = transport.get_extra_info("peername") or ("", 0)
+        for action in self.handle(core.ForwardedConnection(listener.host, listener.port, str(peer[0]),
+                                                           int(peer[1]))):
+            if isinstance(action, core.OpenForwarded) and action.channel in self.forwards:
+                self.forwards[action.channel].attach(transport, protocol)
+                return
+        transport.close()
+
+    def _open_forwarded(self, action: core.OpenForwarded) -> None:
+        assert self.conn is not None
+        forwarder = self.forwards[action.channel] = Forwarder(self, action.channel)
+        forwarder.open_to_client(self.conn, action.host, action.port, action.origin_host, action.origin_port)
+
     def _confirm_forward(self, action: core.ConfirmForward) -> None:
         self.forwards[action.channel].confirm()
 
@@ -547,6 +596,9 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
             chan.close()
 
     def _connection_ended(self, action: core.ConnectionEnded) -> None:
+        for listener in self.listeners.values():
+            listener.close()
+        self.listeners.clear()
         if self._timer is not None:
             self._timer.cancel()
             self._timer, self._timer_at = None, None
@@ -715,10 +767,23 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
         actions = self.handle(core.Credentials(verdict, "keyboard-interactive", reason, loop.time()))
         return self._answer(await self._delayed(actions, start))
 
-    def on_global_request(self, conn: asyncssh.SSHServerConnection, req: internals.GlobalRequest) -> bool:
+    def on_global_request(self, conn: asyncssh.SSHServerConnection, req: internals.GlobalRequest) -> Any:
         name = req.name if req.malformed is None and req.name is not None else repr(req.raw_name)
-        actions = self.handle(core.GlobalRequest(name, req.malformed))
-        return any(isinstance(a, core.GlobalReply) and a.ok for a in actions)
+        event: core.Event = core.GlobalRequest(name, req.malformed)
+        if req.malformed is None and name in ("tcpip-forward", "cancel-tcpip-forward"):
+            try:
+                host, port = internals.decode_tcpip_forward(req)
+            except internals.RequestDecodeError as exc:
+                event = core.GlobalRequest(name, exc.reason)
+            else:
+                event = core.ListenRequest(host, port, cancel=name == "cancel-tcpip-forward")
+        actions = self.handle(event)
+        if self._global_answer is not None:
+            return self._global_answer  # a bind goes on: answered when it is done
+        for action in actions:
+            if isinstance(action, core.GlobalReply):
+                return _global_answer(action)
+        return False
 
     def on_transport_paused(self, conn: asyncssh.SSHServerConnection, paused: bool) -> None:
         self.transport_paused = paused
@@ -785,6 +850,13 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
             self.conn.abort()
 
 
+def _global_answer(action: core.GlobalReply) -> bool | bytes:
+    """REQUEST_SUCCESS (with the bound port, RFC 4254 7.1) or REQUEST_FAILURE."""
+    if action.ok and action.port:
+        return struct.pack(">I", action.port)
+    return action.ok
+
+
 def _why(exc: Exception) -> str:
     """A handler's failure as a log reason: a BackendError says what failed; anything else is a bug."""
     return str(exc) if isinstance(exc, BackendError) else f"handler error: {exc!r}"
@@ -825,7 +897,10 @@ _EXECUTORS: dict[type, Callable[[SpecConnection, Any], core.Event | None]] = {
     core.AuthAnswer: SpecConnection._answered,
     core.KeyAcceptable: SpecConnection._answered,
     core.CheckCredentials: SpecConnection._answered,
-    core.GlobalReply: SpecConnection._answered,
+    core.GlobalReply: SpecConnection._global_reply,
+    core.Bind: SpecConnection._bind,
+    core.Unbind: SpecConnection._unbind,
+    core.OpenForwarded: SpecConnection._open_forwarded,
     core.RejectOpen: SpecConnection._answered,
     core.AdmitUser: SpecConnection._admit_user,
     core.OpenSession: SpecConnection._open_session,
@@ -899,8 +974,10 @@ class Server:
         # log.durable: the logger to write out before an action that reaches a client.
         self.durable_log = self.logger if config.log.durable else None
         self.machines = machines(config)
-        self.forward_policy = core.ForwardPolicy(forward_policy_allows_local(config),
-                                                 config.forwarding.permit_open)
+        forwarding = config.forwarding
+        local, remote = forward_policy_allows(config)
+        self.forward_policy = core.ForwardPolicy(local, forwarding.permit_open, remote,
+                                                 forwarding.permit_listen, forwarding.gateway_ports)
         self.metrics: Metrics | None = None
         if config.metrics.listen is not None:
             from sshspec.adapters.metrics import Metrics

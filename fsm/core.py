@@ -108,6 +108,13 @@ class ConnectionEvent(enum.StrEnum):
     forward_open = "forward_open"
     forward_denied = "forward_denied"
     forward_closed = "forward_closed"
+    listen_request = "listen_request"
+    listen_denied = "listen_denied"
+    listen_bound = "listen_bound"
+    listen_failed = "listen_failed"
+    listen_cancel = "listen_cancel"
+    listen_cancel_unknown = "listen_cancel_unknown"
+    forwarded_connection = "forwarded_connection"
     channel_open_unsupported = "channel_open_unsupported"
     channel_open_malformed = "channel_open_malformed"
     channel_closed = "channel_closed"
@@ -135,6 +142,10 @@ class ConnectionReply(enum.StrEnum):
     request_failure = "request_failure"
     open_session = "open_session"
     open_forward = "open_forward"
+    close_accepted = "close_accepted"
+    bind = "bind"
+    request_success = "request_success"
+    unbind = "unbind"
     reject_channel = "reject_channel"
     reject_channel_type = "reject_channel_type"
     send_keepalive = "send_keepalive"
@@ -407,6 +418,29 @@ class ForwardPolicy:
 
     local: bool = True
     permit_open: tuple[str, ...] = ("*:*",)
+    remote: bool = True
+    permit_listen: tuple[str, ...] = ("*",)  # [host:]port patterns (ssh -R); `*` for any
+    gateway_ports: bool = False  # False: every listener is bound on loopback, as sshd's GatewayPorts no
+
+    def listen_denial(self, host: str, port: int) -> str | None:
+        """Why a tcpip-forward for ``host``:``port`` is denied, or None."""
+        if not self.remote:
+            return "forwarding.tcp does not allow remote forwarding"
+        name = host.lower()
+        for pattern in self.permit_listen:
+            want_host, colon, want_port = pattern.rpartition(":")
+            if not colon:
+                want_host = "*"
+            want_host = want_host.lower().removeprefix("[").removesuffix("]")
+            if want_port in ("*", str(port)) and fnmatch.fnmatchcase(name, want_host):
+                return None
+        return "no forwarding.permitListen pattern matches"
+
+    def bind_address(self, host: str) -> str | None:
+        """Where a listener for ``host`` is bound (None: every interface)."""
+        if not self.gateway_ports or host.lower() in ("localhost", "127.0.0.1"):
+            return "127.0.0.1"
+        return None if host in ("", "*", "0.0.0.0") else host
 
     def denial(self, host: str, port: int) -> str | None:
         """Why a direct-tcpip to ``host``:``port`` is denied, or None."""
@@ -726,6 +760,31 @@ class ChannelOpen(_Message, frozen=True):
     origin: str = ""
 
 
+class ListenRequest(_Message, frozen=True):
+    """GLOBAL_REQUEST tcpip-forward (``cancel``: cancel-tcpip-forward) for ``host``:``port``."""
+
+    host: str
+    port: int
+    cancel: bool = False
+
+
+class ListenResult(_Message, frozen=True):
+    """The bind a `Bind` asked for: the port bound (None: it failed, ``reason`` says why)."""
+
+    port: int | None
+    reason: str | None = None
+
+
+class ForwardedConnection(_Message, frozen=True):
+    """A listener (``host``:``port`` as the client asked for it) accepted a TCP
+    connection from ``origin_host``:``origin_port``."""
+
+    host: str
+    port: int
+    origin_host: str
+    origin_port: int
+
+
 class ForwardConnected(_Message, frozen=True):
     """The TCP connection to a forward's target is made."""
 
@@ -872,6 +931,9 @@ Event = (
     | AuthCompleted
     | GlobalRequest
     | ChannelOpen
+    | ListenRequest
+    | ListenResult
+    | ForwardedConnection
     | ForwardConnected
     | ForwardFailed
     | ForwardEof
@@ -944,6 +1006,34 @@ class AdmitUser(_Message, frozen=True):
 
 class GlobalReply(_Message, frozen=True):
     ok: bool
+    port: int = 0  # a tcpip-forward for port 0: the port bound, sent with the success
+
+
+class Bind(_Message, frozen=True):
+    """Bind a listener for a tcpip-forward (``host``:``port`` as asked; bound on
+    ``address``, None: every interface); answer with `ListenResult`."""
+
+    host: str
+    port: int
+    address: str | None
+
+
+class Unbind(_Message, frozen=True):
+    """Close a listener (its forwarded channels go on)."""
+
+    host: str
+    port: int
+
+
+class OpenForwarded(_Message, frozen=True):
+    """Open a forwarded-tcpip channel to the client for the connection the listener
+    ``host``:``port`` accepted (answer with `ForwardConnected` or `ForwardFailed`)."""
+
+    channel: int
+    host: str
+    port: int
+    origin_host: str
+    origin_port: int
 
 
 class OpenSession(_Message, frozen=True):
@@ -1072,6 +1162,9 @@ Action = (
     | OpenSession
     | RejectOpen
     | OpenForward
+    | Bind
+    | Unbind
+    | OpenForwarded
     | ConfirmForward
     | RejectForward
     | ForwardSendEof
@@ -1102,6 +1195,7 @@ REACHES_CLIENT: frozenset[type[Action]] = frozenset(
         AuthAnswer,
         KeyAcceptable,
         GlobalReply,
+        OpenForwarded,
         OpenSession,
         RejectOpen,
         ConfirmForward,
@@ -1201,12 +1295,13 @@ class Session:
 class Forward:
     """A direct-tcpip channel's machine and what its records name."""
 
-    __slots__ = ("channel", "instance", "target")
+    __slots__ = ("channel", "instance", "target", "kind")
 
-    def __init__(self, channel: int, instance: Any, target: str) -> None:
+    def __init__(self, channel: int, instance: Any, target: str, kind: str = "direct-tcpip") -> None:
         self.channel = channel
         self.instance = instance
         self.target = target  # host:port, the reason of its records
+        self.kind = kind  # direct-tcpip or forwarded-tcpip: its records' requestType
 
     @property
     def state(self) -> str:
@@ -1232,7 +1327,11 @@ class ConnectionCore:
     ) -> None:
         self.machines = machines
         self.forwarding = forwarding or ForwardPolicy()
-        self.forwards: dict[int, Forward] = {}  # the direct-tcpip channels connecting or open
+        self.forwards: dict[int, Forward] = {}  # the forward channels opening or open
+        # The listeners (ssh -R) by the address and port the client names them with, and
+        # the one being bound (global requests are answered in order: one at a time).
+        self.listeners: set[tuple[str, int]] = set()
+        self.binding: tuple[str, int] | None = None
         self.failure_delay = failure_delay  # auth.failureDelay: see AuthAnswer.delay
         self.source: Source | None = None  # where the connection comes from (per-source admission)
         # Public-key signature algorithms refused whatever the key (SHA-1 ssh-rsa by default).
@@ -1524,6 +1623,77 @@ class ConnectionCore:
             # No global request is served yet: whatever the step, the answer is a failure.
             self.out.append(GlobalReply(False))
 
+    def _listen_request(self, event: ListenRequest) -> None:
+        key, where = (event.host, event.port), hostport(event.host, event.port)
+        if event.cancel:
+            if key in self.listeners:
+                step = self._fire(ConnectionEvent.listen_cancel, request_type="cancel-tcpip-forward",
+                                  reason=where)
+                if step.reply == ConnectionReply.unbind:
+                    self.listeners.discard(key)
+                    self.out.append(Unbind(*key))
+                    self.out.append(GlobalReply(True))
+                    return
+            else:
+                self._fire(ConnectionEvent.listen_cancel_unknown, request_type="cancel-tcpip-forward",
+                           reason=f"{where}: no such listener")
+            self.out.append(GlobalReply(False))
+            return
+        denial = self.forwarding.listen_denial(event.host, event.port)
+        if denial is not None:
+            self._fire(ConnectionEvent.listen_denied, request_type="tcpip-forward",
+                       reason=f"{where}: {denial}")
+            self.out.append(GlobalReply(False))
+            return
+        address = self.forwarding.bind_address(event.host)
+        about = f"{where}, bound on {hostport(address or '*', event.port)}"
+        peek = self.machine.peek(self.instance, ConnectionEvent.listen_request)
+        if peek.reply == ConnectionReply.request_failure and peek.target == "established":
+            limit = self.machine.limits["maxListenersPerConnection"]
+            about = f"{where}: {limit} listeners (forwarding.maxListenersPerConnection)"
+        step = self._fire(ConnectionEvent.listen_request, request_type="tcpip-forward", reason=about)
+        if step.reply == ConnectionReply.bind:
+            self.binding = key
+            self.out.append(Bind(event.host, event.port, address))
+            return  # answered when the bind is done (ListenResult)
+        self.out.append(GlobalReply(False))
+
+    def _listen_result(self, event: ListenResult) -> None:
+        if self.binding is None:
+            return
+        host, asked = self.binding
+        self.binding = None
+        if event.port is None:
+            self._fire(ConnectionEvent.listen_failed, request_type="tcpip-forward",
+                       reason=f"{hostport(host, asked)}: {event.reason}")
+            self.out.append(GlobalReply(False))
+            return
+        step = self._fire(ConnectionEvent.listen_bound, request_type="tcpip-forward",
+                          reason=hostport(host, event.port))
+        if step.reply == ConnectionReply.request_success:
+            self.listeners.add((host, event.port))
+            self.out.append(GlobalReply(True, event.port if asked == 0 else 0))
+        else:  # (draining: a listener that is not kept)
+            self.out.append(Unbind(host, event.port))
+            self.out.append(GlobalReply(False))
+
+    def _forwarded_connection(self, event: ForwardedConnection) -> None:
+        origin = hostport(event.origin_host, event.origin_port)
+        target = f"{hostport(event.host, event.port)} from {origin}"
+        channel = self.next_channel
+        self.next_channel += 1
+        about = f"forwarded-tcpip for {target}"
+        peek = self.machine.peek(self.instance, ConnectionEvent.forwarded_connection)
+        if peek.reply == ConnectionReply.close_accepted and peek.target == "established":
+            limit = self.machine.limits["maxForwardsPerConnection"]
+            about = f"{about}: {limit} open (forwarding.maxForwardsPerConnection)"
+        step = self._fire(ConnectionEvent.forwarded_connection, channel_id=channel,
+                          request_type="forwarded-tcpip", reason=about)
+        if step.reply == ConnectionReply.open_forward:
+            self.forwards[channel] = Forward(channel, self.machines.forward.new(), target, "forwarded-tcpip")
+            self.out.append(OpenForwarded(channel, event.host, event.port, event.origin_host,
+                                          event.origin_port))
+
     def _channel_open(self, event: ChannelOpen) -> None:
         if event.malformed is not None:
             step = self._fire(
@@ -1581,11 +1751,11 @@ class ConnectionCore:
         step = machine.fire(forward.instance, event)
         if step.kind == "impossible":
             self.log(step.codes, event, reason=violation_reason(machine, step), channel_id=forward.channel,
-                     request_type="direct-tcpip")
+                     request_type=forward.kind)
             self._close_forward(forward, f"spec violation: {event}")  # fail closed: the channel ends
             return step
         if step.codes:
-            self.log(step.codes, event, channel_id=forward.channel, request_type="direct-tcpip",
+            self.log(step.codes, event, channel_id=forward.channel, request_type=forward.kind,
                      reason=f"{forward.target}: {reason}" if reason else forward.target)
         return step
 
@@ -1903,6 +2073,9 @@ _HANDLERS: dict[type, Callable[[ConnectionCore, Any], None]] = {
     AuthCompleted: ConnectionCore._auth_completed,
     GlobalRequest: ConnectionCore._global_request,
     ChannelOpen: ConnectionCore._channel_open,
+    ListenRequest: ConnectionCore._listen_request,
+    ListenResult: ConnectionCore._listen_result,
+    ForwardedConnection: ConnectionCore._forwarded_connection,
     ForwardConnected: ConnectionCore._forward_connected,
     ForwardFailed: ConnectionCore._forward_failed,
     ForwardEof: ConnectionCore._forward_eof,

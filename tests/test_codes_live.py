@@ -320,8 +320,11 @@ def test_unsupported_channel_type_direct_streamlocal(server_factory: Any) -> Non
     assert codes(connection)[-3:] == ["SSH_EXIT", "SSH_CHANNEL_CLOSED", "SSH_DISCONNECTED"]
 
 
-def test_unsupported_global_request_tcpip_forward(server_factory: Any) -> None:
-    server = server_factory(handler=APP)
+def test_remote_forwarding_denied_is_logged_at_info(server_factory: Any) -> None:
+    """ssh -R where forwarding.tcp allows only local forwarding: the client is told
+    ("remote port forwarding failed"), the denial is logged at info like a denied -L,
+    and the connection goes on (tcpip-forward is served: tests/test_forwarding.py)."""
+    server = server_factory({"forwarding": {"tcp": "local"}}, handler=APP)
     done = ssh(server, "-R", "0:127.0.0.1:9", "echo still here", log_level="INFO")
     assert done.returncode == 0 and done.stdout == b"still here\n"
     assert b"remote port forwarding failed" in done.stderr
@@ -334,11 +337,11 @@ def test_unsupported_global_request_tcpip_forward(server_factory: Any) -> None:
     assert asyncio.run(main()) == "still serving\n"
     records = wait_disconnected(server, 2)
     for nth in (0, 1):
-        connection = of_connection(records, "SSH_UNSUPPORTED_GLOBAL_REQUEST", nth)
-        forward = [r for r in connection if r["code"] == "SSH_UNSUPPORTED_GLOBAL_REQUEST"
-                   and r["labels"]["requestType"] == "tcpip-forward"]
-        assert len(forward) == 1 and forward[0]["level"] == "debug"
-        assert "channelId" not in forward[0]["labels"]
+        connection = of_connection(records, "SSH_REMOTE_FORWARD_DENIED", nth)
+        denied = one(connection, "SSH_REMOTE_FORWARD_DENIED")
+        assert denied["level"] == "info" and denied["labels"]["requestType"] == "tcpip-forward"
+        assert "forwarding.tcp" in denied["labels"]["reason"]
+        assert "channelId" not in denied["labels"]
         assert "SSH_EXIT" in codes(connection) and codes(connection)[-1] == "SSH_DISCONNECTED"
 
 
@@ -479,7 +482,8 @@ def test_reply_send_failed_for_a_channel_request(server_factory: Any, failsys: P
 
 def test_reply_send_failed_for_a_global_request(server_factory: Any, failsys: Path,
                                                 send_flag: Path) -> None:
-    live = server_factory(handler=APP,
+    # (remote forwarding off: the request is refused at once, its failure's send fails)
+    live = server_factory({"forwarding": {"tcp": "local"}}, handler=APP,
                           env=preload(failsys, FAILSYS_SEND_FLAG=str(send_flag)))
     with paramiko_transport(live) as t:
         t.auth_password("demo", "demo")
@@ -490,8 +494,8 @@ def test_reply_send_failed_for_a_global_request(server_factory: Any, failsys: Pa
         assert not t.is_active()  # no REQUEST_FAILURE came: the connection ended
     records = of_connection(wait_disconnected(live), "SSH_REPLY_SEND_FAILED")
     trail = codes(records)
-    assert trail[trail.index("SSH_UNSUPPORTED_GLOBAL_REQUEST"):] == [
-        "SSH_UNSUPPORTED_GLOBAL_REQUEST", "SSH_REPLY_SEND_FAILED", "SSH_CHANNEL_CLOSED",
+    assert trail[trail.index("SSH_REMOTE_FORWARD_DENIED"):] == [
+        "SSH_REMOTE_FORWARD_DENIED", "SSH_REPLY_SEND_FAILED", "SSH_CHANNEL_CLOSED",
         "SSH_DISCONNECTED"]
     failed = one(records, "SSH_REPLY_SEND_FAILED")
     assert "channelId" not in failed["labels"] and failed["labels"]["reason"] == "send failed"

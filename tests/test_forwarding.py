@@ -526,3 +526,129 @@ def test_a_target_that_stops_reading_cannot_grow_the_server(server: LiveServer, 
     grown = asyncio.run(main())
     assert grown < 16 * 1024, f"server RSS grew {grown} KiB in 3 s with a target that does not read"
     server.wait_for_code("SSH_DISCONNECTED")
+
+
+# --- ssh -R: tcpip-forward listeners and the forwarded-tcpip channels they produce ------------
+
+
+def test_ssh_R_with_exit_on_forward_failure_carries_curl(server: LiveServer, http_target: int) -> None:
+    port = free_port()
+    proc = tunnel(server, "-R", f"{port}:127.0.0.1:{http_target}")
+    try:
+        (listening,) = one(server, "SSH_REMOTE_FORWARD_LISTENING")
+        # sshd's GatewayPorts no: the client named no address ("localhost"), bound on loopback.
+        assert listening["labels"]["reason"] == f"localhost:{port}"
+        done = curl(f"http://127.0.0.1:{port}/hello.txt")
+        assert done.returncode == 0, done.stderr
+        assert done.stdout == b"hello through the tunnel\n"
+        server.wait_for_code("SSH_FORWARD_CLOSED")
+    finally:
+        stop_tunnel(server, proc)
+    (requested,) = one(server, "SSH_FORWARD_REQUESTED")
+    assert requested["labels"]["requestType"] == "forwarded-tcpip"
+    (opened,) = one(server, "SSH_FORWARD_OPEN")
+    assert opened["labels"]["requestType"] == "forwarded-tcpip"
+
+
+def test_ssh_R_denied_by_policy_exits_with_exit_on_forward_failure(server_factory: Any,
+                                                                   http_target: int) -> None:
+    live = server_factory({"forwarding": {"tcp": "local"}})
+    done = subprocess.run([*live.ssh_args("-N", "-o", "ExitOnForwardFailure=yes", "-R",
+                                          f"{free_port()}:127.0.0.1:{http_target}")],
+                          capture_output=True, timeout=60)
+    assert done.returncode == 255
+    assert b"remote port forwarding failed" in done.stderr
+    (denied,) = one(live, "SSH_REMOTE_FORWARD_DENIED")
+    assert denied["level"] == "info"
+    assert "forwarding.tcp does not allow remote forwarding" in denied["labels"]["reason"]
+    live.wait_for_code("SSH_DISCONNECTED")
+
+
+def test_permit_listen_and_gateway_ports(server_factory: Any, targets: Any) -> None:
+    live = server_factory({"forwarding": {"permitListen": ["localhost:*", "0.0.0.0:*"]}})
+    target = targets("echo")
+
+    async def main() -> None:
+        async with connect(live) as conn:
+            with pytest.raises(asyncssh.ChannelListenError):
+                await conn.forward_remote_port("127.0.0.2", 0, "127.0.0.1", target.port)
+            # The wildcard address is bound on loopback (gatewayPorts false), port 0 allocated.
+            listener = await conn.forward_remote_port("0.0.0.0", 0, "127.0.0.1", target.port)
+            port = listener.get_port()
+            assert port != 0
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"round trip")
+            writer.write_eof()
+            assert await reader.read() == b"round trip"
+            writer.close()
+            listener.close()  # cancel-tcpip-forward
+            await listener.wait_closed()
+            await asyncio.to_thread(live.wait_for_code, "SSH_REMOTE_FORWARD_CANCELLED")
+            with pytest.raises(OSError):
+                await asyncio.open_connection("127.0.0.1", port)
+
+    asyncio.run(main())
+    (denied,) = one(live, "SSH_REMOTE_FORWARD_DENIED")
+    assert denied["labels"]["reason"] == "127.0.0.2:0: no forwarding.permitListen pattern matches"
+    (requested,) = one(live, "SSH_REMOTE_FORWARD_REQUESTED")
+    assert requested["labels"]["reason"] == "0.0.0.0:0, bound on 127.0.0.1:0"
+
+
+def test_a_listener_that_cannot_bind_fails_the_request(server: LiveServer, targets: Any) -> None:
+    target = targets("echo")
+    busy = socket.create_server(("127.0.0.1", 0))
+    try:
+        async def main() -> None:
+            async with connect(server) as conn:
+                with pytest.raises(asyncssh.ChannelListenError):
+                    await conn.forward_remote_port("localhost", busy.getsockname()[1], "127.0.0.1",
+                                                   target.port)
+                # The slot is given back: another listener is fine.
+                listener = await conn.forward_remote_port("localhost", 0, "127.0.0.1", target.port)
+                listener.close()
+
+        asyncio.run(main())
+    finally:
+        busy.close()
+    (failed,) = one(server, "SSH_REMOTE_FORWARD_FAILED")
+    assert failed["level"] == "info" and "in use" in failed["labels"]["reason"]
+
+
+def test_max_listeners_per_connection(server_factory: Any, targets: Any) -> None:
+    log_dir = TEST_LOGS / "limits" / "maxListenersPerConnection=1"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    live = server_factory({"forwarding": {"maxListenersPerConnection": 1}}, log_dir=log_dir)
+    target = targets("echo")
+
+    async def main() -> None:
+        async with connect(live) as conn:
+            first = await conn.forward_remote_port("localhost", 0, "127.0.0.1", target.port)
+            with pytest.raises(asyncssh.ChannelListenError):
+                await conn.forward_remote_port("localhost", 0, "127.0.0.1", target.port)
+            first.close()
+
+    asyncio.run(main())
+    (limit,) = one(live, "SSH_REMOTE_FORWARD_LIMIT")
+    assert "maxListenersPerConnection" in limit["labels"]["reason"]
+
+
+def test_forwarded_connections_beyond_the_limit_are_closed(server_factory: Any, targets: Any) -> None:
+    log_dir = TEST_LOGS / "limits" / "maxForwardsPerConnection=1"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    live = server_factory({"forwarding": {"maxForwardsPerConnection": 1}}, log_dir=log_dir)
+    target = targets("echo")
+
+    async def main() -> None:
+        async with connect(live) as conn:
+            listener = await conn.forward_remote_port("localhost", 0, "127.0.0.1", target.port)
+            reader, writer = await asyncio.open_connection("127.0.0.1", listener.get_port())
+            writer.write(b"one")
+            assert await reader.readexactly(3) == b"one"  # the first is through
+            extra, _ = await asyncio.open_connection("127.0.0.1", listener.get_port())
+            assert await extra.read() == b""  # the second is closed
+            writer.close()
+            listener.close()
+
+    asyncio.run(main())
+    (limit,) = one(live, "SSH_FORWARD_LIMIT")
+    assert limit["labels"]["requestType"] == "forwarded-tcpip"
