@@ -95,6 +95,7 @@ __all__ = [
     "connection_owner",
     "decode_direct_tcpip",
     "decode_tcpip_forward",
+    "open_agent_channel",
     "decode_request",
     "install_hooks",
     "is_login_timeout",
@@ -879,6 +880,16 @@ class DirectTcpip:
     origin_port: int
 
 
+async def open_agent_channel(conn: asyncssh.SSHServerConnection, session: Any) -> None:
+    """An auth-agent@openssh.com channel to the client (ssh -A), its session ``session``
+    (an SSHUNIXSession); ChannelOpenError if the client refuses it."""
+    # REACH-IN: SSHServerConnection.create_agent_channel and SSHAgentChannel.open
+    # (undocumented): asyncssh's create_agent_connection() would refuse unless its own
+    # per-connection listener (create_agent_listener) exists; sshspec's is per session.
+    chan = conn.create_agent_channel()
+    await chan.open(lambda: session)
+
+
 def decode_tcpip_forward(req: GlobalRequest) -> tuple[str, int]:
     """The address and port of a tcpip-forward or cancel-tcpip-forward (RFC 4254 7.1)."""
     what = req.name or "tcpip-forward"
@@ -1300,6 +1311,11 @@ _Conn = asyncssh.SSHServerConnection
 _Chan = asyncssh.SSHServerChannel
 
 REACH_INS: tuple[ReachIn, ...] = (
+    # Agent forwarding's channel to the client (HACKS.md row 30): asyncssh opens it
+    # only from its own per-connection listener; ours is per session.
+    ReachIn(_Conn, "create_agent_channel", ("window", "max_pktsize")),
+    ReachIn(asyncssh.channel.SSHAgentChannel, "open", ("session_factory",),
+            source_has="b'auth-agent@openssh.com'"),
     ReachIn(SSHPacketHandler, "process_packet", ("pkttype", "pktid", "packet"),
             source_has="self._packet_handlers[pkttype](self, pkttype"),
     # asyncssh.packet is not exported by the asyncssh package nor documented: the

@@ -438,6 +438,10 @@ class ForwardingConfig(_Section, frozen=True):
     # false: every listener is bound on loopback whatever the client asks (sshd's GatewayPorts no);
     # true: on the address the client names ("" or "*": every interface).
     gateway_ports: bool = False
+    # ssh -A: a session's programs reach the client's agent through SSH_AUTH_SOCK, a socket in a
+    # directory only the server's user may enter. Unset: on for the local backend (as sshd), off
+    # for docker (its programs could not reach the socket).
+    agent: bool | None = None
     max_forwards_per_connection: Annotated[int, msgspec.Meta(ge=1)] = SPEC_LIMITS["maxForwardsPerConnection"]
     max_listeners_per_connection: Annotated[int, msgspec.Meta(ge=1)] = \
         SPEC_LIMITS["maxListenersPerConnection"]
@@ -755,6 +759,9 @@ def _check_forwarding(file: str, config: Config) -> None:
     forwarding = config.forwarding
     if forwarding.connect_timeout <= 0:
         raise ConfigError(file, "forwarding.connectTimeout", "must be greater than 0")
+    if config.backend.type == "docker" and forwarding.agent:
+        raise ConfigError(file, "forwarding.agent", "the docker backend does not forward the agent (its "
+                          "programs run in containers, which cannot reach the server's socket)")
     if config.backend.type == "docker" and forwarding.tcp not in (None, "none"):
         # The server would connect from its own host, past the container's network isolation.
         raise ConfigError(file, "forwarding.tcp", f"`{forwarding.tcp}`: the docker backend does not forward "
@@ -771,13 +778,15 @@ def _check_forwarding(file: str, config: Config) -> None:
                               f"`{pattern}`: not [host:]port (`*` for any host or port)")
 
 
-def forward_policy_allows(config: Config) -> tuple[bool, bool]:
-    """forwarding.tcp: whether local (direct-tcpip) and remote (tcpip-forward) forwarding
-    are allowed, its unset default decided by the backend."""
+def forward_policy_allows(config: Config) -> tuple[bool, bool, bool]:
+    """forwarding.tcp and forwarding.agent: whether local (direct-tcpip), remote
+    (tcpip-forward) and agent forwarding are allowed, unset defaults decided by the backend."""
+    local_backend = config.backend.type == "local"
     tcp = config.forwarding.tcp
     if tcp is None:
-        tcp = "all" if config.backend.type == "local" else "none"
-    return tcp in ("local", "all"), tcp in ("remote", "all")
+        tcp = "all" if local_backend else "none"
+    agent = config.forwarding.agent
+    return tcp in ("local", "all"), tcp in ("remote", "all"), local_backend if agent is None else agent
 
 
 def _check_proxy_protocol(file: str, proxy: ProxyProtocolConfig) -> None:

@@ -19,6 +19,10 @@ Back-pressure, so that neither side makes the server buffer without bound:
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import socket
+import tempfile
 from typing import TYPE_CHECKING, Any
 
 import asyncssh
@@ -80,11 +84,18 @@ class Forwarder(asyncssh.SSHTCPSession[bytes]):
         self.connecting = asyncio.get_running_loop().create_task(
             self._open_to_client(conn, host, port, origin_host, origin_port))
 
-    async def _open_to_client(self, conn: asyncssh.SSHServerConnection, host: str, port: int,
+    def open_agent(self, conn: asyncssh.SSHServerConnection) -> None:
+        """auth-agent@openssh.com: the channel to the client's agent for an agent client of a session."""
+        self.connecting = asyncio.get_running_loop().create_task(self._open_to_client(conn, None, 0, "", 0))
+
+    async def _open_to_client(self, conn: asyncssh.SSHServerConnection, host: str | None, port: int,
                               origin_host: str, origin_port: int) -> None:
         event: core.Event
         try:
-            await conn.create_connection(lambda: self, host, port, origin_host, origin_port)
+            if host is None:
+                await internals.open_agent_channel(conn, self)
+            else:
+                await conn.create_connection(lambda: self, host, port, origin_host, origin_port)
         except asyncssh.ChannelOpenError as exc:
             event = core.ForwardFailed(self.channel, False, f"the client refused the channel: {exc.reason}")
         else:
@@ -261,6 +272,63 @@ class Listener:
     def close(self) -> None:
         if self.server is not None:
             self.server.close()
+
+
+class AgentSocket:
+    """A session's agent socket (ssh -A): SSH_AUTH_SOCK, in a directory only the
+    server's user may enter (mkdtemp: 0700), removed when the session ends. Each
+    connection to it is an agent client: a channel to the client's agent."""
+
+    def __init__(self, conn: SpecConnection, channel: int) -> None:
+        self.conn = conn
+        self.channel = channel
+        self.directory = tempfile.mkdtemp(prefix="sshspec-agent-")
+        self.path = os.path.join(self.directory, "agent")
+        self.server: asyncio.Server | None = None
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(self.path)
+            sock.listen(16)
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            self._remove()
+            raise
+        # Bound and listening now: an agent client that connects before the server
+        # serves waits in the backlog.
+        self.sock: socket.socket | None = sock
+        self.serving = asyncio.get_running_loop().create_task(self._serve(sock))
+
+    async def _serve(self, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        self.server = await loop.create_unix_server(lambda: _AgentClient(self), sock=sock)
+        self.sock = None  # the server owns it
+
+    def close(self) -> None:
+        self.serving.cancel()
+        if self.server is not None:
+            self.server.close()
+        if self.sock is not None:
+            self.sock.close()
+        self._remove()
+
+    def _remove(self) -> None:
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
+        with contextlib.suppress(OSError):
+            os.rmdir(self.directory)
+
+
+class _AgentClient(_Target):
+    """A program's connection to its session's agent socket."""
+
+    def __init__(self, agent: AgentSocket) -> None:
+        super().__init__(None)
+        self.agent = agent
+
+    def connection_made(self, transport: Any) -> None:
+        super().connection_made(transport)
+        self.agent.conn.agent_client(self.agent, transport, self)
 
 
 class _Accepted(_Target):

@@ -45,7 +45,7 @@ from sshspec.adapters.config import (
     resolve_state_dir,
     spec_limits,
 )
-from sshspec.adapters.forwarding import Forwarder
+from sshspec.adapters.forwarding import AgentSocket, Forwarder
 from sshspec.adapters.forwarding import Listener as ForwardListener
 from sshspec.adapters.handlers import (
     ConfiguredHandler,
@@ -131,6 +131,7 @@ class SpecSession(asyncssh.SSHServerSession[bytes]):
         self._transport_paused = False  # the socket's buffer is full: the client is not reading
         self._resumed: asyncio.Future[None] | None = None  # made only when someone waits
         self._waiter: asyncio.Task[None] | None = None
+        self.agent: AgentSocket | None = None  # ssh -A: this session's SSH_AUTH_SOCK
 
     # -- asyncssh -> core
 
@@ -192,6 +193,7 @@ class SpecSession(asyncssh.SSHServerSession[bytes]):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._wake()
+        self.close_agent()  # the session ended: its agent socket and directory go
         if self.chan is not None and internals.connection_gone(self.chan):
             # The whole connection ended (asyncssh closes its channels first): the
             # core's ConnectionLost closes every channel, then ends the connection
@@ -216,9 +218,25 @@ class SpecSession(asyncssh.SSHServerSession[bytes]):
                               decoded.height_px)
         elif isinstance(decoded, internals.SignalRequest):
             ok, reason = _ask(h.signal, decoded.name)
+        elif request.name == core.AGENT_REQUEST:
+            ok, reason = self.start_agent()
         else:
             ok, reason = False, None
         return core.RequestDone(self.channel_id, ok, reason)
+
+    def start_agent(self) -> tuple[bool, str | None]:
+        """ssh -A: the session's agent socket (its programs get SSH_AUTH_SOCK)."""
+        if self.agent is None:
+            try:
+                self.agent = AgentSocket(self.conn, self.channel_id)
+            except OSError as exc:
+                return False, f"agent socket: {exc.strerror or exc}"
+        return True, None
+
+    def close_agent(self) -> None:
+        agent, self.agent = self.agent, None
+        if agent is not None:
+            agent.close()
 
     async def start_program(self, request: core.ChannelRequest) -> None:
         assert self.chan is not None
@@ -249,8 +267,11 @@ class SpecSession(asyncssh.SSHServerSession[bytes]):
     def _server_env(self, chan: asyncssh.SSHServerChannel[bytes]) -> dict[str, str]:
         peer = chan.get_extra_info("peername") or ("", 0)
         sock = chan.get_extra_info("sockname") or ("", 0)
-        return {"SSH_CONNECTION": f"{peer[0]} {peer[1]} {sock[0]} {sock[1]}",
-                "SSH_CLIENT": f"{peer[0]} {peer[1]} {sock[1]}"}
+        env = {"SSH_CONNECTION": f"{peer[0]} {peer[1]} {sock[0]} {sock[1]}",
+               "SSH_CLIENT": f"{peer[0]} {peer[1]} {sock[1]}"}
+        if self.agent is not None:
+            env["SSH_AUTH_SOCK"] = self.agent.path
+        return env
 
     async def _wait_for_exit(self) -> None:
         try:
@@ -521,8 +542,16 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
     def accepted(self, listener: ForwardListener, transport: asyncio.Transport, protocol: Any) -> None:
         """A listener accepted a connection: a forwarded-tcpip channel, if the core opens one."""
         peer = transport.get_extra_info("peername") or ("", 0)
-        for action in self.handle(core.ForwardedConnection(listener.host, listener.port, str(peer[0]),
-                                                           int(peer[1]))):
+        self._accepted(core.ForwardedConnection(listener.host, listener.port, str(peer[0]), int(peer[1])),
+                       transport, protocol)
+
+    def agent_client(self, agent: AgentSocket, transport: asyncio.Transport, protocol: Any) -> None:
+        """A program connected to its session's agent socket: a channel to the client's agent."""
+        self._accepted(core.ForwardedConnection("", 0, f"session {agent.channel}", 0, core.AGENT_CHANNEL),
+                       transport, protocol)
+
+    def _accepted(self, event: core.ForwardedConnection, transport: asyncio.Transport, protocol: Any) -> None:
+        for action in self.handle(event):
             if isinstance(action, core.OpenForwarded) and action.channel in self.forwards:
                 self.forwards[action.channel].attach(transport, protocol)
                 return
@@ -531,7 +560,11 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
     def _open_forwarded(self, action: core.OpenForwarded) -> None:
         assert self.conn is not None
         forwarder = self.forwards[action.channel] = Forwarder(self, action.channel)
-        forwarder.open_to_client(self.conn, action.host, action.port, action.origin_host, action.origin_port)
+        if action.kind == core.AGENT_CHANNEL:
+            forwarder.open_agent(self.conn)
+        else:
+            forwarder.open_to_client(self.conn, action.host, action.port, action.origin_host,
+                                     action.origin_port)
 
     def _confirm_forward(self, action: core.ConfirmForward) -> None:
         self.forwards[action.channel].confirm()
@@ -599,6 +632,8 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
         for listener in self.listeners.values():
             listener.close()
         self.listeners.clear()
+        for session in self.sessions.values():
+            session.close_agent()
         if self._timer is not None:
             self._timer.cancel()
             self._timer, self._timer_at = None, None
@@ -975,9 +1010,9 @@ class Server:
         self.durable_log = self.logger if config.log.durable else None
         self.machines = machines(config)
         forwarding = config.forwarding
-        local, remote = forward_policy_allows(config)
+        local, remote, agent = forward_policy_allows(config)
         self.forward_policy = core.ForwardPolicy(local, forwarding.permit_open, remote,
-                                                 forwarding.permit_listen, forwarding.gateway_ports)
+                                                 forwarding.permit_listen, forwarding.gateway_ports, agent)
         self.metrics: Metrics | None = None
         if config.metrics.listen is not None:
             from sshspec.adapters.metrics import Metrics

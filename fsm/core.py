@@ -160,6 +160,8 @@ class SessionEvent(enum.StrEnum):
     shell = "shell"
     exec = "exec"
     subsystem = "subsystem"
+    agent_req = "agent_req"
+    agent_denied = "agent_denied"
     not_implemented = "not_implemented"
     unknown_request = "unknown_request"
     malformed_request = "malformed_request"
@@ -368,6 +370,8 @@ class ServerCore:
 
 AUTH_VERDICTS = frozenset({"ok", "bad", "unavailable"})
 START_REQUESTS = frozenset({"shell", "exec", "subsystem"})
+AGENT_REQUEST = "auth-agent-req@openssh.com"
+AGENT_CHANNEL = "auth-agent@openssh.com"
 # Channel requests by type: the ones with an event of their own, and the known
 # ones this server does not implement (SSH_NOT_IMPLEMENTED) as opposed to
 # types nobody knows (unknown_request).
@@ -379,9 +383,10 @@ REQUEST_EVENTS: dict[str, SessionEvent] = {
     "shell": SessionEvent.shell,
     "exec": SessionEvent.exec,
     "subsystem": SessionEvent.subsystem,
+    AGENT_REQUEST: SessionEvent.agent_req,
 }
 NOT_IMPLEMENTED = frozenset(
-    {"x11-req", "auth-agent-req@openssh.com", "break", "xon-xoff", "keepalive@openssh.com", "eow@openssh.com"}
+    {"x11-req", "break", "xon-xoff", "keepalive@openssh.com", "eow@openssh.com"}
 )
 AUTH_METHODS: dict[str, ConnectionEvent] = {
     "password": ConnectionEvent.password,
@@ -421,6 +426,7 @@ class ForwardPolicy:
     remote: bool = True
     permit_listen: tuple[str, ...] = ("*",)  # [host:]port patterns (ssh -R); `*` for any
     gateway_ports: bool = False  # False: every listener is bound on loopback, as sshd's GatewayPorts no
+    agent: bool = False  # auth-agent-req@openssh.com (ssh -A): off unless the config says (forwarding.agent)
 
     def listen_denial(self, host: str, port: int) -> str | None:
         """Why a tcpip-forward for ``host``:``port`` is denied, or None."""
@@ -783,6 +789,7 @@ class ForwardedConnection(_Message, frozen=True):
     port: int
     origin_host: str
     origin_port: int
+    kind: str = "forwarded-tcpip"  # or auth-agent@openssh.com: a program's agent client (ssh -A)
 
 
 class ForwardConnected(_Message, frozen=True):
@@ -1034,6 +1041,7 @@ class OpenForwarded(_Message, frozen=True):
     port: int
     origin_host: str
     origin_port: int
+    kind: str = "forwarded-tcpip"  # or auth-agent@openssh.com
 
 
 class OpenSession(_Message, frozen=True):
@@ -1678,21 +1686,24 @@ class ConnectionCore:
             self.out.append(GlobalReply(False))
 
     def _forwarded_connection(self, event: ForwardedConnection) -> None:
-        origin = hostport(event.origin_host, event.origin_port)
-        target = f"{hostport(event.host, event.port)} from {origin}"
+        if event.kind == AGENT_CHANNEL:
+            target = f"agent of {event.origin_host}"
+        else:
+            origin = hostport(event.origin_host, event.origin_port)
+            target = f"{hostport(event.host, event.port)} from {origin}"
         channel = self.next_channel
         self.next_channel += 1
-        about = f"forwarded-tcpip for {target}"
+        about = f"{event.kind} for {target}"
         peek = self.machine.peek(self.instance, ConnectionEvent.forwarded_connection)
         if peek.reply == ConnectionReply.close_accepted and peek.target == "established":
             limit = self.machine.limits["maxForwardsPerConnection"]
             about = f"{about}: {limit} open (forwarding.maxForwardsPerConnection)"
         step = self._fire(ConnectionEvent.forwarded_connection, channel_id=channel,
-                          request_type="forwarded-tcpip", reason=about)
+                          request_type=event.kind, reason=about)
         if step.reply == ConnectionReply.open_forward:
-            self.forwards[channel] = Forward(channel, self.machines.forward.new(), target, "forwarded-tcpip")
+            self.forwards[channel] = Forward(channel, self.machines.forward.new(), target, event.kind)
             self.out.append(OpenForwarded(channel, event.host, event.port, event.origin_host,
-                                          event.origin_port))
+                                          event.origin_port, event.kind))
 
     def _channel_open(self, event: ChannelOpen) -> None:
         if event.malformed is not None:
@@ -1924,11 +1935,15 @@ class ConnectionCore:
             )
         else:
             event = REQUEST_EVENTS.get(name)
+            if event is SessionEvent.agent_req and not self.forwarding.agent:
+                event = SessionEvent.agent_denied
             if event is None:
                 event = (
                     SessionEvent.not_implemented if name in NOT_IMPLEMENTED else SessionEvent.unknown_request
                 )
-            step = self._fire_session(session, event, request_type=name, command=req.command)
+            step = self._fire_session(session, event, request_type=name, command=req.command,
+                                      reason="forwarding.agent is off" if event is SessionEvent.agent_denied
+                                      else None)
             if step.kind == "transition" and step.reply is None and step.target != step.source:
                 # The spec hands the request to the backend.
                 self.out.append(

@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import functools
 import http.server
+import os
 import shutil
 import signal
 import socket
@@ -652,3 +653,49 @@ def test_forwarded_connections_beyond_the_limit_are_closed(server_factory: Any, 
     asyncio.run(main())
     (limit,) = one(live, "SSH_FORWARD_LIMIT")
     assert limit["labels"]["requestType"] == "forwarded-tcpip"
+
+
+# --- ssh -A: agent forwarding ------------------------------------------------------------------
+
+
+@pytest.fixture
+def agent(tmp_path: Path) -> Iterator[dict[str, str]]:
+    """A real ssh-agent holding a fresh key; yields the environment that points at it."""
+    sock = tmp_path / "agent.sock"
+    proc = subprocess.Popen(["ssh-agent", "-D", "-a", str(sock)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    key = tmp_path / "agent_key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "forwarded-key", "-f", str(key)],
+                   check=True)
+    env = {**os.environ, "SSH_AUTH_SOCK": str(sock)}
+    deadline = time.monotonic() + 10
+    while subprocess.run(["ssh-add", str(key)], env=env, capture_output=True).returncode != 0:
+        assert time.monotonic() < deadline and proc.poll() is None, "ssh-agent did not start"
+        time.sleep(0.05)
+    yield env
+    proc.terminate()
+    proc.wait(10)
+
+
+def test_ssh_A_then_ssh_add_lists_the_forwarded_key(server: LiveServer, agent: dict[str, str]) -> None:
+    script = 'echo "$SSH_AUTH_SOCK"; stat -c %a "$(dirname "$SSH_AUTH_SOCK")"; ssh-add -l'
+    done = subprocess.run([*server.ssh_args("-A"), script], capture_output=True, timeout=60, env=agent)
+    assert done.returncode == 0, done.stderr
+    path, mode, listed = done.stdout.decode().split("\n", 2)
+    assert mode == "700"  # only the server's user may enter the socket's directory
+    assert "forwarded-key" in listed
+    server.wait_for_code("SSH_DISCONNECTED")
+    assert not os.path.exists(os.path.dirname(path))  # removed when the session ended
+    (requested,) = one(server, "SSH_FORWARD_REQUESTED")
+    assert requested["labels"]["requestType"] == "auth-agent@openssh.com"
+    assert records_with(server, "SSH_FORWARD_OPEN")
+
+
+def test_agent_forwarding_off_is_denied_with_a_code(server_factory: Any, agent: dict[str, str]) -> None:
+    live = server_factory({"forwarding": {"agent": False}})
+    done = subprocess.run([*live.ssh_args("-A"), 'echo "[$SSH_AUTH_SOCK]"; ssh-add -l'], capture_output=True,
+                          timeout=60, env=agent)
+    assert done.returncode == 2  # ssh-add: no agent
+    assert done.stdout == b"[]\n"
+    (denied,) = one(live, "SSH_AGENT_FORWARDING_DENIED")
+    assert denied["level"] == "info" and denied["labels"]["requestType"] == "auth-agent-req@openssh.com"

@@ -80,7 +80,7 @@ class InertApp(_Password):
 def inert(server_factory) -> Iterator[LiveServer]:  # type: ignore[no-untyped-def]
     # No forwarding: the fuzzed tcpip-forward and direct-tcpip requests that decode are denied by
     # policy rather than binding and connecting wherever hypothesis points them.
-    yield server_factory({"forwarding": {"tcp": "none"}}, handler="test_hostile:InertApp")
+    yield server_factory({"forwarding": {"tcp": "none", "agent": False}}, handler="test_hostile:InertApp")
 
 
 def local_addr(sock: Any) -> str:
