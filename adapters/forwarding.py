@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import asyncssh
 
 from sshspec.adapters import asyncssh_internals as internals
+from sshspec.adapters.handlers import ForwardServer, ForwardTarget
 from sshspec.fsm import core
 
 if TYPE_CHECKING:
@@ -48,6 +49,7 @@ class Forwarder(asyncssh.SSHTCPSession[bytes]):
         # asyncssh holds CHANNEL_OPEN_CONFIRMATION until it is set.
         self.decided: asyncio.Future[None] = loop.create_future()
         self.connecting: asyncio.Task[None] | None = None
+        self.serving: asyncio.Task[None] | None = None  # a handler serving the forward in-process
         self.started = False  # asyncssh opened the channel: the target may be read ...
         self.confirmed = False  # ... once the core confirmed it
         self.chan_full = False  # something waits for the client's window
@@ -55,15 +57,23 @@ class Forwarder(asyncssh.SSHTCPSession[bytes]):
 
     # -- the open
 
-    def connect(self, host: str, port: int, timeout: float) -> None:
-        self.connecting = asyncio.get_running_loop().create_task(self._connect(host, port, timeout))
+    def connect(self, target: ForwardTarget, timeout: float, refusal: str | None = None) -> None:
+        """direct-tcpip: connect to the target the handler named (or serve it in-process);
+        None: the handler refused it (``refusal``: why, when it raised)."""
+        self.connecting = asyncio.get_running_loop().create_task(self._connect(target, timeout, refusal))
 
-    async def _connect(self, host: str, port: int, timeout: float) -> None:
+    async def _connect(self, target: ForwardTarget, timeout: float, refusal: str | None) -> None:
         loop = asyncio.get_running_loop()
         event: core.Event
         try:
-            transport, _ = await asyncio.wait_for(
-                loop.create_connection(lambda: _Target(self), host, port), timeout)
+            if target is None:
+                raise OSError(f"refused by the handler: {refusal}" if refusal else "refused by the handler")
+            if callable(target):
+                transport = await self._serve_in_process(target)
+            else:
+                host, port = target
+                transport, _ = await asyncio.wait_for(
+                    loop.create_connection(lambda: _Target(self), host, port), timeout)
         except TimeoutError:
             event = core.ForwardFailed(self.channel, True, f"no connection within {timeout:g}s "
                                                            "(forwarding.connectTimeout)")
@@ -76,6 +86,23 @@ class Forwarder(asyncssh.SSHTCPSession[bytes]):
         self.conn.handle(event)
         if not self.confirmed:
             self._close_target()  # refused, or the channel closed meanwhile
+
+    async def _serve_in_process(self, serve: ForwardServer) -> asyncio.Transport:
+        """The handler serves the forward itself: its end of a socket pair is its reader
+        and writer (the kernel's buffers give both directions their back-pressure)."""
+        ours, theirs = socket.socketpair()
+        reader, writer = await asyncio.open_connection(sock=theirs)
+        self.serving = asyncio.get_running_loop().create_task(self._serve(serve, reader, writer))
+        transport, _ = await asyncio.get_running_loop().create_connection(lambda: _Target(self), sock=ours)
+        return transport
+
+    @staticmethod
+    async def _serve(serve: ForwardServer, reader: asyncio.StreamReader,
+                     writer: asyncio.StreamWriter) -> None:
+        try:
+            await serve(reader, writer)
+        finally:
+            writer.close()
 
     def open_to_client(self, conn: asyncssh.SSHServerConnection, host: str, port: int,
                        origin_host: str, origin_port: int) -> None:
@@ -144,6 +171,8 @@ class Forwarder(asyncssh.SSHTCPSession[bytes]):
             self.connecting.cancel()
             self.connecting = None
         self.reject(asyncssh.OPEN_CONNECT_FAILED, "Channel closed")
+        if self.serving is not None and self.transport is None:
+            self.serving.cancel()  # (with its connection open, it sees the EOF and ends itself)
         if self.chan is not None:
             self.chan.close()
         self._close_target()

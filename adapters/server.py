@@ -507,8 +507,10 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
         return None
 
     def _open_forward(self, action: core.OpenForward) -> None:
+        assert self.backend is not None
+        target, reason = _ask(self.backend.forward_target, action.host, action.port)
         forwarder = self.forwards[action.channel] = Forwarder(self, action.channel)
-        forwarder.connect(action.host, action.port, self.server.config.forwarding.connect_timeout)
+        forwarder.connect(target, self.server.config.forwarding.connect_timeout, reason)  # type: ignore[arg-type]
 
     def _bind(self, action: core.Bind) -> None:
         self._global_answer = asyncio.get_running_loop().create_future()

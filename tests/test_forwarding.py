@@ -699,3 +699,35 @@ def test_agent_forwarding_off_is_denied_with_a_code(server_factory: Any, agent: 
     assert done.stdout == b"[]\n"
     (denied,) = one(live, "SSH_AGENT_FORWARDING_DENIED")
     assert denied["level"] == "info" and denied["labels"]["requestType"] == "auth-agent-req@openssh.com"
+
+
+# --- the handler API decides where a direct-tcpip goes -----------------------------------------
+
+
+def test_a_handler_routes_serves_or_refuses_forwards(server_factory: Any, targets: Any) -> None:
+    live = server_factory(handler="apps:Forwarding")
+    target = targets("echo")
+
+    async def main() -> None:
+        async with connect(live, username="demo", password="demo") as conn:
+            # Served by the handler itself, both directions, half-close kept.
+            reader, writer = await conn.open_connection("upper.internal", 7)
+            writer.write(b"shout this")
+            writer.write_eof()
+            assert await reader.read() == b"SHOUT THIS" + b"BYE\n"
+            # Routed elsewhere: the name means nothing to DNS, the handler maps it.
+            reader, writer = await conn.open_connection("backend.internal", target.port)
+            writer.write(b"via the handler")
+            writer.write_eof()
+            assert await reader.read() == b"via the handler"
+            for host in ("example.com", "raise.internal"):
+                with pytest.raises(asyncssh.ChannelOpenError) as info:
+                    await conn.open_connection(host, 80)
+                assert info.value.code == asyncssh.OPEN_CONNECT_FAILED
+
+    asyncio.run(main())
+    live.wait_for_code("SSH_DISCONNECTED")
+    failed = [r["labels"]["reason"] for r in records_with(live, "SSH_FORWARD_CONNECT_FAILED")]
+    assert failed == ["example.com:80: refused by the handler",
+                      "raise.internal:80: refused by the handler: no route to the internal network"], failed
+    assert len(records_with(live, "SSH_FORWARD_OPEN")) == 2
