@@ -731,3 +731,41 @@ def test_a_handler_routes_serves_or_refuses_forwards(server_factory: Any, target
     assert failed == ["example.com:80: refused by the handler",
                       "raise.internal:80: refused by the handler: no route to the internal network"], failed
     assert len(records_with(live, "SSH_FORWARD_OPEN")) == 2
+
+
+def test_git_clone_over_ssh_authenticates_through_the_forwarded_agent(
+        tmp_path: Path, request: pytest.FixtureRequest, agent: dict[str, str]) -> None:
+    """ssh -A to the first server; there git clones from a second sshspec server that
+    authorizes only the agent's key: the clone's ssh signs through the forwarded agent."""
+    first, second = tmp_path / "bastion", tmp_path / "git"
+    first.mkdir()
+    second.mkdir()
+    agent_pub = (tmp_path / "agent_key.pub").read_text().strip()
+    bastion = start_server(first, f"{request.node.name}-bastion")
+    githost = start_server(second, f"{request.node.name}-git",
+                           config={"auth": {"users": [{"username": "alice", "authorizedKeys": [agent_pub]}]}})
+    repo, work = tmp_path / "repo.git", tmp_path / "work"
+    subprocess.run(["git", "init", "-q", "--bare", str(repo)], check=True)
+    subprocess.run(["git", "clone", "-q", str(repo), str(work)], check=True, capture_output=True)
+    (work / "README").write_text("cloned through the agent\n")
+    git = ["git", "-C", str(work), "-c", "user.name=t", "-c", "user.email=t@example.com"]
+    subprocess.run([*git, "add", "README"], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "one"], check=True)
+    subprocess.run([*git, "push", "-q", "origin", "HEAD"], check=True, capture_output=True)
+    dest = tmp_path / "clone"
+    inner_ssh = ("ssh -F /dev/null -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null "
+                 "-o BatchMode=yes")
+    script = (f"GIT_SSH_COMMAND='{inner_ssh}' git clone -q "
+              f"ssh://alice@127.0.0.1:{githost.port}{repo} {dest} && cat {dest}/README")
+    try:
+        done = subprocess.run([*bastion.ssh_args("-A"), script], capture_output=True, timeout=120, env=agent)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout == b"cloned through the agent\n"
+        bastion.wait_for_code("SSH_DISCONNECTED")
+        githost.wait_for_code("SSH_DISCONNECTED")
+    finally:
+        bastion.stop()
+        githost.stop()
+    assert records_with(bastion, "SSH_FORWARD_OPEN")[0]["labels"]["requestType"] == "auth-agent@openssh.com"
+    (success,) = one(githost, "SSH_AUTH_SUCCESSFUL")
+    assert success["labels"]["method"] == "publickey"
