@@ -662,6 +662,7 @@ def main() -> None:
         only = (args.side_only or args.launch_only or args.metrics_only or args.docker_only
                 or args.forwarding_only)
         if args.forwarding_only or not only:
+            sys.path.insert(0, str(ROOT))
             from bench.forwarding import forwarding_phase
             mib = args.forwarding_mib or (32 if args.quick else 256)
             print(f"forwarding: {mib} MiB each way through ssh -L, sshspec vs sshd, 3 rounds", flush=True)
@@ -671,7 +672,7 @@ def main() -> None:
             metrics_sets = args.sets or (2 if args.quick else 4)
             print(f"metrics: N={metrics_n} each, {metrics_sets} sets x {args.set_rounds} rounds", flush=True)
             res["metrics"] = metrics_phase(work, key, metrics_n, args.c, metrics_sets, args.set_rounds)
-        elif not args.side_only and not args.docker_only:
+        elif not args.side_only and not args.docker_only and not args.forwarding_only:
             launch_n = max(50, n // 5)
             launch_sets = (args.sets if args.launch_only else None) or 2
             print(f"launch: N={launch_n} each, {launch_sets} sets x {args.set_rounds} rounds", flush=True)
