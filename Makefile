@@ -29,7 +29,7 @@ test: system-packages $(STAMP) lint
 	rm -rf .test-logs
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
 	@# Every live server's log must replay against the specs, complete, and
-	@# together they must exercise every transition of the three specs.
+	@# together they must exercise every transition of every spec.
 	@# (logs under .test-logs/limits/NAME=VALUE,.../ replay with those limits; the
 	@# glob runs in the shell, after the tests wrote the logs)
 	@logs="$$(ls .test-logs/*.jsonl .test-logs/limits/*/*.jsonl 2>/dev/null)"; \

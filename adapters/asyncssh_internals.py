@@ -76,6 +76,7 @@ __all__ = [
     "ConnectionHooks",
     "DecompressionLimitError",
     "Default",
+    "DirectTcpip",
     "EnvRequest",
     "ExecRequest",
     "GlobalRequest",
@@ -99,6 +100,9 @@ __all__ = [
     "connection_factory",
     "connection_gone",
     "connection_owner",
+    "decode_direct_tcpip",
+    "decode_tcpip_forward",
+    "open_agent_channel",
     "decode_request",
     "install_hooks",
     "is_login_timeout",
@@ -965,6 +969,46 @@ def _parse_open(seq: int, payload: bytes) -> ChannelOpenRequest:
                               packet.get_remaining_payload(), malformed)
 
 
+@dataclass(frozen=True, slots=True)
+class DirectTcpip:
+    """A direct-tcpip CHANNEL_OPEN's fields (RFC 4254 7.2)."""
+
+    host: str
+    port: int
+    origin_host: str
+    origin_port: int
+
+
+async def open_agent_channel(conn: asyncssh.SSHServerConnection, session: Any) -> None:
+    """An auth-agent@openssh.com channel to the client (ssh -A), its session ``session``
+    (an SSHUNIXSession); ChannelOpenError if the client refuses it."""
+    # REACH-IN: SSHServerConnection.create_agent_channel and SSHAgentChannel.open
+    # (undocumented): asyncssh's create_agent_connection() would refuse unless its own
+    # per-connection listener (create_agent_listener) exists; sshspec's is per session.
+    chan = conn.create_agent_channel()
+    await chan.open(lambda: session)
+
+
+def decode_tcpip_forward(req: GlobalRequest) -> tuple[str, int]:
+    """The address and port of a tcpip-forward or cancel-tcpip-forward (RFC 4254 7.1)."""
+    what = req.name or "tcpip-forward"
+    host, port = _read(what, SSHPacket(req.payload), ("address to bind", "utf-8"), ("port to bind", _U32))
+    if port > 65535:
+        raise RequestDecodeError(what, f"no such port: {port}")
+    return host, port
+
+
+def decode_direct_tcpip(req: ChannelOpenRequest) -> DirectTcpip:
+    """The target and origin of a direct-tcpip open; RequestDecodeError names a bad field."""
+    what = "direct-tcpip"
+    host, port, origin, origin_port = _read(what, SSHPacket(req.payload), ("host", "utf-8"),
+                                            ("port", _U32), ("originator address", "utf-8"),
+                                            ("originator port", _U32))
+    if not host or port > 65535:
+        raise RequestDecodeError(what, f"no such target: {host!r} port {port}")
+    return DirectTcpip(host, port, origin, origin_port)
+
+
 def _on_channel_open(state: HookState, conn: asyncssh.SSHServerConnection, pkttype: int,
                      pktid: int, packet: SSHPacket) -> None:
     req = _parse_open(state.next_seq("open"), packet.get_remaining_payload())
@@ -1371,6 +1415,11 @@ _Chan = asyncssh.SSHServerChannel
 _Cert = asyncssh.public_key.SSHOpenSSHCertificate
 
 REACH_INS: tuple[ReachIn, ...] = (
+    # Agent forwarding's channel to the client (HACKS.md row 30): asyncssh opens it
+    # only from its own per-connection listener; ours is per session.
+    ReachIn(_Conn, "create_agent_channel", ("window", "max_pktsize")),
+    ReachIn(asyncssh.channel.SSHAgentChannel, "open", ("session_factory",),
+            source_has="b'auth-agent@openssh.com'"),
     ReachIn(SSHPacketHandler, "process_packet", ("pkttype", "pktid", "packet"),
             source_has="self._packet_handlers[pkttype](self, pkttype"),
     # asyncssh.packet is not exported by the asyncssh package nor documented: the
@@ -1459,7 +1508,7 @@ REACH_INS: tuple[ReachIn, ...] = (
             source_has="return SSHServerConnection(loop, new_options, acceptor, error_handler)"),
     ReachIn(SSHConnection, "get_owner", (), source_has="return self._owner"),
     ReachIn(SSHConnection, "_owner", attr_in=SSHConnection.connection_made),
-    # on_certificate / user_certificate (HACKS.md row 30): user certificates decided by the hook.
+    # on_certificate / user_certificate (HACKS.md row 31): user certificates decided by the hook.
     ReachIn(_Conn, "_validate_openssh_certificate", ("username", "cert"),
             source_has="self._owner.validate_ca_key(username, cert.signing_key)"),
     ReachIn(_Conn, "_validate_client_certificate", ("username", "key_data"),

@@ -431,6 +431,31 @@ class LimitsConfig(_Section, frozen=True):
     max_buffered_total: ByteSize = msgspec.field(default_factory=lambda: ByteSize(256 << 20))
 
 
+class ForwardingConfig(_Section, frozen=True):
+    """TCP forwarding, with OpenSSH's meanings (AllowTcpForwarding, PermitOpen).
+    `tcp`: none | local (direct-tcpip: ssh -L, -D, -J) | remote (tcpip-forward: ssh -R) | all.
+    Unset: all for the local backend, as sshd; none for the docker backend, whose containers reach no network
+    the server does not give them (its forwards would come from the server's host)."""
+
+    tcp: Literal["none", "local", "remote", "all"] | None = None
+    # host:port patterns a direct-tcpip may reach; `*` for any host or port.
+    permit_open: tuple[NonEmpty, ...] = ("*:*",)
+    # [host:]port patterns a tcpip-forward (ssh -R) may ask for; `*` for any.
+    permit_listen: tuple[NonEmpty, ...] = ("*",)
+    # false: every listener is bound on loopback whatever the client asks (sshd's GatewayPorts no);
+    # true: on the address the client names ("" or "*": every interface).
+    gateway_ports: bool = False
+    # ssh -A: a session's programs reach the client's agent through SSH_AUTH_SOCK, a socket in a
+    # directory only the server's user may enter. Unset: on for the local backend (as sshd), off
+    # for docker (its programs could not reach the socket).
+    agent: bool | None = None
+    max_forwards_per_connection: Annotated[int, msgspec.Meta(ge=1)] = SPEC_LIMITS["maxForwardsPerConnection"]
+    max_listeners_per_connection: Annotated[int, msgspec.Meta(ge=1)] = \
+        SPEC_LIMITS["maxListenersPerConnection"]
+    # How long the server waits for a target to accept before it refuses the channel.
+    connect_timeout: Duration = _seconds(10)
+
+
 class BackendConfig(_Section, frozen=True):
     type: Literal["local", "docker"] = "local"  # docker: a container per connection (see `docker:`)
     env_deny: tuple[NonEmpty, ...] = ("LD_*", "DYLD_*")  # fnmatch patterns
@@ -531,6 +556,7 @@ class Config(_Section, frozen=True):
     auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
     limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
     backend: BackendConfig = msgspec.field(default_factory=BackendConfig)
+    forwarding: ForwardingConfig = msgspec.field(default_factory=ForwardingConfig)
     log: LogConfig = msgspec.field(default_factory=LogConfig)
     # ContainerSSH's configuration API: per-connection backend settings after authentication.
     configserver: ConfigServerConfig = msgspec.field(default_factory=ConfigServerConfig)
@@ -543,7 +569,8 @@ class Config(_Section, frozen=True):
 def spec_limits(config: Config) -> dict[str, int]:
     """The values the config gives the spec's limits, by the spec's names."""
     values = {f.encode_name: getattr(section, f.name)
-              for section in (config.ssh, config.limits) for f in msgspec.structs.fields(section)}
+              for section in (config.ssh, config.limits, config.forwarding)
+              for f in msgspec.structs.fields(section)}
     values["maxStartups"] = config.limits.max_startups.full  # the spec's hard limit
     return {name: values[name] for name in SPEC_LIMITS}
 
@@ -672,6 +699,7 @@ def _check(file: str, config: Config) -> None:
             # Below the socket buffer's high-water mark a client that reads slowly would be cut.
             raise ConfigError(file, key, f"{value} bytes: must be at least 64KiB")
     _check_proxy_protocol(file, config.ssh.proxy_protocol)
+    _check_forwarding(file, config)
     penalties = config.limits.per_source_penalties
     if penalties.max <= penalties.min:
         # Penalties add up to `max`; a source is refused past `min`: it never would be.
@@ -752,6 +780,40 @@ def _check(file: str, config: Config) -> None:
         except ValueError as exc:
             key, _, problem = str(exc).partition(": ")
             raise ConfigError(file, key, problem) from None
+
+
+def _check_forwarding(file: str, config: Config) -> None:
+    forwarding = config.forwarding
+    if forwarding.connect_timeout <= 0:
+        raise ConfigError(file, "forwarding.connectTimeout", "must be greater than 0")
+    if config.backend.type == "docker" and forwarding.agent:
+        raise ConfigError(file, "forwarding.agent", "the docker backend does not forward the agent (its "
+                          "programs run in containers, which cannot reach the server's socket)")
+    if config.backend.type == "docker" and forwarding.tcp not in (None, "none"):
+        # The server would connect from its own host, past the container's network isolation.
+        raise ConfigError(file, "forwarding.tcp", f"`{forwarding.tcp}`: the docker backend does not forward "
+                          "TCP (the connections would come from the server's host, not the container)")
+    for i, pattern in enumerate(forwarding.permit_open):
+        host, colon, port = pattern.rpartition(":")
+        if not colon or not host or not (port == "*" or (port.isdigit() and 0 < int(port) < 65536)):
+            raise ConfigError(file, f"forwarding.permitOpen[{i}]",
+                              f"`{pattern}`: not host:port (`*` for any host or port; IPv6 in brackets)")
+    for i, pattern in enumerate(forwarding.permit_listen):
+        host, colon, port = pattern.rpartition(":")
+        if (colon and not host) or not (port == "*" or (port.isdigit() and int(port) < 65536)):
+            raise ConfigError(file, f"forwarding.permitListen[{i}]",
+                              f"`{pattern}`: not [host:]port (`*` for any host or port)")
+
+
+def forward_policy_allows(config: Config) -> tuple[bool, bool, bool]:
+    """forwarding.tcp and forwarding.agent: whether local (direct-tcpip), remote
+    (tcpip-forward) and agent forwarding are allowed, unset defaults decided by the backend."""
+    local_backend = config.backend.type == "local"
+    tcp = config.forwarding.tcp
+    if tcp is None:
+        tcp = "all" if local_backend else "none"
+    agent = config.forwarding.agent
+    return tcp in ("local", "all"), tcp in ("remote", "all"), local_backend if agent is None else agent
 
 
 def _check_proxy_protocol(file: str, proxy: ProxyProtocolConfig) -> None:

@@ -43,11 +43,18 @@ if TYPE_CHECKING:  # the docker backend imports its engine client only when it i
     from sshspec.adapters.backend_docker import ContainerSettings
 
 __all__ = [
-    "AuthVerdict", "BackendError", "ConnectionInfo", "ExitStatus", "Handler", "LocalSession",
+    "AuthVerdict", "BackendError", "ConnectionInfo", "ExitStatus", "ForwardServer", "ForwardTarget",
+    "Handler", "LocalSession",
     "PtyRequest", "SessionHandler", "SessionIO", "ConfiguredHandler",
 ]
 
 AuthVerdict = Literal["ok", "bad", "unavailable"]
+# A forward's serving coroutine: the client's bytes come from the reader, the writer goes to
+# the client (closing it ends the server's direction).
+ForwardServer = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+# Where a direct-tcpip goes: (host, port) to connect to, a `ForwardServer` that serves
+# it in-process, or None to refuse it.
+ForwardTarget = tuple[str, int] | ForwardServer | None
 ProgramKind = Literal["shell", "exec", "subsystem"]
 
 
@@ -265,6 +272,11 @@ class ConnectionHandler:
     def session(self) -> SessionHandler:
         return self.handler.session(self.info)
 
+    def forward_target(self, host: str, port: int) -> ForwardTarget:
+        """Where a direct-tcpip (ssh -L, -D, -J) to ``host``:``port`` goes, once the
+        policy (forwarding.tcp, permitOpen, limits) let it through: the handler's."""
+        return self.handler.forward_target(self.info, host, port)
+
     def close(self) -> None:
         """The connection ended (its sessions closed first): release what it holds."""
 
@@ -296,6 +308,14 @@ class Handler:
 
     def session(self, conn: ConnectionInfo) -> SessionHandler:
         return SessionHandler()
+
+    def forward_target(self, conn: ConnectionInfo, host: str, port: int) -> ForwardTarget:
+        """Where a direct-tcpip to ``host``:``port`` goes: by default there, connected
+        from the server as its own user. Return another ``(host, port)`` (a container,
+        another machine), a `ForwardServer` coroutine that serves the connection itself,
+        or None (or raise `BackendError`) to refuse it: the channel is refused "connect
+        failed" (SSH_FORWARD_CONNECT_FAILED, the reason says the handler refused)."""
+        return host, port
 
     async def aclose(self) -> None:
         """The server stopped: release what the handler holds (HTTP sessions...)."""

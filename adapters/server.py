@@ -22,6 +22,7 @@ import random
 import secrets
 import signal
 import socket
+import struct
 import time
 import typing
 from collections.abc import Awaitable, Callable
@@ -41,11 +42,14 @@ from sshspec.adapters.config import (
     Config,
     authority_key,
     ca_file_problem,
+    forward_policy_allows,
     read_authorized_keys,
     read_ca_keys,
     resolve_state_dir,
     spec_limits,
 )
+from sshspec.adapters.forwarding import AgentSocket, Forwarder
+from sshspec.adapters.forwarding import Listener as ForwardListener
 from sshspec.adapters.handlers import (
     ConfiguredHandler,
     ConnectionHandler,
@@ -131,6 +135,7 @@ class SpecSession(asyncssh.SSHServerSession[bytes]):
         self._transport_paused = False  # the socket's buffer is full: the client is not reading
         self._resumed: asyncio.Future[None] | None = None  # made only when someone waits
         self._waiter: asyncio.Task[None] | None = None
+        self.agent: AgentSocket | None = None  # ssh -A: this session's SSH_AUTH_SOCK
 
     # -- asyncssh -> core
 
@@ -192,6 +197,7 @@ class SpecSession(asyncssh.SSHServerSession[bytes]):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._wake()
+        self.close_agent()  # the session ended: its agent socket and directory go
         if self.chan is not None and internals.connection_gone(self.chan):
             # The whole connection ended (asyncssh closes its channels first): the
             # core's ConnectionLost closes every channel, then ends the connection
@@ -216,9 +222,25 @@ class SpecSession(asyncssh.SSHServerSession[bytes]):
                               decoded.height_px)
         elif isinstance(decoded, internals.SignalRequest):
             ok, reason = _ask(h.signal, decoded.name)
+        elif request.name == core.AGENT_REQUEST:
+            ok, reason = self.start_agent()
         else:
             ok, reason = False, None
         return core.RequestDone(self.channel_id, ok, reason)
+
+    def start_agent(self) -> tuple[bool, str | None]:
+        """ssh -A: the session's agent socket (its programs get SSH_AUTH_SOCK)."""
+        if self.agent is None:
+            try:
+                self.agent = AgentSocket(self.conn, self.channel_id)
+            except OSError as exc:
+                return False, f"agent socket: {exc.strerror or exc}"
+        return True, None
+
+    def close_agent(self) -> None:
+        agent, self.agent = self.agent, None
+        if agent is not None:
+            agent.close()
 
     async def start_program(self, request: core.ChannelRequest, forced_command: str | None = None) -> None:
         assert self.chan is not None
@@ -260,8 +282,11 @@ class SpecSession(asyncssh.SSHServerSession[bytes]):
     def _server_env(self, chan: asyncssh.SSHServerChannel[bytes]) -> dict[str, str]:
         peer = chan.get_extra_info("peername") or ("", 0)
         sock = chan.get_extra_info("sockname") or ("", 0)
-        return {"SSH_CONNECTION": f"{peer[0]} {peer[1]} {sock[0]} {sock[1]}",
-                "SSH_CLIENT": f"{peer[0]} {peer[1]} {sock[1]}"}
+        env = {"SSH_CONNECTION": f"{peer[0]} {peer[1]} {sock[0]} {sock[1]}",
+               "SSH_CLIENT": f"{peer[0]} {peer[1]} {sock[1]}"}
+        if self.agent is not None:
+            env["SSH_AUTH_SOCK"] = self.agent.path
+        return env
 
     async def _wait_for_exit(self) -> None:
         try:
@@ -331,9 +356,14 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
                                         refused_key_algorithms=SHA1_KEY_ALGORITHMS
                                         if not server.config.auth.allow_sha1_rsa else frozenset(),
                                         failure_delay=server.config.auth.failure_delay,
+                                        forwarding=server.forward_policy,
                                         certificates=server.certificates)
         self.conn: asyncssh.SSHServerConnection | None = None
         self.peer_host: str | None = None  # the client's IP address (a certificate's source-address)
+        self.forwards: dict[int, Forwarder] = {}
+        self.listeners: dict[tuple[str, int], ForwardListener] = {}  # ssh -R, as the client names them
+        # A tcpip-forward's answer, waiting for its bind (a global request is answered in order).
+        self._global_answer: asyncio.Future[bool | bytes] | None = None
         self.backend: ConnectionHandler | None = None
         self.sessions: dict[int, SpecSession] = {}
         self.admitted = False
@@ -493,6 +523,85 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
         self.sessions[action.channel] = session
         return None
 
+    def _open_forward(self, action: core.OpenForward) -> None:
+        assert self.backend is not None
+        target, reason = _ask(self.backend.forward_target, action.host, action.port)
+        forwarder = self.forwards[action.channel] = Forwarder(self, action.channel)
+        forwarder.connect(target, self.server.config.forwarding.connect_timeout, reason)  # type: ignore[arg-type]
+
+    def _bind(self, action: core.Bind) -> None:
+        self._global_answer = asyncio.get_running_loop().create_future()
+        self._task(self._bind_listener(action))
+
+    async def _bind_listener(self, action: core.Bind) -> None:
+        listener = ForwardListener(self, action.host)
+        try:
+            listener.server = await asyncio.get_running_loop().create_server(
+                listener.protocol, action.address, action.port)
+        except OSError as exc:
+            result = core.ListenResult(None, exc.strerror or str(exc))
+        else:
+            listener.port = listener.server.sockets[0].getsockname()[1]
+            self.listeners[action.host, listener.port] = listener
+            result = core.ListenResult(listener.port)
+        self.handle(result)
+
+    def _unbind(self, action: core.Unbind) -> None:
+        listener = self.listeners.pop((action.host, action.port), None)
+        if listener is not None:
+            listener.close()
+
+    def _global_reply(self, action: core.GlobalReply) -> None:
+        """A tcpip-forward's answer, once its bind is done (the others' answers are carried
+        out by on_global_request's return value)."""
+        answer, self._global_answer = self._global_answer, None
+        if answer is not None and not answer.done():
+            answer.set_result(_global_answer(action))
+
+    def accepted(self, listener: ForwardListener, transport: asyncio.Transport, protocol: Any) -> None:
+        """A listener accepted a connection: a forwarded-tcpip channel, if the core opens one."""
+        peer = transport.get_extra_info("peername") or ("", 0)
+        self._accepted(core.ForwardedConnection(listener.host, listener.port, str(peer[0]), int(peer[1])),
+                       transport, protocol)
+
+    def agent_client(self, agent: AgentSocket, transport: asyncio.Transport, protocol: Any) -> None:
+        """A program connected to its session's agent socket: a channel to the client's agent."""
+        self._accepted(core.ForwardedConnection("", 0, f"session {agent.channel}", 0, core.AGENT_CHANNEL),
+                       transport, protocol)
+
+    def _accepted(self, event: core.ForwardedConnection, transport: asyncio.Transport, protocol: Any) -> None:
+        for action in self.handle(event):
+            if isinstance(action, core.OpenForwarded) and action.channel in self.forwards:
+                self.forwards[action.channel].attach(transport, protocol)
+                return
+        transport.close()
+
+    def _open_forwarded(self, action: core.OpenForwarded) -> None:
+        assert self.conn is not None
+        forwarder = self.forwards[action.channel] = Forwarder(self, action.channel)
+        if action.kind == core.AGENT_CHANNEL:
+            forwarder.open_agent(self.conn)
+        else:
+            forwarder.open_to_client(self.conn, action.host, action.port, action.origin_host,
+                                     action.origin_port)
+
+    def _confirm_forward(self, action: core.ConfirmForward) -> None:
+        self.forwards[action.channel].confirm()
+
+    def _reject_forward(self, action: core.RejectForward) -> None:
+        self.forwards.pop(action.channel).reject(action.code, action.description)
+
+    def _forward_send_eof(self, action: core.ForwardSendEof) -> None:
+        forwarder = self.forwards[action.channel]
+        if action.close:
+            del self.forwards[action.channel]
+        forwarder.send_eof(action.to_client, action.close)
+
+    def _close_forward(self, action: core.CloseForward) -> None:
+        forwarder = self.forwards.pop(action.channel, None)
+        if forwarder is not None:
+            forwarder.close()
+
     def _send_keepalive(self, action: core.SendKeepalive) -> None:
         self._task(self._keepalive(action.timeout))
 
@@ -539,6 +648,11 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
             chan.close()
 
     def _connection_ended(self, action: core.ConnectionEnded) -> None:
+        for listener in self.listeners.values():
+            listener.close()
+        self.listeners.clear()
+        for session in self.sessions.values():
+            session.close_agent()
         if self._timer is not None:
             self._timer.cancel()
             self._timer, self._timer_at = None, None
@@ -722,10 +836,23 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
         actions = self.handle(core.Credentials(verdict, "keyboard-interactive", reason, loop.time()))
         return self._answer(await self._delayed(actions, start))
 
-    def on_global_request(self, conn: asyncssh.SSHServerConnection, req: internals.GlobalRequest) -> bool:
+    def on_global_request(self, conn: asyncssh.SSHServerConnection, req: internals.GlobalRequest) -> Any:
         name = req.name if req.malformed is None and req.name is not None else repr(req.raw_name)
-        actions = self.handle(core.GlobalRequest(name, req.malformed))
-        return any(isinstance(a, core.GlobalReply) and a.ok for a in actions)
+        event: core.Event = core.GlobalRequest(name, req.malformed)
+        if req.malformed is None and name in ("tcpip-forward", "cancel-tcpip-forward"):
+            try:
+                host, port = internals.decode_tcpip_forward(req)
+            except internals.RequestDecodeError as exc:
+                event = core.GlobalRequest(name, exc.reason)
+            else:
+                event = core.ListenRequest(host, port, cancel=name == "cancel-tcpip-forward")
+        actions = self.handle(event)
+        if self._global_answer is not None:
+            return self._global_answer  # a bind goes on: answered when it is done
+        for action in actions:
+            if isinstance(action, core.GlobalReply):
+                return _global_answer(action)
+        return False
 
     def on_transport_paused(self, conn: asyncssh.SSHServerConnection, paused: bool) -> None:
         self.transport_paused = paused
@@ -735,6 +862,8 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
             self.server.backlogged.discard(self)
         for session in self.sessions.values():
             session.transport_paused(paused)
+        for forwarder in self.forwards.values():
+            forwarder.transport_paused(paused)
 
     def on_backlog(self, conn: asyncssh.SSHServerConnection, buffered: int) -> None:
         # Only connections past the high-water mark (this one among them) are counted:
@@ -753,12 +882,31 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
 
     def on_channel_open(self, conn: asyncssh.SSHServerConnection,
                         req: internals.ChannelOpenRequest) -> Any:
+        if req.type == "direct-tcpip" and req.malformed is None:
+            return self._direct_tcpip(conn, req)
         for action in self.handle(core.ChannelOpen(req.type or repr(req.raw_type), req.malformed)):
             if isinstance(action, core.RejectOpen):
                 return asyncssh.ChannelOpenError(action.code, action.description)
             if isinstance(action, core.OpenSession) and action.channel in self.sessions:
                 session = self.sessions[action.channel]
                 return session.chan, session
+        return asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, "Channel refused")
+
+    def _direct_tcpip(self, conn: asyncssh.SSHServerConnection, req: internals.ChannelOpenRequest) -> Any:
+        try:
+            target = internals.decode_direct_tcpip(req)
+        except internals.RequestDecodeError as exc:
+            event = core.ChannelOpen("direct-tcpip", exc.reason)
+        else:
+            event = core.ChannelOpen("direct-tcpip", None, target.host, target.port,
+                                     core.hostport(target.origin_host, target.origin_port))
+        for action in self.handle(event):
+            if isinstance(action, core.RejectOpen):
+                return asyncssh.ChannelOpenError(action.code, action.description)
+            if isinstance(action, core.OpenForward) and action.channel in self.forwards:
+                forwarder = self.forwards[action.channel]
+                # The confirmation waits for the core's verdict on the connection attempt.
+                return conn.create_tcp_channel(), forwarder.opened()
         return asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, "Channel refused")
 
     # -- the server's shutdown
@@ -769,6 +917,13 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
     def abort(self) -> None:
         if self.conn is not None:
             self.conn.abort()
+
+
+def _global_answer(action: core.GlobalReply) -> bool | bytes:
+    """REQUEST_SUCCESS (with the bound port, RFC 4254 7.1) or REQUEST_FAILURE."""
+    if action.ok and action.port:
+        return struct.pack(">I", action.port)
+    return action.ok
 
 
 def _why(exc: Exception) -> str:
@@ -811,7 +966,10 @@ _EXECUTORS: dict[type, Callable[[SpecConnection, Any], core.Event | None]] = {
     core.AuthAnswer: SpecConnection._answered,
     core.KeyAcceptable: SpecConnection._answered,
     core.CheckCredentials: SpecConnection._answered,
-    core.GlobalReply: SpecConnection._answered,
+    core.GlobalReply: SpecConnection._global_reply,
+    core.Bind: SpecConnection._bind,
+    core.Unbind: SpecConnection._unbind,
+    core.OpenForwarded: SpecConnection._open_forwarded,
     core.RejectOpen: SpecConnection._answered,
     core.AdmitUser: SpecConnection._admit_user,
     core.OpenSession: SpecConnection._open_session,
@@ -826,6 +984,11 @@ _EXECUTORS: dict[type, Callable[[SpecConnection, Any], core.Event | None]] = {
     core.TerminateProgram: SpecConnection._terminate_program,
     core.CloseChannel: SpecConnection._close_channel,
     core.Drop: SpecConnection._drop,
+    core.OpenForward: SpecConnection._open_forward,
+    core.ConfirmForward: SpecConnection._confirm_forward,
+    core.RejectForward: SpecConnection._reject_forward,
+    core.ForwardSendEof: SpecConnection._forward_send_eof,
+    core.CloseForward: SpecConnection._close_forward,
     core.ConnectionEnded: SpecConnection._connection_ended,
 }
 # Every action the core can ask for has exactly one executor here.
@@ -880,6 +1043,10 @@ class Server:
         # log.durable: the logger to write out before an action that reaches a client.
         self.durable_log = self.logger if config.log.durable else None
         self.machines = machines(config)
+        forwarding = config.forwarding
+        local, remote, agent = forward_policy_allows(config)
+        self.forward_policy = core.ForwardPolicy(local, forwarding.permit_open, remote,
+                                                 forwarding.permit_listen, forwarding.gateway_ports, agent)
         self.metrics: Metrics | None = None
         if config.metrics.listen is not None:
             from sshspec.adapters.metrics import Metrics

@@ -476,6 +476,9 @@ def git_commit() -> str:
 
 def report(res: dict[str, Any]) -> None:
     print(f"\nsshspec bench  commit {res['commit']}  auth={res['auth']}")
+    if "forwarding" in res:
+        from bench.forwarding import report as forwarding_report
+        forwarding_report(res["forwarding"])
     if "throughput" in res:
         t, m = res["throughput"], res["memory"]
         print(f"N={t['n']} C={t['c']} rounds={t['rounds']}  (medians)")
@@ -619,6 +622,10 @@ def main() -> None:
     parser.add_argument("--metrics-only", action="store_true",
                         help="only the metrics phase: metrics.listen set vs unset, side by side "
                              "(--sets, default 4)")
+    parser.add_argument("--forwarding-only", action="store_true",
+                        help="only the forwarding phase (bench/forwarding.py: ssh -L, sshspec vs sshd)")
+    parser.add_argument("--forwarding-mib", type=int,
+                        help="forwarding: MiB each way per round (default 256; --quick 32)")
     parser.add_argument("--docker-only", action="store_true",
                         help="only the docker phase (bench/docker.py: a podman engine of its own)")
     parser.add_argument("--docker-n", type=int, default=50,
@@ -652,13 +659,20 @@ def main() -> None:
                                "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "auth": args.auth,
                                "python": sys.version.split()[0],
                                "asyncssh": asyncssh.__version__, "cpus": os.cpu_count(), "pinned": TWO_CPUS}
-        only = args.side_only or args.launch_only or args.metrics_only or args.docker_only
+        only = (args.side_only or args.launch_only or args.metrics_only or args.docker_only
+                or args.forwarding_only)
+        if args.forwarding_only or not only:
+            sys.path.insert(0, str(ROOT))
+            from bench.forwarding import forwarding_phase
+            mib = args.forwarding_mib or (32 if args.quick else 256)
+            print(f"forwarding: {mib} MiB each way through ssh -L, sshspec vs sshd, 3 rounds", flush=True)
+            res["forwarding"] = forwarding_phase(work, mib, 3)
         if args.metrics_only:
             metrics_n = max(50, n * 3 // 10)
             metrics_sets = args.sets or (2 if args.quick else 4)
             print(f"metrics: N={metrics_n} each, {metrics_sets} sets x {args.set_rounds} rounds", flush=True)
             res["metrics"] = metrics_phase(work, key, metrics_n, args.c, metrics_sets, args.set_rounds)
-        elif not args.side_only and not args.docker_only:
+        elif not args.side_only and not args.docker_only and not args.forwarding_only:
             launch_n = max(50, n // 5)
             launch_sets = (args.sets if args.launch_only else None) or 2
             print(f"launch: N={launch_n} each, {launch_sets} sets x {args.set_rounds} rounds", flush=True)
@@ -670,7 +684,7 @@ def main() -> None:
             res["metrics"] = metrics_phase(work, key, metrics_n, args.c, metrics_sets, args.set_rounds)
             print(f"throughput: N={n} C={args.c}, {rounds} rounds", flush=True)
             res["throughput"] = throughput(work, key, n, args.c, rounds)
-        if not args.launch_only and not args.metrics_only and not args.docker_only:
+        if not (args.launch_only or args.metrics_only or args.docker_only or args.forwarding_only):
             side_n = max(50, n * 3 // 10)
             sets = args.sets or (2 if args.quick else 6)
             set_rounds = 1 if args.quick else args.set_rounds
@@ -681,7 +695,7 @@ def main() -> None:
             res["memory"] = memory(work, key, idle, big)
             res["workers"] = workers(work, key, n, args.c)
             res["engine"] = engine(work)
-        if not args.side_only and not args.launch_only and not args.metrics_only:
+        if not args.side_only and not args.launch_only and not args.metrics_only and not args.forwarding_only:
             sys.path.insert(0, str(ROOT))
             from bench.docker import docker_phase
             print(f"docker: {args.docker_n} new containers one by one, {args.docker_n} execs, "
@@ -698,7 +712,8 @@ def main() -> None:
     (out / "latest.json").write_text(text)
     stamp = res["date"].replace(":", "").replace("-", "")
     kind = ("-quick" if args.quick else "-side" if args.side_only else "-launch" if args.launch_only
-            else "-metrics" if args.metrics_only else "-docker" if args.docker_only else "")
+            else "-metrics" if args.metrics_only else "-docker" if args.docker_only
+            else "-forwarding" if args.forwarding_only else "")
     (out / f"{stamp}-{res['commit']}{kind}.json").write_text(text)
     print(f"\nwrote bench/results/latest.json ({res['elapsed_s']} s)")
 

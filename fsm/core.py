@@ -37,6 +37,7 @@ step and what the step was about; the sink adds who the connection is.
 from __future__ import annotations
 
 import enum
+import fnmatch
 import heapq
 import ipaddress
 from collections import deque
@@ -106,6 +107,16 @@ class ConnectionEvent(enum.StrEnum):
     global_request_malformed = "global_request_malformed"
     session_open = "session_open"
     session_open_failed = "session_open_failed"
+    forward_open = "forward_open"
+    forward_denied = "forward_denied"
+    forward_closed = "forward_closed"
+    listen_request = "listen_request"
+    listen_denied = "listen_denied"
+    listen_bound = "listen_bound"
+    listen_failed = "listen_failed"
+    listen_cancel = "listen_cancel"
+    listen_cancel_unknown = "listen_cancel_unknown"
+    forwarded_connection = "forwarded_connection"
     channel_open_unsupported = "channel_open_unsupported"
     channel_open_malformed = "channel_open_malformed"
     channel_closed = "channel_closed"
@@ -132,6 +143,11 @@ class ConnectionReply(enum.StrEnum):
     disconnect = "disconnect"
     request_failure = "request_failure"
     open_session = "open_session"
+    open_forward = "open_forward"
+    close_accepted = "close_accepted"
+    bind = "bind"
+    request_success = "request_success"
+    unbind = "unbind"
     reject_channel = "reject_channel"
     reject_channel_type = "reject_channel_type"
     send_keepalive = "send_keepalive"
@@ -146,6 +162,8 @@ class SessionEvent(enum.StrEnum):
     shell = "shell"
     exec = "exec"
     subsystem = "subsystem"
+    agent_req = "agent_req"
+    agent_denied = "agent_denied"
     not_implemented = "not_implemented"
     unknown_request = "unknown_request"
     malformed_request = "malformed_request"
@@ -167,6 +185,24 @@ class SessionReply(enum.StrEnum):
     close_stdin = "close_stdin"
     send_exit_status = "send_exit_status"
     send_exit_signal = "send_exit_signal"
+    close = "close"
+
+
+class ForwardEvent(enum.StrEnum):
+    connected = "connected"
+    refused = "refused"
+    timed_out = "timed_out"
+    client_eof = "client_eof"
+    target_eof = "target_eof"
+    close = "close"
+
+
+class ForwardReply(enum.StrEnum):
+    confirm = "confirm"
+    reject = "reject"
+    eof_to_target = "eof_to_target"
+    eof_to_client = "eof_to_client"
+    finish = "finish"
     close = "close"
 
 
@@ -197,6 +233,7 @@ class Machines:
     server: Machine
     connection: Machine
     session: Machine
+    forward: Machine
     max_queued_requests: int = 32
     # Bytes waiting to be sent to one client, and to all of them (limits.maxBuffered*).
     max_buffered_per_connection: int = 8 << 20
@@ -213,15 +250,18 @@ class Machines:
         specs: Mapping[str, LoadedSpec] | None = None,
     ) -> Machines:
         loaded = {
-            name: (specs or {}).get(name) or load_spec(name) for name in ("server", "connection", "session")
+            name: (specs or {}).get(name) or load_spec(name)
+            for name in ("server", "connection", "session", "forward")
         }
         check_seam(loaded["server"], ServerEvent, ServerReply)
         check_seam(loaded["connection"], ConnectionEvent, ConnectionReply)
         check_seam(loaded["session"], SessionEvent, SessionReply)
+        check_seam(loaded["forward"], ForwardEvent, ForwardReply)
         return cls(
             Machine(loaded["server"], limits),
             Machine(loaded["connection"], limits),
             Machine(loaded["session"], limits),
+            Machine(loaded["forward"], limits),
             max_queued_requests,
             max_buffered_per_connection,
             max_buffered_total,
@@ -334,6 +374,8 @@ AUTH_VERDICTS = frozenset({"ok", "bad", "unavailable"})
 # Verdicts that fail an attempt (it counts against maxAuthTries, is delayed and penalised).
 _FAILED_ATTEMPTS = frozenset({ConnectionEvent.auth_bad, ConnectionEvent.certificate_refused})
 START_REQUESTS = frozenset({"shell", "exec", "subsystem"})
+AGENT_REQUEST = "auth-agent-req@openssh.com"
+AGENT_CHANNEL = "auth-agent@openssh.com"
 # Channel requests by type: the ones with an event of their own, and the known
 # ones this server does not implement (SSH_NOT_IMPLEMENTED) as opposed to
 # types nobody knows (unknown_request).
@@ -345,9 +387,10 @@ REQUEST_EVENTS: dict[str, SessionEvent] = {
     "shell": SessionEvent.shell,
     "exec": SessionEvent.exec,
     "subsystem": SessionEvent.subsystem,
+    AGENT_REQUEST: SessionEvent.agent_req,
 }
 NOT_IMPLEMENTED = frozenset(
-    {"x11-req", "auth-agent-req@openssh.com", "break", "xon-xoff", "keepalive@openssh.com", "eow@openssh.com"}
+    {"x11-req", "break", "xon-xoff", "keepalive@openssh.com", "eow@openssh.com"}
 )
 AUTH_METHODS: dict[str, ConnectionEvent] = {
     "password": ConnectionEvent.password,
@@ -369,6 +412,63 @@ class Lost(enum.StrEnum):
     login_timeout = "login_timeout"
     protocol_error = "protocol_error"
     decompression_limit = "decompression_limit"  # a compressed packet inflated past the bound
+
+
+# --- forwarding policy ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ForwardPolicy:
+    """forwarding.tcp and forwarding.permitOpen, as OpenSSH's AllowTcpForwarding and
+    PermitOpen mean them: whether a client may forward to targets from the server
+    (direct-tcpip: ssh -L, -D, -J) and which. A pattern is ``host:port``; ``*`` in
+    either part matches any (the host is matched as the client names it, case
+    folded, with fnmatch globs; an IPv6 host is written in brackets: ``[::1]:22``)."""
+
+    local: bool = True
+    permit_open: tuple[str, ...] = ("*:*",)
+    remote: bool = True
+    permit_listen: tuple[str, ...] = ("*",)  # [host:]port patterns (ssh -R); `*` for any
+    gateway_ports: bool = False  # False: every listener is bound on loopback, as sshd's GatewayPorts no
+    agent: bool = False  # auth-agent-req@openssh.com (ssh -A): off unless the config says (forwarding.agent)
+
+    def listen_denial(self, host: str, port: int) -> str | None:
+        """Why a tcpip-forward for ``host``:``port`` is denied, or None."""
+        if not self.remote:
+            return "forwarding.tcp does not allow remote forwarding"
+        name = host.lower()
+        for pattern in self.permit_listen:
+            want_host, colon, want_port = pattern.rpartition(":")
+            if not colon:
+                want_host = "*"
+            want_host = want_host.lower().removeprefix("[").removesuffix("]")
+            if want_port in ("*", str(port)) and fnmatch.fnmatchcase(name, want_host):
+                return None
+        return "no forwarding.permitListen pattern matches"
+
+    def bind_address(self, host: str) -> str | None:
+        """Where a listener for ``host`` is bound (None: every interface)."""
+        if not self.gateway_ports or host.lower() in ("localhost", "127.0.0.1"):
+            return "127.0.0.1"
+        return None if host in ("", "*", "0.0.0.0") else host
+
+    def denial(self, host: str, port: int) -> str | None:
+        """Why a direct-tcpip to ``host``:``port`` is denied, or None."""
+        if not self.local:
+            return "forwarding.tcp does not allow local forwarding"
+        name = host.lower()
+        for pattern in self.permit_open:
+            want_host, _, want_port = pattern.rpartition(":")
+            want_host = want_host.lower()
+            if want_host.startswith("[") and want_host.endswith("]"):
+                want_host = want_host[1:-1]
+            if want_port in ("*", str(port)) and fnmatch.fnmatchcase(name, want_host):
+                return None
+        return "no forwarding.permitOpen pattern matches"
+
+
+def hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 # --- admission: the server's table of sources --------------------------------------------------
@@ -670,8 +770,69 @@ class GlobalRequest(_Message, frozen=True):
 
 
 class ChannelOpen(_Message, frozen=True):
+    """A CHANNEL_OPEN; a direct-tcpip one names its target (``host``, ``port``) and
+    the client's ``origin`` (the address ssh accepted the forwarded connection from)."""
+
     kind: str
     malformed: str | None = None
+    host: str = ""
+    port: int = 0
+    origin: str = ""
+
+
+class ListenRequest(_Message, frozen=True):
+    """GLOBAL_REQUEST tcpip-forward (``cancel``: cancel-tcpip-forward) for ``host``:``port``."""
+
+    host: str
+    port: int
+    cancel: bool = False
+
+
+class ListenResult(_Message, frozen=True):
+    """The bind a `Bind` asked for: the port bound (None: it failed, ``reason`` says why)."""
+
+    port: int | None
+    reason: str | None = None
+
+
+class ForwardedConnection(_Message, frozen=True):
+    """A listener (``host``:``port`` as the client asked for it) accepted a TCP
+    connection from ``origin_host``:``origin_port``."""
+
+    host: str
+    port: int
+    origin_host: str
+    origin_port: int
+    kind: str = "forwarded-tcpip"  # or auth-agent@openssh.com: a program's agent client (ssh -A)
+
+
+class ForwardConnected(_Message, frozen=True):
+    """The TCP connection to a forward's target is made."""
+
+    channel: int
+
+
+class ForwardFailed(_Message, frozen=True):
+    """The TCP connection to a forward's target failed (``timed_out``: no answer in time)."""
+
+    channel: int
+    timed_out: bool
+    reason: str
+
+
+class ForwardEof(_Message, frozen=True):
+    """One direction of a forward ended: the client's CHANNEL_EOF (``from_client``)
+    or the target's FIN."""
+
+    channel: int
+    from_client: bool
+
+
+class ForwardClosed(_Message, frozen=True):
+    """A forward's channel closed (the client closed it, or the target's connection ended)."""
+
+    channel: int
+    reason: str | None = None
 
 
 class SessionOpenFailed(_Message, frozen=True):
@@ -792,6 +953,13 @@ Event = (
     | AuthCompleted
     | GlobalRequest
     | ChannelOpen
+    | ListenRequest
+    | ListenResult
+    | ForwardedConnection
+    | ForwardConnected
+    | ForwardFailed
+    | ForwardEof
+    | ForwardClosed
     | SessionOpenFailed
     | ChannelRequest
     | RequestDone
@@ -860,6 +1028,35 @@ class AdmitUser(_Message, frozen=True):
 
 class GlobalReply(_Message, frozen=True):
     ok: bool
+    port: int = 0  # a tcpip-forward for port 0: the port bound, sent with the success
+
+
+class Bind(_Message, frozen=True):
+    """Bind a listener for a tcpip-forward (``host``:``port`` as asked; bound on
+    ``address``, None: every interface); answer with `ListenResult`."""
+
+    host: str
+    port: int
+    address: str | None
+
+
+class Unbind(_Message, frozen=True):
+    """Close a listener (its forwarded channels go on)."""
+
+    host: str
+    port: int
+
+
+class OpenForwarded(_Message, frozen=True):
+    """Open a forwarded-tcpip channel to the client for the connection the listener
+    ``host``:``port`` accepted (answer with `ForwardConnected` or `ForwardFailed`)."""
+
+    channel: int
+    host: str
+    port: int
+    origin_host: str
+    origin_port: int
+    kind: str = "forwarded-tcpip"  # or auth-agent@openssh.com
 
 
 class OpenSession(_Message, frozen=True):
@@ -871,6 +1068,40 @@ class OpenSession(_Message, frozen=True):
 class RejectOpen(_Message, frozen=True):
     code: int
     description: str
+
+
+class OpenForward(_Message, frozen=True):
+    """Connect to a forward's target (answer with `ForwardConnected` or `ForwardFailed`);
+    the channel open waits for `ConfirmForward` or `RejectForward`."""
+
+    channel: int
+    host: str
+    port: int
+
+
+class ConfirmForward(_Message, frozen=True):
+    channel: int
+
+
+class RejectForward(_Message, frozen=True):
+    channel: int
+    code: int
+    description: str
+
+
+class ForwardSendEof(_Message, frozen=True):
+    """Pass one direction's EOF on: to the client (CHANNEL_EOF) or to the target (FIN),
+    after what is buffered for it; ``close``: then close both ends (both directions are done)."""
+
+    channel: int
+    to_client: bool
+    close: bool = False
+
+
+class CloseForward(_Message, frozen=True):
+    """Close a forward's channel and its TCP connection (or abandon the connection attempt)."""
+
+    channel: int
 
 
 class SendKeepalive(_Message, frozen=True):
@@ -956,6 +1187,14 @@ Action = (
     | GlobalReply
     | OpenSession
     | RejectOpen
+    | OpenForward
+    | Bind
+    | Unbind
+    | OpenForwarded
+    | ConfirmForward
+    | RejectForward
+    | ForwardSendEof
+    | CloseForward
     | SendKeepalive
     | AskBackend
     | StartProgram
@@ -982,8 +1221,13 @@ REACHES_CLIENT: frozenset[type[Action]] = frozenset(
         AuthAnswer,
         KeyAcceptable,
         GlobalReply,
+        OpenForwarded,
         OpenSession,
         RejectOpen,
+        ConfirmForward,
+        RejectForward,
+        ForwardSendEof,
+        CloseForward,
         SendKeepalive,
         ChannelReply,
         ProgramStarted,
@@ -1071,6 +1315,25 @@ class Session:
         return str(self.instance.state)
 
 
+# --- one forward channel ---------------------------------------------------------------------
+
+
+class Forward:
+    """A direct-tcpip channel's machine and what its records name."""
+
+    __slots__ = ("channel", "instance", "target", "kind")
+
+    def __init__(self, channel: int, instance: Any, target: str, kind: str = "direct-tcpip") -> None:
+        self.channel = channel
+        self.instance = instance
+        self.target = target  # host:port, the reason of its records
+        self.kind = kind  # direct-tcpip or forwarded-tcpip: its records' requestType
+
+    @property
+    def state(self) -> str:
+        return str(self.instance.state)
+
+
 # --- one connection ----------------------------------------------------------------------------
 
 
@@ -1086,6 +1349,7 @@ class ConnectionCore:
         keepalive_interval: float = 0.0,
         refused_key_algorithms: frozenset[str] = frozenset(),
         failure_delay: float = 0.0,
+        forwarding: ForwardPolicy | None = None,
         certificates: CertificatePolicy | None = None,
     ) -> None:
         self.machines = machines
@@ -1095,6 +1359,12 @@ class ConnectionCore:
         # of every program, and without permit-pty no pty is allocated (sshd's rules).
         self.certificate: Certificate | None = None
         self.signed_certificate: Certificate | None = None  # until the SSH layer checked the signature
+        self.forwarding = forwarding or ForwardPolicy()
+        self.forwards: dict[int, Forward] = {}  # the forward channels opening or open
+        # The listeners (ssh -R) by the address and port the client names them with, and
+        # the one being bound (global requests are answered in order: one at a time).
+        self.listeners: set[tuple[str, int]] = set()
+        self.binding: tuple[str, int] | None = None
         self.failure_delay = failure_delay  # auth.failureDelay: see AuthAnswer.delay
         self.source: Source | None = None  # where the connection comes from (per-source admission)
         # Public-key signature algorithms refused whatever the key (SHA-1 ssh-rsa by default).
@@ -1167,11 +1437,13 @@ class ConnectionCore:
                 return self._fire(ConnectionEvent.protocol_error, reason=f"spec violation: {event}")
             return step
         closing = step.target == "closed" and step.source != "closed"
-        if closing and self.sessions:
+        if closing and (self.sessions or self.forwards):
             # The connection ends: its channels end first, so SSH_DISCONNECTED
             # stays the connection's last record.
             for session in list(self.sessions.values()):
                 self._close_session(session, None)
+            for forward in list(self.forwards.values()):
+                self._close_forward(forward, "connection closed")
         if step.codes:
             self.log(
                 step.codes,
@@ -1403,12 +1675,89 @@ class ConnectionCore:
             # No global request is served yet: whatever the step, the answer is a failure.
             self.out.append(GlobalReply(False))
 
+    def _listen_request(self, event: ListenRequest) -> None:
+        key, where = (event.host, event.port), hostport(event.host, event.port)
+        if event.cancel:
+            if key in self.listeners:
+                step = self._fire(ConnectionEvent.listen_cancel, request_type="cancel-tcpip-forward",
+                                  reason=where)
+                if step.reply == ConnectionReply.unbind:
+                    self.listeners.discard(key)
+                    self.out.append(Unbind(*key))
+                    self.out.append(GlobalReply(True))
+                    return
+            else:
+                self._fire(ConnectionEvent.listen_cancel_unknown, request_type="cancel-tcpip-forward",
+                           reason=f"{where}: no such listener")
+            self.out.append(GlobalReply(False))
+            return
+        denial = self.forwarding.listen_denial(event.host, event.port)
+        if denial is not None:
+            self._fire(ConnectionEvent.listen_denied, request_type="tcpip-forward",
+                       reason=f"{where}: {denial}")
+            self.out.append(GlobalReply(False))
+            return
+        address = self.forwarding.bind_address(event.host)
+        about = f"{where}, bound on {hostport(address or '*', event.port)}"
+        peek = self.machine.peek(self.instance, ConnectionEvent.listen_request)
+        if peek.reply == ConnectionReply.request_failure and peek.target == "established":
+            limit = self.machine.limits["maxListenersPerConnection"]
+            about = f"{where}: {limit} listeners (forwarding.maxListenersPerConnection)"
+        step = self._fire(ConnectionEvent.listen_request, request_type="tcpip-forward", reason=about)
+        if step.reply == ConnectionReply.bind:
+            self.binding = key
+            self.out.append(Bind(event.host, event.port, address))
+            return  # answered when the bind is done (ListenResult)
+        self.out.append(GlobalReply(False))
+
+    def _listen_result(self, event: ListenResult) -> None:
+        if self.binding is None:
+            return
+        host, asked = self.binding
+        self.binding = None
+        if event.port is None:
+            self._fire(ConnectionEvent.listen_failed, request_type="tcpip-forward",
+                       reason=f"{hostport(host, asked)}: {event.reason}")
+            self.out.append(GlobalReply(False))
+            return
+        step = self._fire(ConnectionEvent.listen_bound, request_type="tcpip-forward",
+                          reason=hostport(host, event.port))
+        if step.reply == ConnectionReply.request_success:
+            self.listeners.add((host, event.port))
+            self.out.append(GlobalReply(True, event.port if asked == 0 else 0))
+        else:  # (draining: a listener that is not kept)
+            self.out.append(Unbind(host, event.port))
+            self.out.append(GlobalReply(False))
+
+    def _forwarded_connection(self, event: ForwardedConnection) -> None:
+        if event.kind == AGENT_CHANNEL:
+            target = f"agent of {event.origin_host}"
+        else:
+            origin = hostport(event.origin_host, event.origin_port)
+            target = f"{hostport(event.host, event.port)} from {origin}"
+        channel = self.next_channel
+        self.next_channel += 1
+        about = f"{event.kind} for {target}"
+        peek = self.machine.peek(self.instance, ConnectionEvent.forwarded_connection)
+        if peek.reply == ConnectionReply.close_accepted and peek.target == "established":
+            limit = self.machine.limits["maxForwardsPerConnection"]
+            about = f"{about}: {limit} open (forwarding.maxForwardsPerConnection)"
+        step = self._fire(ConnectionEvent.forwarded_connection, channel_id=channel,
+                          request_type=event.kind, reason=about)
+        if step.reply == ConnectionReply.open_forward:
+            self.forwards[channel] = Forward(channel, self.machines.forward.new(), target, event.kind)
+            self.out.append(OpenForwarded(channel, event.host, event.port, event.origin_host,
+                                          event.origin_port, event.kind))
+
     def _channel_open(self, event: ChannelOpen) -> None:
         if event.malformed is not None:
             step = self._fire(
                 ConnectionEvent.channel_open_malformed, request_type=event.kind, reason=event.malformed
             )
             text = "Malformed channel open"
+        elif event.kind == "direct-tcpip":
+            self._forward_open(event)
+            return
         elif event.kind != "session":
             step = self._fire(ConnectionEvent.channel_open_unsupported, request_type=event.kind)
             text = f"Unsupported channel type {event.kind!r}"
@@ -1429,6 +1778,86 @@ class ConnectionCore:
         # Whatever the spec said, nothing opens: a refusal it did not name still refuses.
         self.out.append(RejectOpen(OPEN_FAILURES.get(step.reply or "", OPEN_CONNECT_FAILED), text))
 
+    def _forward_open(self, event: ChannelOpen) -> None:
+        target = hostport(event.host, event.port)
+        about = f"direct-tcpip to {target} from {event.origin}"
+        denial = self.forwarding.denial(event.host, event.port)
+        if denial is not None:
+            step = self._fire(ConnectionEvent.forward_denied, request_type=event.kind,
+                              reason=f"{about}: {denial}")
+            self._reject_open(step, f"Port forwarding to {target} not permitted")
+            return
+        channel = self.next_channel
+        self.next_channel += 1
+        peek = self.machine.peek(self.instance, ConnectionEvent.forward_open)
+        if peek.reply == ConnectionReply.reject_channel:
+            limit = self.machine.limits["maxForwardsPerConnection"]
+            about = f"{about}: {limit} open (forwarding.maxForwardsPerConnection)"
+        step = self._fire(ConnectionEvent.forward_open, channel_id=channel, request_type=event.kind,
+                          reason=about)
+        if step.reply == ConnectionReply.open_forward:
+            self.forwards[channel] = Forward(channel, self.machines.forward.new(), target)
+            self.out.append(OpenForward(channel, event.host, event.port))
+            return
+        self._reject_open(step, "Too many forwards")
+
+    def _fire_forward(self, forward: Forward, event: ForwardEvent, reason: str | None = None) -> Step:
+        machine = self.machines.forward
+        step = machine.fire(forward.instance, event)
+        if step.kind == "impossible":
+            self.log(step.codes, event, reason=violation_reason(machine, step), channel_id=forward.channel,
+                     request_type=forward.kind)
+            self._close_forward(forward, f"spec violation: {event}")  # fail closed: the channel ends
+            return step
+        if step.codes:
+            self.log(step.codes, event, channel_id=forward.channel, request_type=forward.kind,
+                     reason=f"{forward.target}: {reason}" if reason else forward.target)
+        return step
+
+    def _forward_connected(self, event: ForwardConnected) -> None:
+        forward = self.forwards.get(event.channel)
+        if forward is None:
+            return
+        if self._fire_forward(forward, ForwardEvent.connected).reply == ForwardReply.confirm:
+            self.out.append(ConfirmForward(event.channel))
+
+    def _forward_failed(self, event: ForwardFailed) -> None:
+        forward = self.forwards.get(event.channel)
+        if forward is None:
+            return
+        failed = ForwardEvent.timed_out if event.timed_out else ForwardEvent.refused
+        step = self._fire_forward(forward, failed, event.reason)
+        if step.reply == ForwardReply.reject:
+            self.out.append(RejectForward(event.channel, OPEN_CONNECT_FAILED, event.reason))
+        if forward.state == "closed":
+            self._forward_gone(forward)
+
+    def _forward_eof(self, event: ForwardEof) -> None:
+        forward = self.forwards.get(event.channel)
+        if forward is None:
+            return
+        step = self._fire_forward(forward,
+                                  ForwardEvent.client_eof if event.from_client else ForwardEvent.target_eof)
+        if step.reply in (ForwardReply.eof_to_target, ForwardReply.eof_to_client, ForwardReply.finish):
+            self.out.append(ForwardSendEof(event.channel, to_client=not event.from_client,
+                                           close=step.reply == ForwardReply.finish))
+
+    def _forward_closed(self, event: ForwardClosed) -> None:
+        forward = self.forwards.get(event.channel)
+        if forward is not None:
+            self._close_forward(forward, event.reason)
+
+    def _close_forward(self, forward: Forward, reason: str | None) -> None:
+        if forward.state != "closed":
+            step = self._fire_forward(forward, ForwardEvent.close, reason)
+            if step.reply == ForwardReply.close:
+                self.out.append(CloseForward(forward.channel))
+        self._forward_gone(forward)
+
+    def _forward_gone(self, forward: Forward) -> None:
+        if self.forwards.pop(forward.channel, None) is not None:
+            self._fire(ConnectionEvent.forward_closed, channel_id=forward.channel)
+
     def _session_open_failed(self, event: SessionOpenFailed) -> None:
         self.sessions.pop(event.channel, None)
         self.channels.pop(event.channel, None)
@@ -1442,6 +1871,9 @@ class ConnectionCore:
         step = self._fire(ConnectionEvent.shutdown, reason="server shutdown")
         if step.target != "draining" or step.source == "draining":
             return
+        # A forward has no program to finish: it is closed at once, as sshd's are.
+        for forward in list(self.forwards.values()):
+            self._close_forward(forward, "server shutdown")
         if not self.sessions:
             self._fire(ConnectionEvent.drained, reason="server shutdown")
             return
@@ -1475,6 +1907,8 @@ class ConnectionCore:
         self.lost = True
         for session in list(self.sessions.values()):
             self._close_session(session, event.reason)
+        for forward in list(self.forwards.values()):
+            self._close_forward(forward, event.reason)
         how = event.how
         if how is Lost.login_timeout and self.state in ("established", "draining"):
             how = Lost.lost  # the login timer fired as authentication went through
@@ -1545,11 +1979,15 @@ class ConnectionCore:
             )
         else:
             event = REQUEST_EVENTS.get(name)
+            if event is SessionEvent.agent_req and not self.forwarding.agent:
+                event = SessionEvent.agent_denied
             if event is None:
                 event = (
                     SessionEvent.not_implemented if name in NOT_IMPLEMENTED else SessionEvent.unknown_request
                 )
-            step = self._fire_session(session, event, request_type=name, command=req.command)
+            step = self._fire_session(session, event, request_type=name, command=req.command,
+                                      reason="forwarding.agent is off" if event is SessionEvent.agent_denied
+                                      else None)
             if step.kind == "transition" and step.reply is None and step.target != step.source:
                 if name == "pty-req" and self.certificate is not None and not self.certificate.permit_pty:
                     # The certificate's restriction answers for the backend, as sshd's
@@ -1701,6 +2139,13 @@ _HANDLERS: dict[type, Callable[[ConnectionCore, Any], None]] = {
     AuthCompleted: ConnectionCore._auth_completed,
     GlobalRequest: ConnectionCore._global_request,
     ChannelOpen: ConnectionCore._channel_open,
+    ListenRequest: ConnectionCore._listen_request,
+    ListenResult: ConnectionCore._listen_result,
+    ForwardedConnection: ConnectionCore._forwarded_connection,
+    ForwardConnected: ConnectionCore._forward_connected,
+    ForwardFailed: ConnectionCore._forward_failed,
+    ForwardEof: ConnectionCore._forward_eof,
+    ForwardClosed: ConnectionCore._forward_closed,
     SessionOpenFailed: ConnectionCore._session_open_failed,
     ChannelRequest: ConnectionCore._channel_request,
     RequestDone: ConnectionCore._request_done,

@@ -56,6 +56,8 @@ _NONE: Credits = frozenset()
 # channelId) and the one that takes the opening back when the backend fails it.
 OPENS_CHANNEL = "SSH_NEW_CHANNEL"
 REFUSES_CHANNEL = "SSH_NEW_CHANNEL_REJECTED"
+# The connection code that starts a direct-tcpip channel's forward machine (with its channelId).
+OPENS_FORWARD = "SSH_FORWARD_REQUESTED"
 
 
 @dataclass(frozen=True, slots=True)
@@ -359,6 +361,8 @@ class Replay:
       that never logs anything is still held to ``--complete``, and a session
       record for a channel never opened is refused. (When ``SSH_NEW_CHANNEL`` is
       below the log level, a new (connectionId, channelId) starts one instead.)
+    * A forward code: that channel's forward machine, started when the connection
+      logs ``SSH_FORWARD_REQUESTED`` for the channel (held to ``--complete`` likewise).
     * Any other code with a connectionId: that connection's machine; a new
       connectionId starts one (whose first code must be ``SSH_CONNECTED``).
     * A code only the container spec emits: the machine of the container its
@@ -378,6 +382,7 @@ class Replay:
         self.server = ServerPool(automata["server"], workers)
         self.connections: dict[str, Instance] = {}
         self.sessions: dict[tuple[str, int], Instance] = {}
+        self.forwards: dict[tuple[str, int], Instance] = {}
         self.containers: dict[str, Instance] = {}
         self.codes_seen: dict[str, set[str]] = {name: set() for name in automata}
 
@@ -401,6 +406,14 @@ class Replay:
         elif connection_id is None:
             kind = "/".join(sorted(specs))
             raise RecordError(f"{code} is a {kind} code, but the record has no connectionId")
+        elif specs == {"forward"}:
+            if channel_id is None:
+                raise RecordError(f"{code} is a forward code, but the record has no channelId")
+            key = (connection_id, channel_id)
+            if key not in self.forwards:
+                return (f"forward ({connection_id}/{channel_id}): the channel was never opened "
+                        f"(no {OPENS_FORWARD} before), saw {code}")
+            instance = self.forwards[key]
         elif "session" in specs and channel_id is not None:
             key = (connection_id, channel_id)
             if key not in self.sessions:
@@ -428,6 +441,10 @@ class Replay:
                 self.sessions[key] = self._new_session(key)
             elif code == REFUSES_CHANNEL and key in self.sessions and self.sessions[key].records == 0:
                 del self.sessions[key]  # the backend failed the channel it was just given
+            elif code == OPENS_FORWARD:
+                if key in self.forwards:
+                    return f"forward ({connection_id}/{channel_id}): opened twice, saw {code}"
+                self.forwards[key] = Instance(self.automata["forward"], f"forward ({key[0]}/{key[1]})")
         return None
 
     def _new_session(self, key: tuple[str, int]) -> Instance:
@@ -437,6 +454,7 @@ class Replay:
         yield self.server
         yield from self.connections.values()
         yield from self.sessions.values()
+        yield from self.forwards.values()
         yield from self.containers.values()
 
     def unfinished(self) -> list[str]:

@@ -175,7 +175,7 @@ _EFFECT = re.compile(r"^\s*(\w+)\s*(\+=|-=|=)\s*(\d+)\s*$")
 _GUARD_OPS: dict[str, GuardOp] = {"<": "<", ">=": ">="}
 _EFFECT_OPS: dict[str, EffectOp] = {"+=": "+=", "-=": "-=", "=": "="}
 
-BUNDLED = ("server", "connection", "session", "container")
+BUNDLED = ("server", "connection", "session", "forward", "container")
 
 
 def bundled_path(name: str) -> Path:

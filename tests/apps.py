@@ -9,6 +9,7 @@ from sshspec.adapters.handlers import (
     AuthVerdict,
     BackendError,
     ConnectionInfo,
+    ForwardTarget,
     Handler,
     SessionHandler,
     SessionIO,
@@ -132,3 +133,25 @@ class FailingContainers(App):
                    "badnet": {"network": "sshspec-no-such-network"},
                    "badcmd": {"idle_command": ("/nonexistent",)}}.get(username, {})
         return dataclasses.replace(settings, **changes)
+
+
+class Forwarding(App):
+    """Decides where ssh -L goes (the handler API's forward_target): "upper.internal" is
+    served in-process (the client's bytes upper-cased back), "backend.internal:PORT"
+    goes to 127.0.0.1:PORT, "raise.internal" raises, anything else is refused."""
+
+    def forward_target(self, conn: ConnectionInfo, host: str, port: int) -> ForwardTarget:
+        if host == "upper.internal":
+            return upper
+        if host == "backend.internal":
+            return "127.0.0.1", port
+        if host == "raise.internal":
+            raise BackendError("no route to the internal network")
+        return None
+
+
+async def upper(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    while data := await reader.read(65536):
+        writer.write(data.upper())
+        await writer.drain()
+    writer.write(b"BYE\n")

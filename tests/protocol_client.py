@@ -593,6 +593,8 @@ MAX_QUEUED = 4  # limits.maxQueuedRequests
 SERVER_CONFIG = {
     "limits": {"maxAuthTries": 3, "maxSessions": 2, "maxEnv": 2, "maxQueuedRequests": MAX_QUEUED},
     "backend": {"shell": "/bin/sh"},
+    # The model's core has the core's default forwarding policy: no agent forwarding.
+    "forwarding": {"agent": False},
 }
 
 # The spec's reply names as they look on the wire (RFC 4253/4254 reason codes).
@@ -1035,7 +1037,9 @@ class Oracle:
             return
         self.auth_final = True
         self._opening = chan
-        kind = "session" if session and not malformed else "direct-tcpip"
+        # (A non-session open is a type the server does not serve; direct-tcpip without
+        # its target fields, as the fuzzer sends it, is malformed.)
+        kind = "session" if session and not malformed else "x11" if not malformed else "direct-tcpip"
         self._handle(core.ChannelOpen(kind, "malformed" if malformed else None))
 
     def protocol_error(self) -> None:
@@ -1359,7 +1363,7 @@ OTHER_REQUESTS: list[Req] = [
     _req(b"x11-req", "", "malformed_request"),
     _req(b"break", "break_payload()", "not_implemented"),
     _req(b"break", "", "malformed_request"),
-    _req(b"auth-agent-req@openssh.com", "", "not_implemented"),
+    _req(b"auth-agent-req@openssh.com", "", "agent_denied"),
     _req(b"auth-agent-req@openssh.com", 'b"!"', "malformed_request"),
     _req(b"keepalive@openssh.com", "", "not_implemented"),
     _req(b"xon-xoff", "boolean(True)", "not_implemented"),

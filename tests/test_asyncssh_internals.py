@@ -1657,7 +1657,7 @@ def test_the_listener_refuses_before_asyncssh_and_hands_over_the_rest() -> None:
 
 
 def test_certificate_facts_from_asyncssh_certificates() -> None:
-    """`user_certificate` (HACKS.md row 30) reads what asyncssh's certificate hides:
+    """`user_certificate` (HACKS.md row 31) reads what asyncssh's certificate hides:
     key id, serial, validity, and the CA's signature algorithm, SHA-1 included
     (asyncssh still signs with `ssh-rsa` when asked, and accepts such certificates)."""
     ca = asyncssh.generate_private_key("ssh-rsa", key_size=2048)

@@ -468,6 +468,7 @@ EXPECTED = {
                 "starting --request_ok / SSH_CHANNEL_REQUEST_SUCCESSFUL--> running",
                 "running --program_exited / SSH_EXIT--> exited",
                 "exited --close / SSH_CHANNEL_CLOSED--> closed"},
+    "forward": set(),  # the small log forwards nothing
     "container": set(),  # the small log runs no docker backend
 }
 CODES_SEEN = {
@@ -475,6 +476,7 @@ CODES_SEEN = {
     "connection": {"SSH_CONNECTED", "SSH_KEX_DONE", "SSH_AUTH_ATTEMPT", "SSH_AUTH_SUCCESSFUL",
                    "SSH_HANDSHAKE_SUCCESSFUL", "SSH_NEW_CHANNEL", "SSH_DISCONNECTED"},
     "session": {"SSH_CHANNEL_REQUEST", "SSH_CHANNEL_REQUEST_SUCCESSFUL", "SSH_EXIT", "SSH_CHANNEL_CLOSED"},
+    "forward": set(),
     "container": set(),
 }
 

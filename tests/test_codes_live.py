@@ -297,31 +297,34 @@ def test_new_channel_rejected_at_max_sessions(server_factory: Any, tmp_path: Pat
     assert done.returncode == 0, done.stdout + done.stderr
 
 
-def test_unsupported_channel_type_direct_tcpip(server_factory: Any) -> None:
+def test_unsupported_channel_type_direct_streamlocal(server_factory: Any) -> None:
+    """A channel type the server does not serve (ssh -L to a unix socket:
+    direct-streamlocal@openssh.com) is refused as unknown; the connection goes on.
+    (direct-tcpip is served: tests/test_forwarding.py.)"""
     server = server_factory(handler=APP)
-    done = ssh(server, "-W", "127.0.0.1:9", "unused", log_level="INFO")
-    assert done.returncode == 255
-    assert b"open failed: unknown channel type: Unsupported channel type 'direct-tcpip'" in done.stderr
 
     async def main() -> str:  # the connection goes on serving after the refusal
         async with connect_app(server) as conn:
             with pytest.raises(asyncssh.ChannelOpenError) as refused:
-                await conn.create_connection(asyncssh.SSHTCPSession, "127.0.0.1", 9)
+                await conn.open_unix_connection("/tmp/nowhere.sock")
             assert refused.value.code == asyncssh.OPEN_UNKNOWN_CHANNEL_TYPE
             return str((await conn.run("echo still serving", check=True)).stdout)
     assert asyncio.run(main()) == "still serving\n"
-    records = wait_disconnected(server, 2)
-    for nth, after in [(0, "SSH_DISCONNECTED"), (1, "SSH_NEW_CHANNEL")]:
-        connection = of_connection(records, "SSH_UNSUPPORTED_CHANNEL_TYPE", nth)
-        unsupported = one(connection, "SSH_UNSUPPORTED_CHANNEL_TYPE")
-        assert unsupported["level"] == "info" and unsupported["labels"]["requestType"] == "direct-tcpip"
-        assert "channelId" not in unsupported["labels"]
-        assert codes(connection)[codes(connection).index("SSH_UNSUPPORTED_CHANNEL_TYPE") + 1] == after
+    records = wait_disconnected(server, 1)
+    connection = of_connection(records, "SSH_UNSUPPORTED_CHANNEL_TYPE", 0)
+    unsupported = one(connection, "SSH_UNSUPPORTED_CHANNEL_TYPE")
+    assert unsupported["level"] == "info"
+    assert unsupported["labels"]["requestType"] == "direct-streamlocal@openssh.com"
+    assert "channelId" not in unsupported["labels"]
+    assert codes(connection)[codes(connection).index("SSH_UNSUPPORTED_CHANNEL_TYPE") + 1] == "SSH_NEW_CHANNEL"
     assert codes(connection)[-3:] == ["SSH_EXIT", "SSH_CHANNEL_CLOSED", "SSH_DISCONNECTED"]
 
 
-def test_unsupported_global_request_tcpip_forward(server_factory: Any) -> None:
-    server = server_factory(handler=APP)
+def test_remote_forwarding_denied_is_logged_at_info(server_factory: Any) -> None:
+    """ssh -R where forwarding.tcp allows only local forwarding: the client is told
+    ("remote port forwarding failed"), the denial is logged at info like a denied -L,
+    and the connection goes on (tcpip-forward is served: tests/test_forwarding.py)."""
+    server = server_factory({"forwarding": {"tcp": "local"}}, handler=APP)
     done = ssh(server, "-R", "0:127.0.0.1:9", "echo still here", log_level="INFO")
     assert done.returncode == 0 and done.stdout == b"still here\n"
     assert b"remote port forwarding failed" in done.stderr
@@ -334,11 +337,11 @@ def test_unsupported_global_request_tcpip_forward(server_factory: Any) -> None:
     assert asyncio.run(main()) == "still serving\n"
     records = wait_disconnected(server, 2)
     for nth in (0, 1):
-        connection = of_connection(records, "SSH_UNSUPPORTED_GLOBAL_REQUEST", nth)
-        forward = [r for r in connection if r["code"] == "SSH_UNSUPPORTED_GLOBAL_REQUEST"
-                   and r["labels"]["requestType"] == "tcpip-forward"]
-        assert len(forward) == 1 and forward[0]["level"] == "debug"
-        assert "channelId" not in forward[0]["labels"]
+        connection = of_connection(records, "SSH_REMOTE_FORWARD_DENIED", nth)
+        denied = one(connection, "SSH_REMOTE_FORWARD_DENIED")
+        assert denied["level"] == "info" and denied["labels"]["requestType"] == "tcpip-forward"
+        assert "forwarding.tcp" in denied["labels"]["reason"]
+        assert "channelId" not in denied["labels"]
         assert "SSH_EXIT" in codes(connection) and codes(connection)[-1] == "SSH_DISCONNECTED"
 
 
@@ -479,7 +482,8 @@ def test_reply_send_failed_for_a_channel_request(server_factory: Any, failsys: P
 
 def test_reply_send_failed_for_a_global_request(server_factory: Any, failsys: Path,
                                                 send_flag: Path) -> None:
-    live = server_factory(handler=APP,
+    # (remote forwarding off: the request is refused at once, its failure's send fails)
+    live = server_factory({"forwarding": {"tcp": "local"}}, handler=APP,
                           env=preload(failsys, FAILSYS_SEND_FLAG=str(send_flag)))
     with paramiko_transport(live) as t:
         t.auth_password("demo", "demo")
@@ -490,8 +494,8 @@ def test_reply_send_failed_for_a_global_request(server_factory: Any, failsys: Pa
         assert not t.is_active()  # no REQUEST_FAILURE came: the connection ended
     records = of_connection(wait_disconnected(live), "SSH_REPLY_SEND_FAILED")
     trail = codes(records)
-    assert trail[trail.index("SSH_UNSUPPORTED_GLOBAL_REQUEST"):] == [
-        "SSH_UNSUPPORTED_GLOBAL_REQUEST", "SSH_REPLY_SEND_FAILED", "SSH_CHANNEL_CLOSED",
+    assert trail[trail.index("SSH_REMOTE_FORWARD_DENIED"):] == [
+        "SSH_REMOTE_FORWARD_DENIED", "SSH_REPLY_SEND_FAILED", "SSH_CHANNEL_CLOSED",
         "SSH_DISCONNECTED"]
     failed = one(records, "SSH_REPLY_SEND_FAILED")
     assert "channelId" not in failed["labels"] and failed["labels"]["reason"] == "send failed"

@@ -216,8 +216,8 @@ def test_config_is_frozen() -> None:
     [
         ("ssh: {lisen: 127.0.0.1:22}", "ssh.lisen: unknown key (did you mean `listen`?)"),
         ("sshd: {}", "sshd: unknown key (did you mean `ssh`?)"),
-        ("zzz: 1", "zzz: unknown key (known keys: ssh, auth, limits, backend, log, configserver, metrics, "
-                   "health, docker, stateDir)"),
+        ("zzz: 1", "zzz: unknown key (known keys: ssh, auth, limits, backend, forwarding, log, configserver, "
+                   "metrics, health, docker, stateDir)"),
         ("state_dir: /x", "state_dir: unknown key (did you mean `stateDir`?)"),
         (
             "auth: {users: [{username: a, authorizedKeys: [], password: x}]}",
