@@ -278,6 +278,8 @@ class UserCertificate:
     source_addresses: tuple[str, ...]  # the source-address critical option (CIDRs)
     force_command: str | None  # the force-command critical option
     permit_pty: bool = True  # the permit-pty extension
+    permit_port_forwarding: bool = True  # the permit-port-forwarding extension
+    permit_agent_forwarding: bool = True  # the permit-agent-forwarding extension
 
 
 def user_certificate(cert: Any) -> UserCertificate:
@@ -298,6 +300,8 @@ def user_certificate(cert: Any) -> UserCertificate:
         source_addresses=tuple(str(n) for n in options.get("source-address") or ()),
         force_command=options.get("force-command"),
         permit_pty=bool(options.get("permit-pty")),
+        permit_port_forwarding=bool(options.get("permit-port-forwarding")),
+        permit_agent_forwarding=bool(options.get("permit-agent-forwarding")),
     )
 
 

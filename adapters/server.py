@@ -812,7 +812,7 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
         start = await self._held()
         facts = Certificate(cert.ca, cert.signature_algorithm, cert.key_id, cert.serial, cert.principals,
                             cert.valid_after, cert.valid_before, cert.source_addresses, cert.force_command,
-                            cert.permit_pty)
+                            cert.permit_pty, cert.permit_port_forwarding, cert.permit_agent_forwarding)
         actions = self.handle(core.CertificateChecked(facts, username, self.peer_host, time.time()))
         actions = await self._delayed(actions, start)
         return any(isinstance(a, core.KeyAcceptable) and a.ok for a in actions) or self._answer(actions)

@@ -63,6 +63,10 @@ class Certificate(msgspec.Struct, frozen=True):
     source_addresses: tuple[str, ...] = ()  # the source-address critical option, CIDRs
     force_command: str | None = None  # the force-command critical option
     permit_pty: bool = True  # the permit-pty extension (ssh-keygen sets it unless -O no-pty)
+    # the permit-port-forwarding and permit-agent-forwarding extensions (likewise, unless
+    # -O no-port-forwarding / -O no-agent-forwarding)
+    permit_port_forwarding: bool = True
+    permit_agent_forwarding: bool = True
 
 
 class CertificatePolicy(msgspec.Struct, frozen=True):

@@ -42,7 +42,7 @@ import heapq
 import ipaddress
 from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import msgspec
@@ -416,6 +416,8 @@ class Lost(enum.StrEnum):
 
 # --- forwarding policy ------------------------------------------------------------------------
 
+_NO_CERTIFICATE_PORTS = "the certificate does not permit port forwarding (no permit-port-forwarding)"
+
 
 @dataclass(frozen=True)
 class ForwardPolicy:
@@ -431,9 +433,26 @@ class ForwardPolicy:
     permit_listen: tuple[str, ...] = ("*",)  # [host:]port patterns (ssh -R); `*` for any
     gateway_ports: bool = False  # False: every listener is bound on loopback, as sshd's GatewayPorts no
     agent: bool = False  # auth-agent-req@openssh.com (ssh -A): off unless the config says (forwarding.agent)
+    # What the user certificate the connection logged in with allows (sshd's rules: without
+    # the permit-port-forwarding / permit-agent-forwarding extension, whatever the config says).
+    certificate_ports: bool = True
+    certificate_agent: bool = True
+
+    def restricted_by(self, cert: Certificate) -> ForwardPolicy:
+        """This policy for a connection that logged in with `cert`."""
+        return replace(self, certificate_ports=cert.permit_port_forwarding,
+                       certificate_agent=cert.permit_agent_forwarding)
+
+    def agent_denial(self) -> str | None:
+        """Why an auth-agent-req is denied, or None."""
+        if not self.certificate_agent:
+            return "the certificate does not permit agent forwarding (no permit-agent-forwarding)"
+        return None if self.agent else "forwarding.agent is off"
 
     def listen_denial(self, host: str, port: int) -> str | None:
         """Why a tcpip-forward for ``host``:``port`` is denied, or None."""
+        if not self.certificate_ports:
+            return _NO_CERTIFICATE_PORTS
         if not self.remote:
             return "forwarding.tcp does not allow remote forwarding"
         name = host.lower()
@@ -454,6 +473,8 @@ class ForwardPolicy:
 
     def denial(self, host: str, port: int) -> str | None:
         """Why a direct-tcpip to ``host``:``port`` is denied, or None."""
+        if not self.certificate_ports:
+            return _NO_CERTIFICATE_PORTS
         if not self.local:
             return "forwarding.tcp does not allow local forwarding"
         name = host.lower()
@@ -1622,6 +1643,8 @@ class ConnectionCore:
             verdict, reason = signed
             if event.outcome == "success":
                 self.certificate = cert = self.signed_certificate
+                if cert is not None:
+                    self.forwarding = self.forwarding.restricted_by(cert)
                 self._attempt_verdict(verdict, "publickey", describe(cert) if cert else None, event.now)
             elif verdict == ConnectionEvent.auth_ok:
                 self._fire(ConnectionEvent.auth_bad, method=event.method, reason="bad signature",
@@ -1979,15 +2002,15 @@ class ConnectionCore:
             )
         else:
             event = REQUEST_EVENTS.get(name)
-            if event is SessionEvent.agent_req and not self.forwarding.agent:
+            agent_denial = self.forwarding.agent_denial() if event is SessionEvent.agent_req else None
+            if agent_denial is not None:
                 event = SessionEvent.agent_denied
             if event is None:
                 event = (
                     SessionEvent.not_implemented if name in NOT_IMPLEMENTED else SessionEvent.unknown_request
                 )
             step = self._fire_session(session, event, request_type=name, command=req.command,
-                                      reason="forwarding.agent is off" if event is SessionEvent.agent_denied
-                                      else None)
+                                      reason=agent_denial)
             if step.kind == "transition" and step.reply is None and step.target != step.source:
                 if name == "pty-req" and self.certificate is not None and not self.certificate.permit_pty:
                     # The certificate's restriction answers for the backend, as sshd's

@@ -209,3 +209,23 @@ def server_factory(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[A
 
 def have(program: str) -> bool:
     return shutil.which(program) is not None
+
+
+@pytest.fixture
+def agent(tmp_path: Path) -> Iterator[dict[str, str]]:
+    """A real ssh-agent holding a fresh key (comment `forwarded-key`); yields the environment
+    that points at it (ssh -A)."""
+    sock = tmp_path / "agent.sock"
+    proc = subprocess.Popen(["ssh-agent", "-D", "-a", str(sock)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    key = tmp_path / "agent_key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "forwarded-key", "-f", str(key)],
+                   check=True)
+    env = {**os.environ, "SSH_AUTH_SOCK": str(sock)}
+    deadline = time.monotonic() + 10
+    while subprocess.run(["ssh-add", str(key)], env=env, capture_output=True).returncode != 0:
+        assert time.monotonic() < deadline and proc.poll() is None, "ssh-agent did not start"
+        time.sleep(0.05)
+    yield env
+    proc.terminate()
+    proc.wait(10)

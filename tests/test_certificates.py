@@ -77,7 +77,8 @@ def live(cas: CA, tmp_path_factory: pytest.TempPathFactory) -> Any:
 
 
 def ssh(live: LiveServer, key: Path, user: str, *command: str, source: str | None = None,
-        stdin: bytes = b"", options: tuple[str, ...] = ()) -> subprocess.CompletedProcess[bytes]:
+        stdin: bytes = b"", options: tuple[str, ...] = (),
+        env: dict[str, str] | None = None) -> subprocess.CompletedProcess[bytes]:
     args = ["ssh", "-p", str(live.port), "-F", "/dev/null", "-o", "StrictHostKeyChecking=no",
             "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes", "-o", "LogLevel=ERROR",
             "-o", "IdentitiesOnly=yes", "-o", "PreferredAuthentications=publickey",
@@ -86,7 +87,7 @@ def ssh(live: LiveServer, key: Path, user: str, *command: str, source: str | Non
         args += ["-b", source]
     args += options
     return subprocess.run([*args, f"{user}@127.0.0.1", *command], input=stdin, capture_output=True,
-                          timeout=60)
+                          timeout=60, env=env)
 
 
 def refusals(live: LiveServer, user: str) -> list[str]:
@@ -358,6 +359,28 @@ def test_an_asyncssh_client_logs_in_with_a_certificate_asyncssh_made(live: LiveS
     assert asyncio.run(login("ssh-rsa")) == "denied"
     live.wait_for(lambda _: len(refusals(live, "alice")) > before)
     assert refusals(live, "alice")[before].startswith("SHA-1 signature: certificate 'asyncssh-made'")
+
+
+def test_a_certificate_without_the_forwarding_extensions_forwards_nothing(
+        live: LiveServer, cas: CA, agent: dict[str, str]) -> None:
+    """sshd's rules for `ssh-keygen -O no-port-forwarding -O no-agent-forwarding`: the
+    config allows both (forwarding's defaults), the certificate does not; the same key
+    with a plain certificate gets the agent."""
+    plain = ssh(live, cas.sign(), "alice", 'echo "[$SSH_AUTH_SOCK]"; ssh-add -l', options=("-A",),
+                env=agent)
+    assert plain.returncode == 0 and b"forwarded-key" in plain.stdout, plain
+    restricted = cas.sign("-O", "no-port-forwarding", "-O", "no-agent-forwarding")
+    agentless = ssh(live, restricted, "alice", 'echo "[$SSH_AUTH_SOCK]"', options=("-A",), env=agent)
+    assert agentless.stdout == b"[]\n", agentless
+    stdio = ssh(live, restricted, "alice", options=("-W", f"127.0.0.1:{live.port}"))  # direct-tcpip
+    assert stdio.returncode == 255 and b"stdio forwarding failed" in stdio.stderr, stdio
+    live.wait_for(lambda records: any(r["code"] == "SSH_FORWARD_DENIED" for r in records))
+    reasons = {r["code"]: r["labels"].get("reason") for r in live.records()
+               if r["code"] in ("SSH_FORWARD_DENIED", "SSH_AGENT_FORWARDING_DENIED")}
+    assert reasons["SSH_AGENT_FORWARDING_DENIED"] == \
+        "the certificate does not permit agent forwarding (no permit-agent-forwarding)"
+    assert reasons["SSH_FORWARD_DENIED"].endswith(
+        ": the certificate does not permit port forwarding (no permit-port-forwarding)")
 
 
 def test_a_certificate_without_permit_pty_gets_no_pty(live: LiveServer, cas: CA) -> None:

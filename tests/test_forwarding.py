@@ -658,25 +658,6 @@ def test_forwarded_connections_beyond_the_limit_are_closed(server_factory: Any, 
 # --- ssh -A: agent forwarding ------------------------------------------------------------------
 
 
-@pytest.fixture
-def agent(tmp_path: Path) -> Iterator[dict[str, str]]:
-    """A real ssh-agent holding a fresh key; yields the environment that points at it."""
-    sock = tmp_path / "agent.sock"
-    proc = subprocess.Popen(["ssh-agent", "-D", "-a", str(sock)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    key = tmp_path / "agent_key"
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "forwarded-key", "-f", str(key)],
-                   check=True)
-    env = {**os.environ, "SSH_AUTH_SOCK": str(sock)}
-    deadline = time.monotonic() + 10
-    while subprocess.run(["ssh-add", str(key)], env=env, capture_output=True).returncode != 0:
-        assert time.monotonic() < deadline and proc.poll() is None, "ssh-agent did not start"
-        time.sleep(0.05)
-    yield env
-    proc.terminate()
-    proc.wait(10)
-
-
 def test_ssh_A_then_ssh_add_lists_the_forwarded_key(server: LiveServer, agent: dict[str, str]) -> None:
     script = 'echo "$SSH_AUTH_SOCK"; stat -c %a "$(dirname "$SSH_AUTH_SOCK")"; ssh-add -l'
     done = subprocess.run([*server.ssh_args("-A"), script], capture_output=True, timeout=60, env=agent)
