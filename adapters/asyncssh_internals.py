@@ -44,7 +44,10 @@ from __future__ import annotations
 import asyncio
 import enum
 import functools
+import hashlib
 import inspect
+import os
+import time
 import zlib
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -54,9 +57,17 @@ import asyncssh
 import asyncssh.compression
 from asyncssh.channel import SSHChannel
 from asyncssh.connection import SSHConnection
+from asyncssh.constants import (
+    MSG_DEBUG,
+    MSG_IGNORE,
+    MSG_KEX_LAST,
+    MSG_SERVICE_ACCEPT,
+    MSG_USERAUTH_BANNER,
+    MSG_USERAUTH_LAST,
+)
 from asyncssh.logging import SSHLogger
 from asyncssh.misc import map_handler_name
-from asyncssh.packet import PacketDecodeError, SSHPacket, SSHPacketHandler
+from asyncssh.packet import Byte, PacketDecodeError, SSHPacket, SSHPacketHandler, String, UInt32
 
 __all__ = [
     "ASYNCSSH_DEFAULT",
@@ -536,6 +547,9 @@ class HookedServerChannel(asyncssh.SSHServerChannel[bytes]):
         self._hk_on_data_after_eof = on_data_after_eof
         self._hk_next_seq = 0
         self._hk_started = False
+        # asyncssh's IGNORE before each packet (HACKS.md row 31): kept while the
+        # channel may carry keystrokes; `set_interactive(False)` drops it.
+        self.interactive = True
 
     # REACH-IN: SSHPacketHandler dispatches through the class attribute
     # `_packet_handlers`; we replace the MSG_CHANNEL_REQUEST entry.
@@ -595,6 +609,27 @@ class HookedServerChannel(asyncssh.SSHServerChannel[bytes]):
         MSG_CHANNEL_CLOSE: _hk_process_close,
         MSG_CHANNEL_WINDOW_ADJUST: _hk_process_window_adjust,
     }
+
+    def set_interactive(self, interactive: bool) -> None:
+        """Whether this channel's packets each get an IGNORE in front (asyncssh does
+        it for every packet): worth it for a pty's keystrokes and echoes, a second
+        packet per packet for a bulk stream (exec without a pty, sftp)."""
+        self.interactive = interactive
+
+    # REACH-IN (HACKS.md row 30): SSHChannel._flush_send_buf sends every data packet the
+    # send window allows, one after the other; corked, they reach the socket in one write.
+    def _flush_send_buf(self) -> None:
+        state = None if self._conn is None else self._conn.get_extra_info(_STATE_KEY)
+        if state is None:
+            super()._flush_send_buf()
+            return
+        state.cork_depth += 1
+        try:
+            super()._flush_send_buf()
+        finally:
+            state.cork_depth -= 1
+            if not state.cork_depth:
+                _uncork(state)
 
     def start_io(self) -> None:
         if not self._hk_started and self._conn is not None:  # REACH-IN: SSHChannel._conn
@@ -706,6 +741,12 @@ class HookState:
     last_auth: AuthRequest | None = None
     auth_answered: bool = True
     write_paused: bool = False  # the transport's write buffer is past its high-water mark
+    # send path (HACKS.md row 30): packets held while a channel flush is corked, and
+    # CSPRNG output for padding, read in growing blocks (a short connection reads little)
+    cork_depth: int = 0
+    corked: list[bytes] = field(default_factory=list)
+    pad: bytes = b""
+    pad_pos: int = 0
     seqs: dict[str, int] = field(default_factory=lambda: {"global": 0, "open": 0, "auth": 0})
     verdicts: set[asyncio.Future[bool | bytes]] = field(default_factory=set)
 
@@ -1153,8 +1194,120 @@ def install_hooks(conn: asyncssh.SSHServerConnection, hooks: ConnectionHooks, *,
     # goes to on_backlog, once per read.
     conn.data_received = functools.partial(_data_received, state,  # type: ignore[method-assign]
                                            conn.data_received)
+    # REACH-IN (HACKS.md rows 30, 31): asyncssh's SSHConnection.send_packet, ported (see
+    # _send_packet), shadowed on the instance as the send breaker's wrapper is.
+    conn.send_packet = functools.partial(_send_packet, state)  # type: ignore[method-assign]
     conn.set_extra_info(**{_STATE_KEY: state})
     return state
+
+
+# --------------------------------------------------------------------------- the send path
+
+_PAD_FIRST, _PAD_MAX = 256, 16384  # bytes of CSPRNG output per refill: first, largest
+
+
+def _padding(state: HookState, n: int) -> bytes:
+    """`n` unpredictable bytes: os.urandom output read in blocks (one getrandom call
+    per few hundred to a few thousand packets instead of one per packet), each byte
+    used once. OpenSSH pads from arc4random, a buffered CSPRNG, likewise."""
+    pos = state.pad_pos
+    if pos + n > len(state.pad):
+        state.pad = os.urandom(min(max(2 * len(state.pad), _PAD_FIRST), _PAD_MAX))
+        pos = 0
+    state.pad_pos = pos + n
+    return state.pad[pos:pos + n]
+
+
+def _wants_ignore(handler: Any) -> bool:
+    """asyncssh sends an empty IGNORE before every packet after the key exchange: RFC
+    4251 9.3.1's countermeasure to CBC's predictable IVs (sshspec negotiates no CBC
+    cipher, algorithms.py). Kept for connection-level packets (few) and interactive
+    channels; dropped for a bulk channel's packets (HACKS.md row 31)."""
+    if isinstance(handler, SSHChannel):
+        return bool(getattr(handler, "interactive", False))  # others: forwarded streams
+    return True
+
+
+def _uncork(state: HookState) -> None:
+    if state.corked:
+        data = b"".join(state.corked) if len(state.corked) > 1 else state.corked[0]
+        state.corked.clear()
+        state.conn._send(data)  # REACH-IN: SSHConnection._send (checks _transport)
+
+
+# asyncssh 2.24.1's SSHConnection.send_packet, line for line but for the three marked
+# changes; the compat check pins the original's source (_SEND_PACKET_SHA256).
+def _send_packet(state: HookState, pkttype: int, *args: bytes,
+                 handler: Any = None) -> None:
+    self: Any = state.conn
+    if (self._auth_complete and self._kex_complete and
+            (self._rekey_bytes_sent >= self._rekey_bytes or
+             (self._rekey_seconds and
+              time.monotonic() >= self._rekey_time))):
+        self._send_kexinit()
+        self._kexinit_sent = True
+
+    if (((pkttype in {MSG_DEBUG, MSG_SERVICE_REQUEST, MSG_SERVICE_ACCEPT} or
+          pkttype > MSG_KEX_LAST) and not self._kex_complete) or
+            (pkttype == MSG_USERAUTH_BANNER and
+             not (self._auth_in_progress or self._auth_complete)) or
+            (pkttype > MSG_USERAUTH_LAST and not self._auth_complete)):
+        self._deferred_packets.append((pkttype, args))
+        return
+
+    # CHANGED (1): the IGNORE only for connection packets and interactive channels.
+    if self._send_encryption and pkttype > MSG_KEX_LAST and _wants_ignore(handler):
+        self.send_packet(MSG_IGNORE, String(b''))
+
+    orig_payload = Byte(pkttype) + b''.join(args)
+
+    if self._compressor and (self._auth_complete or
+                             not self._compress_after_auth):
+        payload = self._compressor.compress(orig_payload)
+
+        if payload is None:  # pragma: no cover
+            raise asyncssh.CompressionError('Compression failed')
+    else:
+        payload = orig_payload
+
+    padlen = -(self._send_enchdrlen + len(payload)) % self._send_blocksize
+    if padlen < 4:
+        padlen += self._send_blocksize
+
+    # CHANGED (2): padding from the connection's buffered CSPRNG output.
+    packet = Byte(padlen) + payload + _padding(state, padlen)
+    pktlen = len(packet)
+    hdr = UInt32(pktlen)
+    seq = self._send_seq
+
+    if self._send_encryption:
+        packet, mac = self._send_encryption.encrypt_packet(seq, hdr, packet)
+    else:
+        packet = hdr + packet
+        mac = b''
+
+    # CHANGED (3): while a channel flush is corked, held for its one write.
+    if state.cork_depth:
+        state.corked.append(packet + mac)
+    else:
+        self._send(packet + mac)
+
+    if self._send_seq == 0xffffffff and not self._send_encryption:
+        self._send_seq = 0
+        raise asyncssh.ProtocolError('Sequence rollover before kex complete')
+
+    if pkttype == MSG_NEWKEYS and self._strict_kex:
+        self._send_seq = 0
+    else:
+        self._send_seq = (seq + 1) & 0xffffffff
+
+    if self._kex_complete:
+        self._rekey_bytes_sent += pktlen
+
+    if not handler:
+        handler = self
+
+    handler.log_sent_packet(pkttype, seq, orig_payload)
 
 
 async def _no_config_reload() -> None:
@@ -1404,7 +1557,27 @@ REACH_INS: tuple[ReachIn, ...] = (
             source_has="return SSHServerConnection(loop, new_options, acceptor, error_handler)"),
     ReachIn(SSHConnection, "get_owner", (), source_has="return self._owner"),
     ReachIn(SSHConnection, "_owner", attr_in=SSHConnection.connection_made),
+    # the send path (HACKS.md rows 30, 31): _send_packet is a port of send_packet (its
+    # source is pinned by hash, check_asyncssh_compat) and corks _flush_send_buf.
+    ReachIn(SSHConnection, "_send", ("data",), source_has="self._transport.write(data)"),
+    ReachIn(SSHChannel, "_flush_send_buf", (), source_has="self.send_packet(MSG_CHANNEL_DATA"),
+    ReachIn(SSHChannel, "send_packet", ("pkttype", "args"),
+            source_has="self._conn.send_packet(pkttype, payload, handler=self)"),
+    ReachIn(SSHConnection, "_send_kexinit", (), source_has="self.send_packet(MSG_KEXINIT"),
+    *(ReachIn(SSHConnection, name, attr_in=SSHConnection.__init__)
+      for name in ("_auth_complete", "_kex_complete", "_rekey_bytes_sent", "_rekey_bytes",
+                   "_rekey_seconds", "_rekey_time", "_kexinit_sent", "_auth_in_progress",
+                   "_deferred_packets", "_send_encryption", "_compressor", "_compress_after_auth",
+                   "_send_enchdrlen", "_send_blocksize", "_send_seq", "_strict_kex")),
 )
+
+# sha256 of asyncssh 2.24.1's SSHConnection.send_packet source: _send_packet is a port
+# of it, so any change upstream must be looked at (and ported) before upgrading.
+_SEND_PACKET_SHA256 = "fb9da7bec6dd395a2f379f8a0f4dbfc5f194ff80e1ed8630d9a6dbf291359406"
+
+
+def _source_sha256(fn: Any) -> str:
+    return hashlib.sha256(inspect.getsource(fn).encode()).hexdigest()
 
 
 def _version_tuple(version: str) -> tuple[int, ...]:
@@ -1468,6 +1641,8 @@ def check_asyncssh_compat() -> list[str]:
         problems.append("SSHServerChannel._packet_handlers[93] is not _process_window_adjust")
     if _CHAN_DATA is not getattr(_Chan, "_process_data", None):
         problems.append("SSHServerChannel._packet_handlers[94] is not _process_data")
+    if _source_sha256(SSHConnection.send_packet) != _SEND_PACKET_SHA256:
+        problems.append("SSHConnection.send_packet changed: port it to _send_packet (HACKS.md row 30)")
     return problems
 
 
