@@ -15,8 +15,8 @@ first), each measure once per server per round:
 * upload:   `head -c SIZE /dev/zero | ssh -c CIPHER host 'cat > /dev/null; times >&2'`
   (aes128-gcm and aes256-gcm)
 * sftp get / put of a SIZE file (a file in /dev/shm to /dev/null, and back)
-* pty keystrokes: one byte at a time into a pty running `cat` (asyncssh client, on
-  CPU 1), each round trip timed until its echo comes back.
+* pty keystrokes: one byte at a time into `ssh -tt host cat` (a pty running cat),
+  each round trip timed until the echo comes back out of the client.
 
 Server CPU is its cgroup's (one per server, made here: everything it ever ran, so
 sshd's per-connection and privsep processes count, read once a session's processes
@@ -27,7 +27,6 @@ the client's wall time. Ratios are sshspec / sshd, medians of the rounds (min, m
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import os
@@ -276,29 +275,43 @@ def sftp(target: Target, key: Path, local: Path, size: int, put: bool) -> dict[s
 
 
 def keystrokes(target: Target, key: Path, count: int) -> dict[str, float]:
-    """Round trips of one byte into a pty (its echo), by bench/transfer.py's own client."""
-    done = subprocess.run([sys.executable, str(Path(__file__)), "keystrokes", str(target.port),
-                           target.user, str(key), str(count)], capture_output=True,
-                          preexec_fn=_pin(CLIENT_CPU), timeout=300, cwd=ROOT)
+    """Round trips of one byte into a pty (its echo) through OpenSSH's client (`ssh -tt
+    host cat`), timed by a driver on the client CPU writing to its stdin and reading
+    its stdout."""
+    ssh = ["ssh", "-tt", "-p", str(target.port), *_ssh_opts(key), f"{target.user}@127.0.0.1", "cat"]
+    done = subprocess.run([sys.executable, str(Path(__file__)), "keystrokes", str(count), *ssh],
+                          capture_output=True, preexec_fn=_pin(CLIENT_CPU), timeout=300, cwd=ROOT)
     if done.returncode != 0:
         raise SystemExit(f"bench: keystrokes on {target.name} failed: {done.stderr.decode()[-800:]}")
     result: dict[str, float] = json.loads(done.stdout)
     return result
 
 
-async def _keystroke_client(port: int, user: str, key: str, count: int) -> dict[str, float]:
-    import asyncssh
-    async with asyncssh.connect("127.0.0.1", port, username=user, client_keys=[key],
-                                known_hosts=None, config=None) as conn:
-        proc = await conn.create_process("cat", term_type="xterm", encoding=None)
-        rtts = []
-        for _ in range(count + 10):  # the first few warm up the path
-            start = time.perf_counter()
-            proc.stdin.write(b"x")
-            await proc.stdout.readexactly(1)  # the pty's echo
-            rtts.append(time.perf_counter() - start)
-        proc.stdin.write(b"\x04\x04")
-        proc.close()
+def _keystroke_driver(count: int, ssh: list[str]) -> dict[str, float]:
+    proc = subprocess.Popen(ssh, stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
+    assert proc.stdin is not None and proc.stdout is not None
+    out, inp = proc.stdout.fileno(), proc.stdin.fileno()
+    os.write(inp, b"x")  # skip what the server says first (sshd: "Could not chdir ...")
+    seen = b""
+    while not seen.endswith(b"x"):
+        chunk = os.read(out, 4096)
+        if not chunk:
+            raise SystemExit(f"keystrokes: no echo, only {seen[-200:]!r}")
+        seen += chunk
+    rtts = []
+    for _ in range(count + 10):  # the first few warm up the path
+        start = time.perf_counter()
+        os.write(inp, b"x")
+        if os.read(out, 1) != b"x":  # the pty's echo
+            raise SystemExit("keystrokes: no echo")
+        rtts.append(time.perf_counter() - start)
+    os.write(inp, b"\r\x04")  # end the line, then EOF: cat exits
+    proc.stdin.close()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
     rtts = sorted(rtts[10:])
     return {"p50_us": rtts[len(rtts) // 2] * 1e6, "p90_us": rtts[len(rtts) * 9 // 10] * 1e6}
 
@@ -406,6 +419,5 @@ def targets(t: dict[str, Any]) -> dict[str, tuple[Any, str, bool]]:
     return out
 
 
-if __name__ == "__main__" and len(sys.argv) == 6 and sys.argv[1] == "keystrokes":
-    print(json.dumps(asyncio.run(_keystroke_client(int(sys.argv[2]), sys.argv[3], sys.argv[4],
-                                                   int(sys.argv[5])))))
+if __name__ == "__main__" and len(sys.argv) > 3 and sys.argv[1] == "keystrokes":
+    print(json.dumps(_keystroke_driver(int(sys.argv[2]), sys.argv[3:])))
