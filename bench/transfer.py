@@ -76,8 +76,8 @@ class Target:
         while todo:
             pid = todo.pop()
             out.append(pid)
-            for task in Path(f"/proc/{pid}/task").glob("*/children"):
-                with contextlib.suppress(FileNotFoundError):
+            with contextlib.suppress(FileNotFoundError):  # a process that just ended
+                for task in Path(f"/proc/{pid}/task").glob("*/children"):
                     todo += [int(p) for p in task.read_text().split()]
         return out
 
