@@ -32,7 +32,9 @@ import json
 import os
 import pwd
 import re
+import select
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -170,7 +172,7 @@ def ensure_user() -> str | None:
         return f"no user {BENCH_USER} and cannot create it (not root or no useradd)"
     # Password "*": none can match, but the account is not locked ("!"), which sshd
     # without PAM refuses even for a key.
-    subprocess.run(["useradd", "--system", "--no-create-home", "--home-dir", "/nonexistent",
+    subprocess.run(["useradd", "--system", "--no-create-home", "--home-dir", "/",
                     "--shell", "/bin/sh", "--password", "*", BENCH_USER], check=True)
     return None
 
@@ -291,27 +293,28 @@ def _keystroke_driver(count: int, ssh: list[str]) -> dict[str, float]:
     proc = subprocess.Popen(ssh, stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
     assert proc.stdin is not None and proc.stdout is not None
     out, inp = proc.stdout.fileno(), proc.stdin.fileno()
-    os.write(inp, b"x")  # skip what the server says first (sshd: "Could not chdir ...")
-    seen = b""
-    while not seen.endswith(b"x"):
-        chunk = os.read(out, 4096)
-        if not chunk:
-            raise SystemExit(f"keystrokes: no echo, only {seen[-200:]!r}")
-        seen += chunk
-    rtts = []
-    for _ in range(count + 10):  # the first few warm up the path
-        start = time.perf_counter()
-        os.write(inp, b"x")
-        if os.read(out, 1) != b"x":  # the pty's echo
-            raise SystemExit("keystrokes: no echo")
-        rtts.append(time.perf_counter() - start)
-    os.write(inp, b"\r\x04")  # end the line, then EOF: cat exits
-    proc.stdin.close()
     try:
+        os.write(inp, b"x")  # skip anything the server says first, up to the first echo
+        seen = b""
+        while b"x" not in seen or select.select([out], [], [], 0.2)[0]:
+            chunk = os.read(out, 4096)
+            if not chunk:
+                raise SystemExit(f"keystrokes: no echo, only {seen[-200:]!r}")
+            seen += chunk
+        rtts = []
+        for _ in range(count + 10):  # the first few warm up the path
+            start = time.perf_counter()
+            os.write(inp, b"x")
+            if os.read(out, 1) != b"x":  # the pty's echo
+                raise SystemExit("keystrokes: no echo")
+            rtts.append(time.perf_counter() - start)
+        os.write(inp, b"\r\x04")  # end the line, then EOF: cat exits
+        proc.stdin.close()
         proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
     rtts = sorted(rtts[10:])
     return {"p50_us": rtts[len(rtts) // 2] * 1e6, "p90_us": rtts[len(rtts) * 9 // 10] * 1e6}
 
@@ -374,9 +377,15 @@ def transfer_phase(work: Path, _host_key: Path, sshspec: list[str], env: dict[st
         for s in servers:
             s.stop()
         local.unlink(missing_ok=True)
-        for cg in cgroups:
+        for cg in cgroups:  # what the servers left (sessions of a failed measure) goes too
             if cg is not None:
                 with contextlib.suppress(OSError):
+                    for pid in (cg / "cgroup.procs").read_text().split():
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(int(pid), signal.SIGKILL)
+                    deadline = time.monotonic() + 5
+                    while (cg / "cgroup.procs").read_text().strip() and time.monotonic() < deadline:
+                        time.sleep(0.01)
                     cg.rmdir()
     out: dict[str, Any] = {"size": size, "sftp_size": sftp_size, "keystrokes": keys, "rounds": rounds,
                            "rounds_raw": results, "ratios": {}}
