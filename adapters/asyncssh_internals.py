@@ -1235,7 +1235,7 @@ def _uncork(state: HookState) -> None:
         state.conn._send(data)  # REACH-IN: SSHConnection._send (checks _transport)
 
 
-# asyncssh 2.24.1's SSHConnection.send_packet, line for line but for the three marked
+# asyncssh 2.24.1's SSHConnection.send_packet, line for line but for the four marked
 # changes; the compat check pins the original's source (_SEND_PACKET_SHA256).
 def _send_packet(state: HookState, pkttype: int, *args: bytes,
                  handler: Any = None) -> None:
@@ -1259,23 +1259,30 @@ def _send_packet(state: HookState, pkttype: int, *args: bytes,
     if self._send_encryption and pkttype > MSG_KEX_LAST and _wants_ignore(handler):
         self.send_packet(MSG_IGNORE, String(b''))
 
-    orig_payload = Byte(pkttype) + b''.join(args)
+    # CHANGED (4): without compression, the packet is joined once from its parts (the
+    # payload is built separately only for a packet log, debug level 3: the one reader).
+    compress = self._compressor and (self._auth_complete or not self._compress_after_auth)
+    logged = SSHLogger._debug_level >= 3  # REACH-IN: set_debug_level's class attribute
+    orig_payload = Byte(pkttype) + b''.join(args) if compress or logged else b''
 
-    if self._compressor and (self._auth_complete or
-                             not self._compress_after_auth):
+    if compress:
         payload = self._compressor.compress(orig_payload)
 
         if payload is None:  # pragma: no cover
             raise asyncssh.CompressionError('Compression failed')
+        paylen = len(payload)
     else:
-        payload = orig_payload
+        paylen = 1 + sum(map(len, args))
 
-    padlen = -(self._send_enchdrlen + len(payload)) % self._send_blocksize
+    padlen = -(self._send_enchdrlen + paylen) % self._send_blocksize
     if padlen < 4:
         padlen += self._send_blocksize
 
     # CHANGED (2): padding from the connection's buffered CSPRNG output.
-    packet = Byte(padlen) + payload + _padding(state, padlen)
+    if compress:
+        packet = Byte(padlen) + payload + _padding(state, padlen)
+    else:
+        packet = b''.join((Byte(padlen), Byte(pkttype), *args, _padding(state, padlen)))
     pktlen = len(packet)
     hdr = UInt32(pktlen)
     seq = self._send_seq
@@ -1288,7 +1295,7 @@ def _send_packet(state: HookState, pkttype: int, *args: bytes,
 
     # CHANGED (3): while a channel flush is corked, held for its one write.
     if state.cork_depth:
-        state.corked.append(packet + mac)
+        state.corked += (packet, mac)
     else:
         self._send(packet + mac)
 
