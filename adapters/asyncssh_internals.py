@@ -51,13 +51,14 @@ import time
 import zlib
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal, TypeAlias
+from typing import Any, Literal, TypeAlias, cast
 
 import asyncssh
 import asyncssh.compression
 from asyncssh.channel import SSHChannel
 from asyncssh.connection import SSHConnection
 from asyncssh.constants import (
+    MSG_CHANNEL_EXTENDED_DATA,
     MSG_DEBUG,
     MSG_IGNORE,
     MSG_KEX_LAST,
@@ -65,9 +66,12 @@ from asyncssh.constants import (
     MSG_USERAUTH_BANNER,
     MSG_USERAUTH_LAST,
 )
+from asyncssh.crypto.cipher import GCMCipher
+from asyncssh.encryption import GCMEncryption
 from asyncssh.logging import SSHLogger
 from asyncssh.misc import map_handler_name
 from asyncssh.packet import Byte, PacketDecodeError, SSHPacket, SSHPacketHandler, String, UInt32
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 __all__ = [
     "ASYNCSSH_DEFAULT",
@@ -127,6 +131,7 @@ MSG_CHANNEL_OPEN = 90
 MSG_CHANNEL_WINDOW_ADJUST = 93
 MSG_CHANNEL_DATA = 94
 MAX_WINDOW = 0xFFFFFFFF  # RFC 4254 5.2: a window never exceeds 2^32 - 1 bytes
+MSG_CHANNEL_EOF = 96
 MSG_CHANNEL_CLOSE = 97
 MSG_CHANNEL_REQUEST = 98
 MSG_CHANNEL_SUCCESS = 99
@@ -616,20 +621,65 @@ class HookedServerChannel(asyncssh.SSHServerChannel[bytes]):
         packet per packet for a bulk stream (exec without a pty, sftp)."""
         self.interactive = interactive
 
-    # REACH-IN (HACKS.md row 30): SSHChannel._flush_send_buf sends every data packet the
-    # send window allows, one after the other; corked, they reach the socket in one write.
+    # REACH-IN (HACKS.md row 30): SSHChannel._flush_send_buf (channel.py:305), ported: it
+    # sends every data packet the send window allows. Here they are corked (one socket
+    # write for all of them) and cut from the buffer as views, not copies.
     def _flush_send_buf(self) -> None:
         state = None if self._conn is None else self._conn.get_extra_info(_STATE_KEY)
-        if state is None:
-            super()._flush_send_buf()
-            return
-        state.cork_depth += 1
+        if state is not None:
+            state.cork_depth += 1
         try:
-            super()._flush_send_buf()
+            self._hk_flush_send_buf()
         finally:
-            state.cork_depth -= 1
-            if not state.cork_depth:
-                _uncork(state)
+            if state is not None:
+                state.cork_depth -= 1
+                if not state.cork_depth:
+                    _uncork(state)
+
+    def _hk_flush_send_buf(self) -> None:
+        # asyncssh 2.24.1's loop, but each packet's data is a view of the buffered
+        # bytearray (joined into the packet once, in _send_packet) and the sent part
+        # is deleted once per buffer, not once per packet.
+        while self._send_buf and self._send_window:
+            buf, datatype = self._send_buf[0]
+            sent = 0
+            try:
+                with memoryview(buf) as view:
+                    while sent < len(buf) and self._send_window:
+                        size = min(self._send_window, self._send_pktsize, len(buf) - sent)
+                        self._send_buf_len -= size
+                        self._send_window -= size
+                        with view[sent:sent + size] as data:
+                            sent += size
+                            self._hk_send_data(data, datatype)
+            finally:
+                if sent == len(buf):
+                    del self._send_buf[0]
+                else:
+                    del buf[:sent]
+
+        self._pause_resume_writing()
+
+        if not self._send_buf:
+            if self._send_state == 'eof_pending':
+                self.send_packet(MSG_CHANNEL_EOF)
+                self._send_state = 'eof'
+            elif self._send_state == 'close_pending':
+                self._close_send()
+
+    def _hk_send_data(self, data: memoryview, datatype: int | None) -> None:
+        # SSHChannel.send_packet without its join: the parts go to the connection's
+        # send_packet (looked up on the instance, as asyncssh does), which joins them.
+        if self._send_chan is None:  # pragma: no cover (as in asyncssh)
+            return
+        assert self._conn is not None
+        view = cast(bytes, data)  # bytes-like: _send_packet joins it (typed bytes by asyncssh)
+        if datatype is None:
+            self._conn.send_packet(MSG_CHANNEL_DATA, UInt32(self._send_chan),
+                                   UInt32(len(data)), view, handler=self)
+        else:
+            self._conn.send_packet(MSG_CHANNEL_EXTENDED_DATA, UInt32(self._send_chan),
+                                   UInt32(datatype), UInt32(len(data)), view, handler=self)
 
     def start_io(self) -> None:
         if not self._hk_started and self._conn is not None:  # REACH-IN: SSHChannel._conn
@@ -1235,6 +1285,22 @@ def _uncork(state: HookState) -> None:
         state.conn._send(data)  # REACH-IN: SSHConnection._send (checks _transport)
 
 
+def _encrypt_packet(encryption: Any, seq: int, hdr: bytes, packet: bytes) -> tuple[bytes, bytes]:
+    """`encryption.encrypt_packet(seq, hdr, packet)`: the wire bytes in two parts.
+
+    For AES-GCM, asyncssh's GCMCipher.encrypt_and_sign (crypto/cipher.py:110) cuts
+    AESGCM's output into `header + ciphertext` and the tag, two copies that the
+    caller joins again; this returns the header and AESGCM's output (ciphertext and
+    tag, in wire order) as they are. Same key, IV and IV update (REACH-IN: row 30)."""
+    if type(encryption) is GCMEncryption:
+        cipher = encryption._cipher
+        sealed = AESGCM(cipher._key).encrypt(cipher._iv, packet, hdr)
+        cipher._update_iv()
+        return hdr, sealed
+    sent: tuple[bytes, bytes] = encryption.encrypt_packet(seq, hdr, packet)
+    return sent
+
+
 # asyncssh 2.24.1's SSHConnection.send_packet, line for line but for the four marked
 # changes; the compat check pins the original's source (_SEND_PACKET_SHA256).
 def _send_packet(state: HookState, pkttype: int, *args: bytes,
@@ -1288,7 +1354,7 @@ def _send_packet(state: HookState, pkttype: int, *args: bytes,
     seq = self._send_seq
 
     if self._send_encryption:
-        packet, mac = self._send_encryption.encrypt_packet(seq, hdr, packet)
+        packet, mac = _encrypt_packet(self._send_encryption, seq, hdr, packet)
     else:
         packet = hdr + packet
         mac = b''
@@ -1567,7 +1633,18 @@ REACH_INS: tuple[ReachIn, ...] = (
     # the send path (HACKS.md rows 30, 31): _send_packet is a port of send_packet (its
     # source is pinned by hash, check_asyncssh_compat) and corks _flush_send_buf.
     ReachIn(SSHConnection, "_send", ("data",), source_has="self._transport.write(data)"),
-    ReachIn(SSHChannel, "_flush_send_buf", (), source_has="self.send_packet(MSG_CHANNEL_DATA"),
+    ReachIn(SSHChannel, "_flush_send_buf", ()),  # ported: source pinned (_PORTED)
+    ReachIn(SSHChannel, "write", ("data", "datatype"),
+            source_has="self._send_buf.append((bytearray(encoded_data), datatype))"),
+    ReachIn(SSHChannel, "_pause_resume_writing", ()),
+    ReachIn(SSHChannel, "_close_send", ()),
+    *(ReachIn(SSHChannel, name, attr_in=SSHChannel.__init__)
+      for name in ("_send_buf", "_send_buf_len", "_send_pktsize", "_send_chan")),
+    ReachIn(GCMEncryption, "_cipher", attr_in=GCMEncryption.__init__),
+    ReachIn(GCMCipher, "_key", attr_in=GCMCipher.__init__),
+    ReachIn(GCMCipher, "_iv", attr_in=GCMCipher.__init__),
+    ReachIn(GCMCipher, "_update_iv", ()),
+    ReachIn(GCMCipher, "encrypt_and_sign", ("header", "data")),  # source pinned (_PORTED)
     ReachIn(SSHChannel, "send_packet", ("pkttype", "args"),
             source_has="self._conn.send_packet(pkttype, payload, handler=self)"),
     ReachIn(SSHConnection, "_send_kexinit", (), source_has="self.send_packet(MSG_KEXINIT"),
@@ -1578,9 +1655,16 @@ REACH_INS: tuple[ReachIn, ...] = (
                    "_send_enchdrlen", "_send_blocksize", "_send_seq", "_strict_kex")),
 )
 
-# sha256 of asyncssh 2.24.1's SSHConnection.send_packet source: _send_packet is a port
-# of it, so any change upstream must be looked at (and ported) before upgrading.
-_SEND_PACKET_SHA256 = "fb9da7bec6dd395a2f379f8a0f4dbfc5f194ff80e1ed8630d9a6dbf291359406"
+# sha256 of the source of what the send path ports (HACKS.md row 30), asyncssh 2.24.1:
+# any change upstream must be looked at (and ported) before upgrading.
+_PORTED: tuple[tuple[Any, str, str], ...] = (
+    (SSHConnection.send_packet, "_send_packet",
+     "fb9da7bec6dd395a2f379f8a0f4dbfc5f194ff80e1ed8630d9a6dbf291359406"),
+    (SSHChannel._flush_send_buf, "HookedServerChannel._hk_flush_send_buf",
+     "3f11e9dc27c58b18847c12007b945cb36c7767def131c9b96b0c0a81a8b72dbc"),
+    (GCMCipher.encrypt_and_sign, "_encrypt_packet",
+     "adb87dbdb4f9039ab1f0029bd845b032bd6571d2ae894c7b067ea1f62bb0726e"),
+)
 
 
 def _source_sha256(fn: Any) -> str:
@@ -1648,8 +1732,9 @@ def check_asyncssh_compat() -> list[str]:
         problems.append("SSHServerChannel._packet_handlers[93] is not _process_window_adjust")
     if _CHAN_DATA is not getattr(_Chan, "_process_data", None):
         problems.append("SSHServerChannel._packet_handlers[94] is not _process_data")
-    if _source_sha256(SSHConnection.send_packet) != _SEND_PACKET_SHA256:
-        problems.append("SSHConnection.send_packet changed: port it to _send_packet (HACKS.md row 30)")
+    for original, port, sha in _PORTED:
+        if _source_sha256(original) != sha:
+            problems.append(f"{original.__qualname__} changed: port it to {port} (HACKS.md row 30)")
     return problems
 
 
