@@ -1253,7 +1253,7 @@ def install_hooks(conn: asyncssh.SSHServerConnection, hooks: ConnectionHooks, *,
 
 # --------------------------------------------------------------------------- the send path
 
-_PAD_FIRST, _PAD_MAX = 256, 16384  # bytes of CSPRNG output per refill: first, largest
+_PAD_FIRST, _PAD_MAX = 64, 16384  # bytes of CSPRNG output per refill: first, largest
 
 
 def _padding(state: HookState, n: int) -> bytes:
