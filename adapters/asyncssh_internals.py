@@ -1301,7 +1301,7 @@ def _encrypt_packet(encryption: Any, seq: int, hdr: bytes, packet: bytes) -> tup
     return sent
 
 
-# asyncssh 2.24.1's SSHConnection.send_packet, line for line but for the four marked
+# asyncssh 2.24.1's SSHConnection.send_packet, line for line but for the five marked
 # changes; the compat check pins the original's source (_SEND_PACKET_SHA256).
 def _send_packet(state: HookState, pkttype: int, *args: bytes,
                  handler: Any = None) -> None:
@@ -1318,7 +1318,10 @@ def _send_packet(state: HookState, pkttype: int, *args: bytes,
             (pkttype == MSG_USERAUTH_BANNER and
              not (self._auth_in_progress or self._auth_complete)) or
             (pkttype > MSG_USERAUTH_LAST and not self._auth_complete)):
-        self._deferred_packets.append((pkttype, args))
+        # CHANGED (5): held until the key exchange ends, a channel's data must be bytes
+        # of its own, not a view of its buffer (released and cut after this call).
+        self._deferred_packets.append((pkttype, tuple(
+            arg if type(arg) is bytes else bytes(arg) for arg in args)))
         return
 
     # CHANGED (1): the IGNORE only for connection packets and interactive channels.

@@ -915,6 +915,32 @@ def test_one_flush_of_the_send_buffer_is_one_socket_write() -> None:
     run(main)
 
 
+def test_a_key_exchange_in_the_middle_of_a_flush_holds_the_data_it_cuts() -> None:
+    """A re-key starts in the middle of a corked flush (rekey_bytes passed): asyncssh
+    holds the channel's packets until it ends; what it holds are copies, so the data
+    arrives whole and in order after the new keys (a 1 GiB download with the default
+    rekey_bytes ended in a broken connection before)."""
+    payload = bytes(range(256)) * 4096  # 1 MiB, about 10 re-keys
+
+    async def main() -> None:
+        ctx = Ctx()
+        async with serve(ctx, lambda: HookServer(ctx), rekey_bytes=100_000) as port, \
+                await aconnect(port) as conn:
+            chan, client = await exec_session(conn, "cat")
+            server_session = await ctx.session_made
+            await server_session.started
+            assert server_session.chan is not None
+            server_session.chan.set_interactive(False)
+            for i in range(0, len(payload), 65536):
+                server_session.chan.write(payload[i:i + 65536])
+            server_session.chan.exit(0)
+            await chan.wait_closed()
+            assert client.data == payload
+            assert ctx.hook_states[ctx.conns[0]].kex_count > 5
+
+    run(main)
+
+
 def test_padding_is_csprng_output_used_once_in_growing_blocks() -> None:
     state = ai.HookState(typing.cast(Any, None), ConnectionHooks(), 1)
     pieces = [ai._padding(state, 4 + i % 16) for i in range(2000)]
