@@ -552,7 +552,7 @@ class HookedServerChannel(asyncssh.SSHServerChannel[bytes]):
         self._hk_on_data_after_eof = on_data_after_eof
         self._hk_next_seq = 0
         self._hk_started = False
-        # asyncssh's IGNORE before each packet (HACKS.md row 31): kept while the
+        # asyncssh's IGNORE before each packet (HACKS.md row 32): kept while the
         # channel may carry keystrokes; `set_interactive(False)` drops it.
         self.interactive = True
 
@@ -621,7 +621,7 @@ class HookedServerChannel(asyncssh.SSHServerChannel[bytes]):
         packet per packet for a bulk stream (exec without a pty, sftp)."""
         self.interactive = interactive
 
-    # REACH-IN (HACKS.md row 30): SSHChannel._flush_send_buf (channel.py:305), ported: it
+    # REACH-IN (HACKS.md row 31): SSHChannel._flush_send_buf (channel.py:305), ported: it
     # sends every data packet the send window allows. Here they are corked (one socket
     # write for all of them) and cut from the buffer as views, not copies.
     def _flush_send_buf(self) -> None:
@@ -791,7 +791,7 @@ class HookState:
     last_auth: AuthRequest | None = None
     auth_answered: bool = True
     write_paused: bool = False  # the transport's write buffer is past its high-water mark
-    # send path (HACKS.md row 30): packets held while a channel flush is corked, and
+    # send path (HACKS.md row 31): packets held while a channel flush is corked, and
     # CSPRNG output for padding, read in growing blocks (a short connection reads little)
     cork_depth: int = 0
     corked: list[bytes] = field(default_factory=list)
@@ -1244,7 +1244,7 @@ def install_hooks(conn: asyncssh.SSHServerConnection, hooks: ConnectionHooks, *,
     # goes to on_backlog, once per read.
     conn.data_received = functools.partial(_data_received, state,  # type: ignore[method-assign]
                                            conn.data_received)
-    # REACH-IN (HACKS.md rows 30, 31): asyncssh's SSHConnection.send_packet, ported (see
+    # REACH-IN (HACKS.md rows 31, 32): asyncssh's SSHConnection.send_packet, ported (see
     # _send_packet), shadowed on the instance as the send breaker's wrapper is.
     conn.send_packet = functools.partial(_send_packet, state)  # type: ignore[method-assign]
     conn.set_extra_info(**{_STATE_KEY: state})
@@ -1272,7 +1272,7 @@ def _wants_ignore(handler: Any) -> bool:
     """asyncssh sends an empty IGNORE before every packet after the key exchange: RFC
     4251 9.3.1's countermeasure to CBC's predictable IVs (sshspec negotiates no CBC
     cipher, algorithms.py). Kept for connection-level packets (few) and interactive
-    channels; dropped for a bulk channel's packets (HACKS.md row 31)."""
+    channels; dropped for a bulk channel's packets (HACKS.md row 32)."""
     if isinstance(handler, SSHChannel):
         return bool(getattr(handler, "interactive", False))  # others: forwarded streams
     return True
@@ -1291,7 +1291,7 @@ def _encrypt_packet(encryption: Any, seq: int, hdr: bytes, packet: bytes) -> tup
     For AES-GCM, asyncssh's GCMCipher.encrypt_and_sign (crypto/cipher.py:110) cuts
     AESGCM's output into `header + ciphertext` and the tag, two copies that the
     caller joins again; this returns the header and AESGCM's output (ciphertext and
-    tag, in wire order) as they are. Same key, IV and IV update (REACH-IN: row 30)."""
+    tag, in wire order) as they are. Same key, IV and IV update (REACH-IN: row 31)."""
     if type(encryption) is GCMEncryption:
         cipher = encryption._cipher
         sealed = AESGCM(cipher._key).encrypt(cipher._iv, packet, hdr)
@@ -1633,7 +1633,7 @@ REACH_INS: tuple[ReachIn, ...] = (
             source_has="return SSHServerConnection(loop, new_options, acceptor, error_handler)"),
     ReachIn(SSHConnection, "get_owner", (), source_has="return self._owner"),
     ReachIn(SSHConnection, "_owner", attr_in=SSHConnection.connection_made),
-    # the send path (HACKS.md rows 30, 31): _send_packet is a port of send_packet (its
+    # the send path (HACKS.md rows 31, 32): _send_packet is a port of send_packet (its
     # source is pinned by hash, check_asyncssh_compat) and corks _flush_send_buf.
     ReachIn(SSHConnection, "_send", ("data",), source_has="self._transport.write(data)"),
     ReachIn(SSHChannel, "_flush_send_buf", ()),  # ported: source pinned (_PORTED)
@@ -1658,7 +1658,7 @@ REACH_INS: tuple[ReachIn, ...] = (
                    "_send_enchdrlen", "_send_blocksize", "_send_seq", "_strict_kex")),
 )
 
-# sha256 of the source of what the send path ports (HACKS.md row 30), asyncssh 2.24.1:
+# sha256 of the source of what the send path ports (HACKS.md row 31), asyncssh 2.24.1:
 # any change upstream must be looked at (and ported) before upgrading.
 _PORTED: tuple[tuple[Any, str, str], ...] = (
     (SSHConnection.send_packet, "_send_packet",
@@ -1737,7 +1737,7 @@ def check_asyncssh_compat() -> list[str]:
         problems.append("SSHServerChannel._packet_handlers[94] is not _process_data")
     for original, port, sha in _PORTED:
         if _source_sha256(original) != sha:
-            problems.append(f"{original.__qualname__} changed: port it to {port} (HACKS.md row 30)")
+            problems.append(f"{original.__qualname__} changed: port it to {port} (HACKS.md row 31)")
     return problems
 
 

@@ -242,7 +242,7 @@ class SpecSession(asyncssh.SSHServerSession[bytes]):
         assert self.chan is not None
         chan, decoded = self.chan, request.payload
         # Keystroke cover (an IGNORE before each packet) for a pty only: a program
-        # without one is a stream (exec, sftp), where it doubled the packets (HACKS.md row 31).
+        # without one is a stream (exec, sftp), where it doubled the packets (HACKS.md row 32).
         chan.set_interactive(self.handler.pty_request is not None)
         io = SessionIO(
             kind=request.name,  # type: ignore[arg-type]  # shell | exec | subsystem (core.START_REQUESTS)

@@ -843,7 +843,7 @@ def _sent(caplog: pytest.LogCaptureFixture, name: str) -> int:
 @pytest.mark.parametrize("interactive", [True, False])
 def test_ignore_before_each_packet_only_on_interactive_channels(
         caplog: pytest.LogCaptureFixture, interactive: bool) -> None:
-    """asyncssh sends an empty IGNORE before every packet (HACKS.md row 31): kept for an
+    """asyncssh sends an empty IGNORE before every packet (HACKS.md row 32): kept for an
     interactive channel (a pty's keystrokes), dropped for a bulk one; the data arrives
     whole either way."""
     payload = bytes(range(256)) * 512  # 128 KiB: 4 packets of 32 KiB
@@ -882,7 +882,7 @@ def test_ignore_before_each_packet_only_on_interactive_channels(
 
 def test_one_flush_of_the_send_buffer_is_one_socket_write() -> None:
     """The data packets one flush sends (a write, a window adjust) reach the socket in one
-    write (HACKS.md row 30), in order, before the call returns: a reply or exit-status
+    write (HACKS.md row 31), in order, before the call returns: a reply or exit-status
     sent after them follows them, and a failed send is still seen right after it."""
     payload = bytes(range(256)) * 1024  # 256 KiB: 8 packets of 32 KiB
 
