@@ -49,20 +49,35 @@ from __future__ import annotations
 import asyncio
 import enum
 import functools
+import hashlib
 import inspect
+import os
+import time
 import zlib
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal, TypeAlias
+from typing import Any, Literal, TypeAlias, cast
 
 import asyncssh
 import asyncssh.compression
 import asyncssh.public_key
 from asyncssh.channel import SSHChannel
 from asyncssh.connection import SSHConnection
+from asyncssh.constants import (
+    MSG_CHANNEL_EXTENDED_DATA,
+    MSG_DEBUG,
+    MSG_IGNORE,
+    MSG_KEX_LAST,
+    MSG_SERVICE_ACCEPT,
+    MSG_USERAUTH_BANNER,
+    MSG_USERAUTH_LAST,
+)
+from asyncssh.crypto.cipher import GCMCipher
+from asyncssh.encryption import GCMEncryption
 from asyncssh.logging import SSHLogger
 from asyncssh.misc import map_handler_name
-from asyncssh.packet import PacketDecodeError, SSHPacket, SSHPacketHandler, String
+from asyncssh.packet import Byte, PacketDecodeError, SSHPacket, SSHPacketHandler, String, UInt32
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 __all__ = [
     "ASYNCSSH_DEFAULT",
@@ -123,6 +138,7 @@ MSG_CHANNEL_OPEN = 90
 MSG_CHANNEL_WINDOW_ADJUST = 93
 MSG_CHANNEL_DATA = 94
 MAX_WINDOW = 0xFFFFFFFF  # RFC 4254 5.2: a window never exceeds 2^32 - 1 bytes
+MSG_CHANNEL_EOF = 96
 MSG_CHANNEL_CLOSE = 97
 MSG_CHANNEL_REQUEST = 98
 MSG_CHANNEL_SUCCESS = 99
@@ -630,6 +646,9 @@ class HookedServerChannel(asyncssh.SSHServerChannel[bytes]):
         self._hk_on_data_after_eof = on_data_after_eof
         self._hk_next_seq = 0
         self._hk_started = False
+        # asyncssh's IGNORE before each packet (HACKS.md row 33): kept while the
+        # channel may carry keystrokes; `set_interactive(False)` drops it.
+        self.interactive = True
 
     # REACH-IN: SSHPacketHandler dispatches through the class attribute
     # `_packet_handlers`; we replace the MSG_CHANNEL_REQUEST entry.
@@ -689,6 +708,72 @@ class HookedServerChannel(asyncssh.SSHServerChannel[bytes]):
         MSG_CHANNEL_CLOSE: _hk_process_close,
         MSG_CHANNEL_WINDOW_ADJUST: _hk_process_window_adjust,
     }
+
+    def set_interactive(self, interactive: bool) -> None:
+        """Whether this channel's packets each get an IGNORE in front (asyncssh does
+        it for every packet): worth it for a pty's keystrokes and echoes, a second
+        packet per packet for a bulk stream (exec without a pty, sftp)."""
+        self.interactive = interactive
+
+    # REACH-IN (HACKS.md row 32): SSHChannel._flush_send_buf (channel.py:305), ported: it
+    # sends every data packet the send window allows. Here they are corked (one socket
+    # write for all of them) and cut from the buffer as views, not copies.
+    def _flush_send_buf(self) -> None:
+        state = None if self._conn is None else self._conn.get_extra_info(_STATE_KEY)
+        if state is not None:
+            state.cork_depth += 1
+        try:
+            self._hk_flush_send_buf()
+        finally:
+            if state is not None:
+                state.cork_depth -= 1
+                if not state.cork_depth:
+                    _uncork(state)
+
+    def _hk_flush_send_buf(self) -> None:
+        # asyncssh 2.24.1's loop, but each packet's data is a view of the buffered
+        # bytearray (joined into the packet once, in _send_packet) and the sent part
+        # is deleted once per buffer, not once per packet.
+        while self._send_buf and self._send_window:
+            buf, datatype = self._send_buf[0]
+            sent = 0
+            try:
+                with memoryview(buf) as view:
+                    while sent < len(buf) and self._send_window:
+                        size = min(self._send_window, self._send_pktsize, len(buf) - sent)
+                        self._send_buf_len -= size
+                        self._send_window -= size
+                        with view[sent:sent + size] as data:
+                            sent += size
+                            self._hk_send_data(data, datatype)
+            finally:
+                if sent == len(buf):
+                    del self._send_buf[0]
+                else:
+                    del buf[:sent]
+
+        self._pause_resume_writing()
+
+        if not self._send_buf:
+            if self._send_state == 'eof_pending':
+                self.send_packet(MSG_CHANNEL_EOF)
+                self._send_state = 'eof'
+            elif self._send_state == 'close_pending':
+                self._close_send()
+
+    def _hk_send_data(self, data: memoryview, datatype: int | None) -> None:
+        # SSHChannel.send_packet without its join: the parts go to the connection's
+        # send_packet (looked up on the instance, as asyncssh does), which joins them.
+        if self._send_chan is None:  # pragma: no cover (as in asyncssh)
+            return
+        assert self._conn is not None
+        view = cast(bytes, data)  # bytes-like: _send_packet joins it (typed bytes by asyncssh)
+        if datatype is None:
+            self._conn.send_packet(MSG_CHANNEL_DATA, UInt32(self._send_chan),
+                                   UInt32(len(data)), view, handler=self)
+        else:
+            self._conn.send_packet(MSG_CHANNEL_EXTENDED_DATA, UInt32(self._send_chan),
+                                   UInt32(datatype), UInt32(len(data)), view, handler=self)
 
     def start_io(self) -> None:
         if not self._hk_started and self._conn is not None:  # REACH-IN: SSHChannel._conn
@@ -809,6 +894,12 @@ class HookState:
     last_auth: AuthRequest | None = None
     auth_answered: bool = True
     write_paused: bool = False  # the transport's write buffer is past its high-water mark
+    # send path (HACKS.md row 32): packets held while a channel flush is corked, and
+    # CSPRNG output for padding, read in growing blocks (a short connection reads little)
+    cork_depth: int = 0
+    corked: list[bytes] = field(default_factory=list)
+    pad: bytes = b""
+    pad_pos: int = 0
     seqs: dict[str, int] = field(default_factory=lambda: {"global": 0, "open": 0, "auth": 0})
     verdicts: set[asyncio.Future[bool | bytes]] = field(default_factory=set)
 
@@ -1260,8 +1351,146 @@ def install_hooks(conn: asyncssh.SSHServerConnection, hooks: ConnectionHooks, *,
     # instance): every user certificate goes to on_certificate (HACKS.md).
     conn._validate_openssh_certificate = functools.partial(  # type: ignore[method-assign]
         _validate_certificate, state, conn._validate_openssh_certificate)
+    # REACH-IN (HACKS.md rows 32, 33): asyncssh's SSHConnection.send_packet, ported (see
+    # _send_packet), shadowed on the instance as the send breaker's wrapper is.
+    conn.send_packet = functools.partial(_send_packet, state)  # type: ignore[method-assign]
     conn.set_extra_info(**{_STATE_KEY: state})
     return state
+
+
+# --------------------------------------------------------------------------- the send path
+
+_PAD_FIRST, _PAD_MAX = 64, 16384  # bytes of CSPRNG output per refill: first, largest
+
+
+def _padding(state: HookState, n: int) -> bytes:
+    """`n` unpredictable bytes: os.urandom output read in blocks (one getrandom call
+    per few hundred to a few thousand packets instead of one per packet), each byte
+    used once. OpenSSH pads from arc4random, a buffered CSPRNG, likewise."""
+    pos = state.pad_pos
+    if pos + n > len(state.pad):
+        state.pad = os.urandom(min(max(2 * len(state.pad), _PAD_FIRST), _PAD_MAX))
+        pos = 0
+    state.pad_pos = pos + n
+    return state.pad[pos:pos + n]
+
+
+def _wants_ignore(handler: Any) -> bool:
+    """asyncssh sends an empty IGNORE before every packet after the key exchange: RFC
+    4251 9.3.1's countermeasure to CBC's predictable IVs (sshspec negotiates no CBC
+    cipher, algorithms.py). Kept for connection-level packets (few) and interactive
+    channels; dropped for a bulk channel's packets (HACKS.md row 33)."""
+    if isinstance(handler, SSHChannel):
+        return bool(getattr(handler, "interactive", False))  # others: forwarded streams
+    return True
+
+
+def _uncork(state: HookState) -> None:
+    if state.corked:
+        data = b"".join(state.corked) if len(state.corked) > 1 else state.corked[0]
+        state.corked.clear()
+        state.conn._send(data)  # REACH-IN: SSHConnection._send (checks _transport)
+
+
+def _encrypt_packet(encryption: Any, seq: int, hdr: bytes, packet: bytes) -> tuple[bytes, bytes]:
+    """`encryption.encrypt_packet(seq, hdr, packet)`: the wire bytes in two parts.
+
+    For AES-GCM, asyncssh's GCMCipher.encrypt_and_sign (crypto/cipher.py:110) cuts
+    AESGCM's output into `header + ciphertext` and the tag, two copies that the
+    caller joins again; this returns the header and AESGCM's output (ciphertext and
+    tag, in wire order) as they are. Same key, IV and IV update (REACH-IN: row 32)."""
+    if type(encryption) is GCMEncryption:
+        cipher = encryption._cipher
+        sealed = AESGCM(cipher._key).encrypt(cipher._iv, packet, hdr)
+        cipher._update_iv()
+        return hdr, sealed
+    sent: tuple[bytes, bytes] = encryption.encrypt_packet(seq, hdr, packet)
+    return sent
+
+
+# asyncssh 2.24.1's SSHConnection.send_packet, line for line but for the five marked
+# changes; the compat check pins the original's source (_SEND_PACKET_SHA256).
+def _send_packet(state: HookState, pkttype: int, *args: bytes,
+                 handler: Any = None) -> None:
+    self: Any = state.conn
+    if (self._auth_complete and self._kex_complete and
+            (self._rekey_bytes_sent >= self._rekey_bytes or
+             (self._rekey_seconds and
+              time.monotonic() >= self._rekey_time))):
+        self._send_kexinit()
+        self._kexinit_sent = True
+
+    if (((pkttype in {MSG_DEBUG, MSG_SERVICE_REQUEST, MSG_SERVICE_ACCEPT} or
+          pkttype > MSG_KEX_LAST) and not self._kex_complete) or
+            (pkttype == MSG_USERAUTH_BANNER and
+             not (self._auth_in_progress or self._auth_complete)) or
+            (pkttype > MSG_USERAUTH_LAST and not self._auth_complete)):
+        # CHANGED (5): held until the key exchange ends, a channel's data must be bytes
+        # of its own, not a view of its buffer (released and cut after this call).
+        self._deferred_packets.append((pkttype, tuple(
+            arg if type(arg) is bytes else bytes(arg) for arg in args)))
+        return
+
+    # CHANGED (1): the IGNORE only for connection packets and interactive channels.
+    if self._send_encryption and pkttype > MSG_KEX_LAST and _wants_ignore(handler):
+        self.send_packet(MSG_IGNORE, String(b''))
+
+    # CHANGED (4): without compression, the packet is joined once from its parts (the
+    # payload is built separately only for a packet log, debug level 3: the one reader).
+    compress = self._compressor and (self._auth_complete or not self._compress_after_auth)
+    logged = SSHLogger._debug_level >= 3  # REACH-IN: set_debug_level's class attribute
+    orig_payload = Byte(pkttype) + b''.join(args) if compress or logged else b''
+
+    if compress:
+        payload = self._compressor.compress(orig_payload)
+
+        if payload is None:  # pragma: no cover
+            raise asyncssh.CompressionError('Compression failed')
+        paylen = len(payload)
+    else:
+        paylen = 1 + sum(map(len, args))
+
+    padlen = -(self._send_enchdrlen + paylen) % self._send_blocksize
+    if padlen < 4:
+        padlen += self._send_blocksize
+
+    # CHANGED (2): padding from the connection's buffered CSPRNG output.
+    if compress:
+        packet = Byte(padlen) + payload + _padding(state, padlen)
+    else:
+        packet = b''.join((Byte(padlen), Byte(pkttype), *args, _padding(state, padlen)))
+    pktlen = len(packet)
+    hdr = UInt32(pktlen)
+    seq = self._send_seq
+
+    if self._send_encryption:
+        packet, mac = _encrypt_packet(self._send_encryption, seq, hdr, packet)
+    else:
+        packet = hdr + packet
+        mac = b''
+
+    # CHANGED (3): while a channel flush is corked, held for its one write.
+    if state.cork_depth:
+        state.corked += (packet, mac)
+    else:
+        self._send(packet + mac)
+
+    if self._send_seq == 0xffffffff and not self._send_encryption:
+        self._send_seq = 0
+        raise asyncssh.ProtocolError('Sequence rollover before kex complete')
+
+    if pkttype == MSG_NEWKEYS and self._strict_kex:
+        self._send_seq = 0
+    else:
+        self._send_seq = (seq + 1) & 0xffffffff
+
+    if self._kex_complete:
+        self._rekey_bytes_sent += pktlen
+
+    if not handler:
+        handler = self
+
+    handler.log_sent_packet(pkttype, seq, orig_payload)
 
 
 async def _no_config_reload() -> None:
@@ -1528,7 +1757,45 @@ REACH_INS: tuple[ReachIn, ...] = (
                        "        signature = packet.get_string()\n"
                        "        packet.check_end()"),
     ReachIn(asyncssh.packet, "String"),
+    # the send path (HACKS.md rows 32, 33): _send_packet is a port of send_packet (its
+    # source is pinned by hash, check_asyncssh_compat) and corks _flush_send_buf.
+    ReachIn(SSHConnection, "_send", ("data",), source_has="self._transport.write(data)"),
+    ReachIn(SSHChannel, "_flush_send_buf", ()),  # ported: source pinned (_PORTED)
+    ReachIn(SSHChannel, "write", ("data", "datatype"),
+            source_has="self._send_buf.append((bytearray(encoded_data), datatype))"),
+    ReachIn(SSHChannel, "_pause_resume_writing", ()),
+    ReachIn(SSHChannel, "_close_send", ()),
+    *(ReachIn(SSHChannel, name, attr_in=SSHChannel.__init__)
+      for name in ("_send_buf", "_send_buf_len", "_send_pktsize", "_send_chan")),
+    ReachIn(GCMEncryption, "_cipher", attr_in=GCMEncryption.__init__),
+    ReachIn(GCMCipher, "_key", attr_in=GCMCipher.__init__),
+    ReachIn(GCMCipher, "_iv", attr_in=GCMCipher.__init__),
+    ReachIn(GCMCipher, "_update_iv", ()),
+    ReachIn(GCMCipher, "encrypt_and_sign", ("header", "data")),  # source pinned (_PORTED)
+    ReachIn(SSHChannel, "send_packet", ("pkttype", "args"),
+            source_has="self._conn.send_packet(pkttype, payload, handler=self)"),
+    ReachIn(SSHConnection, "_send_kexinit", (), source_has="self.send_packet(MSG_KEXINIT"),
+    *(ReachIn(SSHConnection, name, attr_in=SSHConnection.__init__)
+      for name in ("_auth_complete", "_kex_complete", "_rekey_bytes_sent", "_rekey_bytes",
+                   "_rekey_seconds", "_rekey_time", "_kexinit_sent", "_auth_in_progress",
+                   "_deferred_packets", "_send_encryption", "_compressor", "_compress_after_auth",
+                   "_send_enchdrlen", "_send_blocksize", "_send_seq", "_strict_kex")),
 )
+
+# sha256 of the source of what the send path ports (HACKS.md row 32), asyncssh 2.24.1:
+# any change upstream must be looked at (and ported) before upgrading.
+_PORTED: tuple[tuple[Any, str, str], ...] = (
+    (SSHConnection.send_packet, "_send_packet",
+     "fb9da7bec6dd395a2f379f8a0f4dbfc5f194ff80e1ed8630d9a6dbf291359406"),
+    (SSHChannel._flush_send_buf, "HookedServerChannel._hk_flush_send_buf",
+     "3f11e9dc27c58b18847c12007b945cb36c7767def131c9b96b0c0a81a8b72dbc"),
+    (GCMCipher.encrypt_and_sign, "_encrypt_packet",
+     "adb87dbdb4f9039ab1f0029bd845b032bd6571d2ae894c7b067ea1f62bb0726e"),
+)
+
+
+def _source_sha256(fn: Any) -> str:
+    return hashlib.sha256(inspect.getsource(fn).encode()).hexdigest()
 
 
 def _version_tuple(version: str) -> tuple[int, ...]:
@@ -1592,6 +1859,9 @@ def check_asyncssh_compat() -> list[str]:
         problems.append("SSHServerChannel._packet_handlers[93] is not _process_window_adjust")
     if _CHAN_DATA is not getattr(_Chan, "_process_data", None):
         problems.append("SSHServerChannel._packet_handlers[94] is not _process_data")
+    for original, port, sha in _PORTED:
+        if _source_sha256(original) != sha:
+            problems.append(f"{original.__qualname__} changed: port it to {port} (HACKS.md row 32)")
     return problems
 
 

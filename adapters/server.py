@@ -256,6 +256,9 @@ class SpecSession(asyncssh.SSHServerSession[bytes]):
             if original is not None:
                 server_env["SSH_ORIGINAL_COMMAND"] = original
             kind, command, subsystem = "exec", forced_command, None
+        # Keystroke cover (an IGNORE before each packet) for a pty only: a program
+        # without one is a stream (exec, sftp), where it doubled the packets (HACKS.md row 33).
+        chan.set_interactive(self.handler.pty_request is not None)
         io = SessionIO(
             kind=kind,  # type: ignore[arg-type]  # shell | exec | subsystem (core.START_REQUESTS)
             command=command,

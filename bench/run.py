@@ -1,7 +1,9 @@
 """`make bench`: sshspec (B) against a bare asyncssh server (A) on this machine.
 
     .venv/bin/python bench/run.py [--quick] [-n N] [-c C] [--rounds R] [--sets S] [--set-rounds R]
-                                  [--side-only | --launch-only | --metrics-only | --docker-only]
+                                  [--side-only | --launch-only | --metrics-only | --docker-only
+                                   | --transfer-only [--transfer-size 1G] [--sftp-size 512M]
+                                     [--keystrokes 500] [--transfer-rounds 3]]
                                   [--sessions S] [--auth MODE] [--batched-log]
 
 Servers run as subprocesses pinned to CPU 0, the load client (bench/load.py) on CPU 1.
@@ -12,7 +14,9 @@ two servers running real programs through the local backend, one started normall
 one with SIGHUP/SIGINT/SIGQUIT ignored (as `nohup ... &` leaves them), side by side; then the metrics
 phase: B with `metrics.listen` set against B without, side by side. Prints a table and writes
 bench/results/latest.json (plus a copy named after the date and commit). Targets are
-reported, never asserted. Last, the docker phase (bench/docker.py): a docker-backend server
+reported, never asserted. Then the transfer phase (bench/transfer.py): bulk transfer and
+pty keystrokes against OpenSSH's sshd, started by the bench on 127.0.0.1, side by side:
+throughput and server CPU per GB. Last, the docker phase (bench/docker.py): a docker-backend server
 on a podman engine of its own, time to a new container's first shell output, exec latency
 in connection mode, and concurrent new-container sessions.
 """
@@ -528,6 +532,9 @@ def report(res: dict[str, Any]) -> None:
             print(f"  {label:<28}{r['median']:>7.3f}  [{r['q1']:.3f} {r['q3']:.3f}]  "
                   f"({r['min']:.3f} {r['max']:.3f})")
         print(f"  server ms/conn: off {me['off_ms_per_conn']}, on {me['on_ms_per_conn']}")
+    if "transfer" in res:
+        from bench.transfer import report as transfer_report
+        transfer_report(res["transfer"])
     targets = res["targets"]
     print()
     for key, (value, target, ok) in targets.items():
@@ -580,6 +587,9 @@ def targets(res: dict[str, Any]) -> dict[str, tuple[Any, str, bool]]:
             d["first_output_p50_ms"], "< 1000", d["first_output_p50_ms"] < 1000)
         out[f"docker: {d['concurrent']} concurrent new containers failures"] = (
             d["concurrent_failures"], "0", d["concurrent_failures"] == 0 and d["containers_left"] == 0)
+    if "transfer" in res:
+        from bench.transfer import targets as transfer_targets
+        out.update(transfer_targets(res["transfer"]))
     if "throughput" not in res:
         return out
     t, m = res["throughput"], res["memory"]
@@ -632,6 +642,14 @@ def main() -> None:
                         help="docker: new-container connections and execs, one after another (default 50)")
     parser.add_argument("--docker-concurrent", type=int, default=20,
                         help="docker: new-container sessions at once (default 20)")
+    parser.add_argument("--transfer-only", action="store_true",
+                        help="only the transfer phase (bench/transfer.py): sshspec vs OpenSSH sshd")
+    parser.add_argument("--transfer-size", default="1G", help="transfer: download/upload size (default 1G)")
+    parser.add_argument("--sftp-size", default="512M", help="transfer: sftp get/put size (default 512M)")
+    parser.add_argument("--keystrokes", type=int, default=500,
+                        help="transfer: pty keystroke round trips (default 500)")
+    parser.add_argument("--transfer-rounds", type=int, default=3,
+                        help="transfer: rounds, the order alternating (default 3)")
     parser.add_argument("--auth", choices=["trivial", "scrypt"], default="trivial",
                         help="password check on both servers (default: hmac compare, no scrypt)")
     parser.add_argument("--batched-log", action="store_true",
@@ -660,7 +678,7 @@ def main() -> None:
                                "python": sys.version.split()[0],
                                "asyncssh": asyncssh.__version__, "cpus": os.cpu_count(), "pinned": TWO_CPUS}
         only = (args.side_only or args.launch_only or args.metrics_only or args.docker_only
-                or args.forwarding_only)
+                or args.forwarding_only or args.transfer_only)
         if args.forwarding_only or not only:
             sys.path.insert(0, str(ROOT))
             from bench.forwarding import forwarding_phase
@@ -672,7 +690,8 @@ def main() -> None:
             metrics_sets = args.sets or (2 if args.quick else 4)
             print(f"metrics: N={metrics_n} each, {metrics_sets} sets x {args.set_rounds} rounds", flush=True)
             res["metrics"] = metrics_phase(work, key, metrics_n, args.c, metrics_sets, args.set_rounds)
-        elif not args.side_only and not args.docker_only and not args.forwarding_only:
+        elif not args.side_only and not args.docker_only and not args.forwarding_only \
+                and not args.transfer_only:
             launch_n = max(50, n // 5)
             launch_sets = (args.sets if args.launch_only else None) or 2
             print(f"launch: N={launch_n} each, {launch_sets} sets x {args.set_rounds} rounds", flush=True)
@@ -684,7 +703,8 @@ def main() -> None:
             res["metrics"] = metrics_phase(work, key, metrics_n, args.c, metrics_sets, args.set_rounds)
             print(f"throughput: N={n} C={args.c}, {rounds} rounds", flush=True)
             res["throughput"] = throughput(work, key, n, args.c, rounds)
-        if not (args.launch_only or args.metrics_only or args.docker_only or args.forwarding_only):
+        if not (args.launch_only or args.metrics_only or args.docker_only or args.forwarding_only
+                or args.transfer_only):
             side_n = max(50, n * 3 // 10)
             sets = args.sets or (2 if args.quick else 6)
             set_rounds = 1 if args.quick else args.set_rounds
@@ -695,7 +715,16 @@ def main() -> None:
             res["memory"] = memory(work, key, idle, big)
             res["workers"] = workers(work, key, n, args.c)
             res["engine"] = engine(work)
-        if not args.side_only and not args.launch_only and not args.metrics_only and not args.forwarding_only:
+        if not only or args.transfer_only:
+            sys.path.insert(0, str(ROOT))
+            from bench.transfer import _size, transfer_phase
+            size, sftp_size = _size(args.transfer_size), _size(args.sftp_size)
+            print(f"transfer: {size >> 20} MiB streams, {sftp_size >> 20} MiB sftp, {args.keystrokes} "
+                  f"keystrokes, {args.transfer_rounds} rounds, against OpenSSH sshd", flush=True)
+            res["transfer"] = transfer_phase(work, key, SSHSPEC, ENV, size=size, sftp_size=sftp_size,
+                                             keys=args.keystrokes, rounds=args.transfer_rounds)
+        if not (args.side_only or args.launch_only or args.metrics_only or args.forwarding_only
+                or args.transfer_only):
             sys.path.insert(0, str(ROOT))
             from bench.docker import docker_phase
             print(f"docker: {args.docker_n} new containers one by one, {args.docker_n} execs, "
@@ -713,7 +742,7 @@ def main() -> None:
     stamp = res["date"].replace(":", "").replace("-", "")
     kind = ("-quick" if args.quick else "-side" if args.side_only else "-launch" if args.launch_only
             else "-metrics" if args.metrics_only else "-docker" if args.docker_only
-            else "-forwarding" if args.forwarding_only else "")
+            else "-forwarding" if args.forwarding_only else "-transfer" if args.transfer_only else "")
     (out / f"{stamp}-{res['commit']}{kind}.json").write_text(text)
     print(f"\nwrote bench/results/latest.json ({res['elapsed_s']} s)")
 

@@ -835,6 +835,123 @@ def test_flow_control_pause_and_resume_writing() -> None:
     run(main)
 
 
+def _sent(caplog: pytest.LogCaptureFixture, name: str) -> int:
+    return sum(f"Sent {name} " in r.getMessage() for r in caplog.records
+               if r.name.startswith("asyncssh"))
+
+
+@pytest.mark.parametrize("interactive", [True, False])
+def test_ignore_before_each_packet_only_on_interactive_channels(
+        caplog: pytest.LogCaptureFixture, interactive: bool) -> None:
+    """asyncssh sends an empty IGNORE before every packet (HACKS.md row 33): kept for an
+    interactive channel (a pty's keystrokes), dropped for a bulk one; the data arrives
+    whole either way."""
+    payload = bytes(range(256)) * 512  # 128 KiB: 4 packets of 32 KiB
+
+    async def main() -> None:
+        ctx = Ctx()
+        async with serve(ctx, lambda: HookServer(ctx)) as port, await aconnect(port) as conn:
+            chan, client = await exec_session(conn, "cat")
+            server_session = await ctx.session_made
+            await server_session.started
+            assert server_session.chan is not None
+            server_session.chan.set_interactive(interactive)
+            caplog.set_level(logging.DEBUG, logger="asyncssh")
+            asyncssh.set_debug_level(3)
+            try:
+                server_session.chan.write(payload)
+                server_session.chan.exit(0)
+                await chan.wait_closed()
+            finally:
+                asyncssh.set_debug_level(1)
+            assert client.data == payload
+
+    run(main)
+    # Logged from the write on, both ends (one process): the server's 4 data packets,
+    # exit-status and CLOSE, and the client's CLOSE, which stock asyncssh (the client)
+    # precedes with an IGNORE.
+    data = _sent(caplog, "MSG_CHANNEL_DATA")
+    assert data == 4
+    ignores = _sent(caplog, "MSG_IGNORE")
+    client_packets = 1
+    if interactive:
+        assert ignores == data + 2 + client_packets  # + exit-status, CLOSE
+    else:
+        assert ignores == client_packets
+
+
+def test_one_flush_of_the_send_buffer_is_one_socket_write() -> None:
+    """The data packets one flush sends (a write, a window adjust) reach the socket in one
+    write (HACKS.md row 32), in order, before the call returns: a reply or exit-status
+    sent after them follows them, and a failed send is still seen right after it."""
+    payload = bytes(range(256)) * 1024  # 256 KiB: 8 packets of 32 KiB
+
+    async def main() -> None:
+        ctx = Ctx()
+        async with serve(ctx, lambda: HookServer(ctx)) as port, await aconnect(port) as conn:
+            chan, client = await exec_session(conn, "cat", window=96 * 1024)
+            server_session = await ctx.session_made
+            await server_session.started
+            assert server_session.chan is not None
+            server_conn = ctx.conns[0]
+            transport = server_conn._transport  # test reach-in (HACKS.md row 15)
+            writes: list[int] = []
+            write = transport.write
+
+            def counting_write(data: Any) -> None:
+                writes.append(len(data))
+                write(data)
+
+            transport.write = counting_write
+            server_session.chan.write(payload)
+            # the window (96 KiB) lets 3 packets go: one write, the rest waits
+            assert len(writes) == 1 and writes[0] > 96 * 1024
+            server_session.chan.exit(0)
+            await chan.wait_closed()
+            assert client.data == payload
+            # each window adjust of the client let its packets go in one write
+            assert len(writes) < 8
+
+    run(main)
+
+
+def test_a_key_exchange_in_the_middle_of_a_flush_holds_the_data_it_cuts() -> None:
+    """A re-key starts in the middle of a corked flush (rekey_bytes passed): asyncssh
+    holds the channel's packets until it ends; what it holds are copies, so the data
+    arrives whole and in order after the new keys (a 1 GiB download with the default
+    rekey_bytes ended in a broken connection before)."""
+    payload = bytes(range(256)) * 4096  # 1 MiB, about 10 re-keys
+
+    async def main() -> None:
+        ctx = Ctx()
+        async with serve(ctx, lambda: HookServer(ctx), rekey_bytes=100_000) as port, \
+                await aconnect(port) as conn:
+            chan, client = await exec_session(conn, "cat")
+            server_session = await ctx.session_made
+            await server_session.started
+            assert server_session.chan is not None
+            server_session.chan.set_interactive(False)
+            for i in range(0, len(payload), 65536):
+                server_session.chan.write(payload[i:i + 65536])
+            server_session.chan.exit(0)
+            await chan.wait_closed()
+            assert client.data == payload
+            assert ctx.hook_states[ctx.conns[0]].kex_count > 5
+
+    run(main)
+
+
+def test_padding_is_csprng_output_used_once_in_growing_blocks() -> None:
+    state = ai.HookState(typing.cast(Any, None), ConnectionHooks(), 1)
+    pieces = [ai._padding(state, 4 + i % 16) for i in range(2000)]
+    assert all(len(p) == 4 + i % 16 for i, p in enumerate(pieces))
+    assert len(state.pad) == ai._PAD_MAX  # grew from _PAD_FIRST
+    # no byte is handed out twice: the pieces of the current block are its prefix
+    tail = b"".join(pieces[-50:])
+    assert state.pad[state.pad_pos - len(tail):state.pad_pos] == tail
+    assert len(set(pieces)) > 1990  # unpredictable bytes, not a repeated pattern
+
+
 # --------------------------------------------------------------------------- 2. global requests
 
 
