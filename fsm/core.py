@@ -386,7 +386,8 @@ REQUEST_EVENTS: dict[str, SessionEvent] = {
     AGENT_REQUEST: SessionEvent.agent_req,
 }
 NOT_IMPLEMENTED = frozenset(
-    {"x11-req", "break", "xon-xoff", "keepalive@openssh.com", "eow@openssh.com"}
+    {"x11-req", "break", "xon-xoff", "keepalive@openssh.com", "eow@openssh.com",
+     "simple@putty.projects.tartarus.org", "winadj@putty.projects.tartarus.org"}
 )
 AUTH_METHODS: dict[str, ConnectionEvent] = {
     "password": ConnectionEvent.password,
@@ -1412,6 +1413,10 @@ class ConnectionCore:
                 return self._fire(ConnectionEvent.protocol_error, reason=f"spec violation: {event}")
             return step
         closing = step.target == "closed" and step.source != "closed"
+        if closing and reason is None and step.reply in DISCONNECTS:
+            # A cut-off names its reason in every record it makes (SSH_AUTH_TOO_MANY_TRIES,
+            # SSH_HANDSHAKE_FAILED, SSH_DISCONNECTED): the one the DISCONNECT gives.
+            reason = DISCONNECTS[step.reply].description
         if closing and (self.sessions or self.forwards):
             # The connection ends: its channels end first, so SSH_DISCONNECTED
             # stays the connection's last record.
