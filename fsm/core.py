@@ -128,6 +128,8 @@ class ConnectionEvent(enum.StrEnum):
     shutdown = "shutdown"
     drained = "drained"
     lost = "lost"
+    abandoned = "abandoned"
+    negotiation_failed = "negotiation_failed"
     buffer_exceeded = "buffer_exceeded"
 
 
@@ -409,6 +411,7 @@ class Lost(enum.StrEnum):
     login_timeout = "login_timeout"
     protocol_error = "protocol_error"
     decompression_limit = "decompression_limit"  # a compressed packet inflated past the bound
+    negotiation_failed = "negotiation_failed"  # key exchange: no common algorithm in a class
 
 
 # --- forwarding policy ------------------------------------------------------------------------
@@ -1246,6 +1249,9 @@ _RUNNING = frozenset({"running", "running_pending"})
 # The states a lost connection earns its source a penalty in: the spec's preauth group but
 # authenticated, where the credentials were found valid and only the backend's verdict waits.
 _PREAUTH = frozenset({"handshaking", "authenticating", "checking", "querying", "kbdint_round"})
+# Before authentication with no attempt in progress (the spec's abandoned transition);
+# with authTries 0 none failed either.
+_NO_ATTEMPT = frozenset({"handshaking", "authenticating", "querying"})
 _LOST_PENALTIES = {
     Lost.login_timeout: Penalty.grace_exceeded,
     Lost.protocol_error: Penalty.protocol_error,
@@ -1877,7 +1883,11 @@ class ConnectionCore:
         if self.state in _PREAUTH and not event.by_server:
             # Failed attempts were penalised as they failed; leaving without one is noauth.
             penalty = _LOST_PENALTIES.get(how) or (Penalty.noauth if not self.instance.authTries else None)
-        self._fire(ConnectionEvent(how.value), reason=event.reason)
+        name = ConnectionEvent(how.value)
+        if (how is Lost.lost and not event.by_server and not self.instance.authTries
+                and self.state in _NO_ATTEMPT):
+            name = ConnectionEvent.abandoned  # a probe or a client that gave up: nothing failed
+        self._fire(name, reason=event.reason)
         if penalty is not None and self.source is not None:
             self.server.penalise(self.source, penalty, event.now)
 

@@ -31,10 +31,11 @@ def _string(value: bytes) -> bytes:
     return struct.pack(">I", len(value)) + value
 
 
-def _kexinit(kex: list[str], host_keys: list[str], *, follows: bool) -> bytes:
+def _kexinit(kex: list[str], host_keys: list[str], *, follows: bool,
+             mac: str = "hmac-sha2-256-etm@openssh.com") -> bytes:
     """A KEXINIT payload (after the message type)."""
     lists = [",".join(kex), ",".join(host_keys)]
-    lists += ["aes128-ctr"] * 2 + ["hmac-sha2-256-etm@openssh.com"] * 2 + ["none"] * 2 + [""] * 2
+    lists += ["aes128-ctr"] * 2 + [mac] * 2 + ["none"] * 2 + [""] * 2
     return os.urandom(16) + b"".join(_string(n.encode()) for n in lists) + bytes([follows]) + b"\0" * 4
 
 
