@@ -1,8 +1,7 @@
 """The interop matrix: which client, at which version, works against which profile.
 
 `EXPECTED` is the declared matrix. Every entry is measured by a live test
-(tests/test_interop.py; certificate logins add their own rows and test file, and
-call `check(...)` the same way), and the README's interop table is rendered from
+(tests/test_interop.py), and the README's interop table is rendered from
 it with the versions installed here (tests/test_interop.py::test_readme_table), so
 neither the table nor the matrix can go stale. To rewrite the README section after
 a change: ``SSHSPEC_UPDATE_README=1 .venv/bin/python -m pytest tests/test_interop.py
@@ -85,7 +84,11 @@ CLIENTS: tuple[Client, ...] = (
     Client("asyncssh", "asyncssh",
            lambda: "asyncssh " + _major_minor(r"(\d+\.\d+)", _python_version("asyncssh")),
            "exec (stdin, exit code), sftp upload and download"),
-    # OpenSSH user certificates (issue #14 item 2) add their rows here.
+    # OpenSSH user certificates (issue #14 item 2) slot in here: a Client row (and its
+    # EXPECTED entries below, and its name in EXTERNAL), measured by their own test file,
+    # which runs the client against server_factory({"ssh": {"profile": ...}}), catches
+    # test_interop.StepFailed and asserts test_interop.outcome(live, failure) ==
+    # EXPECTED[(name, profile)]; the README table then shows the row.
 )
 BY_NAME = {client.name: client for client in CLIENTS}
 # Rows measured by another test file (which calls its own runner): their names.
