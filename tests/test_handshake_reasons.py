@@ -19,7 +19,7 @@ import paramiko
 from test_kex_guess import MSG_KEXINIT, RawClient, _kexinit
 
 from conftest import LiveServer
-from test_faults import check_log
+from test_faults import check_log, limited
 
 HOST = "127.0.0.1"
 
@@ -107,7 +107,7 @@ def test_keyscan_and_a_client_without_a_method_are_abandoned_at_info(server: Liv
 def test_every_record_of_a_cut_off_names_its_reason(server_factory) -> None:  # type: ignore[no-untyped-def]
     """Too many tries: SSH_AUTH_TOO_MANY_TRIES, SSH_HANDSHAKE_FAILED and SSH_DISCONNECTED
     all say why."""
-    live = server_factory({"limits": {"maxAuthTries": 2}})
+    live = limited(server_factory, {"limits": {"maxAuthTries": 2}}, {"maxAuthTries": 2})
     transport = paramiko.Transport((HOST, live.port))
     try:
         transport.connect()
@@ -121,4 +121,4 @@ def test_every_record_of_a_cut_off_names_its_reason(server_factory) -> None:  # 
     assert [r["code"] for r in cut] == ["SSH_AUTH_TOO_MANY_TRIES", "SSH_HANDSHAKE_FAILED", "SSH_DISCONNECTED"]
     assert {r["labels"].get("reason") for r in cut} == {"Too many authentication failures"}
     assert cut[1]["level"] == "warning"
-    check_log(live, maxAuthTries=2)
+    check_log(live)
