@@ -129,7 +129,6 @@ class ConnectionEvent(enum.StrEnum):
     drained = "drained"
     lost = "lost"
     abandoned = "abandoned"
-    negotiation_failed = "negotiation_failed"
     buffer_exceeded = "buffer_exceeded"
 
 
@@ -1249,9 +1248,9 @@ _RUNNING = frozenset({"running", "running_pending"})
 # The states a lost connection earns its source a penalty in: the spec's preauth group but
 # authenticated, where the credentials were found valid and only the backend's verdict waits.
 _PREAUTH = frozenset({"handshaking", "authenticating", "checking", "querying", "kbdint_round"})
-# Before authentication with no attempt in progress (the spec's abandoned transition);
-# with authTries 0 none failed either.
-_NO_ATTEMPT = frozenset({"handshaking", "authenticating", "querying"})
+# Before authentication with no attempt nor key check in progress (the spec's abandoned
+# transition); with authTries 0 none failed either.
+_NO_ATTEMPT = frozenset({"handshaking", "authenticating"})
 _LOST_PENALTIES = {
     Lost.login_timeout: Penalty.grace_exceeded,
     Lost.protocol_error: Penalty.protocol_error,
@@ -1883,7 +1882,9 @@ class ConnectionCore:
         if self.state in _PREAUTH and not event.by_server:
             # Failed attempts were penalised as they failed; leaving without one is noauth.
             penalty = _LOST_PENALTIES.get(how) or (Penalty.noauth if not self.instance.authTries else None)
-        name = ConnectionEvent(how.value)
+        # A key exchange with nothing in common is a failure like a loss after one (lost),
+        # never an abandon: the reason says which class had nothing in common.
+        name = ConnectionEvent.lost if how is Lost.negotiation_failed else ConnectionEvent(how.value)
         if (how is Lost.lost and not event.by_server and not self.instance.authTries
                 and self.state in _NO_ATTEMPT):
             name = ConnectionEvent.abandoned  # a probe or a client that gave up: nothing failed
