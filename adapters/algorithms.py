@@ -6,12 +6,18 @@ Two profiles, both with an ed25519 host key as the default:
     Post-quantum hybrid key exchange first (``mlkem768x25519-sha256``; plus
     ``sntrup761x25519-sha512@openssh.com`` when asyncssh finds liboqs), then
     classical X25519 so that clients older than OpenSSH 9.9 (Debian 12 ships
-    9.2) still connect.  ssh-audit 3.9 reports no failures; its only warnings
-    are "does not provide protection against post-quantum attacks" on the two
-    curve25519 names.
+    9.2) still connect.  After the EtM MACs, the non-EtM ``hmac-sha2-256`` and
+    ``hmac-sha2-512``, kept for named clients that have no EtM MAC: Dropbear
+    2022.83 (``dbclient``, Debian 12) and libssh2 1.10 (curl's ``sftp://`` and
+    ``scp://``, PHP's ssh2, libgit2); without them both fail with "no matching
+    MAC".  Clients that know an EtM MAC still get it (SSH takes the client's
+    order, and every such client lists EtM first).  ssh-audit 3.9 reports no
+    failures; its only warnings are "does not provide protection against
+    post-quantum attacks" on the two curve25519 names and "using
+    encrypt-and-MAC mode" on the two non-EtM MACs (`KEPT_FOR_CLIENTS`).
 ``strict``
-    Post-quantum hybrid key exchange only: ssh-audit reports no warnings and no
-    failures.  OpenSSH >= 9.9, paramiko 5.1 and asyncssh connect; Debian 12's
+    Post-quantum hybrid key exchange and EtM MACs only: ssh-audit reports no
+    warnings and no failures.  OpenSSH >= 9.9, paramiko 5.1 and asyncssh connect; Debian 12's
     OpenSSH 9.2 does not, unless liboqs is installed so that sntrup761 is on
     offer.
 
@@ -94,6 +100,7 @@ __all__ = [
     "CLIENT_AUTH_SIGNATURES",
     "COMPRESSION_ON",
     "CONFIG_KEYS",
+    "KEPT_FOR_CLIENTS",
     "MIN_RSA_BITS",
     "PROFILES",
     "WEAK",
@@ -132,6 +139,16 @@ _MACS = (
     "hmac-sha2-256-etm@openssh.com",
     "hmac-sha2-512-etm@openssh.com",
 )
+# Encrypt-and-MAC (the tag covers the plaintext), which ssh-audit warns about; with
+# the AES-GCM and AES-CTR ciphers on offer no attack is known. Default profile only.
+_NON_ETM_MACS = ("hmac-sha2-256", "hmac-sha2-512")
+KEPT_FOR_CLIENTS: dict[str, str] = {
+    # algorithm: the clients that need it (ssh-audit warns about each; README, Security)
+    "curve25519-sha256": "OpenSSH < 9.9 (Debian 12's 9.2), PuTTY 0.78, Dropbear, libssh2: no PQ kex",
+    "curve25519-sha256@libssh.org": "paramiko and OpenSSH 6.5-7.3 know only this name",
+    "hmac-sha2-256": "Dropbear 2022.83 and libssh2 1.10 (curl sftp:// and scp://) have no EtM MAC",
+    "hmac-sha2-512": "Dropbear 2022.83 and libssh2 1.10 (curl sftp:// and scp://) have no EtM MAC",
+}
 _HOST_KEY_ALGS = (
     "ssh-ed25519",
     "ssh-ed25519-cert-v01@openssh.com",
@@ -152,7 +169,7 @@ PROFILES: dict[str, Algorithms] = {
     "default": Algorithms(
         kex=_PQ_KEX + _CLASSICAL_KEX,
         encryption=_CIPHERS,
-        mac=_MACS,
+        mac=_MACS + _NON_ETM_MACS,
         signature=_HOST_KEY_ALGS,
         compression=_COMPRESSION,
     ),

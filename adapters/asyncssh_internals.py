@@ -119,6 +119,7 @@ __all__ = [
     "decode_tcpip_forward",
     "open_agent_channel",
     "decode_request",
+    "guess_is_wrong",
     "install_hooks",
     "is_login_timeout",
     "send_keepalive",
@@ -128,6 +129,7 @@ SUPPORTED_ASYNCSSH = ((2, 24, 1), (2, 25, 0))  # [low, high)
 
 # RFC 4250 message numbers (fixed by the protocol, not by asyncssh).
 MSG_SERVICE_REQUEST = 5
+MSG_KEXINIT = 20
 MSG_NEWKEYS = 21
 MSG_USERAUTH_REQUEST = 50
 MSG_USERAUTH_PK_OK = 60  # (60 is also INFO_REQUEST and PASSWD_CHANGEREQ: by method)
@@ -1307,6 +1309,80 @@ def _on_newkeys(state: HookState, conn: asyncssh.SSHServerConnection, pkttype: i
     _call_hook("on_kex_done", state.hooks.on_kex_done, conn, state.kex_count)
 
 
+def _kexinit_firsts(payload: bytes) -> tuple[bytes, bytes, bool]:
+    """A KEXINIT payload (after the message type): the first key-exchange and host-key
+    algorithm names and first_kex_packet_follows (RFC 4253 7.1)."""
+    packet = SSHPacket(payload)
+    packet.get_bytes(16)  # cookie
+    kex, host_key = (packet.get_string().split(b",")[0] for _ in range(2))
+    for _ in range(8):  # ciphers, MACs, compression (both ways), languages (both ways)
+        packet.get_string()
+    return kex, host_key, packet.get_boolean()
+
+
+def guess_is_wrong(client_kexinit: bytes, server_kexinit: bytes) -> bool:
+    """RFC 4253 7.1: a guessed first key-exchange packet is wrong when the client's and
+    the server's first key-exchange algorithm differ, or their first host-key algorithm
+    does (OpenSSH's `proposals_match`, Dropbear's `read_kex_algos`). Both payloads start
+    after the message type. False when the client sent no guess."""
+    client_kex, client_host_key, follows = _kexinit_firsts(client_kexinit)
+    server_kex, server_host_key, _ = _kexinit_firsts(server_kexinit)
+    return follows and (client_kex != server_kex or client_host_key != server_host_key)
+
+
+def _on_kexinit(conn: asyncssh.SSHServerConnection, pkttype: int, pktid: int,
+                packet: SSHPacket) -> Awaitable[None] | None:
+    """asyncssh's KEXINIT handler, run up to its one await here, synchronously.
+
+    Two things change. (1) A wrong guess: asyncssh ignores the client's guessed packet
+    only when the negotiated key exchange is not the client's first choice; RFC 4253
+    7.1 also calls the guess wrong when the server's first choice differs (or the
+    host-key algorithm's), and a client that knows its guess was wrong (Dropbear)
+    sends its real packet after it: asyncssh took the guess, then got a second init
+    ("Key exchange not in progress"). (2) Determinism: the negotiation (every
+    `_choose_alg`, which raises `KeyExchangeFailed`) runs before the handler's only
+    await (`self._kex.start()`); driven here, a failed negotiation raises in the
+    packet's own `data_received`, before the client's EOF in the same read can be
+    reported as a mere "Connection lost" (the task asyncssh would make runs later)."""
+    client = packet.get_remaining_payload()
+    coro = _CONN_HANDLERS[MSG_KEXINIT](conn, pkttype, pktid, packet)
+    try:
+        waiting_on = coro.send(None)  # raises KeyExchangeFailed / ProtocolError here
+    except StopIteration:
+        waiting_on = None
+        done = True
+    else:
+        done = False
+    # REACH-IN: SSHConnection._ignore_first_kex (set by _process_kexinit before its
+    # await, read by _recv_packet for the next kex message) and _server_kexinit (the
+    # KEXINIT we sent, with its message type; sent before or by this handler).
+    conn._ignore_first_kex = guess_is_wrong(client, conn._server_kexinit[1:])
+    if done:
+        return None
+    return _resume(coro, waiting_on)  # a server's kex start() never awaits (asyncssh 2.24)
+
+
+async def _resume(coro: Any, waiting_on: Any) -> None:
+    """Finish a coroutine that was started by hand and is suspended on `waiting_on`."""
+    class _Rest:
+        def __await__(self) -> Any:
+            value = waiting_on
+            while True:
+                try:
+                    sent = yield value
+                except BaseException as exc:  # thrown into us by the task: pass it on
+                    try:
+                        value = coro.throw(exc)
+                    except StopIteration as stop:
+                        return stop.value
+                    continue
+                try:
+                    value = coro.send(sent)
+                except StopIteration as stop:
+                    return stop.value
+    await _Rest()
+
+
 def install_hooks(conn: asyncssh.SSHServerConnection, hooks: ConnectionHooks, *,
                   max_pending_global: int = 32, per_user_config: bool = True) -> HookState:
     """Route this connection's global requests, channel opens, service requests, auth
@@ -1329,6 +1405,7 @@ def install_hooks(conn: asyncssh.SSHServerConnection, hooks: ConnectionHooks, *,
     handlers[MSG_USERAUTH_REQUEST] = functools.partial(_on_userauth_request, state)
     handlers[MSG_NEWKEYS] = functools.partial(_on_newkeys, state)
     handlers[MSG_SERVICE_REQUEST] = functools.partial(_on_service_request, state)
+    handlers[MSG_KEXINIT] = _on_kexinit
     # REACH-IN: an instance attribute shadows the class-level dispatch table.
     conn._packet_handlers = handlers
     if not per_user_config:
@@ -1700,6 +1777,13 @@ REACH_INS: tuple[ReachIn, ...] = (
     ReachIn(_Conn, "_process_service_request", ("_pkttype", "_pktid", "packet"),
             source_has="if service != self._next_service:"),
     ReachIn(_Conn, "_next_service", attr_in=SSHConnection.__init__),
+    # _on_kexinit (HACKS.md row 34): the guessed first kex packet, and negotiation
+    # failures reported in the packet's own data_received.
+    ReachIn(_Conn, "_process_kexinit", ("_pkttype", "_pktid", "packet"),
+            source_has="self._ignore_first_kex = (first_kex_follows and"),
+    ReachIn(_Conn, "_ignore_first_kex", attr_in=SSHConnection.__init__),
+    ReachIn(_Conn, "_server_kexinit", attr_in=SSHConnection._send_kexinit),
+    ReachIn(_Conn, "_recv_packet", (), source_has="if self._ignore_first_kex:"),
     ReachIn(_Conn, "_auth", attr_in=SSHConnection.__init__),
     ReachIn(_Conn, "_recv_packet", (), source_has="handler = self._auth"),
     ReachIn(_Conn, "_global_request_queue", attr_in=SSHConnection.__init__),
@@ -1846,6 +1930,7 @@ def check_asyncssh_compat() -> list[str]:
         MSG_USERAUTH_REQUEST: "_process_userauth_request",
         MSG_NEWKEYS: "_process_newkeys",
         MSG_SERVICE_REQUEST: "_process_service_request",
+        MSG_KEXINIT: "_process_kexinit",
     }
     for msg, fname in expected.items():
         if _CONN_HANDLERS.get(msg) is not getattr(_Conn, fname, None):
@@ -1857,6 +1942,13 @@ def check_asyncssh_compat() -> list[str]:
         problems.append("SSHServerChannel._packet_handlers[97] is not _process_close")
     if _CHAN_WINDOW_ADJUST is not getattr(_Chan, "_process_window_adjust", None):
         problems.append("SSHServerChannel._packet_handlers[93] is not _process_window_adjust")
+    kexinit = getattr(_Conn, "_process_kexinit", None)
+    if kexinit is not None:
+        # _on_kexinit needs every _choose_alg before the handler's one await, its last line.
+        source = inspect.getsource(kexinit).rstrip()
+        if source.count("await ") != 1 or not source.endswith("await self._kex.start()"):
+            problems.append("SSHServerConnection._process_kexinit: the negotiation is no longer "
+                            "all before its one await (self._kex.start())")
     if _CHAN_DATA is not getattr(_Chan, "_process_data", None):
         problems.append("SSHServerChannel._packet_handlers[94] is not _process_data")
     for original, port, sha in _PORTED:

@@ -703,6 +703,8 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
             how, reason = core.Lost.login_timeout, "login timeout expired"
         elif isinstance(exc, internals.DecompressionLimitError):
             how, reason = core.Lost.decompression_limit, str(exc)
+        elif isinstance(exc, asyncssh.KeyExchangeFailed):
+            how, reason = core.Lost.negotiation_failed, str(exc)
         elif isinstance(exc, asyncssh.ProtocolError):
             how, reason = core.Lost.protocol_error, str(exc)
         else:

@@ -130,6 +130,7 @@ class ConnectionEvent(enum.StrEnum):
     shutdown = "shutdown"
     drained = "drained"
     lost = "lost"
+    abandoned = "abandoned"
     buffer_exceeded = "buffer_exceeded"
 
 
@@ -390,7 +391,8 @@ REQUEST_EVENTS: dict[str, SessionEvent] = {
     AGENT_REQUEST: SessionEvent.agent_req,
 }
 NOT_IMPLEMENTED = frozenset(
-    {"x11-req", "break", "xon-xoff", "keepalive@openssh.com", "eow@openssh.com"}
+    {"x11-req", "break", "xon-xoff", "keepalive@openssh.com", "eow@openssh.com",
+     "simple@putty.projects.tartarus.org", "winadj@putty.projects.tartarus.org"}
 )
 AUTH_METHODS: dict[str, ConnectionEvent] = {
     "password": ConnectionEvent.password,
@@ -412,6 +414,7 @@ class Lost(enum.StrEnum):
     login_timeout = "login_timeout"
     protocol_error = "protocol_error"
     decompression_limit = "decompression_limit"  # a compressed packet inflated past the bound
+    negotiation_failed = "negotiation_failed"  # key exchange: no common algorithm in a class
 
 
 # --- forwarding policy ------------------------------------------------------------------------
@@ -1284,6 +1287,9 @@ _RUNNING = frozenset({"running", "running_pending"})
 # The states a lost connection earns its source a penalty in: the spec's preauth group but
 # authenticated, where the credentials were found valid and only the backend's verdict waits.
 _PREAUTH = frozenset({"handshaking", "authenticating", "checking", "querying", "kbdint_round"})
+# Before authentication with no attempt nor key check in progress (the spec's abandoned
+# transition); with authTries 0 none failed either.
+_NO_ATTEMPT = frozenset({"handshaking", "authenticating"})
 _LOST_PENALTIES = {
     Lost.login_timeout: Penalty.grace_exceeded,
     Lost.protocol_error: Penalty.protocol_error,
@@ -1458,6 +1464,10 @@ class ConnectionCore:
                 return self._fire(ConnectionEvent.protocol_error, reason=f"spec violation: {event}")
             return step
         closing = step.target == "closed" and step.source != "closed"
+        if closing and reason is None and step.reply in DISCONNECTS:
+            # A cut-off names its reason in every record it makes (SSH_AUTH_TOO_MANY_TRIES,
+            # SSH_HANDSHAKE_FAILED, SSH_DISCONNECTED): the one the DISCONNECT gives.
+            reason = DISCONNECTS[step.reply].description
         if closing and (self.sessions or self.forwards):
             # The connection ends: its channels end first, so SSH_DISCONNECTED
             # stays the connection's last record.
@@ -1939,7 +1949,13 @@ class ConnectionCore:
         if self.state in _PREAUTH and not event.by_server:
             # Failed attempts were penalised as they failed; leaving without one is noauth.
             penalty = _LOST_PENALTIES.get(how) or (Penalty.noauth if not self.instance.authTries else None)
-        self._fire(ConnectionEvent(how.value), reason=event.reason)
+        # A key exchange with nothing in common is a failure like a loss after one (lost),
+        # never an abandon: the reason says which class had nothing in common.
+        name = ConnectionEvent.lost if how is Lost.negotiation_failed else ConnectionEvent(how.value)
+        if (how is Lost.lost and not event.by_server and not self.instance.authTries
+                and self.state in _NO_ATTEMPT):
+            name = ConnectionEvent.abandoned  # a probe or a client that gave up: nothing failed
+        self._fire(name, reason=event.reason)
         if penalty is not None and self.source is not None:
             self.server.penalise(self.source, penalty, event.now)
 

@@ -19,6 +19,7 @@ import pytest
 
 from sshspec.adapters.algorithms import (
     CONFIG_KEYS,
+    KEPT_FOR_CLIENTS,
     PROFILES,
     WEAK,
     resolve,
@@ -28,6 +29,7 @@ from sshspec.adapters.algorithms import (
 
 HOST = "127.0.0.1"
 NOT_PQ = "does not provide protection against post-quantum attacks"
+ENCRYPT_AND_MAC = "using encrypt-and-MAC mode"
 PSEUDO_KEX = {"ext-info-s", "kex-strict-s-v00@openssh.com"}
 
 
@@ -327,10 +329,14 @@ def assert_audit_clean(report: dict, returncode: int, profile: str) -> None:  # 
     assert report["additional_notes"] == []
     assert _notes(report, "fail") == set()
     if profile == "default":
-        assert _notes(report, "warn") == {
+        warnings = _notes(report, "warn")
+        # Each warning is about an algorithm kept for named clients (algorithms.KEPT_FOR_CLIENTS).
+        assert {alg for _, alg, _ in warnings} == set(KEPT_FOR_CLIENTS)
+        assert {(s, a, n) for s, a, n in warnings if s == "kex"} == {
             ("kex", "curve25519-sha256", NOT_PQ),
             ("kex", "curve25519-sha256@libssh.org", NOT_PQ),
         }
+        assert {n for s, _, n in warnings if s == "mac"} == {ENCRYPT_AND_MAC}
         assert returncode == 2  # warnings only
     else:
         assert _notes(report, "warn") == set()

@@ -279,8 +279,8 @@ def test_limits_come_from_the_command_line(tmp_path: Path, capsys: pytest.Captur
     assert status == 1
     assert out == (f"{log}:7: connection (c1): in state(s) authenticating, the spec allows "
                    "SSH_AUTH_ATTEMPT, SSH_AUTH_NONE, SSH_AUTH_PENALISED, SSH_AUTH_QUERY, "
-                   "SSH_AUTH_UNAVAILABLE, SSH_BUFFER_EXCEEDED, SSH_HANDSHAKE_FAILED, SSH_LOGIN_TIMEOUT, "
-                   "saw SSH_AUTH_TOO_MANY_TRIES (event password)\n")
+                   "SSH_AUTH_UNAVAILABLE, SSH_BUFFER_EXCEEDED, SSH_HANDSHAKE_ABANDONED, "
+                   "SSH_HANDSHAKE_FAILED, SSH_LOGIN_TIMEOUT, saw SSH_AUTH_TOO_MANY_TRIES (event password)\n")
     with pytest.raises(SystemExit) as exc:
         run_cli(capsys, "check", "--limit", "maxNope=2", log)
     assert exc.value.code == 2 and "unknown limit 'maxNope'" in capsys.readouterr().err

@@ -182,7 +182,7 @@ def test_auth_unavailable_keyboard_interactive_when_no_user_has_a_password(serve
     records = of_connection(wait_disconnected(live), "SSH_AUTH_UNAVAILABLE")
     assert codes(records) == ["SSH_CONNECTED", "SSH_KEX_DONE", "SSH_AUTH_NONE", "SSH_AUTH_ATTEMPT",
                               "SSH_AUTH_UNAVAILABLE",
-                              "SSH_HANDSHAKE_FAILED", "SSH_DISCONNECTED"]
+                              "SSH_HANDSHAKE_ABANDONED", "SSH_DISCONNECTED"]  # it gave up: nothing failed
     labels = one(records, "SSH_AUTH_UNAVAILABLE")["labels"]
     assert labels["method"] == "keyboard-interactive" and labels["username"] == "alice"
     assert labels["event"] == "auth_unavailable"
@@ -198,7 +198,7 @@ def test_auth_unavailable_publickey_with_openssh(server_factory: Any) -> None:
     # OpenSSH asks whether the key may sign first (the query), then gives up on it.
     assert codes(records) == ["SSH_CONNECTED", "SSH_KEX_DONE", "SSH_AUTH_NONE", "SSH_AUTH_QUERY",
                               "SSH_AUTH_UNAVAILABLE",
-                              "SSH_HANDSHAKE_FAILED", "SSH_DISCONNECTED"]
+                              "SSH_HANDSHAKE_ABANDONED", "SSH_DISCONNECTED"]  # it gave up: nothing failed
     labels = one(records, "SSH_AUTH_UNAVAILABLE")["labels"]
     assert labels["method"] == "publickey" and labels["username"] == live.username
 
@@ -206,7 +206,8 @@ def test_auth_unavailable_publickey_with_openssh(server_factory: Any) -> None:
 # --------------------------------------------------------------------------- SSH_HANDSHAKE_FAILED
 
 
-def test_handshake_failed_client_leaves_during_key_exchange(server: LiveServer) -> None:
+def test_handshake_abandoned_client_leaves_during_key_exchange(server: LiveServer) -> None:
+    """A client that leaves without trying (a probe) is logged at info, not warning."""
     with socket.create_connection((server.host, server.port), timeout=TIMEOUT) as sock:
         sock.sendall(b"SSH-2.0-leaver\r\n")
         seen = b""
@@ -217,10 +218,10 @@ def test_handshake_failed_client_leaves_during_key_exchange(server: LiveServer) 
         local = f"127.0.0.1:{sock.getsockname()[1]}"
         sock.shutdown(socket.SHUT_WR)
     assert seen.startswith(b"SSH-2.0-sshspec\r\n")
-    records = of_connection(wait_disconnected(server), "SSH_HANDSHAKE_FAILED")
-    assert codes(records) == ["SSH_CONNECTED", "SSH_HANDSHAKE_FAILED", "SSH_DISCONNECTED"]
-    failed = one(records, "SSH_HANDSHAKE_FAILED")
-    assert failed["level"] == "warning" and failed["labels"]["remoteAddr"] == local
+    records = of_connection(wait_disconnected(server), "SSH_HANDSHAKE_ABANDONED")
+    assert codes(records) == ["SSH_CONNECTED", "SSH_HANDSHAKE_ABANDONED", "SSH_DISCONNECTED"]
+    failed = one(records, "SSH_HANDSHAKE_ABANDONED")
+    assert failed["level"] == "info" and failed["labels"]["remoteAddr"] == local
     assert "username" not in failed["labels"] and failed["labels"]["reason"]
 
 
@@ -240,9 +241,11 @@ def kexinit_packet(kex: str) -> bytes:
 
 
 def test_handshake_failed_no_common_key_exchange(server: LiveServer) -> None:
-    """OpenSSH gives up first (the server may only see the connection go); a raw
-    client that offers only diffie-hellman-group1-sha1 and waits lets the server
-    find the mismatch itself: DISCONNECT key exchange failed, with the reason."""
+    """OpenSSH gives up first, right after its KEXINIT went out: the server still logs
+    the mismatch, every time (the negotiation runs as the packet is read, before the
+    client's EOF can be seen); a raw client that offers only
+    diffie-hellman-group1-sha1 and waits gets DISCONNECT key exchange failed, with the
+    reason."""
     done = ssh(server, "-o", "KexAlgorithms=diffie-hellman-group1-sha1", "true", log_level="INFO")
     assert done.returncode == 255
     assert b"no matching key exchange method found" in done.stderr
@@ -260,7 +263,7 @@ def test_handshake_failed_no_common_key_exchange(server: LiveServer) -> None:
         connection = of_connection(records, "SSH_HANDSHAKE_FAILED", nth)
         assert codes(connection) == ["SSH_CONNECTED", "SSH_HANDSHAKE_FAILED", "SSH_DISCONNECTED"]
         reasons.append(one(connection, "SSH_HANDSHAKE_FAILED")["labels"]["reason"])
-    assert reasons[0] == "Connection lost" or reasons[0].startswith(mismatch.decode())  # who closed first
+    assert reasons[0].startswith(mismatch.decode())
     assert reasons[1].startswith(mismatch.decode()) and "received diffie-hellman-group1-sha1" in reasons[1]
 
 
@@ -383,6 +386,7 @@ def test_decode_failed_keeps_the_channel_and_the_connection(server_factory: Any)
         ("SSH_NEW_CHANNEL", "session"),
         ("SSH_CHANNEL_REQUEST", "env"), ("SSH_DECODE_FAILED", "env"), ("SSH_CHANNEL_REQUEST_FAILED", "env"),
         ("SSH_CHANNEL_REQUEST", "frobnicate@example.com"),
+        ("SSH_NOT_IMPLEMENTED", "frobnicate@example.com"),
         ("SSH_CHANNEL_REQUEST_FAILED", "frobnicate@example.com"),
         ("SSH_DECODE_FAILED", r"b'\xff\xfe'"),
         ("SSH_CHANNEL_REQUEST", "exec"), ("SSH_CHANNEL_REQUEST_SUCCESSFUL", "exec"),
