@@ -16,11 +16,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+import interop
 import paramiko
 import pytest
+from test_interop import StepFailed, outcome
 
 from conftest import SSHSPEC, LiveServer, start_server
 from sshspec.fsm.certificates import Certificate, CertificatePolicy, CertRefusal, refusal
+from test_faults import check_log
 
 
 def keygen(*args: str) -> None:
@@ -406,3 +409,17 @@ def test_a_certificate_without_permit_pty_gets_no_pty(live: LiveServer, cas: CA)
         client.close()
     result = ssh(live, cas.sign(), "alice", "tty", options=("-tt",))  # ssh-keygen permits one by default
     assert result.returncode == 0 and result.stdout.startswith(b"/dev/pts/"), result
+
+
+@pytest.mark.parametrize("profile", interop.PROFILES)
+def test_interop_row(profile: str, cas: CA, server_factory: Any) -> None:
+    """The interop table's certificate row (tests/interop.py): OpenSSH logs in with a
+    certificate of a trusted CA and runs exec with stdin and an exit code."""
+    live = server_factory({"ssh": {"profile": profile}, "auth": {
+        "trustedUserCAKeys": [str(cas.root / "ca.pub")], "users": [{"username": "alice"}]}})
+    done = ssh(live, cas.sign(), "alice", "cat; exit 3", stdin=b"hello from stdin\n")
+    failure = None
+    if (done.returncode, done.stdout) != (3, b"hello from stdin\n"):
+        failure = StepFailed(f"ssh: exit {done.returncode}: {done.stderr.decode(errors='replace')}")
+    assert outcome(live, failure) == interop.EXPECTED[(interop.CERTIFICATE, profile)]
+    check_log(live)
