@@ -823,6 +823,8 @@ class LiveFuzz(RuleBasedStateMachine):
         assert chan is not None
         self.count("window flood")
         ch = self.c.channels[chan]
+        if ch.close_sent:  # the server answers a CLOSE at once: wait for it (the log may be ahead)
+            self.c.wait_until(lambda: ch.close_received, WAIT)
         gone = ch.close_sent and ch.close_received
         self.c.window_adjust(chan, 1, times)
         self.say(f"c.window_adjust({self.chan_name(chan)}, 1, {times})")
