@@ -25,7 +25,7 @@ import statistics
 import struct
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -782,13 +782,18 @@ chan = t.open_session(window_size=2**31, max_packet_size=32768)  # a window it w
 chan.exec_command("yes")
 chan.recv(1)  # the program runs
 print("reading stops", flush=True)
+print("%s:%d" % t.sock.getsockname()[:2], flush=True)  # read once the client is stopped
 os.kill(os.getpid(), signal.SIGSTOP)  # nothing reads the socket from now on
 """
 
 
-def rss_growth_while_a_client_stops_reading(live: LiveServer, tmp_path: Path, seconds: float) -> int:
+def rss_growth_while_a_client_stops_reading(live: LiveServer, tmp_path: Path, seconds: float, *,
+                                            during: Callable[[], None] | None = None,
+                                            client_addr: list[str] | None = None) -> int:
     """KiB the server's RSS grows over `seconds` while NON_READING_CLIENT (a 2 GiB
-    window, `yes`, then SIGSTOP) does not read; the client is killed after."""
+    window, `yes`, then SIGSTOP) does not read; the client is killed after.
+    `during` runs inside the window (others served meanwhile: part of the window,
+    so its memory counts too); `client_addr` gets the client's address."""
     import signal as signals
     import subprocess
     import sys
@@ -802,9 +807,14 @@ def rss_growth_while_a_client_stops_reading(live: LiveServer, tmp_path: Path, se
         assert client.stdout is not None and client.stdout.readline() == "reading stops\n"
         wait_until(lambda: Path(f"/proc/{client.pid}/stat").read_text().split()[2] == "T", 10,
                    "the client to stop")
+        if client_addr is not None:
+            client_addr.append(client.stdout.readline().strip())
         before = rss_kib(live.process.pid)
+        started = time.monotonic()
+        if during is not None:
+            during()
         # A measuring window, not a synchronisation: unbounded, `yes` fills ~100 MB/s.
-        time.sleep(seconds)
+        time.sleep(max(0.0, seconds - (time.monotonic() - started)))
         return rss_kib(live.process.pid) - before
     finally:
         client.send_signal(signals.SIGKILL)
