@@ -296,16 +296,19 @@ def test_permit_open_denies_other_targets_with_the_target_in_the_log(
     assert not records_with(live, "SSH_FORWARD_REQUESTED")
 
 
-def test_tcp_none_denies_local_forwarding(server_factory: Any, http_target: int) -> None:
-    live = server_factory({"forwarding": {"tcp": "none"}})
-
-    async def main() -> None:
+def refused_open(live: LiveServer, port: int) -> int:
+    """The open-failure code a direct-tcpip to 127.0.0.1:`port` gets (it must be refused)."""
+    async def main() -> int:
         async with connect(live) as conn:
             with pytest.raises(asyncssh.ChannelOpenError) as info:
-                await conn.open_connection("127.0.0.1", http_target)
-            assert info.value.code == asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED
+                await conn.open_connection("127.0.0.1", port)
+            return info.value.code
+    return asyncio.run(main())
 
-    asyncio.run(main())
+
+def test_tcp_none_denies_local_forwarding(server_factory: Any, http_target: int) -> None:
+    live = server_factory({"forwarding": {"tcp": "none"}})
+    assert refused_open(live, http_target) == asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED
     (denied,) = one(live, "SSH_FORWARD_DENIED")
     assert "forwarding.tcp" in denied["labels"]["reason"]
 
@@ -336,28 +339,14 @@ def test_max_forwards_per_connection_bites_with_a_code(server_factory: Any, targ
 
 def test_a_refused_target_refuses_the_channel(server: LiveServer) -> None:
     port = closed_port()
-
-    async def main() -> None:
-        async with connect(server) as conn:
-            with pytest.raises(asyncssh.ChannelOpenError) as info:
-                await conn.open_connection("127.0.0.1", port)
-            assert info.value.code == asyncssh.OPEN_CONNECT_FAILED
-
-    asyncio.run(main())
+    assert refused_open(server, port) == asyncssh.OPEN_CONNECT_FAILED
     (failed,) = one(server, "SSH_FORWARD_CONNECT_FAILED")
     assert f"127.0.0.1:{port}" in failed["labels"]["reason"]
 
 
 def test_a_silent_target_times_out(server_factory: Any, blackhole: int) -> None:
     live = server_factory({"forwarding": {"connectTimeout": "1s"}})
-
-    async def main() -> None:
-        async with connect(live) as conn:
-            with pytest.raises(asyncssh.ChannelOpenError) as info:
-                await conn.open_connection("127.0.0.1", blackhole)
-            assert info.value.code == asyncssh.OPEN_CONNECT_FAILED
-
-    asyncio.run(main())
+    assert refused_open(live, blackhole) == asyncssh.OPEN_CONNECT_FAILED
     (timeout,) = one(live, "SSH_FORWARD_CONNECT_TIMEOUT")
     assert "forwarding.connectTimeout" in timeout["labels"]["reason"]
 
