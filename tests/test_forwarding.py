@@ -23,7 +23,8 @@ from typing import Any
 import asyncssh
 import pytest
 
-from conftest import TEST_LOGS, LiveServer, start_server
+from conftest import LiveServer, start_server
+from test_faults import limited
 
 pytestmark = pytest.mark.skipif(shutil.which("curl") is None, reason="curl is in .ci/system-packages")
 
@@ -314,10 +315,9 @@ def test_tcp_none_denies_local_forwarding(server_factory: Any, http_target: int)
 
 
 def test_max_forwards_per_connection_bites_with_a_code(server_factory: Any, targets: Any) -> None:
-    # Its log replays with the same limit (.test-logs/limits/, see tests/test_faults.py).
-    log_dir = TEST_LOGS / "limits" / "maxForwardsPerConnection=1"
-    log_dir.mkdir(parents=True, exist_ok=True)
-    live = server_factory({"forwarding": {"maxForwardsPerConnection": 1}}, log_dir=log_dir)
+    # Its log replays with the same limit (limited: .test-logs/limits/).
+    live = limited(server_factory, {"forwarding": {"maxForwardsPerConnection": 1}},
+                   {"maxForwardsPerConnection": 1})
     target = targets("hold")
 
     async def main() -> None:
@@ -605,9 +605,9 @@ def test_a_listener_that_cannot_bind_fails_the_request(server: LiveServer, targe
 
 
 def test_max_listeners_per_connection(server_factory: Any, targets: Any) -> None:
-    log_dir = TEST_LOGS / "limits" / "maxListenersPerConnection=1"
-    log_dir.mkdir(parents=True, exist_ok=True)
-    live = server_factory({"forwarding": {"maxListenersPerConnection": 1}}, log_dir=log_dir)
+    # Its log replays with the same limit (limited: .test-logs/limits/).
+    live = limited(server_factory, {"forwarding": {"maxListenersPerConnection": 1}},
+                   {"maxListenersPerConnection": 1})
     target = targets("echo")
 
     async def main() -> None:
@@ -623,9 +623,9 @@ def test_max_listeners_per_connection(server_factory: Any, targets: Any) -> None
 
 
 def test_forwarded_connections_beyond_the_limit_are_closed(server_factory: Any, targets: Any) -> None:
-    log_dir = TEST_LOGS / "limits" / "maxForwardsPerConnection=1"
-    log_dir.mkdir(parents=True, exist_ok=True)
-    live = server_factory({"forwarding": {"maxForwardsPerConnection": 1}}, log_dir=log_dir)
+    # Its log replays with the same limit (limited: .test-logs/limits/).
+    live = limited(server_factory, {"forwarding": {"maxForwardsPerConnection": 1}},
+                   {"maxForwardsPerConnection": 1})
     target = targets("echo")
 
     async def main() -> None:
