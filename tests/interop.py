@@ -48,6 +48,10 @@ def _major_minor(pattern: str, text: str) -> str:
     return ".".join(match[1].split(".")[:2]) if match else "not installed"
 
 
+def _openssh_version() -> str:
+    return "OpenSSH " + _major_minor(r"OpenSSH_(\d+\.\d+)", _run("ssh", "-V"))
+
+
 def _curl_version(banner: str) -> str:
     curl, libssh2 = _major_minor(r"curl (\d+\.\d+)", banner), _major_minor(r"libssh2/(\d+\.\d+)", banner)
     return f"curl {curl} / libssh2 {libssh2}"
@@ -63,7 +67,7 @@ class Client:
 
 CLIENTS: tuple[Client, ...] = (
     Client("OpenSSH ssh, scp, sftp", "ssh",
-           lambda: "OpenSSH " + _major_minor(r"OpenSSH_(\d+\.\d+)", _run("ssh", "-V")),
+           _openssh_version,
            "exec (stdin, exit code), scp upload, sftp download"),
     Client("rsync (over OpenSSH)", "rsync",
            lambda: "rsync " + _major_minor(r"version (\d+\.\d+)", _run("rsync", "--version")),
@@ -87,7 +91,7 @@ CLIENTS: tuple[Client, ...] = (
            "exec (stdin, exit code), sftp upload and download"),
     # Measured by tests/test_certificates.py::test_interop_row (EXTERNAL below).
     Client(CERTIFICATE, "ssh",
-           lambda: "OpenSSH " + _major_minor(r"OpenSSH_(\d+\.\d+)", _run("ssh", "-V")),
+           _openssh_version,
            "exec (stdin, exit code) with `CertificateFile`, CA in auth.trustedUserCAKeys"),
 )
 BY_NAME = {client.name: client for client in CLIENTS}
