@@ -40,7 +40,7 @@ test: system-packages $(STAMP) lint
 fuzz: $(STAMP)
 	SSHSPEC_FUZZ_PROFILE=long $(BIN)/python -m pytest -q tests -k fuzz
 
-bench: $(STAMP)
+bench: system-packages $(STAMP)
 	$(BIN)/python bench/run.py
 
 # Regenerate what is derived from the catalog and the specs (tests fail when stale).

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import getpass
 import http.server
 import os
 import shutil
@@ -261,6 +262,30 @@ def test_ssh_J_through_sshspec_to_a_second_sshspec(tmp_path: Path, request: pyte
     assert f"127.0.0.1:{inner.port}" in requested["labels"]["reason"]
     assert records_with(jump, "SSH_FORWARD_OPEN")
     assert records_with(inner, "SSH_EXIT")
+
+
+def test_ssh_J_through_sshspec_to_openssh_sshd(server: LiveServer, tmp_path: Path) -> None:
+    """ProxyJump through sshspec to OpenSSH's sshd (started here on loopback with a
+    config of its own, as the bench starts it; the same key logs in to both)."""
+    from bench.forwarding import start_sshd
+    Path("/run/sshd").mkdir(exist_ok=True)  # sshd's privilege separation directory
+    sshd = start_sshd(tmp_path, Path(f"{server.key}.pub").read_text())
+    try:
+        config = tmp_path / "ssh_config"
+        common = (f"  IdentityFile {server.key}\n  IdentitiesOnly yes\n  StrictHostKeyChecking no\n"
+                  "  UserKnownHostsFile /dev/null\n  BatchMode yes\n  LogLevel ERROR\n")
+        config.write_text(f"Host jump\n  HostName 127.0.0.1\n  Port {server.port}\n  User {server.username}\n"
+                          f"{common}Host inner\n  HostName 127.0.0.1\n  Port {sshd.port}\n"
+                          f"  User {getpass.getuser()}\n{common}")
+        done = subprocess.run(["ssh", "-F", str(config), "-J", "jump", "inner", "echo through to sshd"],
+                              capture_output=True, timeout=60)
+        assert (done.returncode, done.stdout) == (0, b"through to sshd\n"), done.stderr
+    finally:
+        sshd.proc.terminate()
+        sshd.proc.wait(10)
+    server.wait_for_code("SSH_FORWARD_CLOSED")
+    (requested,) = records_with(server, "SSH_FORWARD_REQUESTED")
+    assert f"127.0.0.1:{sshd.port}" in requested["labels"]["reason"]
 
 
 def test_ssh_J_through_sshspec_to_itself(server: LiveServer, tmp_path: Path) -> None:
