@@ -62,14 +62,20 @@ def fake_clock() -> None:
         time_ns=clock, strftime=logs.time.strftime, gmtime=logs.time.gmtime)
 
 
+def bench_connection(host: object, i: int) -> server.SpecConnection:
+    """The `i`th connection, with only what its log sink reads (`host` stands for the server)."""
+    conn = object.__new__(server.SpecConnection)
+    conn.server = host  # type: ignore[assignment]
+    conn.info = server.ConnectionInfo(f"1f2e-{i:x}", "")
+    conn.identity = Labels(conn.info.connection_id)
+    return conn
+
+
 async def connections(level: str, n: int) -> None:
     logger = Logger(level=level, path=os.devnull, flush_interval=3600)  # flushed below, per batch
     host = types.SimpleNamespace(emitter=server.Emitter(logger))
     for i in range(n):
-        conn = object.__new__(server.SpecConnection)  # only what its log sink reads
-        conn.server = host  # type: ignore[assignment]
-        conn.info = server.ConnectionInfo(f"1f2e-{i:x}", "")
-        conn.identity = Labels(conn.info.connection_id)
+        conn = bench_connection(host, i)
         for step, (codes, event, labels) in enumerate(CALLS):
             if step == 1:
                 conn._identify(remote_addr="127.0.0.1:40000")

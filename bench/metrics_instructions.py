@@ -24,9 +24,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.log_instructions import CALLS, counted  # noqa: E402
+from bench.log_instructions import CALLS, bench_connection, counted  # noqa: E402
 from sshspec.adapters import server  # noqa: E402
-from sshspec.adapters.logs import Labels, Logger  # noqa: E402
+from sshspec.adapters.logs import Logger  # noqa: E402
 
 
 def connections(mode: str, n: int) -> None:
@@ -38,10 +38,7 @@ def connections(mode: str, n: int) -> None:
         metrics = Metrics(server.machines(default_config()))
     host = types.SimpleNamespace(emitter=server.Emitter(logger, metrics), metrics=metrics)
     for i in range(n):
-        conn = object.__new__(server.SpecConnection)  # only what its log sink reads
-        conn.server = host  # type: ignore[assignment]
-        conn.info = server.ConnectionInfo(f"1f2e-{i:x}", "")
-        conn.identity = Labels(conn.info.connection_id)
+        conn = bench_connection(host, i)
         for step, (codes, event, labels) in enumerate(CALLS):
             if step == 1:
                 conn._identify(remote_addr="127.0.0.1:40000")
