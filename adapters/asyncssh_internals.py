@@ -648,6 +648,7 @@ class HookedServerChannel(asyncssh.SSHServerChannel[bytes]):
         self._hk_on_data_after_eof = on_data_after_eof
         self._hk_next_seq = 0
         self._hk_started = False
+        self._hk_held_eof = False  # an EOF held for the program when the client closed
         # asyncssh's IGNORE before each packet (HACKS.md row 33): kept while the
         # channel may carry keystrokes; `set_interactive(False)` drops it.
         self.interactive = True
@@ -674,6 +675,10 @@ class HookedServerChannel(asyncssh.SSHServerChannel[bytes]):
         # maxSessions slot) open for ever. No program will read that data now.
         if not self._hk_started:
             self._recv_buf.clear()  # REACH-IN: SSHChannel._recv_buf
+            # asyncssh's close also overwrites a held EOF ('eof_pending' becomes
+            # 'close_pending'): if the program's start, already on its way, completes
+            # before the close does, its input must still see the client's EOF.
+            self._hk_held_eof = self._recv_state == "eof_pending"  # REACH-IN: _recv_state
         _CHAN_CLOSE(self, pkttype, pktid, packet)
 
     def _hk_process_window_adjust(self, pkttype: int, pktid: int, packet: SSHPacket) -> None:
@@ -781,6 +786,9 @@ class HookedServerChannel(asyncssh.SSHServerChannel[bytes]):
         if not self._hk_started and self._conn is not None:  # REACH-IN: SSHChannel._conn
             self._hk_started = True
             self.resume_reading()  # public; ends asyncssh's "starting" hold on data/EOF
+            if self._hk_held_eof and self._session is not None:  # REACH-IN: SSHChannel._session
+                self._hk_held_eof = False
+                self._session.eof_received()  # what _flush_recv_buf would have done
 
     def reply(self, ok: bool) -> str | None:
         # REACH-IN: SSHChannel._send_state / _conn
@@ -1753,6 +1761,7 @@ REACH_INS: tuple[ReachIn, ...] = (
     ReachIn(_Chan, "_send_state", attr_in=SSHChannel.__init__),
     ReachIn(_Chan, "_conn", attr_in=SSHChannel.__init__),
     ReachIn(_Chan, "_recv_buf", attr_in=SSHChannel.__init__),
+    ReachIn(_Chan, "_session", attr_in=SSHChannel.__init__),
     ReachIn(_Chan, "_send_window", attr_in=SSHChannel.__init__),
     ReachIn(_Chan, "_recv_window", attr_in=SSHChannel.__init__),
     ReachIn(_Chan, "_process_data", ("_pkttype", "_pktid", "packet"),
@@ -1766,6 +1775,8 @@ REACH_INS: tuple[ReachIn, ...] = (
             source_has="self._send_window += adjust"),
     ReachIn(_Chan, "_process_close", ("_pkttype", "_pktid", "packet"),
             source_has="self._flush_recv_buf()"),
+    ReachIn(_Chan, "_process_close", ("_pkttype", "_pktid", "packet"),  # drops a held EOF
+            source_has="self._recv_state = 'close_pending'"),
     ReachIn(_Chan, "_flush_recv_buf", ("exc",), source_has="self._recv_paused != 'starting'"),
     ReachIn(_Chan, "send_packet", ("pkttype", "args")),
     ReachIn(_Chan, "process_open", ("send_chan", "send_window", "send_pktsize", "session")),

@@ -122,11 +122,7 @@ LIVE_SETTINGS = settings.get_profile(f"sshspec-live-{PROFILE}")
 
 # Server bugs found by this fuzzer, kept out of the generated sequences until fixed
 # (each has a strict xfail test below that turns green with the fix).
-KNOWN_BUGS = {
-    "held-eof-dropped-by-close": "the client's EOF, sent before any program, then a start and CLOSE in one "
-                                 "burst: the program starts (SUCCESSFUL) but the EOF asyncssh held for it is "
-                                 "dropped with the close, so no SSH_CHANNEL_EOF is logged",
-}
+KNOWN_BUGS: dict[str, str] = {}  # none open (held-eof-dropped-by-close: fixed, HACKS.md row 21)
 
 # --- hostile side clients (#12 item 9) -----------------------------------------------------------
 # The fuzz server also meets what a hostile client brings: compression on (zlib bombs),
@@ -740,9 +736,6 @@ class LiveFuzz(RuleBasedStateMachine):
         chan = self.pick(i)
         assert chan is not None
         if self.c.channels[chan].close_sent or (tail == "eof" and self.c.channels[chan].eof_sent):
-            tail = None
-        if (tail == "close" and self.c.channels[chan].eof_sent
-                and "held-eof-dropped-by-close" in self.known_bugs):
             tail = None
         reqs = [first.replying(want_reply),
                 *[f.replying(n % 2 == 0 or want_reply) for n, f in enumerate(followers)]]
@@ -1548,16 +1541,15 @@ def test_printed_scripts_run(live: Any) -> None:
         assert done.returncode == 0, f"{script}\n--- stdout\n{done.stdout}\n--- stderr\n{done.stderr}"
 
 
-@pytest.mark.xfail(reason=KNOWN_BUGS["held-eof-dropped-by-close"], strict=False)
 def test_eof_before_the_program_then_start_and_close_in_one_burst(live: Any) -> None:
-    """Found by the fuzzer (open; not strict: it races the program's start). The
-    client's EOF arrives before any program, so asyncssh holds it for the program;
-    the start and a CLOSE arrive together; the CLOSE drops what was held (HACKS.md
-    row 21) though the start goes through, and the model expects the EOF's record."""
+    """Found by the fuzzer (it races the program's start). The client's EOF arrives
+    before any program, so asyncssh holds it for the program; the start and a CLOSE
+    arrive together. asyncssh's close overwrote the held EOF, so a start that went
+    through logged no SSH_CHANNEL_EOF; now the start hands it over (HACKS.md row 21)."""
     def steps(m: LiveFuzz) -> None:
         m.start("password", 1)
         m.eof(0)
-        m.burst(READ_START, [], 0, "close", False)
+        m.burst(0, READ_START, [], "close", False)
     replay_steps(live, steps)
 
 
