@@ -838,7 +838,7 @@ def test_a_program_killed_by_a_signal_is_exit_signal(podman: Podman, sshspec_age
 
 
 def test_the_agent_keeps_the_program_on_the_terminal(podman: Podman, sshspec_agent: Path,
-                                                     server_factory: Any) -> None:
+                                                     server_factory: Any, tmp_path: Path) -> None:
     """On a pty the agent's child leads the terminal's foreground process group: OpenSSH's
     `ssh -tt` Ctrl-C reaches it (and kills it: exit-signal INT), a window-change's SIGWINCH
     reaches it; and PID 1 is still the container's idle command."""
@@ -860,6 +860,13 @@ def test_the_agent_keeps_the_program_on_the_terminal(podman: Podman, sshspec_age
             client.wait()
     records = live.wait_for_code("SSH_EXIT_SIGNAL")
     assert [r["labels"].get("signal") for r in records if r["code"] == "SSH_EXIT_SIGNAL"] == ["INT"]
+    # a subsystem runs under the agent too: sftp's protocol gets no pid line
+    batch = tmp_path / "batch"
+    batch.write_text("ls -1 /usr/lib/openssh\n")
+    args = live.ssh_args()
+    done = subprocess.run(["sftp", "-b", str(batch), "-P", str(live.port), *args[3:-1], args[-1]],
+                          capture_output=True, timeout=60)
+    assert done.returncode == 0 and b"sftp-server" in done.stdout, done.stderr
 
     async def main() -> None:
         async with connect(live) as conn:
@@ -874,7 +881,7 @@ def test_the_agent_keeps_the_program_on_the_terminal(podman: Podman, sshspec_age
             await proc.wait_closed()
             assert proc.exit_signal is not None and proc.exit_signal[0] == "INT"
     asyncio.run(main())
-    all_removed(live, 2)
+    all_removed(live, 3)
     assert live.stop() == 0
     check_log(live)
 
@@ -888,8 +895,18 @@ def test_an_agent_that_cannot_tell_leaves_the_engines_code(podman: Podman, proxy
     unwritable = server_factory(docker(podman.socket, readOnlyRootfs=True,
                                        agent={"source": str(sshspec_agent), "statusDir": "/etc"}))
 
+    def execs(since: int) -> int:
+        return sum(line.endswith(b"/exec HTTP/1.1") for line in proxy.seen[since:])
+
     async def main() -> None:
         async with connect(live) as conn:
+            # the status is read with one more exec, only when the engine says more than 128
+            before = len(proxy.seen)
+            assert ended(await conn.run("exit 3")) == (3, None)
+            assert execs(before) == 1
+            before = len(proxy.seen)
+            assert ended(await conn.run("kill -TERM $$")) == (-1, ("TERM", False))
+            assert execs(before) == 2
             proc = await conn.create_process("read line; kill -TERM $$")  # its exec is made
             proxy.fail(r"^POST \S*/containers/\S+/exec ", 500, "no exec for you (injected)")
             proc.stdin.write("go\n")
