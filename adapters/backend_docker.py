@@ -130,7 +130,7 @@ if TYPE_CHECKING:
     from aiodocker.execs import Exec
     from aiodocker.stream import Stream
 
-__all__ = ["ContainerSettings", "DockerBackend", "DockerConnection", "DockerSession", "Mount"]
+__all__ = ["Agent", "ContainerSettings", "DockerBackend", "DockerConnection", "DockerSession", "Mount"]
 
 log = logging.getLogger(__name__)
 
