@@ -88,7 +88,7 @@ async def _one(port: int, options: asyncssh.SSHClientConnectionOptions) -> float
     return time.perf_counter() - started
 
 
-AGENT_ROUNDS, AGENT_PER_ROUND = 5, 10
+AGENT_ROUNDS, AGENT_PER_ROUND = 6, 10
 
 
 async def _agent_side_by_side(plain: int, agent: int) -> dict[str, Any]:
@@ -109,6 +109,11 @@ async def _agent_side_by_side(plain: int, agent: int) -> dict[str, Any]:
                         if (result.exit_status, signal) != expected.get((name, command), (0, None)):
                             raise RuntimeError(f"{name} {command}: {result.exit_status} {signal}")
     p50 = {key: statistics.median(values) * 1000.0 for key, values in times.items()}
+
+    def rounds(command: str) -> list[float]:  # each round's agent / plain medians: the spread
+        cut = [slice(r * AGENT_PER_ROUND, (r + 1) * AGENT_PER_ROUND) for r in range(AGENT_ROUNDS)]
+        agent, plain = times["agent", command], times["plain", command]
+        return [round(statistics.median(agent[c]) / statistics.median(plain[c]), 3) for c in cut]
     return {
         "n": AGENT_ROUNDS * AGENT_PER_ROUND,
         "true_plain_p50_ms": round(p50["plain", "true"], 1),
@@ -117,6 +122,8 @@ async def _agent_side_by_side(plain: int, agent: int) -> dict[str, Any]:
         "killed_plain_p50_ms": round(p50["plain", "kill -TERM $$"], 1),
         "killed_agent_p50_ms": round(p50["agent", "kill -TERM $$"], 1),
         "killed_agent_vs_plain": round(p50["agent", "kill -TERM $$"] / p50["plain", "kill -TERM $$"], 3),
+        "true_round_ratios": rounds("true"),
+        "killed_round_ratios": rounds("kill -TERM $$"),
     }
 
 

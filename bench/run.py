@@ -524,7 +524,8 @@ def report(res: dict[str, Any]) -> None:
                       f"{ag['true_agent_p50_ms']} ms with the agent vs {ag['true_plain_p50_ms']} ms without "
                       f"({ag['true_agent_vs_plain']}x); `kill -TERM $$` p50 {ag['killed_agent_p50_ms']} ms "
                       f"(exit-signal, the status exec included) vs {ag['killed_plain_p50_ms']} ms "
-                      f"(exit-status 143) ({ag['killed_agent_vs_plain']}x)")
+                      f"(exit-status 143) ({ag['killed_agent_vs_plain']}x); per round: `true` "
+                      f"{ag['true_round_ratios']}, killed {ag['killed_round_ratios']}")
     if "launch" in res:
         la = res["launch"]
         print(f"\nlaunch (local backend, a program per connection; N={la['n']} each, {la['sets']} sets x "
