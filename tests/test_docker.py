@@ -786,6 +786,23 @@ def ended(result: Any) -> tuple[int | None, tuple[str, bool] | None]:
     return result.exit_status, None if result.exit_signal is None else tuple(result.exit_signal[:2])
 
 
+@pytest.mark.parametrize(("said", "code", "status"), [
+    ("signal TERM 0\n", 143, (None, "TERM", False)),
+    ("signal SEGV 1\n", 139, (None, "SEGV", True)),
+    ("signal 34 0\n", 162, (None, "34", False)),  # a real-time signal has a number only, as locally
+    ("exit 143\n", 143, (143, None, False)),
+    ("exit 129\n", 143, None),  # not what the engine said: not believed
+    ("signal term 0\n", 143, None),
+    ("signal TERM yes\n", 143, None),
+    ("", 143, None),
+    ("Error: exec failed\n", 143, None),
+])
+def test_the_agents_status_line(said: str, code: int, status: tuple[Any, ...] | None) -> None:
+    from sshspec.adapters.backend_docker import agent_status
+    got = agent_status(said, code)
+    assert (got if got is None else (got.code, got.signal, got.core_dumped)) == status
+
+
 def with_agent(podman: Podman, agent: Path, **settings: Any) -> dict[str, Any]:
     return docker(podman.socket, agent={"source": str(agent)}, **settings)
 
