@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: run test lint fuzz bench system-packages generated clean
+.PHONY: run test lint fuzz bench system-packages generated agent clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,14 @@ fuzz: $(STAMP)
 bench: system-packages $(STAMP)
 	$(BIN)/python bench/run.py
 
+# The docker backend's guest agent (docker.agent): a static binary, so it runs in any
+# image of this machine's architecture (for another, use that architecture's gcc).
+AGENT := adapters/agent/sshspec-agent
+agent: $(AGENT)
+
+$(AGENT): adapters/agent/sshspec-agent.c
+	gcc -static -Os -Wall -Wextra -Werror -s -o $@ $<
+
 # Regenerate what is derived from the catalog and the specs (tests fail when stale).
 generated: $(STAMP)
 	$(BIN)/sshspec codes > CODES.md
@@ -50,4 +58,4 @@ generated: $(STAMP)
 	$(BIN)/sshspec schema > spec.schema.json
 
 clean:
-	rm -rf $(VENV) .test-logs .hypothesis
+	rm -rf $(VENV) .test-logs .hypothesis $(AGENT)

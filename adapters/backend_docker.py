@@ -31,15 +31,30 @@ Programs
     to signal an exec, so a client's signal is an exec of ``kill`` for that pid's
     process group (the exec leads its own session, as runc makes it). The image
     needs /bin/sh for that. Input is held until the pid line arrived, so a pty's
-    echo of early input cannot come before it.
+    echo of early input cannot come before it. With ``docker.agent``, sshspec-agent
+    (below) runs the program instead, and its child prints the pid line.
 
 Exit statuses
-    What the engine reports: its exec API has an exit code only, and a program
-    killed by signal N reads 128+N there (as with ``docker exec``), so a killed
-    program's status goes out as exit-status 128+N, never as exit-signal. Only the
-    program's parent sees its wait status, and that is the engine's (conmon,
-    containerd's shim), which folds it; a shell wrapper folds it the same way ($?),
-    and a parent of ours would change the program's pid, group and session.
+    The engine's exec API has an exit code only: a program killed by signal N reads
+    128+N there (as with ``docker exec``), as does one that ran ``exit 128+N``. Only
+    the program's parent sees its wait status, and that is the engine's (conmon,
+    containerd's shim), which folds it. So without ``docker.agent`` (the default) a
+    killed program's status goes out as exit-status 128+N, never as exit-signal,
+    as ContainerSSH's without its agent.
+
+    With ``docker.agent`` (ContainerSSH's guest-agent model: a static helper in the
+    container, at ``docker.agent.path``, from the image or bind-mounted read-only
+    from ``docker.agent.source``), the exec's process is ``sshspec-agent run STATUS
+    -- PROGRAM``: it forks the program, which leads a process group of its own (on
+    a pty the foreground one: Ctrl-C and SIGWINCH reach it, not the agent) and prints
+    its pid line; signals sent to the agent are forwarded to it. When the program
+    ends above 128 the agent writes what it saw ("signal TERM 0" or "exit 143") to
+    STATUS, a fresh name in ``docker.agent.statusDir``, before it exits with the same
+    code. Only when the engine says more than 128 does the backend read it: one exec
+    of ``sshspec-agent status STATUS`` (which removes the file). A status it cannot
+    read is DOCKER_AGENT_READ_FAILED and the engine's code goes out. The status
+    never travels in the program's output. Signals from the client are an exec of
+    ``sshspec-agent signal`` (no /bin/sh needed).
 
 The container dying
     While it runs, the engine's wait on it is held: when it returns and the container
@@ -115,7 +130,7 @@ if TYPE_CHECKING:
     from aiodocker.execs import Exec
     from aiodocker.stream import Stream
 
-__all__ = ["ContainerSettings", "DockerBackend", "DockerConnection", "DockerSession", "Mount"]
+__all__ = ["Agent", "ContainerSettings", "DockerBackend", "DockerConnection", "DockerSession", "Mount"]
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +159,17 @@ class Mount:
 
 
 @dataclass(frozen=True, slots=True)
+class Agent:
+    """sshspec-agent in the container (docker.agent): where it is, where it comes from
+    (a host file bind-mounted read-only at ``path``; empty: the image has it), where it
+    leaves a killed program's status."""
+
+    path: str
+    source: str = ""
+    status_dir: str = "/dev/shm"
+
+
+@dataclass(frozen=True, slots=True)
 class ContainerSettings:
     """What a user's container is made of: the config's ``docker:``, or what the
     handler's `container_settings` made of it for this user."""
@@ -162,6 +188,7 @@ class ContainerSettings:
     idle_command: tuple[str, ...] = ("/bin/sh", "-c", "sleep infinity")
     shell_command: tuple[str, ...] = ("/bin/sh",)
     subsystems: Mapping[str, str] = field(default_factory=dict)
+    agent: Agent | None = None
 
     @classmethod
     def from_config(cls, config: DockerConfig) -> ContainerSettings:
@@ -171,7 +198,9 @@ class ContainerSettings:
             pids=config.pids, read_only_rootfs=config.read_only_rootfs,
             mounts=tuple(Mount(m.target, m.source, m.type, m.read_only) for m in config.mounts),
             labels=dict(config.labels), idle_command=tuple(config.idle_command),
-            shell_command=tuple(config.shell_command), subsystems=dict(config.subsystems))
+            shell_command=tuple(config.shell_command), subsystems=dict(config.subsystems),
+            agent=None if config.agent is None else Agent(config.agent.path, config.agent.source,
+                                                          config.agent.status_dir))
 
     def create_config(self, labels: Mapping[str, str]) -> dict[str, Any]:
         """The body of POST /containers/create."""
@@ -183,6 +212,8 @@ class ContainerSettings:
             "RestartPolicy": {"Name": "no"},
             "Mounts": [_mount(m) for m in self.mounts],
         }
+        if self.agent is not None and self.agent.source:
+            host["Mounts"].append(_mount(Mount(self.agent.path, self.agent.source)))
         if self.memory:
             host["Memory"] = self.memory
         if self.cpus:
@@ -460,6 +491,9 @@ class Container:
 
     def exit_code_failed(self, reason: str) -> None:
         self._fire(ContainerEvent.exit_code_failed, reason)
+
+    def agent_read_failed(self, reason: str) -> None:
+        self._fire(ContainerEvent.agent_read_failed, reason)
 
     async def ready(self) -> None:
         """Once it runs; BackendError (the reason) if it will not."""
@@ -778,6 +812,34 @@ def _half_close(stream: Stream) -> None:
                 raw.shutdown(socket.SHUT_WR)
 
 
+_AGENT_OUTPUT = 4096  # an agent's status is a line; more is not one
+
+
+async def _output(reader: Exec) -> tuple[bytes, bytes]:
+    """An exec's stdout and stderr (the first few KiB of each), once it ended."""
+    out, err = b"", b""
+    async with reader.start(detach=False) as stream:
+        while (message := await stream.read_out()) is not None:
+            if message.stream == 1:
+                out += message.data
+            else:
+                err += message.data
+            if len(out) > _AGENT_OUTPUT or len(err) > _AGENT_OUTPUT:
+                break
+    return out[:_AGENT_OUTPUT], err[:_AGENT_OUTPUT]
+
+
+def agent_status(said: str, code: int) -> ExitStatus | None:
+    """sshspec-agent's status line ("signal NAME CORE" or "exit CODE") as the program's end,
+    or None if it is not one, or not one the engine's exit code agrees with."""
+    match said.split():
+        case ["signal", name, "0" | "1" as core] if name.isalnum() and name.isupper() or name.isdigit():
+            return ExitStatus(code=None, signal=name, core_dumped=core == "1")
+        case ["exit", number] if number == str(code):
+            return ExitStatus(code=code, signal=None)
+    return None
+
+
 class _Exec:
     """A program running as an exec: its stream, pid, input, output and end."""
 
@@ -804,14 +866,28 @@ class _Exec:
         self._finished: asyncio.Future[ExitStatus] = asyncio.get_running_loop().create_future()
         self._tasks: list[asyncio.Task[None]] = []
         self._killed = False
+        self.agent = container.settings.agent
+        # Where the agent leaves what it saw when the exit code is above 128 (docker.agent).
+        self.status_path = "" if self.agent is None else (
+            f"{self.agent.status_dir.rstrip('/')}/sshspec-{secrets.token_hex(8)}")
+
+    def _engine(self) -> aiodocker.containers.DockerContainer:
+        return self.backend.client().containers.container(self.container.id or self.container.name)
+
+    def _wrapped(self, argv: list[str]) -> list[str]:
+        """The program under the agent (its child, which prints its pid first), or under
+        the shell wrapper (which prints its pid, then becomes the program)."""
+        if self.agent is None:
+            return [*PID_WRAPPER, *argv]
+        return [self.agent.path, "run", self.status_path, "--", *argv]
 
     async def start(self, argv: list[str], env: dict[str, str]) -> None:
         container = self.container
         where = f"exec in container {container.name}"
         try:
-            engine = self.backend.client().containers.container(container.id or container.name)
             self.exec = await asyncio.wait_for(
-                engine.exec([*PID_WRAPPER, *argv], stdin=True, tty=self.pty is not None, environment=env),
+                self._engine().exec(self._wrapped(argv), stdin=True, tty=self.pty is not None,
+                                    environment=env),
                 self.backend.config.timeouts.start)
             self.stream = self.exec.start()
             await asyncio.wait_for(self.stream.__aenter__(), self.backend.config.timeouts.start)
@@ -895,6 +971,8 @@ class _Exec:
                 break
             if not info.get("Running"):
                 code = info.get("ExitCode")
+                if isinstance(code, int) and code > 128 and self.agent is not None:
+                    return await self._agent_status(code)
                 if isinstance(code, int) and code >= 0:
                     return ExitStatus(code=code, signal=None)
                 why = f"the engine gave exit code {code!r}"
@@ -902,6 +980,30 @@ class _Exec:
             await asyncio.sleep(_EXIT_POLL_INTERVAL)  # the engine has not caught up with the stream's end
         self.container.exit_code_failed(f"exit code of exec {self.exec.id}: {why}")  # DOCKER_EXIT_CODE_FAILED
         return ExitStatus(code=None, signal=None)
+
+    async def _agent_status(self, code: int) -> ExitStatus:
+        """The engine said 128+N: ask the agent whether its program was killed by a signal
+        (one more exec, only then), or exited so. If it cannot tell, the engine's code."""
+        assert self.agent is not None and self.exec is not None
+        timeout = self.backend.config.timeouts.start
+        try:
+            reader = await asyncio.wait_for(
+                self._engine().exec([self.agent.path, "status", self.status_path], stdout=True, stderr=True),
+                timeout)
+            out, err = await asyncio.wait_for(_output(reader), timeout)
+        except _engine_errors() as exc:
+            why = _why(exc)
+        else:
+            status = agent_status(out.decode(errors="replace"), code)
+            if status is not None:
+                return status
+            said = (out + err).decode(errors="replace").strip()
+            why = (f"the agent said {said!r}" if said else
+                   f"it left no status (is it in the image? is {self.agent.status_dir} writable?)")
+        self.container.agent_read_failed(  # DOCKER_AGENT_READ_FAILED
+            f"exec {self.exec.id} ended {code}; sshspec-agent ({self.agent.path}) status "
+            f"{self.status_path}: {why}")
+        return ExitStatus(code=code, signal=None)
 
     def pause(self) -> None:
         self._resumed.clear()
@@ -988,10 +1090,12 @@ class _Exec:
         self.backend.spawn(self._kill(name, self.pid))
 
     async def _kill(self, name: str, pid: int) -> None:
-        engine = self.backend.client().containers.container(self.container.id or self.container.name)
+        if self.agent is None:
+            argv = ["/bin/sh", "-c", KILL_SCRIPT, name, str(pid)]
+        else:  # the same, without a shell in the image
+            argv = [self.agent.path, "signal", name, str(pid)]
         try:
-            killer = await engine.exec(["/bin/sh", "-c", KILL_SCRIPT, name, str(pid)], stdout=False,
-                                       stderr=False)
+            killer = await self._engine().exec(argv, stdout=False, stderr=False)
             await killer.start(detach=True)
         except _engine_errors() as exc:
             # DOCKER_EXEC_SIGNAL_FAILED

@@ -483,6 +483,21 @@ class DockerMount(_Section, frozen=True):
     read_only: bool = True
 
 
+class DockerAgent(_Section, frozen=True):
+    """sshspec-agent (adapters/agent/sshspec-agent.c, `make agent`), the parent of every
+    program in the container: with it a program killed by a signal is exit-signal, as
+    with the local backend; without it (unset, the default) the engine's 128+N is
+    exit-status 128+N, as with ContainerSSH without its agent."""
+
+    path: NonEmpty = "/usr/bin/sshspec-agent"  # the agent inside the container
+    # A file on the engine's host, bind-mounted read-only at `path` in every container
+    # (the images need not have it); empty: the images have it at `path`.
+    source: str = ""
+    # Where the agent leaves a killed program's status for the backend (a tmpfs every
+    # Docker and Podman container has, writable by any user).
+    status_dir: NonEmpty = "/dev/shm"
+
+
 class DockerTLS(_Section, frozen=True):
     # PEM files, as DOCKER_CERT_PATH holds them (ca.pem, cert.pem, key.pem).
     ca: NonEmpty
@@ -514,6 +529,7 @@ class DockerConfig(_Section, frozen=True):
         default_factory=lambda: {"sftp": "/usr/lib/openssh/sftp-server"})
     timeouts: DockerTimeouts = msgspec.field(default_factory=DockerTimeouts)
     max_containers: Annotated[int, msgspec.Meta(ge=1)] = 100
+    agent: DockerAgent | None = None  # off unless configured (see DockerAgent)
 
 
 def memory_bytes(value: str | int) -> int:
@@ -664,9 +680,16 @@ def _validation_error(file: str, text: str) -> ConfigError:
 
 
 def _unwrap(node: mi.Type | None) -> mi.Type | None:
-    while isinstance(node, mi.Metadata):
-        node = node.type
-    return node
+    while True:
+        if isinstance(node, mi.Metadata):
+            node = node.type
+        elif isinstance(node, mi.UnionType):  # an optional section (`X | None`): its section
+            types = [t for t in node.types if not isinstance(t, mi.NoneType)]
+            if len(types) != 1:
+                return node
+            node = types[0]
+        else:
+            return node
 
 
 def _node_at(path: str) -> mi.Type | None:
@@ -900,6 +923,11 @@ def _check_docker(file: str, config: Config) -> None:
     for name, value in (("idleCommand", docker.idle_command), ("shellCommand", docker.shell_command)):
         if not value:
             raise ConfigError(file, f"docker.{name}", "must name a program")
+    agent = docker.agent
+    if agent is not None:
+        for name, path in (("path", agent.path), ("source", agent.source), ("statusDir", agent.status_dir)):
+            if (path or name != "source") and not path.startswith("/"):
+                raise ConfigError(file, f"docker.agent.{name}", f"must be an absolute path, got `{path}`")
 
 
 def _check_host_key(file: str, key: str, path: str) -> None:

@@ -10,7 +10,12 @@ started as the tests start it: tests/docker_engine.py, an image built from busyb
 * exec in connection mode: on one connection, N execs of `true` one after another,
   each from channel open to exit status (p50, p99);
 * concurrency: C connections at once, each a new container running `echo ok`; failures
-  counted (target 0), the slowest and the wall time reported.
+  counted (target 0), the slowest and the wall time reported;
+* docker.agent side by side: a second server whose programs run under sshspec-agent
+  (built here with gcc -static, bind-mounted); on one connection to each, rounds that
+  alternate which server goes first, each round 10 execs of `true` and 10 of
+  `kill -TERM $$` (exit-status 143 without the agent; exit-signal TERM with it, at the cost
+  of the exec that reads the agent's status); p50 of each, and agent / plain.
 
 The client runs in this process; the server is not pinned (podman, conmon and runc
 need the other CPU as much as it does).
@@ -20,7 +25,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -81,6 +88,54 @@ async def _one(port: int, options: asyncssh.SSHClientConnectionOptions) -> float
     return time.perf_counter() - started
 
 
+AGENT_ROUNDS, AGENT_PER_ROUND = 6, 10
+
+
+async def _agent_side_by_side(plain: int, agent: int) -> dict[str, Any]:
+    options = _options()
+    times: dict[tuple[str, str], list[float]] = {}
+    expected = {("plain", "kill -TERM $$"): (143, None), ("agent", "kill -TERM $$"): (-1, "TERM")}
+    async with asyncssh.connect("127.0.0.1", plain, options=options, config=None) as a, \
+            asyncssh.connect("127.0.0.1", agent, options=options, config=None) as b:
+        servers = [("plain", a), ("agent", b)]
+        for round_ in range(AGENT_ROUNDS):
+            for name, conn in servers if round_ % 2 == 0 else servers[::-1]:
+                for command in ("true", "kill -TERM $$"):
+                    for _ in range(AGENT_PER_ROUND):
+                        started = time.perf_counter()
+                        result = await conn.run(command)
+                        times.setdefault((name, command), []).append(time.perf_counter() - started)
+                        signal = result.exit_signal[0] if result.exit_signal else None
+                        if (result.exit_status, signal) != expected.get((name, command), (0, None)):
+                            raise RuntimeError(f"{name} {command}: {result.exit_status} {signal}")
+    p50 = {key: statistics.median(values) * 1000.0 for key, values in times.items()}
+
+    def rounds(command: str) -> list[float]:  # each round's agent / plain medians: the spread
+        cut = [slice(r * AGENT_PER_ROUND, (r + 1) * AGENT_PER_ROUND) for r in range(AGENT_ROUNDS)]
+        agent, plain = times["agent", command], times["plain", command]
+        return [round(statistics.median(agent[c]) / statistics.median(plain[c]), 3) for c in cut]
+    return {
+        "n": AGENT_ROUNDS * AGENT_PER_ROUND,
+        "true_plain_p50_ms": round(p50["plain", "true"], 1),
+        "true_agent_p50_ms": round(p50["agent", "true"], 1),
+        "true_agent_vs_plain": round(p50["agent", "true"] / p50["plain", "true"], 3),
+        "killed_plain_p50_ms": round(p50["plain", "kill -TERM $$"], 1),
+        "killed_agent_p50_ms": round(p50["agent", "kill -TERM $$"], 1),
+        "killed_agent_vs_plain": round(p50["agent", "kill -TERM $$"] / p50["plain", "kill -TERM $$"], 3),
+        "true_round_ratios": rounds("true"),
+        "killed_round_ratios": rounds("kill -TERM $$"),
+    }
+
+
+def _build_agent(work: Path) -> Path | None:
+    if shutil.which("gcc") is None:
+        return None
+    out = work / "sshspec-agent"
+    subprocess.run(["gcc", "-static", "-Os", "-s", "-o", str(out),
+                    str(ROOT / "adapters" / "agent" / "sshspec-agent.c")], check=True, timeout=120)
+    return out
+
+
 async def _measure(port: int, n: int, concurrent: int) -> dict[str, Any]:
     options = _options()
     firsts = [await _first_output(port, options) for _ in range(n)]
@@ -117,26 +172,38 @@ def docker_phase(work: Path, key: Path, n: int, concurrent: int, start: Any,
         engine = Podman.start(root)
     except EngineUnavailable as exc:
         return {"skipped": str(exc)}
-    server = None
-    try:
-        config = work / "docker.yaml"
+    servers: list[Any] = []
+
+    def serve(name: str, **docker: Any) -> Any:
+        config = work / f"{name}.yaml"
         config.write_text(json.dumps({
             "ssh": {"listen": "127.0.0.1:0", "hostkeys": [str(key)]},
             # 20 at once from one address: limits.perSourceMaxStartups (5) would refuse 15 of
             # them (each is a startup until its container runs); this phase measures the engine.
             "limits": {"maxStartups": 1000, "perSourceMaxStartups": 0},
-            "log": {"level": "info", "format": "json", "file": str(work / "docker.log")},
+            "log": {"level": "info", "format": "json", "file": str(work / f"{name}.log")},
             "backend": {"type": "docker"},
-            "docker": {"host": f"unix://{engine.socket}", "image": IMAGE, "pull": "never"},
-            "stateDir": str(work / "state")}))
-        server = start("docker", [*sshspec, "serve", "--config", str(config), "--handler",
-                                  "bench.handler:BenchHandler"], work, pin=False)
+            "docker": {"host": f"unix://{engine.socket}", "image": IMAGE, "pull": "never", **docker},
+            "stateDir": str(work / f"{name}-state")}))
+        server = start(name, [*sshspec, "serve", "--config", str(config), "--handler",
+                              "bench.handler:BenchHandler"], work, pin=False)
+        servers.append(server)
+        return server
+
+    try:
+        server = serve("docker")
         result = asyncio.run(_measure(server.port, n, concurrent))
-        server.stop()
-        server = None
+        agent = _build_agent(work)
+        if agent is None:
+            result["agent"] = {"skipped": "gcc is not installed"}
+        else:
+            with_agent = serve("docker-agent", agent={"source": str(agent)})
+            result["agent"] = asyncio.run(_agent_side_by_side(server.port, with_agent.port))
+        while servers:
+            servers.pop().stop()
         result["containers_left"] = len(engine.containers("io.sshspec.host"))
         return result
     finally:
-        if server is not None:
+        for server in servers:
             server.stop()
         engine.stop()

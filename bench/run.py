@@ -516,6 +516,16 @@ def report(res: dict[str, Any]) -> None:
                   f"new-container sessions: "
                   f"{d['concurrent_failures']} failures, {d['concurrent_wall_s']} s wall, slowest "
                   f"{d['concurrent_max_ms']} ms; {d['containers_left']} containers left after SIGTERM")
+            ag = d.get("agent", {})
+            if "skipped" in ag:
+                print(f"docker.agent: skipped: {ag['skipped']}")
+            elif ag:
+                print(f"docker.agent side by side (N={ag['n']} each, alternating rounds): `true` p50 "
+                      f"{ag['true_agent_p50_ms']} ms with the agent vs {ag['true_plain_p50_ms']} ms without "
+                      f"({ag['true_agent_vs_plain']}x); `kill -TERM $$` p50 {ag['killed_agent_p50_ms']} ms "
+                      f"(exit-signal, the status exec included) vs {ag['killed_plain_p50_ms']} ms "
+                      f"(exit-status 143) ({ag['killed_agent_vs_plain']}x); per round: `true` "
+                      f"{ag['true_round_ratios']}, killed {ag['killed_round_ratios']}")
     if "launch" in res:
         la = res["launch"]
         print(f"\nlaunch (local backend, a program per connection; N={la['n']} each, {la['sets']} sets x "

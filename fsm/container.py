@@ -56,6 +56,7 @@ class ContainerEvent(enum.StrEnum):
     signal_failed = "signal_failed"
     resize_failed = "resize_failed"
     exit_code_failed = "exit_code_failed"
+    agent_read_failed = "agent_read_failed"
     sweep_failed = "sweep_failed"
 
 

@@ -280,6 +280,12 @@ def test_unknown_key_names_file_and_key(tmp_path: Path, text: str, expected: str
         ("docker: {host: 'unix:///x', tls: {ca: a, cert: b, key: c}}", "docker.tls: TLS client certificates"),
         ("docker: {timeouts: {stop: soon}}", "docker.timeouts.stop: Invalid duration `soon`"),
         ("docker: {idleCommand: []}", "docker.idleCommand: must name a program"),
+        ("docker: {agent: {pth: /x}}", "docker.agent.pth: unknown key (did you mean `path`?)"),
+        ("docker: {agent: /usr/bin/sshspec-agent}", "docker.agent: Expected `object | null`, got `str`"),
+        ("docker: {agent: {path: sshspec-agent}}", "docker.agent.path: must be an absolute path"),
+        ("docker: {agent: {source: opt/agent}}", "docker.agent.source: must be an absolute path"),
+        ("docker: {agent: {statusDir: tmp}}", "docker.agent.statusDir: must be an absolute path"),
+        ("docker: {agent: {statusDir: ''}}", "docker.agent.statusDir: Expected `str` of length >= 1"),
         ("log: {format: xml}", "log.format: Invalid enum value 'xml'"),
         ("ssh: {serverVersion: OpenSSH_9.6}", "ssh.serverVersion: Expected `SSH-2.0-"),
         ("ssh: {ciphers: ['aes128-ctr,aes256-ctr']}", "ssh.ciphers[0]: Expected an algorithm"),
@@ -819,3 +825,17 @@ def test_net_block_size_forms(tmp_path: Path) -> None:
         .per_source_net_block_size == NetBlockSize(24, 64)
     assert load_config(_write(tmp_path, "limits: {perSourceNetBlockSize: '16:48'}")).limits \
         .per_source_net_block_size == NetBlockSize(16, 48)
+
+
+def test_docker_agent_is_off_unless_configured(tmp_path: Path) -> None:
+    """docker.agent: unset, programs run without it; `{}` its defaults; with `source`, the
+    host file is bind-mounted read-only at `path` in every container."""
+    from sshspec.adapters.backend_docker import Agent, ContainerSettings
+    assert load_config(None).docker.agent is None
+    assert ContainerSettings.from_config(load_config(None).docker).agent is None
+    config = load_config(_write(tmp_path, "docker: {agent: {}}")).docker
+    assert ContainerSettings.from_config(config).agent == Agent("/usr/bin/sshspec-agent", "", "/dev/shm")
+    assert ContainerSettings.from_config(config).create_config({})["HostConfig"]["Mounts"] == []
+    config = load_config(_write(tmp_path, "docker: {agent: {source: /opt/a, path: /sbin/a}}")).docker
+    mounts = ContainerSettings.from_config(config).create_config({})["HostConfig"]["Mounts"]
+    assert mounts == [{"Type": "bind", "Target": "/sbin/a", "Source": "/opt/a", "ReadOnly": True}]

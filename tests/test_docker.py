@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -165,7 +166,8 @@ def test_conformance_cases_in_a_container(served: tuple[LiveServer, Path]) -> No
             data = os.urandom(4 * 1024 * 1024)
             result = await conn.run("cat; echo end >&2", input=data, encoding=None)
             assert result.stdout == data and result.stderr == b"end\n" and result.exit_status == 0
-            # a killed program: the engine reports 128+N (see adapters/backend_docker.py)
+            # a killed program, without docker.agent: the engine reports 128+N (see
+            # adapters/backend_docker.py; test_a_program_killed_by_a_signal_is_exit_signal has the agent)
             result = await conn.run("kill -TERM $$")
             assert result.exit_status == 143 and result.exit_signal is None
             # a channel closed under a running program ends it (and its group) in the container
@@ -759,3 +761,182 @@ def test_a_session_container_that_dies_ends_its_session(podman: Podman, server_f
     assert podman.names(HOST_LABEL) == []
     assert live.stop() == 0
     check_log(live)
+
+
+# --- exit signals: sshspec-agent, the program's parent in the container (docker.agent) ----------------
+
+AGENT_SOURCE = Path(__file__).resolve().parent.parent / "adapters" / "agent" / "sshspec-agent.c"
+
+
+@pytest.fixture(scope="session")
+def sshspec_agent(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """adapters/agent/sshspec-agent.c built as `make agent` builds it (static: the test image
+    has no libc), bind-mounted into the containers read-only (docker.agent.source)."""
+    if shutil.which("gcc") is None:
+        pytest.skip("gcc is not installed: cannot build sshspec-agent (.ci/system-packages installs it)")
+    out = tmp_path_factory.mktemp("agent") / "sshspec-agent"
+    done = subprocess.run(["gcc", "-static", "-Os", "-Wall", "-Wextra", "-Werror", "-s", "-o", str(out),
+                           str(AGENT_SOURCE)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, f"gcc could not build {AGENT_SOURCE}:\n{done.stderr}"
+    return out
+
+
+def ended(result: Any) -> tuple[int | None, tuple[str, bool] | None]:
+    """A program's end as the client saw it: (exit status, (signal, core dumped))."""
+    return result.exit_status, None if result.exit_signal is None else tuple(result.exit_signal[:2])
+
+
+@pytest.mark.parametrize(("said", "code", "status"), [
+    ("signal TERM 0\n", 143, (None, "TERM", False)),
+    ("signal SEGV 1\n", 139, (None, "SEGV", True)),
+    ("signal 34 0\n", 162, (None, "34", False)),  # a real-time signal has a number only, as locally
+    ("exit 143\n", 143, (143, None, False)),
+    ("exit 129\n", 143, None),  # not what the engine said: not believed
+    ("signal term 0\n", 143, None),
+    ("signal TERM yes\n", 143, None),
+    ("", 143, None),
+    ("Error: exec failed\n", 143, None),
+])
+def test_the_agents_status_line(said: str, code: int, status: tuple[Any, ...] | None) -> None:
+    from sshspec.adapters.backend_docker import agent_status
+    got = agent_status(said, code)
+    assert (got if got is None else (got.code, got.signal, got.core_dumped)) == status
+
+
+def with_agent(podman: Podman, agent: Path, **settings: Any) -> dict[str, Any]:
+    return docker(podman.socket, agent={"source": str(agent)}, **settings)
+
+
+@pytest.mark.parametrize("mode", ["connection", "session"])
+def test_a_program_killed_by_a_signal_is_exit_signal(podman: Podman, sshspec_agent: Path,
+                                                     server_factory: Any, mode: str) -> None:
+    """With docker.agent the client learns how a program ended as it would from sshd (and the
+    local backend): killed by its own signal, by one from outside the container's exec (SIGKILL,
+    which nothing can forward), or by one the client sent: exit-signal with its name; `exit 143`
+    stays exit-status 143, though the engine says 143 for both."""
+    live = server_factory(with_agent(podman, sshspec_agent, mode=mode))
+
+    async def main() -> None:
+        async with connect(live) as conn:
+            result = await conn.run("kill -TERM $$")
+            assert ended(result) == (-1, ("TERM", False)), result
+            result = await conn.run("exit 143")
+            assert ended(result) == (143, None)
+            result = await conn.run("echo out; echo err >&2; exit 42")  # the pid line is not output
+            assert (result.stdout, result.stderr, result.exit_status) == ("out\n", "err\n", 42)
+            # SIGKILL from outside: podman exec in the same container (its hostname is its id)
+            proc = await conn.create_process("echo $$ $(hostname); sleep 600")
+            pid, container = (await proc.stdout.readline()).split()
+            podman.cli("exec", container, "kill", "-KILL", pid)
+            await proc.wait_closed()
+            assert ended(proc) == (-1, ("KILL", False))
+            # the client's signal request: delivered to the program's group, which dies of it
+            proc = await conn.create_process("echo ready; while :; do sleep 0.05; done")
+            assert await proc.stdout.readline() == "ready\n"
+            proc.send_signal("USR1")
+            await proc.wait_closed()
+            assert ended(proc) == (-1, ("USR1", False))
+            # a trap still runs, and its exit code is an exit code
+            proc = await conn.create_process("trap 'echo got; exit 7' USR1; echo ready; "
+                                             "while :; do sleep 0.05; done")
+            assert await proc.stdout.readline() == "ready\n"
+            proc.send_signal("USR1")
+            assert await proc.stdout.read() == "got\n"
+            await proc.wait_closed()
+            assert ended(proc) == (7, None)
+    asyncio.run(main())
+    records = all_removed(live, 1 if mode == "connection" else 6)
+    assert "DOCKER_AGENT_READ_FAILED" not in codes(records)
+    signals = [r["labels"].get("signal") for r in records if r["code"] == "SSH_EXIT_SIGNAL"]
+    assert signals == ["TERM", "KILL", "USR1"], signals
+    assert podman.names(HOST_LABEL) == []
+    assert live.stop() == 0
+    check_log(live)
+
+
+def test_the_agent_keeps_the_program_on_the_terminal(podman: Podman, sshspec_agent: Path,
+                                                     server_factory: Any, tmp_path: Path) -> None:
+    """On a pty the agent's child leads the terminal's foreground process group: OpenSSH's
+    `ssh -tt` Ctrl-C reaches it (and kills it: exit-signal INT), a window-change's SIGWINCH
+    reaches it; and PID 1 is still the container's idle command."""
+    live = server_factory(with_agent(podman, sshspec_agent))
+    client = subprocess.Popen(
+        [*live.ssh_args("-tt"), "set -- $(cat /proc/$$/stat); echo \"pid=$$ pgrp=$5 tpgid=$8\"; sleep 600"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert client.stdout is not None and client.stdin is not None
+        line = client.stdout.readline().decode().split()
+        pid = line[0].split("=")[1]
+        assert line == [f"pid={pid}", f"pgrp={pid}", f"tpgid={pid}"], line  # its own group, foreground
+        client.stdin.write(b"\x03")  # Ctrl-C: the tty's SIGINT for its foreground group
+        client.stdin.flush()
+        client.wait(WAIT)
+    finally:
+        if client.poll() is None:
+            client.kill()
+            client.wait()
+    records = live.wait_for_code("SSH_EXIT_SIGNAL")
+    assert [r["labels"].get("signal") for r in records if r["code"] == "SSH_EXIT_SIGNAL"] == ["INT"]
+    # a subsystem runs under the agent too: sftp's protocol gets no pid line
+    batch = tmp_path / "batch"
+    batch.write_text("ls -1 /usr/lib/openssh\n")
+    args = live.ssh_args()
+    done = subprocess.run(["sftp", "-b", str(batch), "-P", str(live.port), *args[3:-1], args[-1]],
+                          capture_output=True, timeout=60)
+    assert done.returncode == 0 and b"sftp-server" in done.stdout, done.stderr
+
+    async def main() -> None:
+        async with connect(live) as conn:
+            proc = await conn.create_process("trap 'stty size' WINCH; cat /proc/1/cmdline; echo; echo ready; "
+                                             "while :; do sleep 0.05; done", term_type="xterm",
+                                             term_size=(80, 25), encoding=None)
+            head = await proc.stdout.readuntil(b"ready\r\n")
+            assert head.startswith(b"/bin/sh\0-c\0trap 'exit 0' TERM INT"), head
+            proc.change_terminal_size(100, 40)
+            await proc.stdout.readuntil(b"40 100\r\n")
+            proc.stdin.write(b"\x03")
+            await proc.wait_closed()
+            assert proc.exit_signal is not None and proc.exit_signal[0] == "INT"
+    asyncio.run(main())
+    all_removed(live, 3)
+    assert live.stop() == 0
+    check_log(live)
+
+
+def test_an_agent_that_cannot_tell_leaves_the_engines_code(podman: Podman, proxy: EngineProxy,
+                                                           sshspec_agent: Path, server_factory: Any) -> None:
+    """The exec that reads the agent's status fails, or finds none (statusDir is not writable):
+    DOCKER_AGENT_READ_FAILED, and the client gets the engine's 128+N, as without the agent."""
+    live = server_factory({**docker(proxy.path), "docker": {
+        **docker(proxy.path)["docker"], "agent": {"source": str(sshspec_agent)}}})
+    unwritable = server_factory(docker(podman.socket, readOnlyRootfs=True,
+                                       agent={"source": str(sshspec_agent), "statusDir": "/etc"}))
+
+    def execs(since: int) -> int:
+        return sum(line.endswith(b"/exec HTTP/1.1") for line in proxy.seen[since:])
+
+    async def main() -> None:
+        async with connect(live) as conn:
+            # the status is read with one more exec, only when the engine says more than 128
+            before = len(proxy.seen)
+            assert ended(await conn.run("exit 3")) == (3, None)
+            assert execs(before) == 1
+            before = len(proxy.seen)
+            assert ended(await conn.run("kill -TERM $$")) == (-1, ("TERM", False))
+            assert execs(before) == 2
+            proc = await conn.create_process("read line; kill -TERM $$")  # its exec is made
+            proxy.fail(r"^POST \S*/containers/\S+/exec ", 500, "no exec for you (injected)")
+            proc.stdin.write("go\n")
+            await proc.wait_closed()
+            assert ended(proc) == (143, None)
+            proxy.clear()
+        async with connect(unwritable) as conn:
+            result = await conn.run("kill -TERM $$")
+            assert ended(result) == (143, None)
+    asyncio.run(main())
+    for server, why in ((live, "no exec for you (injected)"), (unwritable, "left no status")):
+        records = all_removed(server, 1)
+        failed = [r for r in records if r["code"] == "DOCKER_AGENT_READ_FAILED"]
+        assert len(failed) == 1 and why in failed[0]["labels"]["reason"], failed
+        assert server.stop() == 0
+        check_log(server)
