@@ -328,7 +328,7 @@ class SpecSession(asyncssh.SSHServerSession[bytes]):
             self.conn.handle(core.ExitSendFailed(self.channel_id, str(exc) or type(exc).__name__))
             chan.abort()
             return
-        if internals.connection_gone(chan):  # a socket send failed (asyncio swallowed it)
+        if internals.send_failed(chan):  # a socket send failed (asyncio swallowed it)
             self.conn.handle(core.ExitSendFailed(self.channel_id, "send failed"))
 
 
@@ -439,7 +439,7 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
         while actions:
             follow = None
             for action in actions:
-                if durable is not None and type(action) in core.REACHES_CLIENT and durable.queued:
+                if durable is not None and type(action) in WRITTEN_FIRST and durable.queued:
                     durable.write_queued()  # the records first, then what the client sees
                 answer = _EXECUTORS[type(action)](self, action)
                 if answer is not None:
@@ -682,8 +682,10 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
         if self.server.metrics is not None:
             self.sock = conn.get_extra_info("socket")
         self.server.connections.add(self)
+        durable = self.server.durable_log
         internals.install_hooks(conn, self, max_pending_global=self.server.config.limits.max_queued_requests,
-                                per_user_config=False)  # no config file: nothing to re-evaluate per user
+                                per_user_config=False,  # no config file: nothing to re-evaluate per user
+                                before_send=None if durable is None else durable.write_queued)
         backend, reason = _ask(self.server.handler.connection, self.info)
         if backend is not None and self.server.docker is not None:
             backend = self.server.docker.connection(backend, self.server.handler, self.info,  # type: ignore[arg-type]
@@ -965,6 +967,15 @@ def _accepted(actions: list[core.Action]) -> bool:
     """Whether the auth request the SSH layer is answering gets a positive answer."""
     return any(isinstance(a, core.AuthAnswer) and a.ok for a in actions)
 
+
+# A durable log writes the records queued before an action in core.REACHES_CLIENT
+# goes out. Every one of them but a drop reaches the client as packets, which the
+# send path holds until the end of the loop turn and writes after the log
+# (install_hooks' before_send; asyncssh_internals._Turn): one log write a turn for
+# every connection. A drop closes the socket with nothing held to wait for: its
+# records are written first, here.
+WRITTEN_FIRST: frozenset[type[core.Action]] = frozenset({core.Drop})
+assert WRITTEN_FIRST <= core.REACHES_CLIENT
 
 _EXECUTORS: dict[type, Callable[[SpecConnection, Any], core.Event | None]] = {
     core.Disconnect: SpecConnection._disconnect,
