@@ -439,8 +439,11 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
         while actions:
             follow = None
             for action in actions:
-                if durable is not None and type(action) in WRITTEN_FIRST and durable.queued:
-                    durable.write_queued()  # the records first, then what the client sees
+                if durable is not None and type(action) in core.REACHES_CLIENT:
+                    if type(action) in WRITTEN_FIRST:
+                        durable.write_queued()  # the records first, then what the client sees
+                    else:
+                        self.server.log_owed = True  # written before the turn's packets go
                 answer = _EXECUTORS[type(action)](self, action)
                 if answer is not None:
                     assert follow is None, f"{action} answered after another action did"
@@ -685,7 +688,7 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
         durable = self.server.durable_log
         internals.install_hooks(conn, self, max_pending_global=self.server.config.limits.max_queued_requests,
                                 per_user_config=False,  # no config file: nothing to re-evaluate per user
-                                before_send=None if durable is None else durable.write_queued)
+                                before_send=None if durable is None else self.server.write_owed)
         backend, reason = _ask(self.server.handler.connection, self.info)
         if backend is not None and self.server.docker is not None:
             backend = self.server.docker.connection(backend, self.server.handler, self.info,  # type: ignore[arg-type]
@@ -1056,8 +1059,10 @@ class Server:
         self.logger = logger or Logger(level=config.log.level, format=config.log.format,
                                        path=config.log.file or None,
                                        flush_interval=config.log.flush_interval)
-        # log.durable: the logger to write out before an action that reaches a client.
+        # log.durable: the logger to write out before an action that reaches a client,
+        # and whether one was carried out since it was last written (write_owed).
         self.durable_log = self.logger if config.log.durable else None
+        self.log_owed = False
         self.machines = machines(config)
         forwarding = config.forwarding
         local, remote, agent = forward_policy_allows(config)
@@ -1172,6 +1177,16 @@ class Server:
             return
         self.address = self.sock.getsockname()[:2]
         self.core.handle(core.ServerEvent.listening, reason=f"{self.address[0]}:{self.address[1]}")
+
+    def write_owed(self) -> None:
+        """Before a turn's packets go out (install_hooks' before_send): the durable log
+        writes what it queued if an action reaching a client was carried out since it
+        last did. Records no client has seen the effect of yet (a connection's first
+        ones before its key exchange, say) wait for the batch."""
+        if self.log_owed:
+            self.log_owed = False
+            assert self.durable_log is not None
+            self.durable_log.write_queued()
 
     def arrival(self, peer: Any) -> bool:
         """A TCP connection arrived from ``peer`` (its address, or the client a trusted

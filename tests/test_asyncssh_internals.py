@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import inspect
 import io
 import logging
@@ -951,7 +952,8 @@ def test_a_disconnect_goes_out_at_once_and_held_packets_before_an_abort() -> Non
     async def main() -> None:
         for how in ("disconnect", "abort"):
             ctx = Ctx()
-            async with serve(ctx, lambda: TurnServer(ctx)) as port, await aconnect(port) as conn:
+            async with serve(ctx, functools.partial(TurnServer, ctx)) as port, \
+                    await aconnect(port) as conn:
                 chan, client = await exec_session(conn, "cat")
                 server_session = await ctx.session_made
                 await server_session.started
