@@ -125,8 +125,8 @@ __all__ = [
     "install_hooks",
     "is_login_timeout",
     "send_keepalive",
-    "send_failed",
     "send_now",
+    "when_send_fails",
 ]
 
 SUPPORTED_ASYNCSSH = ((2, 24, 1), (2, 25, 0))  # [low, high)
@@ -910,6 +910,7 @@ class HookState:
     corked: list[bytes] = field(default_factory=list)
     transport: Any = None
     before_send: Callable[[], None] | None = None
+    if_unsent: list[Callable[[], None]] = field(default_factory=list)  # see when_send_fails
     pad: bytes = b""
     pad_pos: int = 0
     seqs: dict[str, int] = field(default_factory=lambda: {"global": 0, "open": 0, "auth": 0})
@@ -1546,6 +1547,11 @@ def _write_out(state: HookState) -> None:
     if not transport.is_closing():
         with contextlib.suppress(ConnectionError):  # as SSHConnection._send
             transport.write(data)
+    if state.if_unsent:
+        if_unsent, state.if_unsent = state.if_unsent, []
+        if transport.is_closing():  # the write failed (asyncio closes at once), or came too late
+            for failed in if_unsent:
+                failed()
 
 
 def _send_now(state: HookState) -> None:
@@ -1734,22 +1740,23 @@ def is_login_timeout(exc: BaseException | None) -> bool:
     return isinstance(exc, asyncssh.ConnectionLost) and exc.reason == _LOGIN_TIMEOUT_REASON
 
 
+def when_send_fails(chan: SSHChannel[Any], failed: Callable[[], None]) -> None:
+    """Call `failed` if what `chan`'s connection sent so far cannot be written: at once
+    if nothing more can be sent on it, else when the packets it holds for the end of the
+    turn are written and that write fails (asyncio catches a failed socket send, closes
+    the transport at once and reports the error only later, in connection_lost: so
+    `failed` comes before that)."""
+    conn = chan._conn  # REACH-IN: SSHChannel._conn (None once the channel is cleaned up)
+    state = None if conn is None else conn.get_extra_info(_STATE_KEY)
+    if conn is None or _transport_gone(conn):
+        failed()
+    elif state is not None and state.corked:
+        state.if_unsent.append(failed)
+
+
 def connection_gone(chan: SSHChannel[Any]) -> bool:
     """True once nothing more can be sent on `chan`'s connection."""
     conn = chan._conn  # REACH-IN: SSHChannel._conn (None once the channel is cleaned up)
-    return conn is None or _transport_gone(conn)
-
-
-def send_failed(chan: SSHChannel[Any]) -> bool:
-    """Send at once what `chan`'s connection holds for the end of the turn (the
-    durable log first), then say whether nothing more can be sent on it.
-
-    Right after a send, True means that send failed: asyncio catches a failed
-    socket send, closes the transport at once and reports the error only later
-    (connection_lost), and asyncssh writes to a closing transport silently.
-    """
-    conn = chan._conn  # REACH-IN: SSHChannel._conn (None once the channel is cleaned up)
-    send_now(conn)
     return conn is None or _transport_gone(conn)
 
 

@@ -328,8 +328,11 @@ class SpecSession(asyncssh.SSHServerSession[bytes]):
             self.conn.handle(core.ExitSendFailed(self.channel_id, str(exc) or type(exc).__name__))
             chan.abort()
             return
-        if internals.send_failed(chan):  # a socket send failed (asyncio swallowed it)
-            self.conn.handle(core.ExitSendFailed(self.channel_id, "send failed"))
+        # The status goes out at the end of the turn with the rest (asyncssh_internals._Turn).
+        internals.when_send_fails(chan, self._exit_send_failed)
+
+    def _exit_send_failed(self) -> None:
+        self.conn.handle(core.ExitSendFailed(self.channel_id, "send failed"))
 
 
 # --- one connection -----------------------------------------------------------------------
