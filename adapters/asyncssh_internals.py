@@ -47,12 +47,14 @@ Lines that touch a private are marked `# REACH-IN`; HACKS.md explains each one.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import functools
 import hashlib
 import inspect
 import os
 import time
+import weakref
 import zlib
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -123,11 +125,14 @@ __all__ = [
     "install_hooks",
     "is_login_timeout",
     "send_keepalive",
+    "send_now",
+    "when_send_fails",
 ]
 
 SUPPORTED_ASYNCSSH = ((2, 24, 1), (2, 25, 0))  # [low, high)
 
 # RFC 4250 message numbers (fixed by the protocol, not by asyncssh).
+MSG_DISCONNECT = 1
 MSG_SERVICE_REQUEST = 5
 MSG_KEXINIT = 20
 MSG_NEWKEYS = 21
@@ -723,19 +728,10 @@ class HookedServerChannel(asyncssh.SSHServerChannel[bytes]):
         self.interactive = interactive
 
     # REACH-IN (HACKS.md row 32): SSHChannel._flush_send_buf (channel.py:305), ported: it
-    # sends every data packet the send window allows. Here they are corked (one socket
-    # write for all of them) and cut from the buffer as views, not copies.
+    # sends every data packet the send window allows, cut from the buffer as views, not copies.
+    # (Its packets, like every packet, are held for the loop turn's one write: _Turn.)
     def _flush_send_buf(self) -> None:
-        state = None if self._conn is None else self._conn.get_extra_info(_STATE_KEY)
-        if state is not None:
-            state.cork_depth += 1
-        try:
-            self._hk_flush_send_buf()
-        finally:
-            if state is not None:
-                state.cork_depth -= 1
-                if not state.cork_depth:
-                    _uncork(state)
+        self._hk_flush_send_buf()
 
     def _hk_flush_send_buf(self) -> None:
         # asyncssh 2.24.1's loop, but each packet's data is a view of the buffered
@@ -799,6 +795,7 @@ class HookedServerChannel(asyncssh.SSHServerChannel[bytes]):
         try:
             # REACH-IN: SSHChannel.send_packet (undocumented)
             self.send_packet(MSG_CHANNEL_SUCCESS if ok else MSG_CHANNEL_FAILURE)
+            send_now(self._conn)  # how the send went is the answer: not held for the turn
         except Exception:
             return "send failed"
         if _transport_gone(self._conn):
@@ -904,10 +901,16 @@ class HookState:
     last_auth: AuthRequest | None = None
     auth_answered: bool = True
     write_paused: bool = False  # the transport's write buffer is past its high-water mark
-    # send path (HACKS.md row 32): packets held while a channel flush is corked, and
-    # CSPRNG output for padding, read in growing blocks (a short connection reads little)
-    cork_depth: int = 0
+    # send path (HACKS.md row 32): the packets held for this loop turn's one write
+    # (_Turn), the transport they go to, what must be written before they go (a
+    # durable log), and CSPRNG output for padding, read in growing blocks (a short
+    # connection reads little)
+    turn: _Turn | None = None
+    in_turn: bool = False  # held packets this turn: listed in turn.held
     corked: list[bytes] = field(default_factory=list)
+    transport: Any = None
+    before_send: Callable[[], None] | None = None
+    if_unsent: list[Callable[[], None]] = field(default_factory=list)  # see when_send_fails
     pad: bytes = b""
     pad_pos: int = 0
     seqs: dict[str, int] = field(default_factory=lambda: {"global": 0, "open": 0, "auth": 0})
@@ -1016,6 +1019,8 @@ def _global_reply(state: HookState, req: GlobalRequest | None, result: bool | by
     del queue[1:]  # asyncssh answers the head only: a send failing below is this reply's
     try:
         conn._report_global_response(result)  # REACH-IN: pops the head, replies
+        if want_reply:
+            _send_now(state)  # how the send went is the answer: not held for the turn
     except Exception as exc:
         _call_hook("on_reply_failed", state.hooks.on_reply_failed, conn,
                    ReplyFailure(req, "send failed", exc))
@@ -1392,7 +1397,8 @@ async def _resume(coro: Any, waiting_on: Any) -> None:
 
 
 def install_hooks(conn: asyncssh.SSHServerConnection, hooks: ConnectionHooks, *,
-                  max_pending_global: int = 32, per_user_config: bool = True) -> HookState:
+                  max_pending_global: int = 32, per_user_config: bool = True,
+                  before_send: Callable[[], None] | None = None) -> HookState:
     """Route this connection's global requests, channel opens, service requests, auth
     requests/answers and NEWKEYS through `hooks`.  Call from SSHServer.connection_made (before the
     version exchange, so nothing is missed).
@@ -1401,12 +1407,20 @@ def install_hooks(conn: asyncssh.SSHServerConnection, hooks: ConnectionHooks, *,
     request, which rebuilds every server option in a thread pool so that an
     OpenSSH-style config file's Match blocks can apply per user (about 13% of a
     short connection's CPU, measured by bench/). Only correct when the server
-    was given no config file and no rdns lookup: the options are then the same."""
+    was given no config file and no rdns lookup: the options are then the same.
+
+    Every packet the connection sends is held until the end of the event loop's turn
+    (`_Turn`), then written with the turn's other packets in one write; `before_send`
+    is called before they go (a durable log writes what it queued, once a turn for
+    every connection). `send_now(conn)` sends at once what is held."""
     if max_pending_global < 1:
         raise ValueError("max_pending_global must be >= 1")
     if conn.get_extra_info(_STATE_KEY) is not None:
         raise RuntimeError("install_hooks() already called for this connection")
     state = HookState(conn, hooks, max_pending_global)
+    state.turn = _turn(asyncio.get_running_loop())
+    state.transport = conn._transport  # REACH-IN: SSHConnection._transport (None once closing)
+    state.before_send = before_send
     handlers = dict(_CONN_HANDLERS)
     handlers[MSG_GLOBAL_REQUEST] = functools.partial(_on_global_request, state)
     handlers[MSG_CHANNEL_OPEN] = functools.partial(_on_channel_open, state)
@@ -1470,11 +1484,88 @@ def _wants_ignore(handler: Any) -> bool:
     return True
 
 
-def _uncork(state: HookState) -> None:
+class _Turn:
+    """The packets every connection of one event loop sent during a turn of it, held
+    and written at its end: first `before_send` of each (a durable log's write, so
+    that the records of what the client is about to see are on disk before it sees
+    it), then each connection's packets in one socket write.
+
+    The end of the turn is one callback, queued with `call_soon` when the turn holds
+    its first packet. asyncio runs, in an iteration, only the callbacks that were ready
+    when it began, so that callback runs after everything else of this iteration
+    (every socket the selector reported, every callback already queued), and before
+    the loop next waits: with a callback ready, the next poll does not block, so no
+    held packet waits for I/O or a timer. Work that this turn queues after the first
+    hold (a task woken by it) runs after the write and is held for the next one.
+    One write of the log per turn instead of one per client-visible action, and one
+    socket write per connection per turn instead of one per packet."""
+
+    __slots__ = ("loop", "held")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.held: list[HookState] = []
+
+    def hold(self, state: HookState) -> None:
+        state.in_turn = True
+        self.held.append(state)
+        if len(self.held) == 1:
+            self.loop.call_soon(self.end)
+
+    def end(self) -> None:
+        held, self.held = self.held, []
+        for state in held:
+            state.in_turn = False
+            if state.corked:  # (empty if send_now sent them)
+                try:
+                    _write_out(state)
+                except Exception as exc:  # one connection's trouble is not the others'
+                    _report_hook_error("the turn's write", exc)
+
+
+_TURNS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Turn] = weakref.WeakKeyDictionary()
+
+
+def _turn(loop: asyncio.AbstractEventLoop) -> _Turn:
+    turn = _TURNS.get(loop)
+    if turn is None:
+        turn = _TURNS[loop] = _Turn(loop)
+    return turn
+
+
+def _write_out(state: HookState) -> None:
+    """What comes before the held packets (the durable log), then the packets, in one
+    write. To the transport the connection had: asyncssh's _force_close forgets it at
+    once and aborts it only from a callback queued later, and a DISCONNECT, or the
+    packets held before an abort, must still go out first, as they did unheld."""
+    if state.before_send is not None:
+        state.before_send()
+    corked = state.corked
+    data = b"".join(corked) if len(corked) > 1 else corked[0]
+    corked.clear()
+    transport = state.transport
+    if not transport.is_closing():
+        with contextlib.suppress(ConnectionError):  # as SSHConnection._send
+            transport.write(data)
+    if state.if_unsent:
+        if_unsent, state.if_unsent = state.if_unsent, []
+        if transport.is_closing():  # the write failed (asyncio closes at once), or came too late
+            for failed in if_unsent:
+                failed()
+
+
+def _send_now(state: HookState) -> None:
     if state.corked:
-        data = b"".join(state.corked) if len(state.corked) > 1 else state.corked[0]
-        state.corked.clear()
-        state.conn._send(data)  # REACH-IN: SSHConnection._send (checks _transport)
+        _write_out(state)
+
+
+def send_now(conn: SSHConnection | None) -> None:
+    """Send at once what `conn` holds for the end of the turn (the log first): for a
+    caller that wants to know right after a send whether it failed (asyncio closes the
+    transport when a socket write fails)."""
+    state = None if conn is None else conn.get_extra_info(_STATE_KEY)
+    if state is not None:
+        _send_now(state)
 
 
 def _encrypt_packet(encryption: Any, seq: int, hdr: bytes, packet: bytes) -> tuple[bytes, bytes]:
@@ -1554,11 +1645,17 @@ def _send_packet(state: HookState, pkttype: int, *args: bytes,
         packet = hdr + packet
         mac = b''
 
-    # CHANGED (3): while a channel flush is corked, held for its one write.
-    if state.cork_depth:
-        state.corked += (packet, mac)
-    else:
+    # CHANGED (3): held for the loop turn's one write (_Turn); a DISCONNECT goes at once
+    # (asyncssh closes the connection right after it). Dropped once the connection
+    # forgot its transport, as _send drops it.
+    if state.turn is None:
         self._send(packet + mac)
+    elif self._transport:
+        state.corked += (packet, mac)
+        if not state.in_turn:
+            state.turn.hold(state)
+        if pkttype == MSG_DISCONNECT:
+            _write_out(state)
 
     if self._send_seq == 0xffffffff and not self._send_encryption:
         self._send_seq = 0
@@ -1643,13 +1740,22 @@ def is_login_timeout(exc: BaseException | None) -> bool:
     return isinstance(exc, asyncssh.ConnectionLost) and exc.reason == _LOGIN_TIMEOUT_REASON
 
 
-def connection_gone(chan: SSHChannel[Any]) -> bool:
-    """True once nothing more can be sent on `chan`'s connection.
+def when_send_fails(chan: SSHChannel[Any], failed: Callable[[], None]) -> None:
+    """Call `failed` if what `chan`'s connection sent so far cannot be written: at once
+    if nothing more can be sent on it, else when the packets it holds for the end of the
+    turn are written and that write fails (asyncio catches a failed socket send, closes
+    the transport at once and reports the error only later, in connection_lost: so
+    `failed` comes before that)."""
+    conn = chan._conn  # REACH-IN: SSHChannel._conn (None once the channel is cleaned up)
+    state = None if conn is None else conn.get_extra_info(_STATE_KEY)
+    if conn is None or _transport_gone(conn):
+        failed()
+    elif state is not None and state.corked:
+        state.if_unsent.append(failed)
 
-    Checked right after a send, True means that send failed: asyncio catches a
-    failed socket send, closes the transport at once and reports the error only
-    later (connection_lost), and asyncssh writes to a closing transport silently.
-    """
+
+def connection_gone(chan: SSHChannel[Any]) -> bool:
+    """True once nothing more can be sent on `chan`'s connection."""
     conn = chan._conn  # REACH-IN: SSHChannel._conn (None once the channel is cleaned up)
     return conn is None or _transport_gone(conn)
 

@@ -33,7 +33,10 @@ still costs ~3.4% of the server's CPU (debug / error 1.034, interval 1.025-1.042
 replaced: the 2% target is not met (README, Performance).
 Records keep their order and their own timestamps. The server's `log.durable`
 (the default) writes what is queued before any action a client sees goes out, so
-a SIGKILL loses only records of what no client saw yet; without it a client may
+a SIGKILL loses only records of what no client saw yet: once an event-loop turn,
+before that turn's packets go (asyncssh_internals._Turn), for every connection
+at once (at the bench's 16 connections in flight, ~1.9 writes a connection
+instead of 5 when each action wrote first); without it a client may
 see a reply up to the interval before its record is in the file, and a SIGKILL
 loses at most the last interval's records (a stop, or an exception out of
 `serve`, writes them).

@@ -328,8 +328,11 @@ class SpecSession(asyncssh.SSHServerSession[bytes]):
             self.conn.handle(core.ExitSendFailed(self.channel_id, str(exc) or type(exc).__name__))
             chan.abort()
             return
-        if internals.connection_gone(chan):  # a socket send failed (asyncio swallowed it)
-            self.conn.handle(core.ExitSendFailed(self.channel_id, "send failed"))
+        # The status goes out at the end of the turn with the rest (asyncssh_internals._Turn).
+        internals.when_send_fails(chan, self._exit_send_failed)
+
+    def _exit_send_failed(self) -> None:
+        self.conn.handle(core.ExitSendFailed(self.channel_id, "send failed"))
 
 
 # --- one connection -----------------------------------------------------------------------
@@ -439,8 +442,11 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
         while actions:
             follow = None
             for action in actions:
-                if durable is not None and type(action) in core.REACHES_CLIENT and durable.queued:
-                    durable.write_queued()  # the records first, then what the client sees
+                if durable is not None and type(action) in core.REACHES_CLIENT:
+                    if type(action) in WRITTEN_FIRST:
+                        durable.write_queued()  # the records first, then what the client sees
+                    else:
+                        self.server.log_owed = True  # written before the turn's packets go
                 answer = _EXECUTORS[type(action)](self, action)
                 if answer is not None:
                     assert follow is None, f"{action} answered after another action did"
@@ -682,8 +688,10 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
         if self.server.metrics is not None:
             self.sock = conn.get_extra_info("socket")
         self.server.connections.add(self)
+        durable = self.server.durable_log
         internals.install_hooks(conn, self, max_pending_global=self.server.config.limits.max_queued_requests,
-                                per_user_config=False)  # no config file: nothing to re-evaluate per user
+                                per_user_config=False,  # no config file: nothing to re-evaluate per user
+                                before_send=None if durable is None else self.server.write_owed)
         backend, reason = _ask(self.server.handler.connection, self.info)
         if backend is not None and self.server.docker is not None:
             backend = self.server.docker.connection(backend, self.server.handler, self.info,  # type: ignore[arg-type]
@@ -966,6 +974,15 @@ def _accepted(actions: list[core.Action]) -> bool:
     return any(isinstance(a, core.AuthAnswer) and a.ok for a in actions)
 
 
+# A durable log writes the records queued before an action in core.REACHES_CLIENT
+# goes out. Every one of them but a drop reaches the client as packets, which the
+# send path holds until the end of the loop turn and writes after the log
+# (install_hooks' before_send; asyncssh_internals._Turn): one log write a turn for
+# every connection. A drop closes the socket with nothing held to wait for: its
+# records are written first, here.
+WRITTEN_FIRST: frozenset[type[core.Action]] = frozenset({core.Drop})
+assert WRITTEN_FIRST <= core.REACHES_CLIENT
+
 _EXECUTORS: dict[type, Callable[[SpecConnection, Any], core.Event | None]] = {
     core.Disconnect: SpecConnection._disconnect,
     core.AuthAnswer: SpecConnection._answered,
@@ -1045,8 +1062,10 @@ class Server:
         self.logger = logger or Logger(level=config.log.level, format=config.log.format,
                                        path=config.log.file or None,
                                        flush_interval=config.log.flush_interval)
-        # log.durable: the logger to write out before an action that reaches a client.
+        # log.durable: the logger to write out before an action that reaches a client,
+        # and whether one was carried out since it was last written (write_owed).
         self.durable_log = self.logger if config.log.durable else None
+        self.log_owed = False
         self.machines = machines(config)
         forwarding = config.forwarding
         local, remote, agent = forward_policy_allows(config)
@@ -1161,6 +1180,16 @@ class Server:
             return
         self.address = self.sock.getsockname()[:2]
         self.core.handle(core.ServerEvent.listening, reason=f"{self.address[0]}:{self.address[1]}")
+
+    def write_owed(self) -> None:
+        """Before a turn's packets go out (install_hooks' before_send): the durable log
+        writes what it queued if an action reaching a client was carried out since it
+        last did. Records no client has seen the effect of yet (a connection's first
+        ones before its key exchange, say) wait for the batch."""
+        if self.log_owed:
+            self.log_owed = False
+            assert self.durable_log is not None
+            self.durable_log.write_queued()
 
     def arrival(self, peer: Any) -> bool:
         """A TCP connection arrived from ``peer`` (its address, or the client a trusted

@@ -32,7 +32,8 @@ from bench.run import ENV, PY, SSHSPEC, load, start  # noqa: E402
 def counted(work: Path, name: str, argv: list[str], n: int) -> int:
     out = work / f"{name}.callgrind"
     server = start(name, ["valgrind", "--tool=callgrind", "--instr-atstart=no",
-                          f"--callgrind-out-file={out}", *argv], work, pin=False)
+                          f"--callgrind-out-file={out}", *argv], work, pin=False,
+                   within=300)  # ~50x slower under callgrind: 30 s was too short on a busy machine
     def control(*args: str) -> None:
         subprocess.run(["callgrind_control", *args, str(server.proc.pid)], check=True, capture_output=True)
 

@@ -114,13 +114,13 @@ def launched(cpu: int | None, ignore: tuple[int, ...]) -> Any:
 
 
 def start(name: str, argv: list[str], work: Path, *, pin: bool = True,
-          ignore: tuple[int, ...] = ()) -> Server:
+          ignore: tuple[int, ...] = (), within: float = 30) -> Server:
     errfile = work / f"{name}.stderr"
     with open(errfile, "wb") as err:
         proc = subprocess.Popen(argv, cwd=ROOT, env=ENV, stdin=subprocess.DEVNULL,
                                 stdout=subprocess.DEVNULL, stderr=err,
                                 preexec_fn=launched(SERVER_CPU if pin else None, ignore))
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + within
     while time.monotonic() < deadline:
         if match := LISTENING.search(errfile.read_text(errors="replace")):
             return Server(name, proc, int(match.group(1)))

@@ -27,6 +27,7 @@ server's working directory (conftest.start_server puts the test key there).
 
 from __future__ import annotations
 
+import asyncio
 import os
 from pathlib import Path
 
@@ -53,6 +54,9 @@ class Program(SessionHandler):
         if command == "arm-exit":
             await io.stdin.read()  # the client has nothing more to send: no reset at close
             io.write(b"bye\n")
+            # One loop turn: the output is held until the end of the turn in which it
+            # was written (asyncssh_internals._Turn), so it goes out before the arming.
+            await asyncio.sleep(0)
             arm()
             return 3
         if command == "cat":

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import inspect
 import io
 import logging
@@ -216,6 +217,7 @@ class Ctx:
         self.sessions: list[AdapterSession] = []
         self.session_made: asyncio.Future[AdapterSession] = loop.create_future()
         self.hook_states: dict[asyncssh.SSHServerConnection, ai.HookState] = {}
+        self.turn_events: list[Any] = []  # TurnServer's before_send calls, socket writes, abort
 
     def future(self) -> asyncio.Future[Any]:
         return self.loop.create_future()
@@ -880,37 +882,96 @@ def test_ignore_before_each_packet_only_on_interactive_channels(
         assert ignores == client_packets
 
 
-def test_one_flush_of_the_send_buffer_is_one_socket_write() -> None:
-    """The data packets one flush sends (a write, a window adjust) reach the socket in one
-    write (HACKS.md row 32), in order, before the call returns: a reply or exit-status
-    sent after them follows them, and a failed send is still seen right after it."""
+class TurnServer(HookServer):
+    """HookServer whose connections record, in `ctx.turn_events`, each `before_send`
+    call ("log"), each write to the socket transport (its size) and the transport's
+    abort, in the order they happen."""
+
+    def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
+        events = self.ctx.turn_events
+        self.conn = conn
+        self.ctx.hook_states[conn] = install_hooks(conn, self, before_send=lambda: events.append("log"))
+        self.ctx.conns.append(conn)
+        settle(self.ctx.conn_made, conn)
+
+
+def record_transport(ctx: Ctx, conn: asyncssh.SSHServerConnection) -> None:
+    transport = conn._transport  # test reach-in (HACKS.md row 15)
+    write, abort = transport.write, transport.abort
+
+    def counting_write(data: Any) -> None:
+        ctx.turn_events.append(len(data))
+        write(data)
+
+    def recorded_abort() -> None:
+        ctx.turn_events.append("abort")
+        abort()
+
+    transport.write, transport.abort = counting_write, recorded_abort
+
+
+def test_one_turn_of_packets_is_one_socket_write_after_before_send() -> None:
+    """The packets a connection sends in one turn of the event loop (a write, a window
+    adjust letting held data go) are held and reach the socket in one write, in order,
+    at the end of that turn, after `before_send` (a durable log's write: HACKS.md row
+    32). `asyncio.sleep(0)` is one turn of the loop: the turn's end was queued first."""
     payload = bytes(range(256)) * 1024  # 256 KiB: 8 packets of 32 KiB
 
     async def main() -> None:
         ctx = Ctx()
-        async with serve(ctx, lambda: HookServer(ctx)) as port, await aconnect(port) as conn:
+        async with serve(ctx, lambda: TurnServer(ctx)) as port, await aconnect(port) as conn:
             chan, client = await exec_session(conn, "cat", window=96 * 1024)
             server_session = await ctx.session_made
             await server_session.started
             assert server_session.chan is not None
-            server_conn = ctx.conns[0]
-            transport = server_conn._transport  # test reach-in (HACKS.md row 15)
-            writes: list[int] = []
-            write = transport.write
-
-            def counting_write(data: Any) -> None:
-                writes.append(len(data))
-                write(data)
-
-            transport.write = counting_write
+            record_transport(ctx, ctx.conns[0])
+            ctx.turn_events.clear()
             server_session.chan.write(payload)
+            assert ctx.turn_events == []  # held until the turn ends
+            await asyncio.sleep(0)
             # the window (96 KiB) lets 3 packets go: one write, the rest waits
-            assert len(writes) == 1 and writes[0] > 96 * 1024
+            assert len(ctx.turn_events) == 2 and ctx.turn_events[0] == "log"
+            assert ctx.turn_events[1] > 96 * 1024
             server_session.chan.exit(0)
             await chan.wait_closed()
             assert client.data == payload
-            # each window adjust of the client let its packets go in one write
+            # each window adjust of the client let its packets go in one write, the log first
+            writes = [e for e in ctx.turn_events if isinstance(e, int)]
             assert len(writes) < 8
+            assert all(e == "log" for e in ctx.turn_events[0::2])
+
+    run(main)
+
+
+def test_a_disconnect_goes_out_at_once_and_held_packets_before_an_abort() -> None:
+    """A DISCONNECT is written when it is sent, with what the turn held before it and
+    after `before_send` (asyncssh closes the connection right after it); packets held
+    when the connection is aborted are written before the abort (asyncssh forgets its
+    transport at once and aborts it from a later callback)."""
+
+    async def main() -> None:
+        for how in ("disconnect", "abort"):
+            ctx = Ctx()
+            async with serve(ctx, functools.partial(TurnServer, ctx)) as port, \
+                    await aconnect(port) as conn:
+                chan, client = await exec_session(conn, "cat")
+                server_session = await ctx.session_made
+                await server_session.started
+                assert server_session.chan is not None
+                server_conn = ctx.conns[0]
+                record_transport(ctx, server_conn)
+                ctx.turn_events.clear()
+                server_session.chan.write(b"last words")
+                if how == "disconnect":
+                    server_conn.disconnect(asyncssh.DISC_BY_APPLICATION, "bye")
+                    assert ctx.turn_events[:1] == ["log"] and len(ctx.turn_events) == 2
+                else:
+                    server_conn.abort()
+                    assert ctx.turn_events == []
+                await conn.wait_closed()
+                assert ctx.turn_events[:2] == ["log", ctx.turn_events[1]]
+                assert isinstance(ctx.turn_events[1], int) and ctx.turn_events[2:] == ["abort"]
+                assert client.data == b"last words"
 
     run(main)
 
