@@ -52,6 +52,7 @@ import functools
 import hashlib
 import inspect
 import os
+import struct
 import time
 import zlib
 from collections.abc import Awaitable, Callable, Mapping
@@ -65,11 +66,16 @@ from asyncssh.channel import SSHChannel
 from asyncssh.connection import SSHConnection
 from asyncssh.constants import (
     MSG_CHANNEL_EXTENDED_DATA,
+    MSG_CHANNEL_FIRST,
+    MSG_CHANNEL_LAST,
     MSG_DEBUG,
     MSG_IGNORE,
+    MSG_KEX_FIRST,
     MSG_KEX_LAST,
     MSG_SERVICE_ACCEPT,
+    MSG_UNIMPLEMENTED,
     MSG_USERAUTH_BANNER,
+    MSG_USERAUTH_FIRST,
     MSG_USERAUTH_LAST,
 )
 from asyncssh.crypto.cipher import GCMCipher
@@ -77,6 +83,7 @@ from asyncssh.encryption import GCMEncryption
 from asyncssh.logging import SSHLogger
 from asyncssh.misc import map_handler_name
 from asyncssh.packet import Byte, PacketDecodeError, SSHPacket, SSHPacketHandler, String, UInt32
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 __all__ = [
@@ -735,7 +742,9 @@ class HookedServerChannel(asyncssh.SSHServerChannel[bytes]):
     def _hk_flush_send_buf(self) -> None:
         # asyncssh 2.24.1's loop, but each packet's data is a view of the buffered
         # bytearray (joined into the packet once, in _send_packet) and the sent part
-        # is deleted once per buffer, not once per packet.
+        # is deleted once per buffer, not once per packet. The data packets go through
+        # the sealer of _data_sealer when it can take them (asyncssh's send_packet otherwise).
+        fast = _data_sealer(self)
         while self._send_buf and self._send_window:
             buf, datatype = self._send_buf[0]
             sent = 0
@@ -747,7 +756,8 @@ class HookedServerChannel(asyncssh.SSHServerChannel[bytes]):
                         self._send_window -= size
                         with view[sent:sent + size] as data:
                             sent += size
-                            self._hk_send_data(data, datatype)
+                            if fast is None or not fast(data, datatype):
+                                self._hk_send_data(data, datatype)
             finally:
                 if sent == len(buf):
                     del self._send_buf[0]
@@ -902,6 +912,8 @@ class HookState:
     corked: list[bytes] = field(default_factory=list)
     pad: bytes = b""
     pad_pos: int = 0
+    inpos: int = 0  # receive path (row 35): where the packet in progress starts in _inpbuf
+    send_packet: Callable[..., None] | None = None  # our port, while nobody wraps it (_data_sealer)
     seqs: dict[str, int] = field(default_factory=lambda: {"global": 0, "open": 0, "auth": 0})
     verdicts: set[asyncio.Future[bool | bytes]] = field(default_factory=set)
 
@@ -1430,7 +1442,13 @@ def install_hooks(conn: asyncssh.SSHServerConnection, hooks: ConnectionHooks, *,
         _validate_certificate, state, conn._validate_openssh_certificate)
     # REACH-IN (HACKS.md rows 32, 33): asyncssh's SSHConnection.send_packet, ported (see
     # _send_packet), shadowed on the instance as the send breaker's wrapper is.
-    conn.send_packet = functools.partial(_send_packet, state)  # type: ignore[method-assign]
+    state.send_packet = functools.partial(_send_packet, state)
+    conn.send_packet = state.send_packet  # type: ignore[method-assign]
+    # REACH-IN (HACKS.md row 35): asyncssh's packet parsers, ported (no re-slicing of the
+    # receive buffer per packet); asyncssh looks them up on the instance
+    # (`self._recv_handler = self._recv_pkthdr`), so instance attributes take their place.
+    conn._recv_pkthdr = functools.partial(_recv_pkthdr, state)  # type: ignore[method-assign]
+    conn._recv_packet = functools.partial(_recv_packet, state)  # type: ignore[method-assign]
     conn.set_extra_info(**{_STATE_KEY: state})
     return state
 
@@ -1478,11 +1496,78 @@ def _encrypt_packet(encryption: Any, seq: int, hdr: bytes, packet: bytes) -> tup
     tag, in wire order) as they are. Same key, IV and IV update (REACH-IN: row 32)."""
     if type(encryption) is GCMEncryption:
         cipher = encryption._cipher
-        sealed = AESGCM(cipher._key).encrypt(cipher._iv, packet, hdr)
+        sealed = _gcm_aead(cipher).encrypt(cipher._iv, packet, hdr)
         cipher._update_iv()
         return hdr, sealed
     sent: tuple[bytes, bytes] = encryption.encrypt_packet(seq, hdr, packet)
     return sent
+
+
+def _gcm_aead(cipher: GCMCipher) -> AESGCM:
+    """The AESGCM object for a GCMCipher's key, built once: asyncssh's encrypt_and_sign
+    and verify_and_decrypt build a new one (OpenSSL key schedule and context) for every
+    packet; AESGCM takes a new nonce per call. Kept on the cipher (REACH-IN: row 35)."""
+    aead: AESGCM | None = getattr(cipher, "_hk_aead", None)
+    if aead is None:
+        aead = AESGCM(cipher._key)
+        cipher._hk_aead = aead  # type: ignore[attr-defined]  # our attribute, on asyncssh's object
+    return aead
+
+
+_DATA_HEAD = struct.Struct(">BBII")  # padding length, MSG_CHANNEL_DATA, channel, data length
+_EXT_HEAD = struct.Struct(">BBIII")  # ..., MSG_CHANNEL_EXTENDED_DATA, channel, type, length
+_PKTLEN = struct.Struct(">I")
+
+
+def _data_sealer(chan: HookedServerChannel) -> Callable[[memoryview, int | None], bool] | None:
+    """For one flush of `chan`'s send buffer: a function that turns one data packet
+    into wire bytes for the cork, with exactly the bytes asyncssh's send_packet would
+    send (same padding rule, GCM key, IV and sequence bookkeeping), in a few lines of
+    Python instead of its general path. None when the general path must run: a cipher
+    other than AES-GCM, compression, asyncssh's packet log (debug level 3), an IGNORE
+    wanted (pty channels, row 33), a key exchange not complete, or a send_packet that
+    is not ours (tests/send_breaker.py wraps it). The function returns False, sending
+    nothing, when this packet must take the general path after all: a re-key is due
+    (send_packet starts it and holds the packet). REACH-IN: row 35."""
+    conn: Any = chan._conn
+    if conn is None or chan.interactive:
+        return None
+    state: HookState | None = conn.get_extra_info(_STATE_KEY)
+    encryption = conn._send_encryption
+    if (state is None or state.cork_depth == 0 or type(encryption) is not GCMEncryption
+            or conn.__dict__.get("send_packet") is not state.send_packet
+            or not (conn._kex_complete and conn._auth_complete) or conn._compressor
+            or SSHLogger._debug_level >= 3 or chan._send_chan is None):
+        return None
+    cipher = encryption._cipher
+    seal = _gcm_aead(cipher).encrypt
+    update_iv = cipher._update_iv
+    blocksize, hdrlen = conn._send_blocksize, conn._send_enchdrlen
+    send_chan = chan._send_chan
+    cork = state.corked.extend
+    monotonic = time.monotonic
+
+    def send(data: memoryview, datatype: int | None) -> bool:
+        if (conn._rekey_bytes_sent >= conn._rekey_bytes or not conn._kex_complete
+                or (conn._rekey_seconds and monotonic() >= conn._rekey_time)):
+            return False
+        size = len(data)
+        paylen = size + (9 if datatype is None else 13)
+        padlen = -(hdrlen + paylen) % blocksize
+        if padlen < 4:
+            padlen += blocksize
+        head = (_DATA_HEAD.pack(padlen, MSG_CHANNEL_DATA, send_chan, size) if datatype is None
+                else _EXT_HEAD.pack(padlen, MSG_CHANNEL_EXTENDED_DATA, send_chan, datatype, size))
+        packet = b"".join((head, data, _padding(state, padlen)))
+        hdr = _PKTLEN.pack(len(packet))
+        sealed = seal(cipher._iv, packet, hdr)
+        update_iv()
+        cork((hdr, sealed))
+        conn._send_seq = (conn._send_seq + 1) & 0xffffffff
+        conn._rekey_bytes_sent += len(packet)
+        return True
+
+    return send
 
 
 # asyncssh 2.24.1's SSHConnection.send_packet, line for line but for the five marked
@@ -1570,6 +1655,180 @@ def _send_packet(state: HookState, pkttype: int, *args: bytes,
     handler.log_sent_packet(pkttype, seq, orig_payload)
 
 
+# --------------------------------------------------------------------------- the receive path
+
+# asyncssh 2.24.1's SSHConnection._recv_pkthdr and _recv_packet (connection.py:1627, 1650),
+# ported line for line but for the marked changes; the compat check pins their source.
+# CHANGED (1): asyncssh cuts every packet off the front of its receive buffer
+# (`self._inpbuf = self._inpbuf[n:]`, twice a packet): each cut copies all that is left,
+# so a read of k packets copies about k^2/2 packets (an upload's 256 KiB reads: 8 packets,
+# ~36 copied). Here the packets are read at an offset, `HookState.inpos`, the start of the
+# packet in progress; the buffer is cut once per read, in _data_received (_compact_inpbuf).
+# The first block stays in the buffer until the whole packet is there.
+# CHANGED (2): for AES-GCM, the packet is opened straight from the buffer (ciphertext and
+# tag are contiguous there) with the key's one AESGCM object (_gcm_aead), where asyncssh
+# copies the rest, the MAC and their join, and builds an AESGCM per packet.
+
+def _compact_inpbuf(state: HookState) -> None:
+    """Drop what the packet handlers consumed, once per read (before asyncssh appends)."""
+    if state.inpos:
+        conn: Any = state.conn
+        conn._inpbuf = conn._inpbuf[state.inpos:]  # REACH-IN: SSHConnection._inpbuf
+        state.inpos = 0
+
+
+def _recv_pkthdr(state: HookState) -> bool:
+    self: Any = state.conn
+    buf, pos = self._inpbuf, state.inpos  # CHANGED (1)
+    if len(buf) - pos < self._recv_blocksize:
+        return False
+
+    self._packet = buf[pos:pos + self._recv_blocksize]  # CHANGED (1): not consumed yet
+
+    if self._recv_encryption:
+        self._packet, pktlen = \
+            self._recv_encryption.decrypt_header(self._recv_seq,
+                                                 self._packet, 4)
+    else:
+        pktlen = self._packet[:4]
+
+    self._pktlen = int.from_bytes(pktlen, 'big')
+
+    if self._pktlen > self._max_recv_pktlen:
+        raise asyncssh.ProtocolError('Max packet size exceeded')
+
+    self._recv_handler = self._recv_packet
+    return True
+
+
+def _recv_packet(state: HookState) -> bool:
+    self: Any = state.conn
+    rem = 4 + self._pktlen + self._recv_macsize - self._recv_blocksize
+    buf, start = self._inpbuf, state.inpos  # CHANGED (1): the packet starts at `start`
+    pos = start + self._recv_blocksize
+    if len(buf) - pos < rem:
+        return False
+
+    seq = self._recv_seq
+    encryption = self._recv_encryption
+
+    if type(encryption) is GCMEncryption:  # CHANGED (2)
+        cipher = encryption._cipher
+        try:
+            with memoryview(buf) as view, view[start + 4:pos + rem] as sealed:
+                packet_data = _gcm_aead(cipher).decrypt(cipher._iv, sealed, buf[start:start + 4])
+        except InvalidTag:
+            packet_data = None
+        cipher._update_iv()
+
+        if not packet_data:
+            raise asyncssh.MACError('MAC verification failed')
+    else:
+        rest = buf[pos:pos + rem - self._recv_macsize]
+        mac = buf[pos + rem - self._recv_macsize:pos + rem]
+
+        if encryption:
+            packet_data = encryption.decrypt_packet(
+                seq, self._packet, rest, 4, mac)
+
+            if not packet_data:
+                raise asyncssh.MACError('MAC verification failed')
+        else:
+            packet_data = self._packet[4:] + rest
+
+    state.inpos = pos + rem  # CHANGED (1)
+    self._packet = b''
+
+    orig_payload = packet_data[1:-packet_data[0]]
+
+    if self._decompressor and (self._auth_complete or
+                               not self._decompress_after_auth):
+        payload = self._decompressor.decompress(orig_payload)
+
+        if payload is None:
+            raise asyncssh.CompressionError('Decompression failed')
+    else:
+        payload = orig_payload
+
+    packet = SSHPacket(payload)
+    pkttype = packet.get_byte()
+    handler: SSHPacketHandler = self
+    skip_reason = ''
+    exc_reason = ''
+
+    if MSG_KEX_FIRST <= pkttype <= MSG_KEX_LAST:
+        if self._kex:
+            if self._ignore_first_kex:
+                skip_reason = 'ignored first kex'
+                self._ignore_first_kex = False
+            else:
+                handler = self._kex
+        else:
+            skip_reason = 'kex not in progress'
+            exc_reason = 'Key exchange not in progress'
+    elif self._strict_kex and not self._recv_encryption and \
+            MSG_IGNORE <= pkttype <= MSG_DEBUG:
+        skip_reason = 'strict kex violation'
+        exc_reason = 'Strict key exchange violation: ' \
+                     f'unexpected packet type {pkttype} received'
+    elif MSG_USERAUTH_FIRST <= pkttype <= MSG_USERAUTH_LAST:
+        if self._auth:
+            handler = self._auth
+        else:
+            skip_reason = 'auth not in progress'
+            exc_reason = 'Authentication not in progress'
+    elif pkttype > MSG_KEX_LAST and not self._recv_encryption:
+        skip_reason = 'invalid request before kex complete'
+        exc_reason = 'Invalid request before key exchange was complete'
+    elif pkttype > MSG_USERAUTH_LAST and not self._auth_complete:
+        skip_reason = 'invalid request before auth complete'
+        exc_reason = 'Invalid request before authentication was complete'
+    elif MSG_CHANNEL_FIRST <= pkttype <= MSG_CHANNEL_LAST:
+        try:
+            recv_chan = packet.get_uint32()
+        except PacketDecodeError:
+            skip_reason = 'incomplete channel request'
+            exc_reason = 'Incomplete channel request received'
+        else:
+            try:
+                handler = self._channels[recv_chan]
+            except KeyError:
+                skip_reason = 'invalid channel number'
+                exc_reason = f'Invalid channel number {recv_chan} received'
+
+    handler.log_received_packet(pkttype, seq, packet, skip_reason)
+
+    if not skip_reason:
+        try:
+            result = handler.process_packet(pkttype, seq, packet)
+        except PacketDecodeError as exc:
+            raise asyncssh.ProtocolError(str(exc)) from None
+
+        if inspect.isawaitable(result):
+            # Buffer received data until current packet is processed
+            self._recv_handler = lambda: False
+
+            task = self.create_task(result)
+            task.add_done_callback(functools.partial(
+                self._finish_recv_packet, pkttype, seq, is_async=True))
+
+            return False
+        elif not result:
+            if self._strict_kex and not self._recv_encryption:
+                exc_reason = 'Strict key exchange violation: ' \
+                             f'unexpected packet type {pkttype} received'
+            else:
+                self.logger.debug1('Unknown packet type %d received',
+                                   pkttype)
+                self.send_packet(MSG_UNIMPLEMENTED, UInt32(seq))
+
+    if exc_reason:
+        raise asyncssh.ProtocolError(exc_reason)
+
+    self._finish_recv_packet(pkttype, seq)
+    return True
+
+
 async def _no_config_reload() -> None:
     return None
 
@@ -1587,6 +1846,7 @@ def buffered_bytes(conn: asyncssh.SSHServerConnection) -> int:
 
 def _data_received(state: HookState, data_received: Callable[..., None], data: bytes,
                    datatype: object = None) -> None:
+    _compact_inpbuf(state)
     data_received(data, datatype)
     if state.write_paused:
         _call_hook("on_backlog", state.hooks.on_backlog, state.conn, buffered_bytes(state.conn))
@@ -1864,6 +2124,24 @@ REACH_INS: tuple[ReachIn, ...] = (
                    "_rekey_seconds", "_rekey_time", "_kexinit_sent", "_auth_in_progress",
                    "_deferred_packets", "_send_encryption", "_compressor", "_compress_after_auth",
                    "_send_enchdrlen", "_send_blocksize", "_send_seq", "_strict_kex")),
+    # the data sealer and the receive path (HACKS.md row 35): AESGCM kept on the cipher;
+    # the packet parsers, ported (source pinned, _PORTED), looked up on the instance;
+    # the receive buffer, appended to by data_received and read at an offset.
+    ReachIn(GCMCipher, "verify_and_decrypt", ("header", "data", "mac")),  # source pinned
+    ReachIn(GCMEncryption, "decrypt_packet", ("seq", "first", "rest", "header_len", "mac"),
+            source_has="return self._cipher.verify_and_decrypt(first[:header_len],"),
+    ReachIn(SSHConnection, "_recv_pkthdr", ()),  # ported: source pinned (_PORTED)
+    ReachIn(SSHConnection, "_recv_packet", ()),  # ported: source pinned (_PORTED)
+    ReachIn(SSHConnection, "_recv_version", (), source_has="self._recv_handler = self._recv_pkthdr"),
+    ReachIn(SSHConnection, "_finish_recv_packet", ("pkttype", "seq", "_task", "is_async"),
+            source_has="self._recv_handler = self._recv_pkthdr"),
+    ReachIn(SSHConnection, "_recv_data", (), source_has="while self._inpbuf and self._recv_handler():"),
+    ReachIn(SSHConnection, "data_received", ("data", "datatype"), source_has="self._inpbuf += data"),
+    *(ReachIn(SSHConnection, name, attr_in=SSHConnection.__init__)
+      for name in ("_inpbuf", "_packet", "_pktlen", "_recv_handler", "_recv_encryption",
+                   "_recv_blocksize", "_recv_macsize", "_recv_seq", "_max_recv_pktlen",
+                   "_decompressor", "_decompress_after_auth", "_kex", "_ignore_first_kex",
+                   "_auth", "_channels")),
 )
 
 # sha256 of the source of what the send path ports (HACKS.md row 32), asyncssh 2.24.1:
@@ -1875,6 +2153,13 @@ _PORTED: tuple[tuple[Any, str, str], ...] = (
      "3f11e9dc27c58b18847c12007b945cb36c7767def131c9b96b0c0a81a8b72dbc"),
     (GCMCipher.encrypt_and_sign, "_encrypt_packet",
      "adb87dbdb4f9039ab1f0029bd845b032bd6571d2ae894c7b067ea1f62bb0726e"),
+    # the receive path (HACKS.md row 35)
+    (SSHConnection._recv_pkthdr, "_recv_pkthdr",
+     "7adc4d88fe20593cef39c00322547733a2d81f0aed40924e6105d5f57aa2a820"),
+    (SSHConnection._recv_packet, "_recv_packet",
+     "b3daa22e9763eee9f3ec710d1469c1b54c8df5066bae3e65b66bdf1db8063c8b"),
+    (GCMCipher.verify_and_decrypt, "_recv_packet (its GCM branch)",
+     "c09eb5b36d0f6a92a6df6430e70d479dbd6354f3403b98b65e9dc9ecccc37b52"),
 )
 
 

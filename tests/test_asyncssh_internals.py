@@ -16,6 +16,7 @@ import contextlib
 import inspect
 import io
 import logging
+import random
 import socket
 import struct
 import threading
@@ -937,6 +938,128 @@ def test_a_key_exchange_in_the_middle_of_a_flush_holds_the_data_it_cuts() -> Non
             await chan.wait_closed()
             assert client.data == payload
             assert ctx.hook_states[ctx.conns[0]].kex_count > 5
+
+    run(main)
+
+
+# Every cipher and MAC shape the send and receive ports meet: AES-GCM (the sealer, the
+# GCM receive branch), chacha20 (its own header decryption), CTR with an EtM MAC and with
+# a MAC over the plaintext (asyncssh's stateful decrypt_header), and zlib on top.
+_WIRE_SHAPES = [
+    pytest.param({"encryption_algs": ["aes128-gcm@openssh.com"]}, id="aes128-gcm"),
+    pytest.param({"encryption_algs": ["aes256-gcm@openssh.com"]}, id="aes256-gcm"),
+    pytest.param({"encryption_algs": ["chacha20-poly1305@openssh.com"]}, id="chacha20"),
+    pytest.param({"encryption_algs": ["aes128-ctr"], "mac_algs": ["hmac-sha2-256-etm@openssh.com"]},
+                 id="ctr-etm"),
+    pytest.param({"encryption_algs": ["aes128-ctr"], "mac_algs": ["hmac-sha2-256"]}, id="ctr-hmac"),
+    pytest.param({"encryption_algs": ["aes128-gcm@openssh.com"], "compression_algs": ["zlib"]},
+                 id="gcm-zlib"),
+]
+
+
+class SplitClient(ClientSession):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stderr = b""
+
+    def data_received(self, data: bytes, datatype: Any) -> None:
+        if datatype == asyncssh.EXTENDED_DATA_STDERR:
+            self.stderr += data
+        else:
+            self.data += data
+
+
+@pytest.mark.parametrize("algs", _WIRE_SHAPES)
+def test_a_stream_each_way_through_re_keys_arrives_whole(algs: dict[str, Any]) -> None:
+    """Data both ways across about ten re-keys, for each cipher shape: downloads through
+    the data sealer (AES-GCM) or asyncssh's send_packet, uploads through the ported packet
+    parsers, which read at an offset and cut the buffer once per read (HACKS.md row 35).
+    The client's 2 MiB window lets many packets arrive in one read."""
+    payload = random.Random(17).randbytes(1_000_003)  # incompressible (zlib), not a packet multiple
+
+    async def main() -> None:
+        ctx = Ctx()
+        async with serve(ctx, lambda: HookServer(ctx), rekey_bytes=100_000, **algs) as port, \
+                await aconnect(port, **algs) as conn:
+            chan, client = await conn.create_session(SplitClient, "cat", encoding=None)
+            server_session = await ctx.session_made
+            await server_session.started
+            assert server_session.chan is not None
+            server_session.chan.set_interactive(False)
+            got_all = ctx.future()
+            server_session.on_data = lambda _d: (len(server_session.data) >= len(payload)
+                                                 and settle(got_all, True))
+            for i in range(0, len(payload), 100_000):
+                chan.write(payload[i:i + 100_000])
+            await got_all
+            assert server_session.data == payload
+            for i in range(0, len(payload), 65536):
+                server_session.chan.write(payload[i:i + 65536])
+                server_session.chan.write_stderr(payload[i:i + 999])
+            server_session.chan.exit(0)
+            await chan.wait_closed()
+            assert client.data == payload
+            assert client.stderr == b"".join(payload[i:i + 999] for i in range(0, len(payload), 65536))
+            state = ctx.hook_states[ctx.conns[0]]
+            assert state.kex_count > 5
+            assert state.inpos <= len(ctx.conns[0]._inpbuf)  # test reach-in (row 35)
+
+    run(main)
+
+
+@pytest.mark.parametrize("cipher", ["aes128-gcm@openssh.com", "aes256-gcm@openssh.com"])
+def test_the_data_sealer_sends_the_bytes_send_packet_would(
+        cipher: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sealer (HACKS.md row 35) is a shortcut through asyncssh's send_packet for data
+    packets: from the same keys, IV, sequence number and padding, one flush of stdout and
+    stderr data gives byte for byte the wire bytes the general path gives."""
+    payload = bytes(range(256)) * 300  # 75 KiB: packets of 32, 32 and 11 KiB
+
+    async def main() -> None:
+        ctx = Ctx()
+        async with serve(ctx, lambda: HookServer(ctx)) as port, \
+                await aconnect(port, encryption_algs=[cipher]) as conn:
+            await exec_session(conn, "cat")
+            server_session = await ctx.session_made
+            await server_session.started
+            chan = server_session.chan
+            assert chan is not None
+            chan.set_interactive(False)
+            server_conn: Any = ctx.conns[0]
+            state = ctx.hook_states[server_conn]
+            cipher_obj = server_conn._send_encryption._cipher  # test reach-ins (row 35)
+            state.pad, state.pad_pos = bytes(range(256)) * 64, 0
+            start = (cipher_obj._iv, server_conn._send_seq, server_conn._rekey_bytes_sent)
+            wire: list[bytes] = []
+            server_conn._transport.write = lambda data: wire.append(bytes(data))
+
+            def flush() -> bytes:
+                cipher_obj._iv, server_conn._send_seq, server_conn._rekey_bytes_sent = start
+                state.pad_pos = 0
+                wire.clear()
+                chan.write(payload)
+                chan.write_stderr(payload[:5000])
+                return b"".join(wire)
+
+            used: list[bool] = []
+            sealer = ai._data_sealer
+
+            def watched(ch: HookedServerChannel) -> Any:
+                fast = sealer(ch)
+                used.append(fast is not None)
+                return fast
+
+            monkeypatch.setattr(ai, "_data_sealer", watched)
+            sealed = flush()
+            assert used == [True, True]  # stdout's flush, stderr's flush
+            assert sealer(chan) is None  # not inside a flush: no cork to fill
+            general = server_conn.send_packet
+            server_conn.send_packet = lambda *a, **k: general(*a, **k)  # sealer steps aside
+            by_send_packet = flush()
+            assert used[2:] == [False, False]
+            assert sealed == by_send_packet
+            assert len(sealed) > len(payload) + 5000
+            conn.abort()  # the client saw none of this: its sequence numbers are behind
 
     run(main)
 
