@@ -606,6 +606,7 @@ RequestCallback: TypeAlias = Callable[["HookedServerChannel", ChannelRequest], N
 DataAfterEofCallback: TypeAlias = Callable[["HookedServerChannel", int], None]
 
 
+_DATA_TYPE_NAMES = asyncssh.channel._data_type_names  # REACH-IN (row 35): write's log text
 _CHAN_CLOSE = asyncssh.SSHServerChannel._packet_handlers[MSG_CHANNEL_CLOSE]
 _CHAN_WINDOW_ADJUST = asyncssh.SSHServerChannel._packet_handlers[MSG_CHANNEL_WINDOW_ADJUST]
 _CHAN_DATA = asyncssh.SSHServerChannel._packet_handlers[MSG_CHANNEL_DATA]
@@ -724,6 +725,38 @@ class HookedServerChannel(asyncssh.SSHServerChannel[bytes]):
         packet per packet for a bulk stream (exec without a pty, sftp)."""
         self.interactive = interactive
 
+    # REACH-IN (HACKS.md row 35): SSHChannel.write (channel.py:896), ported line for line but
+    # for one change: a bytes object (immutable) is queued as it is, not copied into a
+    # bytearray; anything else (a bytearray or memoryview its owner may reuse) is copied.
+    def write(self, data: Any, datatype: int | None = None) -> None:
+        if self._send_state != 'open':
+            raise BrokenPipeError('Channel not open for sending')
+
+        if datatype is not None and datatype not in self._write_datatypes:
+            raise OSError('Invalid extended data type')
+
+        if not data:
+            return
+
+        if self._encoding:
+            assert self._encoder is not None
+            encoded_data = self._encoder.encode(cast(str, data))
+        else:
+            encoded_data = cast(bytes, data)
+
+        datalen = len(encoded_data)
+
+        typename = f' to {_DATA_TYPE_NAMES[datatype]}' if datatype else ''  # lint: one line
+
+        self.logger.debug2('Sending %d data byte%s%s', datalen,
+                           's' if datalen > 1 else '', typename)
+
+        # CHANGED: bytes are not copied (the flush cuts views of them, row 32)
+        queued = encoded_data if type(encoded_data) is bytes else bytearray(encoded_data)
+        self._send_buf.append((queued, datatype))  # type: ignore[arg-type]
+        self._send_buf_len += datalen
+        self._flush_send_buf()
+
     # REACH-IN (HACKS.md row 32): SSHChannel._flush_send_buf (channel.py:305), ported: it
     # sends every data packet the send window allows. Here they are corked (one socket
     # write for all of them) and cut from the buffer as views, not copies.
@@ -761,6 +794,8 @@ class HookedServerChannel(asyncssh.SSHServerChannel[bytes]):
             finally:
                 if sent == len(buf):
                     del self._send_buf[0]
+                elif type(buf) is bytes:  # queued uncopied by write (row 35): the rest, once
+                    self._send_buf[0] = (buf[sent:], datatype)
                 else:
                     del buf[:sent]
 
@@ -2105,8 +2140,10 @@ REACH_INS: tuple[ReachIn, ...] = (
     # source is pinned by hash, check_asyncssh_compat) and corks _flush_send_buf.
     ReachIn(SSHConnection, "_send", ("data",), source_has="self._transport.write(data)"),
     ReachIn(SSHChannel, "_flush_send_buf", ()),  # ported: source pinned (_PORTED)
-    ReachIn(SSHChannel, "write", ("data", "datatype"),
-            source_has="self._send_buf.append((bytearray(encoded_data), datatype))"),
+    ReachIn(SSHChannel, "write", ("data", "datatype")),  # ported: source pinned (_PORTED)
+    ReachIn(asyncssh.channel, "_data_type_names"),
+    ReachIn(asyncssh.SSHServerChannel, "_write_datatypes"),  # a class attribute
+    *(ReachIn(SSHChannel, name, attr_in=SSHChannel.set_encoding) for name in ("_encoding", "_encoder")),
     ReachIn(SSHChannel, "_pause_resume_writing", ()),
     ReachIn(SSHChannel, "_close_send", ()),
     *(ReachIn(SSHChannel, name, attr_in=SSHChannel.__init__)
@@ -2153,7 +2190,9 @@ _PORTED: tuple[tuple[Any, str, str], ...] = (
      "3f11e9dc27c58b18847c12007b945cb36c7767def131c9b96b0c0a81a8b72dbc"),
     (GCMCipher.encrypt_and_sign, "_encrypt_packet",
      "adb87dbdb4f9039ab1f0029bd845b032bd6571d2ae894c7b067ea1f62bb0726e"),
-    # the receive path (HACKS.md row 35)
+    # write, queueing bytes uncopied, the sealer and the receive path (HACKS.md row 35)
+    (SSHChannel.write, "HookedServerChannel.write",
+     "1045e200084699330b3c75abe2e63e760dc8a12eb008c85ec5cefcafab372e38"),
     (SSHConnection._recv_pkthdr, "_recv_pkthdr",
      "7adc4d88fe20593cef39c00322547733a2d81f0aed40924e6105d5f57aa2a820"),
     (SSHConnection._recv_packet, "_recv_packet",

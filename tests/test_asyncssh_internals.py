@@ -1064,6 +1064,34 @@ def test_the_data_sealer_sends_the_bytes_send_packet_would(
     run(main)
 
 
+def test_write_queues_bytes_uncopied_and_copies_what_may_change() -> None:
+    """HookedServerChannel.write (HACKS.md row 35) queues a bytes object as it is (the flush
+    cuts views of it; a window-held rest is cut once), but copies a bytearray: its owner
+    may reuse it before the window lets it go, and the client must get what was written."""
+    held = bytes(range(256)) * 256  # 64 KiB, more than the 16 KiB window
+
+    async def main() -> None:
+        ctx = Ctx()
+        async with serve(ctx, lambda: HookServer(ctx)) as port, await aconnect(port) as conn:
+            chan, client = await exec_session(conn, "cat", window=16384)
+            server_session = await ctx.session_made
+            await server_session.started
+            chan_s = server_session.chan
+            assert chan_s is not None
+            chan_s.set_interactive(False)
+            chan_s.write(held)
+            queued = chan_s._send_buf  # test reach-in (row 35)
+            assert queued and queued[0][0] == held[16384:] and type(queued[0][0]) is bytes
+            reused = bytearray(b"A" * 1000)
+            chan_s.write(reused)
+            reused[:] = b"B" * 1000  # the owner reuses its buffer at once
+            chan_s.exit(0)
+            await chan.wait_closed()
+            assert client.data == held + b"A" * 1000
+
+    run(main)
+
+
 def test_padding_is_csprng_output_used_once_in_growing_blocks() -> None:
     state = ai.HookState(typing.cast(Any, None), ConnectionHooks(), 1)
     pieces = [ai._padding(state, 4 + i % 16) for i in range(2000)]
