@@ -659,6 +659,10 @@ class HookedServerChannel(asyncssh.SSHServerChannel[bytes]):
         # asyncssh's IGNORE before each packet (HACKS.md row 33): kept while the
         # channel may carry keystrokes; `set_interactive(False)` drops it.
         self.interactive = True
+        # The connection's HookState (None without install_hooks), looked up once, and the
+        # data sealer for the current send keys (row 35): (encryption, sealer or None).
+        self._hk_state: HookState | None = conn.get_extra_info(_STATE_KEY)
+        self._hk_sealer: tuple[Any, Callable[[Any, int | None], bool] | None] = (None, None)
 
     # REACH-IN: SSHPacketHandler dispatches through the class attribute
     # `_packet_handlers`; we replace the MSG_CHANNEL_REQUEST entry.
@@ -761,7 +765,7 @@ class HookedServerChannel(asyncssh.SSHServerChannel[bytes]):
     # sends every data packet the send window allows. Here they are corked (one socket
     # write for all of them) and cut from the buffer as views, not copies.
     def _flush_send_buf(self) -> None:
-        state = None if self._conn is None else self._conn.get_extra_info(_STATE_KEY)
+        state = None if self._conn is None else self._hk_state
         if state is not None:
             state.cork_depth += 1
         try:
@@ -1552,9 +1556,10 @@ def _gcm_aead(cipher: GCMCipher) -> AESGCM:
 _DATA_HEAD = struct.Struct(">BBII")  # padding length, MSG_CHANNEL_DATA, channel, data length
 _EXT_HEAD = struct.Struct(">BBIII")  # ..., MSG_CHANNEL_EXTENDED_DATA, channel, type, length
 _PKTLEN = struct.Struct(">I")
+_GCM_TAG = 16
 
 
-def _data_sealer(chan: HookedServerChannel) -> Callable[[memoryview, int | None], bool] | None:
+def _data_sealer(chan: HookedServerChannel) -> Callable[[Any, int | None], bool] | None:
     """For one flush of `chan`'s send buffer: a function that turns one data packet
     into wire bytes for the cork, with exactly the bytes asyncssh's send_packet would
     send (same padding rule, GCM key, IV and sequence bookkeeping), in a few lines of
@@ -1563,26 +1568,36 @@ def _data_sealer(chan: HookedServerChannel) -> Callable[[memoryview, int | None]
     wanted (pty channels, row 33), a key exchange not complete, or a send_packet that
     is not ours (tests/send_breaker.py wraps it). The function returns False, sending
     nothing, when this packet must take the general path after all: a re-key is due
-    (send_packet starts it and holds the packet). REACH-IN: row 35."""
+    (send_packet starts it and holds the packet). Built once per send key and channel.
+    REACH-IN: row 35."""
     conn: Any = chan._conn
-    if conn is None or chan.interactive:
-        return None
-    state: HookState | None = conn.get_extra_info(_STATE_KEY)
-    encryption = conn._send_encryption
-    if (state is None or state.cork_depth == 0 or type(encryption) is not GCMEncryption
-            or conn.__dict__.get("send_packet") is not state.send_packet
+    state = chan._hk_state
+    if (conn is None or state is None or chan.interactive or not state.cork_depth
             or not (conn._kex_complete and conn._auth_complete) or conn._compressor
-            or SSHLogger._debug_level >= 3 or chan._send_chan is None):
+            or SSHLogger._debug_level >= 3 or conn.send_packet is not state.send_packet):
+        return None
+    encryption = conn._send_encryption
+    keys, sealer = chan._hk_sealer
+    if keys is not encryption:
+        sealer = _new_sealer(conn, state, chan, encryption)
+        chan._hk_sealer = (encryption, sealer)
+    return sealer
+
+
+def _new_sealer(conn: Any, state: HookState, chan: HookedServerChannel,
+                encryption: Any) -> Callable[[Any, int | None], bool] | None:
+    if type(encryption) is not GCMEncryption or chan._send_chan is None:
         return None
     cipher = encryption._cipher
-    seal = _gcm_aead(cipher).encrypt
+    aead = _gcm_aead(cipher)
+    seal_into = getattr(aead, "encrypt_into", None)  # cryptography >= 45
     update_iv = cipher._update_iv
     blocksize, hdrlen = conn._send_blocksize, conn._send_enchdrlen
     send_chan = chan._send_chan
-    cork = state.corked.extend
+    cork = state.corked.append
     monotonic = time.monotonic
 
-    def send(data: memoryview, datatype: int | None) -> bool:
+    def send(data: Any, datatype: int | None) -> bool:
         if (conn._rekey_bytes_sent >= conn._rekey_bytes or not conn._kex_complete
                 or (conn._rekey_seconds and monotonic() >= conn._rekey_time)):
             return False
@@ -1594,12 +1609,20 @@ def _data_sealer(chan: HookedServerChannel) -> Callable[[memoryview, int | None]
         head = (_DATA_HEAD.pack(padlen, MSG_CHANNEL_DATA, send_chan, size) if datatype is None
                 else _EXT_HEAD.pack(padlen, MSG_CHANNEL_EXTENDED_DATA, send_chan, datatype, size))
         packet = b"".join((head, data, _padding(state, padlen)))
-        hdr = _PKTLEN.pack(len(packet))
-        sealed = seal(cipher._iv, packet, hdr)
+        pktlen = len(packet)
+        hdr = _PKTLEN.pack(pktlen)
+        if seal_into is not None:  # length, ciphertext and tag in one buffer: no join after
+            wire = bytearray(4 + pktlen + _GCM_TAG)
+            wire[:4] = hdr
+            with memoryview(wire) as view, view[4:] as body:
+                seal_into(cipher._iv, packet, hdr, body)
+            cork(cast(bytes, wire))  # bytes-like: _uncork joins it or sends it as it is
+        else:
+            cork(hdr)
+            cork(aead.encrypt(cipher._iv, packet, hdr))
         update_iv()
-        cork((hdr, sealed))
         conn._send_seq = (conn._send_seq + 1) & 0xffffffff
-        conn._rekey_bytes_sent += len(packet)
+        conn._rekey_bytes_sent += pktlen
         return True
 
     return send
