@@ -1557,22 +1557,24 @@ _DATA_HEAD = struct.Struct(">BBII")  # padding length, MSG_CHANNEL_DATA, channel
 _EXT_HEAD = struct.Struct(">BBIII")  # ..., MSG_CHANNEL_EXTENDED_DATA, channel, type, length
 _PKTLEN = struct.Struct(">I")
 _GCM_TAG = 16
+_IGNORE = bytes((MSG_IGNORE,)) + String(b"")  # asyncssh's send_packet(MSG_IGNORE, String(b''))
 
 
 def _data_sealer(chan: HookedServerChannel) -> Callable[[Any, int | None], bool] | None:
     """For one flush of `chan`'s send buffer: a function that turns one data packet
     into wire bytes for the cork, with exactly the bytes asyncssh's send_packet would
     send (same padding rule, GCM key, IV and sequence bookkeeping), in a few lines of
-    Python instead of its general path. None when the general path must run: a cipher
-    other than AES-GCM, compression, asyncssh's packet log (debug level 3), an IGNORE
-    wanted (pty channels, row 33), a key exchange not complete, or a send_packet that
+    Python instead of its general path, and the empty IGNORE before it on a channel
+    that wants one (a pty's, row 33). None when the general path must run: a cipher
+    other than AES-GCM, compression, asyncssh's packet log (debug level 3), a key
+    exchange not complete, or a send_packet that
     is not ours (tests/send_breaker.py wraps it). The function returns False, sending
     nothing, when this packet must take the general path after all: a re-key is due
     (send_packet starts it and holds the packet). Built once per send key and channel.
     REACH-IN: row 35."""
     conn: Any = chan._conn
     state = chan._hk_state
-    if (conn is None or state is None or chan.interactive or not state.cork_depth
+    if (conn is None or state is None or not state.cork_depth
             or not (conn._kex_complete and conn._auth_complete) or conn._compressor
             or SSHLogger._debug_level >= 3 or conn.send_packet is not state.send_packet):
         return None
@@ -1596,19 +1598,11 @@ def _new_sealer(conn: Any, state: HookState, chan: HookedServerChannel,
     send_chan = chan._send_chan
     cork = state.corked.append
     monotonic = time.monotonic
+    ignore_pad = -(hdrlen + len(_IGNORE)) % blocksize
+    if ignore_pad < 4:
+        ignore_pad += blocksize
 
-    def send(data: Any, datatype: int | None) -> bool:
-        if (conn._rekey_bytes_sent >= conn._rekey_bytes or not conn._kex_complete
-                or (conn._rekey_seconds and monotonic() >= conn._rekey_time)):
-            return False
-        size = len(data)
-        paylen = size + (9 if datatype is None else 13)
-        padlen = -(hdrlen + paylen) % blocksize
-        if padlen < 4:
-            padlen += blocksize
-        head = (_DATA_HEAD.pack(padlen, MSG_CHANNEL_DATA, send_chan, size) if datatype is None
-                else _EXT_HEAD.pack(padlen, MSG_CHANNEL_EXTENDED_DATA, send_chan, datatype, size))
-        packet = b"".join((head, data, _padding(state, padlen)))
+    def seal(packet: bytes) -> int:
         pktlen = len(packet)
         hdr = _PKTLEN.pack(pktlen)
         if seal_into is not None:  # length, ciphertext and tag in one buffer: no join after
@@ -1623,6 +1617,22 @@ def _new_sealer(conn: Any, state: HookState, chan: HookedServerChannel,
         update_iv()
         conn._send_seq = (conn._send_seq + 1) & 0xffffffff
         conn._rekey_bytes_sent += pktlen
+        return pktlen
+
+    def send(data: Any, datatype: int | None) -> bool:
+        if (conn._rekey_bytes_sent >= conn._rekey_bytes or not conn._kex_complete
+                or (conn._rekey_seconds and monotonic() >= conn._rekey_time)):
+            return False
+        if chan.interactive:  # send_packet's IGNORE first (row 33), as send_packet sends it
+            seal(b"".join((bytes((ignore_pad,)), _IGNORE, _padding(state, ignore_pad))))
+        size = len(data)
+        paylen = size + (9 if datatype is None else 13)
+        padlen = -(hdrlen + paylen) % blocksize
+        if padlen < 4:
+            padlen += blocksize
+        head = (_DATA_HEAD.pack(padlen, MSG_CHANNEL_DATA, send_chan, size) if datatype is None
+                else _EXT_HEAD.pack(padlen, MSG_CHANNEL_EXTENDED_DATA, send_chan, datatype, size))
+        seal(b"".join((head, data, _padding(state, padlen))))
         return True
 
     return send

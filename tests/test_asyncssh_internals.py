@@ -1007,12 +1007,14 @@ def test_a_stream_each_way_through_re_keys_arrives_whole(algs: dict[str, Any]) -
     run(main)
 
 
+@pytest.mark.parametrize("interactive", [False, True], ids=["bulk", "pty"])
 @pytest.mark.parametrize("cipher", ["aes128-gcm@openssh.com", "aes256-gcm@openssh.com"])
 def test_the_data_sealer_sends_the_bytes_send_packet_would(
-        cipher: str, monkeypatch: pytest.MonkeyPatch) -> None:
+        cipher: str, interactive: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """The sealer (HACKS.md row 35) is a shortcut through asyncssh's send_packet for data
-    packets: from the same keys, IV, sequence number and padding, one flush of stdout and
-    stderr data gives byte for byte the wire bytes the general path gives."""
+    packets (and, on a pty's channel, the IGNORE before each, row 33): from the same keys,
+    IV, sequence number and padding, one flush of stdout and stderr data gives byte for
+    byte the wire bytes the general path gives."""
     payload = bytes(range(256)) * 300  # 75 KiB: packets of 32, 32 and 11 KiB
 
     async def main() -> None:
@@ -1024,7 +1026,7 @@ def test_the_data_sealer_sends_the_bytes_send_packet_would(
             await server_session.started
             chan = server_session.chan
             assert chan is not None
-            chan.set_interactive(False)
+            chan.set_interactive(interactive)
             server_conn: Any = ctx.conns[0]
             state = ctx.hook_states[server_conn]
             cipher_obj = server_conn._send_encryption._cipher  # test reach-ins (row 35)
@@ -1058,7 +1060,7 @@ def test_the_data_sealer_sends_the_bytes_send_packet_would(
             by_send_packet = flush()
             assert used[2:] == [False, False]
             assert sealed == by_send_packet
-            assert len(sealed) > len(payload) + 5000
+            assert len(sealed) > len(payload) + 5000 + (4 * 48 if interactive else 0)
             conn.abort()  # the client saw none of this: its sequence numbers are behind
 
     run(main)
