@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/run.py --transfer-only [--transfer-size 1G] [--sftp-size 512M]
                                   [--keystrokes 500] [--transfer-rounds 3]
-                                  [--transfer-baseline OTHER_CHECKOUT]
+                                  [--transfer-baseline OTHER_CHECKOUT] [--transfer-chacha]
 
 Two servers on 127.0.0.1, both pinned to CPU 0 (with every process they start), the
 OpenSSH clients on CPU 1: sshspec (`sshspec serve`, the local backend, default log
@@ -48,6 +48,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 BENCH_USER = "sshspec-bench"
 CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com")
+# --transfer-chacha: also chacha20-poly1305, which sshspec does not offer unless configured
+# (adapters/algorithms.py); the sshspec servers then list it (ssh.ciphers), after these.
+CHACHA = "chacha20-poly1305@openssh.com"
+SSHSPEC_CIPHERS = [*CIPHERS, CHACHA, "aes128-ctr", "aes256-ctr"]
 SERVER_CPU, CLIENT_CPU = 0, 1
 TICK = os.sysconf("SC_CLK_TCK")
 SFTP_SERVER = "/usr/lib/openssh/sftp-server"
@@ -204,13 +208,14 @@ def start_sshd(work: Path, pubkey: str, cgroup: Path) -> Target:
 
 
 def start_sshspec(work: Path, sshspec: list[str], pubkey: str, env: dict[str, str],
-                  cgroup: Path, *, name: str = "sshspec", root: Path = ROOT) -> Target:
+                  cgroup: Path, *, name: str = "sshspec", root: Path = ROOT, chacha: bool = False) -> Target:
     """sshspec from the checkout `root` (another one: `--transfer-baseline`, its own venv)."""
     user = pwd.getpwuid(os.geteuid()).pw_name
     port = _free_port()
     config = work / f"transfer-{name}.yaml"
     config.write_text(json.dumps({  # JSON is YAML; log level, durability: the defaults
-        "ssh": {"listen": f"127.0.0.1:{port}", "hostkeys": [str(work / "sshd_host_ed25519")]},
+        "ssh": {"listen": f"127.0.0.1:{port}", "hostkeys": [str(work / "sshd_host_ed25519")],
+                **({"ciphers": SSHSPEC_CIPHERS} if chacha else {})},
         "auth": {"users": [{"username": user, "authorizedKeys": [pubkey]}]},
         "backend": {"shell": "/bin/sh"},
         "log": {"format": "json", "file": str(work / f"transfer-{name}.log")},
@@ -329,7 +334,8 @@ def _ratio(values: list[dict[str, float]], other: list[dict[str, float]], key: s
 
 
 def transfer_phase(work: Path, _host_key: Path, sshspec: list[str], env: dict[str, str], *, size: int,
-                   sftp_size: int, keys: int, rounds: int, baseline: Path | None = None) -> dict[str, Any]:
+                   sftp_size: int, keys: int, rounds: int, baseline: Path | None = None,
+                   chacha: bool = False) -> dict[str, Any]:
     """`baseline`: another sshspec checkout (with its own .venv), measured in the same
     rounds as a third server, "baseline": before/after side by side."""
     problem = ensure_user()
@@ -356,7 +362,7 @@ def transfer_phase(work: Path, _host_key: Path, sshspec: list[str], env: dict[st
     local.chmod(0o644)
     servers: list[Target] = []
     measures: list[tuple[str, Any]] = []
-    for cipher in CIPHERS:
+    for cipher in (*CIPHERS, CHACHA) if chacha else CIPHERS:
         short = cipher.split("@")[0]
         measures.append((f"download {short}", lambda t, c=cipher: stream(t, key, c, size, False)))
         measures.append((f"upload {short}", lambda t, c=cipher: stream(t, key, c, size, True)))
@@ -369,11 +375,12 @@ def transfer_phase(work: Path, _host_key: Path, sshspec: list[str], env: dict[st
     try:
         assert cgroups[0] is not None and cgroups[1] is not None
         servers.append(start_sshd(work, pubkey, cgroups[0]))
-        servers.append(start_sshspec(work, sshspec, pubkey, env, cgroups[1]))
+        servers.append(start_sshspec(work, sshspec, pubkey, env, cgroups[1], chacha=chacha))
         if baseline is not None:
             assert cgroups[2] is not None
             servers.append(start_sshspec(work, [str(baseline / ".venv" / "bin" / "sshspec")], pubkey,
-                                         env, cgroups[2], name="baseline", root=baseline))
+                                         env, cgroups[2], name="baseline", root=baseline,
+                                         chacha=chacha))
         for target in servers:  # a first session starts what stays (sshspec's guard)
             ssh = ["ssh", "-p", str(target.port), *_ssh_opts(key), f"{target.user}@127.0.0.1"]
             _run([*ssh, "true"], target, "warm-up")
