@@ -1745,6 +1745,15 @@ def _compact_inpbuf(state: HookState) -> None:
         state.inpos = 0
 
 
+def _release_inpbuf(state: HookState) -> None:
+    """Everything read was parsed: let the buffer go now, not at the next read (an idle
+    session would keep its last read alive; asyncssh's cuts leave it empty)."""
+    conn: Any = state.conn
+    if state.inpos and state.inpos == len(conn._inpbuf):  # REACH-IN: SSHConnection._inpbuf
+        conn._inpbuf = b""
+        state.inpos = 0
+
+
 def _recv_pkthdr(state: HookState) -> bool:
     self: Any = state.conn
     buf, pos = self._inpbuf, state.inpos  # CHANGED (1)
@@ -1916,6 +1925,7 @@ def _data_received(state: HookState, data_received: Callable[..., None], data: b
                    datatype: object = None) -> None:
     _compact_inpbuf(state)
     data_received(data, datatype)
+    _release_inpbuf(state)
     if state.write_paused:
         _call_hook("on_backlog", state.hooks.on_backlog, state.conn, buffered_bytes(state.conn))
 
