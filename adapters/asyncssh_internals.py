@@ -606,6 +606,7 @@ RequestCallback: TypeAlias = Callable[["HookedServerChannel", ChannelRequest], N
 DataAfterEofCallback: TypeAlias = Callable[["HookedServerChannel", int], None]
 
 
+_NO_SEALER: tuple[Any, Any] = (None, None)  # HookedServerChannel._hk_sealer until one is kept
 _DATA_TYPE_NAMES = asyncssh.channel._data_type_names  # REACH-IN (row 35): write's log text
 _CHAN_CLOSE = asyncssh.SSHServerChannel._packet_handlers[MSG_CHANNEL_CLOSE]
 _CHAN_WINDOW_ADJUST = asyncssh.SSHServerChannel._packet_handlers[MSG_CHANNEL_WINDOW_ADJUST]
@@ -662,7 +663,7 @@ class HookedServerChannel(asyncssh.SSHServerChannel[bytes]):
         # The connection's HookState (None without install_hooks), looked up once, and the
         # data sealer for the current send keys (row 35): (encryption, sealer or None).
         self._hk_state: HookState | None = conn.get_extra_info(_STATE_KEY)
-        self._hk_sealer: tuple[Any, Callable[[Any, int | None], bool] | None] = (None, None)
+        self._hk_sealer: tuple[Any, Callable[[Any, int | None], bool] | None] = _NO_SEALER
 
     # REACH-IN: SSHPacketHandler dispatches through the class attribute
     # `_packet_handlers`; we replace the MSG_CHANNEL_REQUEST entry.
@@ -781,7 +782,7 @@ class HookedServerChannel(asyncssh.SSHServerChannel[bytes]):
         # bytearray (joined into the packet once, in _send_packet) and the sent part
         # is deleted once per buffer, not once per packet. The data packets go through
         # the sealer of _data_sealer when it can take them (asyncssh's send_packet otherwise).
-        fast = _data_sealer(self)
+        fast = _data_sealer(self) if self._send_buf and self._send_window else None
         while self._send_buf and self._send_window:
             buf, datatype = self._send_buf[0]
             sent = 0
@@ -1535,21 +1536,29 @@ def _encrypt_packet(encryption: Any, seq: int, hdr: bytes, packet: bytes) -> tup
     tag, in wire order) as they are. Same key, IV and IV update (REACH-IN: row 32)."""
     if type(encryption) is GCMEncryption:
         cipher = encryption._cipher
-        sealed = _gcm_aead(cipher).encrypt(cipher._iv, packet, hdr)
+        sealed = _gcm_aead(cipher, seq).encrypt(cipher._iv, packet, hdr)
         cipher._update_iv()
         return hdr, sealed
     sent: tuple[bytes, bytes] = encryption.encrypt_packet(seq, hdr, packet)
     return sent
 
 
-def _gcm_aead(cipher: GCMCipher) -> AESGCM:
-    """The AESGCM object for a GCMCipher's key, built once: asyncssh's encrypt_and_sign
-    and verify_and_decrypt build a new one (OpenSSL key schedule and context) for every
-    packet; AESGCM takes a new nonce per call. Kept on the cipher (REACH-IN: row 35)."""
+# Packets into a key after which its AESGCM object (and a channel's sealer) is kept: a
+# busy stream gets there within a few MiB; an idle session (some 30-60 packets after
+# login) never does, so it keeps no OpenSSL contexts (a few KiB each way) for ever.
+_KEEP_AFTER = 256
+
+
+def _gcm_aead(cipher: GCMCipher, seq: int) -> AESGCM:
+    """The AESGCM object for a GCMCipher's key: asyncssh's encrypt_and_sign and
+    verify_and_decrypt build a new one (OpenSSL key schedule and context) for every
+    packet; AESGCM takes a new nonce per call, so once the packets' sequence number
+    `seq` passes _KEEP_AFTER it is built once and kept on the cipher (REACH-IN: row 35)."""
     aead: AESGCM | None = getattr(cipher, "_hk_aead", None)
     if aead is None:
         aead = AESGCM(cipher._key)
-        cipher._hk_aead = aead  # type: ignore[attr-defined]  # our attribute, on asyncssh's object
+        if seq >= _KEEP_AFTER:
+            cipher._hk_aead = aead  # type: ignore[attr-defined]  # our attribute, on asyncssh's object
     return aead
 
 
@@ -1582,7 +1591,8 @@ def _data_sealer(chan: HookedServerChannel) -> Callable[[Any, int | None], bool]
     keys, sealer = chan._hk_sealer
     if keys is not encryption:
         sealer = _new_sealer(conn, state, chan, encryption)
-        chan._hk_sealer = (encryption, sealer)
+        if conn._send_seq >= _KEEP_AFTER:  # a busy channel keeps it; an idle one, nothing
+            chan._hk_sealer = (encryption, sealer)
     return sealer
 
 
@@ -1591,7 +1601,7 @@ def _new_sealer(conn: Any, state: HookState, chan: HookedServerChannel,
     if type(encryption) is not GCMEncryption or chan._send_chan is None:
         return None
     cipher = encryption._cipher
-    aead = _gcm_aead(cipher)
+    aead = _gcm_aead(cipher, conn._send_seq)
     seal_into = getattr(aead, "encrypt_into", None)  # cryptography >= 45
     update_iv = cipher._update_iv
     blocksize, hdrlen = conn._send_blocksize, conn._send_enchdrlen
@@ -1793,7 +1803,7 @@ def _recv_packet(state: HookState) -> bool:
         cipher = encryption._cipher
         try:
             with memoryview(buf) as view, view[start + 4:pos + rem] as sealed:
-                packet_data = _gcm_aead(cipher).decrypt(cipher._iv, sealed, buf[start:start + 4])
+                packet_data = _gcm_aead(cipher, seq).decrypt(cipher._iv, sealed, buf[start:start + 4])
         except InvalidTag:
             packet_data = None
         cipher._update_iv()

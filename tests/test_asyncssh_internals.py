@@ -1008,10 +1008,11 @@ def test_a_stream_each_way_through_re_keys_arrives_whole(algs: dict[str, Any]) -
     run(main)
 
 
+@pytest.mark.parametrize("busy", [False, True], ids=["fresh-key", "busy-key"])
 @pytest.mark.parametrize("interactive", [False, True], ids=["bulk", "pty"])
 @pytest.mark.parametrize("cipher", ["aes128-gcm@openssh.com", "aes256-gcm@openssh.com"])
 def test_the_data_sealer_sends_the_bytes_send_packet_would(
-        cipher: str, interactive: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+        cipher: str, interactive: bool, busy: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """The sealer (HACKS.md row 35) is a shortcut through asyncssh's send_packet for data
     packets (and, on a pty's channel, the IGNORE before each, row 33): from the same keys,
     IV, sequence number and padding, one flush of stdout and stderr data gives byte for
@@ -1032,6 +1033,8 @@ def test_the_data_sealer_sends_the_bytes_send_packet_would(
             state = ctx.hook_states[server_conn]
             cipher_obj = server_conn._send_encryption._cipher  # test reach-ins (row 35)
             state.pad, state.pad_pos = bytes(range(256)) * 64, 0
+            if busy:  # past ai._KEEP_AFTER packets: the AESGCM and the sealer are kept
+                server_conn._send_seq = ai._KEEP_AFTER + 1000
             start = (cipher_obj._iv, server_conn._send_seq, server_conn._rekey_bytes_sent)
             wire: list[bytes] = []
             server_conn._transport.write = lambda data: wire.append(bytes(data))
@@ -1055,6 +1058,8 @@ def test_the_data_sealer_sends_the_bytes_send_packet_would(
             monkeypatch.setattr(ai, "_data_sealer", watched)
             sealed = flush()
             assert used == [True, True]  # stdout's flush, stderr's flush
+            assert (chan._hk_sealer[1] is not None) is busy  # kept only for a busy key
+            assert hasattr(cipher_obj, "_hk_aead") is busy
             assert sealer(chan) is None  # not inside a flush: no cork to fill
             general = server_conn.send_packet
             server_conn.send_packet = lambda *a, **k: general(*a, **k)  # sealer steps aside
@@ -1063,6 +1068,43 @@ def test_the_data_sealer_sends_the_bytes_send_packet_would(
             assert sealed == by_send_packet
             assert len(sealed) > len(payload) + 5000 + (4 * 48 if interactive else 0)
             conn.abort()  # the client saw none of this: its sequence numbers are behind
+
+    run(main)
+
+
+def test_a_long_stream_each_way_keeps_one_aead_per_key() -> None:
+    """Past ai._KEEP_AFTER packets into a key, the AESGCM object is built once and kept on
+    the cipher, each way (HACKS.md row 35); an idle session's few packets keep none (no
+    OpenSSL contexts held for ever). The data arrives whole either way."""
+    payload = random.Random(5).randbytes(12 << 20)  # ~400 packets of 32 KiB each way
+
+    async def main() -> None:
+        ctx = Ctx()
+        algs = {"encryption_algs": ["aes128-gcm@openssh.com"]}
+        async with serve(ctx, lambda: HookServer(ctx), **algs) as port, \
+                await aconnect(port, **algs) as conn:
+            chan, client = await exec_session(conn, "cat")
+            server_session = await ctx.session_made
+            await server_session.started
+            chan_s = server_session.chan
+            assert chan_s is not None
+            chan_s.set_interactive(False)
+            server_conn: Any = ctx.conns[0]
+            send_cipher = server_conn._send_encryption._cipher  # test reach-ins (row 35)
+            recv_cipher = server_conn._recv_encryption._cipher
+            assert not hasattr(send_cipher, "_hk_aead") and not hasattr(recv_cipher, "_hk_aead")
+            got_all = ctx.future()
+            server_session.on_data = lambda _d: (len(server_session.data) >= len(payload)
+                                                 and settle(got_all, True))
+            chan.write(payload)
+            await got_all
+            assert server_session.data == payload
+            assert hasattr(recv_cipher, "_hk_aead")
+            chan_s.write(payload)
+            chan_s.exit(0)
+            await chan.wait_closed()
+            assert client.data == payload
+            assert hasattr(send_cipher, "_hk_aead") and chan_s._hk_sealer[1] is not None
 
     run(main)
 
