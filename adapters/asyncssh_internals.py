@@ -1606,8 +1606,10 @@ def _new_sealer(conn: Any, state: HookState, chan: HookedServerChannel,
     update_iv = cipher._update_iv
     blocksize, hdrlen = conn._send_blocksize, conn._send_enchdrlen
     send_chan = chan._send_chan
-    cork = state.corked.append
     monotonic = time.monotonic
+
+    def cork(wire: bytes) -> None:  # the held packets, looked up per packet: a kept sealer
+        state.corked.append(wire)   # outlives any one list of them
     ignore_pad = -(hdrlen + len(_IGNORE)) % blocksize
     if ignore_pad < 4:
         ignore_pad += blocksize
