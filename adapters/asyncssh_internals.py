@@ -53,6 +53,7 @@ import functools
 import hashlib
 import inspect
 import os
+import struct
 import time
 import weakref
 import zlib
@@ -67,11 +68,16 @@ from asyncssh.channel import SSHChannel
 from asyncssh.connection import SSHConnection
 from asyncssh.constants import (
     MSG_CHANNEL_EXTENDED_DATA,
+    MSG_CHANNEL_FIRST,
+    MSG_CHANNEL_LAST,
     MSG_DEBUG,
     MSG_IGNORE,
+    MSG_KEX_FIRST,
     MSG_KEX_LAST,
     MSG_SERVICE_ACCEPT,
+    MSG_UNIMPLEMENTED,
     MSG_USERAUTH_BANNER,
+    MSG_USERAUTH_FIRST,
     MSG_USERAUTH_LAST,
 )
 from asyncssh.crypto.cipher import GCMCipher
@@ -79,6 +85,7 @@ from asyncssh.encryption import GCMEncryption
 from asyncssh.logging import SSHLogger
 from asyncssh.misc import map_handler_name
 from asyncssh.packet import Byte, PacketDecodeError, SSHPacket, SSHPacketHandler, String, UInt32
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 __all__ = [
@@ -604,6 +611,8 @@ RequestCallback: TypeAlias = Callable[["HookedServerChannel", ChannelRequest], N
 DataAfterEofCallback: TypeAlias = Callable[["HookedServerChannel", int], None]
 
 
+_NO_SEALER: tuple[Any, Any] = (None, None)  # HookedServerChannel._hk_sealer until one is kept
+_DATA_TYPE_NAMES = asyncssh.channel._data_type_names  # REACH-IN (row 35): write's log text
 _CHAN_CLOSE = asyncssh.SSHServerChannel._packet_handlers[MSG_CHANNEL_CLOSE]
 _CHAN_WINDOW_ADJUST = asyncssh.SSHServerChannel._packet_handlers[MSG_CHANNEL_WINDOW_ADJUST]
 _CHAN_DATA = asyncssh.SSHServerChannel._packet_handlers[MSG_CHANNEL_DATA]
@@ -657,6 +666,10 @@ class HookedServerChannel(asyncssh.SSHServerChannel[bytes]):
         # asyncssh's IGNORE before each packet (HACKS.md row 33): kept while the
         # channel may carry keystrokes; `set_interactive(False)` drops it.
         self.interactive = True
+        # The connection's HookState (None without install_hooks), looked up once, and the
+        # data sealer for the current send keys (row 35): (encryption, sealer or None).
+        self._hk_state: HookState | None = conn.get_extra_info(_STATE_KEY)
+        self._hk_sealer: tuple[Any, Callable[[Any, int | None], bool] | None] = _NO_SEALER
 
     # REACH-IN: SSHPacketHandler dispatches through the class attribute
     # `_packet_handlers`; we replace the MSG_CHANNEL_REQUEST entry.
@@ -727,6 +740,38 @@ class HookedServerChannel(asyncssh.SSHServerChannel[bytes]):
         packet per packet for a bulk stream (exec without a pty, sftp)."""
         self.interactive = interactive
 
+    # REACH-IN (HACKS.md row 35): SSHChannel.write (channel.py:896), ported line for line but
+    # for one change: a bytes object (immutable) is queued as it is, not copied into a
+    # bytearray; anything else (a bytearray or memoryview its owner may reuse) is copied.
+    def write(self, data: Any, datatype: int | None = None) -> None:
+        if self._send_state != 'open':
+            raise BrokenPipeError('Channel not open for sending')
+
+        if datatype is not None and datatype not in self._write_datatypes:
+            raise OSError('Invalid extended data type')
+
+        if not data:
+            return
+
+        if self._encoding:
+            assert self._encoder is not None
+            encoded_data = self._encoder.encode(cast(str, data))
+        else:
+            encoded_data = cast(bytes, data)
+
+        datalen = len(encoded_data)
+
+        typename = f' to {_DATA_TYPE_NAMES[datatype]}' if datatype else ''  # lint: one line
+
+        self.logger.debug2('Sending %d data byte%s%s', datalen,
+                           's' if datalen > 1 else '', typename)
+
+        # CHANGED: bytes are not copied (the flush cuts views of them, row 32)
+        queued = encoded_data if type(encoded_data) is bytes else bytearray(encoded_data)
+        self._send_buf.append((queued, datatype))  # type: ignore[arg-type]
+        self._send_buf_len += datalen
+        self._flush_send_buf()
+
     # REACH-IN (HACKS.md row 32): SSHChannel._flush_send_buf (channel.py:305), ported: it
     # sends every data packet the send window allows, cut from the buffer as views, not copies.
     # (Its packets, like every packet, are held for the loop turn's one write: _Turn.)
@@ -736,7 +781,9 @@ class HookedServerChannel(asyncssh.SSHServerChannel[bytes]):
     def _hk_flush_send_buf(self) -> None:
         # asyncssh 2.24.1's loop, but each packet's data is a view of the buffered
         # bytearray (joined into the packet once, in _send_packet) and the sent part
-        # is deleted once per buffer, not once per packet.
+        # is deleted once per buffer, not once per packet. The data packets go through
+        # the sealer of _data_sealer when it can take them (asyncssh's send_packet otherwise).
+        fast = _data_sealer(self) if self._send_buf and self._send_window else None
         while self._send_buf and self._send_window:
             buf, datatype = self._send_buf[0]
             sent = 0
@@ -748,10 +795,13 @@ class HookedServerChannel(asyncssh.SSHServerChannel[bytes]):
                         self._send_window -= size
                         with view[sent:sent + size] as data:
                             sent += size
-                            self._hk_send_data(data, datatype)
+                            if fast is None or not fast(data, datatype):
+                                self._hk_send_data(data, datatype)
             finally:
                 if sent == len(buf):
                     del self._send_buf[0]
+                elif type(buf) is bytes:  # queued uncopied by write (row 35): the rest, once
+                    self._send_buf[0] = (buf[sent:], datatype)
                 else:
                     del buf[:sent]
 
@@ -913,6 +963,8 @@ class HookState:
     if_unsent: list[Callable[[], None]] = field(default_factory=list)  # see when_send_fails
     pad: bytes = b""
     pad_pos: int = 0
+    inpos: int = 0  # receive path (row 35): where the packet in progress starts in _inpbuf
+    send_packet: Callable[..., None] | None = None  # our port, while nobody wraps it (_data_sealer)
     seqs: dict[str, int] = field(default_factory=lambda: {"global": 0, "open": 0, "auth": 0})
     verdicts: set[asyncio.Future[bool | bytes]] = field(default_factory=set)
 
@@ -1452,7 +1504,13 @@ def install_hooks(conn: asyncssh.SSHServerConnection, hooks: ConnectionHooks, *,
         _validate_certificate, state, conn._validate_openssh_certificate)
     # REACH-IN (HACKS.md rows 32, 33): asyncssh's SSHConnection.send_packet, ported (see
     # _send_packet), shadowed on the instance as the send breaker's wrapper is.
-    conn.send_packet = functools.partial(_send_packet, state)  # type: ignore[method-assign]
+    state.send_packet = functools.partial(_send_packet, state)
+    conn.send_packet = state.send_packet  # type: ignore[method-assign]
+    # REACH-IN (HACKS.md row 35): asyncssh's packet parsers, ported (no re-slicing of the
+    # receive buffer per packet); asyncssh looks them up on the instance
+    # (`self._recv_handler = self._recv_pkthdr`), so instance attributes take their place.
+    conn._recv_pkthdr = functools.partial(_recv_pkthdr, state)  # type: ignore[method-assign]
+    conn._recv_packet = functools.partial(_recv_packet, state)  # type: ignore[method-assign]
     conn.set_extra_info(**{_STATE_KEY: state})
     return state
 
@@ -1577,11 +1635,120 @@ def _encrypt_packet(encryption: Any, seq: int, hdr: bytes, packet: bytes) -> tup
     tag, in wire order) as they are. Same key, IV and IV update (REACH-IN: row 32)."""
     if type(encryption) is GCMEncryption:
         cipher = encryption._cipher
-        sealed = AESGCM(cipher._key).encrypt(cipher._iv, packet, hdr)
+        sealed = _gcm_aead(cipher, seq).encrypt(cipher._iv, packet, hdr)
         cipher._update_iv()
         return hdr, sealed
     sent: tuple[bytes, bytes] = encryption.encrypt_packet(seq, hdr, packet)
     return sent
+
+
+# Packets into a key after which its AESGCM object (and a channel's sealer) is kept: a
+# busy stream gets there within a few MiB; an idle session (some 30-60 packets after
+# login) never does, so it keeps no OpenSSL contexts (a few KiB each way) for ever.
+_KEEP_AFTER = 256
+
+
+def _gcm_aead(cipher: GCMCipher, seq: int) -> AESGCM:
+    """The AESGCM object for a GCMCipher's key: asyncssh's encrypt_and_sign and
+    verify_and_decrypt build a new one (OpenSSL key schedule and context) for every
+    packet; AESGCM takes a new nonce per call, so once the packets' sequence number
+    `seq` passes _KEEP_AFTER it is built once and kept on the cipher (REACH-IN: row 35)."""
+    aead: AESGCM | None = getattr(cipher, "_hk_aead", None)
+    if aead is None:
+        aead = AESGCM(cipher._key)
+        if seq >= _KEEP_AFTER:
+            cipher._hk_aead = aead  # type: ignore[attr-defined]  # our attribute, on asyncssh's object
+    return aead
+
+
+_DATA_HEAD = struct.Struct(">BBII")  # padding length, MSG_CHANNEL_DATA, channel, data length
+_EXT_HEAD = struct.Struct(">BBIII")  # ..., MSG_CHANNEL_EXTENDED_DATA, channel, type, length
+_PKTLEN = struct.Struct(">I")
+_GCM_TAG = 16
+_IGNORE = bytes((MSG_IGNORE,)) + String(b"")  # asyncssh's send_packet(MSG_IGNORE, String(b''))
+
+
+def _data_sealer(chan: HookedServerChannel) -> Callable[[Any, int | None], bool] | None:
+    """For one flush of `chan`'s send buffer: a function that turns one data packet
+    into wire bytes for the cork, with exactly the bytes asyncssh's send_packet would
+    send (same padding rule, GCM key, IV and sequence bookkeeping), in a few lines of
+    Python instead of its general path, and the empty IGNORE before it on a channel
+    that wants one (a pty's, row 33). None when the general path must run: a cipher
+    other than AES-GCM, compression, asyncssh's packet log (debug level 3), a key
+    exchange not complete, or a send_packet that
+    is not ours (tests/send_breaker.py wraps it). The function returns False, sending
+    nothing, when this packet must take the general path after all: a re-key is due
+    (send_packet starts it and holds the packet). Built once per send key and channel.
+    REACH-IN: row 35."""
+    conn: Any = chan._conn
+    state = chan._hk_state
+    if (conn is None or state is None or state.turn is None or not conn._transport
+            or not (conn._kex_complete and conn._auth_complete) or conn._compressor
+            or SSHLogger._debug_level >= 3 or conn.send_packet is not state.send_packet):
+        return None
+    encryption = conn._send_encryption
+    keys, sealer = chan._hk_sealer
+    if keys is not encryption:
+        sealer = _new_sealer(conn, state, chan, encryption)
+        if conn._send_seq >= _KEEP_AFTER:  # a busy channel keeps it; an idle one, nothing
+            chan._hk_sealer = (encryption, sealer)
+    return sealer
+
+
+def _new_sealer(conn: Any, state: HookState, chan: HookedServerChannel,
+                encryption: Any) -> Callable[[Any, int | None], bool] | None:
+    if type(encryption) is not GCMEncryption or chan._send_chan is None:
+        return None
+    cipher = encryption._cipher
+    aead = _gcm_aead(cipher, conn._send_seq)
+    seal_into = getattr(aead, "encrypt_into", None)  # cryptography >= 45
+    update_iv = cipher._update_iv
+    blocksize, hdrlen = conn._send_blocksize, conn._send_enchdrlen
+    send_chan = chan._send_chan
+    monotonic = time.monotonic
+
+    def cork(wire: bytes) -> None:  # held for the turn's one write (_Turn), as _send_packet
+        state.corked.append(wire)   # holds its packets
+        if not state.in_turn:
+            cast(_Turn, state.turn).hold(state)
+    ignore_pad = -(hdrlen + len(_IGNORE)) % blocksize
+    if ignore_pad < 4:
+        ignore_pad += blocksize
+
+    def seal(packet: bytes) -> int:
+        pktlen = len(packet)
+        hdr = _PKTLEN.pack(pktlen)
+        if seal_into is not None:  # length, ciphertext and tag in one buffer: no join after
+            wire = bytearray(4 + pktlen + _GCM_TAG)
+            wire[:4] = hdr
+            with memoryview(wire) as view, view[4:] as body:
+                seal_into(cipher._iv, packet, hdr, body)
+            cork(cast(bytes, wire))  # bytes-like: _write_out joins it or sends it as it is
+        else:
+            cork(hdr)
+            cork(aead.encrypt(cipher._iv, packet, hdr))
+        update_iv()
+        conn._send_seq = (conn._send_seq + 1) & 0xffffffff
+        conn._rekey_bytes_sent += pktlen
+        return pktlen
+
+    def send(data: Any, datatype: int | None) -> bool:
+        if (conn._rekey_bytes_sent >= conn._rekey_bytes or not conn._kex_complete
+                or (conn._rekey_seconds and monotonic() >= conn._rekey_time)):
+            return False
+        if chan.interactive:  # send_packet's IGNORE first (row 33), as send_packet sends it
+            seal(b"".join((bytes((ignore_pad,)), _IGNORE, _padding(state, ignore_pad))))
+        size = len(data)
+        paylen = size + (9 if datatype is None else 13)
+        padlen = -(hdrlen + paylen) % blocksize
+        if padlen < 4:
+            padlen += blocksize
+        head = (_DATA_HEAD.pack(padlen, MSG_CHANNEL_DATA, send_chan, size) if datatype is None
+                else _EXT_HEAD.pack(padlen, MSG_CHANNEL_EXTENDED_DATA, send_chan, datatype, size))
+        seal(b"".join((head, data, _padding(state, padlen))))
+        return True
+
+    return send
 
 
 # asyncssh 2.24.1's SSHConnection.send_packet, line for line but for the five marked
@@ -1675,6 +1842,189 @@ def _send_packet(state: HookState, pkttype: int, *args: bytes,
     handler.log_sent_packet(pkttype, seq, orig_payload)
 
 
+# --------------------------------------------------------------------------- the receive path
+
+# asyncssh 2.24.1's SSHConnection._recv_pkthdr and _recv_packet (connection.py:1627, 1650),
+# ported line for line but for the marked changes; the compat check pins their source.
+# CHANGED (1): asyncssh cuts every packet off the front of its receive buffer
+# (`self._inpbuf = self._inpbuf[n:]`, twice a packet): each cut copies all that is left,
+# so a read of k packets copies about k^2/2 packets (an upload's 256 KiB reads: 8 packets,
+# ~36 copied). Here the packets are read at an offset, `HookState.inpos`, the start of the
+# packet in progress; the buffer is cut once per read, in _data_received (_compact_inpbuf).
+# The first block stays in the buffer until the whole packet is there.
+# CHANGED (2): for AES-GCM, the packet is opened straight from the buffer (ciphertext and
+# tag are contiguous there) with the key's one AESGCM object (_gcm_aead), where asyncssh
+# copies the rest, the MAC and their join, and builds an AESGCM per packet.
+
+def _compact_inpbuf(state: HookState) -> None:
+    """Drop what the packet handlers consumed, once per read (before asyncssh appends)."""
+    if state.inpos:
+        conn: Any = state.conn
+        conn._inpbuf = conn._inpbuf[state.inpos:]  # REACH-IN: SSHConnection._inpbuf
+        state.inpos = 0
+
+
+def _release_inpbuf(state: HookState) -> None:
+    """Everything read was parsed: let the buffer go now, not at the next read (an idle
+    session would keep its last read alive; asyncssh's cuts leave it empty)."""
+    conn: Any = state.conn
+    if state.inpos and state.inpos == len(conn._inpbuf):  # REACH-IN: SSHConnection._inpbuf
+        conn._inpbuf = b""
+        state.inpos = 0
+
+
+def _recv_pkthdr(state: HookState) -> bool:
+    self: Any = state.conn
+    buf, pos = self._inpbuf, state.inpos  # CHANGED (1)
+    if len(buf) - pos < self._recv_blocksize:
+        return False
+
+    self._packet = buf[pos:pos + self._recv_blocksize]  # CHANGED (1): not consumed yet
+
+    if self._recv_encryption:
+        self._packet, pktlen = \
+            self._recv_encryption.decrypt_header(self._recv_seq,
+                                                 self._packet, 4)
+    else:
+        pktlen = self._packet[:4]
+
+    self._pktlen = int.from_bytes(pktlen, 'big')
+
+    if self._pktlen > self._max_recv_pktlen:
+        raise asyncssh.ProtocolError('Max packet size exceeded')
+
+    self._recv_handler = self._recv_packet
+    return True
+
+
+def _recv_packet(state: HookState) -> bool:
+    self: Any = state.conn
+    rem = 4 + self._pktlen + self._recv_macsize - self._recv_blocksize
+    buf, start = self._inpbuf, state.inpos  # CHANGED (1): the packet starts at `start`
+    pos = start + self._recv_blocksize
+    if len(buf) - pos < rem:
+        return False
+
+    seq = self._recv_seq
+    encryption = self._recv_encryption
+
+    if type(encryption) is GCMEncryption:  # CHANGED (2)
+        cipher = encryption._cipher
+        try:
+            with memoryview(buf) as view, view[start + 4:pos + rem] as sealed:
+                packet_data = _gcm_aead(cipher, seq).decrypt(cipher._iv, sealed, buf[start:start + 4])
+        except InvalidTag:
+            packet_data = None
+        cipher._update_iv()
+
+        if not packet_data:
+            raise asyncssh.MACError('MAC verification failed')
+    else:
+        rest = buf[pos:pos + rem - self._recv_macsize]
+        mac = buf[pos + rem - self._recv_macsize:pos + rem]
+
+        if encryption:
+            packet_data = encryption.decrypt_packet(
+                seq, self._packet, rest, 4, mac)
+
+            if not packet_data:
+                raise asyncssh.MACError('MAC verification failed')
+        else:
+            packet_data = self._packet[4:] + rest
+
+    state.inpos = pos + rem  # CHANGED (1)
+    self._packet = b''
+
+    orig_payload = packet_data[1:-packet_data[0]]
+
+    if self._decompressor and (self._auth_complete or
+                               not self._decompress_after_auth):
+        payload = self._decompressor.decompress(orig_payload)
+
+        if payload is None:
+            raise asyncssh.CompressionError('Decompression failed')
+    else:
+        payload = orig_payload
+
+    packet = SSHPacket(payload)
+    pkttype = packet.get_byte()
+    handler: SSHPacketHandler = self
+    skip_reason = ''
+    exc_reason = ''
+
+    if MSG_KEX_FIRST <= pkttype <= MSG_KEX_LAST:
+        if self._kex:
+            if self._ignore_first_kex:
+                skip_reason = 'ignored first kex'
+                self._ignore_first_kex = False
+            else:
+                handler = self._kex
+        else:
+            skip_reason = 'kex not in progress'
+            exc_reason = 'Key exchange not in progress'
+    elif self._strict_kex and not self._recv_encryption and \
+            MSG_IGNORE <= pkttype <= MSG_DEBUG:
+        skip_reason = 'strict kex violation'
+        exc_reason = 'Strict key exchange violation: ' \
+                     f'unexpected packet type {pkttype} received'
+    elif MSG_USERAUTH_FIRST <= pkttype <= MSG_USERAUTH_LAST:
+        if self._auth:
+            handler = self._auth
+        else:
+            skip_reason = 'auth not in progress'
+            exc_reason = 'Authentication not in progress'
+    elif pkttype > MSG_KEX_LAST and not self._recv_encryption:
+        skip_reason = 'invalid request before kex complete'
+        exc_reason = 'Invalid request before key exchange was complete'
+    elif pkttype > MSG_USERAUTH_LAST and not self._auth_complete:
+        skip_reason = 'invalid request before auth complete'
+        exc_reason = 'Invalid request before authentication was complete'
+    elif MSG_CHANNEL_FIRST <= pkttype <= MSG_CHANNEL_LAST:
+        try:
+            recv_chan = packet.get_uint32()
+        except PacketDecodeError:
+            skip_reason = 'incomplete channel request'
+            exc_reason = 'Incomplete channel request received'
+        else:
+            try:
+                handler = self._channels[recv_chan]
+            except KeyError:
+                skip_reason = 'invalid channel number'
+                exc_reason = f'Invalid channel number {recv_chan} received'
+
+    handler.log_received_packet(pkttype, seq, packet, skip_reason)
+
+    if not skip_reason:
+        try:
+            result = handler.process_packet(pkttype, seq, packet)
+        except PacketDecodeError as exc:
+            raise asyncssh.ProtocolError(str(exc)) from None
+
+        if inspect.isawaitable(result):
+            # Buffer received data until current packet is processed
+            self._recv_handler = lambda: False
+
+            task = self.create_task(result)
+            task.add_done_callback(functools.partial(
+                self._finish_recv_packet, pkttype, seq, is_async=True))
+
+            return False
+        elif not result:
+            if self._strict_kex and not self._recv_encryption:
+                exc_reason = 'Strict key exchange violation: ' \
+                             f'unexpected packet type {pkttype} received'
+            else:
+                self.logger.debug1('Unknown packet type %d received',
+                                   pkttype)
+                self.send_packet(MSG_UNIMPLEMENTED, UInt32(seq))
+
+    if exc_reason:
+        raise asyncssh.ProtocolError(exc_reason)
+
+    self._finish_recv_packet(pkttype, seq)
+    return True
+
+
 async def _no_config_reload() -> None:
     return None
 
@@ -1692,7 +2042,9 @@ def buffered_bytes(conn: asyncssh.SSHServerConnection) -> int:
 
 def _data_received(state: HookState, data_received: Callable[..., None], data: bytes,
                    datatype: object = None) -> None:
+    _compact_inpbuf(state)
     data_received(data, datatype)
+    _release_inpbuf(state)
     if state.write_paused:
         _call_hook("on_backlog", state.hooks.on_backlog, state.conn, buffered_bytes(state.conn))
 
@@ -1962,8 +2314,10 @@ REACH_INS: tuple[ReachIn, ...] = (
     # source is pinned by hash, check_asyncssh_compat) and corks _flush_send_buf.
     ReachIn(SSHConnection, "_send", ("data",), source_has="self._transport.write(data)"),
     ReachIn(SSHChannel, "_flush_send_buf", ()),  # ported: source pinned (_PORTED)
-    ReachIn(SSHChannel, "write", ("data", "datatype"),
-            source_has="self._send_buf.append((bytearray(encoded_data), datatype))"),
+    ReachIn(SSHChannel, "write", ("data", "datatype")),  # ported: source pinned (_PORTED)
+    ReachIn(asyncssh.channel, "_data_type_names"),
+    ReachIn(asyncssh.SSHServerChannel, "_write_datatypes"),  # a class attribute
+    *(ReachIn(SSHChannel, name, attr_in=SSHChannel.set_encoding) for name in ("_encoding", "_encoder")),
     ReachIn(SSHChannel, "_pause_resume_writing", ()),
     ReachIn(SSHChannel, "_close_send", ()),
     *(ReachIn(SSHChannel, name, attr_in=SSHChannel.__init__)
@@ -1981,6 +2335,24 @@ REACH_INS: tuple[ReachIn, ...] = (
                    "_rekey_seconds", "_rekey_time", "_kexinit_sent", "_auth_in_progress",
                    "_deferred_packets", "_send_encryption", "_compressor", "_compress_after_auth",
                    "_send_enchdrlen", "_send_blocksize", "_send_seq", "_strict_kex")),
+    # the data sealer and the receive path (HACKS.md row 35): AESGCM kept on the cipher;
+    # the packet parsers, ported (source pinned, _PORTED), looked up on the instance;
+    # the receive buffer, appended to by data_received and read at an offset.
+    ReachIn(GCMCipher, "verify_and_decrypt", ("header", "data", "mac")),  # source pinned
+    ReachIn(GCMEncryption, "decrypt_packet", ("seq", "first", "rest", "header_len", "mac"),
+            source_has="return self._cipher.verify_and_decrypt(first[:header_len],"),
+    ReachIn(SSHConnection, "_recv_pkthdr", ()),  # ported: source pinned (_PORTED)
+    ReachIn(SSHConnection, "_recv_packet", ()),  # ported: source pinned (_PORTED)
+    ReachIn(SSHConnection, "_recv_version", (), source_has="self._recv_handler = self._recv_pkthdr"),
+    ReachIn(SSHConnection, "_finish_recv_packet", ("pkttype", "seq", "_task", "is_async"),
+            source_has="self._recv_handler = self._recv_pkthdr"),
+    ReachIn(SSHConnection, "_recv_data", (), source_has="while self._inpbuf and self._recv_handler():"),
+    ReachIn(SSHConnection, "data_received", ("data", "datatype"), source_has="self._inpbuf += data"),
+    *(ReachIn(SSHConnection, name, attr_in=SSHConnection.__init__)
+      for name in ("_inpbuf", "_packet", "_pktlen", "_recv_handler", "_recv_encryption",
+                   "_recv_blocksize", "_recv_macsize", "_recv_seq", "_max_recv_pktlen",
+                   "_decompressor", "_decompress_after_auth", "_kex", "_ignore_first_kex",
+                   "_auth", "_channels")),
 )
 
 # sha256 of the source of what the send path ports (HACKS.md row 32), asyncssh 2.24.1:
@@ -1992,6 +2364,15 @@ _PORTED: tuple[tuple[Any, str, str], ...] = (
      "3f11e9dc27c58b18847c12007b945cb36c7767def131c9b96b0c0a81a8b72dbc"),
     (GCMCipher.encrypt_and_sign, "_encrypt_packet",
      "adb87dbdb4f9039ab1f0029bd845b032bd6571d2ae894c7b067ea1f62bb0726e"),
+    # write, queueing bytes uncopied, the sealer and the receive path (HACKS.md row 35)
+    (SSHChannel.write, "HookedServerChannel.write",
+     "1045e200084699330b3c75abe2e63e760dc8a12eb008c85ec5cefcafab372e38"),
+    (SSHConnection._recv_pkthdr, "_recv_pkthdr",
+     "7adc4d88fe20593cef39c00322547733a2d81f0aed40924e6105d5f57aa2a820"),
+    (SSHConnection._recv_packet, "_recv_packet",
+     "b3daa22e9763eee9f3ec710d1469c1b54c8df5066bae3e65b66bdf1db8063c8b"),
+    (GCMCipher.verify_and_decrypt, "_recv_packet (its GCM branch)",
+     "c09eb5b36d0f6a92a6df6430e70d479dbd6354f3403b98b65e9dc9ecccc37b52"),
 )
 
 

@@ -660,6 +660,13 @@ def main() -> None:
                         help="transfer: pty keystroke round trips (default 500)")
     parser.add_argument("--transfer-rounds", type=int, default=3,
                         help="transfer: rounds, the order alternating (default 3)")
+    parser.add_argument("--transfer-baseline", type=Path,
+                        help="transfer: another sshspec checkout (with its own .venv) measured in the "
+                             "same rounds, for before/after side by side")
+    parser.add_argument("--transfer-chacha", action="store_true",
+                        help="transfer: also chacha20-poly1305 streams (sshspec servers configured to "
+                             "offer it; the pty keystrokes then use it too: the OpenSSH client's "
+                             "first choice)")
     parser.add_argument("--auth", choices=["trivial", "scrypt"], default="trivial",
                         help="password check on both servers (default: hmac compare, no scrypt)")
     parser.add_argument("--batched-log", action="store_true",
@@ -732,7 +739,8 @@ def main() -> None:
             print(f"transfer: {size >> 20} MiB streams, {sftp_size >> 20} MiB sftp, {args.keystrokes} "
                   f"keystrokes, {args.transfer_rounds} rounds, against OpenSSH sshd", flush=True)
             res["transfer"] = transfer_phase(work, key, SSHSPEC, ENV, size=size, sftp_size=sftp_size,
-                                             keys=args.keystrokes, rounds=args.transfer_rounds)
+                                             keys=args.keystrokes, rounds=args.transfer_rounds,
+                                             baseline=args.transfer_baseline, chacha=args.transfer_chacha)
         if not (args.side_only or args.launch_only or args.metrics_only or args.forwarding_only
                 or args.transfer_only):
             sys.path.insert(0, str(ROOT))

@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/run.py --transfer-only [--transfer-size 1G] [--sftp-size 512M]
                                   [--keystrokes 500] [--transfer-rounds 3]
+                                  [--transfer-baseline OTHER_CHECKOUT] [--transfer-chacha]
 
 Two servers on 127.0.0.1, both pinned to CPU 0 (with every process they start), the
 OpenSSH clients on CPU 1: sshspec (`sshspec serve`, the local backend, default log
@@ -47,6 +48,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 BENCH_USER = "sshspec-bench"
 CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com")
+# --transfer-chacha: also chacha20-poly1305, which sshspec does not offer unless configured
+# (adapters/algorithms.py); the sshspec servers then list it (ssh.ciphers), after these.
+CHACHA = "chacha20-poly1305@openssh.com"
+SSHSPEC_CIPHERS = [*CIPHERS, CHACHA, "aes128-ctr", "aes256-ctr"]
 SERVER_CPU, CLIENT_CPU = 0, 1
 TICK = os.sysconf("SC_CLK_TCK")
 SFTP_SERVER = "/usr/lib/openssh/sftp-server"
@@ -203,23 +208,26 @@ def start_sshd(work: Path, pubkey: str, cgroup: Path) -> Target:
 
 
 def start_sshspec(work: Path, sshspec: list[str], pubkey: str, env: dict[str, str],
-                  cgroup: Path) -> Target:
+                  cgroup: Path, *, name: str = "sshspec", root: Path = ROOT, chacha: bool = False) -> Target:
+    """sshspec from the checkout `root` (another one: `--transfer-baseline`, its own venv)."""
     user = pwd.getpwuid(os.geteuid()).pw_name
     port = _free_port()
-    config = work / "transfer-sshspec.yaml"
+    config = work / f"transfer-{name}.yaml"
     config.write_text(json.dumps({  # JSON is YAML; log level, durability: the defaults
-        "ssh": {"listen": f"127.0.0.1:{port}", "hostkeys": [str(work / "sshd_host_ed25519")]},
+        "ssh": {"listen": f"127.0.0.1:{port}", "hostkeys": [str(work / "sshd_host_ed25519")],
+                **({"ciphers": SSHSPEC_CIPHERS} if chacha else {})},
         "auth": {"users": [{"username": user, "authorizedKeys": [pubkey]}]},
         "backend": {"shell": "/bin/sh"},
-        "log": {"format": "json", "file": str(work / "transfer-sshspec.log")},
-        "stateDir": str(work / "transfer-state")}))
-    log = work / "transfer-sshspec.stderr"
+        "log": {"format": "json", "file": str(work / f"transfer-{name}.log")},
+        "stateDir": str(work / f"transfer-state-{name}")}))
+    log = work / f"transfer-{name}.stderr"
     with open(log, "wb") as err:
-        proc = subprocess.Popen([*sshspec, "serve", "--config", str(config)], cwd=ROOT, env=env,
+        proc = subprocess.Popen([*sshspec, "serve", "--config", str(config)], cwd=root,
+                                env={**env, "PYTHONPATH": str(root)},
                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
                                 preexec_fn=_enter(cgroup, SERVER_CPU))
-    _wait_listening(port, proc, "sshspec", log)
-    return Target("sshspec", proc, port, user, cgroup)
+    _wait_listening(port, proc, name, log)
+    return Target(name, proc, port, user, cgroup)
 
 
 def _ssh_opts(key: Path) -> list[str]:
@@ -326,11 +334,18 @@ def _ratio(values: list[dict[str, float]], other: list[dict[str, float]], key: s
 
 
 def transfer_phase(work: Path, _host_key: Path, sshspec: list[str], env: dict[str, str], *, size: int,
-                   sftp_size: int, keys: int, rounds: int) -> dict[str, Any]:
+                   sftp_size: int, keys: int, rounds: int, baseline: Path | None = None,
+                   chacha: bool = False) -> dict[str, Any]:
+    """`baseline`: another sshspec checkout (with its own .venv), measured in the same
+    rounds as a third server, "baseline": before/after side by side."""
     problem = ensure_user()
     if problem is not None or not shutil.which("sshd"):
         return {"skipped": problem or "no sshd (openssh-server) installed"}
+    if baseline is not None and not (baseline / ".venv" / "bin" / "sshspec").exists():
+        return {"skipped": f"--transfer-baseline {baseline}: no .venv/bin/sshspec there"}
     cgroups = [_make_cgroup("sshd"), _make_cgroup("sshspec")]
+    if baseline is not None:
+        cgroups.append(_make_cgroup("baseline"))
     if None in cgroups:
         return {"skipped": "cannot make a cgroup to account the servers' CPU"}
     # sshd reads the authorized_keys file as the test user: the work dir (0700) must be
@@ -347,19 +362,25 @@ def transfer_phase(work: Path, _host_key: Path, sshspec: list[str], env: dict[st
     local.chmod(0o644)
     servers: list[Target] = []
     measures: list[tuple[str, Any]] = []
-    for cipher in CIPHERS:
+    for cipher in (*CIPHERS, CHACHA) if chacha else CIPHERS:
         short = cipher.split("@")[0]
         measures.append((f"download {short}", lambda t, c=cipher: stream(t, key, c, size, False)))
         measures.append((f"upload {short}", lambda t, c=cipher: stream(t, key, c, size, True)))
     measures.append(("sftp get aes128-gcm", lambda t: sftp(t, key, local, sftp_size, False)))
     measures.append(("sftp put aes128-gcm", lambda t: sftp(t, key, local, sftp_size, True)))
     measures.append(("pty keystroke", lambda t: keystrokes(t, key, keys)))
+    names = ["sshd", "sshspec"] + (["baseline"] if baseline is not None else [])
     results: dict[str, dict[str, list[dict[str, float]]]] = {
-        name: {"sshd": [], "sshspec": []} for name, _ in measures}
+        name: {srv: [] for srv in names} for name, _ in measures}
     try:
         assert cgroups[0] is not None and cgroups[1] is not None
         servers.append(start_sshd(work, pubkey, cgroups[0]))
-        servers.append(start_sshspec(work, sshspec, pubkey, env, cgroups[1]))
+        servers.append(start_sshspec(work, sshspec, pubkey, env, cgroups[1], chacha=chacha))
+        if baseline is not None:
+            assert cgroups[2] is not None
+            servers.append(start_sshspec(work, [str(baseline / ".venv" / "bin" / "sshspec")], pubkey,
+                                         env, cgroups[2], name="baseline", root=baseline,
+                                         chacha=chacha))
         for target in servers:  # a first session starts what stays (sshspec's guard)
             ssh = ["ssh", "-p", str(target.port), *_ssh_opts(key), f"{target.user}@127.0.0.1"]
             _run([*ssh, "true"], target, "warm-up")
@@ -370,9 +391,9 @@ def transfer_phase(work: Path, _host_key: Path, sshspec: list[str], env: dict[st
             for name, measure in measures:
                 for target in order:
                     results[name][target.name].append(measure(target))
-                a, b = results[name]["sshspec"][-1], results[name]["sshd"][-1]
+                last = [results[name][srv][-1] for srv in names[1:] + ["sshd"]]
                 print(f"  round {turn + 1}/{rounds} {name:<22} " + "  ".join(
-                    f"{k} {a[k]:.3f}/{b[k]:.3f}" for k in a), flush=True)
+                    f"{k} " + "/".join(f"{x[k]:.3f}" for x in last) for k in last[0]), flush=True)
     finally:
         for s in servers:
             s.stop()
@@ -388,13 +409,19 @@ def transfer_phase(work: Path, _host_key: Path, sshspec: list[str], env: dict[st
                         time.sleep(0.01)
                     cg.rmdir()
     out: dict[str, Any] = {"size": size, "sftp_size": sftp_size, "keystrokes": keys, "rounds": rounds,
-                           "rounds_raw": results, "ratios": {}}
+                           "rounds_raw": results, "ratios": {},
+                           "baseline": None if baseline is None else str(baseline)}
     for name, per in results.items():
         keys_of = per["sshspec"][0].keys()
         out["ratios"][name] = {k: _ratio(per["sshspec"], per["sshd"], k) for k in keys_of}
         out["ratios"][name]["medians"] = {
             srv: {k: round(statistics.median(x[k] for x in per[srv]), 3) for k in keys_of}
-            for srv in ("sshspec", "sshd")}
+            for srv in names}
+        if baseline is not None:
+            out.setdefault("baseline_ratios", {})[name] = {
+                k: _ratio(per["baseline"], per["sshd"], k) for k in keys_of}
+            out.setdefault("vs_baseline", {})[name] = {
+                k: _ratio(per["sshspec"], per["baseline"], k) for k in keys_of}
     return out
 
 
@@ -413,6 +440,13 @@ def report(t: dict[str, Any]) -> None:
         med = r["medians"]
         print(f"  {name:<22}" + "   ".join(cells) + "   | " + "  ".join(
             f"{k} {med['sshspec'][k]} | {med['sshd'][k]}" for k in med["sshspec"]))
+    if t.get("baseline"):
+        print(f"baseline {t['baseline']}, same rounds: baseline / sshd, then sshspec / baseline, "
+              f"median (min max)")
+        for label, table in (("baseline/sshd", t["baseline_ratios"]), ("sshspec/baseline", t["vs_baseline"])):
+            for name, r in table.items():
+                print(f"  {label:<17} {name:<22}" + "   ".join(
+                    f"{k} {v['median']:.3f} ({v['min']:.3f} {v['max']:.3f})" for k, v in r.items()))
 
 
 def targets(t: dict[str, Any]) -> dict[str, tuple[Any, str, bool]]:

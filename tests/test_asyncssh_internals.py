@@ -17,6 +17,7 @@ import functools
 import inspect
 import io
 import logging
+import random
 import socket
 import struct
 import threading
@@ -998,6 +999,204 @@ def test_a_key_exchange_in_the_middle_of_a_flush_holds_the_data_it_cuts() -> Non
             await chan.wait_closed()
             assert client.data == payload
             assert ctx.hook_states[ctx.conns[0]].kex_count > 5
+
+    run(main)
+
+
+# Every cipher and MAC shape the send and receive ports meet: AES-GCM (the sealer, the
+# GCM receive branch), chacha20 (its own header decryption), CTR with an EtM MAC and with
+# a MAC over the plaintext (asyncssh's stateful decrypt_header), and zlib on top.
+_WIRE_SHAPES = [
+    pytest.param({"encryption_algs": ["aes128-gcm@openssh.com"]}, id="aes128-gcm"),
+    pytest.param({"encryption_algs": ["aes256-gcm@openssh.com"]}, id="aes256-gcm"),
+    pytest.param({"encryption_algs": ["chacha20-poly1305@openssh.com"]}, id="chacha20"),
+    pytest.param({"encryption_algs": ["aes128-ctr"], "mac_algs": ["hmac-sha2-256-etm@openssh.com"]},
+                 id="ctr-etm"),
+    pytest.param({"encryption_algs": ["aes128-ctr"], "mac_algs": ["hmac-sha2-256"]}, id="ctr-hmac"),
+    pytest.param({"encryption_algs": ["aes128-gcm@openssh.com"], "compression_algs": ["zlib"]},
+                 id="gcm-zlib"),
+]
+
+
+class SplitClient(ClientSession):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stderr = b""
+
+    def data_received(self, data: bytes, datatype: Any) -> None:
+        if datatype == asyncssh.EXTENDED_DATA_STDERR:
+            self.stderr += data
+        else:
+            self.data += data
+
+
+@pytest.mark.parametrize("algs", _WIRE_SHAPES)
+def test_a_stream_each_way_through_re_keys_arrives_whole(algs: dict[str, Any]) -> None:
+    """Data both ways across about ten re-keys, for each cipher shape: downloads through
+    the data sealer (AES-GCM) or asyncssh's send_packet, uploads through the ported packet
+    parsers, which read at an offset and cut the buffer once per read (HACKS.md row 35).
+    The client's 2 MiB window lets many packets arrive in one read."""
+    payload = random.Random(17).randbytes(1_000_003)  # incompressible (zlib), not a packet multiple
+
+    async def main() -> None:
+        ctx = Ctx()
+        async with serve(ctx, lambda: HookServer(ctx), rekey_bytes=100_000, **algs) as port, \
+                await aconnect(port, **algs) as conn:
+            chan, client = await conn.create_session(SplitClient, "cat", encoding=None)
+            server_session = await ctx.session_made
+            await server_session.started
+            assert server_session.chan is not None
+            server_session.chan.set_interactive(False)
+            got_all = ctx.future()
+            server_session.on_data = lambda _d: (len(server_session.data) >= len(payload)
+                                                 and settle(got_all, True))
+            for i in range(0, len(payload), 100_000):
+                chan.write(payload[i:i + 100_000])
+            await got_all
+            assert server_session.data == payload
+            for i in range(0, len(payload), 65536):
+                server_session.chan.write(payload[i:i + 65536])
+                server_session.chan.write_stderr(payload[i:i + 999])
+            server_session.chan.exit(0)
+            await chan.wait_closed()
+            assert client.data == payload
+            assert client.stderr == b"".join(payload[i:i + 999] for i in range(0, len(payload), 65536))
+            state = ctx.hook_states[ctx.conns[0]]
+            assert state.kex_count > 5
+            # everything read was parsed: the buffer was let go (test reach-in, row 35)
+            assert state.inpos == 0 and ctx.conns[0]._inpbuf == b""
+
+    run(main)
+
+
+@pytest.mark.parametrize("busy", [False, True], ids=["fresh-key", "busy-key"])
+@pytest.mark.parametrize("interactive", [False, True], ids=["bulk", "pty"])
+@pytest.mark.parametrize("cipher", ["aes128-gcm@openssh.com", "aes256-gcm@openssh.com"])
+def test_the_data_sealer_sends_the_bytes_send_packet_would(
+        cipher: str, interactive: bool, busy: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sealer (HACKS.md row 35) is a shortcut through asyncssh's send_packet for data
+    packets (and, on a pty's channel, the IGNORE before each, row 33): from the same keys,
+    IV, sequence number and padding, one flush of stdout and stderr data gives byte for
+    byte the wire bytes the general path gives."""
+    payload = bytes(range(256)) * 300  # 75 KiB: packets of 32, 32 and 11 KiB
+
+    async def main() -> None:
+        ctx = Ctx()
+        async with serve(ctx, lambda: HookServer(ctx)) as port, \
+                await aconnect(port, encryption_algs=[cipher]) as conn:
+            await exec_session(conn, "cat")
+            server_session = await ctx.session_made
+            await server_session.started
+            chan = server_session.chan
+            assert chan is not None
+            chan.set_interactive(interactive)
+            server_conn: Any = ctx.conns[0]
+            state = ctx.hook_states[server_conn]
+            cipher_obj = server_conn._send_encryption._cipher  # test reach-ins (row 35)
+            state.pad, state.pad_pos = bytes(range(256)) * 64, 0
+            if busy:  # past ai._KEEP_AFTER packets: the AESGCM and the sealer are kept
+                server_conn._send_seq = ai._KEEP_AFTER + 1000
+            start = (cipher_obj._iv, server_conn._send_seq, server_conn._rekey_bytes_sent)
+            wire: list[bytes] = []
+            server_conn._transport.write = lambda data: wire.append(bytes(data))
+
+            def flush() -> bytes:
+                cipher_obj._iv, server_conn._send_seq, server_conn._rekey_bytes_sent = start
+                state.pad_pos = 0
+                wire.clear()
+                chan.write(payload)
+                chan.write_stderr(payload[:5000])
+                ai.send_now(server_conn)  # what the turn holds, written now (row 32)
+                return b"".join(wire)
+
+            used: list[bool] = []
+            sealer = ai._data_sealer
+
+            def watched(ch: HookedServerChannel) -> Any:
+                fast = sealer(ch)
+                used.append(fast is not None)
+                return fast
+
+            monkeypatch.setattr(ai, "_data_sealer", watched)
+            sealed = flush()
+            assert used == [True, True]  # stdout's flush, stderr's flush
+            assert (chan._hk_sealer[1] is not None) is busy  # kept only for a busy key
+            assert hasattr(cipher_obj, "_hk_aead") is busy
+            server_conn._transport, transport = None, server_conn._transport
+            assert sealer(chan) is None  # the connection let its transport go: nothing to hold
+            server_conn._transport = transport
+            general = server_conn.send_packet
+            server_conn.send_packet = lambda *a, **k: general(*a, **k)  # sealer steps aside
+            by_send_packet = flush()
+            assert used[2:] == [False, False]
+            assert sealed == by_send_packet
+            assert len(sealed) > len(payload) + 5000 + (4 * 48 if interactive else 0)
+            conn.abort()  # the client saw none of this: its sequence numbers are behind
+
+    run(main)
+
+
+def test_a_long_stream_each_way_keeps_one_aead_per_key() -> None:
+    """Past ai._KEEP_AFTER packets into a key, the AESGCM object is built once and kept on
+    the cipher, each way (HACKS.md row 35); an idle session's few packets keep none (no
+    OpenSSL contexts held for ever). The data arrives whole either way."""
+    payload = random.Random(5).randbytes(12 << 20)  # ~400 packets of 32 KiB each way
+
+    async def main() -> None:
+        ctx = Ctx()
+        algs = {"encryption_algs": ["aes128-gcm@openssh.com"]}
+        async with serve(ctx, lambda: HookServer(ctx), **algs) as port, \
+                await aconnect(port, **algs) as conn:
+            chan, client = await exec_session(conn, "cat")
+            server_session = await ctx.session_made
+            await server_session.started
+            chan_s = server_session.chan
+            assert chan_s is not None
+            chan_s.set_interactive(False)
+            server_conn: Any = ctx.conns[0]
+            send_cipher = server_conn._send_encryption._cipher  # test reach-ins (row 35)
+            recv_cipher = server_conn._recv_encryption._cipher
+            assert not hasattr(send_cipher, "_hk_aead") and not hasattr(recv_cipher, "_hk_aead")
+            got_all = ctx.future()
+            server_session.on_data = lambda _d: (len(server_session.data) >= len(payload)
+                                                 and settle(got_all, True))
+            chan.write(payload)
+            await got_all
+            assert server_session.data == payload
+            assert hasattr(recv_cipher, "_hk_aead")
+            chan_s.write(payload)
+            chan_s.exit(0)
+            await chan.wait_closed()
+            assert client.data == payload
+            assert hasattr(send_cipher, "_hk_aead") and chan_s._hk_sealer[1] is not None
+
+    run(main)
+
+
+def test_write_queues_bytes_uncopied_and_copies_what_may_change() -> None:
+    """HookedServerChannel.write (HACKS.md row 35) queues a bytes object as it is (the flush
+    cuts views of it; a window-held rest is cut once), but copies a bytearray: its owner
+    may reuse it before the window lets it go, and the client must get what was written."""
+    held = bytes(range(256)) * 256  # 64 KiB, more than the 16 KiB window
+
+    async def main() -> None:
+        ctx = Ctx()
+        async with serve(ctx, lambda: HookServer(ctx)) as port, await aconnect(port) as conn:
+            chan, client = await exec_session(conn, "cat", window=16384)
+            server_session = await ctx.session_made
+            await server_session.started
+            chan_s = server_session.chan
+            assert chan_s is not None
+            chan_s.set_interactive(False)
+            chan_s.write(held)
+            queued = chan_s._send_buf  # test reach-in (row 35)
+            assert queued and queued[0][0] == held[16384:] and type(queued[0][0]) is bytes
+            reused = bytearray(b"A" * 1000)
+            chan_s.write(reused)
+            reused[:] = b"B" * 1000  # the owner reuses its buffer at once
+            chan_s.exit(0)
+            await chan.wait_closed()
+            assert client.data == held + b"A" * 1000
 
     run(main)
 
