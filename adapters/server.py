@@ -530,7 +530,7 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
         assert self.backend is not None
         target, reason = _ask(self.backend.forward_target, action.host, action.port)
         forwarder = self.forwards[action.channel] = Forwarder(self, action.channel)
-        forwarder.connect(target, self.server.config.forwarding.connect_timeout, reason)  # type: ignore[arg-type]
+        forwarder.connect(target, action.timeout, reason)  # type: ignore[arg-type]
 
     def _bind(self, action: core.Bind) -> None:
         self._global_answer = asyncio.get_running_loop().create_future()
@@ -583,10 +583,10 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
         assert self.conn is not None
         forwarder = self.forwards[action.channel] = Forwarder(self, action.channel)
         if action.kind == core.AGENT_CHANNEL:
-            forwarder.open_agent(self.conn)
+            forwarder.open_agent(self.conn, action.timeout)
         else:
             forwarder.open_to_client(self.conn, action.host, action.port, action.origin_host,
-                                     action.origin_port)
+                                     action.origin_port, action.timeout)
 
     def _confirm_forward(self, action: core.ConfirmForward) -> None:
         self.forwards[action.channel].confirm()
@@ -1051,7 +1051,8 @@ class Server:
         forwarding = config.forwarding
         local, remote, agent = forward_policy_allows(config)
         self.forward_policy = core.ForwardPolicy(local, forwarding.permit_open, remote,
-                                                 forwarding.permit_listen, forwarding.gateway_ports, agent)
+                                                 forwarding.permit_listen, forwarding.gateway_ports, agent,
+                                                 connect_timeout=forwarding.connect_timeout)
         self.metrics: Metrics | None = None
         if config.metrics.listen is not None:
             from sshspec.adapters.metrics import Metrics

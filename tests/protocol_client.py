@@ -160,6 +160,10 @@ class ClientChannel:
     close_received: bool = False
     server_closed_first: bool = False  # the server's CLOSE came before the client sent one
     recv_window: int = WINDOW
+    # A channel the server opened (forwarded-tcpip, auth-agent@openssh.com): its CHANNEL_OPEN's
+    # fields after the type; the client answers it only when told (`answer_open`).
+    server_open: tuple[Any, ...] | None = None
+    answered: str | None = None  # CONFIRMED | REFUSED(code)
 
 
 class ProtocolClient:
@@ -181,6 +185,8 @@ class ProtocolClient:
         self.global_replies: deque[str] = deque()
         self.all_global_replies: list[str] = []
         self.channels: dict[int, ClientChannel] = {}
+        self.server_opens: list[int] = []  # the channels the server opened, in arrival order
+        self.bound_ports: list[int] = []  # the ports REQUEST_SUCCESS named (tcpip-forward for port 0)
         self.disconnect: tuple[int, str] | None = None  # (reason code, text) from the server
         self.ended = False  # the transport stopped (DISCONNECT, EOF or error)
         self.info_prompts: list[str] = []
@@ -330,9 +336,14 @@ class ProtocolClient:
             return True
         if ptype in (MSG_REQUEST_SUCCESS, MSG_REQUEST_FAILURE):
             reply = "REQUEST_SUCCESS" if ptype == MSG_REQUEST_SUCCESS else "REQUEST_FAILURE"
+            if ptype == MSG_REQUEST_SUCCESS and len(r.data) - r.pos == 4:
+                self.bound_ports.append(r.uint32())  # tcpip-forward for port 0: the port bound
             self.global_replies.append(reply)
             self.all_global_replies.append(reply)
             note((ptype, reply))
+            return True
+        if ptype == MSG_CHANNEL_OPEN:
+            self._server_open(r)
             return True
         if MSG_CHANNEL_OPEN_CONFIRMATION <= ptype <= MSG_CHANNEL_FAILURE:
             chan = self.channels.get(r.uint32())
@@ -343,6 +354,30 @@ class ProtocolClient:
             return True
         note((ptype, f"message {ptype}"))
         return False  # GLOBAL_REQUEST from the server, kex...: paramiko's business
+
+    def _server_open(self, r: _Reader) -> None:
+        """The server opens a channel: recorded, answered only when the test says (`answer_open`)."""
+        kind, sender, window, max_packet = r.string(), r.uint32(), r.uint32(), r.uint32()
+        fields: tuple[Any, ...] = ()
+        if kind == b"forwarded-tcpip":
+            fields = (r.string().decode(), r.uint32(), r.string().decode(), r.uint32())
+        cid = self._next_channel
+        self._next_channel += 1
+        self.channels[cid] = ClientChannel(cid, kind, remote=sender, server_open=(window, max_packet, *fields))
+        self.server_opens.append(cid)
+        self.received.append((MSG_CHANNEL_OPEN, f"CHANNEL_OPEN {kind.decode(errors='replace')} ch{cid}"))
+
+    def answer_open(self, chan: int, confirm: bool, code: int = 1) -> None:
+        """Answer the server's CHANNEL_OPEN: confirm it, or refuse it with ``code``."""
+        ch = self.channels[chan]
+        assert ch.remote is not None
+        if confirm:
+            ch.answered = "CONFIRMED"  # (the client may use the channel from now on)
+            self.send(MSG_CHANNEL_OPEN_CONFIRMATION,
+                      uint32(ch.remote) + uint32(chan) + uint32(ch.recv_window) + uint32(32768))
+        else:
+            ch.answered = f"REFUSED({code})"
+            self.send(MSG_CHANNEL_OPEN_FAILURE, uint32(ch.remote) + uint32(code) + string("no") + string(""))
 
     def _auth_reply(self, reply: str) -> None:
         self.auth_replies.append(reply)
