@@ -363,7 +363,8 @@ class ProtocolClient:
             fields = (r.string().decode(), r.uint32(), r.string().decode(), r.uint32())
         cid = self._next_channel
         self._next_channel += 1
-        self.channels[cid] = ClientChannel(cid, kind, remote=sender, server_open=(window, max_packet, *fields))
+        self.channels[cid] = ClientChannel(cid, kind, remote=sender,
+                                           server_open=(window, max_packet, *fields))
         self.server_opens.append(cid)
         self.received.append((MSG_CHANNEL_OPEN, f"CHANNEL_OPEN {kind.decode(errors='replace')} ch{cid}"))
 
