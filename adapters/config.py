@@ -805,14 +805,22 @@ def _check_forwarding(file: str, config: Config) -> None:
                               f"`{pattern}`: not [host:]port (`*` for any host or port)")
 
 
-def forward_policy_allows(config: Config) -> tuple[bool, bool, bool]:
+def forward_policy_allows(config: Config, *, app: tuple[bool, bool] | None = None) -> tuple[bool, bool, bool]:
     """forwarding.tcp and forwarding.agent: whether local (direct-tcpip), remote
-    (tcpip-forward) and agent forwarding are allowed, unset defaults decided by the backend."""
+    (tcpip-forward) and agent forwarding are allowed. Unset, the backend decides: on for
+    the local backend's configured users (sshd's defaults for OS users), off for docker.
+    ``app``: the server runs an application's own Handler (``--handler``, ``serve(App())``),
+    and whether it defines forward_target and agent_target: unset, only what it defines is
+    on (local forwarding, agent forwarding); an app that never mentions forwarding lets no
+    client reach the server's network, nor bind its ports."""
     local_backend = config.backend.type == "local"
-    tcp = config.forwarding.tcp
+    tcp, agent = config.forwarding.tcp, config.forwarding.agent
+    if app is not None and local_backend:
+        routes_forwards, serves_agent = app
+        tcp = ("local" if routes_forwards else "none") if tcp is None else tcp
+        agent = serves_agent if agent is None else agent
     if tcp is None:
         tcp = "all" if local_backend else "none"
-    agent = config.forwarding.agent
     return tcp in ("local", "all"), tcp in ("remote", "all"), local_backend if agent is None else agent
 
 

@@ -332,9 +332,11 @@ class AgentSocket:
     server's user may enter (mkdtemp: 0700), removed when the session ends. Each
     connection to it is an agent client: a channel to the client's agent."""
 
-    def __init__(self, conn: SpecConnection, channel: int) -> None:
+    def __init__(self, conn: SpecConnection, channel: int, serve: ForwardServer | None = None) -> None:
         self.conn = conn
         self.channel = channel
+        self.serve = serve  # the handler's own agent (agent_target); None: the client's
+        self.clients: set[asyncio.Task[None]] = set()  # agent clients the handler serves
         self.directory = tempfile.mkdtemp(prefix="sshspec-agent-")
         self.path = os.path.join(self.directory, "agent")
         self.server: asyncio.Server | None = None
@@ -354,11 +356,27 @@ class AgentSocket:
 
     async def _serve(self, sock: socket.socket) -> None:
         loop = asyncio.get_running_loop()
-        self.server = await loop.create_unix_server(lambda: _AgentClient(self), sock=sock)
+        if self.serve is not None:
+            self.server = await asyncio.start_unix_server(self._serve_in_process, sock=sock)
+        else:
+            self.server = await loop.create_unix_server(lambda: _AgentClient(self), sock=sock)
         self.sock = None  # the server owns it
+
+    async def _serve_in_process(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """An agent client the handler serves itself (its agent_target)."""
+        assert self.serve is not None
+        task = asyncio.current_task()
+        assert task is not None
+        self.clients.add(task)
+        try:
+            await Forwarder._serve(self.serve, reader, writer)
+        finally:
+            self.clients.discard(task)
 
     def close(self) -> None:
         self.serving.cancel()
+        for client in self.clients:
+            client.cancel()
         if self.server is not None:
             self.server.close()
         if self.sock is not None:

@@ -848,3 +848,86 @@ def test_a_client_that_never_answers_an_agent_channel_does_not_hold_the_agent_cl
     live.wait_for_code("SSH_DISCONNECTED")
     (timeout,) = one(live, "SSH_FORWARD_OPEN_TIMEOUT")
     assert timeout["labels"]["requestType"] == "auth-agent@openssh.com"
+
+
+# --- the handler API decides agent forwarding; an app that never mentions forwarding forwards nothing
+
+
+def test_a_handler_serves_the_agent_itself_or_refuses_it(server_factory: Any, agent: dict[str, str]) -> None:
+    """agent_target: "demo"'s programs get SSH_AUTH_SOCK with the application's own agent
+    behind it (ssh-add -l lists its key, not the client's); "noagent" is refused with the
+    handler's reason. The app defines agent_target, so agent forwarding is on by default."""
+    live = server_factory(handler="apps:OwnAgent")
+
+    async def run(user: str) -> Any:
+        async with connect(live, username=user, password=user, agent_forwarding=True,
+                           agent_path=agent["SSH_AUTH_SOCK"]) as conn:
+            return await conn.run('echo "[$SSH_AUTH_SOCK]"; ssh-add -l')
+
+    served = asyncio.run(run("demo"))
+    assert served.exit_status == 0, served.stderr
+    path, listed = str(served.stdout).split("\n", 1)
+    assert path.startswith("[/") and "sshspec-agent-" in path
+    assert "app-agent-key" in listed and "forwarded-key" not in listed
+    refused = asyncio.run(run("noagent"))
+    assert refused.exit_status == 2 and str(refused.stdout).startswith("[]")  # no agent
+    live.wait_for_code("SSH_DISCONNECTED", count=2)
+    failed = [r["labels"] for r in records_with(live, "SSH_CHANNEL_REQUEST_FAILED")
+              if r["labels"].get("requestType") == "auth-agent-req@openssh.com"]
+    assert [f["reason"] for f in failed] == ["refused by the handler: no agent for this user"], failed
+    assert not records_with(live, "SSH_FORWARD_REQUESTED")  # the app's agent: no channel to the client
+
+
+def test_an_app_that_never_mentions_forwarding_forwards_nothing(server_factory: Any, targets: Any,
+                                                                agent: dict[str, str]) -> None:
+    """A --handler app that defines neither forward_target nor agent_target: with forwarding.tcp
+    and forwarding.agent unset, ssh -L, -R and -A are refused (its clients are not the server's
+    OS users: they must not reach its network); set in the config, they work."""
+    target = targets("echo")
+
+    async def main(live: LiveServer) -> tuple[bool, bool]:
+        async with connect(live, username="demo", password="demo", agent_forwarding=True,
+                           agent_path=agent["SSH_AUTH_SOCK"]) as conn:
+            await conn.run("anything")
+            try:
+                reader, writer = await conn.open_connection("127.0.0.1", target.port)
+            except asyncssh.ChannelOpenError as exc:
+                assert exc.code == asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED
+                local = False
+            else:
+                writer.write(b"ping")
+                writer.write_eof()
+                assert await reader.read() == b"ping"
+                local = True
+            try:
+                (await conn.forward_remote_port("localhost", 0, "127.0.0.1", target.port)).close()
+                remote = True
+            except asyncssh.ChannelListenError:
+                remote = False
+            return local, remote
+
+    default = server_factory(handler="apps:App")
+    assert asyncio.run(main(default)) == (False, False)
+    default.wait_for_code("SSH_DISCONNECTED")
+    (denied,) = records_with(default, "SSH_FORWARD_DENIED")
+    assert "forwarding.tcp does not allow local forwarding" in denied["labels"]["reason"]
+    (listen,) = records_with(default, "SSH_REMOTE_FORWARD_DENIED")
+    assert "forwarding.tcp does not allow remote forwarding" in listen["labels"]["reason"]
+    (agent_denied,) = records_with(default, "SSH_AGENT_FORWARDING_DENIED")
+    assert agent_denied["labels"]["reason"] == "forwarding.agent is off"
+
+    explicit = server_factory({"forwarding": {"tcp": "all", "agent": True}}, handler="apps:App")
+    assert asyncio.run(main(explicit)) == (True, True)
+    explicit.wait_for_code("SSH_DISCONNECTED")
+    assert not records_with(explicit, "SSH_AGENT_FORWARDING_DENIED")
+
+    # An app that defines forward_target (apps:Forwarding): local forwarding on, -R still off.
+    routing = server_factory(handler="apps:Forwarding")
+
+    async def remote(live: LiveServer) -> None:
+        async with connect(live, username="demo", password="demo") as conn:
+            with pytest.raises(asyncssh.ChannelListenError):
+                await conn.forward_remote_port("localhost", 0, "127.0.0.1", target.port)
+    asyncio.run(remote(routing))
+    routing.wait_for_code("SSH_DISCONNECTED")
+    assert records_with(routing, "SSH_REMOTE_FORWARD_DENIED")
