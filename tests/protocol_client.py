@@ -9,7 +9,9 @@ data, EOF, CLOSE, DISCONNECT, and `burst()` to put several packets into one
 write(2), so the server reads them together (a request arriving while another is
 pending, a close mid-request). What the client sends is exactly what it was told
 to send: it never answers on its own, except CLOSE for a channel the server
-closed (as every client does) and window adjusts. Every message the server sends
+closed (as every client does) and window adjusts. A CHANNEL_OPEN from the server
+(forwarded-tcpip, auth-agent@openssh.com) is recorded and answered only when told
+(`answer_open`): a client that never answers is one of the fuzzer's moves. Every message the server sends
 is recorded in arrival order; the waits are bounded (a condition variable fed by
 the transport thread), never sleeps.
 

@@ -13,6 +13,17 @@ exit-status or exit-signal, CLOSE) is awaited and checked when the oracle says
 it is due. Every finished connection's records must replay against the specs,
 complete (`sshspec.fsm.replay`), and no program may outlive its connection.
 
+Forwarding (#13 item 5): the server forwards to and listens on only what the test
+holds (`ForwardTargets`): direct-tcpip to a target that accepts, refuses, never
+answers or is denied by forwarding.permitOpen; tcpip-forward (port 0, a port in use,
+one permitListen denies) and its cancel; peers of those listeners, whose
+forwarded-tcpip the client confirms, refuses or never answers (forwarding.connectTimeout
+closes the peer; a late confirmation is answered with a close). Each forward's far end is
+a socket in the test: bytes both ways must arrive exactly, an EOF either way must be
+passed on with the other direction still carrying bytes, a close from either side must
+close both. The oracle runs the core's forward machine; the run asserts from its own log
+that every transition of specs/forward.yaml was reached.
+
 Hostile side clients (#12 item 9; `attack`, in about a third of the examples, and
 each once in `test_each_attack_in_the_fuzzer`): a client that stops reading while a
 program floods or while it keeps asking, zlib bombs, attackers from other 127.0.0.x
