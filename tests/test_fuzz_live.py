@@ -1104,10 +1104,7 @@ class LiveFuzz(RuleBasedStateMachine):
         f = self.o.forwards.get(chan)
         if f is not None and f.open:
             try:
-                # The server confirmed only once its connect completed, so the kernel has
-                # the connection: only this process's accept thread can be late (once, in a
-                # full `make test`, it was over WAIT); a connection that never came still fails.
-                self.fars[chan] = t.accepted.get(timeout=10 * WAIT)
+                self.fars[chan] = t.accepted.get(timeout=WAIT)
             except queue.Empty:
                 self.fail(f"{self.chan_name(chan)}: confirmed, but the target never saw a connection")
 
