@@ -435,7 +435,8 @@ class ForwardingConfig(_Section, frozen=True):
     """TCP forwarding, with OpenSSH's meanings (AllowTcpForwarding, PermitOpen).
     `tcp`: none | local (direct-tcpip: ssh -L, -D, -J) | remote (tcpip-forward: ssh -R) | all.
     Unset: all for the local backend, as sshd; none for the docker backend, whose containers reach no network
-    the server does not give them (its forwards would come from the server's host)."""
+    the server does not give them (its forwards would come from the server's host); for an application's
+    own handler (--handler), local if it defines forward_target, else none."""
 
     tcp: Literal["none", "local", "remote", "all"] | None = None
     # host:port patterns a direct-tcpip may reach; `*` for any host or port.
@@ -447,12 +448,14 @@ class ForwardingConfig(_Section, frozen=True):
     gateway_ports: bool = False
     # ssh -A: a session's programs reach the client's agent through SSH_AUTH_SOCK, a socket in a
     # directory only the server's user may enter. Unset: on for the local backend (as sshd), off
-    # for docker (its programs could not reach the socket).
+    # for docker (its programs could not reach the socket), and for a --handler app on only if it
+    # defines agent_target.
     agent: bool | None = None
     max_forwards_per_connection: Annotated[int, msgspec.Meta(ge=1)] = SPEC_LIMITS["maxForwardsPerConnection"]
     max_listeners_per_connection: Annotated[int, msgspec.Meta(ge=1)] = \
         SPEC_LIMITS["maxListenersPerConnection"]
-    # How long the server waits for a target to accept before it refuses the channel.
+    # How long the server waits for a target to accept before it refuses the channel, and for the
+    # client to answer the server's own channel open (-R forwarded-tcpip, -A auth-agent).
     connect_timeout: Duration = _seconds(10)
 
 
@@ -828,14 +831,22 @@ def _check_forwarding(file: str, config: Config) -> None:
                               f"`{pattern}`: not [host:]port (`*` for any host or port)")
 
 
-def forward_policy_allows(config: Config) -> tuple[bool, bool, bool]:
+def forward_policy_allows(config: Config, *, app: tuple[bool, bool] | None = None) -> tuple[bool, bool, bool]:
     """forwarding.tcp and forwarding.agent: whether local (direct-tcpip), remote
-    (tcpip-forward) and agent forwarding are allowed, unset defaults decided by the backend."""
+    (tcpip-forward) and agent forwarding are allowed. Unset, the backend decides: on for
+    the local backend's configured users (sshd's defaults for OS users), off for docker.
+    ``app``: the server runs an application's own Handler (``--handler``, ``serve(App())``),
+    and whether it defines forward_target and agent_target: unset, only what it defines is
+    on (local forwarding, agent forwarding); an app that never mentions forwarding lets no
+    client reach the server's network, nor bind its ports."""
     local_backend = config.backend.type == "local"
-    tcp = config.forwarding.tcp
+    tcp, agent = config.forwarding.tcp, config.forwarding.agent
+    if app is not None and local_backend:
+        routes_forwards, serves_agent = app
+        tcp = ("local" if routes_forwards else "none") if tcp is None else tcp
+        agent = serves_agent if agent is None else agent
     if tcp is None:
         tcp = "all" if local_backend else "none"
-    agent = config.forwarding.agent
     return tcp in ("local", "all"), tcp in ("remote", "all"), local_backend if agent is None else agent
 
 

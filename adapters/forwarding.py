@@ -52,6 +52,7 @@ class Forwarder(asyncssh.SSHTCPSession[bytes]):
         self.serving: asyncio.Task[None] | None = None  # a handler serving the forward in-process
         self.started = False  # asyncssh opened the channel: the target may be read ...
         self.confirmed = False  # ... once the core confirmed it
+        self.abandoned = False  # the server's open to the client timed out, or the forward closed first
         self.chan_full = False  # something waits for the client's window
         self.socket_full = False  # the SSH socket's buffer is past its mark
 
@@ -105,24 +106,31 @@ class Forwarder(asyncssh.SSHTCPSession[bytes]):
             writer.close()
 
     def open_to_client(self, conn: asyncssh.SSHServerConnection, host: str, port: int,
-                       origin_host: str, origin_port: int) -> None:
+                       origin_host: str, origin_port: int, timeout: float) -> None:
         """forwarded-tcpip: the channel to the client for the connection a listener accepted
         (`attach` gives it first)."""
         self.connecting = asyncio.get_running_loop().create_task(
-            self._open_to_client(conn, host, port, origin_host, origin_port))
+            self._open_to_client(conn, host, port, origin_host, origin_port, timeout))
 
-    def open_agent(self, conn: asyncssh.SSHServerConnection) -> None:
+    def open_agent(self, conn: asyncssh.SSHServerConnection, timeout: float) -> None:
         """auth-agent@openssh.com: the channel to the client's agent for an agent client of a session."""
-        self.connecting = asyncio.get_running_loop().create_task(self._open_to_client(conn, None, 0, "", 0))
+        self.connecting = asyncio.get_running_loop().create_task(
+            self._open_to_client(conn, None, 0, "", 0, timeout))
 
     async def _open_to_client(self, conn: asyncssh.SSHServerConnection, host: str | None, port: int,
-                              origin_host: str, origin_port: int) -> None:
+                              origin_host: str, origin_port: int, timeout: float) -> None:
+        # The open goes on by itself (shielded): the client's answer may come after the
+        # timeout, or after the channel was closed; `_answered` closes such a channel.
+        opening = asyncio.get_running_loop().create_task(
+            self._open_channel(conn, host, port, origin_host, origin_port))
+        opening.add_done_callback(self._answered)
         event: core.Event
         try:
-            if host is None:
-                await internals.open_agent_channel(conn, self)
-            else:
-                await conn.create_connection(lambda: self, host, port, origin_host, origin_port)
+            await asyncio.wait_for(asyncio.shield(opening), timeout)
+        except TimeoutError:
+            self.abandoned = True
+            event = core.ForwardFailed(self.channel, True, f"the client did not answer the channel open "
+                                                           f"within {timeout:g}s (forwarding.connectTimeout)")
         except asyncssh.ChannelOpenError as exc:
             event = core.ForwardFailed(self.channel, False, f"the client refused the channel: {exc.reason}")
         else:
@@ -131,6 +139,21 @@ class Forwarder(asyncssh.SSHTCPSession[bytes]):
         self.conn.handle(event)
         if not self.confirmed:
             self._close_target()
+
+    async def _open_channel(self, conn: asyncssh.SSHServerConnection, host: str | None, port: int,
+                            origin_host: str, origin_port: int) -> None:
+        if host is None:
+            await internals.open_agent_channel(conn, self)
+        else:
+            await conn.create_connection(lambda: self, host, port, origin_host, origin_port)
+
+    def _answered(self, opening: asyncio.Task[None]) -> None:
+        """The client answered the server's open: a channel nobody waits for any more (its
+        open timed out, or it was closed meanwhile) is closed as soon as it opens."""
+        if opening.cancelled() or opening.exception() is not None:
+            return  # refused, or the connection ended: nothing is open
+        if self.abandoned and self.chan is not None:
+            self.chan.close()
 
     def attach(self, transport: asyncio.Transport, protocol: _Target) -> None:
         """The accepted connection of a forwarded-tcpip channel."""
@@ -167,6 +190,7 @@ class Forwarder(asyncssh.SSHTCPSession[bytes]):
 
     def close(self) -> None:
         """Close both ends after what is buffered went out (or abandon the attempt)."""
+        self.abandoned = True
         if self.connecting is not None:
             self.connecting.cancel()
             self.connecting = None
@@ -308,9 +332,11 @@ class AgentSocket:
     server's user may enter (mkdtemp: 0700), removed when the session ends. Each
     connection to it is an agent client: a channel to the client's agent."""
 
-    def __init__(self, conn: SpecConnection, channel: int) -> None:
+    def __init__(self, conn: SpecConnection, channel: int, serve: ForwardServer | None = None) -> None:
         self.conn = conn
         self.channel = channel
+        self.serve = serve  # the handler's own agent (agent_target); None: the client's
+        self.clients: set[asyncio.Task[None]] = set()  # agent clients the handler serves
         self.directory = tempfile.mkdtemp(prefix="sshspec-agent-")
         self.path = os.path.join(self.directory, "agent")
         self.server: asyncio.Server | None = None
@@ -330,11 +356,27 @@ class AgentSocket:
 
     async def _serve(self, sock: socket.socket) -> None:
         loop = asyncio.get_running_loop()
-        self.server = await loop.create_unix_server(lambda: _AgentClient(self), sock=sock)
+        if self.serve is not None:
+            self.server = await asyncio.start_unix_server(self._serve_in_process, sock=sock)
+        else:
+            self.server = await loop.create_unix_server(lambda: _AgentClient(self), sock=sock)
         self.sock = None  # the server owns it
+
+    async def _serve_in_process(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """An agent client the handler serves itself (its agent_target)."""
+        assert self.serve is not None
+        task = asyncio.current_task()
+        assert task is not None
+        self.clients.add(task)
+        try:
+            await Forwarder._serve(self.serve, reader, writer)
+        finally:
+            self.clients.discard(task)
 
     def close(self) -> None:
         self.serving.cancel()
+        for client in self.clients:
+            client.cancel()
         if self.server is not None:
             self.server.close()
         if self.sock is not None:

@@ -43,7 +43,8 @@ if TYPE_CHECKING:  # the docker backend imports its engine client only when it i
     from sshspec.adapters.backend_docker import ContainerSettings
 
 __all__ = [
-    "AuthVerdict", "BackendError", "ConnectionInfo", "ExitStatus", "ForwardServer", "ForwardTarget",
+    "AgentTarget", "AuthVerdict", "BackendError", "ConnectionInfo", "ExitStatus", "ForwardServer",
+    "ForwardTarget",
     "Handler", "LocalSession",
     "PtyRequest", "SessionHandler", "SessionIO", "ConfiguredHandler",
 ]
@@ -55,6 +56,10 @@ ForwardServer = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable
 # Where a direct-tcpip goes: (host, port) to connect to, a `ForwardServer` that serves
 # it in-process, or None to refuse it.
 ForwardTarget = tuple[str, int] | ForwardServer | None
+# Who answers a session's agent clients (ssh -A): True, the client's agent (each agent client an
+# auth-agent@openssh.com channel); a `ForwardServer` that serves each in-process (the
+# application's own agent); None or False to refuse the agent-forwarding request.
+AgentTarget = bool | ForwardServer | None
 ProgramKind = Literal["shell", "exec", "subsystem"]
 
 
@@ -277,6 +282,11 @@ class ConnectionHandler:
         policy (forwarding.tcp, permitOpen, limits) let it through: the handler's."""
         return self.handler.forward_target(self.info, host, port)
 
+    def agent_target(self) -> AgentTarget:
+        """Who answers this connection's agent clients, once the policy (forwarding.agent, a
+        certificate's permit-agent-forwarding) let an auth-agent-req through: the handler's."""
+        return self.handler.agent_target(self.info)
+
     def close(self) -> None:
         """The connection ended (its sessions closed first): release what it holds."""
 
@@ -316,6 +326,16 @@ class Handler:
         or None (or raise `BackendError`) to refuse it: the channel is refused "connect
         failed" (SSH_FORWARD_CONNECT_FAILED, the reason says the handler refused)."""
         return host, port
+
+    def agent_target(self, conn: ConnectionInfo) -> AgentTarget:
+        """Asked when a session asks for agent forwarding (ssh -A: auth-agent-req@openssh.com)
+        and the policy allows it: who answers its programs' agent clients (the session gets
+        SSH_AUTH_SOCK either way). True (the default): the client's own agent, each agent
+        client an auth-agent@openssh.com channel to it. A `ForwardServer` coroutine: the
+        application serves each agent client itself (its own agent: keys the client never
+        had), no channel to the client. None or False (or raise `BackendError`): the request
+        fails (SSH_CHANNEL_REQUEST_FAILED, the reason says the handler refused)."""
+        return True
 
     async def aclose(self) -> None:
         """The server stopped: release what the handler holds (HTTP sessions...)."""

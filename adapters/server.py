@@ -229,10 +229,18 @@ class SpecSession(asyncssh.SSHServerSession[bytes]):
         return core.RequestDone(self.channel_id, ok, reason)
 
     def start_agent(self) -> tuple[bool, str | None]:
-        """ssh -A: the session's agent socket (its programs get SSH_AUTH_SOCK)."""
+        """ssh -A: the session's agent socket (its programs get SSH_AUTH_SOCK), behind which
+        is the client's agent or the one the handler serves (its agent_target)."""
         if self.agent is None:
+            backend = self.conn.backend
+            assert backend is not None  # (a session exists only once the backend made it)
+            target, reason = _ask(backend.agent_target)
+            if target is None or target is False:
+                return False, f"refused by the handler: {reason}" if reason else "refused by the handler"
+            if target is not True and not callable(target):
+                return False, f"handler error: agent_target() returned {target!r}"
             try:
-                self.agent = AgentSocket(self.conn, self.channel_id)
+                self.agent = AgentSocket(self.conn, self.channel_id, None if target is True else target)
             except OSError as exc:
                 return False, f"agent socket: {exc.strerror or exc}"
         return True, None
@@ -536,7 +544,7 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
         assert self.backend is not None
         target, reason = _ask(self.backend.forward_target, action.host, action.port)
         forwarder = self.forwards[action.channel] = Forwarder(self, action.channel)
-        forwarder.connect(target, self.server.config.forwarding.connect_timeout, reason)  # type: ignore[arg-type]
+        forwarder.connect(target, action.timeout, reason)  # type: ignore[arg-type]
 
     def _bind(self, action: core.Bind) -> None:
         self._global_answer = asyncio.get_running_loop().create_future()
@@ -589,10 +597,10 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
         assert self.conn is not None
         forwarder = self.forwards[action.channel] = Forwarder(self, action.channel)
         if action.kind == core.AGENT_CHANNEL:
-            forwarder.open_agent(self.conn)
+            forwarder.open_agent(self.conn, action.timeout)
         else:
             forwarder.open_to_client(self.conn, action.host, action.port, action.origin_host,
-                                     action.origin_port)
+                                     action.origin_port, action.timeout)
 
     def _confirm_forward(self, action: core.ConfirmForward) -> None:
         self.forwards[action.channel].confirm()
@@ -1068,9 +1076,12 @@ class Server:
         self.log_owed = False
         self.machines = machines(config)
         forwarding = config.forwarding
-        local, remote, agent = forward_policy_allows(config)
+        app = None if handler is None else (type(handler).forward_target is not Handler.forward_target,
+                                            type(handler).agent_target is not Handler.agent_target)
+        local, remote, agent = forward_policy_allows(config, app=app)
         self.forward_policy = core.ForwardPolicy(local, forwarding.permit_open, remote,
-                                                 forwarding.permit_listen, forwarding.gateway_ports, agent)
+                                                 forwarding.permit_listen, forwarding.gateway_ports, agent,
+                                                 connect_timeout=forwarding.connect_timeout)
         self.metrics: Metrics | None = None
         if config.metrics.listen is not None:
             from sshspec.adapters.metrics import Metrics

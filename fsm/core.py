@@ -193,6 +193,7 @@ class ForwardEvent(enum.StrEnum):
     connected = "connected"
     refused = "refused"
     timed_out = "timed_out"
+    unanswered = "unanswered"
     client_eof = "client_eof"
     target_eof = "target_eof"
     close = "close"
@@ -436,6 +437,9 @@ class ForwardPolicy:
     permit_listen: tuple[str, ...] = ("*",)  # [host:]port patterns (ssh -R); `*` for any
     gateway_ports: bool = False  # False: every listener is bound on loopback, as sshd's GatewayPorts no
     agent: bool = False  # auth-agent-req@openssh.com (ssh -A): off unless the config says (forwarding.agent)
+    # forwarding.connectTimeout: for a direct-tcpip's TCP connection to its target, and for
+    # the client's answer to the server's forwarded-tcpip / auth-agent channel open.
+    connect_timeout: float = 10.0
     # What the user certificate the connection logged in with allows (sshd's rules: without
     # the permit-port-forwarding / permit-agent-forwarding extension, whatever the config says).
     certificate_ports: bool = True
@@ -837,7 +841,8 @@ class ForwardConnected(_Message, frozen=True):
 
 
 class ForwardFailed(_Message, frozen=True):
-    """The TCP connection to a forward's target failed (``timed_out``: no answer in time)."""
+    """The TCP connection to a forward's target failed, or the client refused the server's
+    channel open (``timed_out``: no answer within the action's timeout)."""
 
     channel: int
     timed_out: bool
@@ -1081,6 +1086,7 @@ class OpenForwarded(_Message, frozen=True):
     origin_host: str
     origin_port: int
     kind: str = "forwarded-tcpip"  # or auth-agent@openssh.com
+    timeout: float = 10.0  # for the client's answer (then `ForwardFailed` with timed_out)
 
 
 class OpenSession(_Message, frozen=True):
@@ -1101,6 +1107,7 @@ class OpenForward(_Message, frozen=True):
     channel: int
     host: str
     port: int
+    timeout: float = 10.0  # for the TCP connection (then `ForwardFailed` with timed_out)
 
 
 class ConfirmForward(_Message, frozen=True):
@@ -1780,7 +1787,7 @@ class ConnectionCore:
         if step.reply == ConnectionReply.open_forward:
             self.forwards[channel] = Forward(channel, self.machines.forward.new(), target, event.kind)
             self.out.append(OpenForwarded(channel, event.host, event.port, event.origin_host,
-                                          event.origin_port, event.kind))
+                                          event.origin_port, event.kind, self.forwarding.connect_timeout))
 
     def _channel_open(self, event: ChannelOpen) -> None:
         if event.malformed is not None:
@@ -1830,7 +1837,7 @@ class ConnectionCore:
                           reason=about)
         if step.reply == ConnectionReply.open_forward:
             self.forwards[channel] = Forward(channel, self.machines.forward.new(), target)
-            self.out.append(OpenForward(channel, event.host, event.port))
+            self.out.append(OpenForward(channel, event.host, event.port, self.forwarding.connect_timeout))
             return
         self._reject_open(step, "Too many forwards")
 
@@ -1858,7 +1865,12 @@ class ConnectionCore:
         forward = self.forwards.get(event.channel)
         if forward is None:
             return
-        failed = ForwardEvent.timed_out if event.timed_out else ForwardEvent.refused
+        if not event.timed_out:
+            failed = ForwardEvent.refused
+        elif forward.kind == "direct-tcpip":
+            failed = ForwardEvent.timed_out  # the target did not accept in time
+        else:
+            failed = ForwardEvent.unanswered  # the client did not answer the server's open in time
         step = self._fire_forward(forward, failed, event.reason)
         if step.reply == ForwardReply.reject:
             self.out.append(RejectForward(event.channel, OPEN_CONNECT_FAILED, event.reason))

@@ -5,12 +5,15 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable
 
+from sshspec.adapters.backend_local import LocalBackend
 from sshspec.adapters.handlers import (
+    AgentTarget,
     AuthVerdict,
     BackendError,
     ConnectionInfo,
     ForwardTarget,
     Handler,
+    LocalSession,
     SessionHandler,
     SessionIO,
 )
@@ -155,3 +158,41 @@ async def upper(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
         writer.write(data.upper())
         await writer.drain()
     writer.write(b"BYE\n")
+
+
+class OwnAgent(App):
+    """Serves ssh -A itself (the handler API's agent_target): user "demo"'s programs get
+    SSH_AUTH_SOCK, and behind it the application's own agent (one key, `app-agent-key`),
+    not the client's; "noagent" is refused agent forwarding. Sessions run local programs."""
+
+    async def check_password(self, username: str, password: bytes) -> AuthVerdict:
+        return "ok" if password == username.encode() and username in ("demo", "noagent") else "bad"
+
+    def session(self, conn: ConnectionInfo) -> SessionHandler:
+        return LocalSession(LocalBackend(shell="/bin/sh"))
+
+    def agent_target(self, conn: ConnectionInfo) -> AgentTarget:
+        if conn.username == "noagent":
+            raise BackendError("no agent for this user")
+        return serve_agent
+
+
+APP_KEY = (b"\x00\x00\x00\x0bssh-ed25519" + b"\x00\x00\x00\x20" + bytes(range(32)))
+
+
+async def serve_agent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """A minimal ssh-agent (draft-miller-ssh-agent): it lists one key and refuses the rest."""
+    def string(b: bytes) -> bytes:
+        return len(b).to_bytes(4, "big") + b
+    while True:
+        try:
+            length = int.from_bytes(await reader.readexactly(4), "big")
+            request = await reader.readexactly(length)
+        except asyncio.IncompleteReadError:
+            return
+        if request[:1] == b"\x0b":  # SSH_AGENTC_REQUEST_IDENTITIES
+            answer = b"\x0c" + (1).to_bytes(4, "big") + string(APP_KEY) + string(b"app-agent-key")
+        else:
+            answer = b"\x05"  # SSH_AGENT_FAILURE
+        writer.write(string(answer))
+        await writer.drain()

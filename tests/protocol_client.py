@@ -9,7 +9,9 @@ data, EOF, CLOSE, DISCONNECT, and `burst()` to put several packets into one
 write(2), so the server reads them together (a request arriving while another is
 pending, a close mid-request). What the client sends is exactly what it was told
 to send: it never answers on its own, except CLOSE for a channel the server
-closed (as every client does) and window adjusts. Every message the server sends
+closed (as every client does) and window adjusts. A CHANNEL_OPEN from the server
+(forwarded-tcpip, auth-agent@openssh.com) is recorded and answered only when told
+(`answer_open`): a client that never answers is one of the fuzzer's moves. Every message the server sends
 is recorded in arrival order; the waits are bounded (a condition variable fed by
 the transport thread), never sleeps.
 
@@ -160,6 +162,10 @@ class ClientChannel:
     close_received: bool = False
     server_closed_first: bool = False  # the server's CLOSE came before the client sent one
     recv_window: int = WINDOW
+    # A channel the server opened (forwarded-tcpip, auth-agent@openssh.com): its CHANNEL_OPEN's
+    # fields after the type; the client answers it only when told (`answer_open`).
+    server_open: tuple[Any, ...] | None = None
+    answered: str | None = None  # CONFIRMED | REFUSED(code)
 
 
 class ProtocolClient:
@@ -181,6 +187,8 @@ class ProtocolClient:
         self.global_replies: deque[str] = deque()
         self.all_global_replies: list[str] = []
         self.channels: dict[int, ClientChannel] = {}
+        self.server_opens: list[int] = []  # the channels the server opened, in arrival order
+        self.bound_ports: list[int] = []  # the ports REQUEST_SUCCESS named (tcpip-forward for port 0)
         self.disconnect: tuple[int, str] | None = None  # (reason code, text) from the server
         self.ended = False  # the transport stopped (DISCONNECT, EOF or error)
         self.info_prompts: list[str] = []
@@ -330,9 +338,14 @@ class ProtocolClient:
             return True
         if ptype in (MSG_REQUEST_SUCCESS, MSG_REQUEST_FAILURE):
             reply = "REQUEST_SUCCESS" if ptype == MSG_REQUEST_SUCCESS else "REQUEST_FAILURE"
+            if ptype == MSG_REQUEST_SUCCESS and len(r.data) - r.pos == 4:
+                self.bound_ports.append(r.uint32())  # tcpip-forward for port 0: the port bound
             self.global_replies.append(reply)
             self.all_global_replies.append(reply)
             note((ptype, reply))
+            return True
+        if ptype == MSG_CHANNEL_OPEN:
+            self._server_open(r)
             return True
         if MSG_CHANNEL_OPEN_CONFIRMATION <= ptype <= MSG_CHANNEL_FAILURE:
             chan = self.channels.get(r.uint32())
@@ -343,6 +356,31 @@ class ProtocolClient:
             return True
         note((ptype, f"message {ptype}"))
         return False  # GLOBAL_REQUEST from the server, kex...: paramiko's business
+
+    def _server_open(self, r: _Reader) -> None:
+        """The server opens a channel: recorded, answered only when the test says (`answer_open`)."""
+        kind, sender, window, max_packet = r.string(), r.uint32(), r.uint32(), r.uint32()
+        fields: tuple[Any, ...] = ()
+        if kind == b"forwarded-tcpip":
+            fields = (r.string().decode(), r.uint32(), r.string().decode(), r.uint32())
+        cid = self._next_channel
+        self._next_channel += 1
+        self.channels[cid] = ClientChannel(cid, kind, remote=sender,
+                                           server_open=(window, max_packet, *fields))
+        self.server_opens.append(cid)
+        self.received.append((MSG_CHANNEL_OPEN, f"CHANNEL_OPEN {kind.decode(errors='replace')} ch{cid}"))
+
+    def answer_open(self, chan: int, confirm: bool, code: int = 1) -> None:
+        """Answer the server's CHANNEL_OPEN: confirm it, or refuse it with ``code``."""
+        ch = self.channels[chan]
+        assert ch.remote is not None
+        if confirm:
+            ch.answered = "CONFIRMED"  # (the client may use the channel from now on)
+            self.send(MSG_CHANNEL_OPEN_CONFIRMATION,
+                      uint32(ch.remote) + uint32(chan) + uint32(ch.recv_window) + uint32(32768))
+        else:
+            ch.answered = f"REFUSED({code})"
+            self.send(MSG_CHANNEL_OPEN_FAILURE, uint32(ch.remote) + uint32(code) + string("no") + string(""))
 
     def _auth_reply(self, reply: str) -> None:
         self.auth_replies.append(reply)
@@ -621,9 +659,12 @@ def wire_of(reply: str | None) -> str:
 class CompiledDriver:
     """The specs compiled with the fuzzers' limits and checked against the core, once."""
 
-    def __init__(self, limits: dict[str, int] | None = None, *, max_queued: int = MAX_QUEUED) -> None:
+    def __init__(self, limits: dict[str, int] | None = None, *, max_queued: int = MAX_QUEUED,
+                 forwarding: core.ForwardPolicy | None = None) -> None:
         self.limits = dict(limits or FUZZ_LIMITS)
         self.machines = core.Machines.load(self.limits, max_queued_requests=max_queued)
+        # The server's forwarding policy (the core's default: every target, no agent).
+        self.forwarding = forwarding or core.ForwardPolicy()
 
 
 
@@ -757,6 +798,27 @@ class SessionModel:
                 self.server_closed, s.closed, self.pty)
 
 
+@dataclass
+class ForwardModel:
+    """One forward channel (direct-tcpip the client opened, forwarded-tcpip the server
+    opened): the core's machine holds its state; this is what the world around it did."""
+
+    client_id: int
+    kind: str  # direct-tcpip | forwarded-tcpip
+    outcome: str | None = None  # direct-tcpip: how the connect to its target ends (connected |
+    # refused | timed_out; None: it does not end before the test moves on)
+    server_id: int | None = None
+    open: bool = False  # confirmed: bytes may flow
+    gone: bool = False  # refused, or its open timed out: no channel
+    eof_to_client: bool = False  # the server passed the target's EOF on (CHANNEL_EOF)
+    eof_to_target: bool = False  # the server passed the client's EOF on (FIN to the target)
+    server_closed: bool = False  # the server closed the channel and the target's connection
+
+    def key(self) -> tuple[Any, ...]:
+        return (self.kind, self.server_id, self.open, self.gone, self.eof_to_client, self.eof_to_target,
+                self.server_closed)
+
+
 class Oracle:
     """One connection as the core prescribes it, in the world the live server lives in.
 
@@ -777,7 +839,14 @@ class Oracle:
         server = core.ServerCore(machines, _no_log)
         for event in (core.ServerEvent.start, core.ServerEvent.listening, core.ServerEvent.accept):
             server.handle(event)
-        self.core = core.ConnectionCore(machines, server, self._log, keepalive_interval=1.0)
+        self.core = core.ConnectionCore(machines, server, self._log, keepalive_interval=1.0,
+                                        forwarding=self.driver.forwarding)
+        # Forward channels by the client's channel number, and by the server's.
+        self.forwards: dict[int, ForwardModel] = {}
+        self.forwards_by_server: dict[int, ForwardModel] = {}
+        self._forward_opening: ForwardModel | None = None  # the direct-tcpip open being handled
+        self._server_open_id: int | None = None  # the client's number for the server's next open
+        self._bind_result: int | None = None  # the port the listener being bound got (None: failed)
         self.counter_names = tuple(machines.session.counters)
         self.sessions: dict[int, SessionModel] = {}  # by the client's channel number
         self.by_server: dict[int, SessionModel] = {}
@@ -800,7 +869,7 @@ class Oracle:
     def clone(self) -> Oracle:
         machines = self.driver.machines
         memo: dict[int, Any] = {id(self.driver): self.driver, id(machines): machines}
-        for m in (machines.server, machines.connection, machines.session):
+        for m in (machines.server, machines.connection, machines.session, machines.forward):
             memo[id(m)] = m
         new: Oracle = copy.deepcopy(self, memo)
         new.core.log = new._log
@@ -816,7 +885,8 @@ class Oracle:
         conn = self.core.instance
         counters = tuple(getattr(conn, c) for c in self.driver.machines.connection.counters)
         return (self.signature(), self.core.state, counters, self.transport_gone, self.lost, self.send_budget,
-                tuple(sorted((k, s.key()) for k, s in self.sessions.items())))
+                tuple(sorted((k, s.key()) for k, s in self.sessions.items())),
+                tuple(sorted((k, f.key()) for k, f in self.forwards.items())))
 
     @property
     def state(self) -> str:
@@ -927,9 +997,58 @@ class Oracle:
             self.by_server[action.channel].server_closed = True
         elif isinstance(action, core.EndProgram | core.ConnectionEnded):
             pass  # the program is killed / the connection is released: nothing on the wire
+        elif isinstance(action, core.OpenForward | core.OpenForwarded | core.ConfirmForward
+                        | core.RejectForward | core.ForwardSendEof | core.CloseForward | core.Bind
+                        | core.Unbind):
+            return self._carry_out_forward(action)
         else:
             raise AssertionError(f"the oracle cannot carry out {action!r}")
         return None
+
+    def _carry_out_forward(self, action: core.Action) -> core.Event | None:
+        """The world's answers to the forwarding actions: the adapter's sockets as the live
+        fuzzer's targets and listeners behave (tests/test_fuzz_live.py)."""
+        if isinstance(action, core.OpenForward):  # connect to the target: its outcome is known
+            f = self._forward_opening
+            assert f is not None
+            f.server_id = action.channel
+            self.forwards[f.client_id] = self.forwards_by_server[action.channel] = f
+            if f.outcome == "connected":
+                return core.ForwardConnected(action.channel)
+            if f.outcome is not None:
+                return core.ForwardFailed(action.channel, f.outcome == "timed_out", f.outcome)
+        elif isinstance(action, core.OpenForwarded):  # CHANNEL_OPEN to the client
+            assert self._server_open_id is not None
+            f = ForwardModel(self._server_open_id, action.kind, server_id=action.channel)
+            self.forwards[f.client_id] = self.forwards_by_server[action.channel] = f
+            if not self.transport_gone:
+                self._expect(("opened", f.client_id), action.kind)
+        elif isinstance(action, core.ConfirmForward):
+            f = self.forwards_by_server[action.channel]
+            f.open = True
+            if f.kind == "direct-tcpip" and not self.transport_gone:
+                self._expect(("open", f.client_id), "OPEN_CONFIRMATION")
+        elif isinstance(action, core.RejectForward):
+            f = self.forwards_by_server[action.channel]
+            f.gone = True
+            if f.kind == "direct-tcpip" and not self.transport_gone:
+                self._expect(("open", f.client_id), f"OPEN_FAILURE({action.code})")
+        elif isinstance(action, core.ForwardSendEof):
+            f = self.forwards_by_server[action.channel]
+            if action.to_client:
+                f.eof_to_client = True
+            else:
+                f.eof_to_target = True
+            if action.close:  # both directions done: the server closes, the client answers
+                f.server_closed = True
+                if not self.transport_gone:
+                    return core.ForwardClosed(action.channel, "channel closed by the client")
+        elif isinstance(action, core.CloseForward):
+            self.forwards_by_server[action.channel].server_closed = True
+        elif isinstance(action, core.Bind):
+            bound = self._bind_result
+            return core.ListenResult(bound, None if bound is not None else "Address already in use")
+        return None  # (Unbind: the listener closes, nothing on the wire)
 
     def _backend(self, s: SessionModel, req: Req) -> bool:
         if req.event == "env":
@@ -1041,6 +1160,73 @@ class Oracle:
         # its target fields, as the fuzzer sends it, is malformed.)
         kind = "session" if session and not malformed else "x11" if not malformed else "direct-tcpip"
         self._handle(core.ChannelOpen(kind, "malformed" if malformed else None))
+
+    # -- forwarding
+
+    def _connection_message(self) -> bool:
+        """A connection-layer message from the client: False if it ends the connection."""
+        if self.transport_gone:
+            return False
+        if self.state not in ALIVE:
+            self.protocol_error()  # before authentication (see global_request)
+            return False
+        self.auth_final = True
+        return True
+
+    def listen(self, host: str, port: int, *, cancel: bool = False, bound: int | None = None) -> None:
+        """GLOBAL_REQUEST tcpip-forward (``cancel``: cancel-tcpip-forward), want-reply on;
+        ``bound``: the port the server's bind gets (None: it fails)."""
+        if self._connection_message():
+            self._want_reply = True
+            self._bind_result = bound
+            self._handle(core.ListenRequest(host, port, cancel))
+
+    def open_forward(self, chan: int, host: str, port: int, outcome: str | None) -> ForwardModel | None:
+        """CHANNEL_OPEN direct-tcpip to ``host``:``port``, whose connect ends with ``outcome``."""
+        if not self._connection_message():
+            return None
+        self._opening = chan
+        self._forward_opening = ForwardModel(chan, "direct-tcpip", outcome)
+        self._handle(core.ChannelOpen("direct-tcpip", None, host, port, "127.0.0.1:1"))
+        self._forward_opening = None
+        return self.forwards.get(chan)
+
+    def forwarded_connection(self, host: str, port: int, chan: int) -> ForwardModel | None:
+        """A listener (``host``:``port`` as the client asked) accepted a connection; the
+        server's CHANNEL_OPEN, if it opens one, is the client's channel ``chan``."""
+        if self.lost:
+            return None
+        self._server_open_id = chan
+        self._handle(core.ForwardedConnection(host, port, "127.0.0.1", 1))
+        self._server_open_id = None
+        return self.forwards.get(chan)
+
+    def answer_forward(self, chan: int, how: str) -> None:
+        """The client answers the server's open (confirm | refuse), or its time runs out (timeout)."""
+        f = self.forwards[chan]
+        if self.lost or f.server_id is None:
+            return
+        if how == "confirm":
+            self._handle(core.ForwardConnected(f.server_id))
+        else:
+            self._handle(core.ForwardFailed(f.server_id, how == "timeout", how))
+
+    def forward_eof(self, chan: int, *, from_client: bool) -> None:
+        f = self.forwards[chan]
+        if self.lost or f.server_id is None:
+            return
+        if from_client:
+            self.auth_final = True
+        self._handle(core.ForwardEof(f.server_id, from_client))
+
+    def forward_closed(self, chan: int, *, by_client: bool) -> None:
+        """The client closed the channel (``by_client``), or the target reset its connection."""
+        f = self.forwards[chan]
+        if self.lost or f.server_id is None:
+            return
+        if by_client:
+            self.auth_final = True
+        self._handle(core.ForwardClosed(f.server_id, "closed"))
 
     def protocol_error(self) -> None:
         """The client broke the protocol: asyncssh sends DISCONNECT(2) itself, then

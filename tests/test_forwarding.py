@@ -764,3 +764,170 @@ def test_git_clone_over_ssh_authenticates_through_the_forwarded_agent(
     assert records_with(bastion, "SSH_FORWARD_OPEN")[0]["labels"]["requestType"] == "auth-agent@openssh.com"
     (success,) = one(githost, "SSH_AUTH_SUCCESSFUL")
     assert success["labels"]["method"] == "publickey"
+
+
+# --- a client that never answers the server's channel open -------------------------------------
+
+
+def _raw_client(live: LiveServer) -> Any:
+    from protocol_client import ProtocolClient
+    c = ProtocolClient.connect(live.port, wait=5.0)
+    c.service_request()
+    assert c.next_auth_reply() == "SERVICE_ACCEPT"
+    c.auth_password(live.username, live.password)
+    assert c.next_auth_reply() == "USERAUTH_SUCCESS"
+    return c
+
+
+def _wait_eof(sock: socket.socket, timeout: float) -> float:
+    """Seconds until the server closed ``sock`` (it reads nothing before)."""
+    started = time.monotonic()
+    sock.settimeout(timeout)
+    assert sock.recv(1) == b""
+    return time.monotonic() - started
+
+
+def test_a_client_that_never_answers_a_forwarded_channel_does_not_hold_the_listener(
+        server_factory: Any) -> None:
+    """ssh -R, and the client ignores the server's CHANNEL_OPEN forwarded-tcpip: after
+    forwarding.connectTimeout the accepted connection is closed (SSH_FORWARD_OPEN_TIMEOUT);
+    the client's late confirmation is answered with a close; the connection goes on."""
+    from protocol_client import string, uint32
+    live = server_factory({"forwarding": {"connectTimeout": "1s"}})
+    c = _raw_client(live)
+    try:
+        c.global_request(b"tcpip-forward", True, string("127.0.0.1") + uint32(0))
+        assert c.next_global_reply() == "REQUEST_SUCCESS"
+        (port,) = c.bound_ports
+        peer = socket.create_connection(("127.0.0.1", port), timeout=5)
+        assert c.wait_until(lambda: bool(c.server_opens))
+        (chan,) = c.server_opens
+        assert c.channels[chan].kind == b"forwarded-tcpip"
+        waited = _wait_eof(peer, 10)  # never answered: the server gives up on it
+        assert 0.8 < waited < 5, waited
+        (timeout,) = one(live, "SSH_FORWARD_OPEN_TIMEOUT")
+        assert "did not answer the channel open within 1s" in timeout["labels"]["reason"]
+        assert timeout["labels"]["requestType"] == "forwarded-tcpip"
+        peer.close()
+        c.answer_open(chan, True)  # too late: the server closes the channel at once
+        assert c.wait_closed(chan)
+        assert c.channels[chan].server_closed_first
+        c.global_request(b"keepalive@openssh.com", True, b"")
+        assert c.next_global_reply() == "REQUEST_FAILURE"  # still served
+    finally:
+        c.disconnect_now()
+    live.wait_for_code("SSH_DISCONNECTED")
+    assert not records_with(live, "SSH_FORWARD_OPEN")
+
+
+def test_a_client_that_never_answers_an_agent_channel_does_not_hold_the_agent_client(
+        server_factory: Any) -> None:
+    """ssh -A, and the client ignores the server's CHANNEL_OPEN auth-agent@openssh.com: the
+    program's agent client is closed after forwarding.connectTimeout, and the program goes on."""
+    live = server_factory({"forwarding": {"connectTimeout": "1s", "agent": True}})
+    c = _raw_client(live)
+    try:
+        chan = c.open_channel(b"session")
+        assert c.open_reply(chan) == "OPEN_CONFIRMATION"
+        c.request(chan, b"auth-agent-req@openssh.com", b"", want_reply=True)
+        assert c.next_channel_reply(chan) == "CHANNEL_SUCCESS"
+        program = ("python3 -c \"import os, socket, time; s = socket.socket(socket.AF_UNIX); "
+                   "s.connect(os.environ['SSH_AUTH_SOCK']); t = time.monotonic(); "
+                   "print(s.recv(1) == b'', round(time.monotonic() - t))\"")
+        from protocol_client import exec_payload
+        c.request(chan, b"exec", exec_payload(program), want_reply=True)
+        assert c.next_channel_reply(chan) == "CHANNEL_SUCCESS"
+        assert c.wait_until(lambda: bool(c.server_opens), 10)
+        (agent_chan,) = c.server_opens
+        assert c.channels[agent_chan].kind == b"auth-agent@openssh.com"
+        assert c.wait_closed(chan, 15)  # the program ended: the server closed its agent client
+        out = b"".join(e.value for e in c.channels[chan].events if e.kind == "data")
+        assert out == b"True 1\n", c.channels[chan].events
+    finally:
+        c.disconnect_now()
+    live.wait_for_code("SSH_DISCONNECTED")
+    (timeout,) = one(live, "SSH_FORWARD_OPEN_TIMEOUT")
+    assert timeout["labels"]["requestType"] == "auth-agent@openssh.com"
+
+
+# --- the handler API decides agent forwarding; an app that never mentions forwarding forwards nothing
+
+
+def test_a_handler_serves_the_agent_itself_or_refuses_it(server_factory: Any, agent: dict[str, str]) -> None:
+    """agent_target: "demo"'s programs get SSH_AUTH_SOCK with the application's own agent
+    behind it (ssh-add -l lists its key, not the client's); "noagent" is refused with the
+    handler's reason. The app defines agent_target, so agent forwarding is on by default."""
+    live = server_factory(handler="apps:OwnAgent")
+
+    async def run(user: str) -> Any:
+        async with connect(live, username=user, password=user, agent_forwarding=True,
+                           agent_path=agent["SSH_AUTH_SOCK"]) as conn:
+            return await conn.run('echo "[$SSH_AUTH_SOCK]"; ssh-add -l')
+
+    served = asyncio.run(run("demo"))
+    assert served.exit_status == 0, served.stderr
+    path, listed = str(served.stdout).split("\n", 1)
+    assert path.startswith("[/") and "sshspec-agent-" in path
+    assert "app-agent-key" in listed and "forwarded-key" not in listed
+    refused = asyncio.run(run("noagent"))
+    assert refused.exit_status == 2 and str(refused.stdout).startswith("[]")  # no agent
+    live.wait_for_code("SSH_DISCONNECTED", count=2)
+    failed = [r["labels"] for r in records_with(live, "SSH_CHANNEL_REQUEST_FAILED")
+              if r["labels"].get("requestType") == "auth-agent-req@openssh.com"]
+    assert [f["reason"] for f in failed] == ["refused by the handler: no agent for this user"], failed
+    assert not records_with(live, "SSH_FORWARD_REQUESTED")  # the app's agent: no channel to the client
+
+
+def test_an_app_that_never_mentions_forwarding_forwards_nothing(server_factory: Any, targets: Any,
+                                                                agent: dict[str, str]) -> None:
+    """A --handler app that defines neither forward_target nor agent_target: with forwarding.tcp
+    and forwarding.agent unset, ssh -L, -R and -A are refused (its clients are not the server's
+    OS users: they must not reach its network); set in the config, they work."""
+    target = targets("echo")
+
+    async def main(live: LiveServer) -> tuple[bool, bool]:
+        async with connect(live, username="demo", password="demo", agent_forwarding=True,
+                           agent_path=agent["SSH_AUTH_SOCK"]) as conn:
+            await conn.run("anything")
+            try:
+                reader, writer = await conn.open_connection("127.0.0.1", target.port)
+            except asyncssh.ChannelOpenError as exc:
+                assert exc.code == asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED
+                local = False
+            else:
+                writer.write(b"ping")
+                writer.write_eof()
+                assert await reader.read() == b"ping"
+                local = True
+            try:
+                (await conn.forward_remote_port("localhost", 0, "127.0.0.1", target.port)).close()
+                remote = True
+            except asyncssh.ChannelListenError:
+                remote = False
+            return local, remote
+
+    default = server_factory(handler="apps:App")
+    assert asyncio.run(main(default)) == (False, False)
+    default.wait_for_code("SSH_DISCONNECTED")
+    (denied,) = records_with(default, "SSH_FORWARD_DENIED")
+    assert "forwarding.tcp does not allow local forwarding" in denied["labels"]["reason"]
+    (listen,) = records_with(default, "SSH_REMOTE_FORWARD_DENIED")
+    assert "forwarding.tcp does not allow remote forwarding" in listen["labels"]["reason"]
+    (agent_denied,) = records_with(default, "SSH_AGENT_FORWARDING_DENIED")
+    assert agent_denied["labels"]["reason"] == "forwarding.agent is off"
+
+    explicit = server_factory({"forwarding": {"tcp": "all", "agent": True}}, handler="apps:App")
+    assert asyncio.run(main(explicit)) == (True, True)
+    explicit.wait_for_code("SSH_DISCONNECTED")
+    assert not records_with(explicit, "SSH_AGENT_FORWARDING_DENIED")
+
+    # An app that defines forward_target (apps:Forwarding): local forwarding on, -R still off.
+    routing = server_factory(handler="apps:Forwarding")
+
+    async def remote(live: LiveServer) -> None:
+        async with connect(live, username="demo", password="demo") as conn:
+            with pytest.raises(asyncssh.ChannelListenError):
+                await conn.forward_remote_port("localhost", 0, "127.0.0.1", target.port)
+    asyncio.run(remote(routing))
+    routing.wait_for_code("SSH_DISCONNECTED")
+    assert records_with(routing, "SSH_REMOTE_FORWARD_DENIED")

@@ -13,6 +13,17 @@ exit-status or exit-signal, CLOSE) is awaited and checked when the oracle says
 it is due. Every finished connection's records must replay against the specs,
 complete (`sshspec.fsm.replay`), and no program may outlive its connection.
 
+Forwarding (#13 item 5): the server forwards to and listens on only what the test
+holds (`ForwardTargets`): direct-tcpip to a target that accepts, refuses, never
+answers or is denied by forwarding.permitOpen; tcpip-forward (port 0, a port in use,
+one permitListen denies) and its cancel; peers of those listeners, whose
+forwarded-tcpip the client confirms, refuses or never answers (forwarding.connectTimeout
+closes the peer; a late confirmation is answered with a close). Each forward's far end is
+a socket in the test: bytes both ways must arrive exactly, an EOF either way must be
+passed on with the other direction still carrying bytes, a close from either side must
+close both. The oracle runs the core's forward machine; the run asserts from its own log
+that every transition of specs/forward.yaml was reached.
+
 Hostile side clients (#12 item 9; `attack`, in about a third of the examples, and
 each once in `test_each_attack_in_the_fuzzer`): a client that stops reading while a
 program floods or while it keeps asking, zlib bombs, attackers from other 127.0.0.x
@@ -49,7 +60,9 @@ import contextlib
 import itertools
 import json
 import os
+import queue
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -96,6 +109,7 @@ from protocol_client import (  # noqa: E402
     request_groups,
     send_auth,
     string,
+    uint32,
 )
 from test_admission import knock, local  # noqa: E402
 from test_compression import ZLIB, Watch, hwm_kib, send_ignore  # noqa: E402
@@ -105,6 +119,7 @@ from test_proxy_live import BAD_HEADERS, read_to_eof, v2_inet  # noqa: E402
 import conftest  # noqa: E402
 from sshspec.adapters import proxy_protocol  # noqa: E402
 from sshspec.adapters.asyncssh_internals import MAX_DECOMPRESSED  # noqa: E402
+from sshspec.fsm import core  # noqa: E402
 from test_faults import rss_kib  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -192,6 +207,139 @@ def _code_sets() -> tuple[frozenset[str], frozenset[str]]:
 SESSION_ONLY, SHARED = _code_sets()
 
 
+# --- forwarding: the far ends the fuzzer drives (#13 item 5) --------------------------------------
+# The fuzz server forwards (ssh -L/-D/-J direct-tcpip, ssh -R tcpip-forward) only to and on what
+# the test holds: `ForwardTargets`. Each forward's far end is a socket in the test (`FarEnd`):
+# the target's accepted connection, or a peer connected to a -R listener. The rules send bytes
+# both ways, end either direction (the other must stay open), close from either side, and the
+# model (protocol_client.Oracle, the core's forward machine) says what each logs.
+FORWARD_TIMEOUT = 0.5  # the fuzz server's forwarding.connectTimeout (a silent target, an unanswered open)
+FORWARD_KINDS = frozenset({b"direct-tcpip", b"forwarded-tcpip"})
+FORWARD_OPENS = ("far", "refused", "far", "timeout", "denied", "far", "timeout, then drop")
+# What a rule does to an open forward; the last word says who must be able to act.
+FORWARD_ACTS = ("eof from client", "data from client", "eof from far", "data from far", "close by any",
+                "eof from far", "reset by far", "eof from client")
+LISTENS = ("port 0", "in use", "port 0", "denied", "cancel", "cancel unknown")
+PEER_ANSWERS = ("confirm", "refuse", "confirm", "ignore", "ignore, then confirm late")
+
+
+class FarEnd:
+    """The far end of one forward, a TCP socket: a thread records what arrives (and the
+    EOF); the test sends, ends its direction (FIN) or resets it (RST)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.received = bytearray()
+        self.eof = False
+        self.shut = False  # we sent our FIN
+        self.reset_sent = False
+        self.sent = bytearray()  # what it sent (the client must get exactly this)
+        self.cv = threading.Condition()
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        while True:
+            try:
+                chunk = self.sock.recv(65536)
+            except OSError:
+                chunk = b""
+            with self.cv:
+                if not chunk:
+                    self.eof = True
+                    self.cv.notify_all()
+                    return
+                self.received += chunk
+                self.cv.notify_all()
+
+    def wait(self, predicate: Callable[[], bool], timeout: float = WAIT) -> bool:
+        with self.cv:
+            return self.cv.wait_for(predicate, timeout)
+
+    def send(self, data: bytes) -> None:
+        self.sent += data
+        self.sock.sendall(data)
+
+    def shutdown(self) -> None:
+        self.shut = True
+        self.sock.shutdown(socket.SHUT_WR)
+
+    def reset(self) -> None:
+        self.reset_sent = True
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.close()
+
+    def close(self) -> None:
+        # The reader's recv holds the socket: a close from here would not reach the kernel
+        # (no FIN, no RST) before it returns. SHUT_RD wakes it and sends nothing.
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RD)
+        self.reader.join(WAIT)
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+
+class ForwardTargets:
+    """What the fuzz server's forwarding lets a client reach: ``far`` accepts (each
+    connection a `FarEnd`, queued for the rule that opened it), nobody listens on
+    ``refused``, ``blackhole`` never answers a SYN (a listener with a full accept queue:
+    the connect times out), and ``denied`` is outside forwarding.permitOpen. -R may bind
+    port 0 on loopback, and ``far`` (in use: the bind fails)."""
+
+    DENIED = ("example.invalid", 80)
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.far = self.listener.getsockname()[1]
+        self.accepted: queue.Queue[FarEnd] = queue.Queue()
+        threading.Thread(target=self._accept, daemon=True).start()
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.refused = s.getsockname()[1]  # nobody listens once it is closed
+        self.hole = socket.socket()
+        self.hole.bind(("127.0.0.1", 0))
+        self.hole.listen(0)
+        self.blackhole = self.hole.getsockname()[1]
+        self.filling: list[socket.socket] = []
+        for _ in range(3):
+            c = socket.socket()
+            c.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                c.connect(("127.0.0.1", self.blackhole))
+            self.filling.append(c)
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                sock, _ = self.listener.accept()
+            except OSError:
+                return
+            self.accepted.put(FarEnd(sock))
+
+    def permit_open(self) -> list[str]:
+        return [f"127.0.0.1:{p}" for p in (self.far, self.refused, self.blackhole)]
+
+    def permit_listen(self) -> list[str]:
+        return ["127.0.0.1:0", f"127.0.0.1:{self.far}"]
+
+    def config(self) -> dict[str, Any]:
+        return {"forwarding": {"tcp": "all", "agent": False, "permitOpen": self.permit_open(),
+                               "permitListen": self.permit_listen(),
+                               "connectTimeout": f"{int(FORWARD_TIMEOUT * 1000)}ms"}}
+
+    def policy(self) -> core.ForwardPolicy:
+        return core.ForwardPolicy(True, tuple(self.permit_open()), True, tuple(self.permit_listen()),
+                                  False, False, connect_timeout=FORWARD_TIMEOUT)
+
+    def close(self) -> None:
+        self.listener.close()
+        self.hole.close()
+        for c in self.filling:
+            c.close()
+        while not self.accepted.empty():
+            self.accepted.get().close()
+
+
 # --- the server's log, read as it grows ---------------------------------------------------------
 
 
@@ -264,7 +412,7 @@ def replay_problems(records: list[dict[str, Any]]) -> list[str]:
                               labels.get("event"))
         if problem is not None:
             return [problem]
-    return [p for i in [*replay.connections.values(), *replay.sessions.values()]
+    return [p for i in [*replay.connections.values(), *replay.sessions.values(), *replay.forwards.values()]
             if (p := i.unfinished()) is not None]
 
 
@@ -304,6 +452,8 @@ def _observed_wire(c: ProtocolClient) -> dict[Any, list[str]]:
         for chan, ch in c.channels.items():
             if ch.open_reply is not None:
                 wire[("open", chan)] = [ch.open_reply]
+            if ch.server_open is not None:
+                wire[("opened", chan)] = [ch.kind.decode()]
             if ch.all_replies:
                 wire[("chan", chan)] = list(ch.all_replies)
     return wire
@@ -335,6 +485,7 @@ class LiveFuzz(RuleBasedStateMachine):
     stats: dict[str, int] = {}
     timing: dict[str, Any] = {}
     scripts: list[str] | None = None  # where each example's script goes (test_printed_scripts_run)
+    targets: ForwardTargets | None = None  # None: no forwarding rules (the server forwards nowhere)
 
     def __init__(self) -> None:
         super().__init__()
@@ -354,6 +505,8 @@ class LiveFuzz(RuleBasedStateMachine):
         self.hostile_on = False  # drawn by `start`
         self.attacks = 0
         self.example_steps = 0
+        self.fars: dict[int, FarEnd] = {}  # the far end of each forward channel that opened
+        self.listeners: list[tuple[str, int]] = []  # this connection's -R listeners (host, port bound)
 
     # -- plumbing
 
@@ -386,6 +539,10 @@ class LiveFuzz(RuleBasedStateMachine):
                 *self.script, "print('\\n'.join(c.transcript()))"]
 
     def connect(self, how: str) -> None:
+        for far in self.fars.values():  # (the earlier connection is over: its forwards are closed)
+            far.close()
+        self.fars = {}
+        self.listeners = []
         self.steps = 0  # in this connection
         self.this_conn = Counter()
         self.ends_seen = set()
@@ -418,10 +575,17 @@ class LiveFuzz(RuleBasedStateMachine):
     def pick(self, i: int, *, usable: bool = True) -> int | None:
         """A channel the server confirmed: an open one, or (``usable=False``) any."""
         assert self.c is not None
-        confirmed = [k for k, ch in self.c.channels.items() if ch.open_reply == "OPEN_CONFIRMATION"]
+        confirmed = [k for k, ch in self.c.channels.items()
+                     if ch.open_reply == "OPEN_CONFIRMATION" and ch.kind == b"session"]
         open_ = [k for k in confirmed if not self.c.channels[k].close_sent]
         pool = open_ if (usable and open_) else confirmed
         return pool[i % len(pool)] if pool else None
+
+    def channels_opened(self) -> int:
+        """The channels the client opened, its forwards aside (their rules have their own bounds)."""
+        assert self.c is not None
+        return sum(1 for k, ch in self.c.channels.items()
+                   if ch.server_open is None and k not in self.o.forwards)
 
     def has_channel(self) -> bool:
         return self.alive() and self.pick(0, usable=False) is not None
@@ -466,6 +630,8 @@ class LiveFuzz(RuleBasedStateMachine):
         assert self.c is not None
         for chan, ch in self.c.channels.items():
             if chan in self.ends_seen or not ch.close_received or not ch.server_closed_first:
+                continue
+            if ch.kind != b"session":  # a forward's close: its rules check it
                 continue
             self.ends_seen.add(chan)
             exits = [e for e in ch.events if e.kind in ("exit-status", "exit-signal")]
@@ -635,7 +801,7 @@ class LiveFuzz(RuleBasedStateMachine):
             o.global_request(malformed=malformed, want_reply=want_reply)
         self.settle()
 
-    @precondition(lambda self: self.alive() and len(self.c.channels) < 6)  # type: ignore[union-attr]
+    @precondition(lambda self: self.alive() and self.channels_opened() < 6)
     @rule(kind=st.sampled_from([b"session", b"session", b"session", b"direct-tcpip", b"x11",
                                 b"auth-agent@openssh.com", b"\xffbad", b"session max_packet=0"]))
     def open_channel(self, kind: bytes) -> None:
@@ -831,7 +997,7 @@ class LiveFuzz(RuleBasedStateMachine):
     def has_open_channel(self) -> bool:
         """A confirmed channel the client has not closed (it still exists in the server)."""
         return self.c is not None and any(ch.open_reply == "OPEN_CONFIRMATION" and not ch.close_sent
-                                          for ch in self.c.channels.values())
+                                          and ch.kind == b"session" for ch in self.c.channels.values())
 
     @precondition(lambda self: self.alive() and self.steps >= 4 and self.has_open_channel())
     @rule(i=st.integers(0, 6))
@@ -872,6 +1038,260 @@ class LiveFuzz(RuleBasedStateMachine):
         self.finish_connection()
         self.count("reconnect")
         self.connect(how)
+
+    # -- forwarding (#13 item 5): direct-tcpip to the test's targets, -R listeners and their
+    # peers; data both ways, EOF each way (the other direction stays open), close from each side.
+
+    def forwarding_on(self) -> bool:
+        return self.targets is not None and self.alive() and self.o.state in ("established", "draining")
+
+    def far_note(self, line: str) -> None:
+        self.say(f"# far side (not replayed by this script): {line}")
+
+    def forwards_where(self, predicate: Callable[[int, FarEnd], bool]) -> list[int]:
+        """Forward channels with a far end, open in the model, the client's side not closed."""
+        assert self.c is not None
+        out = []
+        for chan, far in self.fars.items():
+            f = self.o.forwards.get(chan)
+            ch = self.c.channels[chan]
+            if f is not None and f.open and not f.server_closed and not ch.close_sent \
+                    and predicate(chan, far):
+                out.append(chan)
+        return out
+
+    def client_can_send(self) -> list[int]:
+        assert self.c is not None
+        return self.forwards_where(lambda chan, far: not self.c.channels[chan].eof_sent)  # type: ignore[union-attr]
+
+    def far_can_send(self) -> list[int]:
+        return self.forwards_where(lambda chan, far: not far.shut and not far.reset_sent)
+
+    # Which target, action, listener or answer: drawn as `attack` draws its attack (an integer
+    # plus the steps taken so far), so that derandomized hypothesis starves none of them.
+    @precondition(lambda self: self.forwarding_on() and self.this_conn["forward open"] < 4)
+    @rule(which=st.integers(0, 9999))
+    def open_forward(self, which: int) -> None:
+        self.forward_open(FORWARD_OPENS[(which + self.example_steps) % len(FORWARD_OPENS)])
+
+    def forward_open(self, to: str) -> None:
+        """direct-tcpip (ssh -L) to a target that accepts, refuses, never answers, or that
+        forwarding.permitOpen denies; or to a silent one and the client leaves meanwhile."""
+        assert self.c is not None and self.targets is not None
+        if to == "timeout, then drop" and self.steps < 4:
+            to = "timeout"  # (it ends the connection: only late in one)
+        self.count("forward open")
+        t = self.targets
+        host, port, outcome = {
+            "far": ("127.0.0.1", t.far, "connected"), "refused": ("127.0.0.1", t.refused, "refused"),
+            "timeout": ("127.0.0.1", t.blackhole, "timed_out"), "denied": (*t.DENIED, None),
+            "timeout, then drop": ("127.0.0.1", t.blackhole, None)}[to]
+        extra = string(host) + uint32(port) + string("127.0.0.1") + uint32(1)
+        chan = self.c.open_channel(b"direct-tcpip", extra=extra)
+        self.say(f"{self.chan_name(chan)} = c.open_channel(b'direct-tcpip', extra={extra!r})  # {to}")
+        for o in self.alts:
+            o.open_forward(chan, host, port, outcome)
+        if to == "timeout, then drop":
+            self.dropped = True
+            self.c.drop()
+            self.say("c.drop()")
+            for o in self.alts:
+                o.drop()
+            self.settle()
+            self.finish_connection()
+            return
+        self.settle()
+        f = self.o.forwards.get(chan)
+        if f is not None and f.open:
+            try:
+                self.fars[chan] = t.accepted.get(timeout=WAIT)
+            except queue.Empty:
+                self.fail(f"{self.chan_name(chan)}: confirmed, but the target never saw a connection")
+
+    def forward_data(self, i: int, from_client: bool, size: int) -> None:
+        """Bytes one way: the other end gets exactly them (in an EOF'd forward, the
+        direction still open carries them)."""
+        assert self.c is not None
+        pool = self.client_can_send() if from_client else self.far_can_send()
+        if not pool:
+            from_client = not from_client
+            pool = self.client_can_send() if from_client else self.far_can_send()
+        chan = pool[i % len(pool)]
+        far, ch = self.fars[chan], self.c.channels[chan]
+        self.count("forward data")
+        data = (b"%d:" % self.stats["forward data"]) * (size // 4 + 1)
+        data = data[:size]
+        if from_client:
+            expected = bytes(far.received) + data
+            for n in range(0, len(data), 32768):  # (the server's maximum packet size)
+                self.c.data(chan, data[n:n + 32768])
+            self.say(f"c.data({self.chan_name(chan)}, {data[:8]!r} * ...)  # {size} bytes")
+            if not far.wait(lambda: len(far.received) >= len(expected)) or bytes(far.received) != expected:
+                self.fail(f"{self.chan_name(chan)}: the far end got {len(far.received)} bytes, "
+                          f"expected {len(expected)} (the last {size} from the client)")
+        else:
+            far.send(data)
+            self.far_note(f"{size} bytes to {self.chan_name(chan)}")
+
+            def got() -> bytes:
+                return b"".join(e.value for e in ch.events if e.kind == "data")
+            if not self.c.wait_until(lambda: len(got()) >= len(far.sent)) or got() != bytes(far.sent):
+                self.fail(f"{self.chan_name(chan)}: the client got {len(got())} bytes, the far end sent "
+                          f"{len(far.sent)}")
+        self.settle()
+
+    def forward_eof(self, i: int, from_client: bool) -> None:
+        """One direction ends: the EOF is passed on, the other direction stays open; once
+        both ended, the server closes the channel and the far end's connection."""
+        assert self.c is not None
+        pool = self.client_can_send() if from_client else self.far_can_send()
+        if not pool:
+            from_client = not from_client
+            pool = self.client_can_send() if from_client else self.far_can_send()
+        # Half-closed forwards first (the small `i` hypothesis favours ends both directions).
+        half = [c for c in pool if self.o.forwards[c].eof_to_client or self.o.forwards[c].eof_to_target]
+        pool = half + [c for c in pool if c not in half]
+        chan = pool[i % len(pool)]
+        far, ch = self.fars[chan], self.c.channels[chan]
+        self.count("forward eof")
+        if from_client:
+            self.c.eof(chan)
+            self.say(f"c.eof({self.chan_name(chan)})")
+        else:
+            far.shutdown()
+            self.far_note(f"FIN to {self.chan_name(chan)}")
+        for o in self.alts:
+            o.forward_eof(chan, from_client=from_client)
+        self.settle()
+        f = self.o.forwards[chan]
+        if from_client and not far.wait(lambda: far.eof):
+            self.fail(f"{self.chan_name(chan)}: the client's EOF never reached the far end")
+        if not from_client and not self.c.wait_until(lambda: any(e.kind == "eof" for e in ch.events)):
+            self.fail(f"{self.chan_name(chan)}: the far end's EOF never reached the client: {ch.events}")
+        if f.server_closed and not (self.c.wait_until(lambda: ch.close_received)
+                                    and far.wait(lambda: far.eof)):
+            self.fail(f"{self.chan_name(chan)}: both ways ended, the forward did not close: {ch.events}")
+
+    def forward_close(self, i: int, by_client: bool) -> None:
+        """The client closes the channel, or the far end resets its connection: both ends close."""
+        assert self.c is not None
+        pool = self.forwards_where(lambda chan, far: True)
+        if not by_client:  # (asyncio stops reading a connection after its EOF: a later reset goes unseen)
+            pool = self.far_can_send() or pool
+            by_client = not self.far_can_send()
+        chan = pool[i % len(pool)]
+        far, ch = self.fars[chan], self.c.channels[chan]
+        self.count("forward close")
+        if by_client:
+            self.c.close(chan)
+            self.say(f"c.close({self.chan_name(chan)})")
+        else:
+            far.reset()
+            self.far_note(f"RST on {self.chan_name(chan)}")
+        for o in self.alts:
+            o.forward_closed(chan, by_client=by_client)
+        self.settle()
+        if not self.c.wait_until(lambda: ch.close_received):
+            self.fail(f"{self.chan_name(chan)}: the server never closed the channel: {ch.events}")
+        if by_client and not far.wait(lambda: far.eof):
+            self.fail(f"{self.chan_name(chan)}: the far end's connection was not closed")
+
+    @precondition(lambda self: self.forwarding_on() and self.forwards_where(lambda chan, far: True))
+    @rule(i=st.integers(0, 7), which=st.integers(0, 9999), size=st.sampled_from([1, 70_000]))
+    def forward_act(self, i: int, which: int, size: int) -> None:
+        """On an open forward: bytes one way, an EOF one way, a close from either side."""
+        start = (which + self.example_steps) % len(FORWARD_ACTS)
+        possible = {"client": bool(self.client_can_send()), "far": bool(self.far_can_send()), "any": True}
+        act = next(a for n in range(len(FORWARD_ACTS))
+                   if possible[(a := FORWARD_ACTS[(start + n) % len(FORWARD_ACTS)]).split()[-1]])
+        if act.startswith("data"):
+            self.forward_data(i, act.endswith("client"), size)
+        elif act.startswith("eof"):
+            self.forward_eof(i, act.endswith("client"))
+        else:
+            self.forward_close(i, act == "close by any")
+
+    @precondition(lambda self: self.forwarding_on() and self.this_conn["listen"] < 4)
+    @rule(which=st.integers(0, 9999))
+    def tcpip_forward(self, which: int) -> None:
+        self.listen(LISTENS[(which + self.example_steps) % len(LISTENS)])
+
+    def listen(self, what: str) -> None:
+        """tcpip-forward (ssh -R) for port 0, a port in use, one permitListen denies; a
+        cancel-tcpip-forward for a listener of ours, or for none."""
+        assert self.c is not None and self.targets is not None
+        self.count("listen")
+        host = "127.0.0.1"
+        if what == "cancel" and not self.listeners:
+            what = "cancel unknown"
+        if what.startswith("cancel"):
+            port = self.listeners.pop(0)[1] if what == "cancel" else 1
+            payload = string(host) + uint32(port)
+            self.c.global_request(b"cancel-tcpip-forward", True, payload)
+            self.say(f"c.global_request(b'cancel-tcpip-forward', True, {payload!r})")
+            for o in self.alts:
+                o.listen(host, port, cancel=True)
+            self.settle()
+            return
+        asked = {"port 0": 0, "in use": self.targets.far, "denied": 1}[what]
+        payload = string(host) + uint32(asked)
+        before = len(self.c.all_global_replies)
+        self.c.global_request(b"tcpip-forward", True, payload)
+        self.say(f"c.global_request(b'tcpip-forward', True, {payload!r})  # {what}")
+        self.c.wait_until(lambda: len(self.c.all_global_replies) > before)  # type: ignore[union-attr]
+        bound = None
+        if asked == 0 and self.c.all_global_replies[before:] == ["REQUEST_SUCCESS"] and self.c.bound_ports:
+            bound = self.c.bound_ports[-1]
+        for o in self.alts:
+            o.listen(host, asked, bound=bound)
+        self.settle()
+        if bound is not None:
+            self.listeners.append((host, bound))
+
+    @precondition(lambda self: self.forwarding_on() and self.listeners and self.this_conn["remote peer"] < 4)
+    @rule(i=st.integers(0, 7), which=st.integers(0, 9999))
+    def peer_connects(self, i: int, which: int) -> None:
+        self.remote_peer(i, PEER_ANSWERS[(which + self.example_steps) % len(PEER_ANSWERS)])
+
+    def remote_peer(self, i: int, answer: str) -> None:
+        """A peer connects to a -R listener: the server opens a forwarded-tcpip channel,
+        and the client confirms it, refuses it, or never answers (forwarding.connectTimeout
+        closes the peer's connection; a late confirmation is answered with a close)."""
+        assert self.c is not None
+        host, port = self.listeners[i % len(self.listeners)]
+        self.count("remote peer")
+        chan = self.c._next_channel  # the number the client gives the server's open
+        far = FarEnd(socket.create_connection(("127.0.0.1", port), timeout=WAIT))
+        self.far_note(f"a peer connects to listener {port}: {self.chan_name(chan)}")
+        opened = [o.forwarded_connection(host, port, chan) for o in self.alts]
+        if opened[0] is None:
+            self.settle()
+            if not far.wait(lambda: far.eof):
+                self.fail(f"listener {port}: a connection the server opens no channel for was kept")
+            far.close()
+            return
+        if not self.c.wait_until(lambda: chan in self.c.channels):  # type: ignore[union-attr]
+            self.fail(f"listener {port}: no CHANNEL_OPEN for the peer's connection: "
+                      f"{self.c.transcript()[-5:]}")
+        ch = self.c.channels[chan]
+        if answer in ("confirm", "refuse"):
+            self.c.answer_open(chan, answer == "confirm", 2)
+            self.say(f"c.answer_open({self.chan_name(chan)}, {answer == 'confirm'}, 2)")
+        for o in self.alts:
+            o.answer_forward(chan, answer if answer in ("confirm", "refuse") else "timeout")
+        self.settle()
+        if answer == "confirm":
+            self.fars[chan] = far
+            return
+        if not far.wait(lambda: far.eof, WAIT + FORWARD_TIMEOUT):
+            self.fail(f"{self.chan_name(chan)}: {answer}: the peer's connection was kept")
+        far.close()
+        if answer == "ignore, then confirm late":
+            self.c.answer_open(chan, True)
+            self.say(f"c.answer_open({self.chan_name(chan)}, True)  # late")
+            if not self.c.wait_until(lambda: ch.close_received):
+                self.fail(f"{self.chan_name(chan)}: confirmed after its open timed out, and not closed")
+            self.settle()
 
     # -- hostile side clients: each attacks from connections of its own while the main one lives
 
@@ -1191,6 +1611,8 @@ class LiveFuzz(RuleBasedStateMachine):
     request_while_running_2 = request_while_running
     burst_2 = burst
     auth_2 = auth
+    forward_act_2 = forward_act
+    peer_connects_2 = peer_connects
 
     def finish_connection(self) -> None:
         """The connection is over: its records replay against the specs, complete."""
@@ -1223,6 +1645,8 @@ class LiveFuzz(RuleBasedStateMachine):
         finally:
             for c in self.clients:
                 c.close_all()
+            for far in self.fars.values():
+                far.close()
 
     def no_program_outlives_its_connection(self) -> None:
         deadline = time.monotonic() + WAIT
@@ -1245,7 +1669,8 @@ def keypair(directory: Path, name: str) -> tuple[Path, paramiko.PKey]:
 
 def machine_class(server: conftest.LiveServer, tmp: Path, *,
                   known_bugs: frozenset[str] = frozenset(KNOWN_BUGS), timing: dict[str, Any] | None = None,
-                  scripts: list[str] | None = None, hostile: bool = True) -> type[LiveFuzz]:
+                  scripts: list[str] | None = None, hostile: bool = True,
+                  targets: ForwardTargets | None = None) -> type[LiveFuzz]:
     """The state machine bound to ``server``. ``timing["first failure"]``: (examples
     run, seconds) when the first example failed; ``scripts``: every example's script."""
     key_path, key = keypair(tmp, "id_ed25519")
@@ -1253,9 +1678,10 @@ def machine_class(server: conftest.LiveServer, tmp: Path, *,
     _, other_key = keypair(tmp, "other_ed25519")
     machine = type("LiveFuzzRun", (LiveFuzz,), {
         "server": server, "log": LogTail(server.log), "key": key, "other_key": other_key,
-        "driver": CompiledDriver(FUZZ_LIMITS), "known_bugs": known_bugs, "stats": {},
+        "driver": CompiledDriver(FUZZ_LIMITS, forwarding=targets.policy() if targets else None),
+        "known_bugs": known_bugs, "stats": {},
         "timing": timing if timing is not None else {}, "scripts": scripts, "tmp": tmp,
-        "hostile_allowed": hostile})
+        "hostile_allowed": hostile, "targets": targets})
     machine.timing["start"] = time.monotonic()
     return machine
 
@@ -1272,7 +1698,8 @@ def replay_steps(live: Any, steps: Callable[[LiveFuzz], None]) -> None:
     """One example, by hand: ``steps`` calls the rules (no KNOWN_BUGS guards), then
     the teardown checks run, as for every generated example."""
     server, tmp = live
-    state = machine_class(server, tmp, known_bugs=frozenset(), hostile=False)()
+    state = machine_class(server, tmp, known_bugs=frozenset(), hostile=False,
+                          targets=LIVE_TARGETS.get(server.port))()
     try:
         steps(state)
     finally:
@@ -1288,16 +1715,23 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Any:
     folder = ",".join(f"{k}={v}" for k, v in sorted(FUZZ_LIMITS.items()))
     log_dir = Path(os.environ.get("SSHSPEC_FUZZ_LOG_DIR") or conftest.TEST_LOGS) / "limits" / folder
     log_dir.mkdir(parents=True, exist_ok=True)
-    server = conftest.start_server(tmp, "fuzz-live", config=FUZZ_SERVER_CONFIG, log_dir=log_dir)
+    targets = ForwardTargets()
+    config = {**FUZZ_SERVER_CONFIG, **targets.config()}
+    server = conftest.start_server(tmp, "fuzz-live", config=config, log_dir=log_dir)
+    LIVE_TARGETS[server.port] = targets
     yield server, tmp
     server.stop()
+    targets.close()
+
+
+LIVE_TARGETS: dict[int, ForwardTargets] = {}  # the fuzz server's forward targets, by its port
 
 
 @pytest.mark.timeout(900 if PROFILE == "ci" else 0)  # a failure shrinks for a while
 def test_live_server_conforms_to_the_specs(live: Any) -> None:
     server, tmp = live
     started = time.monotonic()
-    stats = fuzz(server, tmp)
+    stats = fuzz(server, tmp, targets=LIVE_TARGETS[server.port])
     elapsed = time.monotonic() - started
     print(f"\nlive fuzz ({PROFILE}): {elapsed:.1f}s, {sum(stats.values())} steps: "
           + ", ".join(f"{k} {v}" for k, v in sorted(stats.items())))
@@ -1309,8 +1743,19 @@ def test_live_server_conforms_to_the_specs(live: Any) -> None:
                   ("request malformed_request", "request not_implemented", "request unknown_request"),
                   ("auth password", "auth publickey", "auth query", "auth kbdint_response"),
                   ("global request",), ("open b'session'",), ("reconnect",),
+                  ("forward open",), ("forward data",), ("forward eof",), ("forward close",), ("listen",),
+                  ("remote peer",),
                   HOSTILE_RULES):  # each attack also runs in test_each_attack_in_the_fuzzer
         assert sum(stats.get(what, 0) for what in group) > 0, group
+    # The fuzzer drove forward channels through every transition of the forward spec: its
+    # log says so (the log so far is the fuzzer's alone; `sshspec coverage` reads it alike).
+    from sshspec.adapters.check import coverage_logs
+    from sshspec.fsm.replay import transition_label
+    report, _ = coverage_logs([str(server.log)], limits=FUZZ_LIMITS)
+    (forward,) = [spec for spec in report if spec.name == "forward"]
+    missing = [transition_label(t) for n, t in enumerate(forward.transitions) if n not in forward.exercised]
+    print(forward.summary())
+    assert not missing, f"the fuzzer never reached these forward transitions: {missing}"
 
 
 # --- the bugs this fuzzer found: their minimal sequences, kept ------------------------------------
