@@ -292,6 +292,8 @@ class ForwardTargets:
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.far = self.listener.getsockname()[1]
         self.accepted: queue.Queue[FarEnd] = queue.Queue()
+        self.accept_errors: list[str] = []
+        self.closed = False
         threading.Thread(target=self._accept, daemon=True).start()
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -309,11 +311,18 @@ class ForwardTargets:
             self.filling.append(c)
 
     def _accept(self) -> None:
+        # Only close() ends this thread: an accept that fails otherwise (a connection
+        # reset while queued, a process short of descriptors late in a full run) is
+        # recorded for the rule that then misses its connection, and accepting goes on.
         while True:
             try:
                 sock, _ = self.listener.accept()
-            except OSError:
-                return
+            except OSError as exc:
+                if self.closed:
+                    return
+                self.accept_errors.append(repr(exc))
+                time.sleep(0.01)  # (a failing accept returns at once: not a busy loop)
+                continue
             self.accepted.put(FarEnd(sock))
 
     def permit_open(self) -> list[str]:
@@ -332,6 +341,7 @@ class ForwardTargets:
                                   False, False, connect_timeout=FORWARD_TIMEOUT)
 
     def close(self) -> None:
+        self.closed = True
         self.listener.close()
         self.hole.close()
         for c in self.filling:
@@ -1109,7 +1119,8 @@ class LiveFuzz(RuleBasedStateMachine):
                 # full `make test`, it was over WAIT); a connection that never came still fails.
                 self.fars[chan] = t.accepted.get(timeout=10 * WAIT)
             except queue.Empty:
-                self.fail(f"{self.chan_name(chan)}: confirmed, but the target never saw a connection")
+                self.fail(f"{self.chan_name(chan)}: confirmed, but the target never saw a connection "
+                          f"(the target's failed accepts: {t.accept_errors or 'none'})")
 
     def forward_data(self, i: int, from_client: bool, size: int) -> None:
         """Bytes one way: the other end gets exactly them (in an EOF'd forward, the
