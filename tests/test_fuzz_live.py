@@ -294,7 +294,8 @@ class ForwardTargets:
         self.accepted: queue.Queue[FarEnd] = queue.Queue()
         self.accept_errors: list[str] = []
         self.closed = False
-        threading.Thread(target=self._accept, daemon=True).start()
+        self.acceptor = threading.Thread(target=self._accept, daemon=True)
+        self.acceptor.start()
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.refused = s.getsockname()[1]  # nobody listens once it is closed
@@ -324,6 +325,19 @@ class ForwardTargets:
                 time.sleep(0.01)  # (a failing accept returns at once: not a busy loop)
                 continue
             self.accepted.put(FarEnd(sock))
+
+    def state(self) -> str:
+        """What a failure needs to know of the accepting target: its socket, its thread,
+        and every socket of this machine on its port (ss)."""
+        try:
+            where = f"fd {self.listener.fileno()}, {self.listener.getsockname()}"
+        except OSError as exc:
+            where = repr(exc)
+        ss = subprocess.run(["ss", "-tanpe", f"( sport = :{self.far} or dport = :{self.far} )"],
+                            capture_output=True, text=True).stdout
+        return (f"listener {where}, accept thread alive: {self.acceptor.is_alive()}, "
+                f"failed accepts: {self.accept_errors or 'none'}, queued: {self.accepted.qsize()}, "
+                f"threads: {threading.active_count()}\n{ss}")
 
     def permit_open(self) -> list[str]:
         return [f"127.0.0.1:{p}" for p in (self.far, self.refused, self.blackhole)]
@@ -535,6 +549,8 @@ class LiveFuzz(RuleBasedStateMachine):
         if "first failure" not in self.timing:  # how fast the fuzzer found it, shrinking aside
             self.timing["first failure"] = (self.stats["examples"], time.monotonic() - self.timing["start"])
         script = "\n".join(self.render_script())
+        if self.targets is not None and (self.fars or "forward" in message.lower()):
+            message += f"\n  the forward target: {self.targets.state()}"
         raise AssertionError(f"{message}\n\n--- a runnable reproduction (the spec's replies asserted) ---\n"
                              f"{script}")
 
@@ -1029,8 +1045,12 @@ class LiveFuzz(RuleBasedStateMachine):
     @precondition(lambda self: self.alive() and self.steps >= 4)
     @rule(how=st.sampled_from(["disconnect", "drop"]))
     def disconnect(self, how: str) -> None:
-        assert self.c is not None
         self.count(how)
+        self.leave(how)
+
+    def leave(self, how: str) -> None:
+        """The client leaves: a DISCONNECT message, or its socket just closes (a drop)."""
+        assert self.c is not None
         if how == "disconnect":
             self.c.disconnect_now()
             self.say("c.disconnect_now()")
@@ -1103,12 +1123,7 @@ class LiveFuzz(RuleBasedStateMachine):
             o.open_forward(chan, host, port, outcome)
         if to == "timeout, then drop":
             self.dropped = True
-            self.c.drop()
-            self.say("c.drop()")
-            for o in self.alts:
-                o.drop()
-            self.settle()
-            self.finish_connection()
+            self.leave("drop")
             return
         self.settle()
         f = self.o.forwards.get(chan)
@@ -1120,7 +1135,7 @@ class LiveFuzz(RuleBasedStateMachine):
                 self.fars[chan] = t.accepted.get(timeout=10 * WAIT)
             except queue.Empty:
                 self.fail(f"{self.chan_name(chan)}: confirmed, but the target never saw a connection "
-                          f"(the target's failed accepts: {t.accept_errors or 'none'})")
+                          "(the target's state below)")
 
     def forward_data(self, i: int, from_client: bool, size: int) -> None:
         """Bytes one way: the other end gets exactly them (in an EOF'd forward, the
@@ -1165,18 +1180,7 @@ class LiveFuzz(RuleBasedStateMachine):
         # Half-closed forwards first (the small `i` hypothesis favours ends both directions).
         half = [c for c in pool if self.o.forwards[c].eof_to_client or self.o.forwards[c].eof_to_target]
         pool = half + [c for c in pool if c not in half]
-        chan = pool[i % len(pool)]
-        far, ch = self.fars[chan], self.c.channels[chan]
-        self.count("forward eof")
-        if from_client:
-            self.c.eof(chan)
-            self.say(f"c.eof({self.chan_name(chan)})")
-        else:
-            far.shutdown()
-            self.far_note(f"FIN to {self.chan_name(chan)}")
-        for o in self.alts:
-            o.forward_eof(chan, from_client=from_client)
-        self.settle()
+        chan, far, ch = self.forward_act_by("forward eof", pool[i % len(pool)], from_client)
         f = self.o.forwards[chan]
         if from_client and not far.wait(lambda: far.eof):
             self.fail(f"{self.chan_name(chan)}: the client's EOF never reached the far end")
@@ -1186,6 +1190,27 @@ class LiveFuzz(RuleBasedStateMachine):
                                     and far.wait(lambda: far.eof)):
             self.fail(f"{self.chan_name(chan)}: both ways ended, the forward did not close: {ch.events}")
 
+    def forward_act_by(self, what: str, chan: int, client: bool) -> tuple[int, FarEnd, Any]:
+        """``what`` ("forward eof" | "forward close") on ``chan``, by the client (an EOF, a
+        close) or by the far end (a FIN, a reset); the models follow, then the server settles."""
+        assert self.c is not None
+        far, ch = self.fars[chan], self.c.channels[chan]
+        self.count(what)
+        eof = what == "forward eof"
+        if client:
+            (self.c.eof if eof else self.c.close)(chan)
+            self.say(f"c.{'eof' if eof else 'close'}({self.chan_name(chan)})")
+        else:
+            (far.shutdown if eof else far.reset)()
+            self.far_note(f"{'FIN to' if eof else 'RST on'} {self.chan_name(chan)}")
+        for o in self.alts:
+            if eof:
+                o.forward_eof(chan, from_client=client)
+            else:
+                o.forward_closed(chan, by_client=client)
+        self.settle()
+        return chan, far, ch
+
     def forward_close(self, i: int, by_client: bool) -> None:
         """The client closes the channel, or the far end resets its connection: both ends close."""
         assert self.c is not None
@@ -1193,18 +1218,7 @@ class LiveFuzz(RuleBasedStateMachine):
         if not by_client:  # (asyncio stops reading a connection after its EOF: a later reset goes unseen)
             pool = self.far_can_send() or pool
             by_client = not self.far_can_send()
-        chan = pool[i % len(pool)]
-        far, ch = self.fars[chan], self.c.channels[chan]
-        self.count("forward close")
-        if by_client:
-            self.c.close(chan)
-            self.say(f"c.close({self.chan_name(chan)})")
-        else:
-            far.reset()
-            self.far_note(f"RST on {self.chan_name(chan)}")
-        for o in self.alts:
-            o.forward_closed(chan, by_client=by_client)
-        self.settle()
+        chan, far, ch = self.forward_act_by("forward close", pool[i % len(pool)], by_client)
         if not self.c.wait_until(lambda: ch.close_received):
             self.fail(f"{self.chan_name(chan)}: the server never closed the channel: {ch.events}")
         if by_client and not far.wait(lambda: far.eof):
