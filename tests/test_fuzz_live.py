@@ -228,6 +228,7 @@ class FarEnd:
     EOF); the test sends, ends its direction (FIN) or resets it (RST)."""
 
     def __init__(self, sock: socket.socket) -> None:
+        sock.settimeout(None)  # (a connect's timeout would end the reader's recv as if at EOF)
         self.sock = sock
         self.received = bytearray()
         self.eof = False
@@ -549,7 +550,7 @@ class LiveFuzz(RuleBasedStateMachine):
         if "first failure" not in self.timing:  # how fast the fuzzer found it, shrinking aside
             self.timing["first failure"] = (self.stats["examples"], time.monotonic() - self.timing["start"])
         script = "\n".join(self.render_script())
-        if self.targets is not None and (self.fars or "forward" in message.lower()):
+        if self.targets is not None:
             message += f"\n  the forward target: {self.targets.state()}"
         raise AssertionError(f"{message}\n\n--- a runnable reproduction (the spec's replies asserted) ---\n"
                              f"{script}")
