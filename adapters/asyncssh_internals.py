@@ -2397,6 +2397,11 @@ REACH_INS: tuple[ReachIn, ...] = (
                    "_recv_blocksize", "_recv_macsize", "_recv_seq", "_max_recv_pktlen",
                    "_decompressor", "_decompress_after_auth", "_kex", "_ignore_first_kex",
                    "_auth", "_channels")),
+    # release_hooks (HACKS.md row 36): the owner's connection_lost and a session's come
+    # from the cleanups, after which asyncssh hands the connection and the channel nothing.
+    ReachIn(SSHConnection, "_cleanup", ("exc",), source_has="self._owner.connection_lost(exc)"),
+    ReachIn(SSHConnection, "_force_close", ("exc",), source_has="self._loop.call_soon(self._cleanup, exc)"),
+    ReachIn(SSHChannel, "_cleanup", ("exc",), source_has="self._conn.remove_channel(self._recv_chan)"),
 )
 
 # sha256 of the source of what the send path ports (HACKS.md row 32), asyncssh 2.24.1:

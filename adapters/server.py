@@ -772,12 +772,8 @@ class SpecConnection(asyncssh.SSHServer, internals.ConnectionHooks):
         them, and the collector frees them later, as before."""
         if not (self.released and self.ended) or self._tasks or not self.sessions:
             return
-        sessions = self.sessions.values()
-        if any(s._waiter is not None and not s._waiter.done() for s in sessions):
+        if any(s._waiter is not None and not s._waiter.done() for s in self.sessions.values()):
             return
-        for session in sessions:
-            if session.chan is not None:
-                session.chan.set_extra_info(connection=None)  # asyncssh's: the channel's connection
         self.sessions = {}
 
     def begin_auth(self, username: str) -> bool:
