@@ -618,6 +618,10 @@ _CHAN_WINDOW_ADJUST = asyncssh.SSHServerChannel._packet_handlers[MSG_CHANNEL_WIN
 _CHAN_DATA = asyncssh.SSHServerChannel._packet_handlers[MSG_CHANNEL_DATA]
 
 
+def _no_request(chan: HookedServerChannel, req: ChannelRequest) -> None:
+    """A released channel's request callback (none can come: the channel is closed)."""
+
+
 class HookedServerChannel(asyncssh.SSHServerChannel[bytes]):
     """A session channel whose every incoming channel request goes to `on_request`,
     at arrival, and is answered only by `reply`.
@@ -827,6 +831,13 @@ class HookedServerChannel(asyncssh.SSHServerChannel[bytes]):
         else:
             self._conn.send_packet(MSG_CHANNEL_EXTENDED_DATA, UInt32(self._send_chan),
                                    UInt32(datatype), UInt32(len(data)), view, handler=self)
+
+    def release(self) -> None:
+        """The channel is closed (asyncssh ran its cleanup: no request or data comes any
+        more): let go of the callbacks, which refer to the session that holds this
+        channel, a reference cycle the collector would otherwise have to find."""
+        self._hk_on_request = _no_request
+        self._hk_on_data_after_eof = None
 
     def start_io(self) -> None:
         if not self._hk_started and self._conn is not None:  # REACH-IN: SSHChannel._conn
@@ -1617,6 +1628,39 @@ def _send_now(state: HookState) -> None:
         _write_out(state)
 
 
+# What install_hooks set on the connection (instance attributes): release_hooks takes them off.
+_HOOKED_ATTRIBUTES = ("_packet_handlers", "reload_config", "send_userauth_failure", "send_userauth_success",
+                      "send_userauth_packet", "pause_writing", "resume_writing", "data_received",
+                      "_validate_openssh_certificate", "send_packet", "_recv_pkthdr", "_recv_packet")
+
+
+def _no_more_packets() -> bool:
+    return False
+
+
+def release_hooks(conn: asyncssh.SSHServerConnection) -> None:
+    """Once the connection is over (asyncssh's cleanup ran): take off what install_hooks
+    put on it. Each hook refers to the connection's HookState, which refers back to the
+    connection: the whole connection (its channels, keys, buffers, ~100 objects) was
+    left to the cyclic collector, whose passes over it cost more than everything else
+    a bare asyncssh connection leaves behind; without the loop, reference counting
+    frees it when the last user lets go."""
+    state = conn.get_extra_info(_STATE_KEY)
+    if state is None:
+        return
+    attributes = conn.__dict__
+    for name in _HOOKED_ATTRIBUTES:
+        attributes.pop(name, None)
+    # REACH-IN: SSHConnection._recv_handler, one of our parsers (a partial holding the
+    # state) until the last packet; nothing is received after the cleanup.
+    conn._recv_handler = _no_more_packets
+    conn.set_extra_info(**{_STATE_KEY: None})
+    state.send_packet = None  # (a partial holding the state: a loop of its own)
+    if not state.verdicts:  # else a global request's verdict still comes, and is answered
+        state.hooks = None
+        state.conn = None
+
+
 def send_now(conn: SSHConnection | None) -> None:
     """Send at once what `conn` holds for the end of the turn (the log first): for a
     caller that wants to know right after a send whether it failed (asyncio closes the
@@ -2353,6 +2397,11 @@ REACH_INS: tuple[ReachIn, ...] = (
                    "_recv_blocksize", "_recv_macsize", "_recv_seq", "_max_recv_pktlen",
                    "_decompressor", "_decompress_after_auth", "_kex", "_ignore_first_kex",
                    "_auth", "_channels")),
+    # release_hooks (HACKS.md row 36): the owner's connection_lost and a session's come
+    # from the cleanups, after which asyncssh hands the connection and the channel nothing.
+    ReachIn(SSHConnection, "_cleanup", ("exc",), source_has="self._owner.connection_lost(exc)"),
+    ReachIn(SSHConnection, "_force_close", ("exc",), source_has="self._loop.call_soon(self._cleanup, exc)"),
+    ReachIn(SSHChannel, "_cleanup", ("exc",), source_has="self._conn.remove_channel(self._recv_chan)"),
 )
 
 # sha256 of the source of what the send path ports (HACKS.md row 32), asyncssh 2.24.1:

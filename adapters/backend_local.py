@@ -664,6 +664,11 @@ class _Writer:
             self._close_fd()
         self._check_resume()
 
+    def release(self) -> None:
+        """Stopped for good: let go of the close callback (the process's own method)."""
+        if self._closed:
+            self._close_fd = None
+
     def _check_resume(self) -> None:
         if self._flow_paused and len(self._buf) <= _STDIN_LOW_WATER:
             self._flow_paused = False
@@ -920,6 +925,11 @@ class LocalProcess:
         # The leader is a zombie (waitid saw it exit), so this returns at once.
         self._popen.wait()
         self._finished.set_result(self._status)
+        # Done, every fd closed: what refers back to this process (each reader's on_done,
+        # the writer's close) goes, so that reference counting frees it and what its
+        # callbacks hold (the session's channel) instead of the cyclic collector.
+        self._readers = []
+        self._writer.release()
 
 
 def _cc_bytes(value: bytes | int) -> bytes:

@@ -67,7 +67,8 @@ def bench_connection(host: object, i: int) -> server.SpecConnection:
     conn = object.__new__(server.SpecConnection)
     conn.server = host  # type: ignore[assignment]
     conn.info = server.ConnectionInfo(f"1f2e-{i:x}", "")
-    conn.identity = Labels(conn.info.connection_id)
+    conn.records = server.ConnectionLog(host.emitter, Labels(conn.info.connection_id))  # type: ignore[attr-defined]
+    conn.log = conn.records.log
     return conn
 
 
