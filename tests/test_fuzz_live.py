@@ -67,6 +67,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -336,9 +337,11 @@ class ForwardTargets:
             where = repr(exc)
         ss = subprocess.run(["ss", "-tanpe", f"( sport = :{self.far} or dport = :{self.far} )"],
                             capture_output=True, text=True).stdout
+        frame = sys._current_frames().get(self.acceptor.ident or 0)
+        stack = "".join(traceback.format_stack(frame)) if frame is not None else "(none)\n"
         return (f"listener {where}, accept thread alive: {self.acceptor.is_alive()}, "
                 f"failed accepts: {self.accept_errors or 'none'}, queued: {self.accepted.qsize()}, "
-                f"threads: {threading.active_count()}\n{ss}")
+                f"threads: {threading.active_count()}\n{ss}the accept thread now:\n{stack}")
 
     def permit_open(self) -> list[str]:
         return [f"127.0.0.1:{p}" for p in (self.far, self.refused, self.blackhole)]
