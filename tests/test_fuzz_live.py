@@ -60,14 +60,12 @@ import contextlib
 import itertools
 import json
 import os
-import queue
 import socket
 import struct
 import subprocess
 import sys
 import threading
 import time
-import traceback
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -283,7 +281,7 @@ class FarEnd:
 
 class ForwardTargets:
     """What the fuzz server's forwarding lets a client reach: ``far`` accepts (each
-    connection a `FarEnd`, queued for the rule that opened it), nobody listens on
+    connection a `FarEnd`, taken by the rule that opened it), nobody listens on
     ``refused``, ``blackhole`` never answers a SYN (a listener with a full accept queue:
     the connect times out), and ``denied`` is outside forwarding.permitOpen. -R may bind
     port 0 on loopback, and ``far`` (in use: the bind fails)."""
@@ -293,11 +291,8 @@ class ForwardTargets:
     def __init__(self) -> None:
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.far = self.listener.getsockname()[1]
-        self.accepted: queue.Queue[FarEnd] = queue.Queue()
-        self.accept_errors: list[str] = []
-        self.closed = False
-        self.acceptor = threading.Thread(target=self._accept, daemon=True)
-        self.acceptor.start()
+        self.taken = 0  # connections the rules took; `stale` counts those nobody waited for
+        self.stale = 0
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.refused = s.getsockname()[1]  # nobody listens once it is closed
@@ -313,35 +308,39 @@ class ForwardTargets:
                 c.connect(("127.0.0.1", self.blackhole))
             self.filling.append(c)
 
-    def _accept(self) -> None:
-        # Only close() ends this thread: an accept that fails otherwise (a connection
-        # reset while queued, a process short of descriptors late in a full run) is
-        # recorded for the rule that then misses its connection, and accepting goes on.
+    # The rule that opened a forward takes its connection itself, in its own thread, once
+    # the server confirmed (so after its connect completed: the kernel holds it). An
+    # accept thread and a queue between them once lost connections in full runs, and a
+    # connection left by an example that failed before taking it would have been handed
+    # to the next forward: `drop_stale` closes such ones before each open.
+
+    def take(self) -> FarEnd:
+        self.listener.settimeout(WAIT)
+        sock, _ = self.listener.accept()
+        self.taken += 1
+        return FarEnd(sock)
+
+    def drop_stale(self) -> None:
+        self.listener.setblocking(False)
         while True:
             try:
                 sock, _ = self.listener.accept()
-            except OSError as exc:
-                if self.closed:
-                    return
-                self.accept_errors.append(repr(exc))
-                time.sleep(0.01)  # (a failing accept returns at once: not a busy loop)
-                continue
-            self.accepted.put(FarEnd(sock))
+            except BlockingIOError:
+                return
+            self.stale += 1
+            sock.close()
 
     def state(self) -> str:
-        """What a failure needs to know of the accepting target: its socket, its thread,
-        and every socket of this machine on its port (ss)."""
+        """What a failure needs to know of the accepting target: its socket and every
+        socket of this machine on its port (ss)."""
         try:
             where = f"fd {self.listener.fileno()}, {self.listener.getsockname()}"
         except OSError as exc:
             where = repr(exc)
         ss = subprocess.run(["ss", "-tanpe", f"( sport = :{self.far} or dport = :{self.far} )"],
                             capture_output=True, text=True).stdout
-        frame = sys._current_frames().get(self.acceptor.ident or 0)
-        stack = "".join(traceback.format_stack(frame)) if frame is not None else "(none)\n"
-        return (f"listener {where}, accept thread alive: {self.acceptor.is_alive()}, "
-                f"failed accepts: {self.accept_errors or 'none'}, queued: {self.accepted.qsize()}, "
-                f"threads: {threading.active_count()}\n{ss}the accept thread now:\n{stack}")
+        return (f"listener {where}, connections taken {self.taken}, stale ones closed {self.stale}, "
+                f"threads: {threading.active_count()}\n{ss}")
 
     def permit_open(self) -> list[str]:
         return [f"127.0.0.1:{p}" for p in (self.far, self.refused, self.blackhole)]
@@ -359,13 +358,11 @@ class ForwardTargets:
                                   False, False, connect_timeout=FORWARD_TIMEOUT)
 
     def close(self) -> None:
-        self.closed = True
+        self.drop_stale()
         self.listener.close()
         self.hole.close()
         for c in self.filling:
             c.close()
-        while not self.accepted.empty():
-            self.accepted.get().close()
 
 
 # --- the server's log, read as it grows ---------------------------------------------------------
@@ -1121,6 +1118,7 @@ class LiveFuzz(RuleBasedStateMachine):
             "timeout": ("127.0.0.1", t.blackhole, "timed_out"), "denied": (*t.DENIED, None),
             "timeout, then drop": ("127.0.0.1", t.blackhole, None)}[to]
         extra = string(host) + uint32(port) + string("127.0.0.1") + uint32(1)
+        t.drop_stale()
         chan = self.c.open_channel(b"direct-tcpip", extra=extra)
         self.say(f"{self.chan_name(chan)} = c.open_channel(b'direct-tcpip', extra={extra!r})  # {to}")
         for o in self.alts:
@@ -1133,11 +1131,8 @@ class LiveFuzz(RuleBasedStateMachine):
         f = self.o.forwards.get(chan)
         if f is not None and f.open:
             try:
-                # The server confirmed only once its connect completed, so the kernel has
-                # the connection: only this process's accept thread can be late (once, in a
-                # full `make test`, it was over WAIT); a connection that never came still fails.
-                self.fars[chan] = t.accepted.get(timeout=10 * WAIT)
-            except queue.Empty:
+                self.fars[chan] = t.take()
+            except TimeoutError:
                 self.fail(f"{self.chan_name(chan)}: confirmed, but the target never saw a connection "
                           "(the target's state below)")
 
@@ -1790,6 +1785,8 @@ def test_live_server_conforms_to_the_specs(live: Any) -> None:
     (forward,) = [spec for spec in report if spec.name == "forward"]
     missing = [transition_label(t) for n, t in enumerate(forward.transitions) if n not in forward.exercised]
     print(forward.summary())
+    targets = LIVE_TARGETS[server.port]
+    print(f"forward target: {targets.taken} connections taken, {targets.stale} left by failed examples")
     print(f"forward transitions the fuzzer did not reach this run: {missing or 'none'}")
     entered = {forward.transitions[n].target for n in forward.exercised}
     from sshspec.fsm.spec import load_spec
