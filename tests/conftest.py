@@ -98,6 +98,28 @@ class LiveServer:
             return self.process.wait()
 
 
+def in_process_config(tmp: Path) -> Any:
+    """A config for a `Server` run in the test's own event loop (tests that look inside
+    the server process: its tasks, what it frees): loopback port 0, the test user, /bin/sh."""
+    import msgspec
+
+    from sshspec.adapters.config import AuthConfig, BackendConfig, Listen, User, load_config
+    base = load_config(None)
+    return msgspec.structs.replace(
+        base, state_dir=str(tmp / "state"),
+        ssh=msgspec.structs.replace(base.ssh, listen=Listen("127.0.0.1", 0)),
+        auth=AuthConfig(users=(User(username=USERNAME, password_hash=_PASSWORD_HASH),)),
+        backend=BackendConfig(shell="/bin/sh"))
+
+
+async def wait_until(predicate: Any, timeout: float = 10.0) -> None:
+    """In the test's event loop, until ``predicate()`` holds (the server runs in the same loop)."""
+    import asyncio
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(0.01)
+
+
 def write_config(path: Path, *, state: Path, log: Path, pubkey: str,
                  overrides: dict[str, Any] | None = None) -> Path:
     import yaml

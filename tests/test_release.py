@@ -18,29 +18,16 @@ from pathlib import Path
 from typing import Any
 
 import asyncssh
-import msgspec
 import pytest
 
-from conftest import _PASSWORD_HASH, PASSWORD, USERNAME
-from sshspec.adapters.config import AuthConfig, BackendConfig, Listen, User, load_config
+from conftest import PASSWORD, USERNAME, in_process_config, wait_until
 from sshspec.adapters.logs import Logger
 from sshspec.adapters.server import Server
 
 
-async def _wait(predicate, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.01)
-
-
 @pytest.mark.parametrize("ending", ["exec", "client_abort_while_running", "channel_closed_early"])
 def test_a_finished_connection_is_freed_without_the_collector(tmp_path: Path, ending: str) -> None:
-    base = load_config(None)
-    config = msgspec.structs.replace(
-        base, state_dir=str(tmp_path / "state"),
-        ssh=msgspec.structs.replace(base.ssh, listen=Listen("127.0.0.1", 0)),
-        auth=AuthConfig(users=(User(username=USERNAME, password_hash=_PASSWORD_HASH),)),
-        backend=BackendConfig(shell="/bin/sh"))
+    config = in_process_config(tmp_path)
 
     async def main() -> list[str]:
         server = Server(config, logger=Logger(path=str(tmp_path / "log.jsonl")))
@@ -54,7 +41,7 @@ def test_a_finished_connection_is_freed_without_the_collector(tmp_path: Path, en
                                           known_hosts=None, client_keys=None, preferred_auth="password")
             command = "sleep 30" if ending == "client_abort_while_running" else "echo hi"
             chan, _ = await conn.create_session(asyncssh.SSHClientSession, command)
-            await _wait(lambda: any(c.sessions for c in server.connections))
+            await wait_until(lambda: any(c.sessions for c in server.connections))
             (spec,) = server.connections
             (session,) = spec.sessions.values()
             refs.update(connection=weakref.ref(spec), asyncssh_connection=weakref.ref(spec.conn),
@@ -73,8 +60,8 @@ def test_a_finished_connection_is_freed_without_the_collector(tmp_path: Path, en
                 conn.abort()
             await conn.wait_closed()
             del conn, chan
-            await _wait(lambda: not server.connections)
-            await _wait(lambda: all(ref() is None for ref in refs.values()))
+            await wait_until(lambda: not server.connections)
+            await wait_until(lambda: all(ref() is None for ref in refs.values()))
         except TimeoutError:
             alive = [name for name, ref in refs.items() if ref() is not None]
             raise AssertionError(f"not freed without the collector: {alive}") from None

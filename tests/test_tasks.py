@@ -13,30 +13,16 @@ import socket
 from pathlib import Path
 
 import asyncssh
-import msgspec
 import pytest
 
-from conftest import _PASSWORD_HASH, PASSWORD, USERNAME
-from sshspec.adapters.config import Listen, load_config
+from conftest import PASSWORD, USERNAME, in_process_config, wait_until
 from sshspec.adapters.logs import Logger
 from sshspec.adapters.server import Server
 
 
-async def _wait(predicate, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.01)
-
-
 @pytest.mark.parametrize("phase", ["tcp", "kex", "auth", "channel", "exec", "streaming"])
 def test_tasks_return_to_baseline(tmp_path: Path, phase: str) -> None:
-    from sshspec.adapters.config import AuthConfig, BackendConfig, User
-    base = load_config(None)
-    config = msgspec.structs.replace(
-        base, state_dir=str(tmp_path / "state"),
-        ssh=msgspec.structs.replace(base.ssh, listen=Listen("127.0.0.1", 0)),
-        auth=AuthConfig(users=(User(username=USERNAME, password_hash=_PASSWORD_HASH),)),
-        backend=BackendConfig(shell="/bin/sh"))
+    config = in_process_config(tmp_path)
 
     async def main() -> tuple[int, int, list[str]]:
         server = Server(config, logger=Logger(path=str(tmp_path / "log.jsonl")))
@@ -45,7 +31,7 @@ def test_tasks_return_to_baseline(tmp_path: Path, phase: str) -> None:
         baseline = len(asyncio.all_tasks())
         if phase == "tcp":
             sock = socket.create_connection((host, port))
-            await _wait(lambda: server.connections)
+            await wait_until(lambda: server.connections)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
             sock.close()
         elif phase == "kex":
@@ -61,11 +47,11 @@ def test_tasks_return_to_baseline(tmp_path: Path, phase: str) -> None:
                 chan, session = await conn.create_session(asyncssh.SSHClientSession, command)
                 if phase == "streaming":
                     chan.pause_reading()
-                await _wait(lambda: any(c.sessions for c in server.connections))
+                await wait_until(lambda: any(c.sessions for c in server.connections))
             conn.abort()
-        await _wait(lambda: not server.connections)
+        await wait_until(lambda: not server.connections)
         await asyncio.sleep(0)  # let finished tasks leave the set
-        await _wait(lambda: len(asyncio.all_tasks()) <= baseline, timeout=5)
+        await wait_until(lambda: len(asyncio.all_tasks()) <= baseline, timeout=5)
         after = len(asyncio.all_tasks())
         await server.shutdown()
         codes = [line.split('"code":"')[1].split('"')[0]
