@@ -19,6 +19,7 @@ never run anything: a generated `exec` must not reach a shell.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import inspect
 import statistics
@@ -566,9 +567,12 @@ def test_nothing_before_authentication(server_factory, tmp_path: Path, what: str
             transport.auth_password(USERNAME, "wrong")
     client = RawClient(transport)
     client.send(PREAUTH_MESSAGES[what])
-    if what == "channel-open-then-exec":  # in the same burst, before any answer
-        client.send(bytes([98]) + struct.pack(">I", 0) + ssh_string("exec") + b"\x01"
-                    + ssh_string(f"touch {marker}"))
+    if what == "channel-open-then-exec":  # right behind it, before any answer
+        # (the server may have ended the connection at the open already: then the exec
+        # cannot even be sent, paramiko says EOFError, and nothing can run)
+        with contextlib.suppress(EOFError):
+            client.send(bytes([98]) + struct.pack(">I", 0) + ssh_string("exec") + b"\x01"
+                        + ssh_string(f"touch {marker}"))
     wait_until(lambda: not transport.is_active(), 10, "the disconnect")
     records = live.wait_for_code("SSH_DISCONNECTED")
     cid = connection_of(records, addr)
