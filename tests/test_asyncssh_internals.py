@@ -394,6 +394,17 @@ async def exec_session(conn: asyncssh.SSHClientConnection, command: str = "cmd",
     return chan, session
 
 
+async def started_server_channel(ctx: Any, interactive: bool) -> tuple[Any, Any]:
+    """The server's side of the session the client just opened, once its program started:
+    (session, channel), the channel set interactive (a pty's) or not (bulk)."""
+    server_session = await ctx.session_made
+    await server_session.started
+    chan = server_session.chan
+    assert chan is not None
+    chan.set_interactive(interactive)
+    return server_session, chan
+
+
 class PTransport:
     """A paramiko client Transport driven from asyncio (blocking calls in threads)."""
 
@@ -1085,11 +1096,7 @@ def test_the_data_sealer_sends_the_bytes_send_packet_would(
         async with serve(ctx, lambda: HookServer(ctx)) as port, \
                 await aconnect(port, encryption_algs=[cipher]) as conn:
             await exec_session(conn, "cat")
-            server_session = await ctx.session_made
-            await server_session.started
-            chan = server_session.chan
-            assert chan is not None
-            chan.set_interactive(interactive)
+            server_session, chan = await started_server_channel(ctx, interactive)
             server_conn: Any = ctx.conns[0]
             state = ctx.hook_states[server_conn]
             cipher_obj = server_conn._send_encryption._cipher  # test reach-ins (row 35)
@@ -1148,11 +1155,7 @@ def test_a_long_stream_each_way_keeps_one_aead_per_key() -> None:
         async with serve(ctx, lambda: HookServer(ctx), **algs) as port, \
                 await aconnect(port, **algs) as conn:
             chan, client = await exec_session(conn, "cat")
-            server_session = await ctx.session_made
-            await server_session.started
-            chan_s = server_session.chan
-            assert chan_s is not None
-            chan_s.set_interactive(False)
+            server_session, chan_s = await started_server_channel(ctx, False)
             server_conn: Any = ctx.conns[0]
             send_cipher = server_conn._send_encryption._cipher  # test reach-ins (row 35)
             recv_cipher = server_conn._recv_encryption._cipher
@@ -1183,11 +1186,7 @@ def test_write_queues_bytes_uncopied_and_copies_what_may_change() -> None:
         ctx = Ctx()
         async with serve(ctx, lambda: HookServer(ctx)) as port, await aconnect(port) as conn:
             chan, client = await exec_session(conn, "cat", window=16384)
-            server_session = await ctx.session_made
-            await server_session.started
-            chan_s = server_session.chan
-            assert chan_s is not None
-            chan_s.set_interactive(False)
+            server_session, chan_s = await started_server_channel(ctx, False)
             chan_s.write(held)
             queued = chan_s._send_buf  # test reach-in (row 35)
             assert queued and queued[0][0] == held[16384:] and type(queued[0][0]) is bytes
