@@ -308,7 +308,7 @@ class ForwardTargets:
                 c.connect(("127.0.0.1", self.blackhole))
             self.filling.append(c)
 
-    # The rule that opened a forward takes its connection itself, in its own thread, once
+    # The rule that opened a forward takes its connection itself, in the test's thread, once
     # the server confirmed (so after its connect completed: the kernel holds it). An
     # accept thread and a queue between them once lost connections in full runs, and a
     # connection left by an example that failed before taking it would have been handed
@@ -339,8 +339,7 @@ class ForwardTargets:
             where = repr(exc)
         ss = subprocess.run(["ss", "-tanpe", f"( sport = :{self.far} or dport = :{self.far} )"],
                             capture_output=True, text=True).stdout
-        return (f"listener {where}, connections taken {self.taken}, stale ones closed {self.stale}, "
-                f"threads: {threading.active_count()}\n{ss}")
+        return f"listener {where}, connections taken {self.taken}, stale ones closed {self.stale}\n{ss}"
 
     def permit_open(self) -> list[str]:
         return [f"127.0.0.1:{p}" for p in (self.far, self.refused, self.blackhole)]
