@@ -462,6 +462,34 @@ def test_pause_output_bounds_buffering_then_resume_and_kill() -> None:
     assert status.code is None and status.signal in {"HUP", "PIPE"}
 
 
+def test_a_program_that_fills_its_pipe_streams_through_a_bigger_one_every_byte_in_order() -> None:
+    """Issue #17: a read that takes a whole 64 KiB chunk (the program writes faster than
+    the server reads) grows the program's pipe, so a loop turn carries more; output
+    that comes a little at a time keeps the default pipe. Paused until the pipe is
+    full, the first read is a whole chunk whatever the machine's speed."""
+    expected = b"".join(b"%d\n" % n for n in range(1, 300_001))
+
+    async def main() -> tuple[bytes, int, int, int]:
+        proc, out, _ = await start("seq 1 300000; exec sleep 30")
+        proc.pause_output()
+        await until(lambda: _pipe_fill(proc.pid)[0] >= 64 * 1024, "pipe filled up")
+        before = _pipe_fill(proc.pid)[1]
+        proc.resume_output()
+        await out.wait_len(len(expected))
+        after = _pipe_fill(proc.pid)[1]
+        quiet, said, _ = await start("echo hi; exec sleep 30")
+        await said.wait_for(b"hi\n")
+        quiet_size = _pipe_fill(quiet.pid)[1]
+        for p in (proc, quiet):
+            p.kill()
+            await p.wait()
+        return bytes(out.data), before, after, quiet_size
+
+    data, before, after, quiet_size = run(main())
+    assert data == expected
+    assert (before, after, quiet_size) == (64 * 1024, backend_local._STREAM_PIPE, 64 * 1024)
+
+
 def test_paused_output_at_exit_is_still_delivered() -> None:
     # 48 KiB fits in the pipe, so the program can exit while we are paused; the
     # background sleep keeps stdout open, so no EOF comes: only the drain-after-exit
