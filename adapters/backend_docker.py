@@ -100,7 +100,7 @@ import ssl
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from sshspec.adapters.backend_local import (
     DEFAULT_ENV_DENY,
@@ -840,6 +840,16 @@ def agent_status(said: str, code: int) -> ExitStatus | None:
     return None
 
 
+class _Resize(NamedTuple):
+    """A window change in an exec's input queue. The engine's resize is an API call of
+    its own, and input goes down the attach stream: queued with the input, a resize
+    is applied before the input the client sent after it (as sshd's TIOCSWINSZ is),
+    so `stty size` right after a window change sees the new size."""
+
+    cols: int
+    rows: int
+
+
 class _Exec:
     """A program running as an exec: its stream, pid, input, output and end."""
 
@@ -855,7 +865,8 @@ class _Exec:
         self._head = b""  # output before the pid line
         self._head_done = False
         self._pending_signals: list[str] = []
-        self._inbuf: deque[bytes] = deque()
+        self._inbuf: deque[bytes | _Resize] = deque()  # in the client's order; sent by _write
+        self._writing = True  # until _write ends: then a resize goes to the engine at once
         self._buffered = 0
         self._input_paused = False
         self._eof = False
@@ -1050,6 +1061,9 @@ class _Exec:
                     continue  # input waits for the pid line (see the module docstring)
                 while self._inbuf:
                     chunk = self._inbuf.popleft()
+                    if isinstance(chunk, _Resize):
+                        await self._resize(chunk.cols, chunk.rows)
+                        continue
                     await stream.write_in(chunk)
                     self._buffered -= len(chunk)
                     if self._input_paused and self._buffered <= _STDIN_LOW_WATER:
@@ -1062,6 +1076,7 @@ class _Exec:
         except input_errors as exc:  # the program is gone: its input with it
             log.debug("exec input of %s ended: %s", self.container.name, exc)
         finally:
+            self._writing = False
             self._inbuf.clear()
             if self._input_paused:
                 self._input_paused = False
@@ -1070,7 +1085,12 @@ class _Exec:
     # -- signals and the end
 
     def resize(self, cols: int, rows: int) -> None:
-        if self.exec is not None and not self._finished.done():
+        if self._finished.done() or self._killed:
+            return
+        if self._writing:  # in order with the input (_Resize)
+            self._inbuf.append(_Resize(cols, rows))
+            self._wake.set()
+        elif self.exec is not None:  # the input ended (EOF): nothing to keep in order with
             self.backend.spawn(self._resize(cols, rows))
 
     async def _resize(self, cols: int, rows: int) -> None:

@@ -133,6 +133,30 @@ def test_each_connection_runs_in_a_fresh_container(served: tuple[LiveServer, Pat
     assert not set(podman.names(HOST_LABEL)) & set(names)  # nothing left after the disconnect
 
 
+def test_input_after_a_window_change_sees_the_new_size(served: tuple[LiveServer, Path]) -> None:
+    """A window change reaches the program before the input the client sent after it,
+    as with sshd's pty: the engine's resize is an API call of its own, and `stty size`
+    right behind it once read the old size (a full run hung on it)."""
+    live, _ = served
+    sizes = [(80 + i, 25 + i) for i in range(1, 31)]
+
+    async def main() -> list[bytes]:
+        async with connect(live) as conn:
+            proc = await conn.create_process(term_type="xterm", term_size=(80, 25), encoding=None)
+            proc.stdin.write(b"PS1=; stty -echo; echo RE''ADY\n")  # no prompt, no echo from here
+            await asyncio.wait_for(proc.stdout.readuntil(b"READY\r\n"), 20)
+            seen = []
+            for cols, rows in sizes:
+                proc.change_terminal_size(cols, rows)
+                proc.stdin.write(b"stty size\n")
+                seen.append(await asyncio.wait_for(proc.stdout.readuntil(b"\r\n"), 20))
+            proc.stdin.write(b"exit\n")
+            await proc.wait_closed()
+            return seen
+
+    assert asyncio.run(main()) == [f"{rows} {cols}\r\n".encode() for cols, rows in sizes]
+
+
 def test_conformance_cases_in_a_container(served: tuple[LiveServer, Path]) -> None:
     """ContainerSSH's cases (echo, env, pty + window-change, exit 42, signal), and input to EOF."""
     live, _ = served
