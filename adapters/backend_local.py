@@ -142,6 +142,14 @@ _READ_CHUNK = 64 * 1024
 # a pipe's size is kernel memory of the server's user, bounded by fs.pipe-max-size
 # and fs.pipe-user-pages-*: a refused grow leaves the pipe and the reads as they were.
 _STREAM_PIPE = 256 * 1024
+# At most this many grown pipes at once (16 MiB of pipe buffers beyond the default
+# 64 KiB each): past it, a streaming program keeps the default pipe. Clients choose
+# how many programs stream and can stop reading them, so the pipes they make the
+# server hold are bounded, and a non-root server stays well under the kernel's
+# per-user soft limit (fs.pipe-user-pages-soft, 64 MiB), past which every new pipe
+# of that user gets a few KiB.
+MAX_STREAM_PIPES = 64
+_streaming = 0  # pipes grown to _STREAM_PIPE now (the event loop's thread only)
 # Stdin buffered beyond the high-water mark asks the adapter to stop reading the
 # channel (on_stdin_flow(True)); it resumes below the low-water mark.
 _STDIN_HIGH_WATER = 64 * 1024
@@ -513,13 +521,18 @@ class _Reader:
 
     def _stream(self) -> None:
         """The program streams: its pipe grows, reads take more (_STREAM_PIPE). Tried
-        once; not a pipe (a pty) or over the user's pipe limit, it stays as it was."""
+        once; not a pipe (a pty), MAX_STREAM_PIPES grown already or over the user's
+        pipe limit, it stays as it was."""
+        global _streaming
         self._may_stream = False
+        if _streaming >= MAX_STREAM_PIPES:
+            return
         try:
             fcntl.fcntl(self.fd, fcntl.F_SETPIPE_SZ, _STREAM_PIPE)
         except OSError:
             return
         self._chunk = _STREAM_PIPE
+        _streaming += 1
 
     def _deliver(self, data: bytes) -> None:
         # A failing callback must not wedge the session's lifecycle (wait() would hang).
@@ -588,9 +601,12 @@ class _Reader:
 
     def stop(self) -> None:
         """Stop without delivering anything more (kill); does not report done."""
+        global _streaming
         if not self.done:
             self.done = True
             self._loop.remove_reader(self.fd)
+            if self._chunk == _STREAM_PIPE:
+                _streaming -= 1
 
     def _finish(self) -> None:
         self.stop()

@@ -490,6 +490,39 @@ def test_a_program_that_fills_its_pipe_streams_through_a_bigger_one_every_byte_i
     assert (before, after, quiet_size) == (64 * 1024, backend_local._STREAM_PIPE, 64 * 1024)
 
 
+def test_at_most_max_stream_pipes_are_grown_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Grown pipes are kernel memory clients can make the server hold (a program that
+    streams to a client that stops reading): past MAX_STREAM_PIPES a streaming program
+    keeps the default pipe, and one that ends gives its place back."""
+    monkeypatch.setattr(backend_local, "MAX_STREAM_PIPES", 1)
+    mib = 1024 * 1024
+
+    async def streaming() -> LocalProcess:
+        proc, out, _ = await start(f"head -c {mib} /dev/zero; exec sleep 30")
+        proc.pause_output()
+        await until(lambda: _pipe_fill(proc.pid)[0] >= 64 * 1024, "pipe filled up")
+        proc.resume_output()  # the first read takes a whole chunk
+        await out.wait_len(mib)
+        return proc
+
+    async def main() -> tuple[list[int], int]:
+        before = backend_local._streaming
+        first = await streaming()
+        second = await streaming()
+        sizes = [_pipe_fill(first.pid)[1], _pipe_fill(second.pid)[1]]
+        first.kill()
+        await first.wait()
+        third = await streaming()
+        sizes.append(_pipe_fill(third.pid)[1])
+        for proc in (second, third):
+            proc.kill()
+            await proc.wait()
+        return sizes, backend_local._streaming - before
+
+    stream = backend_local._STREAM_PIPE
+    assert run(main()) == ([stream, 64 * 1024, stream], 0)
+
+
 def test_paused_output_at_exit_is_still_delivered() -> None:
     # 48 KiB fits in the pipe, so the program can exit while we are paused; the
     # background sleep keeps stdout open, so no EOF comes: only the drain-after-exit
