@@ -462,19 +462,25 @@ def test_pause_output_bounds_buffering_then_resume_and_kill() -> None:
     assert status.code is None and status.signal in {"HUP", "PIPE"}
 
 
+async def _read_from_a_full_pipe(proc: LocalProcess) -> int:
+    """Output paused until the program fills its 64 KiB pipe, then resumed: the first
+    read takes a whole chunk whatever the machine's speed. The pipe's size before."""
+    proc.pause_output()
+    await until(lambda: _pipe_fill(proc.pid)[0] >= 64 * 1024, "pipe filled up")
+    size = _pipe_fill(proc.pid)[1]
+    proc.resume_output()
+    return size
+
+
 def test_a_program_that_fills_its_pipe_streams_through_a_bigger_one_every_byte_in_order() -> None:
     """Issue #17: a read that takes a whole 64 KiB chunk (the program writes faster than
     the server reads) grows the program's pipe, so a loop turn carries more; output
-    that comes a little at a time keeps the default pipe. Paused until the pipe is
-    full, the first read is a whole chunk whatever the machine's speed."""
+    that comes a little at a time keeps the default pipe."""
     expected = b"".join(b"%d\n" % n for n in range(1, 300_001))
 
     async def main() -> tuple[bytes, int, int, int]:
         proc, out, _ = await start("seq 1 300000; exec sleep 30")
-        proc.pause_output()
-        await until(lambda: _pipe_fill(proc.pid)[0] >= 64 * 1024, "pipe filled up")
-        before = _pipe_fill(proc.pid)[1]
-        proc.resume_output()
+        before = await _read_from_a_full_pipe(proc)
         await out.wait_len(len(expected))
         after = _pipe_fill(proc.pid)[1]
         quiet, said, _ = await start("echo hi; exec sleep 30")
@@ -499,9 +505,7 @@ def test_at_most_max_stream_pipes_are_grown_at_once(monkeypatch: pytest.MonkeyPa
 
     async def streaming() -> LocalProcess:
         proc, out, _ = await start(f"head -c {mib} /dev/zero; exec sleep 30")
-        proc.pause_output()
-        await until(lambda: _pipe_fill(proc.pid)[0] >= 64 * 1024, "pipe filled up")
-        proc.resume_output()  # the first read takes a whole chunk
+        await _read_from_a_full_pipe(proc)
         await out.wait_len(mib)
         return proc
 
