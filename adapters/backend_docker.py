@@ -1088,7 +1088,12 @@ class _Exec:
         if self._finished.done() or self._killed:
             return
         if self._writing:  # in order with the input (_Resize)
-            self._inbuf.append(_Resize(cols, rows))
+            if self._inbuf and isinstance(self._inbuf[-1], _Resize):
+                # Back to back, only the last size can be seen: a flood of window changes
+                # while the input waits (a program not reading it) stays one entry.
+                self._inbuf[-1] = _Resize(cols, rows)
+            else:
+                self._inbuf.append(_Resize(cols, rows))
             self._wake.set()
         elif self.exec is not None:  # the input ended (EOF): nothing to keep in order with
             self.backend.spawn(self._resize(cols, rows))

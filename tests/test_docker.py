@@ -157,6 +157,28 @@ def test_input_after_a_window_change_sees_the_new_size(served: tuple[LiveServer,
     assert asyncio.run(main()) == [f"{rows} {cols}\r\n".encode() for cols, rows in sizes]
 
 
+def test_window_changes_queued_back_to_back_are_one_entry() -> None:
+    """While an exec's input waits, window changes queue in order with it; back to back
+    only the last size can be seen, so a flood of them stays one entry between two
+    pieces of input (in-process: the exec's queue, before any engine call; the
+    container stand-in gives only what the constructor reads)."""
+    from types import SimpleNamespace
+
+    from sshspec.adapters.backend_docker import _Exec, _Resize
+
+    async def main() -> list[object]:
+        container = SimpleNamespace(settings=SimpleNamespace(agent=None))
+        exec_ = _Exec(None, container, None, None)  # type: ignore[arg-type]
+        for n in range(10_000):
+            exec_.resize(80 + n % 7, 25)
+        exec_.write(b"stty size\n")
+        exec_.resize(100, 30)
+        exec_.resize(120, 40)
+        return list(exec_._inbuf)
+
+    assert asyncio.run(main()) == [_Resize(80 + 9_999 % 7, 25), b"stty size\n", _Resize(120, 40)]
+
+
 def test_conformance_cases_in_a_container(served: tuple[LiveServer, Path]) -> None:
     """ContainerSSH's cases (echo, env, pty + window-change, exit 42, signal), and input to EOF."""
     live, _ = served
