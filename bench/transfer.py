@@ -15,9 +15,14 @@ first), each measure once per server per round:
 * download: `ssh -c CIPHER host 'head -c SIZE /dev/zero; times >&2' > /dev/null`
 * upload:   `head -c SIZE /dev/zero | ssh -c CIPHER host 'cat > /dev/null; times >&2'`
   (aes128-gcm and aes256-gcm)
+* download with the client's default algorithms (no `-c`): what an OpenSSH client
+  that names none gets. The two servers then run different algorithms: OpenSSH lists
+  chacha20-poly1305 first, which sshd takes, and aes128-ctr next, which sshspec takes
+  (it does not offer chacha20, adapters/algorithms.py) with umac-128-etm.
 * sftp get / put of a SIZE file (a file in /dev/shm to /dev/null, and back)
 * pty keystrokes: one byte at a time into `ssh -tt host cat` (a pty running cat),
-  each round trip timed until the echo comes back out of the client.
+  each round trip timed until the echo comes back out of the client; with the
+  client's default algorithms (as above), and with aes128-gcm on both.
 
 Server CPU is its cgroup's (one per server, made here: everything it ever ran, so
 sshd's per-connection and privsep processes count, read once a session's processes
@@ -255,15 +260,18 @@ def _run(argv: list[str] | str, target: Target, what: str, *, shell: bool = Fals
     return wall, done.stderr
 
 
-def stream(target: Target, key: Path, cipher: str, size: int, upload: bool) -> dict[str, float]:
-    ssh = ["ssh", "-p", str(target.port), *_ssh_opts(key), "-c", cipher, f"{target.user}@127.0.0.1"]
+def stream(target: Target, key: Path, cipher: str | None, size: int, upload: bool) -> dict[str, float]:
+    """`cipher` None: the client's default algorithms."""
+    ssh = ["ssh", "-p", str(target.port), *_ssh_opts(key), *(["-c", cipher] if cipher else []),
+           f"{target.user}@127.0.0.1"]
     before = target.settled_cpu_s()
     if upload:
         remote = "'cat > /dev/null; times >&2'"
         cmd = f"head -c {size} /dev/zero | {' '.join(ssh)} {remote}"
-        wall, err = _run(cmd, target, f"upload {cipher}", shell=True)
+        wall, err = _run(cmd, target, f"upload {cipher or 'defaults'}", shell=True)
     else:
-        wall, err = _run([*ssh, f"head -c {size} /dev/zero; times >&2"], target, f"download {cipher}")
+        wall, err = _run([*ssh, f"head -c {size} /dev/zero; times >&2"], target,
+                         f"download {cipher or 'defaults'}")
     cpu = target.settled_cpu_s() - before - _program_cpu(err)
     return {"mb_per_s": size / wall / 1e6, "cpu_s_per_gb": cpu / (size / 1e9)}
 
@@ -284,11 +292,12 @@ def sftp(target: Target, key: Path, local: Path, size: int, put: bool) -> dict[s
     return {"mb_per_s": size / wall / 1e6, "cpu_s_per_gb": cpu / (size / 1e9)}
 
 
-def keystrokes(target: Target, key: Path, count: int) -> dict[str, float]:
+def keystrokes(target: Target, key: Path, count: int, cipher: str | None = None) -> dict[str, float]:
     """Round trips of one byte into a pty (its echo) through OpenSSH's client (`ssh -tt
     host cat`), timed by a driver on the client CPU writing to its stdin and reading
-    its stdout."""
-    ssh = ["ssh", "-tt", "-p", str(target.port), *_ssh_opts(key), f"{target.user}@127.0.0.1", "cat"]
+    its stdout. `cipher` None: the client's default algorithms."""
+    ssh = ["ssh", "-tt", "-p", str(target.port), *_ssh_opts(key), *(["-c", cipher] if cipher else []),
+           f"{target.user}@127.0.0.1", "cat"]
     done = subprocess.run([sys.executable, str(Path(__file__)), "keystrokes", str(count), *ssh],
                           capture_output=True, preexec_fn=_pin(CLIENT_CPU), timeout=300, cwd=ROOT)
     if done.returncode != 0:
@@ -366,9 +375,11 @@ def transfer_phase(work: Path, _host_key: Path, sshspec: list[str], env: dict[st
         short = cipher.split("@")[0]
         measures.append((f"download {short}", lambda t, c=cipher: stream(t, key, c, size, False)))
         measures.append((f"upload {short}", lambda t, c=cipher: stream(t, key, c, size, True)))
+    measures.append(("download defaults", lambda t: stream(t, key, None, size, False)))
     measures.append(("sftp get aes128-gcm", lambda t: sftp(t, key, local, sftp_size, False)))
     measures.append(("sftp put aes128-gcm", lambda t: sftp(t, key, local, sftp_size, True)))
     measures.append(("pty keystroke", lambda t: keystrokes(t, key, keys)))
+    measures.append(("pty keystroke aes128-gcm", lambda t: keystrokes(t, key, keys, CIPHERS[0])))
     names = ["sshd", "sshspec"] + (["baseline"] if baseline is not None else [])
     results: dict[str, dict[str, list[dict[str, float]]]] = {
         name: {srv: [] for srv in names} for name, _ in measures}
@@ -392,7 +403,7 @@ def transfer_phase(work: Path, _host_key: Path, sshspec: list[str], env: dict[st
                 for target in order:
                     results[name][target.name].append(measure(target))
                 last = [results[name][srv][-1] for srv in names[1:] + ["sshd"]]
-                print(f"  round {turn + 1}/{rounds} {name:<22} " + "  ".join(
+                print(f"  round {turn + 1}/{rounds} {name:<25} " + "  ".join(
                     f"{k} " + "/".join(f"{x[k]:.3f}" for x in last) for k in last[0]), flush=True)
     finally:
         for s in servers:
@@ -438,14 +449,14 @@ def report(t: dict[str, Any]) -> None:
             if k != "medians":
                 cells.append(f"{k} {v['median']:.3f} ({v['min']:.3f} {v['max']:.3f})")
         med = r["medians"]
-        print(f"  {name:<22}" + "   ".join(cells) + "   | " + "  ".join(
+        print(f"  {name:<25}" + "   ".join(cells) + "   | " + "  ".join(
             f"{k} {med['sshspec'][k]} | {med['sshd'][k]}" for k in med["sshspec"]))
     if t.get("baseline"):
         print(f"baseline {t['baseline']}, same rounds: baseline / sshd, then sshspec / baseline, "
               f"median (min max)")
         for label, table in (("baseline/sshd", t["baseline_ratios"]), ("sshspec/baseline", t["vs_baseline"])):
             for name, r in table.items():
-                print(f"  {label:<17} {name:<22}" + "   ".join(
+                print(f"  {label:<17} {name:<25}" + "   ".join(
                     f"{k} {v['median']:.3f} ({v['min']:.3f} {v['max']:.3f})" for k, v in r.items()))
 
 
