@@ -612,6 +612,8 @@ DataAfterEofCallback: TypeAlias = Callable[["HookedServerChannel", int], None]
 
 
 _NO_SEALER: tuple[Any, Any] = (None, None)  # HookedServerChannel._hk_sealer until one is kept
+# A sealer: (a flush entry's view, its packets' (start, end) cuts, datatype) -> packets sealed
+Sealer: TypeAlias = Callable[[memoryview, list[tuple[int, int]], "int | None"], int]
 _DATA_TYPE_NAMES = asyncssh.channel._data_type_names  # REACH-IN (row 35): write's log text
 _CHAN_CLOSE = asyncssh.SSHServerChannel._packet_handlers[MSG_CHANNEL_CLOSE]
 _CHAN_WINDOW_ADJUST = asyncssh.SSHServerChannel._packet_handlers[MSG_CHANNEL_WINDOW_ADJUST]
@@ -673,7 +675,7 @@ class HookedServerChannel(asyncssh.SSHServerChannel[bytes]):
         # The connection's HookState (None without install_hooks), looked up once, and the
         # data sealer for the current send keys (row 35): (encryption, sealer or None).
         self._hk_state: HookState | None = conn.get_extra_info(_STATE_KEY)
-        self._hk_sealer: tuple[Any, Callable[[Any, int | None], bool] | None] = _NO_SEALER
+        self._hk_sealer: tuple[Any, Sealer | None] = _NO_SEALER
 
     # REACH-IN: SSHPacketHandler dispatches through the class attribute
     # `_packet_handlers`; we replace the MSG_CHANNEL_REQUEST entry.
@@ -793,14 +795,17 @@ class HookedServerChannel(asyncssh.SSHServerChannel[bytes]):
             sent = 0
             try:
                 with memoryview(buf) as view:
+                    cuts = []  # this entry's packets: sealed together into one buffer
                     while sent < len(buf) and self._send_window:
                         size = min(self._send_window, self._send_pktsize, len(buf) - sent)
                         self._send_buf_len -= size
                         self._send_window -= size
-                        with view[sent:sent + size] as data:
-                            sent += size
-                            if fast is None or not fast(data, datatype):
-                                self._hk_send_data(data, datatype)
+                        cuts.append((sent, sent + size))
+                        sent += size
+                    sealed = 0 if fast is None else fast(view, cuts, datatype)
+                    for start, end in cuts[sealed:]:
+                        with view[start:end] as data:
+                            self._hk_send_data(data, datatype)
             finally:
                 if sent == len(buf):
                     del self._send_buf[0]
@@ -1712,18 +1717,20 @@ _GCM_TAG = 16
 _IGNORE = bytes((MSG_IGNORE,)) + String(b"")  # asyncssh's send_packet(MSG_IGNORE, String(b''))
 
 
-def _data_sealer(chan: HookedServerChannel) -> Callable[[Any, int | None], bool] | None:
-    """For one flush of `chan`'s send buffer: a function that turns one data packet
-    into wire bytes for the cork, with exactly the bytes asyncssh's send_packet would
-    send (same padding rule, GCM key, IV and sequence bookkeeping), in a few lines of
-    Python instead of its general path, and the empty IGNORE before it on a channel
-    that wants one (a pty's, row 33). None when the general path must run: a cipher
-    other than AES-GCM, compression, asyncssh's packet log (debug level 3), a key
-    exchange not complete, or a send_packet that
-    is not ours (tests/send_breaker.py wraps it). The function returns False, sending
-    nothing, when this packet must take the general path after all: a re-key is due
-    (send_packet starts it and holds the packet). Built once per send key and channel.
-    REACH-IN: row 35."""
+def _data_sealer(chan: HookedServerChannel) -> Sealer | None:
+    """For one flush of `chan`'s send buffer: a function that turns the data packets
+    cut from one buffered entry into wire bytes for the cork, with exactly the bytes
+    asyncssh's send_packet would send (same padding rule, GCM key, IV and sequence
+    bookkeeping), in a few lines of Python instead of its general path, and the empty
+    IGNORE before each on a channel that wants one (a pty's, row 33). The packets are
+    sealed into one buffer of their exact size, corked once: no buffer per packet, and
+    a turn with one flush is written without a join. None when the general path must
+    run: a cipher other than AES-GCM, compression, asyncssh's packet log (debug level
+    3), a key exchange not complete, or a send_packet that is not ours
+    (tests/send_breaker.py wraps it). The function returns how many of the packets it
+    sealed, in order: the rest take the general path, from the first one for which a
+    re-key is due (send_packet starts it and holds the packet). Built once per send
+    key and channel. REACH-IN: row 35."""
     conn: Any = chan._conn
     state = chan._hk_state
     if (conn is None or state is None or state.turn is None or not conn._transport
@@ -1740,57 +1747,74 @@ def _data_sealer(chan: HookedServerChannel) -> Callable[[Any, int | None], bool]
 
 
 def _new_sealer(conn: Any, state: HookState, chan: HookedServerChannel,
-                encryption: Any) -> Callable[[Any, int | None], bool] | None:
-    if type(encryption) is not GCMEncryption or chan._send_chan is None:
+                encryption: Any) -> Sealer | None:
+    if (type(encryption) is not GCMEncryption or chan._send_chan is None
+            or not hasattr(AESGCM, "encrypt_into")):  # cryptography >= 45
         return None
     cipher = encryption._cipher
-    aead = _gcm_aead(cipher, conn._send_seq)
-    seal_into = getattr(aead, "encrypt_into", None)  # cryptography >= 45
+    seal_into = _gcm_aead(cipher, conn._send_seq).encrypt_into
     update_iv = cipher._update_iv
     blocksize, hdrlen = conn._send_blocksize, conn._send_enchdrlen
     send_chan = chan._send_chan
     monotonic = time.monotonic
-
-    def cork(wire: bytes) -> None:  # held for the turn's one write (_Turn), as _send_packet
-        state.corked.append(wire)   # holds its packets
-        if not state.in_turn:
-            cast(_Turn, state.turn).hold(state)
     ignore_pad = -(hdrlen + len(_IGNORE)) % blocksize
     if ignore_pad < 4:
         ignore_pad += blocksize
+    ignore_len = 1 + len(_IGNORE) + ignore_pad  # its packet length
 
-    def seal(packet: bytes) -> int:
-        pktlen = len(packet)
+    def send(view: memoryview, cuts: list[tuple[int, int]], datatype: int | None) -> int:
+        if not conn._kex_complete or (conn._rekey_seconds and monotonic() >= conn._rekey_time):
+            return 0
+        ignore = chan.interactive  # send_packet's IGNORE first (row 33), as send_packet sends it
+        head_len = 9 if datatype is None else 13
+        room = conn._rekey_bytes - conn._rekey_bytes_sent  # a packet goes while room > 0
+        lengths = []  # each data packet's packet length (padding length + 1 + payload + padding)
+        total = 0
+        for start, end in cuts:
+            if room <= 0:
+                break
+            if ignore:
+                room -= ignore_len
+                total += 4 + ignore_len + _GCM_TAG
+            paylen = end - start + head_len
+            padlen = -(hdrlen + paylen) % blocksize
+            if padlen < 4:
+                padlen += blocksize
+            pktlen = 1 + paylen + padlen
+            lengths.append(pktlen)
+            room -= pktlen
+            total += 4 + pktlen + _GCM_TAG
+        if not lengths:
+            return 0
+        wire = bytearray(total)  # length, ciphertext and tag of each: one buffer, one cork
+        pos = 0
+        with memoryview(wire) as out:
+            for (start, end), pktlen in zip(cuts, lengths, strict=False):  # lengths: up to a re-key
+                if ignore:
+                    pos = seal(out, pos, ignore_len, b"".join(
+                        (bytes((ignore_pad,)), _IGNORE, _padding(state, ignore_pad))))
+                padlen = pktlen - 1 - head_len - (end - start)
+                head = (_DATA_HEAD.pack(padlen, MSG_CHANNEL_DATA, send_chan, end - start)
+                        if datatype is None else
+                        _EXT_HEAD.pack(padlen, MSG_CHANNEL_EXTENDED_DATA, send_chan, datatype,
+                                       end - start))
+                with view[start:end] as data:
+                    pos = seal(out, pos, pktlen, b"".join((head, data, _padding(state, padlen))))
+        state.corked.append(cast(bytes, wire))  # bytes-like: _write_out joins it or sends it as it is
+        if not state.in_turn:  # held for the turn's one write (_Turn), as _send_packet holds its packets
+            cast(_Turn, state.turn).hold(state)
+        return len(lengths)
+
+    def seal(out: memoryview, pos: int, pktlen: int, packet: bytes) -> int:
         hdr = _PKTLEN.pack(pktlen)
-        if seal_into is not None:  # length, ciphertext and tag in one buffer: no join after
-            wire = bytearray(4 + pktlen + _GCM_TAG)
-            wire[:4] = hdr
-            with memoryview(wire) as view, view[4:] as body:
-                seal_into(cipher._iv, packet, hdr, body)
-            cork(cast(bytes, wire))  # bytes-like: _write_out joins it or sends it as it is
-        else:
-            cork(hdr)
-            cork(aead.encrypt(cipher._iv, packet, hdr))
+        out[pos:pos + 4] = hdr
+        end = pos + 4 + pktlen + _GCM_TAG
+        with out[pos + 4:end] as body:
+            seal_into(cipher._iv, packet, hdr, body)
         update_iv()
         conn._send_seq = (conn._send_seq + 1) & 0xffffffff
         conn._rekey_bytes_sent += pktlen
-        return pktlen
-
-    def send(data: Any, datatype: int | None) -> bool:
-        if (conn._rekey_bytes_sent >= conn._rekey_bytes or not conn._kex_complete
-                or (conn._rekey_seconds and monotonic() >= conn._rekey_time)):
-            return False
-        if chan.interactive:  # send_packet's IGNORE first (row 33), as send_packet sends it
-            seal(b"".join((bytes((ignore_pad,)), _IGNORE, _padding(state, ignore_pad))))
-        size = len(data)
-        paylen = size + (9 if datatype is None else 13)
-        padlen = -(hdrlen + paylen) % blocksize
-        if padlen < 4:
-            padlen += blocksize
-        head = (_DATA_HEAD.pack(padlen, MSG_CHANNEL_DATA, send_chan, size) if datatype is None
-                else _EXT_HEAD.pack(padlen, MSG_CHANNEL_EXTENDED_DATA, send_chan, datatype, size))
-        seal(b"".join((head, data, _padding(state, padlen))))
-        return True
+        return end
 
     return send
 

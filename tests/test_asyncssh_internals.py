@@ -1088,7 +1088,7 @@ def test_the_data_sealer_sends_the_bytes_send_packet_would(
     """The sealer (HACKS.md row 35) is a shortcut through asyncssh's send_packet for data
     packets (and, on a pty's channel, the IGNORE before each, row 33): from the same keys,
     IV, sequence number and padding, one flush of stdout and stderr data gives byte for
-    byte the wire bytes the general path gives."""
+    byte the wire bytes the general path gives, each flush's packets in one buffer."""
     payload = bytes(range(256)) * 300  # 75 KiB: packets of 32, 32 and 11 KiB
 
     async def main() -> None:
@@ -1107,12 +1107,15 @@ def test_the_data_sealer_sends_the_bytes_send_packet_would(
             wire: list[bytes] = []
             server_conn._transport.write = lambda data: wire.append(bytes(data))
 
+            held: list[int] = []
+
             def flush() -> bytes:
                 cipher_obj._iv, server_conn._send_seq, server_conn._rekey_bytes_sent = start
                 state.pad_pos = 0
                 wire.clear()
                 chan.write(payload)
                 chan.write_stderr(payload[:5000])
+                held.append(len(state.corked))
                 ai.send_now(server_conn)  # what the turn holds, written now (row 32)
                 return b"".join(wire)
 
@@ -1127,6 +1130,7 @@ def test_the_data_sealer_sends_the_bytes_send_packet_would(
             monkeypatch.setattr(ai, "_data_sealer", watched)
             sealed = flush()
             assert used == [True, True]  # stdout's flush, stderr's flush
+            assert held == [2]  # each flush's packets sealed into one buffer
             assert (chan._hk_sealer[1] is not None) is busy  # kept only for a busy key
             assert hasattr(cipher_obj, "_hk_aead") is busy
             server_conn._transport, transport = None, server_conn._transport
@@ -1136,6 +1140,7 @@ def test_the_data_sealer_sends_the_bytes_send_packet_would(
             server_conn.send_packet = lambda *a, **k: general(*a, **k)  # sealer steps aside
             by_send_packet = flush()
             assert used[2:] == [False, False]
+            assert held[1] > 2  # send_packet holds each packet's parts on their own
             assert sealed == by_send_packet
             assert len(sealed) > len(payload) + 5000 + (4 * 48 if interactive else 0)
             conn.abort()  # the client saw none of this: its sequence numbers are behind
