@@ -1042,12 +1042,30 @@ class SplitClient(ClientSession):
 
 
 @pytest.mark.parametrize("algs", _WIRE_SHAPES)
-def test_a_stream_each_way_through_re_keys_arrives_whole(algs: dict[str, Any]) -> None:
+def test_a_stream_each_way_through_re_keys_arrives_whole(
+        algs: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
     """Data both ways across about ten re-keys, for each cipher shape: downloads through
     the data sealer (AES-GCM) or asyncssh's send_packet, uploads through the ported packet
     parsers, which read at an offset and cut the buffer once per read (HACKS.md row 35).
-    The client's 2 MiB window lets many packets arrive in one read."""
+    The client's 2 MiB window lets many packets arrive in one read. A download write of
+    ~6 packets meets a re-key inside it: the sealer seals the packets before it and
+    send_packet takes the rest."""
     payload = random.Random(17).randbytes(1_000_003)  # incompressible (zlib), not a packet multiple
+    cut_by_re_key = []  # flush entries the sealer sealed only in part
+    new_sealer = ai._new_sealer
+
+    def counted(*args: Any) -> Any:
+        send = new_sealer(*args)
+
+        def seal(view: memoryview, cuts: list[tuple[int, int]], datatype: int | None) -> int:
+            assert send is not None
+            sealed = send(view, cuts, datatype)
+            if 0 < sealed < len(cuts):
+                cut_by_re_key.append(sealed)
+            return sealed
+        return None if send is None else seal
+
+    monkeypatch.setattr(ai, "_new_sealer", counted)
 
     async def main() -> None:
         ctx = Ctx()
@@ -1065,13 +1083,15 @@ def test_a_stream_each_way_through_re_keys_arrives_whole(algs: dict[str, Any]) -
                 chan.write(payload[i:i + 100_000])
             await got_all
             assert server_session.data == payload
-            for i in range(0, len(payload), 65536):
-                server_session.chan.write(payload[i:i + 65536])
+            for i in range(0, len(payload), 200_000):
+                server_session.chan.write(payload[i:i + 200_000])
                 server_session.chan.write_stderr(payload[i:i + 999])
             server_session.chan.exit(0)
             await chan.wait_closed()
             assert client.data == payload
-            assert client.stderr == b"".join(payload[i:i + 999] for i in range(0, len(payload), 65536))
+            assert client.stderr == b"".join(payload[i:i + 999] for i in range(0, len(payload), 200_000))
+            gcm = "gcm" in algs["encryption_algs"][0] and "compression_algs" not in algs
+            assert bool(cut_by_re_key) is gcm
             state = ctx.hook_states[ctx.conns[0]]
             assert state.kex_count > 5
             # everything read was parsed: the buffer was let go (test reach-in, row 35)
