@@ -1536,13 +1536,18 @@ def install_hooks(conn: asyncssh.SSHServerConnection, hooks: ConnectionHooks, *,
 _PAD_FIRST, _PAD_MAX = 64, 16384  # bytes of CSPRNG output per refill: first, largest
 
 
+def _more_padding(pad: bytes) -> bytes:
+    """A new block of CSPRNG output for padding, twice the last one's size up to _PAD_MAX."""
+    return os.urandom(min(max(2 * len(pad), _PAD_FIRST), _PAD_MAX))
+
+
 def _padding(state: HookState, n: int) -> bytes:
     """`n` unpredictable bytes: os.urandom output read in blocks (one getrandom call
     per few hundred to a few thousand packets instead of one per packet), each byte
     used once. OpenSSH pads from arc4random, a buffered CSPRNG, likewise."""
     pos = state.pad_pos
     if pos + n > len(state.pad):
-        state.pad = os.urandom(min(max(2 * len(state.pad), _PAD_FIRST), _PAD_MAX))
+        state.pad = _more_padding(state.pad)
         pos = 0
     state.pad_pos = pos + n
     return state.pad[pos:pos + n]
@@ -1714,6 +1719,7 @@ _DATA_HEAD = struct.Struct(">BBII")  # padding length, MSG_CHANNEL_DATA, channel
 _EXT_HEAD = struct.Struct(">BBIII")  # ..., MSG_CHANNEL_EXTENDED_DATA, channel, type, length
 _PKTLEN = struct.Struct(">I")
 _GCM_TAG = 16
+_IV_MASK = 0xffffffffffffffff  # a GCM nonce's invocation counter: 64 bits, wrapping (RFC 5647 7.1)
 _IGNORE = bytes((MSG_IGNORE,)) + String(b"")  # asyncssh's send_packet(MSG_IGNORE, String(b''))
 
 
@@ -1753,7 +1759,6 @@ def _new_sealer(conn: Any, state: HookState, chan: HookedServerChannel,
         return None
     cipher = encryption._cipher
     seal_into = _gcm_aead(cipher, conn._send_seq).encrypt_into
-    update_iv = cipher._update_iv
     blocksize, hdrlen = conn._send_blocksize, conn._send_enchdrlen
     send_chan = chan._send_chan
     monotonic = time.monotonic
@@ -1761,6 +1766,7 @@ def _new_sealer(conn: Any, state: HookState, chan: HookedServerChannel,
     if ignore_pad < 4:
         ignore_pad += blocksize
     ignore_len = 1 + len(_IGNORE) + ignore_pad  # its packet length
+    ignore_head = bytes((ignore_pad,)) + _IGNORE
 
     def send(view: memoryview, cuts: list[tuple[int, int]], datatype: int | None) -> int:
         if not conn._kex_complete or (conn._rekey_seconds and monotonic() >= conn._rekey_time):
@@ -1768,53 +1774,59 @@ def _new_sealer(conn: Any, state: HookState, chan: HookedServerChannel,
         ignore = chan.interactive  # send_packet's IGNORE first (row 33), as send_packet sends it
         head_len = 9 if datatype is None else 13
         room = conn._rekey_bytes - conn._rekey_bytes_sent  # a packet goes while room > 0
-        lengths = []  # each data packet's packet length (padding length + 1 + payload + padding)
-        total = 0
+        # Each packet's length and plaintext, in wire order, up to a re-key; the loops
+        # below do inline what send_packet, _padding and GCMCipher._update_iv do per
+        # packet (a Python call each, at 32 KiB a packet a good part of what it costs).
+        packets: list[tuple[int, bytes]] = []
+        pad, pad_pos = state.pad, state.pad_pos
+        sealed = total = 0  # data packets; the wire bytes of all
         for start, end in cuts:
             if room <= 0:
                 break
             if ignore:
+                if pad_pos + ignore_pad > len(pad):
+                    pad, pad_pos = _more_padding(pad), 0
+                packets.append((ignore_len, ignore_head + pad[pad_pos:pad_pos + ignore_pad]))
+                pad_pos += ignore_pad
                 room -= ignore_len
                 total += 4 + ignore_len + _GCM_TAG
-            paylen = end - start + head_len
-            padlen = -(hdrlen + paylen) % blocksize
+            size = end - start
+            padlen = -(hdrlen + head_len + size) % blocksize
             if padlen < 4:
                 padlen += blocksize
-            pktlen = 1 + paylen + padlen
-            lengths.append(pktlen)
+            if pad_pos + padlen > len(pad):
+                pad, pad_pos = _more_padding(pad), 0
+            head = (_DATA_HEAD.pack(padlen, MSG_CHANNEL_DATA, send_chan, size) if datatype is None else
+                    _EXT_HEAD.pack(padlen, MSG_CHANNEL_EXTENDED_DATA, send_chan, datatype, size))
+            pktlen = 1 + head_len + size + padlen
+            packets.append((pktlen, b"".join((head, view[start:end], pad[pad_pos:pad_pos + padlen]))))
+            pad_pos += padlen
             room -= pktlen
             total += 4 + pktlen + _GCM_TAG
-        if not lengths:
+            sealed += 1
+        if not sealed:
             return 0
+        state.pad, state.pad_pos = pad, pad_pos
         wire = bytearray(total)  # length, ciphertext and tag of each: one buffer, one cork
-        pos = 0
+        iv = cipher._iv
+        fixed, invocation = iv[:4], int.from_bytes(iv[4:], "big")
+        pos = payload = 0
         with memoryview(wire) as out:
-            for (start, end), pktlen in zip(cuts, lengths, strict=False):  # lengths: up to a re-key
-                if ignore:
-                    pos = seal(out, pos, ignore_len, b"".join(
-                        (bytes((ignore_pad,)), _IGNORE, _padding(state, ignore_pad))))
-                padlen = pktlen - 1 - head_len - (end - start)
-                head = (_DATA_HEAD.pack(padlen, MSG_CHANNEL_DATA, send_chan, end - start)
-                        if datatype is None else
-                        _EXT_HEAD.pack(padlen, MSG_CHANNEL_EXTENDED_DATA, send_chan, datatype,
-                                       end - start))
-                with view[start:end] as data:
-                    pos = seal(out, pos, pktlen, b"".join((head, data, _padding(state, padlen))))
+            for pktlen, plain in packets:
+                end = pos + 4 + pktlen + _GCM_TAG
+                hdr = _PKTLEN.pack(pktlen)
+                out[pos:pos + 4] = hdr
+                seal_into(fixed + (invocation & _IV_MASK).to_bytes(8, "big"), plain, hdr, out[pos + 4:end])
+                invocation += 1
+                payload += pktlen
+                pos = end
+        cipher._iv = fixed + (invocation & _IV_MASK).to_bytes(8, "big")
+        conn._send_seq = (conn._send_seq + len(packets)) & 0xffffffff
+        conn._rekey_bytes_sent += payload
         state.corked.append(cast(bytes, wire))  # bytes-like: _write_out joins it or sends it as it is
         if not state.in_turn:  # held for the turn's one write (_Turn), as _send_packet holds its packets
             cast(_Turn, state.turn).hold(state)
-        return len(lengths)
-
-    def seal(out: memoryview, pos: int, pktlen: int, packet: bytes) -> int:
-        hdr = _PKTLEN.pack(pktlen)
-        out[pos:pos + 4] = hdr
-        end = pos + 4 + pktlen + _GCM_TAG
-        with out[pos + 4:end] as body:
-            seal_into(cipher._iv, packet, hdr, body)
-        update_iv()
-        conn._send_seq = (conn._send_seq + 1) & 0xffffffff
-        conn._rekey_bytes_sent += pktlen
-        return end
+        return sealed
 
     return send
 
@@ -2393,7 +2405,8 @@ REACH_INS: tuple[ReachIn, ...] = (
     ReachIn(GCMEncryption, "_cipher", attr_in=GCMEncryption.__init__),
     ReachIn(GCMCipher, "_key", attr_in=GCMCipher.__init__),
     ReachIn(GCMCipher, "_iv", attr_in=GCMCipher.__init__),
-    ReachIn(GCMCipher, "_update_iv", ()),
+    # the sealer counts the nonce as _update_iv does (4 fixed bytes, a 64-bit counter after them)
+    ReachIn(GCMCipher, "_update_iv", (), source_has="invocation = (invocation + 1) & 0xffffffffffffffff"),
     ReachIn(GCMCipher, "encrypt_and_sign", ("header", "data")),  # source pinned (_PORTED)
     ReachIn(SSHChannel, "send_packet", ("pkttype", "args"),
             source_has="self._conn.send_packet(pkttype, payload, handler=self)"),

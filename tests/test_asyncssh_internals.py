@@ -1100,15 +1100,17 @@ def test_a_stream_each_way_through_re_keys_arrives_whole(
     run(main)
 
 
+@pytest.mark.parametrize("wrap", [False, True], ids=["iv", "iv-wraps"])
 @pytest.mark.parametrize("busy", [False, True], ids=["fresh-key", "busy-key"])
 @pytest.mark.parametrize("interactive", [False, True], ids=["bulk", "pty"])
 @pytest.mark.parametrize("cipher", ["aes128-gcm@openssh.com", "aes256-gcm@openssh.com"])
 def test_the_data_sealer_sends_the_bytes_send_packet_would(
-        cipher: str, interactive: bool, busy: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+        cipher: str, interactive: bool, busy: bool, wrap: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """The sealer (HACKS.md row 35) is a shortcut through asyncssh's send_packet for data
     packets (and, on a pty's channel, the IGNORE before each, row 33): from the same keys,
     IV, sequence number and padding, one flush of stdout and stderr data gives byte for
-    byte the wire bytes the general path gives, each flush's packets in one buffer."""
+    byte the wire bytes the general path gives, each flush's packets in one buffer. The
+    sealer counts the GCM nonce itself: also when its 64-bit counter wraps mid-flush."""
     payload = bytes(range(256)) * 300  # 75 KiB: packets of 32, 32 and 11 KiB
 
     async def main() -> None:
@@ -1123,6 +1125,8 @@ def test_the_data_sealer_sends_the_bytes_send_packet_would(
             state.pad, state.pad_pos = bytes(range(256)) * 64, 0
             if busy:  # past ai._KEEP_AFTER packets: the AESGCM and the sealer are kept
                 server_conn._send_seq = ai._KEEP_AFTER + 1000
+            if wrap:  # the nonce's invocation counter two packets before it wraps to 0
+                cipher_obj._iv = cipher_obj._iv[:4] + (2**64 - 2).to_bytes(8, "big")
             start = (cipher_obj._iv, server_conn._send_seq, server_conn._rekey_bytes_sent)
             wire: list[bytes] = []
             server_conn._transport.write = lambda data: wire.append(bytes(data))
@@ -1163,6 +1167,8 @@ def test_the_data_sealer_sends_the_bytes_send_packet_would(
             assert held[1] > 2  # send_packet holds each packet's parts on their own
             assert sealed == by_send_packet
             assert len(sealed) > len(payload) + 5000 + (4 * 48 if interactive else 0)
+            if wrap:  # past the wrap, both paths went on from 0
+                assert int.from_bytes(cipher_obj._iv[4:], "big") == (4 * (2 if interactive else 1)) - 2
             conn.abort()  # the client saw none of this: its sequence numbers are behind
 
     run(main)
