@@ -36,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,7 +48,10 @@ SSHSPEC = [str(Path(PY).with_name("sshspec"))] if Path(PY).with_name("sshspec").
 TWO_CPUS = (os.cpu_count() or 1) >= 2
 SERVER_CPU, CLIENT_CPU = 0, 1
 LISTENING = re.compile(r"listening on [0-9.]+:(\d+)")
-ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
+# cryptography 51 warns when asyncssh touches its DSA names at import (adapters/__init__.py
+# silences it for sshspec): the bench's own asyncssh processes (A, the load clients) too.
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore:DSA is deprecated"}
+warnings.filterwarnings("ignore", message="DSA is deprecated")
 
 
 def pinned(cpu: int) -> Any:
@@ -684,7 +688,8 @@ def main() -> None:
     if hard < big + 1024:
         print(f"bench: RLIMIT_NOFILE hard limit {hard} may be too low for {big} sessions")
     started = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="sshspec-bench-") as tmp:
+    # A cleanup error (a process of a phase still writing there) must not lose the run's results.
+    with tempfile.TemporaryDirectory(prefix="sshspec-bench-", ignore_cleanup_errors=True) as tmp:
         work = Path(tmp)
         import asyncssh  # only to make the shared host key
         key = work / "host_ed25519"

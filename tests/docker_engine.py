@@ -23,7 +23,9 @@ import io
 import json
 import os
 import re
+import select
 import shutil
+import signal
 import socket
 import subprocess
 import tarfile
@@ -167,8 +169,32 @@ class Podman:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+        self._end_monitors()
         with contextlib.suppress(Exception):
             shutil.rmtree(self.root / "storage", ignore_errors=True)
+
+    def _end_monitors(self) -> None:
+        """conmon keeps an exec's monitor alive for its exit delay (10 s) after the engine
+        stopped, then runs `podman container cleanup`, which writes under the root again:
+        a caller removing the root meanwhile failed ("Directory not empty": `make bench`
+        lost a whole run's results that way). Their containers are gone: end them now."""
+        mark = f"{self.root}/".encode()
+        monitors = []
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            with contextlib.suppress(OSError):
+                argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+                if os.path.basename(argv[0]) in (b"conmon", b"podman") and any(mark in a for a in argv):
+                    monitors.append(int(entry))
+        for pid in monitors:  # not our children: a pidfd is what says they exited
+            with contextlib.suppress(ProcessLookupError):
+                exited = os.pidfd_open(pid)
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                    select.select([exited], [], [], 10)
+                finally:
+                    os.close(exited)
 
 
 # --- the proxy ----------------------------------------------------------------------------------------
