@@ -1024,6 +1024,8 @@ _WIRE_SHAPES = [
     pytest.param({"encryption_algs": ["aes128-ctr"], "mac_algs": ["hmac-sha2-256-etm@openssh.com"]},
                  id="ctr-etm"),
     pytest.param({"encryption_algs": ["aes128-ctr"], "mac_algs": ["hmac-sha2-256"]}, id="ctr-hmac"),
+    pytest.param({"encryption_algs": ["aes128-ctr"], "mac_algs": ["umac-128-etm@openssh.com"]},
+                 id="ctr-umac"),
     pytest.param({"encryption_algs": ["aes128-gcm@openssh.com"], "compression_algs": ["zlib"]},
                  id="gcm-zlib"),
 ]
@@ -1096,6 +1098,72 @@ def test_a_stream_each_way_through_re_keys_arrives_whole(
             assert state.kex_count > 5
             # everything read was parsed: the buffer was let go (test reach-in, row 35)
             assert state.inpos == 0 and ctx.conns[0]._inpbuf == b""
+
+    run(main)
+
+
+@pytest.mark.parametrize("mac_alg", [b"umac-64-etm@openssh.com", b"umac-128-etm@openssh.com",
+                                     b"umac-128@openssh.com"])
+def test_a_keyed_umac_tags_every_packet_as_asyncssh_does(mac_alg: bytes) -> None:
+    """_KeyedUMAC (HACKS.md row 37) keeps one nettle context where asyncssh's _UMAC keys
+    a new one per packet: the same tag for every sequence number (the nonce, up to 2^64
+    - 1) and size, one packet after another on the one context, whether the sequence
+    number jumps or counts on (nettle then counts the nonce itself: odd and even starts,
+    SSH's wrap from 2^32 - 1 to 0), and a tag for another packet, sequence number or key
+    refused."""
+    key_size, _, _ = asyncssh.mac.get_mac_params(mac_alg)
+    rng = random.Random(37)
+    key = rng.randbytes(key_size)
+    stock = asyncssh.mac.get_mac(mac_alg, key)
+    keyed = ai._KeyedUMAC(stock)
+    other = ai._KeyedUMAC(asyncssh.mac.get_mac(mac_alg, rng.randbytes(key_size)))
+    edges = [0, 1, 255, 256, 257, 2**32 - 1, 2**32, 2**63, 2**64 - 1]
+    counting = [*range(300), *range(2**32 - 5, 2**32), *range(7), *range(1001, 1300),
+                *range(2**32 - 4, 2**32)]
+    for seq in [*edges, *(rng.getrandbits(64) for _ in range(20)), *counting, *counting]:
+        packet = rng.randbytes(rng.choice([0, 1, 15, 16, 17, 1023, 1024, 1025, 32_768, 35_000]))
+        tag = stock.sign(seq, packet)
+        assert keyed.sign(seq, packet) == tag
+        assert keyed.verify(seq, packet, tag) and stock.verify(seq, packet, keyed.sign(seq, packet))
+        assert not keyed.verify(seq ^ 1, packet, tag)
+        assert not keyed.verify(seq, packet + b"x", tag)
+        assert not other.verify(seq, packet, tag)
+
+
+def test_a_busy_umac_connection_keys_its_macs_once_and_every_packet_arrives() -> None:
+    """A CTR + UMAC connection (what an OpenSSH client gets by default) keeps asyncssh's
+    per-packet UMAC for its first _KEEP_AFTER packets each way, then the keyed one
+    (HACKS.md row 37): hundreds of small packets each way arrive whole and in order
+    across the switch, made once per direction."""
+    algs: dict[str, Any] = {"encryption_algs": ["aes128-ctr"], "mac_algs": ["umac-128-etm@openssh.com"]}
+    pieces = [bytes([i % 251]) * (1 + i % 97) for i in range(2 * ai._KEEP_AFTER)]
+
+    async def main() -> None:
+        ctx = Ctx()
+        async with serve(ctx, lambda: HookServer(ctx), **algs) as port, \
+                await aconnect(port, **algs) as conn:
+            chan, client = await conn.create_session(SplitClient, "cat", encoding=None)
+            server_session = await ctx.session_made
+            await server_session.started
+            assert server_session.chan is not None
+            server = ctx.conns[0]
+            assert type(server._send_encryption._mac) is asyncssh.mac._UMAC  # not keyed yet
+            got_all = ctx.future()
+            wanted = sum(map(len, pieces))
+            server_session.on_data = lambda _d: (len(server_session.data) >= wanted and settle(got_all, True))
+            for piece in pieces:  # a packet each (each write goes out at once, window allowing)
+                chan.write(piece)
+                await asyncio.sleep(0)
+            await got_all
+            assert server_session.data == b"".join(pieces)
+            assert type(server._recv_encryption._mac) is ai._KeyedUMAC
+            for piece in pieces:
+                server_session.chan.write(piece)
+                await asyncio.sleep(0)
+            server_session.chan.exit(0)
+            await chan.wait_closed()
+            assert client.data == b"".join(pieces)
+            assert type(server._send_encryption._mac) is ai._KeyedUMAC
 
     run(main)
 
