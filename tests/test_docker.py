@@ -26,7 +26,7 @@ from typing import Any
 import asyncssh
 import pytest
 from docker_engine import IMAGE, EngineProxy, EngineUnavailable, Podman, TLSEngine
-from protocol_client import ProtocolClient
+from protocol_client import ProtocolClient, string, uint32
 
 import conftest
 from conftest import PASSWORD, USERNAME, LiveServer
@@ -155,6 +155,47 @@ def test_input_after_a_window_change_sees_the_new_size(served: tuple[LiveServer,
             return seen
 
     assert asyncio.run(main()) == [f"{rows} {cols}\r\n".encode() for cols, rows in sizes]
+
+
+@pytest.mark.parametrize("held", [pytest.param(r"^POST \S*/containers/\S+/exec ", id="exec-create"),
+                                  pytest.param(r"^POST \S*/exec/\S+/start ", id="exec-start")])
+def test_a_window_change_sent_while_the_exec_is_made_reaches_it(proxy: EngineProxy, server_factory: Any,
+                                                                held: str) -> None:
+    """A window-change the client sends while its shell's exec is still being made (the
+    engine's exec create, or its start, held by the proxy) waits in the core's queue
+    for the start's outcome (specs/session.yaml: starting) and then resizes the exec,
+    after the start's own resize to the pty-req's size: `stty size` reads the new size."""
+    live = server_factory(docker(proxy.path))
+    hold = proxy.hold(held)
+    c = ProtocolClient.connect(live.port)
+    try:
+        c.service_request()
+        assert c.next_auth_reply(WAIT) == "SERVICE_ACCEPT"
+        c.auth_password(USERNAME, PASSWORD)
+        assert c.next_auth_reply(WAIT) == "USERAUTH_SUCCESS"
+        chan = c.open_channel()
+        assert c.open_reply(chan, WAIT) == "OPEN_CONFIRMATION"
+        pty = string("xterm") + uint32(80) + uint32(25) + uint32(0) + uint32(0) + string(b"")
+        c.request(chan, "pty-req", pty)
+        assert c.next_channel_reply(chan, WAIT) == "CHANNEL_SUCCESS"
+        c.request(chan, "shell")
+        hold.wait()
+        c.request(chan, "window-change", uint32(120) + uint32(40) + uint32(0) + uint32(0), want_reply=False)
+        hold.release()
+        assert c.next_channel_reply(chan, 30) == "CHANNEL_SUCCESS"
+        c.data(chan, b"stty size\n")
+
+        def output() -> bytes:
+            return b"".join(e.value for e in c.channels[chan].events if e.kind == "data")
+        assert c.wait_until(lambda: b"40 120" in output(), 20), output()
+        assert b"25 80" not in output()
+        c.data(chan, b"exit\n")
+        assert c.wait_closed(chan, 20)
+    finally:
+        hold.release()
+        c.close_all()
+    assert live.stop() == 0
+    check_log(live)
 
 
 def test_window_changes_queued_back_to_back_are_one_entry() -> None:
