@@ -46,16 +46,22 @@ def counted(work: Path, name: str, argv: list[str], n: int) -> int:
         result = json.loads(done.stdout)
         if warm.returncode or done.returncode or result["errors"]:
             raise SystemExit(f"instructions: load against {name} failed: {done.stderr.decode()[-2000:]}")
-        dump = out.with_name(out.name + ".1")
-        deadline = time.monotonic() + 60
-        while "totals:" not in (dump.read_text(errors="replace") if dump.exists() else ""):
-            if time.monotonic() > deadline:
-                raise SystemExit(f"instructions: callgrind wrote no dump for {name}")
-            time.sleep(0.1)
+        total = dumped_total(out, name)
     finally:
         server.stop()
-    totals = next(line for line in dump.read_text().splitlines() if line.startswith("totals:"))
-    return int(totals.split()[1]) // result["ok"]
+    return total // result["ok"]
+
+
+def dumped_total(out: Path, name: str) -> int:
+    """The instructions of callgrind's first dump (`callgrind_control -d`) for `out`,
+    once callgrind has written it."""
+    dump = out.with_name(out.name + ".1")
+    deadline = time.monotonic() + 60
+    while "totals:" not in (text := dump.read_text(errors="replace") if dump.exists() else ""):
+        if time.monotonic() > deadline:
+            raise SystemExit(f"instructions: callgrind wrote no dump for {name}")
+        time.sleep(0.1)
+    return int(next(line for line in text.splitlines() if line.startswith("totals:")).split()[1])
 
 
 def main() -> None:

@@ -23,14 +23,19 @@ import json
 import os
 import pwd
 import re
-import select
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.instructions import dumped_total  # noqa: E402
+from bench.transfer import Keystrokes, _ssh_opts  # noqa: E402
+
 LISTENING = re.compile(rb"listening on 127\.0\.0\.1:(\d+)")
 WARM = 400
 
@@ -59,51 +64,30 @@ def counted(work: Path, checkout: Path, name: str, n: int, cipher: str | None) -
             if server.poll() is not None or time.monotonic() > deadline:
                 raise SystemExit(f"keystroke_instructions: {name} did not start: {err.read_text()[-2000:]}")
             time.sleep(0.2)
-        ssh = ["ssh", "-tt", "-p", match.group(1).decode(), "-i", str(work / "client"), "-F", "/dev/null",
-               "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes",
-               "-o", "LogLevel=ERROR", "-o", "IdentitiesOnly=yes", *(["-c", cipher] if cipher else []),
-               f"{pwd.getpwuid(os.geteuid()).pw_name}@127.0.0.1", "cat"]
-        client = subprocess.Popen(ssh, stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
-        assert client.stdin is not None and client.stdout is not None
-        inp, outp = client.stdin.fileno(), client.stdout.fileno()
+        ssh = ["ssh", "-tt", "-p", match.group(1).decode(), *_ssh_opts(work / "client"),
+               *(["-c", cipher] if cipher else []), f"{pwd.getpwuid(os.geteuid()).pw_name}@127.0.0.1", "cat"]
+        keys = Keystrokes(ssh)
+        try:
+            for _ in range(WARM):
+                keys.one()
 
-        def keystrokes(count: int) -> None:
-            for _ in range(count):
-                os.write(inp, b"x")
-                if os.read(outp, 1) != b"x":  # the pty's echo
-                    raise SystemExit(f"keystroke_instructions: {name}: no echo")
+            def control(*args: str) -> None:
+                subprocess.run(["callgrind_control", *args, str(server.pid)], check=True, capture_output=True)
 
-        os.write(inp, b"x")  # skip what the server says first, up to the first echo
-        seen = b""
-        while b"x" not in seen or select.select([outp], [], [], 1.0)[0]:
-            chunk = os.read(outp, 4096)
-            if not chunk:
-                raise SystemExit(f"keystroke_instructions: {name}: no echo, only {seen[-200:]!r}")
-            seen += chunk
-        keystrokes(WARM)
-
-        def control(*args: str) -> None:
-            subprocess.run(["callgrind_control", *args, str(server.pid)], check=True, capture_output=True)
-
-        control("-z")
-        control("-i", "on")
-        keystrokes(n)
-        control("-i", "off")
-        control("-d")
-        os.write(inp, b"\r\x04")  # end the line, then EOF: cat exits
-        client.stdin.close()
-        client.wait(60)
-        dump = out.with_name(out.name + ".1")
-        deadline = time.monotonic() + 60
-        while "totals:" not in (dump.read_text(errors="replace") if dump.exists() else ""):
-            if time.monotonic() > deadline:
-                raise SystemExit(f"keystroke_instructions: callgrind wrote no dump for {name}")
-            time.sleep(0.1)
+            control("-z")
+            control("-i", "on")
+            for _ in range(n):
+                keys.one()
+            control("-i", "off")
+            control("-d")
+            keys.end()
+        finally:
+            keys.close()
+        total = dumped_total(out, name)
     finally:
         server.terminate()
         server.wait(60)
-    totals = next(line for line in dump.read_text().splitlines() if line.startswith("totals:"))
-    return int(totals.split()[1]) // n
+    return total // n
 
 
 def main() -> None:

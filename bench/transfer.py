@@ -306,32 +306,55 @@ def keystrokes(target: Target, key: Path, count: int, cipher: str | None = None)
     return result
 
 
+class Keystrokes:
+    """`ssh -tt host cat` (argv `ssh`) driven a byte at a time from its stdin: past what
+    the server says first, each `one()` writes a byte and reads back the pty's echo."""
+
+    def __init__(self, ssh: list[str]) -> None:
+        self.proc = subprocess.Popen(ssh, stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.out, self.inp = self.proc.stdout.fileno(), self.proc.stdin.fileno()
+        try:
+            os.write(self.inp, b"x")  # skip anything the server says first, up to the first echo
+            seen = b""
+            while b"x" not in seen or select.select([self.out], [], [], 0.2)[0]:
+                chunk = os.read(self.out, 4096)
+                if not chunk:
+                    raise SystemExit(f"keystrokes: no echo, only {seen[-200:]!r}")
+                seen += chunk
+        except BaseException:
+            self.close()
+            raise
+
+    def one(self) -> None:
+        os.write(self.inp, b"x")
+        if os.read(self.out, 1) != b"x":  # the pty's echo
+            raise SystemExit("keystrokes: no echo")
+
+    def end(self) -> None:
+        """End the line, then EOF: cat exits, and so does the session."""
+        os.write(self.inp, b"\r\x04")
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        self.proc.wait(60)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
 def _keystroke_driver(count: int, ssh: list[str]) -> dict[str, float]:
-    proc = subprocess.Popen(ssh, stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
-    assert proc.stdin is not None and proc.stdout is not None
-    out, inp = proc.stdout.fileno(), proc.stdin.fileno()
+    keys = Keystrokes(ssh)
     try:
-        os.write(inp, b"x")  # skip anything the server says first, up to the first echo
-        seen = b""
-        while b"x" not in seen or select.select([out], [], [], 0.2)[0]:
-            chunk = os.read(out, 4096)
-            if not chunk:
-                raise SystemExit(f"keystrokes: no echo, only {seen[-200:]!r}")
-            seen += chunk
         rtts = []
         for _ in range(count + 10):  # the first few warm up the path
             start = time.perf_counter()
-            os.write(inp, b"x")
-            if os.read(out, 1) != b"x":  # the pty's echo
-                raise SystemExit("keystrokes: no echo")
+            keys.one()
             rtts.append(time.perf_counter() - start)
-        os.write(inp, b"\r\x04")  # end the line, then EOF: cat exits
-        proc.stdin.close()
-        proc.wait(10)
+        keys.end()
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        keys.close()
     rtts = sorted(rtts[10:])
     return {"p50_us": rtts[len(rtts) // 2] * 1e6, "p90_us": rtts[len(rtts) * 9 // 10] * 1e6}
 
