@@ -1743,9 +1743,11 @@ class _KeyedUMAC:
 
 def _key_umac(encryption: Any) -> None:
     """Once the packets' sequence number passes _KEEP_AFTER: a CTR key's UMAC (asyncssh's
-    BasicEncryption/ETMEncryption `_mac`), replaced by the same MAC keyed once."""
-    if type(encryption._mac) is _UMAC_MAC:
-        encryption._mac = _KeyedUMAC(encryption._mac)
+    BasicEncryption/ETMEncryption `_mac`), replaced by the same MAC keyed once. Other
+    keys (chacha20-poly1305: a ChachaEncryption, which has no `_mac`; HMAC) stay as
+    they are."""
+    if isinstance(encryption, BasicEncryption) and type(encryption._mac) is _UMAC_MAC:
+        encryption._mac = _KeyedUMAC(encryption._mac)  # type: ignore[assignment]  # MAC's sign and verify
 
 
 def _gcm_aead(cipher: GCMCipher, seq: int) -> AESGCM:

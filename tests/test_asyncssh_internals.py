@@ -1130,12 +1130,19 @@ def test_a_keyed_umac_tags_every_packet_as_asyncssh_does(mac_alg: bytes) -> None
         assert not other.verify(seq, packet, tag)
 
 
-def test_a_busy_umac_connection_keys_its_macs_once_and_every_packet_arrives() -> None:
+@pytest.mark.parametrize(("algs", "keyed"), [
+    pytest.param({"encryption_algs": ["aes128-ctr"], "mac_algs": ["umac-128-etm@openssh.com"]}, True,
+                 id="ctr-umac"),
+    pytest.param({"encryption_algs": ["aes128-ctr"], "mac_algs": ["hmac-sha2-256-etm@openssh.com"]}, False,
+                 id="ctr-hmac"),
+    pytest.param({"encryption_algs": ["chacha20-poly1305@openssh.com"]}, False, id="chacha20")])
+def test_a_busy_umac_connection_keys_its_macs_once_and_every_packet_arrives(
+        algs: dict[str, Any], keyed: bool) -> None:
     """A CTR + UMAC connection (what an OpenSSH client gets by default) keeps asyncssh's
     per-packet UMAC for its first _KEEP_AFTER packets each way, then the keyed one
     (HACKS.md row 37): hundreds of small packets each way arrive whole and in order
-    across the switch, made once per direction."""
-    algs: dict[str, Any] = {"encryption_algs": ["aes128-ctr"], "mac_algs": ["umac-128-etm@openssh.com"]}
+    across the switch, made once per direction. Past _KEEP_AFTER an HMAC stays
+    asyncssh's, and chacha20-poly1305 (no MAC object of its own) goes on as it was."""
     pieces = [bytes([i % 251]) * (1 + i % 97) for i in range(2 * ai._KEEP_AFTER)]
 
     async def main() -> None:
@@ -1147,7 +1154,9 @@ def test_a_busy_umac_connection_keys_its_macs_once_and_every_packet_arrives() ->
             await server_session.started
             assert server_session.chan is not None
             server = ctx.conns[0]
-            assert type(server._send_encryption._mac) is asyncssh.mac._UMAC  # not keyed yet
+            mac_type = type(getattr(server._send_encryption, "_mac", None))
+            assert mac_type is not ai._KeyedUMAC  # not keyed yet
+            after = ai._KeyedUMAC if keyed else mac_type
             got_all = ctx.future()
             wanted = sum(map(len, pieces))
             server_session.on_data = lambda _d: (len(server_session.data) >= wanted and settle(got_all, True))
@@ -1156,14 +1165,16 @@ def test_a_busy_umac_connection_keys_its_macs_once_and_every_packet_arrives() ->
                 await asyncio.sleep(0)
             await got_all
             assert server_session.data == b"".join(pieces)
-            assert type(server._recv_encryption._mac) is ai._KeyedUMAC
+            assert server._recv_seq > ai._KEEP_AFTER
+            assert type(getattr(server._recv_encryption, "_mac", None)) is after
             for piece in pieces:
                 server_session.chan.write(piece)
                 await asyncio.sleep(0)
             server_session.chan.exit(0)
             await chan.wait_closed()
             assert client.data == b"".join(pieces)
-            assert type(server._send_encryption._mac) is ai._KeyedUMAC
+            assert server._send_seq > ai._KEEP_AFTER
+            assert type(getattr(server._send_encryption, "_mac", None)) is after
 
     run(main)
 
