@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import pwd
-import re
 import shutil
 import subprocess
 import sys
@@ -34,9 +33,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.instructions import dumped_total  # noqa: E402
+from bench.run import LISTENING  # noqa: E402
 from bench.transfer import Keystrokes, _ssh_opts  # noqa: E402
 
-LISTENING = re.compile(rb"listening on 127\.0\.0\.1:(\d+)")
 WARM = 400
 
 
@@ -60,11 +59,11 @@ def counted(work: Path, checkout: Path, name: str, n: int, cipher: str | None) -
                                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=errfile)
     try:
         deadline = time.monotonic() + 300  # ~50x slower under callgrind
-        while not (match := LISTENING.search(err.read_bytes())):
+        while not (match := LISTENING.search(err.read_text(errors="replace"))):
             if server.poll() is not None or time.monotonic() > deadline:
                 raise SystemExit(f"keystroke_instructions: {name} did not start: {err.read_text()[-2000:]}")
             time.sleep(0.2)
-        ssh = ["ssh", "-tt", "-p", match.group(1).decode(), *_ssh_opts(work / "client"),
+        ssh = ["ssh", "-tt", "-p", match.group(1), *_ssh_opts(work / "client"),
                *(["-c", cipher] if cipher else []), f"{pwd.getpwuid(os.geteuid()).pw_name}@127.0.0.1", "cat"]
         keys = Keystrokes(ssh)
         try:
